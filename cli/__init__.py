@@ -1,0 +1,1 @@
+"""The `pref` command line."""

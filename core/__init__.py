@@ -1,0 +1,26 @@
+"""pref: preference optimization of causal language models."""
+
+from pref.examples import LabeledExample, PreferenceExample, Prompt, TextExample
+from pref.hookspecs import hookimpl
+from pref.interfaces import (
+    CandidatePool,
+    LabeledBatch,
+    Objective,
+    PairBatch,
+    PairSelector,
+    Policy,
+    Reference,
+    RewardSource,
+    SamplingConfig,
+    Selection,
+)
+from pref.errors import PrefError
+from pref.sequences import Logps, Sequences
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CandidatePool", "LabeledBatch", "LabeledExample", "Logps", "Objective", "PairBatch",
+    "PairSelector", "Policy", "PrefError", "PreferenceExample", "Prompt", "Reference",
+    "RewardSource", "SamplingConfig", "Selection", "Sequences", "TextExample", "hookimpl",
+]

@@ -1,0 +1,34 @@
+"""Plain records that dataset builders produce and objectives consume."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Union
+
+#: A prompt is plain text or a list of chat messages ({"role": ..., "content": ...}).
+Prompt = Union[str, list[dict]]
+
+
+@dataclass
+class PreferenceExample:
+    """One prompt with a preferred (`chosen`) and a dispreferred (`rejected`) answer."""
+
+    prompt: Prompt
+    chosen: str
+    rejected: str
+
+
+@dataclass
+class LabeledExample:
+    """One prompt and answer with a label: True if accepted (positive), False if rejected."""
+
+    prompt: Prompt
+    completion: str
+    label: bool
+
+
+@dataclass
+class TextExample:
+    """Plain text for language modelling (a prompt prefix may be empty)."""
+
+    text: str

@@ -1,0 +1,37 @@
+"""The hooks a pref plugin can implement.
+
+Each hook receives a `register(name, factory, description=None)` callback, so
+one plugin module can register several items. The host, not the plugin,
+handles duplicate names. `factory` is called with the user's options as
+keyword arguments and returns the item (usually it is the class itself).
+"""
+
+import pluggy
+
+hookspec = pluggy.HookspecMarker("pref")
+hookimpl = pluggy.HookimplMarker("pref")
+
+
+@hookspec
+def register_objectives(register):
+    """Register training objectives (`pref.Objective` factories)."""
+
+
+@hookspec
+def register_rewards(register):
+    """Register reward sources (`pref.RewardSource` factories)."""
+
+
+@hookspec
+def register_pair_selectors(register):
+    """Register pair selectors (`pref.PairSelector` factories)."""
+
+
+@hookspec
+def register_dataset_builders(register):
+    """Register dataset builders (factories of objects with `build(policy)`)."""
+
+
+@hookspec
+def register_embedders(register):
+    """Register embedders (factories of objects with `embed(texts) -> [N, D] tensor`)."""

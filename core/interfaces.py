@@ -1,0 +1,164 @@
+"""The five interfaces every algorithm in pref is built from.
+
+The training loop only talks to these; plugins implement them. Shapes use
+B for rows, T for tokens, V for the vocabulary, P for prompts and K for
+samples per prompt.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Union
+
+import torch
+
+from pref.examples import Prompt
+from pref.sequences import Logps, Sequences
+
+
+@dataclass
+class SamplingConfig:
+    """How completions are sampled from a policy."""
+
+    max_new_tokens: int = 32
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+
+
+class Policy(ABC):
+    """The model being trained.
+
+    It samples completions, turns prompt/completion text into `Sequences`,
+    and scores them: log-probabilities of completion tokens only, the prompt
+    and the padding are masked out.
+    """
+
+    model: torch.nn.Module
+    tokenizer: Any
+
+    @abstractmethod
+    def generate(self, prompts: list[Prompt], k: int, sampling: SamplingConfig) -> list[list[str]]:
+        """Sample `k` completions for each prompt: a list of P lists of K strings."""
+
+    @abstractmethod
+    def encode(self, prompts: list[Prompt], completions: list[str]) -> Sequences:
+        """Tokenize B prompt/completion pairs into right-padded `Sequences`."""
+
+    @abstractmethod
+    def logps(self, sequences: Sequences, with_logits: bool = False) -> Logps:
+        """Per-token and per-sequence log-probs of the completion tokens (with grad)."""
+
+    @abstractmethod
+    def save(self, path: str) -> None:
+        """Write weights and tokenizer in Hugging Face format to `path`."""
+
+
+class Reference(ABC):
+    """What the policy is kept close to: a frozen model, cached log-probs, or nothing."""
+
+    #: True when `logps(..., with_logits=True)` can return full distributions.
+    has_logits: ClassVar[bool] = False
+
+    @abstractmethod
+    def logps(self, sequences: Sequences, with_logits: bool = False) -> Logps:
+        """Reference log-probs for the same rows the policy scored (no grad)."""
+
+
+class RewardSource(ABC):
+    """Scores completions. May return several named scores; `reward` is the main one."""
+
+    #: Prompts used for online training when the user gives no dataset.
+    default_prompts: ClassVar[list[str]] = []
+
+    @abstractmethod
+    def score(self, prompts: list[Prompt], completions: list[str]) -> dict[str, torch.Tensor]:
+        """Return a dict of name -> float tensor [B]; it must contain `reward`."""
+
+
+@dataclass
+class CandidatePool:
+    """K scored samples for each of P prompts, as the pair selector sees them.
+
+    `scores` maps a score name to a [P, K] tensor. `logps` holds the policy's
+    sequence log-probs [P, K] when the objective asked for them.
+    """
+
+    prompts: list[Prompt]
+    completions: list[list[str]]
+    scores: dict[str, torch.Tensor]
+    logps: torch.Tensor | None = None
+
+
+@dataclass
+class Selection:
+    """What a `PairSelector` makes of a pool.
+
+    `pairs` are (prompt index, chosen k, rejected k); `accepted`/`rejected`
+    are (prompt index, k) for objectives that learn from unpaired sets.
+    `metrics` counts edge cases (no valid sample, all equal, ...).
+    """
+
+    pairs: list[tuple[int, int, int]] = field(default_factory=list)
+    accepted: list[tuple[int, int]] = field(default_factory=list)
+    rejected: list[tuple[int, int]] = field(default_factory=list)
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+class PairSelector(ABC):
+    """Turns K scored candidates per prompt into chosen/rejected pairs or sets."""
+
+    @abstractmethod
+    def select(self, pool: CandidatePool) -> Selection:
+        """Pick pairs or sets from the pool."""
+
+
+Batch = Union["PairBatch", "LabeledBatch", Any]
+
+
+@dataclass
+class PairBatch:
+    """Chosen and rejected rows, aligned: row i of each comes from the same prompt."""
+
+    chosen: Sequences
+    rejected: Sequences
+
+    def __len__(self) -> int:
+        return len(self.chosen)
+
+
+@dataclass
+class LabeledBatch:
+    """Unpaired rows with a label each: True for accepted, False for rejected."""
+
+    sequences: Sequences
+    labels: torch.Tensor  # [B] bool
+
+
+class Objective(ABC):
+    """A loss over log-probs. It declares what it needs; the loop provides it.
+
+    Subclasses set the class attributes below and implement `loss`.
+    """
+
+    #: Needs a reference (frozen model or cached log-probs).
+    needs_reference: ClassVar[bool] = True
+    #: Needs the reference's full distributions (a frozen model, not a cache).
+    needs_reference_logits: ClassVar[bool] = False
+    #: Samples from the current policy at every step instead of reading a dataset.
+    online: ClassVar[bool] = False
+    #: Samples per prompt when online.
+    samples_per_prompt: int = 1
+    #: Needs a value head on the policy.
+    needs_value_head: ClassVar[bool] = False
+    #: "pairs" or "sets": what the objective learns from.
+    data_kind: ClassVar[str] = "pairs"
+
+    @abstractmethod
+    def loss(self, policy: Policy, reference: Reference | None, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+        """Return the scalar loss (with grad) and a dict of float metrics."""
+
+    def default_selector(self) -> PairSelector | None:
+        """The selector an online objective uses when the user names none."""
+        return None

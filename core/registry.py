@@ -1,0 +1,195 @@
+"""Finding plugins: a plugin-manager factory and the registry of what they provide.
+
+Built-in plugins and third-party ones are both found through the `pref`
+entry-point group. Environment variables:
+
+- `PREF_PLUGINS`: comma-separated distribution names allowed to load plugins
+  (pref's own built-ins always load). Set but empty: no third-party plugin loads.
+- `PREF_TRACE_HOOKS`: when set, every hook call is printed to stderr.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import sys
+from dataclasses import dataclass
+from importlib import metadata
+from typing import Any, Callable
+
+import pluggy
+
+from pref import hookspecs
+from pref.errors import PrefError, unknown_name
+
+GROUP = "pref"
+BUILTIN_DISTRIBUTION = "pref"
+
+#: kind name (as users see it) -> hook that registers it
+KINDS = {
+    "objective": "register_objectives",
+    "reward": "register_rewards",
+    "pair-selector": "register_pair_selectors",
+    "dataset": "register_dataset_builders",
+    "embedder": "register_embedders",
+}
+
+
+@dataclass
+class PluginItem:
+    """One registered objective, reward, selector, dataset builder or embedder."""
+
+    kind: str
+    name: str
+    factory: Callable[..., Any]
+    description: str
+    plugin: str
+    package: str
+    version: str
+
+    @property
+    def builtin(self) -> bool:
+        return self.package == BUILTIN_DISTRIBUTION
+
+
+@dataclass
+class PluginFailure:
+    """A plugin that could not be loaded, kept to be reported instead of crashing."""
+
+    name: str
+    package: str
+    error: str
+
+
+def _allowed_distributions() -> set[str] | None:
+    value = os.environ.get("PREF_PLUGINS")
+    if value is None:
+        return None
+    return {part.strip() for part in value.split(",") if part.strip()}
+
+
+def get_plugin_manager(load_entrypoints: bool = True) -> tuple[pluggy.PluginManager, list[PluginFailure], dict[str, tuple[str, str]]]:
+    """Build a plugin manager with pref's hook specs and, by default, every installed plugin.
+
+    Returns the manager, the plugins that failed to load, and a map of plugin
+    name -> (distribution, version) for the ones that came from entry points.
+    """
+    pm = pluggy.PluginManager(GROUP)
+    pm.add_hookspecs(hookspecs)
+    if os.environ.get("PREF_TRACE_HOOKS"):
+        pm.trace.root.setwriter(lambda message: sys.stderr.write(message))
+        pm.enable_tracing()
+    failures: list[PluginFailure] = []
+    sources: dict[str, tuple[str, str]] = {}
+    if not load_entrypoints:
+        return pm, failures, sources
+
+    allowed = _allowed_distributions()
+    seen: set[tuple[str, str]] = set()
+    for dist in metadata.distributions():
+        dist_name = dist.metadata["Name"]
+        for ep in dist.entry_points:
+            # a distribution can be visible twice on sys.path (editable installs)
+            if ep.group != GROUP or (dist_name, ep.name) in seen:
+                continue
+            seen.add((dist_name, ep.name))
+            if allowed is not None and dist_name != BUILTIN_DISTRIBUTION and dist_name not in allowed:
+                continue
+            try:
+                plugin = ep.load()
+                pm.register(plugin, name=ep.name)
+            except Exception as exc:  # a broken plugin is reported, not fatal
+                failures.append(PluginFailure(ep.name, dist_name, f"{type(exc).__name__}: {exc}"))
+                continue
+            try:
+                pm.check_pending()  # a misspelled hook name is an error, not silence
+            except pluggy.PluginValidationError as exc:
+                pm.unregister(name=ep.name)
+                failures.append(PluginFailure(ep.name, dist_name, str(exc)))
+                continue
+            sources[ep.name] = (dist_name, dist.version)
+    return pm, failures, sources
+
+
+class Registry:
+    """Everything the loaded plugins registered, by kind and name."""
+
+    def __init__(self, pm: pluggy.PluginManager, failures: list[PluginFailure] | None = None, sources: dict[str, tuple[str, str]] | None = None):
+        self.pm = pm
+        self.failures = list(failures or [])
+        sources = sources or {}
+        self._items: dict[str, dict[str, PluginItem]] = {kind: {} for kind in KINDS}
+        for kind, hook_name in KINDS.items():
+            for plugin_name, plugin in pm.list_name_plugin():
+                if plugin is None:
+                    continue
+                others = [p for p in pm.get_plugins() if p is not plugin]
+                caller = pm.subset_hook_caller(hook_name, remove_plugins=others)
+                package, version = sources.get(plugin_name, (plugin_name, ""))
+                register = self._registrar(kind, plugin_name, package, version)
+                try:
+                    caller(register=register)
+                except PrefError:
+                    raise
+                except Exception as exc:
+                    self.failures.append(PluginFailure(plugin_name, package, f"{type(exc).__name__}: {exc}"))
+
+    def _registrar(self, kind: str, plugin_name: str, package: str, version: str) -> Callable[..., None]:
+        def register(name: str, factory: Callable[..., Any], description: str | None = None) -> None:
+            if description is None:
+                doc = inspect.getdoc(factory) or ""
+                description = doc.strip().splitlines()[0] if doc.strip() else ""
+            existing = self._items[kind].get(name)
+            if existing is not None:
+                raise PrefError(
+                    f"{kind} {name!r} is registered twice: by {existing.plugin} ({existing.package}) "
+                    f"and by {plugin_name} ({package}); uninstall one of them or limit loading with PREF_PLUGINS"
+                )
+            self._items[kind][name] = PluginItem(kind, name, factory, description, plugin_name, package, version)
+
+        return register
+
+    def items(self, kind: str | None = None) -> list[PluginItem]:
+        kinds = [kind] if kind else list(KINDS)
+        return [item for k in kinds for item in sorted(self._items[k].values(), key=lambda i: i.name)]
+
+    def names(self, kind: str) -> list[str]:
+        return sorted(self._items[kind])
+
+    def get(self, kind: str, name: str) -> PluginItem:
+        try:
+            return self._items[kind][name]
+        except KeyError:
+            raise unknown_name(kind, name, self._items[kind], hint=" (see `pref list-plugins`)") from None
+
+    def create(self, kind: str, name: str, options: dict[str, Any] | None = None, **context: Any) -> Any:
+        """Build the item `name` of `kind` with the user's `options`.
+
+        `context` holds values the host can supply (policy, registry, ...);
+        each is passed only if the factory takes it. Unknown option keys are
+        an error that lists the accepted ones.
+        """
+        item = self.get(kind, name)
+        options = dict(options or {})
+        signature = inspect.signature(item.factory)
+        params = signature.parameters
+        takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+        accepted = [n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and n not in context]
+        for key in options:
+            if key not in accepted and not takes_any:
+                raise unknown_name(f"option for {kind} {name!r}:", key, accepted)
+        for key, value in context.items():
+            if key in params or takes_any:
+                options.setdefault(key, value)
+        try:
+            return item.factory(**options)
+        except TypeError as exc:
+            raise PrefError(f"bad options for {kind} {name!r}: {exc}") from None
+
+
+def load_registry(pm: pluggy.PluginManager | None = None) -> Registry:
+    """The registry of every installed plugin (or of the plugins on `pm`)."""
+    if pm is not None:
+        return Registry(pm)
+    pm, failures, sources = get_plugin_manager()
+    return Registry(pm, failures, sources)
