@@ -4,6 +4,7 @@ from pref.examples import LabeledExample, PreferenceExample, Prompt, TextExample
 from pref.hookspecs import hookimpl
 from pref.interfaces import (
     CandidatePool,
+    Embedder,
     LabeledBatch,
     Objective,
     PairBatch,
@@ -20,7 +21,7 @@ from pref.sequences import Logps, Sequences
 __version__ = "0.1.0"
 
 __all__ = [
-    "CandidatePool", "LabeledBatch", "LabeledExample", "Logps", "Objective", "PairBatch",
+    "CandidatePool", "Embedder", "LabeledBatch", "LabeledExample", "Logps", "Objective", "PairBatch",
     "PairSelector", "Policy", "PrefError", "PreferenceExample", "Prompt", "Reference",
     "RewardSource", "SamplingConfig", "Selection", "Sequences", "TextExample", "hookimpl",
 ]

@@ -77,6 +77,14 @@ class RewardSource(ABC):
         """Return a dict of name -> float tensor [B]; it must contain `reward`."""
 
 
+class Embedder(ABC):
+    """Semantic similarity between short texts (words, answers)."""
+
+    @abstractmethod
+    def similarity(self, texts: list[str]) -> torch.Tensor:
+        """Pairwise similarity [N, N], 1.0 for identical meaning, near 0 for unrelated."""
+
+
 @dataclass
 class CandidatePool:
     """K scored samples for each of P prompts, as the pair selector sees them.
