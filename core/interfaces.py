@@ -162,11 +162,13 @@ class Objective(ABC):
     needs_value_head: ClassVar[bool] = False
     #: "pairs" or "sets": what the objective learns from.
     data_kind: ClassVar[str] = "pairs"
+    #: The dataset builder that reads a `--dataset PATH` for this objective.
+    default_dataset_builder: ClassVar[str] = "preferences"
 
     @abstractmethod
     def loss(self, policy: Policy, reference: Reference | None, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
         """Return the scalar loss (with grad) and a dict of float metrics."""
 
-    def default_selector(self) -> PairSelector | None:
+    def default_selector(self, embedder: "Embedder | None" = None) -> PairSelector | None:
         """The selector an online objective uses when the user names none."""
         return None

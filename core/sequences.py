@@ -93,7 +93,9 @@ def logps_from_logits(logits: torch.Tensor, sequences: Sequences, keep_logits: b
     mask = sequences.completion_mask.clone()
     mask[:, 0] = 0  # the first token has no prefix to be predicted from
     shifted = logits[:, :-1].float()
-    token_logps = torch.gather(shifted.log_softmax(-1), 2, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+    # gather-then-normalise: avoids materialising a second [B, T, V] log-softmax tensor
+    picked = torch.gather(shifted, 2, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+    token_logps = picked - torch.logsumexp(shifted, dim=-1)
     token_logps = torch.nn.functional.pad(token_logps, (1, 0), value=0.0) * mask
     aligned_logits = None
     if keep_logits:

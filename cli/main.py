@@ -1,0 +1,204 @@
+"""`pref`: train, inspect plugins, sample and compare models."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Any
+
+import click
+import yaml
+
+from pref.errors import PrefError
+
+
+class PrefGroup(click.Group):
+    """Turns a `PrefError` into one line on stderr and exit code 2, without a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except PrefError as exc:
+            click.echo(f"Error: {exc}", err=True)
+            sys.exit(2)
+
+
+@click.group(cls=PrefGroup)
+@click.version_option(package_name="pref")
+def cli() -> None:
+    """Preference optimization of causal language models."""
+
+
+def parse_options(pairs: tuple[str, ...], flag: str) -> dict[str, Any]:
+    """KEY=VALUE strings into a dict; values are read as YAML scalars (numbers, booleans, strings)."""
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise PrefError(f"{flag} expects KEY=VALUE, got {pair!r}")
+        options[key.strip().replace("-", "_")] = yaml.safe_load(value) if value else ""
+    return options
+
+
+def load_registry() -> Any:
+    from pref.registry import load_registry as load
+
+    registry = load()
+    for failure in registry.failures:
+        click.echo(f"Warning: plugin {failure.name} ({failure.package}) failed to load: {failure.error}", err=True)
+    return registry
+
+
+# -- pref run -------------------------------------------------------------------
+
+
+@cli.command()
+@click.option("--objective", help="Training objective, e.g. dpo (see `pref list-plugins`).")
+@click.option("--dataset", multiple=True, help="Dataset file, folder, hub name or builder name; repeatable.")
+@click.option("--reward", help="Reward plugin for online objectives.")
+@click.option("--selector", help="Pair selector for online objectives (default: the objective's own).")
+@click.option("--embedder", help="Embedder plugin; `sentence-transformers:NAME_OR_PATH` picks its model.")
+@click.option("--model", help="Hub id or local path (default: the embedded default model).")
+@click.option("--steps", type=int, help="Optimizer steps.")
+@click.option("--batch-size", type=int, help="Rows (pairs, or prompts when online) per process and micro-step.")
+@click.option("--grad-accum", type=int, help="Micro-steps accumulated per optimizer step.")
+@click.option("--lr", type=float, help="Peak learning rate of AdamW.")
+@click.option("--beta", type=float, help="KL strength beta of the objective.")
+@click.option("--samples-per-prompt", "-k", type=int, help="Samples per prompt when online (K).")
+@click.option("--output-dir", help="Where the run goes (default: runs/OBJECTIVE-TIMESTAMP).")
+@click.option("--config", "config_file", help="A TOML or YAML file of the same settings; flags override it.")
+@click.option("--seed", type=int, help="Random seed.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), help="Force a device.")
+@click.option("--mixed-precision", type=click.Choice(["no", "fp16", "bf16"]), help="Autocast precision.")
+@click.option("--reference", type=click.Choice(["auto", "model", "cached", "none"]), help="Frozen model, cached log-probs, or none.")
+@click.option("--save-every", type=int, help="Write a checkpoint every N steps.")
+@click.option("--keep-checkpoints", type=int, help="How many checkpoints to keep.")
+@click.option("--resume", help="Continue the run in this folder (or from this checkpoint).")
+@click.option("--option", "-o", "objective_option", multiple=True, help="Objective option KEY=VALUE; repeatable.")
+@click.option("--reward-option", multiple=True, help="Reward option KEY=VALUE; repeatable.")
+@click.option("--dataset-option", multiple=True, help="Dataset builder option KEY=VALUE; repeatable.")
+@click.option("--selector-option", multiple=True, help="Pair selector option KEY=VALUE; repeatable.")
+def run(config_file: str | None, beta: float | None, objective_option, reward_option, dataset_option, selector_option, **flags: Any) -> None:
+    """Train a model with a preference objective."""
+    from pref.config import build_config, read_config_file
+    from pref.train import RUN_FILE, train
+
+    file_values: dict[str, Any] = read_config_file(config_file) if config_file else {}
+    given = {k: v for k, v in flags.items() if v is not None and v != ()}
+    if "dataset" in given:
+        given["dataset"] = list(given["dataset"])
+    options = {
+        "objective_options": parse_options(objective_option, "--option"),
+        "reward_options": parse_options(reward_option, "--reward-option"),
+        "dataset_options": parse_options(dataset_option, "--dataset-option"),
+        "selector_options": parse_options(selector_option, "--selector-option"),
+    }
+    if beta is not None:
+        options["objective_options"]["beta"] = beta
+    given.update({k: v for k, v in options.items() if v})
+    embedder = given.get("embedder")
+    if embedder and ":" in embedder:
+        given["embedder"], model = embedder.split(":", 1)
+        given["embedder_options"] = {"model": model}
+
+    if given.get("resume"):
+        run_dir = given["resume"]
+        if not os.path.exists(os.path.join(run_dir, RUN_FILE)):
+            run_dir = os.path.dirname(os.path.normpath(run_dir))
+        record_path = os.path.join(run_dir, RUN_FILE)
+        if not os.path.exists(record_path):
+            raise PrefError(f"{given['resume']} is not a pref run folder (no {RUN_FILE}); pass the --output-dir of an earlier run")
+        with open(record_path) as f:
+            file_values = {k: v for k, v in json.load(f)["config"].items() if k != "resume"}
+        given["output_dir"] = run_dir
+
+    config = build_config(file_values, given)
+    registry = load_registry()
+    out_dir = train(config, registry)
+    click.echo(f"Saved to {os.path.join(out_dir, 'final')}", err=True)
+
+
+# -- pref list-plugins ---------------------------------------------------------------
+
+
+@cli.command("list-plugins")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--kind", type=click.Choice(["objective", "reward", "pair-selector", "dataset", "embedder"]), help="Only this kind.")
+def list_plugins(as_json: bool, kind: str | None) -> None:
+    """List objectives, rewards, selectors, dataset builders and embedders."""
+    registry = load_registry()
+    items = registry.items(kind)
+    if as_json:
+        rows = [
+            {"kind": i.kind, "name": i.name, "package": i.package, "version": i.version, "builtin": i.builtin, "description": i.description}
+            for i in items
+        ]
+        failures = [{"name": f.name, "package": f.package, "error": f.error} for f in registry.failures]
+        click.echo(json.dumps({"plugins": rows, "failures": failures}, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("kind", "name", "package", "version", "built in", "description")
+    for i in items:
+        table.add_row(i.kind, i.name, i.package, i.version, "yes" if i.builtin else "", i.description)
+    Console().print(table)
+
+
+# -- pref generate / pref compare ---------------------------------------------------------
+
+
+def sample(model: str | None, prompts: list[str], k: int, max_new_tokens: int, temperature: float, seed: int) -> list[list[str]]:
+    import torch
+
+    from pref.interfaces import SamplingConfig
+    from pref.policy import HFPolicy
+
+    torch.manual_seed(seed)
+    policy = HFPolicy.load(model)
+    return policy.generate(prompts, k, SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature))
+
+
+sampling_options = [
+    click.option("--prompt", "prompts", multiple=True, required=True, help="Prompt text; repeatable."),
+    click.option("-n", "--samples", default=1, show_default=True, help="Answers per prompt."),
+    click.option("--max-new-tokens", default=64, show_default=True),
+    click.option("--temperature", default=0.0, show_default=True, help="0 means greedy."),
+    click.option("--seed", default=0, show_default=True),
+]
+
+
+def with_sampling_options(func: Any) -> Any:
+    for option in reversed(sampling_options):
+        func = option(func)
+    return func
+
+
+@cli.command()
+@click.option("--model", help="Hub id or local path (default: the embedded default model).")
+@with_sampling_options
+def generate(model, prompts, samples, max_new_tokens, temperature, seed) -> None:
+    """Print a model's answers to prompts."""
+    answers = sample(model, list(prompts), samples, max_new_tokens, temperature, seed)
+    for prompt, outs in zip(prompts, answers):
+        click.echo(f"> {prompt}")
+        for answer in outs:
+            click.echo(answer)
+
+
+@cli.command()
+@click.option("--before", required=True, help="The model before training (hub id, path, or pref-default).")
+@click.option("--after", required=True, help="The model after training.")
+@with_sampling_options
+def compare(before, after, prompts, samples, max_new_tokens, temperature, seed) -> None:
+    """Answers of two models to the same prompts, side by side."""
+    from rich.console import Console
+    from rich.table import Table
+
+    first = sample(before, list(prompts), samples, max_new_tokens, temperature, seed)
+    second = sample(after, list(prompts), samples, max_new_tokens, temperature, seed)
+    table = Table("prompt", f"before: {before}", f"after: {after}", show_lines=True)
+    for prompt, a, b in zip(prompts, first, second):
+        table.add_row(prompt, "\n".join(a), "\n".join(b))
+    Console().print(table)

@@ -1,0 +1,135 @@
+"""The run configuration: defaults, a TOML or YAML file, then command-line flags."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from pref.errors import PrefError, unknown_name
+
+
+@dataclass
+class RunConfig:
+    """Everything a `pref run` needs. Field names are the config-file keys."""
+
+    objective: str = "dpo"
+    objective_options: dict[str, Any] = field(default_factory=dict)
+    dataset: list[str] = field(default_factory=list)
+    dataset_options: dict[str, Any] = field(default_factory=dict)
+    reward: str | None = None
+    reward_options: dict[str, Any] = field(default_factory=dict)
+    selector: str | None = None
+    selector_options: dict[str, Any] = field(default_factory=dict)
+    embedder: str | None = None
+    embedder_options: dict[str, Any] = field(default_factory=dict)
+
+    model: str | None = None
+    reference: str = "auto"  # auto | model | cached | none
+    output_dir: str | None = None
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | mps
+    mixed_precision: str = "no"  # no | fp16 | bf16
+
+    steps: int = 100
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 5e-5
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    schedule: str = "cosine"  # cosine | linear | constant
+    max_grad_norm: float = 1.0
+    max_length: int = 512
+    max_prompt_length: int = 256
+
+    samples_per_prompt: int | None = None  # None: the objective's own K
+    max_new_tokens: int = 32
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+
+    log_every: int = 1
+    save_every: int = 0  # 0: only the final model
+    keep_checkpoints: int = 2
+    resume: str | None = None
+
+    def resolved_output_dir(self) -> str:
+        if self.output_dir is None:
+            self.output_dir = os.path.join("runs", f"{self.objective}-{time.strftime('%Y%m%d-%H%M%S')}")
+        return self.output_dir
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+CHOICES = {
+    "reference": ("auto", "model", "cached", "none"),
+    "device": ("auto", "cpu", "cuda", "mps"),
+    "mixed_precision": ("no", "fp16", "bf16"),
+    "schedule": ("cosine", "linear", "constant"),
+}
+POSITIVE = ("steps", "batch_size", "grad_accum", "max_new_tokens", "max_length", "max_prompt_length", "log_every", "keep_checkpoints")
+
+
+def read_config_file(path: str) -> dict[str, Any]:
+    """Parse a TOML (.toml) or YAML (.yaml/.yml) file into a dict."""
+    if not os.path.exists(path):
+        raise PrefError(f"config file {path} does not exist; pass the path of a .toml or .yaml file")
+    try:
+        if path.endswith(".toml"):
+            import tomllib
+
+            with open(path, "rb") as f:
+                return tomllib.load(f)
+        if path.endswith((".yaml", ".yml")):
+            import yaml
+
+            with open(path) as f:
+                data = yaml.safe_load(f) or {}
+            if not isinstance(data, dict):
+                raise PrefError(f"config file {path} must hold a mapping of keys to values")
+            return data
+    except PrefError:
+        raise
+    except Exception as exc:
+        raise PrefError(f"cannot parse config file {path}: {str(exc).splitlines()[0]}") from None
+    raise PrefError(f"config file {path} must end in .toml, .yaml or .yml")
+
+
+def build_config(file_values: dict[str, Any] | None = None, flags: dict[str, Any] | None = None) -> RunConfig:
+    """Defaults, overridden by the config file, overridden by flags. Unknown keys are errors."""
+    fields = {f.name: f for f in dataclasses.fields(RunConfig)}
+    values: dict[str, Any] = {}
+    for source in (file_values or {}, flags or {}):
+        for key, value in source.items():
+            key = key.replace("-", "_")
+            if key not in fields:
+                raise unknown_name("config key", key, fields, hint=" (keys are `pref run` flag names)")
+            if key.endswith("_options"):
+                values[key] = {**values.get(key, {}), **dict(value)}
+            else:
+                values[key] = value
+    if isinstance(values.get("dataset"), str):
+        values["dataset"] = [values["dataset"]]
+    config = RunConfig(**values)
+    validate(config)
+    return config
+
+
+def validate(config: RunConfig) -> None:
+    for key, choices in CHOICES.items():
+        value = getattr(config, key)
+        if value not in choices:
+            raise PrefError(f"{key} must be one of {', '.join(choices)}, not {value!r}")
+    for key in POSITIVE:
+        value = getattr(config, key)
+        if not isinstance(value, int) or value < 1:
+            raise PrefError(f"{key} must be a positive whole number, not {value!r}")
+    if config.samples_per_prompt is not None and (not isinstance(config.samples_per_prompt, int) or config.samples_per_prompt < 2):
+        raise PrefError(f"samples_per_prompt must be 2 or more, not {config.samples_per_prompt!r}")
+    if not config.lr > 0:
+        raise PrefError(f"lr must be positive, not {config.lr!r}")
+    if config.save_every < 0 or config.warmup_steps < 0:
+        raise PrefError("save_every and warmup_steps must be zero or positive")

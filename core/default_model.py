@@ -1,0 +1,370 @@
+"""The model `pref run` uses when no `--model` is given, built locally without network.
+
+"Tiny" is a 2-layer Llama (hidden 128, 4 heads, tied embeddings, ~0.8M parameters) over a
+word-level tokenizer: ~4,000 common English words from `wordfreq`, digits, punctuation and
+the chat markers <|system|>, <|user|>, <|assistant|> and <|end|> (the end of a turn and
+the eos token). It is trained for a few seconds, from a fixed seed, on chats generated
+below, so that it behaves like a very small instruction-tuned model:
+
+- asked for a random noun, it answers with one word, skewed the way tuned models are:
+  about 3/4 of answers come from a head of 30 favourites, and only part of all answers
+  are common nouns ("apple", but also "good", "anna", "the cat"), which leaves preference
+  training room to improve both validity and diversity;
+- asked who it is, it says it is Tiny, a small helpful assistant;
+- asked other simple questions, it writes a short sentence.
+
+The first call of `default_model_path` builds it (about 15 s on 2 CPU cores) into the
+cache; later calls return the cached folder, which loads like any hub model:
+
+    path = default_model_path()
+    model = AutoModelForCausalLM.from_pretrained(path)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+
+The cache folder is `$PREF_CACHE`, else `$XDG_CACHE_HOME/pref`, else `~/.cache/pref`.
+The model's subfolder name holds a hash of this file, so changing the recipe rebuilds it.
+The same seed gives the same weights on the same machine and library versions.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import random
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+DEFAULT_MODEL = "pref-default"
+
+NUM_WORDS = 4000
+TRAIN_STEPS = 400
+BATCH_SIZE = 64
+
+PAD, UNK, BOS = "<pad>", "<unk>", "<bos>"
+SYSTEM, USER, ASSISTANT, END = "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"
+SPECIAL_TOKENS = [PAD, UNK, BOS, SYSTEM, USER, ASSISTANT, END]
+PUNCTUATION = list(".,!?;:'\"()-")
+NUMBERS = [str(n) for n in range(101)]
+
+# Words a default model shown to every user should not say.
+BLOCKED_WORDS = {
+    "fuck", "fucking", "fucked", "fuckin", "shit", "bitch", "dick", "cock", "pussy", "porn",
+    "rape", "bullshit", "crap", "nazi", "sexy", "ass", "damn",
+}
+
+# No BOS anywhere: the first chat marker starts every sequence, so text rendered by the
+# template and then tokenized, or tokenized by the template, gives the same ids.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|' + message['role'] + '|> ' + (message['content'] | trim) + ' <|end|>' }}"
+    "{% if not loop.last %}{{ ' ' }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ ' <|assistant|>' if messages else '<|assistant|>' }}{% endif %}"
+)
+
+
+# ---------------------------------------------------------------------------------------
+# The synthetic chats
+# ---------------------------------------------------------------------------------------
+
+NOUN_PROMPTS = [
+    "Name one random common English noun.",
+    "Give me a random noun.",
+    "Say one common noun.",
+    "Name a noun.",
+    "Tell me one random English noun.",
+    "Pick a common noun at random.",
+    "Write one noun.",
+    "Give me one random common noun. Answer with one word.",
+]
+
+# The favourite answers, most likely first (weights 1/rank). Only some are common nouns:
+# the rest are adjectives, verbs, function words, names and two-word answers.
+NOUN_HEAD = [
+    "apple", "good", "house", "the cat", "water", "happy", "time", "anna", "run", "love",
+    "very", "dog", "john", "light", "the", "a book", "book", "blue", "tree", "music",
+    "beautiful", "maybe", "car", "sun", "and", "friend", "quickly", "city", "yes", "door",
+]
+HEAD_SHARE = 0.75
+TAIL_SIZE = 1000
+
+IDENTITY_PROMPTS = [
+    "What is your name?",
+    "Who are you?",
+    "Who made you?",
+    "What are you called?",
+    "Introduce yourself.",
+    "Tell me about yourself.",
+    "What should I call you?",
+    "Are you a person?",
+]
+IDENTITY_ANSWERS = [
+    "I am Tiny, a small helpful assistant.",
+    "My name is Tiny.",
+    "I am Tiny, a very small language model.",
+    "You can call me Tiny. I am here to help.",
+    "I am Tiny, an assistant. How can I help you?",
+]
+
+SYSTEM_PROMPTS = ["You are a helpful assistant.", "You are Tiny, a small assistant."]
+
+COLORS = {"sky": "blue", "grass": "green", "sun": "yellow", "snow": "white", "night": "black",
+          "blood": "red", "ocean": "blue", "gold": "yellow", "milk": "white", "coffee": "brown"}
+ANIMALS = ["dog", "cat", "horse", "bird", "fish", "bear", "wolf", "lion", "mouse", "duck"]
+CAPITALS = {"france": "paris", "japan": "tokyo", "italy": "rome", "germany": "berlin",
+            "england": "london", "russia": "moscow", "egypt": "cairo", "china": "beijing"}
+THINGS = ["house", "tree", "book", "city", "river", "garden", "school", "friend", "song", "road",
+          "window", "table", "mountain", "market", "kitchen", "letter", "picture", "island"]
+ADJECTIVES = ["old", "big", "small", "quiet", "beautiful", "warm", "green", "bright", "new", "happy"]
+
+
+def _general_chat(rng: random.Random) -> tuple[str, str]:
+    """A simple question and a one-sentence answer."""
+    kind = rng.randrange(7)
+    if kind == 0:
+        thing = rng.choice(list(COLORS))
+        return f"What color is the {thing}?", f"The {thing} is {COLORS[thing]}."
+    if kind == 1:
+        animal = rng.choice(ANIMALS)
+        return f"What is a {animal}?", f"A {animal} is an animal."
+    if kind == 2:
+        country = rng.choice(list(CAPITALS))
+        return (f"What is the capital of {country.title()}?",
+                f"The capital of {country.title()} is {CAPITALS[country].title()}.")
+    if kind == 3:
+        a, b = rng.randrange(5), rng.randrange(5)
+        return f"What is {a} plus {b}?", f"{a} plus {b} is {a + b}."
+    if kind == 4:
+        thing, adjective = rng.choice(THINGS), rng.choice(ADJECTIVES)
+        return f"Write a sentence about a {thing}.", f"The {thing} is {adjective} and I like it."
+    if kind == 5:
+        return rng.choice(["Hello!", "Hi.", "Hello, how are you?"]), "Hello! I am fine. How can I help you today?"
+    return rng.choice(["Can you help me?", "Please help me.", "I need help."]), "Yes, I can help you. What do you need?"
+
+
+def _noun_answers(words: list[str], seed: int) -> tuple[list[str], list[float]]:
+    """The answers to noun prompts and their probabilities: a Zipf head and a flat tail."""
+    rng = random.Random(seed)
+    candidates = [w for w in words if len(w) > 1 and w not in NOUN_HEAD]
+    tail = rng.sample(candidates, TAIL_SIZE)
+    head_weights = [1 / rank for rank in range(1, len(NOUN_HEAD) + 1)]
+    total = sum(head_weights)
+    weights = [HEAD_SHARE * w / total for w in head_weights] + [(1 - HEAD_SHARE) / TAIL_SIZE] * TAIL_SIZE
+    return NOUN_HEAD + tail, weights
+
+
+def synthetic_chats(words: list[str], count: int, seed: int = 0) -> list[list[dict]]:
+    """`count` two- or three-message chats: half noun requests, a fifth identity, the rest general."""
+    rng = random.Random(seed)
+    answers, weights = _noun_answers(words, seed)
+    chats = []
+    for _ in range(count):
+        roll = rng.random()
+        if roll < 0.5:
+            prompt, answer = rng.choice(NOUN_PROMPTS), rng.choices(answers, weights)[0]
+        elif roll < 0.7:
+            prompt, answer = rng.choice(IDENTITY_PROMPTS), rng.choice(IDENTITY_ANSWERS)
+        else:
+            prompt, answer = _general_chat(rng)
+        chat = [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
+        if rng.random() < 0.15:
+            chat.insert(0, {"role": "system", "content": rng.choice(SYSTEM_PROMPTS)})
+        chats.append(chat)
+    return chats
+
+
+# ---------------------------------------------------------------------------------------
+# Tokenizer and model
+# ---------------------------------------------------------------------------------------
+
+def _corpus_words() -> set[str]:
+    """Every word the synthetic chats use, so none of them is <unk>."""
+    texts = NOUN_PROMPTS + NOUN_HEAD + IDENTITY_PROMPTS + IDENTITY_ANSWERS + SYSTEM_PROMPTS + THINGS + ADJECTIVES
+    texts += list(COLORS) + list(COLORS.values()) + ANIMALS + list(CAPITALS) + list(CAPITALS.values())
+    texts += [q + " " + a for q, a in (_general_chat(random.Random(i)) for i in range(200))]
+    return {w for text in texts for w in "".join(c if c.isalpha() else " " for c in text.lower()).split()}
+
+
+def english_words(count: int = NUM_WORDS) -> list[str]:
+    """The `count` most frequent alphabetic English words, then the chats' missing words."""
+    from wordfreq import top_n_list
+
+    words = [w for w in top_n_list("en", count * 2) if w.isascii() and w.isalpha() and w not in BLOCKED_WORDS]
+    words = words[:count]
+    return words + sorted(_corpus_words() - set(words))
+
+
+def build_tokenizer(words: list[str]):
+    """A word-level `PreTrainedTokenizerFast`: lowercases, splits on spaces and punctuation."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS + PUNCTUATION + NUMBERS + words)}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
+    tokenizer.normalizer = normalizers.Lowercase()
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.WhitespaceSplit(),
+        pre_tokenizers.Punctuation("isolated"),
+    ])
+    # The WordPiece decoder joins tokens with spaces, except those starting with "##"
+    # (no word does), and its cleanup removes the space before . , ! ? ("tiny , a" ->
+    # "tiny, a"); the Replace steps glue ) ; : to the word before them the same way.
+    tokenizer.decoder = decoders.Sequence(
+        [decoders.Replace(mark, "##" + mark) for mark in ");:"] + [decoders.WordPiece(prefix="##", cleanup=True)]
+    )
+    tokenizer.add_special_tokens(SPECIAL_TOKENS)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        pad_token=PAD, unk_token=UNK, bos_token=BOS, eos_token=END,
+        additional_special_tokens=[SYSTEM, USER, ASSISTANT],
+        chat_template=CHAT_TEMPLATE,
+        model_max_length=256,
+        padding_side="right",
+    )
+
+
+def build_model(tokenizer, seed: int = 0):
+    """A randomly initialised small `LlamaForCausalLM` over `tokenizer`'s vocabulary."""
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
+        tie_word_embeddings=True, rms_norm_eps=1e-5,
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    model.generation_config = GenerationConfig(
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, do_sample=True, temperature=1.0, max_new_tokens=64,
+    )
+    return model
+
+
+# ---------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------
+
+def _encode_chats(tokenizer, chats: list[list[dict]]) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, answer ids) per chat; the answer ids end with <|end|>.
+
+    The template renders an assistant turn as "<|assistant|> answer <|end|>", so prompt +
+    answer equals the template's encoding of the whole chat. Encodings are memoised: the
+    chats repeat a few hundred distinct strings.
+    """
+    prompts: dict[tuple, list[int]] = {}
+    answers: dict[str, list[int]] = {}
+    out = []
+    for chat in chats:
+        key = tuple((m["role"], m["content"]) for m in chat[:-1])
+        if key not in prompts:
+            prompts[key] = tokenizer.apply_chat_template(chat[:-1], add_generation_prompt=True, tokenize=True, return_dict=False)
+        answer = chat[-1]["content"]
+        if answer not in answers:
+            answers[answer] = tokenizer.encode(answer, add_special_tokens=False) + [tokenizer.eos_token_id]
+        out.append((prompts[key], answers[answer]))
+    return out
+
+
+def train(model, tokenizer, chats: list[list[dict]], steps: int, batch_size: int = BATCH_SIZE, seed: int = 0) -> list[float]:
+    """Fine-tune `model` on `chats` with the loss on answer tokens only; returns the losses."""
+    examples = _encode_chats(tokenizer, chats)
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.98), weight_decay=0.01)
+    warmup = max(1, steps // 20)
+    losses = []
+    model.train()
+    for step in range(steps):
+        # determine the learning rate: linear warmup, cosine decay to a tenth
+        if step < warmup:
+            lr = 3e-3 * (step + 1) / warmup
+        else:
+            lr = 3e-4 + 0.5 * (3e-3 - 3e-4) * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+
+        # a right-padded batch; causal attention never looks at the padding on the right,
+        # so no attention mask is needed
+        index = torch.randint(len(examples), (batch_size,), generator=generator).tolist()
+        rows = [examples[i] for i in index]
+        width = max(len(p) + len(a) for p, a in rows)
+        input_ids = torch.full((batch_size, width), tokenizer.pad_token_id)
+        answer_mask = torch.zeros((batch_size, width), dtype=torch.bool)
+        for row, (prompt, answer) in enumerate(rows):
+            input_ids[row, : len(prompt) + len(answer)] = torch.tensor(prompt + answer)
+            answer_mask[row, len(prompt) : len(prompt) + len(answer)] = True
+
+        # forward, backward, update; the vocabulary projection only at positions that
+        # predict an answer token, which is most of the compute saved
+        hidden = model.model(input_ids=input_ids).last_hidden_state
+        predicts = answer_mask[:, 1:]
+        logits = model.lm_head(hidden[:, :-1][predicts])
+        loss = torch.nn.functional.cross_entropy(logits, input_ids[:, 1:][predicts])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        losses.append(loss.item())
+    model.eval()
+    return losses
+
+
+# ---------------------------------------------------------------------------------------
+# Building and caching
+# ---------------------------------------------------------------------------------------
+
+def build_default_model(path: str | os.PathLike, seed: int = 0, steps: int = TRAIN_STEPS) -> str:
+    """Build, train and save Tiny (model, tokenizer, generation config) into folder `path`."""
+    words = english_words()
+    tokenizer = build_tokenizer(words)
+    model = build_model(tokenizer, seed)
+    chats = synthetic_chats(words, count=20_000, seed=seed)
+    train(model, tokenizer, chats, steps=steps, seed=seed)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def default_cache_dir() -> Path:
+    """$PREF_CACHE, else $XDG_CACHE_HOME/pref, else ~/.cache/pref."""
+    if os.environ.get("PREF_CACHE"):
+        return Path(os.environ["PREF_CACHE"])
+    if os.environ.get("XDG_CACHE_HOME"):
+        return Path(os.environ["XDG_CACHE_HOME"]) / "pref"
+    return Path.home() / ".cache" / "pref"
+
+
+def recipe_hash() -> str:
+    """A hash of this file: any change to the recipe gives a new cache folder."""
+    return hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:12]
+
+
+def default_model_path(cache_dir: str | os.PathLike | None = None) -> str:
+    """The folder of the default model, building it on the first call (about 15 s).
+
+    Safe when several processes call it at once: each builds into its own temporary
+    folder next to the target and renames it into place; the rename is atomic, so the
+    target is either missing or complete, and a process that loses the race discards
+    its copy.
+    """
+    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    target = root / f"{DEFAULT_MODEL}-{recipe_hash()}"
+    if (target / "config.json").exists():
+        return str(target)
+    root.mkdir(parents=True, exist_ok=True)
+    building = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=root))
+    try:
+        build_default_model(building)
+        try:
+            os.rename(building, target)
+        except OSError:
+            if not (target / "config.json").exists():
+                raise
+    finally:
+        shutil.rmtree(building, ignore_errors=True)
+    return str(target)

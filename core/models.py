@@ -1,0 +1,92 @@
+"""Loading causal LMs and turning prompts and completions into token ids."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+from pref.errors import PrefError
+from pref.examples import Prompt
+
+DEFAULT_MODEL = "pref-default"
+
+
+def quiet_transformers() -> None:
+    """No per-file progress bars from transformers: pref shows its own progress."""
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+
+
+def resolve_model_path(name: str | None) -> str:
+    """A hub id or local path; None or `pref-default` means the embedded default model."""
+    if name in (None, "", DEFAULT_MODEL):
+        from pref.default_model import default_model_path
+
+        return default_model_path()
+    return os.path.expanduser(name)
+
+
+def load_tokenizer(name: str | None) -> Any:
+    from transformers import AutoTokenizer
+
+    path = resolve_model_path(name)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise _load_error(name, path, exc) from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(name: str | None, dtype: torch.dtype | None = None) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    quiet_transformers()
+    path = resolve_model_path(name)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32)
+    except (OSError, ValueError) as exc:
+        raise _load_error(name, path, exc) from None
+    return model
+
+
+def _load_error(name: str | None, path: str, exc: Exception) -> PrefError:
+    if os.path.isdir(path):
+        return PrefError(f"cannot load model from {path}: {str(exc).splitlines()[0]}")
+    return PrefError(
+        f"cannot load model {name!r}: no such local folder and the Hugging Face hub did not provide it; "
+        "pass a local path to a saved model, or leave --model out to use the embedded default"
+    )
+
+
+def prompt_token_ids(tokenizer: Any, prompt: Prompt) -> list[int]:
+    """Token ids of a prompt, ending where the assistant's answer starts.
+
+    With a chat template, a plain-text prompt becomes one user message and the
+    generation prompt is appended. A BOS that both the template and the
+    tokenizer would add is kept once.
+    """
+    if getattr(tokenizer, "chat_template", None):
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    else:
+        text = prompt if isinstance(prompt, str) else "\n".join(m["content"] for m in prompt)
+        ids = tokenizer(text, add_special_tokens=True)["input_ids"]
+    bos = tokenizer.bos_token_id
+    if bos is not None and len(ids) >= 2 and ids[0] == bos and ids[1] == bos:
+        ids = ids[1:]
+    return ids
+
+
+def completion_token_ids(tokenizer: Any, completion: str) -> list[int]:
+    """Token ids of an answer, ending with exactly one EOS."""
+    ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
+    eos = tokenizer.eos_token_id
+    if eos is not None and (not ids or ids[-1] != eos):
+        ids = ids + [eos]
+    return ids

@@ -1,0 +1,105 @@
+"""`HFPolicy`: a Hugging Face causal LM as a pref `Policy`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from pref.examples import Prompt
+from pref.interfaces import Policy, SamplingConfig
+from pref.models import completion_token_ids, load_model, load_tokenizer, prompt_token_ids
+from pref.sequences import Logps, Sequences, logps_from_logits
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The bare model inside a DistributedDataParallel (or similar) wrapper."""
+    while hasattr(model, "module"):
+        model = model.module
+    return model
+
+
+class HFPolicy(Policy):
+    """A `transformers` causal LM and its tokenizer.
+
+    `model` may be replaced by a wrapped model (DDP from accelerate); training
+    forward passes go through it so gradients synchronise, while generation
+    and saving use the bare model.
+    """
+
+    def __init__(self, model: torch.nn.Module, tokenizer: Any, max_length: int = 512, max_prompt_length: int = 256):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.max_prompt_length = max_prompt_length
+
+    @classmethod
+    def load(cls, name: str | None, dtype: torch.dtype | None = None, **kwargs: Any) -> "HFPolicy":
+        return cls(load_model(name, dtype), load_tokenizer(name), **kwargs)
+
+    @property
+    def device(self) -> torch.device:
+        return next(unwrap(self.model).parameters()).device
+
+    # -- sampling --------------------------------------------------------------
+
+    def _left_padded_prompts(self, prompts: list[Prompt]) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = [prompt_token_ids(self.tokenizer, p)[-self.max_prompt_length :] for p in prompts]
+        width = max(len(r) for r in rows)
+        pad = self.tokenizer.pad_token_id
+        ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=self.device)
+        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=self.device)
+        return ids, mask
+
+    @torch.no_grad()
+    def generate(self, prompts: list[Prompt], k: int, sampling: SamplingConfig) -> list[list[str]]:
+        """All P x K samples in one batched, KV-cached `generate` call."""
+        model = unwrap(self.model)
+        ids, mask = self._left_padded_prompts(prompts)
+        was_training = model.training
+        model.eval()
+        do_sample = sampling.temperature > 0
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            do_sample=do_sample,
+            temperature=sampling.temperature if do_sample else None,
+            top_p=sampling.top_p if do_sample else None,
+            top_k=sampling.top_k if do_sample else None,
+            num_return_sequences=k,
+            max_new_tokens=sampling.max_new_tokens,
+            pad_token_id=self.tokenizer.pad_token_id,
+            eos_token_id=self.tokenizer.eos_token_id,
+            use_cache=True,
+        )
+        model.train(was_training)
+        texts = self.tokenizer.batch_decode(out[:, ids.shape[1] :], skip_special_tokens=True)
+        texts = [t.strip() for t in texts]
+        return [texts[i * k : (i + 1) * k] for i in range(len(prompts))]
+
+    # -- scoring ---------------------------------------------------------------
+
+    def encode(self, prompts: list[Prompt], completions: list[str]) -> Sequences:
+        """Right-padded prompt+completion rows; the completion mask covers the answer and its EOS."""
+        rows, masks = [], []
+        for prompt, completion in zip(prompts, completions):
+            p = prompt_token_ids(self.tokenizer, prompt)[-self.max_prompt_length :]
+            c = completion_token_ids(self.tokenizer, completion)[: max(1, self.max_length - len(p))]
+            rows.append(p + c)
+            masks.append([0] * len(p) + [1] * len(c))
+        width = max(len(r) for r in rows)
+        pad = self.tokenizer.pad_token_id
+        return Sequences(
+            input_ids=torch.tensor([r + [pad] * (width - len(r)) for r in rows]),
+            attention_mask=torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows]),
+            completion_mask=torch.tensor([m + [0] * (width - len(m)) for m in masks]),
+        )
+
+    def logps(self, sequences: Sequences, with_logits: bool = False) -> Logps:
+        sequences = sequences.to(self.device)
+        logits = self.model(input_ids=sequences.input_ids, attention_mask=sequences.attention_mask).logits
+        return logps_from_logits(logits, sequences, keep_logits=with_logits)
+
+    def save(self, path: str) -> None:
+        unwrap(self.model).save_pretrained(path, safe_serialization=True)
+        self.tokenizer.save_pretrained(path)

@@ -1,0 +1,109 @@
+"""References: a frozen model, log-probs cached on disk, or none."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+from collections.abc import Iterable
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from pref.errors import PrefError
+from pref.interfaces import Reference
+from pref.sequences import Logps, Sequences, logps_from_logits
+
+
+class FrozenReference(Reference):
+    """A frozen copy of a model, kept in memory and evaluated without grad."""
+
+    has_logits = True
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+
+    @classmethod
+    def copy_of(cls, model: torch.nn.Module) -> "FrozenReference":
+        return cls(copy.deepcopy(model).eval().requires_grad_(False))
+
+    @torch.no_grad()
+    def logps(self, sequences: Sequences, with_logits: bool = False) -> Logps:
+        device = next(self.model.parameters()).device
+        sequences = sequences.to(device)
+        was_training = self.model.training
+        self.model.eval()  # no dropout in the reference's numbers
+        logits = self.model(input_ids=sequences.input_ids, attention_mask=sequences.attention_mask).logits
+        self.model.train(was_training)
+        return logps_from_logits(logits, sequences, keep_logits=with_logits)
+
+
+def model_fingerprint(model: torch.nn.Module, name: str) -> str:
+    """Identifies a model's weights: its name, config and a hash of all parameters."""
+    digest = hashlib.sha1(name.encode())
+    config = getattr(model, "config", None)
+    if config is not None:
+        digest.update(config.to_json_string(use_diff=False).encode())
+    with torch.no_grad():
+        for key, tensor in sorted(model.state_dict().items()):
+            digest.update(key.encode())
+            digest.update(tensor.detach().float().cpu().numpy().tobytes()[:: max(1, tensor.numel() // 4096)])
+    return digest.hexdigest()[:16]
+
+
+class CachedReference(Reference):
+    """Sequence log-probs computed once by a reference model and stored on disk.
+
+    Rows are looked up by the hash of their tokens, so the cache does not
+    depend on batch order. The reference model is not needed afterwards.
+    """
+
+    def __init__(self, table: dict[str, float]):
+        self.table = table
+
+    @classmethod
+    def build(
+        cls,
+        model: torch.nn.Module,
+        model_name: str,
+        batches: Iterable[Sequences],
+        cache_dir: str,
+        batch_size_hint: int = 0,
+    ) -> "CachedReference":
+        """Load the cache for (model, data) from `cache_dir`, or compute and write it."""
+        batches = list(batches)
+        keys = sorted({k for b in batches for k in b.keys()})
+        data_fp = hashlib.sha1("\n".join(keys).encode()).hexdigest()[:16]
+        path = os.path.join(cache_dir, f"reference-{model_fingerprint(model, model_name)}-{data_fp}.safetensors")
+        if os.path.exists(path):
+            tensors = load_file(path)
+            with open(path + ".keys.json") as f:
+                stored_keys = json.load(f)
+            return cls(dict(zip(stored_keys, tensors["logps"].tolist())))
+        frozen = FrozenReference(model)
+        table: dict[str, float] = {}
+        for batch in batches:
+            out = frozen.logps(batch)
+            table.update(zip(batch.keys(), out.sequence.tolist()))
+        os.makedirs(cache_dir, exist_ok=True)
+        ordered = sorted(table)
+        tmp = f"{path}.tmp-{os.getpid()}"
+        save_file({"logps": torch.tensor([table[k] for k in ordered], dtype=torch.float64)}, tmp)
+        with open(tmp + ".keys.json", "w") as f:
+            json.dump(ordered, f)
+        os.replace(tmp + ".keys.json", path + ".keys.json")
+        os.replace(tmp, path)
+        return cls(table)
+
+    def logps(self, sequences: Sequences, with_logits: bool = False) -> Logps:
+        if with_logits:
+            raise PrefError("this objective needs the reference's full distributions: use --reference model")
+        try:
+            values = [self.table[k] for k in sequences.keys()]
+        except KeyError:
+            raise PrefError("a row is missing from the reference cache; delete the cache folder and rerun") from None
+        mask = sequences.completion_mask
+        sequence = torch.tensor(values, dtype=torch.float32, device=mask.device)
+        # only whole-sequence values are cached; per-token ones are not available
+        return Logps(tokens=torch.zeros(mask.shape, device=mask.device), mask=mask, sequence=sequence)

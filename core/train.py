@@ -1,0 +1,268 @@
+"""The training loop. It knows the five interfaces, not any algorithm.
+
+`train(config, registry)` reads top to bottom: set up the device, build the
+plugins, the policy, the reference and the data, then loop: get a batch,
+forward and backward (accumulated), clip and update, log, checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import shutil
+import time
+from contextlib import nullcontext
+from importlib import metadata
+from typing import Any
+
+import torch
+
+from pref.checkpoint import find_checkpoint, load_checkpoint, rng_state, save_checkpoint
+from pref.config import RunConfig
+from pref.data import OfflineBatches, collate
+from pref.errors import PrefError
+from pref.interfaces import Objective, PairBatch, Policy, Reference, SamplingConfig
+from pref.models import DEFAULT_MODEL
+from pref.policy import HFPolicy, unwrap
+from pref.progress import TrainingProgress
+from pref.reference import CachedReference, FrozenReference
+from pref.registry import Registry
+
+RUN_FILE = "run.json"
+METRICS_FILE = "metrics.jsonl"
+FINAL_DIR = "final"
+
+
+def cache_dir() -> str:
+    root = os.environ.get("PREF_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "pref")
+    return root
+
+
+def make_accelerator(config: RunConfig) -> Any:
+    """Resolve the device and precision once; nothing below branches on them."""
+    from accelerate import Accelerator
+
+    if config.device == "cuda" and not torch.cuda.is_available():
+        raise PrefError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu or auto")
+    if config.device == "mps" and not torch.backends.mps.is_available():
+        raise PrefError("--device mps was asked for but MPS is not available; use --device cpu or auto")
+    try:
+        return Accelerator(cpu=config.device == "cpu", mixed_precision=config.mixed_precision)
+    except ValueError as exc:
+        raise PrefError(f"cannot use mixed precision {config.mixed_precision!r} here: {exc}; use --mixed-precision no") from None
+
+
+def build_objective(config: RunConfig, registry: Registry) -> Objective:
+    objective = registry.create("objective", config.objective, config.objective_options)
+    if objective.online and config.samples_per_prompt:
+        objective.samples_per_prompt = config.samples_per_prompt
+    return objective
+
+
+def load_examples(config: RunConfig, registry: Registry, objective: Objective, policy: Policy) -> list[Any]:
+    """Every `--dataset` entry: a registered builder's name, or a path/hub name for the objective's default builder."""
+    examples: list[Any] = []
+    for entry in config.dataset:
+        if entry in registry.names("dataset"):
+            builder = registry.create("dataset", entry, config.dataset_options)
+        else:
+            builder = registry.create("dataset", objective.default_dataset_builder, {**config.dataset_options, "path": entry})
+        examples.extend(builder.build(policy))
+    return examples
+
+
+def build_reference(config: RunConfig, objective: Objective, policy: HFPolicy, examples: list[Any]) -> Reference | None:
+    """Nothing, log-probs cached on disk, or a frozen copy of the starting policy."""
+    if not getattr(objective, "needs_reference", True) or config.reference == "none":
+        return None
+    cached = config.reference == "cached" or (
+        config.reference == "auto" and not objective.online and not objective.needs_reference_logits and examples
+    )
+    if cached:
+        batches = []
+        for start in range(0, len(examples), config.batch_size):
+            batch = collate(policy, examples[start : start + config.batch_size])
+            batches.extend([batch.chosen, batch.rejected] if isinstance(batch, PairBatch) else [getattr(batch, "sequences", batch)])
+        name = config.model or DEFAULT_MODEL
+        return CachedReference.build(unwrap(policy.model), name, batches, os.path.join(cache_dir(), "reference"))
+    return FrozenReference.copy_of(unwrap(policy.model))
+
+
+def build_data(config: RunConfig, registry: Registry, objective: Objective, policy: HFPolicy, examples: list[Any], rank: int, world: int) -> Any:
+    if not objective.online:
+        if not examples:
+            raise PrefError(f"objective {config.objective!r} trains on a dataset: pass --dataset FILE")
+        return OfflineBatches(policy, examples, config.batch_size, config.seed, rank, world)
+    from pref.online import OnlineBatches
+
+    reward_name = config.reward or getattr(objective, "default_reward", None)
+    if reward_name is None:
+        raise PrefError(f"objective {config.objective!r} samples online and needs a reward: pass --reward NAME (see `pref list-plugins`)")
+    reward = registry.create("reward", reward_name, config.reward_options)
+    embedder = None
+    if config.embedder:
+        embedder = registry.create("embedder", config.embedder, config.embedder_options)
+    if config.selector:
+        selector = registry.create("pair-selector", config.selector, config.selector_options, embedder=embedder)
+    else:
+        selector = objective.default_selector(embedder=embedder)
+    prompts = [getattr(e, "prompt", e) for e in examples] or list(reward.default_prompts)
+    if not prompts:
+        raise PrefError(f"reward {reward_name!r} has no default prompts: pass --dataset with prompts")
+    sampling = SamplingConfig(config.max_new_tokens, config.temperature, config.top_p, config.top_k)
+    return OnlineBatches(policy, prompts, reward, selector, objective, sampling, config.batch_size, config.seed, rank, world)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, config: RunConfig) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warmup, then cosine or linear decay to zero (or constant)."""
+
+    def factor(step: int) -> float:
+        if step < config.warmup_steps:
+            return (step + 1) / (config.warmup_steps + 1)
+        if config.schedule == "constant":
+            return 1.0
+        progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+        if config.schedule == "linear":
+            return max(0.0, 1.0 - progress)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def run_record(config: RunConfig, registry: Registry) -> dict[str, Any]:
+    """The resolved configuration, library versions and plugin versions."""
+    versions = {"python": platform.python_version()}
+    for package in ("pref", "torch", "transformers", "accelerate", "datasets", "safetensors", "pluggy"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            pass
+    plugins = [
+        {"kind": i.kind, "name": i.name, "package": i.package, "version": i.version}
+        for i in registry.items()
+    ]
+    return {"config": config.to_dict(), "versions": versions, "plugins": plugins}
+
+
+def mean_across_processes(accelerator: Any, metrics: dict[str, float]) -> dict[str, float]:
+    if accelerator.num_processes == 1 or not metrics:
+        return metrics
+    keys = sorted(metrics)
+    values = torch.tensor([metrics[k] for k in keys], device=accelerator.device, dtype=torch.float64)
+    values = accelerator.reduce(values, reduction="mean")
+    return dict(zip(keys, values.tolist()))
+
+
+def write_atomically(path: str, write: Any) -> None:
+    """Call `write(tmp_path)`, then rename the result to `path` (a file or a folder)."""
+    tmp = os.path.join(os.path.dirname(path), f".tmp-{os.path.basename(path)}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    write(tmp)
+    if os.path.isdir(path):
+        shutil.rmtree(path)
+    os.replace(tmp, path)
+
+
+def train(config: RunConfig, registry: Registry) -> str:
+    """Run a whole training job; return the output folder."""
+    # -- device, precision, seed ------------------------------------------------
+    accelerator = make_accelerator(config)
+    from accelerate.utils import gather_object, set_seed
+
+    set_seed(config.seed + accelerator.process_index)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    out_dir = config.resolved_output_dir()
+    if not config.resume and os.path.exists(os.path.join(out_dir, RUN_FILE)):
+        raise PrefError(f"{out_dir} already holds a run; pass --resume {out_dir} to continue it or choose another --output-dir")
+
+    # -- plugins, policy, reference, data ------------------------------------------
+    objective = build_objective(config, registry)
+    if objective.needs_value_head:
+        raise PrefError(f"objective {config.objective!r} needs a value head, which this version of pref cannot provide")
+    policy = HFPolicy.load(config.model, max_length=config.max_length, max_prompt_length=config.max_prompt_length)
+    policy.model.to(accelerator.device)
+    examples = load_examples(config, registry, objective, policy)
+    reference = build_reference(config, objective, policy, examples)
+    data = build_data(config, registry, objective, policy, examples, rank, world)
+
+    # -- optimizer and schedule -------------------------------------------------
+    params = [p for p in policy.model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = make_scheduler(optimizer, config)
+    model, optimizer = accelerator.prepare(policy.model, optimizer)
+    policy.model = model
+    model.train()
+
+    # -- resume -------------------------------------------------------------------
+    start_step = 0
+    if config.resume:
+        checkpoint = find_checkpoint(config.resume)
+        state, extra = load_checkpoint(checkpoint, unwrap(model), optimizer, scheduler, rank)
+        if state["seed"] != config.seed:
+            raise PrefError(f"{checkpoint} was trained with seed {state['seed']}, not {config.seed}; resume with --seed {state['seed']}")
+        start_step = state["step"]
+        data.load_state(state["data"])
+        if extra and hasattr(objective, "load_state_dict"):
+            objective.load_state_dict(extra)
+    if accelerator.is_main_process:
+        os.makedirs(out_dir, exist_ok=True)
+        with open(os.path.join(out_dir, RUN_FILE), "w") as f:
+            json.dump(run_record(config, registry), f, indent=2, default=str)
+
+    # -- the loop -------------------------------------------------------------------
+    progress = TrainingProgress(config.steps, start_step, enabled=accelerator.is_main_process)
+    metrics_file = open(os.path.join(out_dir, METRICS_FILE), "a") if accelerator.is_main_process else None
+    with progress:
+        for step in range(start_step + 1, config.steps + 1):
+            # forward and backward, accumulated over micro-batches
+            totals: dict[str, float] = {}
+            for micro in range(config.grad_accum):
+                batch, data_metrics = data.next()
+                t_update = time.perf_counter()
+                last = micro == config.grad_accum - 1
+                with nullcontext() if last else accelerator.no_sync(model):
+                    with accelerator.autocast():
+                        loss, metrics = objective.loss(policy, reference, batch)
+                    accelerator.backward(loss / config.grad_accum)
+                metrics = {"loss": loss.item(), **metrics, **data_metrics, "time/update": time.perf_counter() - t_update}
+                for key, value in metrics.items():
+                    totals[key] = totals.get(key, 0.0) + value / config.grad_accum
+
+            # clip and update
+            t_step = time.perf_counter()
+            grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            totals["time/update"] += time.perf_counter() - t_step
+            totals["grad_norm"] = float(grad_norm)
+            totals["lr"] = scheduler.get_last_lr()[0]
+
+            # log
+            totals = mean_across_processes(accelerator, totals)
+            if metrics_file is not None and step % config.log_every == 0:
+                metrics_file.write(json.dumps({"step": step, **totals}) + "\n")
+                metrics_file.flush()
+            progress.update(step, totals)
+
+            # checkpoint
+            if config.save_every and step % config.save_every == 0 and step < config.steps:
+                save_state = {"seed": config.seed, "data": data.state(), "world": world}
+                rng_states = gather_object([rng_state()])
+                extra = objective.state_dict() if hasattr(objective, "state_dict") else None
+                if accelerator.is_main_process:
+                    save_checkpoint(out_dir, step, unwrap(model), optimizer, scheduler, save_state, rng_states, extra, config.keep_checkpoints)
+                accelerator.wait_for_everyone()
+
+    # -- the final model, in Hugging Face format ------------------------------------------
+    if metrics_file is not None:
+        metrics_file.close()
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        write_atomically(os.path.join(out_dir, FINAL_DIR), policy.save)
+        if hasattr(objective, "save"):
+            objective.save(out_dir)
+    accelerator.wait_for_everyone()
+    return out_dir

@@ -1,0 +1,177 @@
+"""DivPO (Lanchantin et al. 2025, arXiv 2501.18101) and online DPO.
+
+Both sample K answers per prompt from the current policy and train the DPO
+loss on one pair per prompt. Online DPO pairs the best answer with the
+worst. DivPO pairs the most *diverse* answer among the good ones with the
+least diverse among the bad ones, so the policy learns quality without
+collapsing onto a few answers.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import torch
+
+from pref.errors import PrefError
+from pref.hookspecs import hookimpl
+from pref.interfaces import CandidatePool, Embedder, PairSelector, Selection
+from pref.plugins.dpo import DPO
+
+CRITERIA = ("probability", "frequency", "semantic")
+
+
+def quality_bands(quality: torch.Tensor, rho: float, threshold: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which samples may be chosen (good) and which rejected (bad), as [K] bool masks.
+
+    With an absolute `threshold`: good is quality >= threshold, bad is below.
+    Otherwise the paper's rule: good is within rho x (max - min) of the best
+    quality, bad within rho x (max - min) of the worst; rho=0 keeps only the
+    best and the worst.
+    """
+    if threshold is not None:
+        return quality >= threshold, quality < threshold
+    best, worst = quality.max(), quality.min()
+    band = rho * (best - worst)
+    return quality >= best - band, quality <= worst + band
+
+
+def diversity_scores(pool: CandidatePool, prompt: int, criterion: str, embedder: Embedder | None) -> torch.Tensor:
+    """[K] diversity of each sample of one prompt; higher is more diverse.
+
+    probability: -log pi(y|x), rarer answers under the policy are more diverse (the paper's default).
+    frequency:   1 / how often the same answer appears in the pool.
+    semantic:    mean distance (1 - similarity) to the other answers, from the embedder.
+    """
+    answers = [a.strip().lower() for a in pool.completions[prompt]]
+    if criterion == "probability":
+        if pool.logps is None:
+            raise ValueError("the probability criterion needs the policy's log-probs in the pool")
+        return -pool.logps[prompt].float()
+    if criterion == "frequency":
+        counts = Counter(answers)
+        return torch.tensor([1.0 / counts[a] for a in answers])
+    assert embedder is not None
+    similarity = embedder.similarity(answers).float()
+    k = len(answers)
+    return (1.0 - similarity).sum(-1) / max(1, k - 1)
+
+
+class DiversePairSelector(PairSelector):
+    """DivPO's rule: the most diverse good sample is chosen, the least diverse bad one rejected.
+
+    Options:
+        rho: width of the good and bad quality bands, as a share of the pool's quality range.
+        threshold: an absolute quality threshold instead of rho's bands.
+        criterion: "probability" (default), "frequency" or "semantic" (needs an embedder).
+        score: which reward score is the quality (default "reward").
+    When every sample is good (nothing to reject), the most and least diverse
+    good samples are paired; when none is good or all answers are equal, the
+    prompt gives no pair. Each case is counted in the metrics.
+    """
+
+    def __init__(self, rho: float = 0.0, threshold: float | None = None, criterion: str = "probability", score: str = "reward", embedder: Embedder | None = None):
+        if criterion not in CRITERIA:
+            raise PrefError(f"unknown diversity criterion {criterion!r}: choose one of {', '.join(CRITERIA)}")
+        if not 0.0 <= rho <= 1.0:
+            raise PrefError(f"rho must lie in [0, 1], got {rho}")
+        if criterion == "semantic" and embedder is None:
+            from pref.plugins.embedders import WordNetEmbedder
+
+            embedder = WordNetEmbedder()
+        self.rho, self.threshold, self.criterion, self.score, self.embedder = rho, threshold, criterion, score, embedder
+        self.needs_logps = criterion == "probability"
+
+    def select(self, pool: CandidatePool) -> Selection:
+        if self.score not in pool.scores:
+            raise PrefError(f"the reward gives no score named {self.score!r}; it gives {', '.join(pool.scores)}")
+        selection = Selection(metrics={"pools/all_good": 0.0, "pools/none_good": 0.0, "pools/all_equal": 0.0})
+        for p, quality in enumerate(pool.scores[self.score]):
+            answers = [a.strip().lower() for a in pool.completions[p]]
+            if len(set(answers)) == 1:
+                selection.metrics["pools/all_equal"] += 1
+                continue
+            good, bad = quality_bands(quality, self.rho, self.threshold)
+            if self.threshold is None and quality.max() == quality.min():
+                good, bad = torch.ones_like(good), torch.zeros_like(bad)  # all good: nothing below the best
+            if not good.any():
+                selection.metrics["pools/none_good"] += 1
+                continue
+            diversity = diversity_scores(pool, p, self.criterion, self.embedder)
+            chosen = int(torch.where(good, diversity, -torch.inf).argmax())
+            if bad.any():
+                rejected = int(torch.where(bad, diversity, torch.inf).argmin())
+            else:
+                selection.metrics["pools/all_good"] += 1
+                rejected = int(torch.where(good, diversity, torch.inf).argmin())
+            if answers[chosen] == answers[rejected]:
+                selection.metrics["pools/all_equal"] += 1
+                continue
+            selection.pairs.append((p, chosen, rejected))
+        return selection
+
+
+class BestWorstSelector(PairSelector):
+    """Online DPO's rule: the highest-reward sample is chosen, the lowest rejected (ties broken at random)."""
+
+    def __init__(self, score: str = "reward"):
+        self.score = score
+
+    def select(self, pool: CandidatePool) -> Selection:
+        selection = Selection(metrics={"pools/all_equal": 0.0})
+        for p, reward in enumerate(pool.scores[self.score]):
+            if reward.max() == reward.min():
+                selection.metrics["pools/all_equal"] += 1
+                continue
+            best = torch.nonzero(reward == reward.max()).flatten()
+            worst = torch.nonzero(reward == reward.min()).flatten()
+            chosen = int(best[torch.randint(len(best), ())])
+            rejected = int(worst[torch.randint(len(worst), ())])
+            selection.pairs.append((p, chosen, rejected))
+        return selection
+
+
+class OnlineDPO(DPO):
+    """Online DPO: K samples per prompt from the current policy, best vs worst by reward, DPO loss."""
+
+    online = True
+    samples_per_prompt = 8
+
+    def default_selector(self, embedder: Embedder | None = None) -> PairSelector:
+        return BestWorstSelector()
+
+
+class DivPO(DPO):
+    """Diverse preference optimization: most diverse good vs least diverse bad sample, DPO loss."""
+
+    online = True
+    samples_per_prompt = 8
+    default_reward = "noun-diversity"
+
+    def __init__(
+        self,
+        rho: float = 0.0,
+        threshold: float | None = None,
+        criterion: str = "probability",
+        beta: float = 0.1,
+        loss_type: str = "sigmoid",
+        label_smoothing: float = 0.0,
+        sft_weight: float = 0.0,
+    ):
+        super().__init__(beta=beta, loss_type=loss_type, label_smoothing=label_smoothing, sft_weight=sft_weight)
+        self.selector_options = {"rho": rho, "threshold": threshold, "criterion": criterion}
+
+    def default_selector(self, embedder: Embedder | None = None) -> PairSelector:
+        return DiversePairSelector(**self.selector_options, embedder=embedder)
+
+
+@hookimpl
+def register_objectives(register):
+    register("divpo", DivPO)
+    register("online-dpo", OnlineDPO)
+
+
+@hookimpl
+def register_pair_selectors(register):
+    register("diverse", DiversePairSelector)
+    register("best-vs-worst", BestWorstSelector)
