@@ -1,0 +1,46 @@
+"""Prompts go through the chat template once, with no doubled BOS or EOS."""
+
+from transformers import AutoTokenizer
+
+from pref.models import completion_token_ids, prompt_token_ids
+
+
+def test_plain_prompt_becomes_a_user_turn(tiny_model_dir):
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    ids = prompt_token_ids(tok, "Name a fruit.")
+    expected = tok.apply_chat_template([{"role": "user", "content": "Name a fruit."}], tokenize=False, add_generation_prompt=True)
+    assert tok.decode(ids) == tok.decode(tok(expected, add_special_tokens=False)["input_ids"])
+    assert ids[-1] == tok.convert_tokens_to_ids("<|assistant|>")
+
+
+def test_message_list_prompt_keeps_system_turn(tiny_model_dir):
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    messages = [{"role": "system", "content": "You are a helpful assistant."}, {"role": "user", "content": "Who are you?"}]
+    text = tok.decode(prompt_token_ids(tok, messages))
+    assert "<|system|>" in text and "<|user|>" in text
+
+
+def test_bos_from_template_and_tokenizer_is_kept_once(tiny_model_dir):
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    bos = tok.bos_token or "<bos>"
+    tok.bos_token = bos
+    # a template that writes BOS itself, as Llama-style templates do
+    tok.chat_template = "{{ bos_token }}{% for m in messages %}<|user|> {{ m['content'] }} <|end|> {% endfor %}<|assistant|>"
+    ids = prompt_token_ids(tok, "Name a fruit.")
+    assert ids.count(tok.bos_token_id) == 1 and ids[0] == tok.bos_token_id
+
+
+def test_no_template_uses_tokenizer_special_tokens(tiny_model_dir):
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tok.chat_template = None
+    ids = prompt_token_ids(tok, "name a fruit .")
+    words = [t for t in tok.convert_ids_to_tokens(ids) if t not in tok.all_special_tokens]
+    assert words == ["name", "a", "fruit", "."]
+
+
+def test_completion_ends_with_one_eos(tiny_model_dir):
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    eos = tok.eos_token_id
+    assert completion_token_ids(tok, "apple")[-1] == eos
+    assert completion_token_ids(tok, "apple").count(eos) == 1
+    assert completion_token_ids(tok, "apple " + tok.eos_token).count(eos) == 1

@@ -1,0 +1,128 @@
+"""End-to-end offline DPO runs, resume equivalence, and atomic checkpoints."""
+
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+import pref.checkpoint as checkpoint
+import pref.train as train_module
+from pref.config import build_config
+from pref.errors import PrefError
+from pref.registry import load_registry
+from pref.train import train
+
+
+def run(tmp_path, model, dataset, name="run", **flags):
+    config = build_config(flags={"model": model, "dataset": [dataset], "output_dir": str(tmp_path / name), "batch_size": 2,
+                                 "steps": 4, "lr": 1e-3, "device": "cpu", **flags})
+    return train(config, load_registry())
+
+
+def weights(path):
+    return load_file(os.path.join(path, "model.safetensors"))
+
+
+def test_dpo_run_writes_a_loadable_model_metrics_and_record(tmp_path, tiny_model_dir, prefs_file):
+    out = run(tmp_path, tiny_model_dir, prefs_file)
+    model = AutoModelForCausalLM.from_pretrained(os.path.join(out, "final"))
+    start = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    changed = any(not torch.equal(a, b) for a, b in zip(model.state_dict().values(), start.state_dict().values()))
+    assert changed, "training did not change the weights"
+    lines = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    assert [m["step"] for m in lines] == [1, 2, 3, 4]
+    assert {"loss", "rewards/accuracies", "rewards/margins", "logps/chosen", "grad_norm", "lr"} <= set(lines[0])
+    record = json.load(open(os.path.join(out, "run.json")))
+    assert record["config"]["objective"] == "dpo" and record["config"]["steps"] == 4
+    assert "torch" in record["versions"] and "transformers" in record["versions"]
+    assert any(p["name"] == "dpo" and p["package"] == "pref" for p in record["plugins"])
+
+
+def test_an_existing_run_is_not_overwritten(tmp_path, tiny_model_dir, prefs_file):
+    run(tmp_path, tiny_model_dir, prefs_file, steps=1)
+    with pytest.raises(PrefError, match="already holds a run"):
+        run(tmp_path, tiny_model_dir, prefs_file, steps=1)
+
+
+def test_reference_cache_is_reused(tmp_path, tiny_model_dir, prefs_file, private_cache):
+    run(tmp_path, tiny_model_dir, prefs_file, name="a", steps=1, reference="cached")
+    files = sorted(os.listdir(private_cache / "reference"))
+    run(tmp_path, tiny_model_dir, prefs_file, name="b", steps=1, reference="cached")
+    assert sorted(os.listdir(private_cache / "reference")) == files
+
+
+def test_cached_and_model_reference_train_the_same(tmp_path, tiny_model_dir, prefs_file):
+    a = run(tmp_path, tiny_model_dir, prefs_file, name="cached", reference="cached")
+    b = run(tmp_path, tiny_model_dir, prefs_file, name="model", reference="model")
+    for key, value in weights(os.path.join(a, "final")).items():
+        torch.testing.assert_close(value, weights(os.path.join(b, "final"))[key], atol=1e-5, rtol=1e-4)
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_interrupted_and_resumed_run_ends_with_the_same_weights(tmp_path, tiny_model_dir, prefs_file, monkeypatch):
+    whole = run(tmp_path, tiny_model_dir, prefs_file, name="whole", steps=6, save_every=2)
+
+    original = train_module.TrainingProgress.update
+
+    def crash_after_step_3(self, step, metrics):
+        original(self, step, metrics)
+        if step == 3:
+            raise Interrupted()
+
+    monkeypatch.setattr(train_module.TrainingProgress, "update", crash_after_step_3)
+    with pytest.raises(Interrupted):
+        run(tmp_path, tiny_model_dir, prefs_file, name="broken", steps=6, save_every=2)
+    monkeypatch.setattr(train_module.TrainingProgress, "update", original)
+    broken = str(tmp_path / "broken")
+    assert [os.path.basename(c) for c in checkpoint.list_checkpoints(broken)] == ["checkpoint-000002"]
+
+    config = build_config(flags={"model": tiny_model_dir, "dataset": [prefs_file], "output_dir": broken, "batch_size": 2,
+                                 "steps": 6, "lr": 1e-3, "device": "cpu", "save_every": 2, "resume": broken})
+    train(config, load_registry())
+    expected, got = weights(os.path.join(whole, "final")), weights(os.path.join(broken, "final"))
+    assert expected.keys() == got.keys()
+    for key in expected:
+        assert torch.equal(expected[key], got[key]), key
+    steps = [json.loads(line)["step"] for line in open(os.path.join(broken, "metrics.jsonl"))]
+    assert steps == [1, 2, 3, 3, 4, 5, 6]  # step 3 ran twice: before the crash and after resuming from step 2
+
+
+def test_resume_with_another_seed_is_refused(tmp_path, tiny_model_dir, prefs_file):
+    out = run(tmp_path, tiny_model_dir, prefs_file, steps=3, save_every=2)
+    config = build_config(flags={"model": tiny_model_dir, "dataset": [prefs_file], "output_dir": out, "batch_size": 2,
+                                 "steps": 3, "device": "cpu", "seed": 7, "resume": out})
+    with pytest.raises(PrefError, match="seed 0"):
+        train(config, load_registry())
+
+
+def test_checkpoints_are_atomic_and_only_the_last_k_are_kept(tmp_path, monkeypatch):
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    rng = [checkpoint.rng_state()]
+    for step in (1, 2, 3):
+        checkpoint.save_checkpoint(str(tmp_path), step, model, optimizer, scheduler, {"seed": 0}, rng, keep=2)
+    assert [os.path.basename(c) for c in checkpoint.list_checkpoints(str(tmp_path))] == ["checkpoint-000002", "checkpoint-000003"]
+
+    # a crash while writing step 4 leaves no checkpoint-000004 and the older ones intact
+    real_save = torch.save
+
+    def failing_save(obj, path, *args, **kwargs):
+        if str(path).endswith(checkpoint.SCHEDULER_FILE):
+            raise OSError("disk full")
+        return real_save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint.torch, "save", failing_save)
+    with pytest.raises(OSError):
+        checkpoint.save_checkpoint(str(tmp_path), 4, model, optimizer, scheduler, {"seed": 0}, rng, keep=2)
+    found = checkpoint.list_checkpoints(str(tmp_path))
+    assert [os.path.basename(c) for c in found] == ["checkpoint-000002", "checkpoint-000003"]
+    assert checkpoint.find_checkpoint(str(tmp_path)) == found[-1]
+    state = json.load(open(os.path.join(found[-1], checkpoint.STATE_FILE)))
+    assert state["step"] == 3
