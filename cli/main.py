@@ -187,17 +187,96 @@ def generate(model, prompts, samples, max_new_tokens, temperature, seed) -> None
             click.echo(answer)
 
 
-@cli.command()
-@click.option("--before", required=True, help="The model before training (hub id, path, or pref-default).")
-@click.option("--after", required=True, help="The model after training.")
-@with_sampling_options
-def compare(before, after, prompts, samples, max_new_tokens, temperature, seed) -> None:
-    """Answers of two models to the same prompts, side by side."""
+def report_for(model: str | None, reward_name: str, reward_options: dict, prompts: list[str], samples: int, max_new_tokens: int, temperature: float, seed: int) -> dict[str, float]:
+    from pref.evaluate import evaluate
+    from pref.interfaces import SamplingConfig
+    from pref.policy import HFPolicy
+
+    reward = load_registry().create("reward", reward_name, reward_options)
+    prompts = prompts or list(reward.default_prompts)
+    if not prompts:
+        raise PrefError(f"reward {reward_name!r} has no default prompts: pass --prompt")
+    policy = HFPolicy.load(model)
+    return evaluate(policy, reward, prompts, samples, SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature), seed)
+
+
+eval_options = [
+    click.option("--reward", required=True, help="Reward plugin whose report to compute, e.g. noun-diversity."),
+    click.option("--reward-option", multiple=True, help="Reward option KEY=VALUE; repeatable."),
+    click.option("--prompt", "prompts", multiple=True, help="Prompt text; repeatable (default: the reward's own prompts)."),
+    click.option("--samples", default=200, show_default=True, help="Answers sampled in all."),
+    click.option("--max-new-tokens", default=8, show_default=True),
+    click.option("--temperature", default=1.0, show_default=True),
+    click.option("--seed", default=0, show_default=True),
+    click.option("--json", "as_json", is_flag=True, help="Machine-readable output."),
+]
+
+
+def with_eval_options(func: Any) -> Any:
+    for option in reversed(eval_options):
+        func = option(func)
+    return func
+
+
+@cli.command("eval")
+@click.option("--model", help="Hub id or local path (default: the embedded default model).")
+@with_eval_options
+def eval_command(model, reward, reward_option, prompts, samples, max_new_tokens, temperature, seed, as_json) -> None:
+    """Sample a model and report quality and diversity under a reward."""
+    report = report_for(model, reward, parse_options(reward_option, "--reward-option"), list(prompts), samples, max_new_tokens, temperature, seed)
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
     from rich.console import Console
     from rich.table import Table
 
-    first = sample(before, list(prompts), samples, max_new_tokens, temperature, seed)
-    second = sample(after, list(prompts), samples, max_new_tokens, temperature, seed)
+    table = Table("figure", model or "pref-default")
+    for key, value in report.items():
+        table.add_row(key, format_value(value))
+    Console().print(table)
+
+
+def format_value(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, list):
+        return ", ".join(map(str, value))
+    return str(value)
+
+
+@cli.command()
+@click.option("--before", required=True, help="The model before training (hub id, path, or pref-default).")
+@click.option("--after", required=True, help="The model after training.")
+@click.option("--reward", help="Compare reports under this reward instead of printing answers.")
+@click.option("--reward-option", multiple=True, help="Reward option KEY=VALUE; repeatable.")
+@click.option("--prompt", "prompts", multiple=True, help="Prompt text; repeatable.")
+@click.option("-n", "--samples", type=int, help="Answers per prompt (default 1), or in all with --reward (default 200).")
+@click.option("--max-new-tokens", type=int, help="Default 64, or 8 with --reward.")
+@click.option("--temperature", type=float, help="Default 0 (greedy), or 1 with --reward.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output (with --reward).")
+def compare(before, after, reward, reward_option, prompts, samples, max_new_tokens, temperature, seed, as_json) -> None:
+    """Two models side by side: their answers, or their reports under a reward."""
+    from rich.console import Console
+    from rich.table import Table
+
+    if reward:
+        args = (reward, parse_options(reward_option, "--reward-option"), list(prompts), samples or 200, max_new_tokens or 8,
+                1.0 if temperature is None else temperature, seed)
+        first, second = report_for(before, *args), report_for(after, *args)
+        diff = {k: second[k] - first[k] for k in first if isinstance(first[k], (int, float)) and isinstance(second.get(k), (int, float))}
+        if as_json:
+            click.echo(json.dumps({"before": first, "after": second, "difference": diff}, indent=2))
+            return
+        table = Table("figure", f"before: {before}", f"after: {after}", "difference")
+        for key in first:
+            table.add_row(key, format_value(first[key]), format_value(second.get(key)), format_value(diff[key]) if key in diff else "")
+        Console().print(table)
+        return
+    if not prompts:
+        raise PrefError("pass --prompt TEXT (repeatable), or --reward NAME to compare reports")
+    args = (list(prompts), samples or 1, max_new_tokens or 64, 0.0 if temperature is None else temperature, seed)
+    first, second = sample(before, *args), sample(after, *args)
     table = Table("prompt", f"before: {before}", f"after: {after}", show_lines=True)
     for prompt, a, b in zip(prompts, first, second):
         table.add_row(prompt, "\n".join(a), "\n".join(b))

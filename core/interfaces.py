@@ -76,6 +76,20 @@ class RewardSource(ABC):
     def score(self, prompts: list[Prompt], completions: list[str]) -> dict[str, torch.Tensor]:
         """Return a dict of name -> float tensor [B]; it must contain `reward`."""
 
+    def report(self, prompts: list[Prompt], completions: list[str]) -> dict[str, float]:
+        """Evaluation figures over a set of samples (`pref eval`): mean scores and diversity.
+
+        Rewards may extend it with figures of their own.
+        """
+        from pref.metrics import distinct_ratio, entropy_bits
+
+        scores = self.score(prompts, completions)
+        figures: dict[str, float] = {"samples": float(len(completions))}
+        figures.update({f"{name}/mean": values.float().mean().item() for name, values in scores.items()})
+        figures["distinct_ratio"] = distinct_ratio(completions)
+        figures["entropy_bits"] = entropy_bits(completions)
+        return figures
+
 
 class Embedder(ABC):
     """Semantic similarity between short texts (words, answers)."""

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import math
 import time
-from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
@@ -13,20 +11,8 @@ import torch
 from pref.data import ShuffledBatches
 from pref.errors import PrefError
 from pref.examples import Prompt
+from pref.metrics import distinct_ratio, entropy_bits
 from pref.interfaces import CandidatePool, LabeledBatch, Objective, PairBatch, PairSelector, Policy, RewardSource, SamplingConfig
-
-
-def distinct_ratio(texts: Sequence[str]) -> float:
-    """Distinct answers / answers (after trimming and lowercasing)."""
-    normalized = [t.strip().lower() for t in texts]
-    return len(set(normalized)) / max(1, len(normalized))
-
-
-def entropy_bits(texts: Sequence[str]) -> float:
-    """Entropy in bits of the empirical distribution of answers."""
-    counts = Counter(t.strip().lower() for t in texts)
-    total = sum(counts.values())
-    return -sum(c / total * math.log2(c / total) for c in counts.values()) if total else 0.0
 
 
 class OnlineBatches:

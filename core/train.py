@@ -1,6 +1,6 @@
 """The training loop. It knows the five interfaces, not any algorithm.
 
-`train(config, registry)` reads top to bottom: set up the device, build the
+`train_policy(config, registry)` reads top to bottom: set up the device, build the
 plugins, the policy, the reference and the data, then loop: get a batch,
 forward and backward (accumulated), clip and update, log, checkpoint.
 """
@@ -23,7 +23,7 @@ from pref.checkpoint import find_checkpoint, load_checkpoint, rng_state, save_ch
 from pref.config import RunConfig
 from pref.data import OfflineBatches, collate
 from pref.errors import PrefError
-from pref.interfaces import Objective, PairBatch, Policy, Reference, SamplingConfig
+from pref.interfaces import Objective, PairBatch, Reference, SamplingConfig
 from pref.models import DEFAULT_MODEL
 from pref.policy import HFPolicy, unwrap
 from pref.progress import TrainingProgress
@@ -48,8 +48,11 @@ def make_accelerator(config: RunConfig) -> Any:
         raise PrefError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu or auto")
     if config.device == "mps" and not torch.backends.mps.is_available():
         raise PrefError("--device mps was asked for but MPS is not available; use --device cpu or auto")
+    # accelerate runs several CPU processes as one job only when told cpu=True; "auto"
+    # on a machine without a GPU must say so, or each launched process trains alone
+    cpu = config.device == "cpu" or (config.device == "auto" and not torch.cuda.is_available() and not torch.backends.mps.is_available())
     try:
-        return Accelerator(cpu=config.device == "cpu", mixed_precision=config.mixed_precision)
+        return Accelerator(cpu=cpu, mixed_precision=config.mixed_precision)
     except ValueError as exc:
         raise PrefError(f"cannot use mixed precision {config.mixed_precision!r} here: {exc}; use --mixed-precision no") from None
 
@@ -61,16 +64,26 @@ def build_objective(config: RunConfig, registry: Registry) -> Objective:
     return objective
 
 
-def load_examples(config: RunConfig, registry: Registry, objective: Objective, policy: Policy) -> list[Any]:
-    """Every `--dataset` entry: a registered builder's name, or a path/hub name for the objective's default builder."""
-    examples: list[Any] = []
+DATA_FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+
+
+def dataset_builders(config: RunConfig, registry: Registry, objective: Objective) -> list[Any]:
+    """A builder per `--dataset` entry: a registered builder's name, or a path/hub name for the objective's default builder.
+
+    Called before the model loads, so a misspelled name, a bad option or a missing file fails at once.
+    """
+    builders = []
     for entry in config.dataset:
         if entry in registry.names("dataset"):
-            builder = registry.create("dataset", entry, config.dataset_options)
-        else:
-            builder = registry.create("dataset", objective.default_dataset_builder, {**config.dataset_options, "path": entry})
-        examples.extend(builder.build(policy))
-    return examples
+            builders.append(registry.create("dataset", entry, config.dataset_options))
+            continue
+        # "prefs.jsonl" or "./prefs" is clearly meant as a local file; "org/name" may be a hub dataset
+        meant_as_file = entry.startswith((".", "/", "~")) or os.path.splitext(entry)[1].lower() in DATA_FILE_SUFFIXES
+        if meant_as_file and not os.path.exists(os.path.expanduser(entry)):
+            builder_names = ", ".join(registry.names("dataset"))
+            raise PrefError(f"--dataset {entry}: no such file or folder (nor a dataset builder: {builder_names})")
+        builders.append(registry.create("dataset", objective.default_dataset_builder, {**config.dataset_options, "path": entry}))
+    return builders
 
 
 def build_reference(config: RunConfig, objective: Objective, policy: HFPolicy, examples: list[Any]) -> Reference | None:
@@ -167,6 +180,15 @@ def write_atomically(path: str, write: Any) -> None:
 
 def train(config: RunConfig, registry: Registry) -> str:
     """Run a whole training job; return the output folder."""
+    out_dir, _ = train_policy(config, registry)
+    return out_dir
+
+
+def train_policy(config: RunConfig, registry: Registry) -> tuple[str, HFPolicy]:
+    """Run a whole training job; return the output folder and the trained policy.
+
+    The policy holds this process's copy of the trained model, unwrapped.
+    """
     # -- device, precision, seed ------------------------------------------------
     accelerator = make_accelerator(config)
     from accelerate.utils import gather_object, set_seed
@@ -181,9 +203,13 @@ def train(config: RunConfig, registry: Registry) -> str:
     objective = build_objective(config, registry)
     if objective.needs_value_head:
         raise PrefError(f"objective {config.objective!r} needs a value head, which this version of pref cannot provide")
+    for kind, name in (("reward", config.reward), ("pair-selector", config.selector), ("embedder", config.embedder)):
+        if name:
+            registry.get(kind, name)  # a misspelled name fails before the slow model load
+    builders = dataset_builders(config, registry, objective)
     policy = HFPolicy.load(config.model, max_length=config.max_length, max_prompt_length=config.max_prompt_length)
     policy.model.to(accelerator.device)
-    examples = load_examples(config, registry, objective, policy)
+    examples = [example for builder in builders for example in builder.build(policy)]
     reference = build_reference(config, objective, policy, examples)
     data = build_data(config, registry, objective, policy, examples, rank, world)
 
@@ -265,4 +291,5 @@ def train(config: RunConfig, registry: Registry) -> str:
         if hasattr(objective, "save"):
             objective.save(out_dir)
     accelerator.wait_for_everyone()
-    return out_dir
+    policy.model = unwrap(model)
+    return out_dir, policy

@@ -1,0 +1,145 @@
+"""The CLI's user errors: one line on stderr, exit code 2, no traceback, before any model loads.
+
+`pref list-plugins --json` is checked here too, as the machine-readable view
+of the registry that error messages point users to.
+"""
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from pref.cli.main import cli
+from pref.config import build_config, read_config_file
+from pref.policy import HFPolicy
+
+
+@pytest.fixture(autouse=True)
+def no_model(monkeypatch, tmp_path):
+    """Fail the test if anything loads a model: every error here must come before that.
+
+    The tests also run in `tmp_path`, so nothing is written to the checkout.
+    """
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the error was found")
+
+    monkeypatch.setattr(HFPolicy, "load", refuse)
+    monkeypatch.delenv("PREF_PLUGINS", raising=False)
+    monkeypatch.chdir(tmp_path)
+
+
+def run(*args):
+    """`pref ARGS`; return the result after checking it is a clean user error."""
+    result = CliRunner().invoke(cli, list(args))
+    assert "Traceback" not in result.output
+    assert not isinstance(result.exception, AssertionError), result.exception
+    return result
+
+
+def error_line(result):
+    """The one `Error:` line on stderr (plugin warnings may come before it)."""
+    assert result.exit_code == 2, result.output
+    errors = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1, result.stderr
+    assert result.stdout == ""
+    return errors[0]
+
+
+def test_unknown_objective_suggests_close_name(prefs_file):
+    line = error_line(run("run", "--objective", "dpx", "--dataset", prefs_file))
+    assert line.startswith("Error: unknown objective 'dpx': did you mean 'dpo'")
+
+
+def test_missing_dataset_file_is_named():
+    line = error_line(run("run", "--dataset", "no_such_prefs.jsonl"))
+    assert "no_such_prefs.jsonl" in line
+    assert "no such file" in line
+
+
+def test_missing_dataset_path_is_named():
+    line = error_line(run("run", "--dataset", "./data/prefs"))
+    assert "./data/prefs" in line
+
+
+def test_unknown_reward_is_found_before_the_model(prefs_file):
+    line = error_line(run("run", "--dataset", prefs_file, "--reward", "no-such-reward"))
+    assert "unknown reward 'no-such-reward'" in line
+
+
+def test_bad_config_key_suggests_the_right_one(tmp_path):
+    config = tmp_path / "run.toml"
+    config.write_text('objective = "dpo"\nstepz = 3\n')
+    line = error_line(run("run", "--config", str(config)))
+    assert "unknown config key 'stepz': did you mean 'steps'?" in line
+
+
+def test_missing_config_file_is_named():
+    line = error_line(run("run", "--config", "nowhere.toml"))
+    assert "nowhere.toml" in line
+
+
+def test_bad_config_value_is_an_error(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("steps: 0\n")
+    line = error_line(run("run", "--config", str(config)))
+    assert "steps must be a positive whole number" in line
+
+
+def test_yaml_config_is_read_and_flags_override_it(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("objective: dpo\nsteps: 7\nlr: 0.001\ndataset: prefs.jsonl\nobjective_options:\n  beta: 0.3\n  loss_type: ipo\n")
+    file_values = read_config_file(str(config))
+    built = build_config(file_values, {"steps": 3, "objective_options": {"beta": 0.5}})
+    assert built.steps == 3  # the flag wins
+    assert built.lr == 0.001  # the file's value stays
+    assert built.dataset == ["prefs.jsonl"]
+    assert built.objective_options == {"beta": 0.5, "loss_type": "ipo"}  # options merge key by key
+
+
+def test_toml_and_yaml_configs_agree(tmp_path):
+    toml = tmp_path / "run.toml"
+    toml.write_text('steps = 7\nbatch-size = 2\n[objective_options]\nbeta = 0.3\n')
+    yaml = tmp_path / "run.yml"
+    yaml.write_text("steps: 7\nbatch-size: 2\nobjective_options:\n  beta: 0.3\n")
+    assert build_config(read_config_file(str(toml))) == build_config(read_config_file(str(yaml)))
+
+
+def test_bad_option_syntax():
+    line = error_line(run("run", "--dataset", "prefs.jsonl", "--option", "beta"))
+    assert "--option expects KEY=VALUE" in line
+    assert "'beta'" in line
+
+
+def test_unknown_objective_option_names_accepted_ones(prefs_file):
+    line = error_line(run("run", "--dataset", prefs_file, "-o", "zzz=1"))
+    assert "unknown option for objective 'dpo'" in line
+    for accepted in ("beta", "loss_type", "label_smoothing"):
+        assert accepted in line
+
+
+def test_list_plugins_json():
+    result = run("list-plugins", "--json")
+    assert result.exit_code == 0, result.output
+    listing = json.loads(result.stdout)
+    assert set(listing) == {"plugins", "failures"}
+    assert listing["plugins"]
+    for row in listing["plugins"]:
+        assert set(row) == {"kind", "name", "package", "version", "builtin", "description"}
+    dpo = next(row for row in listing["plugins"] if (row["kind"], row["name"]) == ("objective", "dpo"))
+    assert dpo["package"] == "pref" and dpo["builtin"] is True and dpo["version"]
+    assert {"dataset", "objective"} <= {row["kind"] for row in listing["plugins"]}
+
+
+def test_list_plugins_kind_filters():
+    result = run("list-plugins", "--json", "--kind", "objective")
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)["plugins"]
+    assert "dpo" in [row["name"] for row in rows]
+    assert {row["kind"] for row in rows} == {"objective"}
+
+
+def test_list_plugins_unknown_kind_is_a_usage_error():
+    result = run("list-plugins", "--kind", "objectives")
+    assert result.exit_code == 2
+    assert "objectives" in result.stderr
