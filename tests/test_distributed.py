@@ -1,0 +1,87 @@
+"""Two CPU processes under `accelerate launch` train as one job.
+
+`distributed_train.py` runs a short DPO job in each process and reports the
+weights it ends with and the rows it trained on.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from distributed_train import BATCH_SIZE, SAVE_EVERY, STEPS, weights_hash  # tests/ is on sys.path
+from pref.data import ShuffledBatches
+from pref.examples import PreferenceExample
+from pref.plugins.preference_data import load_preferences
+
+SCRIPT = os.path.join(os.path.dirname(__file__), "distributed_train.py")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(args: list[str], cache: str, home: str) -> subprocess.CompletedProcess:
+    """`accelerate launch` two CPU processes of `distributed_train.py ARGS`, no config file needed."""
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch",
+        "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no",
+        "--main_process_port", str(free_port()),
+        SCRIPT, *args,
+    ]
+    # a fresh HF_HOME: no accelerate config file of the user's is read
+    env = {**os.environ, "PREF_CACHE": cache, "HF_HOME": home, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.slow
+def test_two_processes_train_as_one_job(tiny_model_dir, prefs_file, private_cache, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    # "auto" on a machine without a GPU must still join the two processes into one job
+    device = "cpu" if torch.cuda.is_available() or torch.backends.mps.is_available() else "auto"
+    run_dir, report_dir = tmp_path / "run", tmp_path / "report"
+    args = [tiny_model_dir, prefs_file, device, str(run_dir), str(report_dir)]
+    done = launch(args, str(private_cache), str(tmp_path / "hf-home"))
+    assert done.returncode == 0, done.stderr[-4000:]
+
+    # both processes hold the same trained weights, which final/ holds too, and training changed them
+    hashes = [(report_dir / f"weights-rank{rank}.txt").read_text() for rank in (0, 1)]
+    assert hashes[0] == hashes[1]
+    assert weights_hash(AutoModelForCausalLM.from_pretrained(run_dir / "final")) == hashes[0]
+    assert weights_hash(AutoModelForCausalLM.from_pretrained(tiny_model_dir)) != hashes[0]
+
+    # each process trained on its own half of the global batch a one-process run would see
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+
+    def as_decoded(example: PreferenceExample) -> str:
+        ids = tokenizer(example.chosen, add_special_tokens=False)["input_ids"]
+        return tokenizer.decode(ids, skip_special_tokens=True).strip()
+
+    seen = [json.loads((report_dir / f"seen-rank{rank}.json").read_text()) for rank in (0, 1)]
+    order = ShuffledBatches(load_preferences(prefs_file), batch_size=2 * BATCH_SIZE, seed=0)
+    for step in range(STEPS):
+        expected = [as_decoded(e) for e in order.next()]
+        assert seen[0][step]["chosen"] == expected[:BATCH_SIZE]
+        assert seen[1][step]["chosen"] == expected[BATCH_SIZE:]
+    assert [s["chosen"] for s in seen[0]] != [s["chosen"] for s in seen[1]]
+
+    # the logged metrics are the mean over the two processes
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == list(range(1, STEPS + 1))
+    for step, line in enumerate(lines):
+        assert line["loss"] == pytest.approx((seen[0][step]["loss"] + seen[1][step]["loss"]) / 2, rel=1e-5)
+
+    # a checkpoint keeps the random state of every process
+    checkpoint = run_dir / f"checkpoint-{SAVE_EVERY:06d}"
+    state = json.loads((checkpoint / "state.json").read_text())
+    assert (state["step"], state["world"]) == (SAVE_EVERY, 2)
+    rngs = [torch.load(checkpoint / f"rng-{rank}.pt", weights_only=False) for rank in (0, 1)]
+    assert not torch.equal(rngs[0]["torch"], rngs[1]["torch"])  # seeded per process, so their own states
