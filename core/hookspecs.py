@@ -34,4 +34,4 @@ def register_dataset_builders(register):
 
 @hookspec
 def register_embedders(register):
-    """Register embedders (factories of objects with `embed(texts) -> [N, D] tensor`)."""
+    """Register embedders (`pref.Embedder` factories: `similarity(texts) -> [N, N]`)."""
