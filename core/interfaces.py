@@ -71,6 +71,9 @@ class RewardSource(ABC):
 
     #: Prompts used for online training when the user gives no dataset.
     default_prompts: ClassVar[list[str]] = []
+    #: The score a sample needs to count as good, for rewards with a natural pass
+    #: mark (a 0/1 check); selectors use it when the user sets no threshold.
+    quality_threshold: ClassVar[float | None] = None
 
     @abstractmethod
     def score(self, prompts: list[Prompt], completions: list[str]) -> dict[str, torch.Tensor]:
@@ -183,6 +186,6 @@ class Objective(ABC):
     def loss(self, policy: Policy, reference: Reference | None, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
         """Return the scalar loss (with grad) and a dict of float metrics."""
 
-    def default_selector(self, embedder: "Embedder | None" = None) -> PairSelector | None:
+    def default_selector(self, embedder: "Embedder | None" = None, reward: RewardSource | None = None) -> PairSelector | None:
         """The selector an online objective uses when the user names none."""
         return None

@@ -64,7 +64,10 @@ class OnlineBatches:
         t1 = time.perf_counter()
         flat_prompts = [p for p in prompts for _ in range(k)]
         flat_completions = [c for row in completions for c in row]
-        scores = {name: values.reshape(len(prompts), k).float() for name, values in self.reward.score(flat_prompts, flat_completions).items()}
+        # on the CPU, like the log-probs below, whatever device the reward computed them on
+        scores = {name: values.detach().reshape(len(prompts), k).float().cpu() for name, values in self.reward.score(flat_prompts, flat_completions).items()}
+        if "reward" not in scores:
+            raise PrefError(f"reward {type(self.reward).__name__} gave no score named 'reward' (it gave {', '.join(scores) or 'none'})")
         logps = None
         if getattr(self.selector, "needs_logps", False):
             with torch.no_grad():

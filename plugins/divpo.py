@@ -15,10 +15,20 @@ import torch
 
 from pref.errors import PrefError
 from pref.hookspecs import hookimpl
-from pref.interfaces import CandidatePool, Embedder, PairSelector, Selection
+from pref.interfaces import CandidatePool, Embedder, PairSelector, RewardSource, Selection
 from pref.plugins.dpo import DPO
 
 CRITERIA = ("probability", "frequency", "semantic")
+MAX_RHO = 0.5
+
+
+def check_options(rho: float, criterion: str) -> None:
+    """Raise `PrefError` for a band width or diversity criterion the selector cannot use."""
+    if criterion not in CRITERIA:
+        raise PrefError(f"unknown diversity criterion {criterion!r}: choose one of {', '.join(CRITERIA)}")
+    if not 0.0 <= rho <= MAX_RHO:
+        # wider bands overlap, and a good sample could then be paired above a better bad one
+        raise PrefError(f"rho must lie in [0, {MAX_RHO}], got {rho}")
 
 
 def quality_bands(quality: torch.Tensor, rho: float, threshold: float | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -27,13 +37,16 @@ def quality_bands(quality: torch.Tensor, rho: float, threshold: float | None) ->
     With an absolute `threshold`: good is quality >= threshold, bad is below.
     Otherwise the paper's rule: good is within rho x (max - min) of the best
     quality, bad within rho x (max - min) of the worst; rho=0 keeps only the
-    best and the worst.
+    best and the worst. A sample in both bands (rho=0.5, right in the middle)
+    counts as good, so every good sample is better than every bad one. When
+    all qualities are equal every sample is good.
     """
     if threshold is not None:
         return quality >= threshold, quality < threshold
     best, worst = quality.max(), quality.min()
     band = rho * (best - worst)
-    return quality >= best - band, quality <= worst + band
+    good = quality >= best - band
+    return good, (quality <= worst + band) & ~good
 
 
 def diversity_scores(pool: CandidatePool, prompt: int, criterion: str, embedder: Embedder | None) -> torch.Tensor:
@@ -61,20 +74,29 @@ class DiversePairSelector(PairSelector):
     """DivPO's rule: the most diverse good sample is chosen, the least diverse bad one rejected.
 
     Options:
-        rho: width of the good and bad quality bands, as a share of the pool's quality range.
-        threshold: an absolute quality threshold instead of rho's bands.
+        rho: width of the good and bad quality bands, as a share of the pool's quality range (0 to 0.5).
+        threshold: an absolute quality threshold instead of rho's bands (rho is then
+            unused); by default the reward's own `quality_threshold`, if it has one.
         criterion: "probability" (default), "frequency" or "semantic" (needs an embedder).
         score: which reward score is the quality (default "reward").
-    When every sample is good (nothing to reject), the most and least diverse
-    good samples are paired; when none is good or all answers are equal, the
-    prompt gives no pair. Each case is counted in the metrics.
+    With a threshold, when every sample is good (nothing to reject) the most and
+    least diverse good samples are paired; when none is good the prompt gives no
+    pair. Without one, a pool whose qualities are all equal gives no pair. A pool
+    whose answers are all the same gives no pair. Each case is counted in the metrics.
     """
 
-    def __init__(self, rho: float = 0.0, threshold: float | None = None, criterion: str = "probability", score: str = "reward", embedder: Embedder | None = None):
-        if criterion not in CRITERIA:
-            raise PrefError(f"unknown diversity criterion {criterion!r}: choose one of {', '.join(CRITERIA)}")
-        if not 0.0 <= rho <= 1.0:
-            raise PrefError(f"rho must lie in [0, 1], got {rho}")
+    def __init__(
+        self,
+        rho: float = 0.0,
+        threshold: float | None = None,
+        criterion: str = "probability",
+        score: str = "reward",
+        embedder: Embedder | None = None,
+        reward: RewardSource | None = None,
+    ):
+        check_options(rho, criterion)
+        if threshold is None and reward is not None:
+            threshold = reward.quality_threshold
         if criterion == "semantic" and embedder is None:
             from pref.plugins.embedders import WordNetEmbedder
 
@@ -85,28 +107,29 @@ class DiversePairSelector(PairSelector):
     def select(self, pool: CandidatePool) -> Selection:
         if self.score not in pool.scores:
             raise PrefError(f"the reward gives no score named {self.score!r}; it gives {', '.join(pool.scores)}")
-        selection = Selection(metrics={"pools/all_good": 0.0, "pools/none_good": 0.0, "pools/all_equal": 0.0})
+        selection = Selection(metrics={"pools/all_good": 0.0, "pools/none_good": 0.0, "pools/all_equal": 0.0, "pools/equal_quality": 0.0})
         for p, quality in enumerate(pool.scores[self.score]):
             answers = [a.strip().lower() for a in pool.completions[p]]
             if len(set(answers)) == 1:
                 selection.metrics["pools/all_equal"] += 1
                 continue
-            good, bad = quality_bands(quality, self.rho, self.threshold)
             if self.threshold is None and quality.max() == quality.min():
-                good, bad = torch.ones_like(good), torch.zeros_like(bad)  # all good: nothing below the best
+                # no pass mark and no spread: nothing says whether these are good or bad
+                selection.metrics["pools/equal_quality"] += 1
+                continue
+            good, bad = quality_bands(quality, self.rho, self.threshold)
             if not good.any():
                 selection.metrics["pools/none_good"] += 1
                 continue
             diversity = diversity_scores(pool, p, self.criterion, self.embedder)
             chosen = int(torch.where(good, diversity, -torch.inf).argmax())
-            if bad.any():
-                rejected = int(torch.where(bad, diversity, torch.inf).argmin())
-            else:
-                selection.metrics["pools/all_good"] += 1
-                rejected = int(torch.where(good, diversity, torch.inf).argmin())
+            rejected = int(torch.where(bad if bad.any() else good, diversity, torch.inf).argmin())
             if answers[chosen] == answers[rejected]:
+                # the same answer on both sides (all good and equally diverse): nothing to prefer
                 selection.metrics["pools/all_equal"] += 1
                 continue
+            if not bad.any():
+                selection.metrics["pools/all_good"] += 1
             selection.pairs.append((p, chosen, rejected))
         return selection
 
@@ -118,6 +141,8 @@ class BestWorstSelector(PairSelector):
         self.score = score
 
     def select(self, pool: CandidatePool) -> Selection:
+        if self.score not in pool.scores:
+            raise PrefError(f"the reward gives no score named {self.score!r}; it gives {', '.join(pool.scores)}")
         selection = Selection(metrics={"pools/all_equal": 0.0})
         for p, reward in enumerate(pool.scores[self.score]):
             if reward.max() == reward.min():
@@ -137,7 +162,7 @@ class OnlineDPO(DPO):
     online = True
     samples_per_prompt = 8
 
-    def default_selector(self, embedder: Embedder | None = None) -> PairSelector:
+    def default_selector(self, embedder: Embedder | None = None, reward: RewardSource | None = None) -> PairSelector:
         return BestWorstSelector()
 
 
@@ -157,12 +182,14 @@ class DivPO(DPO):
         loss_type: str = "sigmoid",
         label_smoothing: float = 0.0,
         sft_weight: float = 0.0,
+        reference_free: bool = False,
     ):
-        super().__init__(beta=beta, loss_type=loss_type, label_smoothing=label_smoothing, sft_weight=sft_weight)
+        super().__init__(beta=beta, loss_type=loss_type, label_smoothing=label_smoothing, sft_weight=sft_weight, reference_free=reference_free)
+        check_options(rho, criterion)  # a bad option fails before the model loads
         self.selector_options = {"rho": rho, "threshold": threshold, "criterion": criterion}
 
-    def default_selector(self, embedder: Embedder | None = None) -> PairSelector:
-        return DiversePairSelector(**self.selector_options, embedder=embedder)
+    def default_selector(self, embedder: Embedder | None = None, reward: RewardSource | None = None) -> PairSelector:
+        return DiversePairSelector(**self.selector_options, embedder=embedder, reward=reward)
 
 
 @hookimpl

@@ -40,6 +40,7 @@ class NounDiversityReward(RewardSource):
         "One common noun, please.",
         "Name a random object, one word.",
     ]
+    quality_threshold: ClassVar[float | None] = 0.5  # quality is 1.0 or 0.0
 
     def __init__(self, min_zipf: float = 3.0, tagger: str = "wordnet", dat_words: int = 10, embedder: Embedder | None = None):
         self.checker = NounChecker(min_zipf=min_zipf, tagger=tagger)

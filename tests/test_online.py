@@ -1,0 +1,204 @@
+"""The online path: sample K answers per prompt, score, select, train; redraws and resume.
+
+Short runs use the tiny model; the rest uses a fake policy that answers
+"<prompt> #<k>", so the prompt order and the draws can be read off directly.
+"""
+
+import json
+import os
+
+import pytest
+import torch
+
+from pref.config import build_config
+from pref.errors import PrefError
+from pref.hookspecs import hookimpl
+from pref.interfaces import PairBatch, Policy, RewardSource, SamplingConfig
+from pref.online import OnlineBatches
+from pref.plugins.divpo import BestWorstSelector, DivPO, OnlineDPO
+from pref.plugins.noun_diversity import NounDiversityReward
+from pref.policy import HFPolicy
+from pref.registry import Registry, get_plugin_manager, load_registry
+from pref.train import train
+
+ONLINE_METRICS = {"reward/mean", "reward/std", "reward/max", "pairs/usable_fraction", "samples/distinct_ratio",
+                  "samples/entropy", "samples/redraws", "time/sampling", "time/scoring", "time/update"}
+
+
+def online_run(tmp_path, model, registry=None, name="run", **flags):
+    config = build_config(flags={"model": model, "steps": 2, "batch_size": 2, "samples_per_prompt": 4, "max_new_tokens": 4,
+                                 "device": "cpu", "output_dir": str(tmp_path / name), **flags})
+    out = train(config, registry or load_registry())
+    return [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+
+
+def test_divpo_run_with_the_default_noun_reward(tmp_path, tiny_model_dir):
+    lines = online_run(tmp_path, tiny_model_dir, objective="divpo")
+    assert [m["step"] for m in lines] == [1, 2]
+    for metrics in lines:
+        assert ONLINE_METRICS | {"pools/all_good", "pools/none_good", "pools/all_equal", "loss"} <= set(metrics)
+        assert 0.0 <= metrics["reward/mean"] <= 1.0  # the noun reward is 0 or 1
+        assert 0.0 < metrics["pairs/usable_fraction"] <= 1.0  # a batch needs at least one pair
+        assert 0.0 < metrics["samples/distinct_ratio"] <= 1.0
+        # each of the 2 prompts is paired or counted in at most one edge case
+        edge_cases = metrics["pools/all_good"] + metrics["pools/none_good"] + metrics["pools/all_equal"]
+        assert edge_cases <= 2
+        assert metrics["pools/equal_quality"] == 0  # the noun reward's pass mark (0.5) is the threshold
+        assert min(metrics["time/sampling"], metrics["time/scoring"], metrics["time/update"]) > 0.0
+
+
+def test_online_dpo_run_with_the_noun_reward(tmp_path, tiny_model_dir):
+    lines = online_run(tmp_path, tiny_model_dir, objective="online-dpo", reward="noun-diversity")
+    assert [m["step"] for m in lines] == [1, 2]
+    for metrics in lines:
+        assert ONLINE_METRICS | {"pools/all_equal", "loss"} <= set(metrics)
+        # best vs worst needs a pool with a noun and a non-noun, so some reward was earned
+        assert metrics["reward/max"] == 1.0 and 0.0 < metrics["pairs/usable_fraction"] <= 1.0
+
+
+def test_all_samples_of_a_draw_come_from_one_generate_call(tiny_model_dir):
+    policy = HFPolicy.load(tiny_model_dir)
+    calls = []
+    generate = policy.generate
+
+    def spy(prompts, k, sampling):
+        calls.append((len(prompts), k))
+        return generate(prompts, k, sampling)
+
+    policy.generate = spy
+    objective = DivPO()
+    objective.samples_per_prompt = 4
+    data = OnlineBatches(policy, NounDiversityReward.default_prompts, Indexed(), objective.default_selector(), objective,
+                         SamplingConfig(max_new_tokens=4), prompts_per_step=3, seed=0)
+    batch, metrics = data.next()
+    assert calls == [(3, 4)]
+    assert isinstance(batch, PairBatch) and len(batch) == 3  # every pool has distinct rewards, so one pair per prompt
+    assert metrics["samples/redraws"] == 0.0 and metrics["pairs/usable_fraction"] == 1.0
+
+
+# -- a fake policy, throw-away rewards ------------------------------------------------------------
+
+
+class EchoPolicy(Policy):
+    """Answers "<prompt> #<k>"; `encode` keeps the text, so batches can be read back."""
+
+    model = None
+    tokenizer = None
+
+    def __init__(self):
+        self.calls = []
+
+    def generate(self, prompts, k, sampling):
+        self.calls.append(list(prompts))
+        return [[f"{prompt} #{i}" for i in range(k)] for prompt in prompts]
+
+    def encode(self, prompts, completions):
+        return list(zip(prompts, completions))
+
+    def logps(self, sequences, with_logits=False):
+        raise AssertionError("best-vs-worst needs no log-probs")
+
+    def save(self, path):
+        raise AssertionError("not saved")
+
+
+class Indexed(RewardSource):
+    """Reward = position of the completion in the call: every pool has a best and a worst."""
+
+    def score(self, prompts, completions):
+        return {"reward": torch.arange(len(completions), dtype=torch.float32)}
+
+
+class Constant(RewardSource):
+    """The same reward for everything: best vs worst never finds a pair."""
+
+    default_prompts = ["Say one word.", "Say another word."]
+
+    def score(self, prompts, completions):
+        return {"reward": torch.zeros(len(completions))}
+
+
+class ConstantFirst(RewardSource):
+    """Constant on the first call, then `Indexed`: the first draw has no usable pair."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def score(self, prompts, completions):
+        self.calls += 1
+        return (Constant() if self.calls == 1 else Indexed()).score(prompts, completions)
+
+
+PROMPTS = [f"prompt {i}" for i in range(7)]
+
+
+def echo_batches(reward, seed=5, prompts_per_step=3):
+    objective = OnlineDPO()
+    objective.samples_per_prompt = 2
+    return OnlineBatches(EchoPolicy(), PROMPTS, reward, BestWorstSelector(), objective, SamplingConfig(), prompts_per_step, seed)
+
+
+def test_a_draw_without_pairs_is_replaced_by_the_next_prompts():
+    data = echo_batches(ConstantFirst())
+    batch, metrics = data.next()
+    first, second = data.policy.calls
+    assert set(first).isdisjoint(second)  # the second draw moved on through the shuffled prompts
+    assert metrics["samples/redraws"] == 1.0
+    # reward = position: in each pool of 2 the second answer is best
+    assert batch.chosen == [(p, f"{p} #1") for p in second] and batch.rejected == [(p, f"{p} #0") for p in second]
+
+
+def test_a_reward_that_never_yields_a_pair_fails_after_max_draws(tmp_path, tiny_model_dir, monkeypatch):
+    class ConstantPlugin:
+        @hookimpl
+        def register_rewards(self, register):
+            register("constant", Constant)
+
+    pm, failures, sources = get_plugin_manager()
+    pm.register(ConstantPlugin(), name="test-constant")
+    registry = Registry(pm, failures, sources)
+
+    calls = []
+    generate = HFPolicy.generate
+
+    def counting(self, prompts, k, sampling):
+        calls.append(len(prompts))
+        return generate(self, prompts, k, sampling)
+
+    monkeypatch.setattr(HFPolicy, "generate", counting)
+    monkeypatch.setattr(OnlineBatches, "MAX_DRAWS", 3)
+    with pytest.raises(PrefError, match="no usable pair in 3 draws"):
+        online_run(tmp_path, tiny_model_dir, registry, objective="online-dpo", reward="constant")
+    assert calls == [2, 2, 2]
+
+
+def test_a_reward_without_a_reward_score_is_an_error():
+    class Nameless(RewardSource):
+        def score(self, prompts, completions):
+            return {"quality": torch.ones(len(completions))}
+
+    with pytest.raises(PrefError, match="no score named 'reward'"):
+        echo_batches(Nameless()).next()
+
+
+def test_state_and_load_state_continue_the_same_prompt_order():
+    # 7 prompts, 3 a step: the third draw crosses into the second (reshuffled) epoch
+    data = echo_batches(Indexed())
+    for _ in range(3):
+        data.next()
+    state = data.state()
+    for _ in range(3):
+        data.next()
+    continued = data.policy.calls[3:]
+
+    resumed = echo_batches(Indexed())
+    resumed.load_state(state)
+    for _ in range(3):
+        resumed.next()
+    assert resumed.policy.calls == continued
+
+    fresh, other_seed = echo_batches(Indexed()), echo_batches(Indexed(), seed=6)
+    fresh.next()
+    other_seed.next()
+    assert fresh.policy.calls[0] == data.policy.calls[0]  # same seed, same order
+    assert other_seed.policy.calls[0] != data.policy.calls[0]
