@@ -10,6 +10,7 @@ from typing import Any
 import click
 import yaml
 
+from pref.cli.new_plugin import new_plugin
 from pref.errors import PrefError
 
 
@@ -144,6 +145,11 @@ def list_plugins(as_json: bool, kind: str | None) -> None:
     for i in items:
         table.add_row(i.kind, i.name, i.package, i.version, "yes" if i.builtin else "", i.description)
     Console().print(table)
+
+
+# -- pref new-plugin ------------------------------------------------------------------
+
+cli.add_command(new_plugin)  # the command lives in its own module
 
 
 # -- pref generate / pref compare ---------------------------------------------------------

@@ -1,7 +1,9 @@
-"""Shared fixtures: a private cache and tiny models built on the spot (no downloads)."""
+"""Shared fixtures: a private cache, tiny models built on the spot and fresh virtual environments (no downloads)."""
 
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -43,3 +45,39 @@ def prefs_file(tmp_path):
     path = tmp_path / "prefs.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     return str(path)
+
+
+class Venv:
+    """A fresh virtual environment that sees the system's packages (torch, pref itself, pytest).
+
+    Made with `--system-site-packages --without-pip`, so nothing is downloaded
+    and it takes a fraction of a second; pip, pytest and pref come from the
+    system and install into, or run in, the environment.
+    """
+
+    def __init__(self, path):
+        subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(path)], check=True)
+        self.python = str(path / ("Scripts/python.exe" if os.name == "nt" else "bin/python"))
+        self.env = {**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1", "PIP_NO_INDEX": "1", "PYTHONUTF8": "1"}
+        for name in ("PREF_PLUGINS", "PREF_TRACE_HOOKS"):
+            self.env.pop(name, None)
+
+    def run(self, *args, cwd=None):
+        """`python ARGS` in the environment; the completed process (output as text), which must succeed."""
+        result = subprocess.run([self.python, *map(str, args)], cwd=cwd, env=self.env, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise AssertionError(f"{' '.join(map(str, args))} exited with {result.returncode}:\n{result.stdout}\n{result.stderr}")
+        return result
+
+    def install(self, source):
+        """pip-install the package folder `source` (offline, without its dependencies)."""
+        return self.run("-m", "pip", "install", "--no-deps", "--no-build-isolation", "--quiet", os.path.abspath(source))
+
+    def pref(self, *args):
+        """The `pref` command as this environment sees it."""
+        return self.run("-m", "pref", *args)
+
+
+@pytest.fixture
+def fresh_venv(tmp_path):
+    return Venv(tmp_path / "venv")

@@ -1,0 +1,170 @@
+"""docs/plugins.md runs, and every hook is documented and tested (registry meta-tests).
+
+Each ```python and ```toml block of the docs follows an include comment,
+`<!-- include: PATH -->` or `<!-- include: PATH#REGION -->`, and must equal
+that file, or its lines between `# docs-start: REGION` and `# docs-end: REGION`.
+The files are ones the test suite runs: tests/docs_examples/ (tested below)
+and the example package examples/pref-simpo (tests/test_example_plugin.py).
+After editing one, `python tests/test_docs.py` rewrites the docs' blocks.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import re
+from importlib import metadata
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from torch.testing import assert_close
+
+from docs_examples import dataset_builder, embedder, pair_selector
+from pref import CandidatePool, PrefError, PreferenceExample, hookspecs
+from pref.cli.main import cli
+from pref.registry import KINDS, Registry, get_plugin_manager
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCS = ROOT / "docs" / "plugins.md"
+TESTED_FOLDERS = ("tests/", "examples/pref-simpo/")
+INCLUDE = re.compile(r"<!-- include: (?P<path>[^#\s]+)(?:#(?P<region>[\w-]+))? -->\n```(?P<lang>\w+)\n(?P<code>.*?)^```\n", re.S | re.M)
+FENCE = re.compile(r"^```(\w+)\n", re.M)
+CHECKED_LANGUAGES = ("python", "toml")
+
+
+def included(path: str, region: str | None = None) -> str:
+    """The text an include comment stands for: a whole file, or one region of it."""
+    text = (ROOT / path).read_text(encoding="utf-8")
+    if region is None:
+        return text
+    start, end = f"# docs-start: {region}\n", f"# docs-end: {region}\n"
+    assert start in text and end in text, f"{path} has no region {region!r}"
+    return text.split(start, 1)[1].split(end, 1)[0]
+
+
+def regenerate(docs: str) -> str:
+    """The docs with every included block replaced by the current text of its file."""
+    return INCLUDE.sub(lambda m: m[0][: m.start("code") - m.start()] + included(m["path"], m["region"]) + "```\n", docs)
+
+
+def hook_names() -> list[str]:
+    return sorted(name for name, f in inspect.getmembers(hookspecs, inspect.isfunction) if f.__module__ == hookspecs.__name__)
+
+
+# -- the docs' code is the tested code --------------------------------------------------------------
+
+
+def test_every_python_and_toml_block_is_included_from_a_tested_file():
+    docs = DOCS.read_text(encoding="utf-8")
+    includes = list(INCLUDE.finditer(docs))
+    included_fences = {m.start("lang") - 3 for m in includes}
+    for fence in FENCE.finditer(docs):
+        if fence[1] in CHECKED_LANGUAGES:
+            line = docs.count("\n", 0, fence.start()) + 1
+            assert fence.start() in included_fences, f"docs/plugins.md line {line}: a ```{fence[1]} block without an include comment"
+    for match in includes:
+        assert match["path"].startswith(TESTED_FOLDERS), f"{match['path']} is not run by the test suite"
+        assert match["code"] == included(match["path"], match["region"]), (
+            f"docs/plugins.md is out of date with {match['path']}: run `python tests/test_docs.py`"
+        )
+    assert len(includes) >= 8
+
+
+def test_list_plugins_json_example_has_the_real_keys(tmp_path, monkeypatch):
+    """The documented schema: top-level keys, a plugin row's keys and a failure row's keys."""
+    [example] = [json.loads(m[1]) for m in re.finditer(r"^```json\n(.*?)^```", DOCS.read_text(encoding="utf-8"), re.S | re.M)]
+    # a distribution whose plugin cannot be imported, so the output has a failure row
+    info = tmp_path / "pref_docs_broken-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: pref-docs-broken\nVersion: 1.0\n")
+    (info / "entry_points.txt").write_text("[pref]\ndocs_broken = pref_docs_missing_module\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delenv("PREF_PLUGINS", raising=False)
+    result = CliRunner().invoke(cli, ["list-plugins", "--json"])
+    real = json.loads(result.stdout)
+    assert list(example) == list(real) == ["plugins", "failures"]
+    assert [list(row) for row in example["plugins"]] == [list(real["plugins"][0])] * len(example["plugins"])
+    assert [list(row) for row in example["failures"]] == [list(real["failures"][0])] * len(example["failures"])
+    assert {row["name"]: row["builtin"] for row in real["plugins"]}["dpo"] is True
+
+
+# -- registry meta-tests: every hook is known, documented and tested ------------------------------------
+
+
+def test_every_hook_registers_a_kind():
+    assert sorted(KINDS.values()) == hook_names()
+
+
+@pytest.mark.parametrize("hook", hook_names())
+def test_every_hook_has_a_docstring_and_a_heading_in_the_docs(hook):
+    assert inspect.getdoc(getattr(hookspecs, hook))
+    assert re.search(rf"^#+ `{hook}\(register\)`$", DOCS.read_text(encoding="utf-8"), re.M), f"docs/plugins.md has no heading for {hook}"
+
+
+@pytest.mark.parametrize("hook", hook_names())
+def test_every_hook_is_implemented_by_a_test_plugin(hook):
+    pattern = re.compile(rf"@hookimpl\s*\n\s*def {hook}\(register\)")
+    users = [path for path in (ROOT / "tests").rglob("*.py") if pattern.search(path.read_text(encoding="utf-8"))]
+    assert users, f"no test implements {hook}"
+
+
+def test_builtin_plugins_all_load_and_use_only_known_hooks():
+    pm, failures, sources = get_plugin_manager()
+    pm.check_pending()  # a misspelled hook name in any loaded plugin would fail here
+    assert [f for f in failures if f.package == "pref"] == []
+    builtins = {ep.name for ep in metadata.distribution("pref").entry_points if ep.group == "pref"}
+    assert builtins and builtins <= set(sources)
+
+
+# -- the docs' examples of a pair selector, a dataset builder and an embedder ------------------------------
+
+
+@pytest.fixture
+def registry():
+    """Only the docs' example plugins, registered as modules, the way entry points register them."""
+    pm, _, _ = get_plugin_manager(load_entrypoints=False)
+    for module in (pair_selector, dataset_builder, embedder):
+        pm.register(module)
+    pm.check_pending()
+    return Registry(pm)
+
+
+def test_margin_selector_pairs_best_with_worst_when_far_enough_apart(registry):
+    """Prompt 0: best k=1 (1.0), worst k=0 (0.0), gap 1.0 >= 0.5: a pair. Prompt 1: gap 0.1, too close."""
+    selector = registry.create("pair-selector", "margin", {"min_margin": 0.5}, embedder=None)
+    pool = CandidatePool(["a", "b"], [["x", "y", "z"]] * 2, {"reward": torch.tensor([[0.0, 1.0, 0.2], [0.5, 0.5, 0.6]])})
+    selection = selector.select(pool)
+    assert selection.pairs == [(0, 1, 0)]
+    assert selection.metrics == {"pairs/too_close": 1.0}
+    assert registry.get("pair-selector", "margin").description.startswith("Best against worst answer")
+
+
+def test_tab_separated_builder_reads_pairs(registry, tmp_path):
+    path = tmp_path / "pairs.tsv"
+    path.write_text("Name a fruit.\tapple\tchair\n\nSay hi.\thello\tgo away\nOne more.\tyes\tno\n")
+    builder = registry.create("dataset", "tab-separated", {"path": str(path), "limit": 2})
+    assert builder.build(policy=None) == [PreferenceExample("Name a fruit.", "apple", "chair"), PreferenceExample("Say hi.", "hello", "go away")]
+    path.write_text("only a prompt\tand one answer\n")
+    with pytest.raises(PrefError, match="line 1: expected prompt, chosen and rejected"):
+        registry.create("dataset", "tab-separated", {"path": str(path)}).build(None)
+    with pytest.raises(PrefError, match="no such file"):
+        registry.create("dataset", "tab-separated", {"path": str(tmp_path / "missing.tsv")})
+
+
+def test_character_ngram_embedder_by_hand(registry):
+    """" cat " has the 3-grams " ca", "cat", "at "; " cats " has " ca", "cat", "ats", "ts ".
+    They share two, so the cosine is 2 / (sqrt(3) x sqrt(4)) = 0.57735; "dog" shares none with "cat"."""
+    similarity = registry.create("embedder", "char-ngrams", {"n": 3}).similarity(["cat", "cats", "Dog", "dog"])
+    assert_close(similarity[0, 1], torch.tensor(0.57735), atol=1e-5, rtol=0)
+    assert similarity[0, 2] == 0.0
+    assert_close(similarity[2, 3], torch.tensor(1.0))
+    assert_close(similarity, similarity.T)
+    with pytest.raises(PrefError, match="n must be at least 1"):
+        registry.create("embedder", "char-ngrams", {"n": 0})
+
+
+if __name__ == "__main__":
+    DOCS.write_text(regenerate(DOCS.read_text(encoding="utf-8")), encoding="utf-8")
+    print(f"rewrote the included blocks of {DOCS.relative_to(ROOT)}")

@@ -1,0 +1,51 @@
+"""`pref new-plugin NAME`: the skeleton installs, passes its own tests, and pref lists it."""
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from pref.cli.main import cli
+
+
+def new_plugin(*args):
+    return CliRunner().invoke(cli, ["new-plugin", *map(str, args)])
+
+
+@pytest.mark.slow
+def test_skeleton_installs_passes_its_test_and_is_listed(tmp_path, fresh_venv):
+    result = new_plugin("word-count", "--directory", tmp_path)
+    assert result.exit_code == 0, result.output
+    root = tmp_path / "pref-word-count"
+    assert sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()) == [
+        "README.md", "pref_word_count/__init__.py", "pyproject.toml", "tests/test_pref_word_count.py",
+    ]
+
+    fresh_venv.install(root)
+    tests = fresh_venv.run("-m", "pytest", "-q", "-p", "no:cacheprovider", cwd=root)
+    assert "3 passed" in tests.stdout, tests.stdout
+
+    listing = json.loads(fresh_venv.pref("list-plugins", "--json", "--kind", "reward").stdout)
+    [row] = [row for row in listing["plugins"] if row["name"] == "word-count"]
+    assert row == {
+        "kind": "reward", "name": "word-count", "package": "pref-word-count", "version": "0.1.0", "builtin": False,
+        "description": "1.0 for answers that contain a keyword, else 0.0.",
+    }
+    assert listing["failures"] == []
+
+
+@pytest.mark.parametrize("name", ["Word", "word_count", "2words", "word--count", "word-", ""])
+def test_bad_names_are_one_line_errors(tmp_path, name):
+    result = new_plugin(name, "--directory", tmp_path)
+    assert result.exit_code == 2
+    assert result.stderr.startswith(f"Error: bad plugin name {name!r}: use lowercase letters, digits and single dashes")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_existing_folder_is_not_overwritten(tmp_path):
+    (tmp_path / "pref-mine").mkdir()
+    (tmp_path / "pref-mine" / "keep.txt").write_text("mine")
+    result = new_plugin("mine", "--directory", tmp_path)
+    assert result.exit_code == 2
+    assert "already exists" in result.stderr and "Traceback" not in result.output
+    assert [p.name for p in (tmp_path / "pref-mine").iterdir()] == ["keep.txt"]
