@@ -15,7 +15,7 @@ from pref.errors import PrefError, unknown_name
 class RunConfig:
     """Everything a `pref run` needs. Field names are the config-file keys."""
 
-    objective: str = "dpo"
+    objective: str = "divpo"
     objective_options: dict[str, Any] = field(default_factory=dict)
     dataset: list[str] = field(default_factory=list)
     dataset_options: dict[str, Any] = field(default_factory=dict)
@@ -36,7 +36,7 @@ class RunConfig:
     steps: int = 100
     batch_size: int = 8
     grad_accum: int = 1
-    lr: float = 5e-5
+    lr: float | None = None  # None: DEFAULT_LR, or EMBEDDED_MODEL_LR for the embedded default model
     weight_decay: float = 0.0
     warmup_steps: int = 0
     schedule: str = "cosine"  # cosine | linear | constant
@@ -63,6 +63,11 @@ class RunConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+
+#: Peak learning rates when none is given: small for real pretrained models,
+#: large for the tiny embedded default, which a few hundred steps must visibly move.
+DEFAULT_LR = 1e-6
+EMBEDDED_MODEL_LR = 1e-3
 
 CHOICES = {
     "reference": ("auto", "model", "cached", "none"),
@@ -114,6 +119,8 @@ def build_config(file_values: dict[str, Any] | None = None, flags: dict[str, Any
     if isinstance(values.get("dataset"), str):
         values["dataset"] = [values["dataset"]]
     config = RunConfig(**values)
+    if config.lr is None:
+        config.lr = EMBEDDED_MODEL_LR if config.model in (None, "", "pref-default") else DEFAULT_LR
     validate(config)
     return config
 

@@ -6,7 +6,7 @@ import copy
 import hashlib
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -52,6 +52,26 @@ def model_fingerprint(model: torch.nn.Module, name: str) -> str:
     return digest.hexdigest()[:16]
 
 
+def rows_by_length(batches: list[Sequences], rows_per_batch: int) -> Iterator[tuple[list[str], Sequences]]:
+    """The distinct rows of `batches`, cut at their last real token and regrouped shortest first.
+
+    Yields (row keys, `Sequences`) batches of up to `rows_per_batch` rows. Rows of similar
+    length share a batch, so little of a forward pass goes to padding, and a row that
+    appears twice is scored once.
+    """
+    rows: dict[str, Sequences] = {}
+    for batch in batches:
+        ends = (batch.attention_mask.cumsum(-1).argmax(-1) + 1).tolist()  # one past the last real token
+        for i, key in enumerate(batch.keys()):
+            if key not in rows:
+                row = slice(i, i + 1), slice(0, ends[i])
+                rows[key] = Sequences(batch.input_ids[row], batch.attention_mask[row], batch.completion_mask[row])
+    ordered = sorted(rows, key=lambda k: rows[k].input_ids.shape[1])
+    for start in range(0, len(ordered), rows_per_batch):
+        keys = ordered[start : start + rows_per_batch]
+        yield keys, Sequences.concat([rows[k] for k in keys])
+
+
 class CachedReference(Reference):
     """Sequence log-probs computed once by a reference model and stored on disk.
 
@@ -83,9 +103,11 @@ class CachedReference(Reference):
             return cls(dict(zip(stored_keys, tensors["logps"].tolist())))
         frozen = FrozenReference(model)
         table: dict[str, float] = {}
-        for batch in batches:
+        # as many rows per forward as a training step's chosen + rejected batch: no more memory than training
+        rows_per_batch = 2 * max((len(b) for b in batches), default=1)
+        for keys, batch in rows_by_length(batches, rows_per_batch):
             out = frozen.logps(batch)
-            table.update(zip(batch.keys(), out.sequence.tolist()))
+            table.update(zip(keys, out.sequence.tolist()))
         os.makedirs(cache_dir, exist_ok=True)
         ordered = sorted(table)
         tmp = f"{path}.tmp-{os.getpid()}"

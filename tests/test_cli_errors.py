@@ -112,7 +112,7 @@ def test_bad_option_syntax():
 
 
 def test_unknown_objective_option_names_accepted_ones(prefs_file):
-    line = error_line(run("run", "--dataset", prefs_file, "-o", "zzz=1"))
+    line = error_line(run("run", "--objective", "dpo", "--dataset", prefs_file, "-o", "zzz=1"))
     assert "unknown option for objective 'dpo'" in line
     for accepted in ("beta", "loss_type", "label_smoothing"):
         assert accepted in line

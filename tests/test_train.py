@@ -17,7 +17,7 @@ from pref.train import train
 
 
 def run(tmp_path, model, dataset, name="run", **flags):
-    config = build_config(flags={"model": model, "dataset": [dataset], "output_dir": str(tmp_path / name), "batch_size": 2,
+    config = build_config(flags={"objective": "dpo", "model": model, "dataset": [dataset], "output_dir": str(tmp_path / name), "batch_size": 2,
                                  "steps": 4, "lr": 1e-3, "device": "cpu", **flags})
     return train(config, load_registry())
 
@@ -82,7 +82,7 @@ def test_interrupted_and_resumed_run_ends_with_the_same_weights(tmp_path, tiny_m
     broken = str(tmp_path / "broken")
     assert [os.path.basename(c) for c in checkpoint.list_checkpoints(broken)] == ["checkpoint-000002"]
 
-    config = build_config(flags={"model": tiny_model_dir, "dataset": [prefs_file], "output_dir": broken, "batch_size": 2,
+    config = build_config(flags={"objective": "dpo", "model": tiny_model_dir, "dataset": [prefs_file], "output_dir": broken, "batch_size": 2,
                                  "steps": 6, "lr": 1e-3, "device": "cpu", "save_every": 2, "resume": broken})
     train(config, load_registry())
     expected, got = weights(os.path.join(whole, "final")), weights(os.path.join(broken, "final"))
@@ -95,7 +95,7 @@ def test_interrupted_and_resumed_run_ends_with_the_same_weights(tmp_path, tiny_m
 
 def test_resume_with_another_seed_is_refused(tmp_path, tiny_model_dir, prefs_file):
     out = run(tmp_path, tiny_model_dir, prefs_file, steps=3, save_every=2)
-    config = build_config(flags={"model": tiny_model_dir, "dataset": [prefs_file], "output_dir": out, "batch_size": 2,
+    config = build_config(flags={"objective": "dpo", "model": tiny_model_dir, "dataset": [prefs_file], "output_dir": out, "batch_size": 2,
                                  "steps": 3, "device": "cpu", "seed": 7, "resume": out})
     with pytest.raises(PrefError, match="seed 0"):
         train(config, load_registry())
