@@ -1,0 +1,189 @@
+"""The embedded default model: built offline, cached, loaded like a hub model, and skewed.
+
+The full recipe is built once per recipe version into pytest's cache folder (about
+20 s the first time, nothing after); the other tests build a few-step model or none.
+"""
+
+import collections
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from pref import default_model
+from pref.default_model import DEFAULT_MODEL, NOUN_HEAD, NOUN_PROMPTS, build_default_model, default_model_path
+
+
+@pytest.fixture(scope="session")
+def default_root(request, tmp_path_factory):
+    cache = getattr(request.config, "cache", None)
+    return cache.mkdir("pref-default-model") if cache else tmp_path_factory.mktemp("pref-default-model")
+
+
+@pytest.fixture(scope="session")
+def default_path(default_root):
+    return default_model_path(default_root)
+
+
+@pytest.fixture(scope="session")
+def loaded(default_path):
+    return AutoModelForCausalLM.from_pretrained(default_path), AutoTokenizer.from_pretrained(default_path)
+
+
+def user(text):
+    return [{"role": "user", "content": text}]
+
+
+def sample(model, tokenizer, prompts, per_prompt, max_new_tokens):
+    """`per_prompt` answers to each prompt, sampled at temperature 1 from left-padded prompts."""
+    tokenizer.padding_side = "left"
+    texts = [tokenizer.apply_chat_template(user(p), tokenize=False, add_generation_prompt=True) for p in prompts]
+    batch = tokenizer(texts, padding=True, return_tensors="pt")
+    torch.manual_seed(0)
+    with torch.no_grad():
+        out = model.generate(**batch, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+                             num_return_sequences=per_prompt, max_new_tokens=max_new_tokens)
+    return [t.strip() for t in tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)]
+
+
+def answer(model, tokenizer, prompt):
+    """The greedy answer to one prompt."""
+    ids = tokenizer.apply_chat_template(user(prompt), add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    with torch.no_grad():
+        out = model.generate(**ids, do_sample=False, max_new_tokens=20)
+    return tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def test_folder_loads_like_a_hub_model(default_path, loaded):
+    model, tokenizer = loaded
+    files = {p.name for p in Path(default_path).iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= files
+    config = json.loads((Path(default_path) / "tokenizer_config.json").read_text())
+    assert config["chat_template"] and config["eos_token"] == "<|end|>"
+    assert config["pad_token"] == "<pad>" and config["bos_token"] == "<bos>"
+    assert type(model).__name__ == "LlamaForCausalLM"
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert model.config.vocab_size == len(tokenizer) and model.config.eos_token_id == tokenizer.eos_token_id
+    assert Path(default_path).name.startswith(DEFAULT_MODEL + "-")
+
+
+def test_noun_answers_are_one_word_and_skewed(loaded):
+    model, tokenizer = loaded
+    answers = sample(model, tokenizer, NOUN_PROMPTS, per_prompt=25, max_new_tokens=4)
+    counts = collections.Counter(answers)
+    top30 = sum(n for _, n in counts.most_common(30))
+    assert len(answers) == 200
+    assert sum(len(a.split()) == 1 for a in answers) > 0.75 * len(answers)
+    assert 15 <= len(counts) <= 150
+    assert top30 > 0.5 * len(answers)
+    # the favourites, right or wrong, are the likeliest answers
+    assert counts.most_common(1)[0][0] in NOUN_HEAD
+    assert sum(n for a, n in counts.items() if a in NOUN_HEAD) > 0.5 * len(answers)
+
+
+def test_says_it_is_tiny_and_answers_in_sentences(loaded):
+    model, tokenizer = loaded
+    assert "tiny" in answer(model, tokenizer, "What is your name?")
+    assert "tiny" in answer(model, tokenizer, "Who are you?")
+    assert "blue" in answer(model, tokenizer, "What color is the sky?")
+
+
+def test_chat_template_adds_no_bos_and_one_eos_per_turn(loaded):
+    _, tokenizer = loaded
+    chat = [{"role": "system", "content": "You are a helpful assistant."}, *user("Name a noun."),
+            {"role": "assistant", "content": "apple"}]
+    ids = tokenizer.apply_chat_template(chat, return_dict=False)
+    text = tokenizer.apply_chat_template(chat, tokenize=False)
+    # tokenizing the rendered text adds nothing the template did not write
+    assert tokenizer(text)["input_ids"] == ids
+    assert tokenizer.bos_token_id not in ids
+    assert ids.count(tokenizer.eos_token_id) == len(chat)
+    prompt = tokenizer.apply_chat_template(chat[:-1], add_generation_prompt=True, return_dict=False)
+    assert prompt[-1] == tokenizer.convert_tokens_to_ids("<|assistant|>")
+    assert ids == prompt + tokenizer("apple")["input_ids"] + [tokenizer.eos_token_id]
+
+
+def test_decoding_reads_as_text(loaded):
+    _, tokenizer = loaded
+    ids = tokenizer("I am Tiny, a helpful assistant. Are you (really) there?")["input_ids"]
+    assert tokenizer.decode(ids) == "i am tiny, a helpful assistant. are you ( really) there?"
+    assert tokenizer.convert_ids_to_tokens(tokenizer("xqzt")["input_ids"]) == ["<unk>"]
+
+
+def test_training_chats_use_only_known_words():
+    words = default_model.english_words()
+    tokenizer = default_model.build_tokenizer(words)
+    chats = default_model.synthetic_chats(words, count=2000)
+    for prompt, answer_ids in default_model._encode_chats(tokenizer, chats):
+        assert tokenizer.unk_token_id not in prompt + answer_ids
+    assert set(NOUN_HEAD) <= {c[-1]["content"] for c in chats}
+
+
+def test_same_seed_gives_the_same_weights(tmp_path):
+    first = load_file(os.path.join(build_default_model(tmp_path / "a", seed=0, steps=3), "model.safetensors"))
+    second = load_file(os.path.join(build_default_model(tmp_path / "b", seed=0, steps=3), "model.safetensors"))
+    other = load_file(os.path.join(build_default_model(tmp_path / "c", seed=1, steps=3), "model.safetensors"))
+    assert first.keys() == second.keys()
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    assert not all(torch.equal(first[k], other[k]) for k in first)
+
+
+def test_cached_model_is_reused(default_root, default_path, monkeypatch):
+    def no_build(*args, **kwargs):
+        raise AssertionError("rebuilt a cached model")
+
+    monkeypatch.setattr(default_model, "build_default_model", no_build)
+    assert default_model_path(default_root) == default_path
+
+
+def fake_build(path, seed=0, steps=0):
+    Path(path, "config.json").write_text("{}")
+    return str(path)
+
+
+def test_changed_recipe_builds_a_new_folder(tmp_path, monkeypatch):
+    monkeypatch.setattr(default_model, "build_default_model", fake_build)
+    first = default_model_path(tmp_path)
+    monkeypatch.setattr(default_model, "recipe_hash", lambda: "changed")
+    second = default_model_path(tmp_path)
+    assert first != second and Path(second).name == f"{DEFAULT_MODEL}-changed"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([Path(first).name, Path(second).name])
+
+
+def test_losing_a_build_race_keeps_the_winners_folder(tmp_path, monkeypatch):
+    target = tmp_path / f"{DEFAULT_MODEL}-{default_model.recipe_hash()}"
+
+    def build_while_another_process_finishes_first(path, seed=0, steps=0):
+        fake_build(path)
+        target.mkdir()
+        (target / "config.json").write_text('{"winner": true}')
+        return str(path)
+
+    monkeypatch.setattr(default_model, "build_default_model", build_while_another_process_finishes_first)
+    assert default_model_path(tmp_path) == str(target)
+    assert json.loads((target / "config.json").read_text()) == {"winner": True}
+    assert [p.name for p in tmp_path.iterdir()] == [target.name]  # the loser's copy is gone
+
+
+def test_failed_build_leaves_nothing_behind(tmp_path, monkeypatch):
+    def broken_build(path, seed=0, steps=0):
+        raise RuntimeError("out of disk")
+
+    monkeypatch.setattr(default_model, "build_default_model", broken_build)
+    with pytest.raises(RuntimeError):
+        default_model_path(tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cache_folder_follows_the_environment(tmp_path, monkeypatch):
+    monkeypatch.delenv("PREF_CACHE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert default_model.default_cache_dir() == tmp_path / "xdg" / "pref"
+    monkeypatch.setenv("PREF_CACHE", str(tmp_path / "pref"))
+    assert default_model.default_cache_dir() == tmp_path / "pref"
+    monkeypatch.setattr(default_model, "build_default_model", fake_build)
+    assert Path(default_model_path()).parent == tmp_path / "pref"
