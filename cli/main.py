@@ -76,6 +76,7 @@ def load_registry() -> Any:
 @click.option("--save-every", type=int, help="Write a checkpoint every N steps.")
 @click.option("--keep-checkpoints", type=int, help="How many checkpoints to keep.")
 @click.option("--resume", help="Continue the run in this folder (or from this checkpoint).")
+@click.option("--logger", "loggers", multiple=True, help="Metrics logger (default: jsonl); repeatable, e.g. --logger jsonl --logger tensorboard.")
 @click.option("--option", "-o", "objective_option", multiple=True, help="Objective option KEY=VALUE; repeatable.")
 @click.option("--reward-option", multiple=True, help="Reward option KEY=VALUE; repeatable.")
 @click.option("--dataset-option", multiple=True, help="Dataset builder option KEY=VALUE; repeatable.")
@@ -125,7 +126,7 @@ def run(config_file: str | None, beta: float | None, objective_option, reward_op
 
 @cli.command("list-plugins")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-@click.option("--kind", type=click.Choice(["objective", "reward", "pair-selector", "dataset", "embedder"]), help="Only this kind.")
+@click.option("--kind", type=click.Choice(["objective", "reward", "pair-selector", "dataset", "embedder", "logger"]), help="Only this kind.")
 def list_plugins(as_json: bool, kind: str | None) -> None:
     """List objectives, rewards, selectors, dataset builders and embedders."""
     registry = load_registry()

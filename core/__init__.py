@@ -6,6 +6,7 @@ from pref.interfaces import (
     CandidatePool,
     Embedder,
     LabeledBatch,
+    MetricsLogger,
     Objective,
     PairBatch,
     PairSelector,
@@ -21,7 +22,7 @@ from pref.sequences import Logps, Sequences
 __version__ = "0.1.0"
 
 __all__ = [
-    "CandidatePool", "Embedder", "LabeledBatch", "LabeledExample", "Logps", "Objective", "PairBatch",
+    "CandidatePool", "Embedder", "LabeledBatch", "LabeledExample", "Logps", "MetricsLogger", "Objective", "PairBatch",
     "PairSelector", "Policy", "PrefError", "PreferenceExample", "Prompt", "Reference",
     "RewardSource", "SamplingConfig", "Selection", "Sequences", "TextExample", "hookimpl",
 ]

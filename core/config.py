@@ -51,6 +51,7 @@ class RunConfig:
     top_k: int = 0
 
     log_every: int = 1
+    loggers: list[str] = field(default_factory=lambda: ["jsonl"])
     save_every: int = 0  # 0: only the final model
     keep_checkpoints: int = 2
     resume: str | None = None

@@ -35,3 +35,8 @@ def register_dataset_builders(register):
 @hookspec
 def register_embedders(register):
     """Register embedders (`pref.Embedder` factories: `similarity(texts) -> [N, N]`)."""
+
+
+@hookspec
+def register_loggers(register):
+    """Register metrics loggers (`pref.MetricsLogger` factories, built with `output_dir`)."""

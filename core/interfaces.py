@@ -47,8 +47,11 @@ class Policy(ABC):
         """Tokenize B prompt/completion pairs into right-padded `Sequences`."""
 
     @abstractmethod
-    def logps(self, sequences: Sequences, with_logits: bool = False) -> Logps:
-        """Per-token and per-sequence log-probs of the completion tokens (with grad)."""
+    def logps(self, sequences: Sequences, with_logits: bool = False, with_hidden: bool = False) -> Logps:
+        """Per-token and per-sequence log-probs of the completion tokens (with grad).
+
+        `with_logits` keeps the [B, T, V] logits, `with_hidden` the last hidden states [B, T, H].
+        """
 
     @abstractmethod
     def save(self, path: str) -> None:
@@ -100,6 +103,17 @@ class Embedder(ABC):
     @abstractmethod
     def similarity(self, texts: list[str]) -> torch.Tensor:
         """Pairwise similarity [N, N], 1.0 for identical meaning, near 0 for unrelated."""
+
+
+class MetricsLogger(ABC):
+    """Receives each logged step's metrics (JSONL, TensorBoard, ...). Built with `output_dir`."""
+
+    @abstractmethod
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        """Record the metrics of one step."""
+
+    def close(self) -> None:
+        """Flush and release files at the end of the run."""
 
 
 @dataclass
@@ -181,6 +195,22 @@ class Objective(ABC):
     data_kind: ClassVar[str] = "pairs"
     #: The dataset builder that reads a `--dataset PATH` for this objective.
     default_dataset_builder: ClassVar[str] = "preferences"
+    #: What the trained model is: "causal-lm", or "sequence-classifier" (a reward model).
+    model_kind: ClassVar[str] = "causal-lm"
+
+    def setup(self, policy: Policy) -> None:
+        """Called once the policy is loaded, before training: build heads, helper models, ..."""
+
+    def trainable_modules(self) -> dict[str, torch.nn.Module]:
+        """Modules the objective trains along with the policy (a value head, ...).
+
+        The loop moves them to the device, optimizes them with the policy, averages
+        their gradients across processes, and checkpoints them.
+        """
+        return {}
+
+    def save(self, output_dir: str) -> None:
+        """Write anything besides the policy that the run should keep (a discriminator, ...)."""
 
     @abstractmethod
     def loss(self, policy: Policy, reference: Reference | None, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:

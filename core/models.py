@@ -42,13 +42,20 @@ def load_tokenizer(name: str | None) -> Any:
     return tokenizer
 
 
-def load_model(name: str | None, dtype: torch.dtype | None = None) -> torch.nn.Module:
-    from transformers import AutoModelForCausalLM
+MODEL_KINDS = ("causal-lm", "sequence-classifier")
+
+
+def load_model(name: str | None, dtype: torch.dtype | None = None, kind: str = "causal-lm") -> torch.nn.Module:
+    """A causal LM, or with `kind="sequence-classifier"` the same backbone with a one-score head."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     quiet_transformers()
     path = resolve_model_path(name)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32)
+        if kind == "sequence-classifier":
+            model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=dtype or torch.float32)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32)
     except (OSError, ValueError) as exc:
         raise _load_error(name, path, exc) from None
     return model

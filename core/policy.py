@@ -34,8 +34,13 @@ class HFPolicy(Policy):
         self.max_prompt_length = max_prompt_length
 
     @classmethod
-    def load(cls, name: str | None, dtype: torch.dtype | None = None, **kwargs: Any) -> "HFPolicy":
-        return cls(load_model(name, dtype), load_tokenizer(name), **kwargs)
+    def load(cls, name: str | None, dtype: torch.dtype | None = None, kind: str = "causal-lm", **kwargs: Any) -> "HFPolicy":
+        """Load a hub id or local path; `kind` "sequence-classifier" loads a one-score reward model."""
+        tokenizer = load_tokenizer(name)
+        model = load_model(name, dtype, kind)
+        if getattr(model.config, "pad_token_id", None) is None:
+            model.config.pad_token_id = tokenizer.pad_token_id  # sequence classifiers find the last token by it
+        return cls(model, tokenizer, **kwargs)
 
     @property
     def device(self) -> torch.device:
@@ -95,10 +100,13 @@ class HFPolicy(Policy):
             completion_mask=torch.tensor([m + [0] * (width - len(m)) for m in masks]),
         )
 
-    def logps(self, sequences: Sequences, with_logits: bool = False) -> Logps:
+    def logps(self, sequences: Sequences, with_logits: bool = False, with_hidden: bool = False) -> Logps:
         sequences = sequences.to(self.device)
-        logits = self.model(input_ids=sequences.input_ids, attention_mask=sequences.attention_mask).logits
-        return logps_from_logits(logits, sequences, keep_logits=with_logits)
+        out = self.model(input_ids=sequences.input_ids, attention_mask=sequences.attention_mask, output_hidden_states=with_hidden)
+        logps = logps_from_logits(out.logits, sequences, keep_logits=with_logits)
+        if with_hidden:
+            logps.hidden = out.hidden_states[-1]
+        return logps
 
     def save(self, path: str) -> None:
         unwrap(self.model).save_pretrained(path, safe_serialization=True)

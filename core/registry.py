@@ -32,6 +32,7 @@ KINDS = {
     "pair-selector": "register_pair_selectors",
     "dataset": "register_dataset_builders",
     "embedder": "register_embedders",
+    "logger": "register_loggers",
 }
 
 

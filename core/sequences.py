@@ -62,12 +62,14 @@ class Logps:
     mask:     [B, T] the completion mask the log-probs were taken over
     sequence: [B]    sum of `tokens` over the completion
     logits:   [B, T, V] or None; logits[:, t] predicts token t (row 0 is unused)
+    hidden:   [B, T, H] or None; the last layer's hidden state at each position
     """
 
     tokens: torch.Tensor
     mask: torch.Tensor
     sequence: torch.Tensor
     logits: torch.Tensor | None = None
+    hidden: torch.Tensor | None = None
 
     @property
     def mean(self) -> torch.Tensor:
@@ -80,6 +82,7 @@ class Logps:
             self.mask[index],
             self.sequence[index],
             None if self.logits is None else self.logits[index],
+            None if self.hidden is None else self.hidden[index],
         )
 
 

@@ -31,7 +31,6 @@ from pref.reference import CachedReference, FrozenReference
 from pref.registry import Registry
 
 RUN_FILE = "run.json"
-METRICS_FILE = "metrics.jsonl"
 FINAL_DIR = "final"
 
 
@@ -58,7 +57,8 @@ def make_accelerator(config: RunConfig) -> Any:
 
 
 def build_objective(config: RunConfig, registry: Registry) -> Objective:
-    objective = registry.create("objective", config.objective, config.objective_options)
+    # an objective that builds other plugins (a gold reward, say) may ask for the registry
+    objective = registry.create("objective", config.objective, config.objective_options, registry=registry)
     if objective.online and config.samples_per_prompt:
         objective.samples_per_prompt = config.samples_per_prompt
     return objective
@@ -201,20 +201,25 @@ def train_policy(config: RunConfig, registry: Registry) -> tuple[str, HFPolicy]:
 
     # -- plugins, policy, reference, data ------------------------------------------
     objective = build_objective(config, registry)
-    if objective.needs_value_head:
-        raise PrefError(f"objective {config.objective!r} needs a value head, which this version of pref cannot provide")
     for kind, name in (("reward", config.reward), ("pair-selector", config.selector), ("embedder", config.embedder)):
         if name:
             registry.get(kind, name)  # a misspelled name fails before the slow model load
+    for name in config.loggers:
+        registry.get("logger", name)
     builders = dataset_builders(config, registry, objective)
-    policy = HFPolicy.load(config.model, max_length=config.max_length, max_prompt_length=config.max_prompt_length)
+    policy = HFPolicy.load(config.model, kind=objective.model_kind, max_length=config.max_length, max_prompt_length=config.max_prompt_length)
     policy.model.to(accelerator.device)
+    objective.setup(policy)
+    modules = objective.trainable_modules()
+    for module in modules.values():
+        module.to(accelerator.device).train()
     examples = [example for builder in builders for example in builder.build(policy)]
     reference = build_reference(config, objective, policy, examples)
     data = build_data(config, registry, objective, policy, examples, rank, world)
 
     # -- optimizer and schedule -------------------------------------------------
-    params = [p for p in policy.model.parameters() if p.requires_grad]
+    module_params = [p for m in modules.values() for p in m.parameters() if p.requires_grad]
+    params = [p for p in policy.model.parameters() if p.requires_grad] + module_params
     # the fused kernel updates all parameters in one call; on CPU the default per-tensor loop costs ~4% of a DPO step
     fused = accelerator.device.type in ("cpu", "cuda")
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, fused=fused)
@@ -232,16 +237,19 @@ def train_policy(config: RunConfig, registry: Registry) -> tuple[str, HFPolicy]:
             raise PrefError(f"{checkpoint} was trained with seed {state['seed']}, not {config.seed}; resume with --seed {state['seed']}")
         start_step = state["step"]
         data.load_state(state["data"])
-        if extra and hasattr(objective, "load_state_dict"):
-            objective.load_state_dict(extra)
+        for name, module in modules.items():
+            module.load_state_dict(extra["modules"][name])
+        if hasattr(objective, "load_state_dict"):
+            objective.load_state_dict(extra["objective"])
+    loggers = []
     if accelerator.is_main_process:
         os.makedirs(out_dir, exist_ok=True)
         with open(os.path.join(out_dir, RUN_FILE), "w") as f:
             json.dump(run_record(config, registry), f, indent=2, default=str)
+        loggers = [registry.create("logger", name, output_dir=out_dir) for name in config.loggers]
 
     # -- the loop -------------------------------------------------------------------
     progress = TrainingProgress(config.steps, start_step, enabled=accelerator.is_main_process)
-    metrics_file = open(os.path.join(out_dir, METRICS_FILE), "a") if accelerator.is_main_process else None
     with progress:
         for step in range(start_step + 1, config.steps + 1):
             # forward and backward, accumulated over micro-batches
@@ -258,9 +266,13 @@ def train_policy(config: RunConfig, registry: Registry) -> tuple[str, HFPolicy]:
                 for key, value in metrics.items():
                     totals[key] = totals.get(key, 0.0) + value / config.grad_accum
 
-            # clip and update
+            # clip and update (the objective's own modules are outside DDP: average their gradients here)
             t_step = time.perf_counter()
-            grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+            if world > 1:
+                for p in module_params:
+                    if p.grad is not None:
+                        p.grad = accelerator.reduce(p.grad, reduction="mean")
+            grad_norm = accelerator.clip_grad_norm_(params, config.max_grad_norm)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -270,28 +282,30 @@ def train_policy(config: RunConfig, registry: Registry) -> tuple[str, HFPolicy]:
 
             # log
             totals = mean_across_processes(accelerator, totals)
-            if metrics_file is not None and step % config.log_every == 0:
-                metrics_file.write(json.dumps({"step": step, **totals}) + "\n")
-                metrics_file.flush()
+            if step % config.log_every == 0:
+                for logger in loggers:
+                    logger.log(step, totals)
             progress.update(step, totals)
 
             # checkpoint
             if config.save_every and step % config.save_every == 0 and step < config.steps:
                 save_state = {"seed": config.seed, "data": data.state(), "world": world}
                 rng_states = gather_object([rng_state()])
-                extra = objective.state_dict() if hasattr(objective, "state_dict") else None
+                extra = {
+                    "modules": {name: module.state_dict() for name, module in modules.items()},
+                    "objective": objective.state_dict() if hasattr(objective, "state_dict") else None,
+                }
                 if accelerator.is_main_process:
                     save_checkpoint(out_dir, step, unwrap(model), optimizer, scheduler, save_state, rng_states, extra, config.keep_checkpoints)
                 accelerator.wait_for_everyone()
 
     # -- the final model, in Hugging Face format ------------------------------------------
-    if metrics_file is not None:
-        metrics_file.close()
+    for logger in loggers:
+        logger.close()
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         write_atomically(os.path.join(out_dir, FINAL_DIR), policy.save)
-        if hasattr(objective, "save"):
-            objective.save(out_dir)
+        objective.save(out_dir)
     accelerator.wait_for_everyone()
     policy.model = unwrap(model)
     return out_dir, policy
