@@ -212,6 +212,10 @@ class Objective(ABC):
     def save(self, output_dir: str) -> None:
         """Write anything besides the policy that the run should keep (a discriminator, ...)."""
 
+    def own_reward(self) -> RewardSource | None:
+        """A reward the objective brings itself (D2PO's discriminator); None to use `--reward`."""
+        return None
+
     @abstractmethod
     def loss(self, policy: Policy, reference: Reference | None, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
         """Return the scalar loss (with grad) and a dict of float metrics."""

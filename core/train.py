@@ -110,10 +110,12 @@ def build_data(config: RunConfig, registry: Registry, objective: Objective, poli
         return OfflineBatches(policy, examples, config.batch_size, config.seed, rank, world)
     from pref.online import OnlineBatches
 
-    reward_name = config.reward or getattr(objective, "default_reward", None)
-    if reward_name is None:
-        raise PrefError(f"objective {config.objective!r} samples online and needs a reward: pass --reward NAME (see `pref list-plugins`)")
-    reward = registry.create("reward", reward_name, config.reward_options)
+    reward = objective.own_reward()
+    if reward is None:
+        reward_name = config.reward or getattr(objective, "default_reward", None)
+        if reward_name is None:
+            raise PrefError(f"objective {config.objective!r} samples online and needs a reward: pass --reward NAME (see `pref list-plugins`)")
+        reward = registry.create("reward", reward_name, config.reward_options)
     embedder = None
     if config.embedder:
         embedder = registry.create("embedder", config.embedder, config.embedder_options)
@@ -123,7 +125,7 @@ def build_data(config: RunConfig, registry: Registry, objective: Objective, poli
         selector = objective.default_selector(embedder=embedder, reward=reward)
     prompts = [getattr(e, "prompt", e) for e in examples] or list(reward.default_prompts)
     if not prompts:
-        raise PrefError(f"reward {reward_name!r} has no default prompts: pass --dataset with prompts")
+        raise PrefError(f"the reward {type(reward).__name__} has no default prompts: pass --dataset with prompts")
     sampling = SamplingConfig(config.max_new_tokens, config.temperature, config.top_p, config.top_k)
     return OnlineBatches(policy, prompts, reward, selector, objective, sampling, config.batch_size, config.seed, rank, world)
 
