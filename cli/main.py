@@ -118,7 +118,10 @@ def run(config_file: str | None, beta: float | None, objective_option, reward_op
     config = build_config(file_values, given)
     registry = load_registry()
     out_dir = train(config, registry)
-    click.echo(f"Saved to {os.path.join(out_dir, 'final')}", err=True)
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:
+        click.echo(f"Saved to {os.path.join(out_dir, 'final')}", err=True)
 
 
 # -- pref list-plugins ---------------------------------------------------------------
