@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 from typing import Any
@@ -29,6 +30,18 @@ class PrefGroup(click.Group):
 @click.version_option(package_name="pref")
 def cli() -> None:
     """Preference optimization of causal language models."""
+    # pref's own notes (such as the one-off build of the default model) on stderr, as plain lines
+    logger = logging.getLogger("pref")
+    if not any(isinstance(h, EchoHandler) for h in logger.handlers):
+        logger.addHandler(EchoHandler())
+        logger.setLevel(logging.INFO)
+
+
+class EchoHandler(logging.Handler):
+    """Log records as plain lines on whatever stderr is when they are written."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        click.echo(record.getMessage(), err=True)
 
 
 def parse_options(pairs: tuple[str, ...], flag: str) -> dict[str, Any]:
@@ -72,29 +85,38 @@ def load_registry() -> Any:
 @click.option("--seed", type=int, help="Random seed.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), help="Force a device.")
 @click.option("--mixed-precision", type=click.Choice(["no", "fp16", "bf16"]), help="Autocast precision.")
+@click.option("--threads", type=int, help="CPU threads of torch (default: 1 for the embedded default model, else one per core).")
 @click.option("--reference", type=click.Choice(["auto", "model", "cached", "none"]), help="Frozen model, cached log-probs, or none.")
 @click.option("--save-every", type=int, help="Write a checkpoint every N steps.")
 @click.option("--keep-checkpoints", type=int, help="How many checkpoints to keep.")
 @click.option("--resume", help="Continue the run in this folder (or from this checkpoint).")
 @click.option("--logger", "loggers", multiple=True, help="Metrics logger (default: jsonl); repeatable, e.g. --logger jsonl --logger tensorboard.")
+@click.option("--eval-every", type=int, help="Evaluate every N steps (and at the last step): validation loss, best model, test prompts.")
+@click.option("--validation-split", type=float, help="Share of each dataset held out for the validation loss, e.g. 0.1.")
+@click.option("--validation-dataset", multiple=True, help="Held-out data for the validation loss instead of a split; repeatable.")
+@click.option("--test-prompt", "test_prompts", multiple=True, help="Prompt answered at each evaluation into generations.jsonl; repeatable.")
+@click.option("--curriculum/--no-curriculum", default=None, help="Sample the datasets by an automatic, difficulty-driven curriculum.")
+@click.option("--curriculum-option", multiple=True, help="Curriculum option KEY=VALUE (eta, every, refresh, sample_size, variance_weight); repeatable.")
 @click.option("--option", "-o", "objective_option", multiple=True, help="Objective option KEY=VALUE; repeatable.")
 @click.option("--reward-option", multiple=True, help="Reward option KEY=VALUE; repeatable.")
 @click.option("--dataset-option", multiple=True, help="Dataset builder option KEY=VALUE; repeatable.")
 @click.option("--selector-option", multiple=True, help="Pair selector option KEY=VALUE; repeatable.")
-def run(config_file: str | None, beta: float | None, objective_option, reward_option, dataset_option, selector_option, **flags: Any) -> None:
+def run(config_file: str | None, beta: float | None, objective_option, reward_option, dataset_option, selector_option, curriculum_option, **flags: Any) -> None:
     """Train a model with a preference objective."""
     from pref.config import build_config, read_config_file
     from pref.train import RUN_FILE, train
 
     file_values: dict[str, Any] = read_config_file(config_file) if config_file else {}
     given = {k: v for k, v in flags.items() if v is not None and v != ()}
-    if "dataset" in given:
-        given["dataset"] = list(given["dataset"])
+    for key in ("dataset", "validation_dataset", "test_prompts"):
+        if key in given:
+            given[key] = list(given[key])
     options = {
         "objective_options": parse_options(objective_option, "--option"),
         "reward_options": parse_options(reward_option, "--reward-option"),
         "dataset_options": parse_options(dataset_option, "--dataset-option"),
         "selector_options": parse_options(selector_option, "--selector-option"),
+        "curriculum_options": parse_options(curriculum_option, "--curriculum-option"),
     }
     if beta is not None:
         options["objective_options"]["beta"] = beta

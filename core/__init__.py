@@ -7,13 +7,16 @@ from pref.interfaces import (
     Embedder,
     LabeledBatch,
     MetricsLogger,
+    Minibatch,
     Objective,
     PairBatch,
     PairSelector,
     Policy,
     Reference,
     RewardSource,
+    Rollout,
     SamplingConfig,
+    ScoredBatch,
     Selection,
 )
 from pref.errors import PrefError
@@ -22,7 +25,7 @@ from pref.sequences import Logps, Sequences
 __version__ = "0.1.0"
 
 __all__ = [
-    "CandidatePool", "Embedder", "LabeledBatch", "LabeledExample", "Logps", "MetricsLogger", "Objective", "PairBatch",
+    "CandidatePool", "Embedder", "LabeledBatch", "LabeledExample", "Logps", "MetricsLogger", "Minibatch", "Objective", "PairBatch",
     "PairSelector", "Policy", "PrefError", "PreferenceExample", "Prompt", "Reference",
-    "RewardSource", "SamplingConfig", "Selection", "Sequences", "TextExample", "hookimpl",
+    "RewardSource", "Rollout", "SamplingConfig", "ScoredBatch", "Selection", "Sequences", "TextExample", "hookimpl",
 ]

@@ -32,6 +32,7 @@ class RunConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | mps
     mixed_precision: str = "no"  # no | fp16 | bf16
+    threads: int | None = None  # CPU threads of torch; None: EMBEDDED_MODEL_THREADS for the embedded default model, else torch's own
 
     steps: int = 100
     batch_size: int = 8
@@ -45,7 +46,7 @@ class RunConfig:
     max_prompt_length: int = 256
 
     samples_per_prompt: int | None = None  # None: the objective's own K
-    max_new_tokens: int = 32
+    max_new_tokens: int | None = None  # None: the reward's own (RewardSource.max_new_tokens), else DEFAULT_MAX_NEW_TOKENS
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
@@ -53,6 +54,12 @@ class RunConfig:
     log_every: int = 1
     loggers: list[str] = field(default_factory=lambda: ["jsonl"])
     save_every: int = 0  # 0: only the final model
+    eval_every: int = 0  # 0: evaluate at the last step only (when there is something to evaluate)
+    validation_split: float = 0.0  # share of each dataset held out for the validation loss
+    validation_dataset: list[str] = field(default_factory=list)  # held-out data instead of a split
+    test_prompts: list[str] = field(default_factory=list)  # answered at each evaluation, in generations.jsonl
+    curriculum: bool = False  # sample the datasets by an automatic curriculum (pref.curriculum)
+    curriculum_options: dict[str, Any] = field(default_factory=dict)
     keep_checkpoints: int = 2
     resume: str | None = None
 
@@ -69,6 +76,12 @@ class RunConfig:
 #: large for the tiny embedded default, which a few hundred steps must visibly move.
 DEFAULT_LR = 1e-6
 EMBEDDED_MODEL_LR = 1e-3
+#: The embedded default model's matrices (hidden size 96) are too small for a second
+#: thread to pay for itself: on 2 cores, one thread trained it as fast when they were
+#: idle and 5x faster when other jobs kept them busy, where the threads' spin-waits collide.
+EMBEDDED_MODEL_THREADS = 1
+#: New tokens per online sample when neither the run nor the reward sets it.
+DEFAULT_MAX_NEW_TOKENS = 32
 
 CHOICES = {
     "reference": ("auto", "model", "cached", "none"),
@@ -76,7 +89,8 @@ CHOICES = {
     "mixed_precision": ("no", "fp16", "bf16"),
     "schedule": ("cosine", "linear", "constant"),
 }
-POSITIVE = ("steps", "batch_size", "grad_accum", "max_new_tokens", "max_length", "max_prompt_length", "log_every", "keep_checkpoints")
+POSITIVE = ("steps", "batch_size", "grad_accum", "max_length", "max_prompt_length", "log_every", "keep_checkpoints")
+POSITIVE_OR_NONE = ("max_new_tokens", "threads")  # None: resolved later (see RunConfig)
 
 
 def read_config_file(path: str) -> dict[str, Any]:
@@ -117,11 +131,15 @@ def build_config(file_values: dict[str, Any] | None = None, flags: dict[str, Any
                 values[key] = {**values.get(key, {}), **dict(value)}
             else:
                 values[key] = value
-    if isinstance(values.get("dataset"), str):
-        values["dataset"] = [values["dataset"]]
+    for key in ("dataset", "validation_dataset", "test_prompts"):
+        if isinstance(values.get(key), str):
+            values[key] = [values[key]]
     config = RunConfig(**values)
+    embedded = config.model in (None, "", "pref-default")
     if config.lr is None:
-        config.lr = EMBEDDED_MODEL_LR if config.model in (None, "", "pref-default") else DEFAULT_LR
+        config.lr = EMBEDDED_MODEL_LR if embedded else DEFAULT_LR
+    if config.threads is None and embedded:
+        config.threads = EMBEDDED_MODEL_THREADS
     validate(config)
     return config
 
@@ -131,13 +149,27 @@ def validate(config: RunConfig) -> None:
         value = getattr(config, key)
         if value not in choices:
             raise PrefError(f"{key} must be one of {', '.join(choices)}, not {value!r}")
-    for key in POSITIVE:
+    for key in POSITIVE + POSITIVE_OR_NONE:
         value = getattr(config, key)
+        if value is None and key in POSITIVE_OR_NONE:
+            continue
         if not isinstance(value, int) or value < 1:
             raise PrefError(f"{key} must be a positive whole number, not {value!r}")
     if config.samples_per_prompt is not None and (not isinstance(config.samples_per_prompt, int) or config.samples_per_prompt < 2):
         raise PrefError(f"samples_per_prompt must be 2 or more, not {config.samples_per_prompt!r}")
     if not config.lr > 0:
         raise PrefError(f"lr must be positive, not {config.lr!r}")
-    if config.save_every < 0 or config.warmup_steps < 0:
-        raise PrefError("save_every and warmup_steps must be zero or positive")
+    if config.save_every < 0 or config.warmup_steps < 0 or config.eval_every < 0:
+        raise PrefError("save_every, eval_every and warmup_steps must be zero or positive")
+    if not 0 <= config.validation_split < 1:
+        raise PrefError(f"validation_split must be a share from 0 to below 1, not {config.validation_split!r}")
+    if config.validation_split and config.validation_dataset:
+        raise PrefError("give --validation-split or --validation-dataset, not both")
+    if config.validation_split and not config.dataset:
+        raise PrefError("--validation-split needs a --dataset to hold records out of")
+    if config.curriculum:
+        from pref.curriculum import CurriculumOptions
+
+        CurriculumOptions.from_dict(config.curriculum_options)  # a bad option fails before the model loads
+        if len(config.dataset) < 2:
+            raise PrefError("--curriculum needs two or more --dataset entries to choose between")

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
+from pref.errors import PrefError
 from pref.examples import LabeledExample, PreferenceExample, TextExample
-from pref.interfaces import LabeledBatch, PairBatch, Policy
+from pref.interfaces import LabeledBatch, Minibatch, PairBatch, Policy, Rollout
 
 
 def collate(policy: Policy, examples: Sequence[Any]) -> Any:
@@ -26,7 +27,7 @@ def collate(policy: Policy, examples: Sequence[Any]) -> Any:
             labels=torch.tensor([e.label for e in examples]),
         )
     if isinstance(first, TextExample):
-        return policy.encode([""] * len(examples), [e.text for e in examples])
+        return policy.encode([e.prompt for e in examples], [e.text for e in examples])
     raise TypeError(f"cannot batch records of type {type(first).__name__}")
 
 
@@ -76,15 +77,25 @@ class ShuffledBatches:
         self._order = self._shuffle(self.epoch)
 
 
-class OfflineBatches:
-    """Batches from a fixed dataset."""
+def order_metrics(order: Any) -> dict[str, float]:
+    """What an order reports about itself (a curriculum: its weights); a `ShuffledBatches` reports nothing."""
+    return order.metrics() if hasattr(order, "metrics") else {}
 
-    def __init__(self, policy: Policy, examples: Sequence[Any], batch_size: int, seed: int, rank: int = 0, world: int = 1):
+
+class OfflineBatches:
+    """Batches from a fixed dataset.
+
+    `order` decides which examples come next: by default a `ShuffledBatches` over them;
+    any object with `next()` (this process's examples), `state()` and `load_state()`
+    will do, such as a `pref.curriculum.Curriculum`.
+    """
+
+    def __init__(self, policy: Policy, examples: Sequence[Any], batch_size: int, seed: int, rank: int = 0, world: int = 1, order: Any = None):
         self.policy = policy
-        self.order = ShuffledBatches(examples, batch_size, seed, rank, world)
+        self.order = order if order is not None else ShuffledBatches(examples, batch_size, seed, rank, world)
 
     def next(self) -> tuple[Any, dict[str, float]]:
-        return collate(self.policy, self.order.next()), {}
+        return collate(self.policy, self.order.next()), order_metrics(self.order)
 
     def state(self) -> dict[str, int]:
         return self.order.state()
@@ -92,3 +103,62 @@ class OfflineBatches:
     def load_state(self, state: dict[str, int]) -> None:
         self.order.load_state(state)
 
+
+class RolloutSteps:
+    """Serves each fresh batch as `epochs x minibatches` optimizer steps (PPO's rollout reuse).
+
+    `draw()` returns a fresh (batch, metrics); `order` is what decides which data the next
+    draw takes (it has `state()` and `load_state()`). Each pass over a rollout shuffles its
+    rows, seeded by the seed and the rollout's number, and cuts them into `minibatches`
+    near-equal `Minibatch`es. Every step reports its rollout's metrics; timings (`time/...`)
+    only with the first step, which did the work.
+
+    `state()` describes the data position before the current rollout when it is partly
+    trained on: a resumed run draws that rollout again (the same prompts, sampled afresh)
+    and trains on it from its first step.
+    """
+
+    def __init__(self, draw: Callable[[], tuple[Any, dict[str, float]]], order: Any, epochs: int, minibatches: int, seed: int):
+        if epochs < 1 or minibatches < 1:
+            raise PrefError(f"epochs and mini-batches per batch must be at least 1, not {epochs} and {minibatches}")
+        self.draw = draw
+        self.order = order
+        self.epochs = epochs
+        self.minibatches = minibatches
+        self.seed = seed
+        self.rollouts = 0  # rollouts drawn so far
+        self._queue: list[Minibatch] = []
+        self._metrics: dict[str, float] = {}
+        self._order_before: dict[str, Any] = {}
+
+    def next(self) -> tuple[Minibatch, dict[str, float]]:
+        if not self._queue:
+            self._order_before = self.order.state()
+            batch, metrics = self.draw()
+            self._queue = self._split(Rollout(batch), len(batch))
+            self.rollouts += 1
+            self._metrics = {key: 0.0 if key.startswith("time/") else value for key, value in metrics.items()}
+            return self._queue.pop(0), metrics
+        return self._queue.pop(0), dict(self._metrics)
+
+    def _split(self, rollout: Rollout, rows: int) -> list[Minibatch]:
+        if rows < self.minibatches:
+            raise PrefError(f"a rollout of {rows} samples cannot be cut into {self.minibatches} mini-batches; lower the mini-batches or raise the batch size")
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.rollouts)
+        steps = []
+        for epoch in range(self.epochs):
+            order = torch.randperm(rows, generator=generator)
+            for index, part in enumerate(torch.tensor_split(order, self.minibatches)):
+                steps.append(Minibatch(rollout, part, epoch, index))
+        return steps
+
+    def state(self) -> dict[str, Any]:
+        if self._queue:  # part-way through a rollout: resume from before it
+            return {**self._order_before, "rollouts": self.rollouts - 1}
+        return {**self.order.state(), "rollouts": self.rollouts}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        state = dict(state)
+        self.rollouts = state.pop("rollouts", 0)
+        self._queue = []
+        self.order.load_state(state)

@@ -29,6 +29,10 @@ class LabeledExample:
 
 @dataclass
 class TextExample:
-    """Plain text for language modelling (a prompt prefix may be empty)."""
+    """Plain text for language modelling: `text` continues `prompt` (which may be empty).
+
+    Online objectives sample from `prompt`; likelihood-based measures score `text` given it.
+    """
 
     text: str
+    prompt: Prompt = ""

@@ -77,6 +77,9 @@ class RewardSource(ABC):
     #: The score a sample needs to count as good, for rewards with a natural pass
     #: mark (a 0/1 check); selectors use it when the user sets no threshold.
     quality_threshold: ClassVar[float | None] = None
+    #: New tokens enough for the answers this reward judges, for online sampling when
+    #: the run sets no `max_new_tokens` (None: the run's default, 32).
+    max_new_tokens: ClassVar[int | None] = None
 
     @abstractmethod
     def score(self, prompts: list[Prompt], completions: list[str]) -> dict[str, torch.Tensor]:
@@ -153,7 +156,7 @@ class PairSelector(ABC):
         """Pick pairs or sets from the pool."""
 
 
-Batch = Union["PairBatch", "LabeledBatch", Any]
+Batch = Union["PairBatch", "LabeledBatch", "Minibatch", Any]
 
 
 @dataclass
@@ -175,6 +178,76 @@ class LabeledBatch:
     labels: torch.Tensor  # [B] bool
 
 
+@dataclass
+class ScoredBatch:
+    """Every sample of an online step with its reward scores (objectives of data kind "samples").
+
+    Row i is `completions[i]`, sampled for `prompts[i]`: the K samples of each prompt are
+    consecutive rows. `scores` maps each score name of the reward to a float tensor [B].
+    """
+
+    prompts: list[Prompt]
+    completions: list[str]
+    sequences: Sequences
+    scores: dict[str, torch.Tensor]
+
+    def __len__(self) -> int:
+        return len(self.completions)
+
+    def select(self, rows: torch.Tensor | list[int]) -> "ScoredBatch":
+        rows = torch.as_tensor(rows, dtype=torch.long)
+        picked = rows.tolist()
+        return ScoredBatch(
+            [self.prompts[i] for i in picked],
+            [self.completions[i] for i in picked],
+            self.sequences.select(rows),
+            {name: values[rows.to(values.device)] for name, values in self.scores.items()},
+        )
+
+
+class Rollout:
+    """One fresh batch that is trained on for several optimizer steps (see `Minibatch`).
+
+    The objective's `prepare` runs on it at most once, on the first step that asks.
+    """
+
+    def __init__(self, batch: Any):
+        self.batch = batch
+        self._prepared: Any = None
+
+    def prepared(self, objective: "Objective", policy: Policy, reference: Reference | None) -> Any:
+        """`objective.prepare(policy, reference, batch)`, computed without grad the first time, then kept."""
+        if self._prepared is None:
+            with torch.no_grad():
+                self._prepared = objective.prepare(policy, reference, self.batch)
+        return self._prepared
+
+
+@dataclass
+class Minibatch:
+    """One optimizer step's share of a rollout (objectives of data kind "samples").
+
+    The data source serves each rollout as `epochs_per_batch` passes, each cut into
+    `minibatches_per_batch` mini-batches of shuffled rows; every mini-batch is one step.
+
+    rollout: the whole fresh batch, shared by all its mini-batches.
+    rows:    [b] long, the rows of the rollout this step trains on.
+    epoch, index: which pass over the rollout, and which mini-batch of that pass.
+    """
+
+    rollout: Rollout
+    rows: torch.Tensor
+    epoch: int = 0
+    index: int = 0
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def prepared(self, objective: "Objective", policy: Policy, reference: Reference | None) -> Any:
+        """This step's rows of the prepared rollout: `objective.prepare(...)` (run once per rollout), then `.select(rows)`."""
+        return self.rollout.prepared(objective, policy, reference).select(self.rows)
+
+
 class Objective(ABC):
     """A loss over log-probs. It declares what it needs; the loop provides it.
 
@@ -191,8 +264,14 @@ class Objective(ABC):
     samples_per_prompt: int = 1
     #: Needs a value head on the policy.
     needs_value_head: ClassVar[bool] = False
-    #: "pairs" or "sets": what the objective learns from.
+    #: What the objective learns from: "pairs" (`PairBatch`), "sets" (`LabeledBatch`), or
+    #: "samples" (online only: every sample with its scores, served as `Minibatch`es of a
+    #: `ScoredBatch` rollout; no pair selector).
     data_kind: ClassVar[str] = "pairs"
+    #: With data kind "samples": passes over each rollout, and mini-batches per pass; each
+    #: mini-batch is one optimizer step (PPO's epochs and mini-batches).
+    epochs_per_batch: int = 1
+    minibatches_per_batch: int = 1
     #: The dataset builder that reads a `--dataset PATH` for this objective.
     default_dataset_builder: ClassVar[str] = "preferences"
     #: What the trained model is: "causal-lm", or "sequence-classifier" (a reward model).
@@ -211,6 +290,15 @@ class Objective(ABC):
 
     def save(self, output_dir: str) -> None:
         """Write anything besides the policy that the run should keep (a discriminator, ...)."""
+
+    def prepare(self, policy: Policy, reference: Reference | None, batch: Batch) -> Any:
+        """Data kind "samples": turn a fresh rollout into what `loss` trains on, once, without grad.
+
+        Called through `Minibatch.prepared` by the first step of each rollout, before any
+        update on it: the place for old log-probs, values, rewards and advantages. The
+        result must have `select(rows)`. By default the batch itself.
+        """
+        return batch
 
     def own_reward(self) -> RewardSource | None:
         """A reward the objective brings itself (D2PO's discriminator); None to use `--reward`."""

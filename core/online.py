@@ -1,4 +1,4 @@
-"""Online batches: sample K completions per prompt, score them, select pairs or sets."""
+"""Online batches: sample K completions per prompt, score them, select pairs or sets (or keep them all)."""
 
 from __future__ import annotations
 
@@ -8,11 +8,11 @@ from typing import Any
 
 import torch
 
-from pref.data import ShuffledBatches
+from pref.data import RolloutSteps, ShuffledBatches, order_metrics
 from pref.errors import PrefError
 from pref.examples import Prompt
 from pref.metrics import distinct_ratio, entropy_bits
-from pref.interfaces import CandidatePool, LabeledBatch, Objective, PairBatch, PairSelector, Policy, RewardSource, SamplingConfig
+from pref.interfaces import CandidatePool, LabeledBatch, Objective, PairBatch, PairSelector, Policy, RewardSource, SamplingConfig, ScoredBatch
 
 
 class OnlineBatches:
@@ -21,6 +21,10 @@ class OnlineBatches:
     All P x K samples of a step come from one batched `generate` call. Rows
     the selector did not use are dropped; when no prompt of a draw gives a
     usable pair, the next prompts are drawn (up to `MAX_DRAWS` times).
+
+    For objectives of data kind "samples" nothing is selected: all P x K samples
+    and their scores form a `ScoredBatch` rollout, served as the objective's
+    epochs x mini-batches `Minibatch` steps (see `RolloutSteps`).
     """
 
     MAX_DRAWS = 10
@@ -30,22 +34,29 @@ class OnlineBatches:
         policy: Policy,
         prompts: Sequence[Prompt],
         reward: RewardSource,
-        selector: PairSelector,
+        selector: PairSelector | None,
         objective: Objective,
         sampling: SamplingConfig,
         prompts_per_step: int,
         seed: int,
         rank: int = 0,
         world: int = 1,
+        order: Any = None,
     ):
         self.policy = policy
         self.reward = reward
         self.selector = selector
         self.objective = objective
         self.sampling = sampling
-        self.order = ShuffledBatches(list(prompts), prompts_per_step, seed, rank, world)
+        # any order with next()/state()/load_state() may replace the shuffled prompts (a curriculum over records)
+        self.order = order if order is not None else ShuffledBatches(list(prompts), prompts_per_step, seed, rank, world)
+        self.steps = None
+        if objective.data_kind == "samples":
+            self.steps = RolloutSteps(self._samples, self.order, objective.epochs_per_batch, objective.minibatches_per_batch, seed)
 
     def next(self) -> tuple[Any, dict[str, float]]:
+        if self.steps is not None:
+            return self.steps.next()
         for draw in range(self.MAX_DRAWS):
             batch, metrics = self._draw()
             if batch is not None:
@@ -56,7 +67,7 @@ class OnlineBatches:
         )
 
     def _draw(self) -> tuple[Any, dict[str, float]]:
-        prompts = self.order.next()
+        prompts = self._next_prompts()
         k = self.objective.samples_per_prompt
 
         t0 = time.perf_counter()
@@ -64,10 +75,7 @@ class OnlineBatches:
         t1 = time.perf_counter()
         flat_prompts = [p for p in prompts for _ in range(k)]
         flat_completions = [c for row in completions for c in row]
-        # on the CPU, like the log-probs below, whatever device the reward computed them on
-        scores = {name: values.detach().reshape(len(prompts), k).float().cpu() for name, values in self.reward.score(flat_prompts, flat_completions).items()}
-        if "reward" not in scores:
-            raise PrefError(f"reward {type(self.reward).__name__} gave no score named 'reward' (it gave {', '.join(scores) or 'none'})")
+        scores = {name: values.reshape(len(prompts), k) for name, values in self._score(flat_prompts, flat_completions).items()}
         logps = None
         if getattr(self.selector, "needs_logps", False):
             with torch.no_grad():
@@ -76,19 +84,41 @@ class OnlineBatches:
         selection = self.selector.select(CandidatePool(list(prompts), completions, scores, logps))
         t3 = time.perf_counter()
 
-        rewards = scores["reward"]
         metrics = {
-            "reward/mean": rewards.mean().item(),
-            "reward/std": rewards.std().item() if rewards.numel() > 1 else 0.0,
-            "reward/max": rewards.max().item(),
-            "samples/distinct_ratio": distinct_ratio(flat_completions),
-            "samples/entropy": entropy_bits(flat_completions),
+            **sample_metrics(scores["reward"], flat_completions),
             "pairs/usable_fraction": len({p for p, _, _ in selection.pairs} | {p for p, _ in selection.accepted + selection.rejected}) / len(prompts),
             "time/sampling": t1 - t0,
             "time/scoring": (t2 - t1) + (t3 - t2),
             **selection.metrics,
+            **order_metrics(self.order),
         }
         return self._batch(prompts, completions, selection), metrics
+
+    def _samples(self) -> tuple[ScoredBatch, dict[str, float]]:
+        """Data kind "samples": all P x K samples of the next prompts, scored, none selected."""
+        prompts = self._next_prompts()
+        k = self.objective.samples_per_prompt
+        t0 = time.perf_counter()
+        completions = self.policy.generate(prompts, k, self.sampling)
+        t1 = time.perf_counter()
+        flat_prompts = [p for p in prompts for _ in range(k)]
+        flat_completions = [c for row in completions for c in row]
+        scores = self._score(flat_prompts, flat_completions)
+        t2 = time.perf_counter()
+        batch = ScoredBatch(flat_prompts, flat_completions, self.policy.encode(flat_prompts, flat_completions), scores)
+        metrics = {**sample_metrics(scores["reward"], flat_completions), "time/sampling": t1 - t0, "time/scoring": t2 - t1, **order_metrics(self.order)}
+        return batch, metrics
+
+    def _next_prompts(self) -> list[Prompt]:
+        """The order's next items as prompts: a record (with a `prompt`) gives its prompt."""
+        return [getattr(item, "prompt", item) for item in self.order.next()]
+
+    def _score(self, prompts: list[Prompt], completions: list[str]) -> dict[str, torch.Tensor]:
+        """The reward's scores, name -> float [B], on the CPU whatever device the reward computed them on."""
+        scores = {name: values.detach().float().cpu() for name, values in self.reward.score(prompts, completions).items()}
+        if "reward" not in scores:
+            raise PrefError(f"reward {type(self.reward).__name__} gave no score named 'reward' (it gave {', '.join(scores) or 'none'})")
+        return scores
 
     def _batch(self, prompts: list[Prompt], completions: list[list[str]], selection: Any) -> Any:
         if self.objective.data_kind == "sets":
@@ -108,7 +138,21 @@ class OnlineBatches:
         )
 
     def state(self) -> dict[str, int]:
-        return self.order.state()
+        return self.steps.state() if self.steps is not None else self.order.state()
 
     def load_state(self, state: dict[str, int]) -> None:
-        self.order.load_state(state)
+        if self.steps is not None:
+            self.steps.load_state(state)
+        else:
+            self.order.load_state(state)
+
+
+def sample_metrics(rewards: torch.Tensor, completions: list[str]) -> dict[str, float]:
+    """Reward statistics and diversity of one step's samples."""
+    return {
+        "reward/mean": rewards.mean().item(),
+        "reward/std": rewards.std().item() if rewards.numel() > 1 else 0.0,
+        "reward/max": rewards.max().item(),
+        "samples/distinct_ratio": distinct_ratio(completions),
+        "samples/entropy": entropy_bits(completions),
+    }

@@ -20,7 +20,8 @@ from typing import Any
 import torch
 
 from pref.checkpoint import find_checkpoint, load_checkpoint, rng_state, save_checkpoint
-from pref.config import RunConfig
+from pref.config import DEFAULT_MAX_NEW_TOKENS, RunConfig
+from pref.curriculum import Curriculum, CurriculumOptions, dataset_names
 from pref.data import OfflineBatches, collate
 from pref.errors import PrefError
 from pref.interfaces import Objective, PairBatch, Reference, SamplingConfig
@@ -29,6 +30,7 @@ from pref.policy import HFPolicy, unwrap
 from pref.progress import TrainingProgress
 from pref.reference import CachedReference, FrozenReference
 from pref.registry import Registry
+from pref.validation import Evaluation, hold_out
 
 RUN_FILE = "run.json"
 FINAL_DIR = "final"
@@ -64,16 +66,17 @@ def build_objective(config: RunConfig, registry: Registry) -> Objective:
     return objective
 
 
-DATA_FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+DATA_FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".txt")
 
 
-def dataset_builders(config: RunConfig, registry: Registry, objective: Objective) -> list[Any]:
-    """A builder per `--dataset` entry: a registered builder's name, or a path/hub name for the objective's default builder.
+def dataset_builders(config: RunConfig, registry: Registry, objective: Objective, entries: list[str] | None = None) -> list[Any]:
+    """A builder per `--dataset` entry (or per one of `entries`): a registered builder's name, or a
+    path/hub name for the objective's default builder (`text` for a .txt file).
 
     Called before the model loads, so a misspelled name, a bad option or a missing file fails at once.
     """
     builders = []
-    for entry in config.dataset:
+    for entry in config.dataset if entries is None else entries:
         if entry in registry.names("dataset"):
             builders.append(registry.create("dataset", entry, config.dataset_options))
             continue
@@ -82,7 +85,8 @@ def dataset_builders(config: RunConfig, registry: Registry, objective: Objective
         if meant_as_file and not os.path.exists(os.path.expanduser(entry)):
             builder_names = ", ".join(registry.names("dataset"))
             raise PrefError(f"--dataset {entry}: no such file or folder (nor a dataset builder: {builder_names})")
-        builders.append(registry.create("dataset", objective.default_dataset_builder, {**config.dataset_options, "path": entry}))
+        builder = "text" if entry.lower().endswith(".txt") else objective.default_dataset_builder
+        builders.append(registry.create("dataset", builder, {**config.dataset_options, "path": entry}))
     return builders
 
 
@@ -103,11 +107,22 @@ def build_reference(config: RunConfig, objective: Objective, policy: HFPolicy, e
     return FrozenReference.copy_of(unwrap(policy.model))
 
 
-def build_data(config: RunConfig, registry: Registry, objective: Objective, policy: HFPolicy, examples: list[Any], rank: int, world: int) -> Any:
+def build_curriculum(config: RunConfig, objective: Objective, policy: HFPolicy, example_sets: list[list[Any]], rank: int, world: int) -> Curriculum:
+    """The `--curriculum` order over the `--dataset` entries, its schedule counted in optimizer steps."""
+    batches_per_step = float(config.grad_accum)
+    if objective.data_kind == "samples":  # one batch (a rollout) serves epochs x mini-batches steps
+        batches_per_step /= objective.epochs_per_batch * objective.minibatches_per_batch
+    datasets = dict(zip(dataset_names(config.dataset), example_sets))
+    options = CurriculumOptions.from_dict(config.curriculum_options)
+    return Curriculum(datasets, policy, config.batch_size, config.seed, rank, world, options, batches_per_step)
+
+
+def build_data(config: RunConfig, registry: Registry, objective: Objective, policy: HFPolicy, examples: list[Any], rank: int, world: int, order: Any = None) -> Any:
+    """Offline or online batches; `order` (a curriculum) replaces their shuffled order when given."""
     if not objective.online:
         if not examples:
             raise PrefError(f"objective {config.objective!r} trains on a dataset: pass --dataset FILE")
-        return OfflineBatches(policy, examples, config.batch_size, config.seed, rank, world)
+        return OfflineBatches(policy, examples, config.batch_size, config.seed, rank, world, order=order)
     from pref.online import OnlineBatches
 
     reward = objective.own_reward()
@@ -126,8 +141,10 @@ def build_data(config: RunConfig, registry: Registry, objective: Objective, poli
     prompts = [getattr(e, "prompt", e) for e in examples] or list(reward.default_prompts)
     if not prompts:
         raise PrefError(f"the reward {type(reward).__name__} has no default prompts: pass --dataset with prompts")
+    if config.max_new_tokens is None:  # the reward knows how long its answers are
+        config.max_new_tokens = getattr(reward, "max_new_tokens", None) or DEFAULT_MAX_NEW_TOKENS
     sampling = SamplingConfig(config.max_new_tokens, config.temperature, config.top_p, config.top_k)
-    return OnlineBatches(policy, prompts, reward, selector, objective, sampling, config.batch_size, config.seed, rank, world)
+    return OnlineBatches(policy, prompts, reward, selector, objective, sampling, config.batch_size, config.seed, rank, world, order=order)
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, config: RunConfig) -> torch.optim.lr_scheduler.LambdaLR:
@@ -196,6 +213,8 @@ def train_policy(config: RunConfig, registry: Registry) -> tuple[str, HFPolicy]:
     from accelerate.utils import gather_object, set_seed
 
     set_seed(config.seed + accelerator.process_index)
+    if config.threads:
+        torch.set_num_threads(config.threads)  # for the whole process, like the seed
     rank, world = accelerator.process_index, accelerator.num_processes
     out_dir = config.resolved_output_dir()
     if not config.resume and os.path.exists(os.path.join(out_dir, RUN_FILE)):
@@ -209,15 +228,21 @@ def train_policy(config: RunConfig, registry: Registry) -> tuple[str, HFPolicy]:
     for name in config.loggers:
         registry.get("logger", name)
     builders = dataset_builders(config, registry, objective)
+    validation_builders = dataset_builders(config, registry, objective, config.validation_dataset)
     policy = HFPolicy.load(config.model, kind=objective.model_kind, max_length=config.max_length, max_prompt_length=config.max_prompt_length)
     policy.model.to(accelerator.device)
     objective.setup(policy)
     modules = objective.trainable_modules()
     for module in modules.values():
         module.to(accelerator.device).train()
-    examples = [example for builder in builders for example in builder.build(policy)]
-    reference = build_reference(config, objective, policy, examples)
-    data = build_data(config, registry, objective, policy, examples, rank, world)
+    example_sets, validation = hold_out([builder.build(policy) for builder in builders], config.validation_split, config.seed)
+    validation += [example for builder in validation_builders for example in builder.build(policy)]
+    examples = [example for examples in example_sets for example in examples]
+    reference = build_reference(config, objective, policy, examples + validation)
+    order = build_curriculum(config, objective, policy, example_sets, rank, world) if config.curriculum else None
+    data = build_data(config, registry, objective, policy, examples, rank, world, order)
+    if config.max_new_tokens is None:  # offline: only answers to --test-prompt are sampled
+        config.max_new_tokens = DEFAULT_MAX_NEW_TOKENS
 
     # -- optimizer and schedule -------------------------------------------------
     module_params = [p for m in modules.values() for p in m.parameters() if p.requires_grad]
@@ -249,6 +274,7 @@ def train_policy(config: RunConfig, registry: Registry) -> tuple[str, HFPolicy]:
         with open(os.path.join(out_dir, RUN_FILE), "w") as f:
             json.dump(run_record(config, registry), f, indent=2, default=str)
         loggers = [registry.create("logger", name, output_dir=out_dir) for name in config.loggers]
+    evaluation = Evaluation(config, accelerator, policy, objective, reference, validation, out_dir)
 
     # -- the loop -------------------------------------------------------------------
     progress = TrainingProgress(config.steps, start_step, enabled=accelerator.is_main_process)
@@ -282,9 +308,14 @@ def train_policy(config: RunConfig, registry: Registry) -> tuple[str, HFPolicy]:
             totals["grad_norm"] = float(grad_norm)
             totals["lr"] = scheduler.get_last_lr()[0]
 
+            # evaluate and keep the best model (every process gets the same figures)
+            evaluated = evaluation.due(step)
+            if evaluated:
+                totals.update(evaluation.run(step))
+
             # log
             totals = mean_across_processes(accelerator, totals)
-            if step % config.log_every == 0:
+            if step % config.log_every == 0 or evaluated:
                 for logger in loggers:
                     logger.log(step, totals)
             progress.update(step, totals)

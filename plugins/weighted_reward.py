@@ -1,0 +1,65 @@
+"""The `weighted` reward: a weighted sum of other rewards."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from pref.errors import PrefError
+from pref.examples import Prompt
+from pref.hookspecs import hookimpl
+from pref.interfaces import RewardSource
+
+
+class WeightedReward(RewardSource):
+    """A weighted sum of other reward plugins: reward = sum of weight x that reward's `reward`.
+
+    `--reward weighted --reward-option rewards='{repetition: 1.0, noun-diversity: 0.5}'`
+
+    Options:
+        rewards: reward name -> weight (at least one).
+        options: reward name -> that reward's own options, e.g. `{repetition: {n: 3}}`.
+
+    Scores: `reward`, and each part's scores as `NAME/SCORE` (`repetition/reward`, ...).
+    Its default prompts are the parts' default prompts, in order. The parts are found
+    among the installed plugins (or in `registry`, when the host passes one).
+    """
+
+    def __init__(self, rewards: dict[str, float], options: dict[str, dict[str, Any]] | None = None, registry: Any = None):
+        if not isinstance(rewards, dict) or not rewards:
+            raise PrefError("weighted: give the rewards to combine as a mapping of name to weight, e.g. rewards='{repetition: 1.0}'")
+        options = options or {}
+        unknown = sorted(set(options) - set(rewards))
+        if unknown:
+            raise PrefError(f"weighted: options given for {', '.join(unknown)}, which is not among the rewards ({', '.join(rewards)})")
+        if registry is None:
+            from pref.registry import load_registry  # lazily: loading plugins imports this module
+
+            registry = load_registry()
+        self.weights: dict[str, float] = {}
+        self.parts: dict[str, RewardSource] = {}
+        for name, weight in rewards.items():
+            if isinstance(weight, bool) or not isinstance(weight, (int, float)):
+                raise PrefError(f"weighted: the weight of {name!r} must be a number, not {weight!r}")
+            self.weights[name] = float(weight)
+            self.parts[name] = registry.create("reward", name, options.get(name), registry=registry)
+        self.default_prompts = list(dict.fromkeys(p for part in self.parts.values() for p in part.default_prompts))
+
+    def score(self, prompts: list[Prompt], completions: list[str]) -> dict[str, torch.Tensor]:
+        """`reward` [B], the weighted sum, and every part's scores [B] under `NAME/SCORE`."""
+        total = torch.zeros(len(completions))
+        scores: dict[str, torch.Tensor] = {}
+        for name, part in self.parts.items():
+            part_scores = part.score(prompts, completions)
+            if "reward" not in part_scores:
+                raise PrefError(f"weighted: reward {name!r} gave no score named 'reward'")
+            for key, values in part_scores.items():
+                scores[f"{name}/{key}"] = values.detach().float().cpu()
+            total = total + self.weights[name] * scores[f"{name}/reward"]
+        return {"reward": total, **scores}
+
+
+@hookimpl
+def register_rewards(register):
+    register("weighted", WeightedReward)

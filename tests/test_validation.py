@@ -1,0 +1,154 @@
+"""Evaluation during training: held-out splits, validation loss (offline and online), the best model, test prompts."""
+
+import json
+import os
+
+import pytest
+import torch
+from torch.testing import assert_close
+from transformers import AutoModelForCausalLM
+
+from pref.config import build_config
+from pref.data import collate
+from pref.errors import PrefError
+from pref.examples import LabeledExample, PreferenceExample, TextExample
+from pref.hookspecs import hookimpl
+from pref.interfaces import RewardSource
+from pref.plugins.preference_data import load_preferences
+from pref.policy import HFPolicy
+from pref.reference import FrozenReference
+from pref.registry import Registry, get_plugin_manager, load_registry
+from pref.train import train
+from pref.validation import BEST_DIR, BEST_FILE, GENERATIONS_FILE, Evaluation, hold_out, scored_text, text_nll
+
+
+def test_what_a_likelihood_measure_scores():
+    assert scored_text(TextExample(" rest", prompt="start")) == ("start", " rest")
+    assert scored_text(PreferenceExample("q", "good", "bad")) == ("q", "good")
+    assert scored_text(LabeledExample("q", "answer", False)) == ("q", "answer")
+    assert scored_text("Name a fruit.") == ("", "Name a fruit.")
+
+
+def test_text_nll_is_the_per_token_nll_of_the_text_given_the_prompt(tiny_model_dir):
+    policy = HFPolicy.load(tiny_model_dir)
+    policy.model.train()
+    records = [TextExample(" is blue .", prompt="the sky"), TextExample(" cat sat on the mat .", prompt="the"), TextExample("hello")]
+    nll = text_nll(policy.model, policy, records, batch_size=2)
+    sequences = policy.encode([r.prompt for r in records], [r.text for r in records])
+    with torch.no_grad():
+        logps = policy.logps(sequences)
+    expected = -logps.sequence / logps.mask.sum(-1)
+    assert_close(nll, expected, atol=1e-5, rtol=1e-5)
+    assert policy.model.training  # scored in eval mode, then put back
+
+
+def test_hold_out_is_seeded_per_dataset_and_keeps_training_data():
+    sets = [list(range(10)), list(range(100, 104))]
+    kept, held = hold_out(sets, 0.2, seed=3)
+    assert len(held) == 2 + 1  # round(0.2 x 10) and at least one of 4
+    assert sorted(held + kept[0] + kept[1]) == sorted(sets[0] + sets[1])
+    assert hold_out(sets, 0.2, seed=3) == (kept, held)
+    assert hold_out(sets, 0.0, seed=3) == (sets, [])
+    with pytest.raises(PrefError, match="dataset 2 has 1 records, too few"):
+        hold_out([list(range(10)), [7]], 0.5, seed=0)
+
+
+def test_validation_options_are_checked():
+    with pytest.raises(PrefError, match="validation_split must be a share"):
+        build_config(flags={"dataset": ["a.jsonl"], "validation_split": 1.0})
+    with pytest.raises(PrefError, match="not both"):
+        build_config(flags={"dataset": ["a.jsonl"], "validation_split": 0.1, "validation_dataset": "b.jsonl"})
+    with pytest.raises(PrefError, match="needs a --dataset"):
+        build_config(flags={"validation_split": 0.1})
+    with pytest.raises(PrefError, match="eval_every"):
+        build_config(flags={"eval_every": -1})
+
+
+class FakeAccelerator:
+    is_main_process = True
+
+    def wait_for_everyone(self):
+        pass
+
+
+def test_when_evaluation_is_due_and_a_resumed_run_keeps_its_best(tmp_path):
+    config = build_config(flags={"steps": 10, "eval_every": 4, "test_prompts": ["Hi."]})
+    evaluation = Evaluation(config, FakeAccelerator(), None, None, None, [], str(tmp_path))
+    assert [s for s in range(1, 11) if evaluation.due(s)] == [4, 8, 10]  # and the last step
+    config = build_config(flags={"steps": 10})
+    assert not any(Evaluation(config, FakeAccelerator(), None, None, None, [], str(tmp_path)).due(s) for s in range(1, 11))
+    config = build_config(flags={"steps": 10, "test_prompts": "Hi."})
+    assert [s for s in range(1, 11) if Evaluation(config, FakeAccelerator(), None, None, None, [], str(tmp_path)).due(s)] == [10]
+    (tmp_path / BEST_FILE).write_text(json.dumps({"step": 3, "validation_loss": 0.25}))
+    assert Evaluation(config, FakeAccelerator(), None, None, None, [], str(tmp_path)).best == 0.25
+
+
+def metrics(out):
+    return [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+
+
+def test_offline_run_logs_the_objectives_held_out_loss_and_keeps_the_best(tmp_path, tiny_model_dir, prefs_file):
+    config = build_config(flags={
+        "objective": "dpo", "model": tiny_model_dir, "dataset": [prefs_file], "validation_split": 0.34, "eval_every": 2,
+        "test_prompts": ["What is your name?", "Name a fruit."], "steps": 5, "batch_size": 2, "device": "cpu",
+        "log_every": 5, "output_dir": str(tmp_path / "run"),
+    })
+    out = train(config, load_registry())
+    lines = metrics(out)
+    assert [m["step"] for m in lines] == [2, 4, 5]  # evaluated steps are logged whatever --log-every says
+    losses = {m["step"]: m["validation/loss"] for m in lines}
+
+    # the logged value is DPO's loss on the 2 held-out pairs, as the final model and the start model see them
+    _, held = hold_out([load_preferences(prefs_file)], 0.34, seed=0)
+    assert len(held) == 2
+    final = HFPolicy.load(os.path.join(out, "final"))
+    objective = load_registry().create("objective", "dpo", {})
+    with torch.no_grad():
+        loss, _ = objective.loss(final, FrozenReference.copy_of(AutoModelForCausalLM.from_pretrained(tiny_model_dir)), collate(final, held))
+    assert loss.item() == pytest.approx(losses[5], abs=1e-4)
+
+    best = json.load(open(os.path.join(out, BEST_FILE)))
+    assert best["measure"] == "objective loss"
+    assert best["validation_loss"] == pytest.approx(min(losses.values())) and losses[best["step"]] == best["validation_loss"]
+    assert AutoModelForCausalLM.from_pretrained(os.path.join(out, BEST_DIR)) is not None
+    assert not [name for name in os.listdir(out) if name.startswith(".tmp")]
+
+    generations = [json.loads(line) for line in open(os.path.join(out, GENERATIONS_FILE))]
+    assert [(g["step"], g["prompt"]) for g in generations] == [
+        (s, p) for s in (2, 4, 5) for p in ("What is your name?", "Name a fruit.")
+    ]
+    assert all(isinstance(g["text"], str) for g in generations)
+
+
+class Longer(RewardSource):
+    """Reward = answer length, on two prompts of its own."""
+
+    default_prompts = ["Say one word.", "Name a fruit."]
+
+    def score(self, prompts, completions):
+        return {"reward": torch.tensor([float(len(c)) for c in completions])}
+
+
+class LongerPlugin:
+    @hookimpl
+    def register_rewards(self, register):
+        register("longer", Longer)
+
+
+def test_online_run_logs_the_policys_nll_on_a_validation_dataset(tmp_path, tiny_model_dir):
+    held = tmp_path / "held.txt"
+    held.write_text("the sky is blue and the sea is green .\nname one random common english noun . apple\n")
+    config = build_config(flags={
+        "objective": "online-dpo", "reward": "longer", "model": tiny_model_dir, "validation_dataset": [str(held)],
+        "steps": 2, "batch_size": 2, "samples_per_prompt": 2, "max_new_tokens": 4, "device": "cpu",
+        "output_dir": str(tmp_path / "run"),
+    })
+    pm, failures, sources = get_plugin_manager()
+    pm.register(LongerPlugin(), name="test-longer")
+    out = train(config, Registry(pm, failures, sources))
+    (last,) = [m for m in metrics(out) if "validation/loss" in m]
+    assert last["step"] == 2
+    final = HFPolicy.load(os.path.join(out, "final"))
+    records = load_registry().create("dataset", "text", {"path": str(held)}).build()
+    assert last["validation/loss"] == pytest.approx(text_nll(final.model, final, records).mean().item(), abs=1e-4)
+    assert json.load(open(os.path.join(out, BEST_FILE)))["measure"] == "per-token nll"
