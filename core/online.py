@@ -66,36 +66,8 @@ class OnlineBatches:
             "raise --samples-per-prompt or --temperature, or check the reward"
         )
 
-    def _draw(self) -> tuple[Any, dict[str, float]]:
-        prompts = self._next_prompts()
-        k = self.objective.samples_per_prompt
-
-        t0 = time.perf_counter()
-        completions = self.policy.generate(prompts, k, self.sampling)
-        t1 = time.perf_counter()
-        flat_prompts = [p for p in prompts for _ in range(k)]
-        flat_completions = [c for row in completions for c in row]
-        scores = {name: values.reshape(len(prompts), k) for name, values in self._score(flat_prompts, flat_completions).items()}
-        logps = None
-        if getattr(self.selector, "needs_logps", False):
-            with torch.no_grad():
-                logps = self.policy.logps(self.policy.encode(flat_prompts, flat_completions)).sequence.reshape(len(prompts), k).cpu()
-        t2 = time.perf_counter()
-        selection = self.selector.select(CandidatePool(list(prompts), completions, scores, logps))
-        t3 = time.perf_counter()
-
-        metrics = {
-            **sample_metrics(scores["reward"], flat_completions),
-            "pairs/usable_fraction": len({p for p, _, _ in selection.pairs} | {p for p, _ in selection.accepted + selection.rejected}) / len(prompts),
-            "time/sampling": t1 - t0,
-            "time/scoring": (t2 - t1) + (t3 - t2),
-            **selection.metrics,
-            **order_metrics(self.order),
-        }
-        return self._batch(prompts, completions, selection), metrics
-
-    def _samples(self) -> tuple[ScoredBatch, dict[str, float]]:
-        """Data kind "samples": all P x K samples of the next prompts, scored, none selected."""
+    def _sample(self) -> tuple[list[Prompt], list[list[str]], dict[str, torch.Tensor], dict[str, float]]:
+        """The next prompts, K completions each from one generate call, and their flat [P * K] scores."""
         prompts = self._next_prompts()
         k = self.objective.samples_per_prompt
         t0 = time.perf_counter()
@@ -104,10 +76,38 @@ class OnlineBatches:
         flat_prompts = [p for p in prompts for _ in range(k)]
         flat_completions = [c for row in completions for c in row]
         scores = self._score(flat_prompts, flat_completions)
-        t2 = time.perf_counter()
+        metrics = {**sample_metrics(scores["reward"], flat_completions), "time/sampling": t1 - t0, "time/scoring": time.perf_counter() - t1}
+        return prompts, completions, scores, metrics
+
+    def _draw(self) -> tuple[Any, dict[str, float]]:
+        """Sample, score, and let the selector pick pairs or sets."""
+        prompts, completions, flat_scores, metrics = self._sample()
+        k = self.objective.samples_per_prompt
+        t0 = time.perf_counter()
+        scores = {name: values.reshape(len(prompts), k) for name, values in flat_scores.items()}
+        logps = None
+        if getattr(self.selector, "needs_logps", False):
+            flat_prompts = [p for p in prompts for _ in range(k)]
+            flat_completions = [c for row in completions for c in row]
+            with torch.no_grad():
+                logps = self.policy.logps(self.policy.encode(flat_prompts, flat_completions)).sequence.reshape(len(prompts), k).cpu()
+        selection = self.selector.select(CandidatePool(list(prompts), completions, scores, logps))
+        metrics["time/scoring"] += time.perf_counter() - t0
+        metrics.update({
+            "pairs/usable_fraction": len({p for p, _, _ in selection.pairs} | {p for p, _ in selection.accepted + selection.rejected}) / len(prompts),
+            **selection.metrics,
+            **order_metrics(self.order),
+        })
+        return self._batch(prompts, completions, selection), metrics
+
+    def _samples(self) -> tuple[ScoredBatch, dict[str, float]]:
+        """Data kind "samples": all P x K samples of the next prompts, scored, none selected."""
+        prompts, completions, scores, metrics = self._sample()
+        k = self.objective.samples_per_prompt
+        flat_prompts = [p for p in prompts for _ in range(k)]
+        flat_completions = [c for row in completions for c in row]
         batch = ScoredBatch(flat_prompts, flat_completions, self.policy.encode(flat_prompts, flat_completions), scores)
-        metrics = {**sample_metrics(scores["reward"], flat_completions), "time/sampling": t1 - t0, "time/scoring": t2 - t1, **order_metrics(self.order)}
-        return batch, metrics
+        return batch, {**metrics, **order_metrics(self.order)}
 
     def _next_prompts(self) -> list[Prompt]:
         """The order's next items as prompts: a record (with a `prompt`) gives its prompt."""
