@@ -34,7 +34,7 @@ class RunConfig:
     mixed_precision: str = "no"  # no | fp16 | bf16
     threads: int | None = None  # CPU threads of torch; None: EMBEDDED_MODEL_THREADS for the embedded default model, else torch's own
 
-    steps: int = 100
+    steps: int = 400
     batch_size: int = 8
     grad_accum: int = 1
     lr: float | None = None  # None: DEFAULT_LR, or EMBEDDED_MODEL_LR for the embedded default model
@@ -73,12 +73,13 @@ class RunConfig:
 
 
 #: Peak learning rates when none is given: small for real pretrained models,
-#: large for the tiny embedded default, which a few hundred steps must visibly move.
+#: large for the tiny embedded default, which a few hundred steps must visibly move
+#: without collapsing it onto a few answers (bench/divpo_nouns.py).
 DEFAULT_LR = 1e-6
-EMBEDDED_MODEL_LR = 1e-3
+EMBEDDED_MODEL_LR = 5e-4
 #: The embedded default model's matrices (hidden size 96) are too small for a second
-#: thread to pay for itself: on 2 cores, one thread trained it as fast when they were
-#: idle and 5x faster when other jobs kept them busy, where the threads' spin-waits collide.
+#: thread to pay for itself: on 2 cores shared with other jobs, a DivPO step took 0.07 s
+#: on one thread and 0.27 s on two, which also spent five times the CPU time waiting.
 EMBEDDED_MODEL_THREADS = 1
 #: New tokens per online sample when neither the run nor the reward sets it.
 DEFAULT_MAX_NEW_TOKENS = 32

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from pref.data import RolloutSteps, ShuffledBatches, order_metrics
-from pref.errors import PrefError
+from pref.errors import NoUsablePairs, PrefError
 from pref.examples import Prompt
 from pref.metrics import distinct_ratio, entropy_bits
 from pref.interfaces import CandidatePool, LabeledBatch, Objective, PairBatch, PairSelector, Policy, RewardSource, SamplingConfig, ScoredBatch
@@ -61,7 +61,7 @@ class OnlineBatches:
             batch, metrics = self._draw()
             if batch is not None:
                 return batch, {**metrics, "samples/redraws": float(draw)}
-        raise PrefError(
+        raise NoUsablePairs(
             f"no usable pair in {self.MAX_DRAWS} draws of prompts: every pool was all-equal or unusable; "
             "raise --samples-per-prompt or --temperature, or check the reward"
         )

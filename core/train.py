@@ -8,6 +8,7 @@ forward and backward (accumulated), clip and update, log, checkpoint.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import platform
@@ -23,7 +24,7 @@ from pref.checkpoint import find_checkpoint, load_checkpoint, rng_state, save_ch
 from pref.config import DEFAULT_MAX_NEW_TOKENS, RunConfig
 from pref.curriculum import Curriculum, CurriculumOptions, dataset_names
 from pref.data import OfflineBatches, collate
-from pref.errors import PrefError
+from pref.errors import NoUsablePairs, PrefError
 from pref.interfaces import Objective, PairBatch, Reference, SamplingConfig
 from pref.models import DEFAULT_MODEL
 from pref.policy import HFPolicy, unwrap
@@ -31,6 +32,8 @@ from pref.progress import TrainingProgress
 from pref.reference import CachedReference, FrozenReference
 from pref.registry import Registry
 from pref.validation import Evaluation, hold_out
+
+log = logging.getLogger(__name__)
 
 RUN_FILE = "run.json"
 FINAL_DIR = "final"
@@ -278,12 +281,22 @@ def train_policy(config: RunConfig, registry: Registry) -> tuple[str, HFPolicy]:
 
     # -- the loop -------------------------------------------------------------------
     progress = TrainingProgress(config.steps, start_step, enabled=accelerator.is_main_process)
+    stopped = ""
     with progress:
         for step in range(start_step + 1, config.steps + 1):
             # forward and backward, accumulated over micro-batches
             totals: dict[str, float] = {}
             for micro in range(config.grad_accum):
-                batch, data_metrics = data.next()
+                try:
+                    batch, data_metrics = data.next()
+                except NoUsablePairs:
+                    # after the first step: the policy now earns one reward for every sample, nothing is
+                    # left to learn, so keep the model (several processes cannot stop one alone: fail instead)
+                    if step == start_step + 1 or world > 1:
+                        raise
+                    stopped = (f"Stopped after step {step - 1} of {config.steps}: every pool of the policy's samples was "
+                               "all-equal or unusable, so no pair is left to learn from")
+                    break
                 t_update = time.perf_counter()
                 last = micro == config.grad_accum - 1
                 with nullcontext() if last else accelerator.no_sync(model):
@@ -293,6 +306,8 @@ def train_policy(config: RunConfig, registry: Registry) -> tuple[str, HFPolicy]:
                 metrics = {"loss": loss.item(), **metrics, **data_metrics, "time/update": time.perf_counter() - t_update}
                 for key, value in metrics.items():
                     totals[key] = totals.get(key, 0.0) + value / config.grad_accum
+            if stopped:
+                break
 
             # clip and update (the objective's own modules are outside DDP: average their gradients here)
             t_step = time.perf_counter()
@@ -333,6 +348,8 @@ def train_policy(config: RunConfig, registry: Registry) -> tuple[str, HFPolicy]:
                 accelerator.wait_for_everyone()
 
     # -- the final model, in Hugging Face format ------------------------------------------
+    if stopped and accelerator.is_main_process:
+        log.warning(stopped)
     for logger in loggers:
         logger.close()
     accelerator.wait_for_everyone()

@@ -11,6 +11,7 @@ from click.testing import CliRunner
 
 from pref.cli.main import cli
 from pref.config import build_config, read_config_file
+from pref.errors import PrefError
 from pref.policy import HFPolicy
 
 
@@ -103,6 +104,25 @@ def test_toml_and_yaml_configs_agree(tmp_path):
     yaml = tmp_path / "run.yml"
     yaml.write_text("steps: 7\nbatch-size: 2\nobjective_options:\n  beta: 0.3\n")
     assert build_config(read_config_file(str(toml))) == build_config(read_config_file(str(yaml)))
+
+
+def test_the_embedded_default_model_trains_on_one_thread():
+    from pref.config import EMBEDDED_MODEL_THREADS
+
+    assert build_config().threads == EMBEDDED_MODEL_THREADS == 1
+    assert build_config(flags={"model": "pref-default", "threads": 2}).threads == 2  # a flag wins
+    assert build_config(flags={"model": "some/hub-model"}).threads is None  # torch's own choice
+    with pytest.raises(PrefError, match="threads must be a positive whole number"):
+        build_config(flags={"threads": 0})
+
+
+def test_pref_log_records_are_printed_as_plain_lines(capsys):
+    import logging
+
+    from pref.cli.main import EchoHandler
+
+    EchoHandler().handle(logging.LogRecord("pref.x", logging.INFO, __file__, 1, "building %s", ("it",), None))
+    assert capsys.readouterr().err == "building it\n"
 
 
 def test_bad_option_syntax():

@@ -272,8 +272,8 @@ def test_divpo_default_selector_uses_its_options():
     assert (selector.rho, selector.threshold, selector.criterion) == (0.0, 0.5, "frequency")
 
     selector = DivPO().default_selector()
-    assert (selector.rho, selector.threshold, selector.criterion) == (0.0, None, "probability")
-    assert selector.needs_logps
+    assert (selector.rho, selector.threshold, selector.criterion) == (0.0, None, "frequency")
+    assert not selector.needs_logps
 
 
 def test_online_objectives_declare_what_they_need():

@@ -47,6 +47,18 @@ def test_divpo_run_with_the_default_noun_reward(tmp_path, tiny_model_dir):
         assert min(metrics["time/sampling"], metrics["time/scoring"], metrics["time/update"]) > 0.0
 
 
+def test_online_sampling_takes_the_rewards_answer_length_and_the_runs_thread_count(tmp_path, tiny_model_dir):
+    threads = torch.get_num_threads()
+    try:
+        online_run(tmp_path, tiny_model_dir, name="reward's", objective="divpo", max_new_tokens=None, threads=1)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
+    online_run(tmp_path, tiny_model_dir, name="run's", objective="divpo")
+    lengths = [json.load(open(tmp_path / name / "run.json"))["config"]["max_new_tokens"] for name in ("reward's", "run's")]
+    assert lengths == [NounDiversityReward.max_new_tokens, 4] == [8, 4]
+
+
 def test_online_dpo_run_with_the_noun_reward(tmp_path, tiny_model_dir):
     lines = online_run(tmp_path, tiny_model_dir, objective="online-dpo", reward="noun-diversity")
     assert [m["step"] for m in lines] == [1, 2]
@@ -170,6 +182,30 @@ def test_a_reward_that_never_yields_a_pair_fails_after_max_draws(tmp_path, tiny_
     with pytest.raises(PrefError, match="no usable pair in 3 draws"):
         online_run(tmp_path, tiny_model_dir, registry, objective="online-dpo", reward="constant")
     assert calls == [2, 2, 2]
+
+
+def test_a_run_whose_samples_stop_giving_pairs_stops_early_and_keeps_the_model(tmp_path, tiny_model_dir, monkeypatch):
+    # the first step's samples get distinct rewards; from then on every sample earns the same,
+    # as when online DPO's policy answers validly every time: nothing is left to learn
+    class IndexedThenConstant(Constant):
+        def __init__(self):
+            self.calls = 0
+
+        def score(self, prompts, completions):
+            self.calls += 1
+            return (Indexed() if self.calls == 1 else Constant()).score(prompts, completions)
+
+    class Plugin:
+        @hookimpl
+        def register_rewards(self, register):
+            register("indexed-then-constant", IndexedThenConstant)
+
+    pm, failures, sources = get_plugin_manager()
+    pm.register(Plugin(), name="test-indexed-then-constant")
+    monkeypatch.setattr(OnlineBatches, "MAX_DRAWS", 2)
+    lines = online_run(tmp_path, tiny_model_dir, Registry(pm, failures, sources), objective="online-dpo", reward="indexed-then-constant", steps=3)
+    assert [m["step"] for m in lines] == [1]
+    assert os.path.exists(tmp_path / "run" / "final" / "config.json")
 
 
 def test_a_reward_without_a_reward_score_is_an_error():

@@ -1,0 +1,522 @@
+"""DPO training throughput of pref against TRL's `DPOTrainer`, on this machine.
+
+    python bench/dpo_throughput.py [--steps N] [--batch-size B] [--pairs N] [--warmup N]
+
+Both trainers get the same small Llama (built here, no download), the same synthetic
+preference pairs, batch size, step count, learning rate, sequence limits, fp32 on the CPU
+and the same number of torch threads. Each runs in its own subprocess, so its peak RSS is
+its own. Runs:
+
+- pref: `pref.train.train` with its defaults (`reference: auto`, which for DPO on a fixed
+  dataset means reference log-probs computed once before training and cached on disk);
+- TRL: `DPOTrainer` with `ref_model=None`, so it loads a second copy of the model as the
+  reference and runs it on every batch (its default);
+- TRL precomputed: the same with `precompute_ref_log_probs=True`, like for like with pref.
+
+Gradient checkpointing is off for TRL (its `DPOConfig` turns it on by default): pref does
+not checkpoint, and recomputing activations would make TRL slower for a reason that has
+nothing to do with the trainer. `--trl-defaults` adds a run with TRL's own default.
+
+The trainers take turns: all the subprocesses start, but only one runs at a time, and each
+hands the turn on after every training step and every reference-precompute batch; none
+starts training before all have finished their setup, so the steps of all trainers
+interleave one by one. Time spent waiting for the turn is left out of every figure. On a
+machine that other jobs load unevenly, every trainer then sees the same mix of quiet and
+busy moments; run one after the other, whichever ran during a busy minute would lose.
+
+Steps/s is measured over `--steps` steps after `--warmup` warm-up steps, from the end of
+one optimizer step to the end of the next (so it includes batching and tokenization).
+"Setup" runs from the trainer call to the first step (model load, tokenization, reference
+precompute); "total" is setup plus every step. The table goes to stdout and to
+bench/results/dpo_throughput.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+RESULTS = os.path.join(HERE, "results", "dpo_throughput.md")
+THREADS = 2
+MAX_LENGTH = 512
+MAX_PROMPT_LENGTH = 256
+LR = 5e-5
+SEED = 0
+
+# The model: a Llama over the default model's word-level vocabulary, about 10M parameters.
+MODEL = dict(hidden_size=384, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=6, num_key_value_heads=6)
+PROMPT_WORDS = (8, 24)
+COMPLETION_WORDS = (32, 64)
+
+RUNS = {
+    "pref": "pref (cached reference log-probs, its default)",
+    "trl": "TRL DPOTrainer (reference model in memory, its default)",
+    "trl-precomputed": "TRL DPOTrainer, `precompute_ref_log_probs=True`",
+    "trl-defaults": "TRL DPOTrainer, reference model, gradient checkpointing on (DPOConfig default)",
+}
+
+
+# ---------------------------------------------------------------------------------------
+# Model and data, built once by the parent
+# ---------------------------------------------------------------------------------------
+
+
+def build_model(path: str) -> int:
+    """Save a randomly initialised Llama and the default model's tokenizer (no chat template) to `path`."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from pref.default_model import build_tokenizer, english_words
+
+    tokenizer = build_tokenizer(english_words())
+    # Plain-text prompts: with a chat template pref would wrap string prompts in it and TRL
+    # would not, and the two would train on different sequences.
+    tokenizer.chat_template = None
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), max_position_embeddings=256, tie_word_embeddings=False, rms_norm_eps=1e-5,
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        **MODEL,
+    )
+    torch.manual_seed(SEED)
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return sum(p.numel() for p in model.parameters())
+
+
+def build_pairs(path: str, model_path: str, pairs: int) -> None:
+    """`pairs` prompt/chosen/rejected rows of random vocabulary words, one token per word."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    words = sorted(w for w in tokenizer.get_vocab() if w.isalpha() and w.islower() and len(w) > 1)
+    rng = random.Random(SEED)
+
+    def text(lengths: tuple[int, int]) -> str:
+        return " ".join(rng.choice(words) for _ in range(rng.randint(*lengths)))
+
+    with open(path, "w") as f:
+        for _ in range(pairs):
+            # completions start with a space, so tokenizing prompt + completion (TRL) gives
+            # the same ids as tokenizing them apart (pref)
+            row = {"prompt": text(PROMPT_WORDS), "chosen": " " + text(COMPLETION_WORDS), "rejected": " " + text(COMPLETION_WORDS)}
+            f.write(json.dumps(row) + "\n")
+
+
+# ---------------------------------------------------------------------------------------
+# The children: one trainer each
+# ---------------------------------------------------------------------------------------
+
+
+def rss_mib() -> float:
+    """Peak resident set size of this process so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class Turn:
+    """This trainer's side of the turn-taking: block until the parent hands over the turn.
+
+    `now()` is a clock that stops while waiting, so no figure counts another trainer's work.
+    """
+
+    def __init__(self, go_fd: int, done_fd: int):
+        self.go_fd, self.done_fd = go_fd, done_fd
+        self.waited = 0.0
+
+    def take(self) -> None:
+        start = time.perf_counter()
+        if os.read(self.go_fd, 1) != b"g":
+            sys.exit("the benchmark's parent process went away")
+        self.waited += time.perf_counter() - start
+
+    def pass_on(self, message: bytes = b"y") -> None:
+        """Hand the turn back (b"r": and wait until every trainer is ready to train) and wait for the next."""
+        os.write(self.done_fd, message)
+        self.take()
+
+    def now(self) -> float:
+        return time.perf_counter() - self.waited
+
+
+class StepClock:
+    """Active-time stamps: the start of the first step, then the end of each step."""
+
+    def __init__(self, turn: Turn) -> None:
+        self.turn = turn
+        self.first_start: float | None = None
+        self.cpu_start = 0.0
+        self.ends: list[float] = []
+        self.cpu_ends: list[float] = []  # process CPU time (all threads) at the same moments
+        self.tokens: list[int] = []  # padded tokens in each training forward (2B rows x width)
+        self.precompute_s = 0.0
+
+    def start(self) -> None:
+        if self.first_start is None:
+            self.turn.pass_on(b"r")  # all trainers finish their setup before any step is timed
+            self.first_start = self.turn.now()
+            self.cpu_start = time.process_time()
+
+    def end_step(self) -> None:
+        self.ends.append(self.turn.now())
+        self.cpu_ends.append(time.process_time())
+        self.turn.pass_on()
+
+    def summary(self, entry: float, warmup: int, steps: int, after_imports_mib: float) -> dict:
+        ends, last = self.ends, warmup + steps - 1
+        if len(ends) <= last or self.first_start is None:
+            raise RuntimeError(f"expected {warmup + steps} steps, timed {len(ends)}")
+        starts = [self.first_start] + ends
+        durations = sorted(ends[i] - starts[i] for i in range(warmup, last + 1))
+        cpu_start = self.cpu_ends[warmup - 1] if warmup else self.cpu_start
+        tokens = self.tokens[warmup : last + 1]
+        return {
+            "steps_per_s": steps / (ends[last] - starts[warmup]),
+            "median_step_s": durations[len(durations) // 2],
+            "step_s": [ends[i] - starts[i] for i in range(len(ends))],
+            "cpu_s_per_step": (self.cpu_ends[last] - cpu_start) / steps,
+            "tokens_per_step": sum(tokens) / max(1, len(tokens)),
+            "setup_s": self.first_start - entry,
+            "precompute_s": self.precompute_s,
+            "total_s": ends[last] - entry,
+            "peak_rss_mib": rss_mib(),
+            "rss_after_imports_mib": after_imports_mib,
+            "load_average": os.getloadavg()[0],
+        }
+
+
+def preload_model_code() -> None:
+    """Import the Llama and accelerate code now: transformers imports it lazily, and TRL's own
+    imports pull in more of it than pref's, which would count against pref's setup time."""
+    import accelerate  # noqa: F401
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM  # noqa: F401
+
+
+def run_pref(args: argparse.Namespace, clock: StepClock) -> dict:
+    import torch
+
+    import pref.train
+    from pref.config import build_config
+    from pref.policy import HFPolicy
+    from pref.progress import TrainingProgress
+    from pref.reference import CachedReference, FrozenReference
+    from pref.registry import load_registry
+
+    torch.set_num_threads(THREADS)
+    registry = load_registry()
+    preload_model_code()
+    after_imports = rss_mib()
+    turn = clock.turn
+
+    # instrumentation only: timestamps, token counts and turn hand-overs around pref's own code
+    class TimedProgress(TrainingProgress):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            clock.start()
+
+        def update(self, step, metrics):
+            clock.end_step()
+            super().update(step, metrics)
+
+    class TimedCachedReference(CachedReference):
+        @classmethod
+        def build(cls, *a, **k):
+            start = turn.now()
+            out = super().build(*a, **k)
+            clock.precompute_s += turn.now() - start
+            return out
+
+    reference_logps, policy_logps = FrozenReference.logps, HFPolicy.logps
+
+    def reference_batch(self, sequences, with_logits=False):
+        out = reference_logps(self, sequences, with_logits)
+        turn.pass_on()  # only the precompute uses a FrozenReference in this run
+        return out
+
+    def counted_logps(self, sequences, with_logits=False):
+        if torch.is_grad_enabled():
+            clock.tokens.append(sequences.input_ids.numel())
+        return policy_logps(self, sequences, with_logits)
+
+    pref.train.TrainingProgress = TimedProgress
+    pref.train.CachedReference = TimedCachedReference
+    FrozenReference.logps = reference_batch
+    HFPolicy.logps = counted_logps
+
+    config = build_config(flags={
+        "objective": "dpo",  # its default loss: sigmoid, beta 0.1, as TRL's
+        "model": os.path.join(args.work_dir, "model"),
+        "dataset": [os.path.join(args.work_dir, "pairs.jsonl")],
+        "output_dir": os.path.join(args.work_dir, f"pref-run-{os.getpid()}"),
+        "device": "cpu",
+        "steps": args.warmup + args.steps,
+        "batch_size": args.batch_size,
+        "lr": LR,
+        "max_length": MAX_LENGTH,
+        "max_prompt_length": MAX_PROMPT_LENGTH,
+        "seed": SEED,
+    })
+    entry = turn.now()
+    pref.train.train(config, registry)
+    return clock.summary(entry, args.warmup, args.steps, after_imports)
+
+
+def run_trl(args: argparse.Namespace, clock: StepClock, precompute_ref: bool, gradient_checkpointing: bool) -> dict:
+    import torch
+    from datasets import load_dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+
+    torch.set_num_threads(THREADS)
+    preload_model_code()
+    after_imports = rss_mib()
+    turn = clock.turn
+
+    # instrumentation only, as for pref
+    class Clock(TrainerCallback):
+        def on_step_begin(self, *a, **k):
+            clock.start()
+
+        def on_step_end(self, *a, **k):
+            clock.end_step()
+
+    class TimedDPOTrainer(DPOTrainer):
+        def _precompute_ref_logps(self, *a, **k):
+            start = turn.now()
+            out = super()._precompute_ref_logps(*a, **k)
+            clock.precompute_s += turn.now() - start
+            return out
+
+        def compute_ref_log_probs(self, *a, **k):
+            out = super().compute_ref_log_probs(*a, **k)
+            turn.pass_on()  # called by the precompute only
+            return out
+
+        def compute_loss(self, model, inputs, *a, **k):
+            if model.training:
+                clock.tokens.append(inputs["input_ids"].numel())
+            return super().compute_loss(model, inputs, *a, **k)
+
+    entry = turn.now()
+    model_path = os.path.join(args.work_dir, "model")
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    dataset = load_dataset("json", data_files=os.path.join(args.work_dir, "pairs.jsonl"), split="train")
+    config = DPOConfig(
+        output_dir=os.path.join(args.work_dir, f"trl-run-{os.getpid()}"),
+        per_device_train_batch_size=args.batch_size,
+        max_steps=args.warmup + args.steps,
+        learning_rate=LR,
+        max_length=MAX_LENGTH,
+        precompute_ref_log_probs=precompute_ref,
+        gradient_checkpointing=gradient_checkpointing,
+        use_cpu=True,
+        bf16=False,
+        fp16=False,
+        report_to="none",
+        logging_strategy="no",
+        save_strategy="no",
+        eval_strategy="no",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        seed=SEED,
+    )
+    trainer = TimedDPOTrainer(model=model, ref_model=None, args=config, train_dataset=dataset, processing_class=tokenizer, callbacks=[Clock()])
+    trainer.train()
+    return clock.summary(entry, args.warmup, args.steps, after_imports)
+
+
+def child(args: argparse.Namespace) -> None:
+    go_fd, done_fd = (int(fd) for fd in args.turn_fds.split(","))
+    turn = Turn(go_fd, done_fd)
+    turn.take()  # not even the imports run out of turn
+    # a fresh cache per run, so every precompute really computes
+    cache = tempfile.mkdtemp(prefix=f"cache-{args.child}-", dir=args.work_dir)
+    os.environ["PREF_CACHE"] = cache
+    os.environ["HF_DATASETS_CACHE"] = os.path.join(cache, "datasets")
+    clock = StepClock(turn)
+    if args.child == "pref":
+        result = run_pref(args, clock)
+    else:
+        result = run_trl(args, clock, precompute_ref=args.child == "trl-precomputed", gradient_checkpointing=args.child == "trl-defaults")
+    with open(args.result, "w") as f:
+        json.dump(result, f)
+
+
+# ---------------------------------------------------------------------------------------
+# The parent: build, run the children in turn, tabulate
+# ---------------------------------------------------------------------------------------
+
+
+def run_children(names: list[str], args: argparse.Namespace, work: str) -> dict[str, dict]:
+    """Start a child per trainer and hand the turn round them until all have finished."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(THREADS), "MKL_NUM_THREADS": str(THREADS), "TOKENIZERS_PARALLELISM": "false",
+           "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TQDM_DISABLE": "1"}
+    children = {}
+    for name in names:
+        go_read, go_write = os.pipe()
+        done_read, done_write = os.pipe()
+        command = [sys.executable, os.path.abspath(__file__), "--child", name, "--work-dir", work,
+                   "--result", os.path.join(work, f"{name}.json"), "--turn-fds", f"{go_read},{done_write}",
+                   "--steps", str(args.steps), "--warmup", str(args.warmup), "--batch-size", str(args.batch_size)]
+        with open(os.path.join(work, f"{name}.log"), "w") as log:
+            process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=work, pass_fds=(go_read, done_write))
+        os.close(go_read)
+        os.close(done_write)
+        children[name] = (process, go_write, done_read)
+
+    running, ready, rounds = list(names), set(), 0
+    started = time.perf_counter()
+
+    def say(text: str) -> None:
+        print(f"  {(time.perf_counter() - started) / 60:4.1f} min  {text}", file=sys.stderr, flush=True)
+
+    while running:
+        if ready.issuperset(running):
+            rounds += 1  # one training step each
+            if rounds == 1 or rounds % 10 == 0:
+                say(f"step {rounds} of {args.warmup + args.steps}")
+        for name in list(running):
+            if name in ready and not ready.issuperset(running):
+                continue  # set up and waiting for the others: the training steps of all run interleaved
+            process, go_write, done_read = children[name]
+            try:
+                os.write(go_write, b"g")
+                message = os.read(done_read, 1)
+            except BrokenPipeError:
+                message = b""
+            if message == b"r":
+                ready.add(name)
+                say(f"{name} is set up")
+            if not message:  # the child exited, holding the turn
+                running.remove(name)
+                os.close(go_write)
+                os.close(done_read)
+                say(f"{name} finished (exit {process.wait()})")
+
+    results = {}
+    for name in names:
+        code = children[name][0].returncode
+        if code != 0:
+            with open(os.path.join(work, f"{name}.log")) as f:
+                print(f"{name} failed (exit {code}); the end of its log:\n{f.read()[-3000:]}", file=sys.stderr)
+            continue
+        with open(os.path.join(work, f"{name}.json")) as f:
+            results[name] = json.load(f)
+    return results
+
+
+def machine() -> str:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    try:
+        import psutil
+
+        memory = f", {psutil.virtual_memory().total / 2**30:.0f} GiB RAM"
+    except ImportError:
+        memory = ""
+    return f"{cpu}, {os.cpu_count()} CPU cores{memory}, {platform.system()} {platform.release()}, Python {platform.python_version()}, torch {torch.__version__} on the CPU with {THREADS} threads"
+
+
+def versions() -> str:
+    from importlib import metadata
+
+    names = ("pref", "trl", "transformers", "accelerate", "torch", "datasets")
+    return ", ".join(f"{n} {metadata.version(n)}" for n in names)
+
+
+def report(results: dict[str, dict], args: argparse.Namespace, params: int, load: tuple[float, float], minutes: float) -> str:
+    lines = [
+        "# DPO throughput: pref vs TRL",
+        "",
+        f"Machine: {machine()}. Load average (1 min) {load[0]:.1f} at the start, {load[1]:.1f} at the end; the run took {minutes:.1f} min.",
+        f"Versions: {versions()}.",
+        "",
+        f"Model: Llama, {params / 1e6:.1f}M parameters (hidden {MODEL['hidden_size']}, {MODEL['num_hidden_layers']} layers, "
+        "the vocabulary of pref's default word-level tokenizer, untied head), fp32.",
+        f"Data: {args.pairs} synthetic pairs, prompts of {PROMPT_WORDS[0]}-{PROMPT_WORDS[1]} tokens, completions of "
+        f"{COMPLETION_WORDS[0]}-{COMPLETION_WORDS[1]} tokens plus EOS. Batch size {args.batch_size} pairs "
+        f"({2 * args.batch_size} sequences per forward), lr {LR}, AdamW, gradient clipping at 1.0.",
+        f"Steps/s over {args.steps} steps after {args.warmup} warm-up steps, the trainers taking turns step by step (waiting "
+        "for the turn is not counted): from the median step time, which a few steps slowed by other jobs on the machine "
+        "do not move, and from the mean. Setup: trainer call to first step (model load, tokenization, reference precompute). "
+        "Total: setup plus all steps. CPU s/step: process CPU time (both threads) per step. Tokens/step: padded tokens "
+        "in the training forward.",
+        "",
+        "| run | steps/s (median) | steps/s (mean) | CPU s/step | tokens/step | setup s | of which reference precompute s | total s | peak RSS MiB | RSS after imports MiB |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, r in results.items():
+        lines.append(
+            f"| {RUNS[name]} | {1 / r['median_step_s']:.3f} | {r['steps_per_s']:.3f} | {r['cpu_s_per_step']:.2f} | {r['tokens_per_step']:.0f} | "
+            f"{r['setup_s']:.1f} | {r['precompute_s']:.1f} | {r['total_s']:.1f} | {r['peak_rss_mib']:.0f} | {r['rss_after_imports_mib']:.0f} |"
+        )
+    pref = results.get("pref")
+    if pref:
+        lines += ["", "pref / TRL (steps/s: above 1 means pref is faster; time and memory: below 1 means pref needs less):", ""]
+        for name, r in results.items():
+            if name != "pref":
+                lines.append(
+                    f"- vs {RUNS[name]}: steps/s x{r['median_step_s'] / pref['median_step_s']:.2f} (median), "
+                    f"x{pref['steps_per_s'] / r['steps_per_s']:.2f} (mean); total time x{pref['total_s'] / r['total_s']:.2f}; "
+                    f"peak RSS x{pref['peak_rss_mib'] / r['peak_rss_mib']:.2f}"
+                )
+    only = f" --only {' '.join(results)}" if args.only else ""
+    lines += ["", f"Command: `python bench/dpo_throughput.py --steps {args.steps} --warmup {args.warmup} --batch-size {args.batch_size} "
+              f"--pairs {args.pairs}{' --trl-defaults' if args.trl_defaults else ''}{only}`", ""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=30, help="measured steps per trainer (default 30)")
+    parser.add_argument("--warmup", type=int, default=5, help="warm-up steps before measuring (default 5)")
+    parser.add_argument("--batch-size", type=int, default=8, help="preference pairs per step (default 8)")
+    parser.add_argument("--pairs", type=int, default=512, help="synthetic pairs in the dataset (default 512)")
+    parser.add_argument("--only", nargs="+", choices=list(RUNS), help="run only these (default: pref, trl, trl-precomputed)")
+    parser.add_argument("--trl-defaults", action="store_true", help="also run TRL with gradient checkpointing on, its default")
+    parser.add_argument("--work-dir", help="keep the model, data and logs here instead of a temporary folder")
+    parser.add_argument("--child", choices=list(RUNS), help=argparse.SUPPRESS)
+    parser.add_argument("--result", help=argparse.SUPPRESS)
+    parser.add_argument("--turn-fds", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(args)
+        return
+
+    started, load = time.perf_counter(), os.getloadavg()[0]
+    work = os.path.abspath(args.work_dir) if args.work_dir else tempfile.mkdtemp(prefix="pref-bench-")
+    os.makedirs(work, exist_ok=True)
+    try:
+        params = build_model(os.path.join(work, "model"))
+        build_pairs(os.path.join(work, "pairs.jsonl"), os.path.join(work, "model"), args.pairs)
+        names = args.only or ["pref", "trl", "trl-precomputed"] + (["trl-defaults"] if args.trl_defaults else [])
+        print(f"running {', '.join(names)} in turns; logs in {work}", file=sys.stderr, flush=True)
+        results = run_children(names, args, work)
+        text = report(results, args, params, (load, os.getloadavg()[0]), (time.perf_counter() - started) / 60)
+        print(text)
+        os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
+        with open(RESULTS, "w") as f:
+            f.write(text)
+    finally:
+        if not args.work_dir:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
