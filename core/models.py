@@ -25,6 +25,7 @@ def resolve_model_path(name: str | None) -> str:
     if name in (None, "", DEFAULT_MODEL):
         from pref.default_model import default_model_path
 
+        quiet_transformers()
         return default_model_path()
     return os.path.expanduser(name)
 
