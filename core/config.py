@@ -78,8 +78,9 @@ class RunConfig:
 DEFAULT_LR = 1e-6
 EMBEDDED_MODEL_LR = 5e-4
 #: The embedded default model's matrices (hidden size 96) are too small for a second
-#: thread to pay for itself: on 2 cores shared with other jobs, a DivPO step took 0.07 s
-#: on one thread and 0.27 s on two, which also spent five times the CPU time waiting.
+#: thread to pay for itself. A DivPO step on 2 idle cores took 0.059 s on one thread and
+#: 0.053 s on two (the same run time: 16 s for 100 steps); on 2 cores that other jobs kept
+#: busy it took 0.07 s on one and 0.27 s on two, and the run 5x the CPU time.
 EMBEDDED_MODEL_THREADS = 1
 #: New tokens per online sample when neither the run nor the reward sets it.
 DEFAULT_MAX_NEW_TOKENS = 32
