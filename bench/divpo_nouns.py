@@ -34,7 +34,6 @@ import argparse
 import inspect
 import json
 import os
-import platform
 import re
 import shlex
 import statistics
@@ -43,6 +42,8 @@ import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from multiprocessing import get_context
+
+from machine import machine  # bench/machine.py (bench/ is on sys.path when a script runs)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results", "divpo_nouns.md")
@@ -136,23 +137,6 @@ def shared_settings(steps: int | None) -> dict[str, object]:
     if first != second:
         raise SystemExit(f"online DPO and DivPO would train with different settings: {settings}")
     return first
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    try:
-        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-        memory_text = f", {memory:.0f} GiB RAM"
-    except (ValueError, OSError, AttributeError):
-        memory_text = ""
-    import torch
-
-    return f"{cpu}, {os.cpu_count()} CPU cores{memory_text}, {platform.system()} {platform.release()}, Python {platform.python_version()}, torch {torch.__version__}"
 
 
 def load_average() -> str:

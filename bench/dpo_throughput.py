@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import resource
 import shutil
@@ -44,6 +43,8 @@ import subprocess
 import sys
 import tempfile
 import time
+
+from machine import machine  # bench/machine.py (bench/ is on sys.path when a script runs)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results", "dpo_throughput.md")
@@ -415,24 +416,6 @@ def run_children(names: list[str], args: argparse.Namespace, work: str) -> dict[
     return results
 
 
-def machine() -> str:
-    import torch
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    try:
-        import psutil
-
-        memory = f", {psutil.virtual_memory().total / 2**30:.0f} GiB RAM"
-    except ImportError:
-        memory = ""
-    return f"{cpu}, {os.cpu_count()} CPU cores{memory}, {platform.system()} {platform.release()}, Python {platform.python_version()}, torch {torch.__version__} on the CPU with {THREADS} threads"
-
-
 def versions() -> str:
     from importlib import metadata
 
@@ -444,7 +427,7 @@ def report(results: dict[str, dict], args: argparse.Namespace, params: int, load
     lines = [
         "# DPO throughput: pref vs TRL",
         "",
-        f"Machine: {machine()}. Load average (1 min) {load[0]:.1f} at the start, {load[1]:.1f} at the end; the run took {minutes:.1f} min.",
+        f"Machine: {machine()} on the CPU with {THREADS} threads. Load average (1 min) {load[0]:.1f} at the start, {load[1]:.1f} at the end; the run took {minutes:.1f} min.",
         f"Versions: {versions()}.",
         "",
         f"Model: Llama, {params / 1e6:.1f}M parameters (hidden {MODEL['hidden_size']}, {MODEL['num_hidden_layers']} layers, "
