@@ -9,6 +9,7 @@ from pref.interfaces import (
     MetricsLogger,
     Minibatch,
     Objective,
+    ObjectiveNeeds,
     PairBatch,
     PairSelector,
     Policy,
@@ -25,7 +26,7 @@ from pref.sequences import Logps, Sequences
 __version__ = "0.1.0"
 
 __all__ = [
-    "CandidatePool", "Embedder", "LabeledBatch", "LabeledExample", "Logps", "MetricsLogger", "Minibatch", "Objective", "PairBatch",
+    "CandidatePool", "Embedder", "LabeledBatch", "LabeledExample", "Logps", "MetricsLogger", "Minibatch", "Objective", "ObjectiveNeeds", "PairBatch",
     "PairSelector", "Policy", "PrefError", "PreferenceExample", "Prompt", "Reference",
     "RewardSource", "Rollout", "SamplingConfig", "ScoredBatch", "Selection", "Sequences", "TextExample", "hookimpl",
 ]

@@ -44,6 +44,16 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def write_atomically(path: str, write: Any) -> None:
+    """Call `write(tmp_path)`, then rename the result to `path` (a file or a folder)."""
+    tmp = os.path.join(os.path.dirname(path), f".tmp-{os.path.basename(path)}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    write(tmp)
+    if os.path.isdir(path):
+        shutil.rmtree(path)
+    os.replace(tmp, path)
+
+
 def list_checkpoints(run_dir: str) -> list[str]:
     """Complete checkpoints in `run_dir`, oldest first."""
     if not os.path.isdir(run_dir):

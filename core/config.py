@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -62,11 +61,6 @@ class RunConfig:
     curriculum_options: dict[str, Any] = field(default_factory=dict)
     keep_checkpoints: int = 2
     resume: str | None = None
-
-    def resolved_output_dir(self) -> str:
-        if self.output_dir is None:
-            self.output_dir = os.path.join("runs", f"{self.objective}-{time.strftime('%Y%m%d-%H%M%S')}")
-        return self.output_dir
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

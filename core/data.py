@@ -72,6 +72,10 @@ class ShuffledBatches:
     def state(self) -> dict[str, int]:
         return {"epoch": self.epoch, "position": self.position}
 
+    def metrics(self) -> dict[str, float]:
+        """A shuffled order has nothing to report (a curriculum reports its weights)."""
+        return {}
+
     def load_state(self, state: dict[str, int]) -> None:
         self.epoch, self.position = state["epoch"], state["position"]
         self._order = self._shuffle(self.epoch)
@@ -79,15 +83,15 @@ class ShuffledBatches:
 
 def order_metrics(order: Any) -> dict[str, float]:
     """What an order reports about itself (a curriculum: its weights); a `ShuffledBatches` reports nothing."""
-    return order.metrics() if hasattr(order, "metrics") else {}
+    return order.metrics()
 
 
 class OfflineBatches:
     """Batches from a fixed dataset.
 
     `order` decides which examples come next: by default a `ShuffledBatches` over them;
-    any object with `next()` (this process's examples), `state()` and `load_state()`
-    will do, such as a `pref.curriculum.Curriculum`.
+    any object with `next()` (this process's examples), `state()`, `load_state()` and
+    `metrics()` will do, such as a `pref.curriculum.Curriculum`.
     """
 
     def __init__(self, policy: Policy, examples: Sequence[Any], batch_size: int, seed: int, rank: int = 0, world: int = 1, order: Any = None):

@@ -36,3 +36,10 @@ class TextExample:
 
     text: str
     prompt: Prompt = ""
+
+
+def prompt_of(record: "PreferenceExample | LabeledExample | TextExample | Prompt") -> Prompt:
+    """The prompt of a record; a bare prompt (text or messages) is its own."""
+    if isinstance(record, (PreferenceExample, LabeledExample, TextExample)):
+        return record.prompt
+    return record

@@ -149,7 +149,13 @@ class Selection:
 
 
 class PairSelector(ABC):
-    """Turns K scored candidates per prompt into chosen/rejected pairs or sets."""
+    """Turns K scored candidates per prompt into chosen/rejected pairs or sets.
+
+    `needs_logps`: the pool must carry the policy's sequence log-probs [P, K] (set it
+    in `__init__` when an option decides).
+    """
+
+    needs_logps: bool = False
 
     @abstractmethod
     def select(self, pool: CandidatePool) -> Selection:
@@ -180,7 +186,7 @@ class LabeledBatch:
 
 @dataclass
 class ScoredBatch:
-    """Every sample of an online step with its reward scores (objectives of data kind "samples").
+    """Every sample of an online step with its reward scores (objectives whose `needs.data` is SAMPLES).
 
     Row i is `completions[i]`, sampled for `prompts[i]`: the K samples of each prompt are
     consecutive rows. `scores` maps each score name of the reward to a float tensor [B].
@@ -225,10 +231,10 @@ class Rollout:
 
 @dataclass
 class Minibatch:
-    """One optimizer step's share of a rollout (objectives of data kind "samples").
+    """One optimizer step's share of a rollout (objectives whose `needs.data` is SAMPLES).
 
-    The data source serves each rollout as `epochs_per_batch` passes, each cut into
-    `minibatches_per_batch` mini-batches of shuffled rows; every mini-batch is one step.
+    The data source serves each rollout as `needs.epochs_per_rollout` passes, each cut into
+    `needs.minibatches_per_rollout` mini-batches of shuffled rows; every mini-batch is one step.
 
     rollout: the whole fresh batch, shared by all its mini-batches.
     rows:    [b] long, the rows of the rollout this step trains on.
@@ -248,40 +254,81 @@ class Minibatch:
         return self.rollout.prepared(objective, policy, reference).select(self.rows)
 
 
-class Objective(ABC):
-    """A loss over log-probs. It declares what it needs; the loop provides it.
+#: What an objective learns from (`ObjectiveNeeds.data`).
+PAIRS, SETS, SAMPLES = "pairs", "sets", "samples"
+#: What it needs of a reference (`ObjectiveNeeds.reference`): nothing, sequence
+#: log-probs (a frozen model or a cache of them), or full next-token distributions
+#: (a frozen model only).
+NO_REFERENCE, REFERENCE_LOGPS, REFERENCE_DISTRIBUTIONS = "none", "logps", "distributions"
 
-    Subclasses set the class attributes below and implement `loss`.
+
+@dataclass(frozen=True)
+class ObjectiveNeeds:
+    """Everything an objective asks of the run, read by the host in one place (`pref.plan`).
+
+    reference: NO_REFERENCE, REFERENCE_LOGPS or REFERENCE_DISTRIBUTIONS.
+    data: PAIRS (batches are `PairBatch`), SETS (`LabeledBatch`), or SAMPLES (online
+        only: every sample with its scores, served as `Minibatch`es of a `ScoredBatch`
+        rollout; no pair selector).
+    online: samples from the current policy at every step instead of reading a dataset.
+    samples_per_prompt: K when online (`--samples-per-prompt` overrides it).
+    scores_new_rows: the objective scores rows outside the dataset (its own samples,
+        rewritten rows), so a cache of the dataset's reference log-probs cannot serve
+        it and a frozen reference model is chosen. Online objectives always do.
+    epochs_per_rollout, minibatches_per_rollout: with SAMPLES, passes over each rollout
+        and mini-batches per pass; each mini-batch is one optimizer step (PPO's).
+    dataset_builder: the builder that reads a `--dataset PATH`.
+    reward: the reward used when the run names none (online objectives).
+    own_reward: the objective brings its reward itself (`Objective.own_reward()`).
+    trainable_modules: the objective trains modules along with the policy
+        (`Objective.trainable_modules()`, a value head, ...).
+    model_kind: what the trained model is: "causal-lm", or "sequence-classifier".
     """
 
-    #: Needs a reference (frozen model or cached log-probs).
-    needs_reference: ClassVar[bool] = True
-    #: Needs the reference's full distributions (a frozen model, not a cache).
-    needs_reference_logits: ClassVar[bool] = False
-    #: Samples from the current policy at every step instead of reading a dataset.
-    online: ClassVar[bool] = False
-    #: Samples per prompt when online.
+    reference: str = REFERENCE_LOGPS
+    data: str = PAIRS
+    online: bool = False
     samples_per_prompt: int = 1
-    #: Needs a value head on the policy.
-    needs_value_head: ClassVar[bool] = False
-    #: What the objective learns from: "pairs" (`PairBatch`), "sets" (`LabeledBatch`), or
-    #: "samples" (online only: every sample with its scores, served as `Minibatch`es of a
-    #: `ScoredBatch` rollout; no pair selector).
-    data_kind: ClassVar[str] = "pairs"
-    #: With data kind "samples": passes over each rollout, and mini-batches per pass; each
-    #: mini-batch is one optimizer step (PPO's epochs and mini-batches).
-    epochs_per_batch: int = 1
-    minibatches_per_batch: int = 1
-    #: The dataset builder that reads a `--dataset PATH` for this objective.
-    default_dataset_builder: ClassVar[str] = "preferences"
-    #: What the trained model is: "causal-lm", or "sequence-classifier" (a reward model).
-    model_kind: ClassVar[str] = "causal-lm"
+    scores_new_rows: bool = False
+    epochs_per_rollout: int = 1
+    minibatches_per_rollout: int = 1
+    dataset_builder: str = "preferences"
+    reward: str | None = None
+    own_reward: bool = False
+    trainable_modules: bool = False
+    model_kind: str = "causal-lm"
+
+    def __post_init__(self) -> None:
+        # a plugin author's mistake, caught when the objective is built
+        if self.reference not in (NO_REFERENCE, REFERENCE_LOGPS, REFERENCE_DISTRIBUTIONS):
+            raise ValueError(f"ObjectiveNeeds.reference must be none, logps or distributions, not {self.reference!r}")
+        if self.data not in (PAIRS, SETS, SAMPLES):
+            raise ValueError(f"ObjectiveNeeds.data must be pairs, sets or samples, not {self.data!r}")
+        if self.data == SAMPLES and not self.online:
+            raise ValueError("ObjectiveNeeds: data 'samples' is online only")
+        if min(self.samples_per_prompt, self.epochs_per_rollout, self.minibatches_per_rollout) < 1:
+            raise ValueError("ObjectiveNeeds: samples per prompt, epochs and mini-batches per rollout must be at least 1")
+
+    @property
+    def uses_selector(self) -> bool:
+        """Online pairs or sets come from a pair selector; offline data and SAMPLES need none."""
+        return self.online and self.data != SAMPLES
+
+
+class Objective(ABC):
+    """A loss over log-probs. It declares what it needs in `needs`; the loop provides it.
+
+    Subclasses set `needs` (a class attribute, or in `__init__` when an option changes
+    it) and implement `loss`.
+    """
+
+    needs: ObjectiveNeeds = ObjectiveNeeds()
 
     def setup(self, policy: Policy) -> None:
         """Called once the policy is loaded, before training: build heads, helper models, ..."""
 
     def trainable_modules(self) -> dict[str, torch.nn.Module]:
-        """Modules the objective trains along with the policy (a value head, ...).
+        """With `needs.trainable_modules`: modules trained along with the policy (a value head, ...).
 
         The loop moves them to the device, optimizes them with the policy, averages
         their gradients across processes, and checkpoints them.
@@ -292,7 +339,7 @@ class Objective(ABC):
         """Write anything besides the policy that the run should keep (a discriminator, ...)."""
 
     def prepare(self, policy: Policy, reference: Reference | None, batch: Batch) -> Any:
-        """Data kind "samples": turn a fresh rollout into what `loss` trains on, once, without grad.
+        """With SAMPLES: turn a fresh rollout into what `loss` trains on, once, without grad.
 
         Called through `Minibatch.prepared` by the first step of each rollout, before any
         update on it: the place for old log-probs, values, rewards and advantages. The
@@ -301,13 +348,20 @@ class Objective(ABC):
         return batch
 
     def own_reward(self) -> RewardSource | None:
-        """A reward the objective brings itself (D2PO's discriminator); None to use `--reward`."""
+        """With `needs.own_reward`: the reward the objective brings (D2PO's discriminator)."""
         return None
+
+    def state_dict(self) -> dict[str, Any]:
+        """State of its own that checkpoints keep (an adapted coefficient, ...); plain values only."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what `state_dict` returned."""
 
     @abstractmethod
     def loss(self, policy: Policy, reference: Reference | None, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
         """Return the scalar loss (with grad) and a dict of float metrics."""
 
     def default_selector(self, embedder: "Embedder | None" = None, reward: RewardSource | None = None) -> PairSelector | None:
-        """The selector an online objective uses when the user names none."""
+        """The selector an online objective of PAIRS or SETS uses when the user names none."""
         return None

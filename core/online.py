@@ -10,9 +10,11 @@ import torch
 
 from pref.data import RolloutSteps, ShuffledBatches, order_metrics
 from pref.errors import NoUsablePairs, PrefError
-from pref.examples import Prompt
+from pref.examples import Prompt, prompt_of
 from pref.metrics import distinct_ratio, entropy_bits
-from pref.interfaces import CandidatePool, LabeledBatch, Objective, PairBatch, PairSelector, Policy, RewardSource, SamplingConfig, ScoredBatch
+from pref.interfaces import (
+    SAMPLES, SETS, CandidatePool, LabeledBatch, ObjectiveNeeds, PairBatch, PairSelector, Policy, RewardSource, SamplingConfig, ScoredBatch,
+)
 
 
 class OnlineBatches:
@@ -22,9 +24,10 @@ class OnlineBatches:
     the selector did not use are dropped; when no prompt of a draw gives a
     usable pair, the next prompts are drawn (up to `MAX_DRAWS` times).
 
-    For objectives of data kind "samples" nothing is selected: all P x K samples
+    For objectives that learn from SAMPLES nothing is selected: all P x K samples
     and their scores form a `ScoredBatch` rollout, served as the objective's
-    epochs x mini-batches `Minibatch` steps (see `RolloutSteps`).
+    epochs x mini-batches `Minibatch` steps (see `RolloutSteps`). Other objectives
+    get a `PairBatch` (PAIRS) or a `LabeledBatch` (SETS) of what the selector picked.
     """
 
     MAX_DRAWS = 10
@@ -35,7 +38,8 @@ class OnlineBatches:
         prompts: Sequence[Prompt],
         reward: RewardSource,
         selector: PairSelector | None,
-        objective: Objective,
+        needs: ObjectiveNeeds,
+        samples_per_prompt: int,
         sampling: SamplingConfig,
         prompts_per_step: int,
         seed: int,
@@ -46,13 +50,14 @@ class OnlineBatches:
         self.policy = policy
         self.reward = reward
         self.selector = selector
-        self.objective = objective
+        self.data = needs.data
+        self.k = samples_per_prompt
         self.sampling = sampling
         # any order with next()/state()/load_state() may replace the shuffled prompts (a curriculum over records)
         self.order = order if order is not None else ShuffledBatches(list(prompts), prompts_per_step, seed, rank, world)
         self.steps = None
-        if objective.data_kind == "samples":
-            self.steps = RolloutSteps(self._samples, self.order, objective.epochs_per_batch, objective.minibatches_per_batch, seed)
+        if needs.data == SAMPLES:
+            self.steps = RolloutSteps(self._samples, self.order, needs.epochs_per_rollout, needs.minibatches_per_rollout, seed)
 
     def next(self) -> tuple[Any, dict[str, float]]:
         if self.steps is not None:
@@ -69,7 +74,7 @@ class OnlineBatches:
     def _sample(self) -> tuple[list[Prompt], list[list[str]], dict[str, torch.Tensor], dict[str, float]]:
         """The next prompts, K completions each from one generate call, and their flat [P * K] scores."""
         prompts = self._next_prompts()
-        k = self.objective.samples_per_prompt
+        k = self.k
         t0 = time.perf_counter()
         completions = self.policy.generate(prompts, k, self.sampling)
         t1 = time.perf_counter()
@@ -82,11 +87,12 @@ class OnlineBatches:
     def _draw(self) -> tuple[Any, dict[str, float]]:
         """Sample, score, and let the selector pick pairs or sets."""
         prompts, completions, flat_scores, metrics = self._sample()
-        k = self.objective.samples_per_prompt
+        k = self.k
         t0 = time.perf_counter()
         scores = {name: values.reshape(len(prompts), k) for name, values in flat_scores.items()}
         logps = None
-        if getattr(self.selector, "needs_logps", False):
+        assert self.selector is not None
+        if self.selector.needs_logps:
             flat_prompts = [p for p in prompts for _ in range(k)]
             flat_completions = [c for row in completions for c in row]
             with torch.no_grad():
@@ -101,9 +107,9 @@ class OnlineBatches:
         return self._batch(prompts, completions, selection), metrics
 
     def _samples(self) -> tuple[ScoredBatch, dict[str, float]]:
-        """Data kind "samples": all P x K samples of the next prompts, scored, none selected."""
+        """SAMPLES: all P x K samples of the next prompts, scored, none selected."""
         prompts, completions, scores, metrics = self._sample()
-        k = self.objective.samples_per_prompt
+        k = self.k
         flat_prompts = [p for p in prompts for _ in range(k)]
         flat_completions = [c for row in completions for c in row]
         batch = ScoredBatch(flat_prompts, flat_completions, self.policy.encode(flat_prompts, flat_completions), scores)
@@ -111,7 +117,7 @@ class OnlineBatches:
 
     def _next_prompts(self) -> list[Prompt]:
         """The order's next items as prompts: a record (with a `prompt`) gives its prompt."""
-        return [getattr(item, "prompt", item) for item in self.order.next()]
+        return [prompt_of(item) for item in self.order.next()]
 
     def _score(self, prompts: list[Prompt], completions: list[str]) -> dict[str, torch.Tensor]:
         """The reward's scores, name -> float [B], on the CPU whatever device the reward computed them on."""
@@ -121,7 +127,7 @@ class OnlineBatches:
         return scores
 
     def _batch(self, prompts: list[Prompt], completions: list[list[str]], selection: Any) -> Any:
-        if self.objective.data_kind == "sets":
+        if self.data == SETS:
             rows = [(p, k, True) for p, k in selection.accepted] + [(p, k, False) for p, k in selection.rejected]
             if not rows:
                 return None

@@ -16,6 +16,11 @@ from pref.interfaces import Reference
 from pref.sequences import Logps, Sequences, logps_from_logits
 
 
+def cache_dir() -> str:
+    """pref's cache folder: $PREF_CACHE, else $XDG_CACHE_HOME/pref or ~/.cache/pref."""
+    return os.environ.get("PREF_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "pref")
+
+
 class FrozenReference(Reference):
     """A frozen copy of a model, kept in memory and evaluated without grad."""
 

@@ -12,7 +12,6 @@ import logging
 import math
 import os
 import platform
-import shutil
 import time
 from contextlib import nullcontext
 from importlib import metadata
@@ -20,16 +19,18 @@ from typing import Any
 
 import torch
 
-from pref.checkpoint import find_checkpoint, load_checkpoint, rng_state, save_checkpoint
-from pref.config import DEFAULT_MAX_NEW_TOKENS, RunConfig
+from pref.checkpoint import find_checkpoint, load_checkpoint, rng_state, save_checkpoint, write_atomically
+from pref.config import RunConfig
 from pref.curriculum import Curriculum, CurriculumOptions, dataset_names
 from pref.data import OfflineBatches, collate
 from pref.errors import NoUsablePairs, PrefError
-from pref.interfaces import Objective, PairBatch, Reference, SamplingConfig
+from pref.examples import prompt_of
+from pref.interfaces import LabeledBatch, PairBatch, Reference
 from pref.models import DEFAULT_MODEL
+from pref.plan import CACHED_LOGPS, NO_MODEL, RunPlan, resolve_plan
 from pref.policy import HFPolicy, unwrap
 from pref.progress import TrainingProgress
-from pref.reference import CachedReference, FrozenReference
+from pref.reference import CachedReference, FrozenReference, cache_dir
 from pref.registry import Registry
 from pref.validation import Evaluation, hold_out
 
@@ -37,11 +38,6 @@ log = logging.getLogger(__name__)
 
 RUN_FILE = "run.json"
 FINAL_DIR = "final"
-
-
-def cache_dir() -> str:
-    root = os.environ.get("PREF_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "pref")
-    return root
 
 
 def make_accelerator(config: RunConfig) -> Any:
@@ -61,93 +57,38 @@ def make_accelerator(config: RunConfig) -> Any:
         raise PrefError(f"cannot use mixed precision {config.mixed_precision!r} here: {exc}; use --mixed-precision no") from None
 
 
-def build_objective(config: RunConfig, registry: Registry) -> Objective:
-    # an objective that builds other plugins (a gold reward, say) may ask for the registry
-    objective = registry.create("objective", config.objective, config.objective_options, registry=registry)
-    if objective.online and config.samples_per_prompt:
-        objective.samples_per_prompt = config.samples_per_prompt
-    return objective
-
-
-DATA_FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".txt")
-
-
-def dataset_builders(config: RunConfig, registry: Registry, objective: Objective, entries: list[str] | None = None) -> list[Any]:
-    """A builder per `--dataset` entry (or per one of `entries`): a registered builder's name, or a
-    path/hub name for the objective's default builder (`text` for a .txt file).
-
-    Called before the model loads, so a misspelled name, a bad option or a missing file fails at once.
-    """
-    builders = []
-    for entry in config.dataset if entries is None else entries:
-        if entry in registry.names("dataset"):
-            builders.append(registry.create("dataset", entry, config.dataset_options))
-            continue
-        # "prefs.jsonl" or "./prefs" is clearly meant as a local file; "org/name" may be a hub dataset
-        meant_as_file = entry.startswith((".", "/", "~")) or os.path.splitext(entry)[1].lower() in DATA_FILE_SUFFIXES
-        if meant_as_file and not os.path.exists(os.path.expanduser(entry)):
-            builder_names = ", ".join(registry.names("dataset"))
-            raise PrefError(f"--dataset {entry}: no such file or folder (nor a dataset builder: {builder_names})")
-        builder = "text" if entry.lower().endswith(".txt") else objective.default_dataset_builder
-        builders.append(registry.create("dataset", builder, {**config.dataset_options, "path": entry}))
-    return builders
-
-
-def build_reference(config: RunConfig, objective: Objective, policy: HFPolicy, examples: list[Any]) -> Reference | None:
-    """Nothing, log-probs cached on disk, or a frozen copy of the starting policy."""
-    if not getattr(objective, "needs_reference", True) or config.reference == "none":
+def build_reference(config: RunConfig, plan: RunPlan, policy: HFPolicy, examples: list[Any]) -> Reference | None:
+    """Nothing, log-probs cached on disk, or a frozen copy of the starting policy (`plan.reference`)."""
+    if plan.reference == NO_MODEL:
         return None
-    cached = config.reference == "cached" or (
-        config.reference == "auto" and not objective.online and not objective.needs_reference_logits and examples
-    )
-    if cached:
+    if plan.reference == CACHED_LOGPS:
         batches = []
         for start in range(0, len(examples), config.batch_size):
             batch = collate(policy, examples[start : start + config.batch_size])
-            batches.extend([batch.chosen, batch.rejected] if isinstance(batch, PairBatch) else [getattr(batch, "sequences", batch)])
+            batches.extend([batch.chosen, batch.rejected] if isinstance(batch, PairBatch) else [batch.sequences if isinstance(batch, LabeledBatch) else batch])
         name = config.model or DEFAULT_MODEL
         return CachedReference.build(unwrap(policy.model), name, batches, os.path.join(cache_dir(), "reference"))
     return FrozenReference.copy_of(unwrap(policy.model))
 
 
-def build_curriculum(config: RunConfig, objective: Objective, policy: HFPolicy, example_sets: list[list[Any]], rank: int, world: int) -> Curriculum:
+def build_curriculum(config: RunConfig, plan: RunPlan, policy: HFPolicy, example_sets: list[list[Any]], rank: int, world: int) -> Curriculum:
     """The `--curriculum` order over the `--dataset` entries, its schedule counted in optimizer steps."""
-    batches_per_step = float(config.grad_accum)
-    if objective.data_kind == "samples":  # one batch (a rollout) serves epochs x mini-batches steps
-        batches_per_step /= objective.epochs_per_batch * objective.minibatches_per_batch
+    batches_per_step = float(config.grad_accum) / plan.batches_per_rollout  # a rollout serves several steps
     datasets = dict(zip(dataset_names(config.dataset), example_sets))
     options = CurriculumOptions.from_dict(config.curriculum_options)
     return Curriculum(datasets, policy, config.batch_size, config.seed, rank, world, options, batches_per_step)
 
 
-def build_data(config: RunConfig, registry: Registry, objective: Objective, policy: HFPolicy, examples: list[Any], rank: int, world: int, order: Any = None) -> Any:
+def build_data(config: RunConfig, plan: RunPlan, policy: HFPolicy, examples: list[Any], rank: int, world: int, order: Any = None) -> Any:
     """Offline or online batches; `order` (a curriculum) replaces their shuffled order when given."""
-    if not objective.online:
-        if not examples:
-            raise PrefError(f"objective {config.objective!r} trains on a dataset: pass --dataset FILE")
+    if not plan.needs.online:
         return OfflineBatches(policy, examples, config.batch_size, config.seed, rank, world, order=order)
     from pref.online import OnlineBatches
 
-    reward = objective.own_reward()
-    if reward is None:
-        reward_name = config.reward or getattr(objective, "default_reward", None)
-        if reward_name is None:
-            raise PrefError(f"objective {config.objective!r} samples online and needs a reward: pass --reward NAME (see `pref list-plugins`)")
-        reward = registry.create("reward", reward_name, config.reward_options)
-    embedder = None
-    if config.embedder:
-        embedder = registry.create("embedder", config.embedder, config.embedder_options)
-    if config.selector:
-        selector = registry.create("pair-selector", config.selector, config.selector_options, embedder=embedder, reward=reward)
-    else:
-        selector = objective.default_selector(embedder=embedder, reward=reward)
-    prompts = [getattr(e, "prompt", e) for e in examples] or list(reward.default_prompts)
-    if not prompts:
-        raise PrefError(f"the reward {type(reward).__name__} has no default prompts: pass --dataset with prompts")
-    if config.max_new_tokens is None:  # the reward knows how long its answers are
-        config.max_new_tokens = getattr(reward, "max_new_tokens", None) or DEFAULT_MAX_NEW_TOKENS
-    sampling = SamplingConfig(config.max_new_tokens, config.temperature, config.top_p, config.top_k)
-    return OnlineBatches(policy, prompts, reward, selector, objective, sampling, config.batch_size, config.seed, rank, world, order=order)
+    assert plan.reward is not None
+    prompts = [prompt_of(e) for e in examples] or list(plan.reward.default_prompts)
+    return OnlineBatches(policy, prompts, plan.reward, plan.selector, plan.needs, plan.samples_per_prompt, plan.sampling,
+                         config.batch_size, config.seed, rank, world, order=order)
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, config: RunConfig) -> torch.optim.lr_scheduler.LambdaLR:
@@ -166,8 +107,8 @@ def make_scheduler(optimizer: torch.optim.Optimizer, config: RunConfig) -> torch
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def run_record(config: RunConfig, registry: Registry) -> dict[str, Any]:
-    """The resolved configuration, library versions and plugin versions."""
+def run_record(config: RunConfig, plan: RunPlan, registry: Registry) -> dict[str, Any]:
+    """The configuration with what the plan resolved, library versions and plugin versions."""
     versions = {"python": platform.python_version()}
     for package in ("pref", "torch", "transformers", "accelerate", "datasets", "safetensors", "pluggy"):
         try:
@@ -178,7 +119,8 @@ def run_record(config: RunConfig, registry: Registry) -> dict[str, Any]:
         {"kind": i.kind, "name": i.name, "package": i.package, "version": i.version}
         for i in registry.items()
     ]
-    return {"config": config.to_dict(), "versions": versions, "plugins": plugins}
+    resolved = {"output_dir": plan.output_dir, "max_new_tokens": plan.sampling.max_new_tokens}
+    return {"config": {**config.to_dict(), **resolved}, "versions": versions, "plugins": plugins}
 
 
 def mean_across_processes(accelerator: Any, metrics: dict[str, float]) -> dict[str, float]:
@@ -188,16 +130,6 @@ def mean_across_processes(accelerator: Any, metrics: dict[str, float]) -> dict[s
     values = torch.tensor([metrics[k] for k in keys], device=accelerator.device, dtype=torch.float64)
     values = accelerator.reduce(values, reduction="mean")
     return dict(zip(keys, values.tolist()))
-
-
-def write_atomically(path: str, write: Any) -> None:
-    """Call `write(tmp_path)`, then rename the result to `path` (a file or a folder)."""
-    tmp = os.path.join(os.path.dirname(path), f".tmp-{os.path.basename(path)}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    write(tmp)
-    if os.path.isdir(path):
-        shutil.rmtree(path)
-    os.replace(tmp, path)
 
 
 def train(config: RunConfig, registry: Registry) -> str:
@@ -219,33 +151,28 @@ def train_policy(config: RunConfig, registry: Registry) -> tuple[str, HFPolicy]:
     if config.threads:
         torch.set_num_threads(config.threads)  # for the whole process, like the seed
     rank, world = accelerator.process_index, accelerator.num_processes
-    out_dir = config.resolved_output_dir()
+
+    # -- the plan: every plugin built, every open setting resolved, before the slow model load --
+    plan = resolve_plan(config, registry)
+    objective, out_dir = plan.objective, plan.output_dir
     if not config.resume and os.path.exists(os.path.join(out_dir, RUN_FILE)):
         raise PrefError(f"{out_dir} already holds a run; pass --resume {out_dir} to continue it or choose another --output-dir")
 
-    # -- plugins, policy, reference, data ------------------------------------------
-    objective = build_objective(config, registry)
-    for kind, name in (("reward", config.reward), ("pair-selector", config.selector), ("embedder", config.embedder)):
-        if name:
-            registry.get(kind, name)  # a misspelled name fails before the slow model load
-    for name in config.loggers:
-        registry.get("logger", name)
-    builders = dataset_builders(config, registry, objective)
-    validation_builders = dataset_builders(config, registry, objective, config.validation_dataset)
-    policy = HFPolicy.load(config.model, kind=objective.model_kind, max_length=config.max_length, max_prompt_length=config.max_prompt_length)
+    # -- policy, the objective's modules, data, reference ---------------------------------
+    policy = HFPolicy.load(config.model, kind=plan.needs.model_kind, max_length=config.max_length, max_prompt_length=config.max_prompt_length)
     policy.model.to(accelerator.device)
     objective.setup(policy)
-    modules = objective.trainable_modules()
+    modules = objective.trainable_modules() if plan.needs.trainable_modules else {}
     for module in modules.values():
         module.to(accelerator.device).train()
-    example_sets, validation = hold_out([builder.build(policy) for builder in builders], config.validation_split, config.seed)
-    validation += [example for builder in validation_builders for example in builder.build(policy)]
+    example_sets, validation = hold_out([builder.build(policy) for builder in plan.datasets], config.validation_split, config.seed)
+    validation += [example for builder in plan.validation_datasets for example in builder.build(policy)]
     examples = [example for examples in example_sets for example in examples]
-    reference = build_reference(config, objective, policy, examples + validation)
-    order = build_curriculum(config, objective, policy, example_sets, rank, world) if config.curriculum else None
-    data = build_data(config, registry, objective, policy, examples, rank, world, order)
-    if config.max_new_tokens is None:  # offline: only answers to --test-prompt are sampled
-        config.max_new_tokens = DEFAULT_MAX_NEW_TOKENS
+    if not plan.needs.online and not examples:
+        raise PrefError(f"objective {config.objective!r} trains on a dataset: pass --dataset FILE")
+    reference = build_reference(config, plan, policy, examples + validation)
+    order = build_curriculum(config, plan, policy, example_sets, rank, world) if config.curriculum else None
+    data = build_data(config, plan, policy, examples, rank, world, order)
 
     # -- optimizer and schedule -------------------------------------------------
     module_params = [p for m in modules.values() for p in m.parameters() if p.requires_grad]
@@ -269,15 +196,14 @@ def train_policy(config: RunConfig, registry: Registry) -> tuple[str, HFPolicy]:
         data.load_state(state["data"])
         for name, module in modules.items():
             module.load_state_dict(extra["modules"][name])
-        if hasattr(objective, "load_state_dict"):
-            objective.load_state_dict(extra["objective"])
+        objective.load_state_dict(extra["objective"])
     loggers = []
     if accelerator.is_main_process:
         os.makedirs(out_dir, exist_ok=True)
         with open(os.path.join(out_dir, RUN_FILE), "w") as f:
-            json.dump(run_record(config, registry), f, indent=2, default=str)
+            json.dump(run_record(config, plan, registry), f, indent=2, default=str)
         loggers = [registry.create("logger", name, output_dir=out_dir) for name in config.loggers]
-    evaluation = Evaluation(config, accelerator, policy, objective, reference, validation, out_dir)
+    evaluation = Evaluation(config, accelerator, policy, objective, reference, validation, out_dir, plan.needs.online, plan.sampling.max_new_tokens)
 
     # -- the loop -------------------------------------------------------------------
     progress = TrainingProgress(config.steps, start_step, enabled=accelerator.is_main_process)
@@ -341,7 +267,7 @@ def train_policy(config: RunConfig, registry: Registry) -> tuple[str, HFPolicy]:
                 rng_states = gather_object([rng_state()])
                 extra = {
                     "modules": {name: module.state_dict() for name, module in modules.items()},
-                    "objective": objective.state_dict() if hasattr(objective, "state_dict") else None,
+                    "objective": objective.state_dict(),
                 }
                 if accelerator.is_main_process:
                     save_checkpoint(out_dir, step, unwrap(model), optimizer, scheduler, save_state, rng_states, extra, config.keep_checkpoints)

@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from pref.checkpoint import write_atomically
 from pref.errors import PrefError
 from pref.examples import LabeledExample, PreferenceExample, Prompt, TextExample
 from pref.interfaces import SamplingConfig
@@ -91,7 +92,8 @@ class Evaluation:
     forward passes, so wrapped models stay in step); only the main process writes.
     """
 
-    def __init__(self, config: Any, accelerator: Any, policy: Any, objective: Any, reference: Any, records: list[Any], out_dir: str):
+    def __init__(self, config: Any, accelerator: Any, policy: Any, objective: Any, reference: Any, records: list[Any], out_dir: str,
+                 online: bool = False, max_new_tokens: int = SamplingConfig.max_new_tokens):
         self.config = config
         self.accelerator = accelerator
         self.policy = policy
@@ -99,6 +101,8 @@ class Evaluation:
         self.reference = reference
         self.records = records
         self.out_dir = out_dir
+        self.online = online  # the objective's `needs.online`
+        self.max_new_tokens = max_new_tokens  # for test-prompt answers
         self.best = math.inf
         best_file = os.path.join(out_dir, BEST_FILE)
         if os.path.exists(best_file):  # a resumed run keeps its best so far
@@ -135,7 +139,7 @@ class Evaluation:
         was_training = model.training
         model.eval()
         try:
-            if self.objective.online:
+            if self.online:
                 return text_nll(unwrap(model), self.policy, self.records, self.config.batch_size).mean().item()
             total = 0.0
             for start in range(0, len(self.records), self.config.batch_size):
@@ -148,10 +152,8 @@ class Evaluation:
             model.train(was_training)
 
     def save_best(self, step: int, loss: float) -> None:
-        from pref.train import write_atomically
-
         write_atomically(os.path.join(self.out_dir, BEST_DIR), self.policy.save)
-        measure = "per-token nll" if self.objective.online else "objective loss"
+        measure = "per-token nll" if self.online else "objective loss"
         record = {"step": step, "validation_loss": loss, "measure": measure}
 
         def write(path: str) -> None:
@@ -162,7 +164,7 @@ class Evaluation:
 
     def write_generations(self, step: int) -> None:
         prompts = list(self.config.test_prompts)
-        sampling = SamplingConfig(max_new_tokens=self.config.max_new_tokens, temperature=0.0)
+        sampling = SamplingConfig(max_new_tokens=self.max_new_tokens, temperature=0.0)
         answers = self.policy.generate(prompts, 1, sampling)
         with open(os.path.join(self.out_dir, GENERATIONS_FILE), "a", encoding="utf-8") as f:
             for prompt, (text,) in zip(prompts, answers):

@@ -27,7 +27,7 @@ from __future__ import annotations
 import copy
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import torch
@@ -91,20 +91,29 @@ class Discriminator(RewardSource):
     """D2PO's discriminator as a reward: a one-score sequence classifier trained on gold pairs.
 
     Args:
-        classifier: an `HFPolicy` whose model is an `AutoModelForSequenceClassification` (num_labels=1).
+        classifier: an `HFPolicy` whose model is an `AutoModelForSequenceClassification` (num_labels=1);
+            None until `attach(classifier)` (D2PO builds it from the policy once that has loaded).
         lr: its AdamW learning rate.
         epochs: passes over all gold pairs at each update.
         batch_size: pairs per update step, and rows per scoring pass.
         default_prompts: the prompts to train on when there is no dataset (the gold reward's).
     """
 
-    def __init__(self, classifier: HFPolicy, lr: float = 1e-4, epochs: int = 4, batch_size: int = 16, default_prompts: list[str] | None = None):
-        self.classifier = classifier
-        self.scorer = SequenceScorer(classifier, batch_size)
+    def __init__(self, classifier: HFPolicy | None = None, lr: float = 1e-4, epochs: int = 4, batch_size: int = 16,
+                 default_prompts: list[str] | None = None):
+        self.lr = lr
         self.epochs = epochs
         self.batch_size = batch_size
-        self.optimizer = torch.optim.AdamW([p for p in classifier.model.parameters() if p.requires_grad], lr=lr)
         self.default_prompts = list(default_prompts or [])
+        self.classifier: HFPolicy | None = None
+        if classifier is not None:
+            self.attach(classifier)
+
+    def attach(self, classifier: HFPolicy) -> None:
+        """Score and train with `classifier` from now on."""
+        self.classifier = classifier
+        self.scorer = SequenceScorer(classifier, self.batch_size)
+        self.optimizer = torch.optim.AdamW([p for p in classifier.model.parameters() if p.requires_grad], lr=self.lr)
 
     @property
     def model(self) -> torch.nn.Module:
@@ -273,8 +282,7 @@ class D2PO(DPO):
     Writes the discriminator and its gold pairs (`gold_pairs.jsonl`) to `<run>/discriminator/`.
     """
 
-    online = True
-    samples_per_prompt = 2
+    needs = replace(DPO.needs, online=True, samples_per_prompt=2, own_reward=True)
 
     def __init__(
         self,
@@ -308,9 +316,7 @@ class D2PO(DPO):
             raise PrefError(f"d2po: disc_lr must be positive, got {disc_lr}")
         if isinstance(gold, str):
             if registry is None:
-                from pref.registry import load_registry
-
-                registry = load_registry()
+                raise PrefError("d2po: a gold reward given by name is built from the plugin registry: build d2po with registry.create")
             gold = registry.create("reward", gold, gold_options or {})
         self.gold = gold
         self.discriminator_path = discriminator
@@ -318,8 +324,11 @@ class D2PO(DPO):
         self.disc_epochs, self.disc_lr, self.disc_batch_size = disc_epochs, disc_lr, disc_batch_size
         self.eval_gold = eval_gold
         self.initial_gold_pairs = read_gold_pairs(gold_pairs) if gold_pairs else []
-        self.discriminator: Discriminator | None = None
-        self.relabeler: DiscriminatorRelabeler | None = None
+        # built now, so the run's plan has its reward and selector before the model loads; the
+        # discriminator's model is attached in setup(), once the policy it starts from has loaded
+        self.discriminator = Discriminator(None, disc_lr, disc_epochs, disc_batch_size, list(self.gold.default_prompts))
+        self.relabeler = DiscriminatorRelabeler(self.discriminator, self.gold, round_size, budget, selection, eval_gold)
+        self.relabeler.gold_pairs = list(self.initial_gold_pairs)
 
     def setup(self, policy: Policy) -> None:
         """Build the discriminator next to the policy, and the selector that trains it."""
@@ -331,22 +340,18 @@ class D2PO(DPO):
             classifier = HFPolicy(classifier_from(unwrap(policy.model), policy.tokenizer.pad_token_id), policy.tokenizer,
                                   policy.max_length, policy.max_prompt_length)
         classifier.model.to(policy.device).eval()
-        self.discriminator = Discriminator(classifier, self.disc_lr, self.disc_epochs, self.disc_batch_size, list(self.gold.default_prompts))
-        self.relabeler = DiscriminatorRelabeler(self.discriminator, self.gold, self.round_size, self.budget, self.selection, self.eval_gold)
-        self.relabeler.gold_pairs = list(self.initial_gold_pairs)
+        self.discriminator.attach(classifier)
 
     def own_reward(self) -> RewardSource | None:
         return self.discriminator
 
     def default_selector(self, embedder: Embedder | None = None, reward: RewardSource | None = None) -> PairSelector:
-        if self.relabeler is None:
-            raise PrefError("d2po: setup(policy) must run before the selector is asked for")
         return self.relabeler
 
     def save(self, output_dir: str) -> None:
         """The discriminator in Hugging Face format, and its gold pairs as a preference file."""
-        if self.discriminator is None or self.relabeler is None:
-            return
+        if self.discriminator.classifier is None:
+            return  # never set up
         path = os.path.join(output_dir, DISCRIMINATOR_DIR)
         self.discriminator.save(path)
         with open(os.path.join(path, GOLD_PAIRS_FILE), "w", encoding="utf-8") as f:
@@ -355,7 +360,6 @@ class D2PO(DPO):
 
     def state_dict(self) -> dict[str, Any]:
         """Discriminator weights and optimizer, the gold pairs so far, the open round and the counters."""
-        assert self.discriminator is not None and self.relabeler is not None
         return {
             "model": self.discriminator.model.state_dict(),
             "optimizer": self.discriminator.optimizer.state_dict(),
@@ -365,7 +369,6 @@ class D2PO(DPO):
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        assert self.discriminator is not None and self.relabeler is not None
         self.discriminator.model.load_state_dict(state["model"])
         self.discriminator.optimizer.load_state_dict(state["optimizer"])
         self.relabeler.gold_pairs = [GoldPair(**p) for p in state["gold_pairs"]]

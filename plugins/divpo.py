@@ -10,6 +10,7 @@ collapsing onto a few answers.
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import replace
 
 import torch
 
@@ -159,8 +160,7 @@ class BestWorstSelector(PairSelector):
 class OnlineDPO(DPO):
     """Online DPO: K samples per prompt from the current policy, best vs worst by reward, DPO loss."""
 
-    online = True
-    samples_per_prompt = 8
+    needs = replace(DPO.needs, online=True, samples_per_prompt=8)
 
     def default_selector(self, embedder: Embedder | None = None, reward: RewardSource | None = None) -> PairSelector:
         return BestWorstSelector()
@@ -186,7 +186,7 @@ class DivPO(OnlineDPO):
     the valid rate stayed near 0.6 (bench/divpo_nouns.py).
     """
 
-    default_reward = "noun-diversity"
+    needs = replace(OnlineDPO.needs, reward="noun-diversity")
 
     def __init__(
         self,

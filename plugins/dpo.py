@@ -7,12 +7,14 @@ numbers against TRL itself.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 import torch.nn.functional as F
 
 from pref.errors import PrefError
 from pref.hookspecs import hookimpl
-from pref.interfaces import Objective, PairBatch, Policy, Reference
+from pref.interfaces import NO_REFERENCE, PAIRS, REFERENCE_LOGPS, Objective, ObjectiveNeeds, PairBatch, Policy, Reference
 from pref.sequences import Logps, Sequences
 
 LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")
@@ -132,9 +134,7 @@ class DPO(Objective):
         reference_free: compare against no reference (the reference log-probs are 0).
     """
 
-    needs_reference = True
-    online = False
-    data_kind = "pairs"
+    needs = ObjectiveNeeds(reference=REFERENCE_LOGPS, data=PAIRS)
 
     def __init__(
         self,
@@ -153,7 +153,7 @@ class DPO(Objective):
         self.sft_weight = sft_weight
         self.reference_free = reference_free
         if reference_free:
-            self.needs_reference = False  # type: ignore[misc]  # per instance: the loop loads no reference
+            self.needs = replace(self.needs, reference=NO_REFERENCE)  # the loop loads no reference
 
     def loss(self, policy: Policy, reference: Reference | None, batch: PairBatch) -> tuple[torch.Tensor, dict[str, float]]:
         """The mean DPO loss over the pairs (plus the weighted SFT term) and TRL-named metrics.

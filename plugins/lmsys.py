@@ -56,6 +56,7 @@ class LmsysChat:
         threshold: float | None = None,
         reward_options: dict[str, Any] | None = None,
         split: str = "train",
+        registry: Any = None,
     ):
         # checked here, before the model loads, so a typo fails at once
         local = os.path.expanduser(path)
@@ -77,6 +78,9 @@ class LmsysChat:
         self.threshold = threshold
         self.reward_options = dict(reward_options or {})
         self.split = split
+        self.registry = registry  # builds the labelling reward; passed by the host
+        if label_from != "moderation" and registry is None:
+            raise PrefError("lmsys: label_from='reward:NAME' builds a reward plugin: build lmsys with registry.create, which passes registry=")
 
     def build(self, policy=None) -> list[LabeledExample]:
         """Read the conversations and label their turns; `policy` is not needed."""
@@ -120,10 +124,8 @@ class LmsysChat:
         return examples
 
     def _label_by_reward(self, examples: list[LabeledExample], batch_size: int = 64) -> None:
-        from pref.registry import load_registry
-
         name = self.label_from[len(REWARD_PREFIX) :]
-        reward = load_registry().create("reward", name, self.reward_options)
+        reward = self.registry.create("reward", name, self.reward_options)
         threshold = self.threshold if self.threshold is not None else reward.quality_threshold
         if threshold is None:
             raise PrefError(f"lmsys: reward {name!r} has no pass mark of its own; pass --dataset-option threshold=VALUE")

@@ -17,11 +17,16 @@ reward (the `top-bottom` selector).
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from pref.errors import PrefError
 from pref.hookspecs import hookimpl
-from pref.interfaces import CandidatePool, Embedder, LabeledBatch, Objective, PairSelector, Policy, Reference, RewardSource, Selection
+from pref.interfaces import (
+    NO_REFERENCE, REFERENCE_DISTRIBUTIONS, SETS, CandidatePool, Embedder, LabeledBatch, Objective, ObjectiveNeeds, PairSelector, Policy,
+    Reference, RewardSource, Selection,
+)
 from pref.plugins.divergences import DIVERGENCES, check_renyi_order, divergence
 from pref.sequences import Logps
 
@@ -100,11 +105,8 @@ class PMPO(Objective):
         renyi_alpha: the Renyi order, positive and not 1 (default 0.5; divergence "renyi" only).
     """
 
-    needs_reference = True
-    needs_reference_logits = True  # the divergence is over full distributions: a frozen model, not a cache
-    online = False
-    data_kind = "sets"
-    default_dataset_builder = "labeled"
+    # the divergence is over full distributions: a frozen model, not a cache
+    needs = ObjectiveNeeds(reference=REFERENCE_DISTRIBUTIONS, data=SETS, dataset_builder="labeled")
 
     def __init__(self, alpha: float = 0.5, beta: float = 0.1, divergence: str = "kl", renyi_alpha: float = 0.5):
         check_options(alpha, beta, divergence, renyi_alpha)
@@ -113,9 +115,7 @@ class PMPO(Objective):
         self.divergence = divergence
         self.renyi_alpha = renyi_alpha
         if beta == 0:
-            # per instance: the loop then loads no reference model
-            self.needs_reference = False  # type: ignore[misc]
-            self.needs_reference_logits = False  # type: ignore[misc]
+            self.needs = replace(self.needs, reference=NO_REFERENCE)  # the loop then loads no reference model
 
     def loss(self, policy: Policy, reference: Reference | None, batch: LabeledBatch) -> tuple[torch.Tensor, dict[str, float]]:
         """The PMPO loss over a batch of labelled rows, with log-prob, divergence and row-count metrics.
@@ -207,8 +207,7 @@ class OnlinePMPO(PMPO):
     Options: those of `pmpo`, and accept_fraction and reject_fraction of the `top-bottom` selector.
     """
 
-    online = True
-    samples_per_prompt = 8
+    needs = replace(PMPO.needs, online=True, samples_per_prompt=8)
 
     def __init__(
         self,

@@ -11,14 +11,14 @@ rollout. The KL coefficient is fixed, or steered towards a target KL.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 
 from pref.errors import PrefError
 from pref.hookspecs import hookimpl
-from pref.interfaces import Minibatch, Objective, Policy, Reference, ScoredBatch
+from pref.interfaces import REFERENCE_LOGPS, SAMPLES, Minibatch, Objective, ObjectiveNeeds, Policy, Reference, ScoredBatch
 from pref.sequences import Sequences
 
 KL_ESTIMATORS = ("k1", "k3")
@@ -179,13 +179,15 @@ class PPO(Objective):
         whiten_advantages: whiten advantages over each rollout (default True).
     """
 
-    needs_reference = True
-    needs_value_head = True
-    online = True
-    data_kind = "samples"
-    default_dataset_builder = "text"  # plain-text prompts for language modelling
-    samples_per_prompt = 4
-    default_reward = "repetition"
+    needs = ObjectiveNeeds(
+        reference=REFERENCE_LOGPS,
+        data=SAMPLES,
+        online=True,
+        samples_per_prompt=4,
+        dataset_builder="text",  # plain-text prompts for language modelling
+        reward="repetition",
+        trainable_modules=True,  # the value head
+    )
 
     def __init__(
         self,
@@ -222,7 +224,7 @@ class PPO(Objective):
         self.kl_estimator = kl_estimator
         self.gamma, self.lam = gamma, lam
         self.cliprange, self.cliprange_value, self.vf_coef = cliprange, cliprange_value, vf_coef
-        self.epochs_per_batch, self.minibatches_per_batch = ppo_epochs, minibatches
+        self.needs = replace(self.needs, epochs_per_rollout=ppo_epochs, minibatches_per_rollout=minibatches)
         self.whiten_advantages = whiten_advantages
         self.value_head: torch.nn.Linear | None = None
 

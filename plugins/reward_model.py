@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from pref.errors import PrefError
 from pref.examples import Prompt
 from pref.hookspecs import hookimpl
-from pref.interfaces import Objective, PairBatch, Policy, Reference, RewardSource
+from pref.interfaces import NO_REFERENCE, PAIRS, Objective, ObjectiveNeeds, PairBatch, Policy, Reference, RewardSource
 from pref.policy import HFPolicy, unwrap
 from pref.sequences import Sequences
 
@@ -76,9 +76,7 @@ class RewardModel(Objective):
     (num_labels=1) that `--reward reward-model --reward-option model=PATH` loads.
     """
 
-    needs_reference = False
-    data_kind = "pairs"
-    model_kind = "sequence-classifier"
+    needs = ObjectiveNeeds(reference=NO_REFERENCE, data=PAIRS, model_kind="sequence-classifier")
 
     def __init__(self, margin: float = 0.0, center_rewards_coefficient: float = 0.0):
         if center_rewards_coefficient < 0:

@@ -22,8 +22,8 @@ class WeightedReward(RewardSource):
         options: reward name -> that reward's own options, e.g. `{repetition: {n: 3}}`.
 
     Scores: `reward`, and each part's scores as `NAME/SCORE` (`repetition/reward`, ...).
-    Its default prompts are the parts' default prompts, in order. The parts are found
-    among the installed plugins (or in `registry`, when the host passes one).
+    Its default prompts are the parts' default prompts, in order. The parts are built
+    from `registry`, which the host passes.
     """
 
     def __init__(self, rewards: dict[str, float], options: dict[str, dict[str, Any]] | None = None, registry: Any = None):
@@ -34,16 +34,14 @@ class WeightedReward(RewardSource):
         if unknown:
             raise PrefError(f"weighted: options given for {', '.join(unknown)}, which is not among the rewards ({', '.join(rewards)})")
         if registry is None:
-            from pref.registry import load_registry  # lazily: loading plugins imports this module
-
-            registry = load_registry()
+            raise PrefError("weighted: build it through the plugin registry (registry.create), which passes registry=")
         self.weights: dict[str, float] = {}
         self.parts: dict[str, RewardSource] = {}
         for name, weight in rewards.items():
             if isinstance(weight, bool) or not isinstance(weight, (int, float)):
                 raise PrefError(f"weighted: the weight of {name!r} must be a number, not {weight!r}")
             self.weights[name] = float(weight)
-            self.parts[name] = registry.create("reward", name, options.get(name), registry=registry)
+            self.parts[name] = registry.create("reward", name, options.get(name))
         self.default_prompts = list(dict.fromkeys(p for part in self.parts.values() for p in part.default_prompts))
 
     def score(self, prompts: list[Prompt], completions: list[str]) -> dict[str, torch.Tensor]:

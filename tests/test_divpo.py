@@ -278,10 +278,11 @@ def test_divpo_default_selector_uses_its_options():
 
 def test_online_objectives_declare_what_they_need():
     divpo, online_dpo = DivPO(), OnlineDPO()
-    assert divpo.online and online_dpo.online
-    assert divpo.default_reward == "noun-diversity"
+    assert divpo.needs.online and online_dpo.needs.online
+    assert (divpo.needs.samples_per_prompt, divpo.needs.data) == (8, "pairs")
+    assert divpo.needs.reward == "noun-diversity" and online_dpo.needs.reward is None
     assert isinstance(online_dpo.default_selector(), BestWorstSelector)
-    assert DivPO(reference_free=True).needs_reference is False
+    assert DivPO(reference_free=True).needs.reference == "none"
 
 
 def test_registration():

@@ -451,8 +451,8 @@ def test_objective_pads_with_zero_when_the_tokenizer_has_no_pad_id():
 
 def test_objective_reference_free():
     objective = DPO(reference_free=True)
-    assert objective.needs_reference is False
-    assert DPO.needs_reference is True and DPO().needs_reference is True
+    assert objective.needs.reference == "none"
+    assert DPO.needs.reference == "logps" and DPO().needs.reference == "logps"
     reference = IdReference()
     _, metrics = objective.loss(IdPolicy(), reference, id_batch())
     assert reference.calls == []

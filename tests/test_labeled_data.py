@@ -6,7 +6,6 @@ import pandas
 import pytest
 import torch
 
-import pref.registry
 from pref.config import build_config
 from pref.errors import PrefError
 from pref.examples import LabeledExample
@@ -16,7 +15,7 @@ from pref.plugins.labeled_data import LabeledData, load_labeled, parse_label
 from pref.plugins.lmsys import LmsysChat, user_turns
 from pref.plugins.pmpo import PMPO
 from pref.registry import Registry, get_plugin_manager, load_registry
-from pref.train import dataset_builders
+from pref.plan import dataset_builders
 
 
 def write_jsonl(path, rows):
@@ -104,7 +103,7 @@ def test_an_empty_file_and_a_missing_file_are_errors(tmp_path):
 def test_a_dataset_path_goes_to_the_labeled_builder_for_pmpo(tmp_path):
     path = write_jsonl(tmp_path / "data.jsonl", [{"prompt": "p", "completion": "c", "label": 1}])
     config = build_config(flags={"objective": "pmpo", "dataset": [path]})
-    [builder] = dataset_builders(config, load_registry(), PMPO())
+    [builder] = dataset_builders(config.dataset, config, load_registry(), PMPO().needs)
     assert isinstance(builder, LabeledData) and builder.path == path
 
 
@@ -183,33 +182,33 @@ class WordCountPlugin:
 
 
 @pytest.fixture
-def word_count_registry(monkeypatch):
+def word_count_registry():
     pm, _, _ = get_plugin_manager(load_entrypoints=False)
     pm.register(WordCountPlugin())
-    monkeypatch.setattr(pref.registry, "load_registry", lambda: Registry(pm))
+    return Registry(pm)
 
 
 def test_labels_from_a_reward_and_a_threshold(lmsys_file, word_count_registry):
     """Word counts 1 ("apple"), 4 ("you are a fool ."), 1 ("dog"); accepted at 2 or more, or with scale 2 at 2 or more."""
-    examples = LmsysChat(lmsys_file, label_from="reward:word-count", threshold=2).build()
+    examples = LmsysChat(lmsys_file, label_from="reward:word-count", threshold=2, registry=word_count_registry).build()
     assert [(e.completion, e.label) for e in examples] == [("apple", False), ("you are a fool .", True), ("dog", False)]
-    examples = LmsysChat(lmsys_file, label_from="reward:word-count", threshold=2, reward_options={"scale": 2.0}).build()
+    examples = LmsysChat(lmsys_file, label_from="reward:word-count", threshold=2, reward_options={"scale": 2.0}, registry=word_count_registry).build()
     assert [e.label for e in examples] == [True, True, True]
 
 
 def test_a_reward_without_a_pass_mark_needs_a_threshold(lmsys_file, word_count_registry):
     with pytest.raises(PrefError, match="threshold"):
-        LmsysChat(lmsys_file, label_from="reward:word-count").build()
+        LmsysChat(lmsys_file, label_from="reward:word-count", registry=word_count_registry).build()
 
 
 def test_the_rewards_own_pass_mark_is_the_default_threshold(lmsys_file, word_count_registry, monkeypatch):
     monkeypatch.setattr(WordCount, "quality_threshold", 4.0)
-    assert [e.label for e in LmsysChat(lmsys_file, label_from="reward:word-count").build()] == [False, True, False]
+    assert [e.label for e in LmsysChat(lmsys_file, label_from="reward:word-count", registry=word_count_registry).build()] == [False, True, False]
 
 
 def test_an_unknown_reward_is_an_error(lmsys_file, word_count_registry):
     with pytest.raises(PrefError, match="unknown reward 'word-cont'"):
-        LmsysChat(lmsys_file, label_from="reward:word-cont", threshold=1).build()
+        LmsysChat(lmsys_file, label_from="reward:word-cont", threshold=1, registry=word_count_registry).build()
 
 
 @pytest.mark.parametrize(
@@ -251,7 +250,7 @@ def test_malformed_conversations_are_one_line_errors(tmp_path, change, message):
 
 def test_moderation_is_not_needed_when_a_reward_labels(tmp_path, word_count_registry):
     path = write_jsonl(tmp_path / "lmsys.jsonl", [{**LMSYS_ROWS[0], "openai_moderation": None}])
-    assert [e.label for e in LmsysChat(path, label_from="reward:word-count", threshold=1).build()] == [True]
+    assert [e.label for e in LmsysChat(path, label_from="reward:word-count", threshold=1, registry=word_count_registry).build()] == [True]
 
 
 def test_no_usable_turn_is_an_error(tmp_path):

@@ -79,8 +79,7 @@ def test_all_samples_of_a_draw_come_from_one_generate_call(tiny_model_dir):
 
     policy.generate = spy
     objective = DivPO()
-    objective.samples_per_prompt = 4
-    data = OnlineBatches(policy, NounDiversityReward.default_prompts, Indexed(), objective.default_selector(), objective,
+    data = OnlineBatches(policy, NounDiversityReward.default_prompts, Indexed(), objective.default_selector(), objective.needs, 4,
                          SamplingConfig(max_new_tokens=4), prompts_per_step=3, seed=0)
     batch, metrics = data.next()
     assert calls == [(3, 4)]
@@ -145,9 +144,7 @@ PROMPTS = [f"prompt {i}" for i in range(7)]
 
 
 def echo_batches(reward, seed=5, prompts_per_step=3):
-    objective = OnlineDPO()
-    objective.samples_per_prompt = 2
-    return OnlineBatches(EchoPolicy(), PROMPTS, reward, BestWorstSelector(), objective, SamplingConfig(), prompts_per_step, seed)
+    return OnlineBatches(EchoPolicy(), PROMPTS, reward, BestWorstSelector(), OnlineDPO.needs, 2, SamplingConfig(), prompts_per_step, seed)
 
 
 def test_a_draw_without_pairs_is_replaced_by_the_next_prompts():

@@ -249,7 +249,7 @@ def test_a_reference_without_distributions_is_an_error_naming_the_fix(reference)
 
 def test_beta_0_needs_no_reference():
     objective = PMPO(beta=0.0)
-    assert not objective.needs_reference and PMPO.needs_reference  # per instance, not for the class
+    assert objective.needs.reference == "none" and PMPO.needs.reference == "distributions"  # per instance, not for the class
     loss, metrics = objective.loss(LogitsPolicy(torch.randn(3, 4, 3, requires_grad=True)), None, labeled_batch())
     assert metrics["divergence"] == 0.0 and loss.requires_grad
 
@@ -270,8 +270,8 @@ def test_bad_options_are_errors(options, message):
 
 
 def test_objectives_declare_what_they_need():
-    assert (PMPO.data_kind, PMPO.default_dataset_builder, PMPO.needs_reference_logits, PMPO.online) == ("sets", "labeled", True, False)
-    assert (OnlinePMPO.online, OnlinePMPO.samples_per_prompt, OnlinePMPO.data_kind) == (True, 8, "sets")
+    assert (PMPO.needs.data, PMPO.needs.dataset_builder, PMPO.needs.reference, PMPO.needs.online) == ("sets", "labeled", "distributions", False)
+    assert (OnlinePMPO.needs.online, OnlinePMPO.needs.samples_per_prompt, OnlinePMPO.needs.data) == (True, 8, "sets")
     selector = OnlinePMPO(accept_fraction=0.5, reject_fraction=0.125).default_selector()
     assert isinstance(selector, TopBottomSelector)
     assert (selector.accept_fraction, selector.reject_fraction) == (0.5, 0.125)

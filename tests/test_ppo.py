@@ -121,7 +121,9 @@ def test_adaptive_kl_controller_by_hand():
 
 def test_options_are_checked():
     assert PPO(target_kl="none").kl.target is None
-    assert (PPO(ppo_epochs=3, minibatches=2).epochs_per_batch, PPO(ppo_epochs=3, minibatches=2).minibatches_per_batch) == (3, 2)
+    needs = PPO(ppo_epochs=3, minibatches=2).needs
+    assert (needs.epochs_per_rollout, needs.minibatches_per_rollout) == (3, 2)
+    assert (PPO.needs.epochs_per_rollout, PPO.needs.minibatches_per_rollout) == (1, 1)  # per instance, not for the class
     for bad in ({"kl_estimator": "k2"}, {"gamma": 1.5}, {"cliprange": 0}, {"ppo_epochs": 0}, {"target_kl": -1.0}):
         with pytest.raises(PrefError, match="ppo"):
             PPO(**bad)

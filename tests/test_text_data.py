@@ -10,7 +10,7 @@ from pref.errors import PrefError
 from pref.examples import TextExample
 from pref.plugins.text_data import DialogueData, TextData, TranslationData, split_prompt
 from pref.registry import load_registry
-from pref.train import build_objective, dataset_builders
+from pref.plan import dataset_builders
 
 
 def write_jsonl(path, rows):
@@ -106,10 +106,10 @@ def test_a_txt_dataset_is_read_by_the_text_builder_whatever_the_objective(tmp_pa
     registry = load_registry()
     config = build_config(flags={"objective": "dpo", "dataset": [str(tmp_path / "a.txt"), str(tmp_path / "p.jsonl")]})
     with pytest.raises(PrefError, match="p.jsonl: no such file"):
-        dataset_builders(config, registry, build_objective(config, registry))
+        dataset_builders(config.dataset, config, registry, registry.create("objective", config.objective, config.objective_options).needs)
     (tmp_path / "p.jsonl").write_text("")
-    text, prefs = dataset_builders(config, registry, build_objective(config, registry))
+    text, prefs = dataset_builders(config.dataset, config, registry, registry.create("objective", config.objective, config.objective_options).needs)
     assert isinstance(text, TextData) and type(prefs).__name__ == "PreferenceData"
     config = build_config(flags={"dataset": [str(tmp_path / "missing.txt")]})
     with pytest.raises(PrefError, match="missing.txt: no such file or folder"):
-        dataset_builders(config, registry, build_objective(config, registry))
+        dataset_builders(config.dataset, config, registry, registry.create("objective", config.objective, config.objective_options).needs)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from pref import Objective, PairBatch, Policy, PrefError, Reference, hookimpl
+from pref import Objective, ObjectiveNeeds, PairBatch, Policy, PrefError, Reference, hookimpl
 from pref.plugins.dpo import pair_logps
 
 
@@ -48,8 +48,7 @@ class SimPO(Objective):
             (default 0.5; the paper uses 0.3 to 0.8).
     """
 
-    needs_reference = False  # the loop loads no reference model
-    data_kind = "pairs"
+    needs = ObjectiveNeeds(reference="none", data="pairs")  # the loop loads no reference model
 
     def __init__(self, beta: float = 2.0, gamma_beta_ratio: float = 0.5):
         if beta <= 0:

@@ -55,7 +55,7 @@ def test_loss_uses_per_token_averages_not_sums():
 
 
 def test_simpo_needs_no_reference_and_checks_its_options():
-    assert SimPO.needs_reference is False
+    assert SimPO.needs.reference == "none"
     assert SimPO(beta=4.0, gamma_beta_ratio=0.25).gamma == 1.0
     with pytest.raises(PrefError, match="beta must be positive"):
         SimPO(beta=0.0)

@@ -1,0 +1,159 @@
+"""The run, resolved once before the model loads: which plugins, which reference, how to sample.
+
+`resolve_plan(config, registry)` turns a `RunConfig` into a `RunPlan`. Every plugin
+is built here (so a misspelled name or a bad option fails before anything slow),
+the objective's `needs` are read here, and every value the config leaves open
+(K, `max_new_tokens`, the reference, the output folder) is settled here. Nothing
+below writes back into the config or into a plugin.
+
+Plugin factories get the values of the run they ask for by parameter name, the
+same way for every kind (`Registry.create(..., **context)`, see docs/plugins.md):
+`registry` (every kind), `embedder` and `reward` (pair selectors).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from pref.config import DEFAULT_MAX_NEW_TOKENS, RunConfig
+from pref.errors import PrefError
+from pref.interfaces import (
+    NO_REFERENCE, REFERENCE_DISTRIBUTIONS, Embedder, Objective, ObjectiveNeeds, PairSelector, RewardSource, SamplingConfig,
+)
+from pref.registry import Registry
+
+#: Reference kinds a plan resolves to.
+NO_MODEL, FROZEN_MODEL, CACHED_LOGPS = "none", "model", "cached"
+
+DATA_FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".txt")
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """Everything a run uses besides the model and the data it reads.
+
+    objective, needs: the objective and what it declared.
+    reward, selector, embedder: online runs only (None otherwise; `selector` None also
+        for objectives that learn from every sample).
+    datasets, validation_datasets: one builder per `--dataset` / `--validation-dataset` entry.
+    reference: NO_MODEL, FROZEN_MODEL or CACHED_LOGPS.
+    samples_per_prompt: K (online).
+    sampling: how online samples and test-prompt answers are drawn.
+    output_dir: the run folder.
+    """
+
+    objective: Objective
+    needs: ObjectiveNeeds
+    reward: RewardSource | None
+    selector: PairSelector | None
+    embedder: Embedder | None
+    datasets: list[Any]
+    validation_datasets: list[Any]
+    reference: str
+    samples_per_prompt: int
+    sampling: SamplingConfig
+    output_dir: str
+
+    @property
+    def batches_per_rollout(self) -> int:
+        """Optimizer steps one fresh batch serves: 1, or a rollout's epochs x mini-batches."""
+        return self.needs.epochs_per_rollout * self.needs.minibatches_per_rollout
+
+
+def resolve_plan(config: RunConfig, registry: Registry) -> RunPlan:
+    """Build every plugin of the run and settle what the config leaves open."""
+    for kind, name in (("reward", config.reward), ("pair-selector", config.selector), ("embedder", config.embedder)):
+        if name:
+            registry.get(kind, name)  # a misspelled name fails even where the run would not use it
+    for name in config.loggers:
+        registry.get("logger", name)
+
+    objective = registry.create("objective", config.objective, config.objective_options)
+    needs = objective.needs
+    datasets = dataset_builders(config.dataset, config, registry, needs)
+    validation_datasets = dataset_builders(config.validation_dataset, config, registry, needs)
+    if not needs.online and not config.dataset:
+        raise PrefError(f"objective {config.objective!r} trains on a dataset: pass --dataset FILE")
+
+    reward = selector = embedder = None
+    if needs.online:
+        reward = resolve_reward(config, registry, objective)
+        if not config.dataset and not reward.default_prompts:
+            raise PrefError(f"the reward {type(reward).__name__} has no default prompts: pass --dataset with prompts")
+        if config.embedder:
+            embedder = registry.create("embedder", config.embedder, config.embedder_options)
+        if needs.uses_selector:
+            if config.selector:
+                selector = registry.create("pair-selector", config.selector, config.selector_options,
+                                           embedder=embedder, reward=reward)
+            else:
+                selector = objective.default_selector(embedder=embedder, reward=reward)
+            if selector is None:
+                raise PrefError(f"objective {config.objective!r} has no pair selector of its own: pass --selector NAME (see `pref list-plugins`)")
+
+    # the reward knows how long its answers are; offline, only answers to --test-prompt are sampled
+    max_new_tokens = config.max_new_tokens or (reward.max_new_tokens if reward is not None else None) or DEFAULT_MAX_NEW_TOKENS
+    return RunPlan(
+        objective=objective,
+        needs=needs,
+        reward=reward,
+        selector=selector,
+        embedder=embedder,
+        datasets=datasets,
+        validation_datasets=validation_datasets,
+        reference=reference_kind(config.reference, needs),
+        samples_per_prompt=(config.samples_per_prompt if needs.online and config.samples_per_prompt else needs.samples_per_prompt),
+        sampling=SamplingConfig(max_new_tokens, config.temperature, config.top_p, config.top_k),
+        output_dir=config.output_dir or os.path.join("runs", f"{config.objective}-{time.strftime('%Y%m%d-%H%M%S')}"),
+    )
+
+
+def resolve_reward(config: RunConfig, registry: Registry, objective: Objective) -> RewardSource:
+    """The reward of an online run: the objective's own, `--reward`, or the objective's default."""
+    if objective.needs.own_reward:
+        reward = objective.own_reward()
+        if reward is None:
+            raise PrefError(f"objective {config.objective!r} declares a reward of its own but gave none")
+        return reward
+    name = config.reward or objective.needs.reward
+    if name is None:
+        raise PrefError(f"objective {config.objective!r} samples online and needs a reward: pass --reward NAME (see `pref list-plugins`)")
+    return registry.create("reward", name, config.reward_options)
+
+
+def reference_kind(asked: str, needs: ObjectiveNeeds) -> str:
+    """What `--reference` (auto, model, cached, none) gives for these needs.
+
+    auto caches the dataset's log-probs when the objective only ever scores dataset rows
+    and needs no full distributions; otherwise it keeps a frozen copy of the model.
+    """
+    if needs.reference == NO_REFERENCE or asked == "none":
+        return NO_MODEL
+    if asked == "model":
+        return FROZEN_MODEL
+    if asked == "cached":
+        return CACHED_LOGPS
+    if needs.online or needs.scores_new_rows or needs.reference == REFERENCE_DISTRIBUTIONS:
+        return FROZEN_MODEL
+    return CACHED_LOGPS
+
+
+def dataset_builders(entries: list[str], config: RunConfig, registry: Registry, needs: ObjectiveNeeds) -> list[Any]:
+    """A builder per dataset entry: a registered builder's name, or a path/hub name for the
+    objective's default builder (`text` for a .txt file)."""
+    builders = []
+    for entry in entries:
+        if entry in registry.names("dataset"):
+            builders.append(registry.create("dataset", entry, config.dataset_options))
+            continue
+        # "prefs.jsonl" or "./prefs" is clearly meant as a local file; "org/name" may be a hub dataset
+        meant_as_file = entry.startswith((".", "/", "~")) or os.path.splitext(entry)[1].lower() in DATA_FILE_SUFFIXES
+        if meant_as_file and not os.path.exists(os.path.expanduser(entry)):
+            builder_names = ", ".join(registry.names("dataset"))
+            raise PrefError(f"--dataset {entry}: no such file or folder (nor a dataset builder: {builder_names})")
+        builder = "text" if entry.lower().endswith(".txt") else needs.dataset_builder
+        builders.append(registry.create("dataset", builder, {**config.dataset_options, "path": entry}))
+    return builders
