@@ -2,6 +2,7 @@
 
 import json
 import os
+import site
 import subprocess
 import sys
 
@@ -48,18 +49,30 @@ def prefs_file(tmp_path):
 
 
 class Venv:
-    """A fresh virtual environment that sees the system's packages (torch, pref itself, pytest).
+    """A fresh virtual environment that sees this interpreter's packages (torch, pref itself, pytest, pip, setuptools).
 
-    Made with `--system-site-packages --without-pip`, so nothing is downloaded
-    and it takes a fraction of a second; pip, pytest and pref come from the
-    system and install into, or run in, the environment.
+    The test may itself run inside a virtual environment (the README's
+    `pip install -e ".[test]"` in a fresh venv): `venv --system-site-packages`
+    would then see the *base* interpreter's packages, without pref and with
+    whatever old build tools it has. Instead the new environment gets a `.pth`
+    file that adds this interpreter's own site-packages folders, in its order
+    (their `.pth` files run too, so an editable pref is found). Made
+    `--without-pip`, nothing is downloaded and it takes a fraction of a second;
+    pip and the build backend come from this interpreter's environment
+    (the `test` extra installs a setuptools that builds wheels).
     """
 
     def __init__(self, path):
-        subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(path)], check=True)
+        subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(path)], check=True)
         self.python = str(path / ("Scripts/python.exe" if os.name == "nt" else "bin/python"))
+        own = subprocess.run([self.python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                             check=True, capture_output=True, text=True).stdout.strip()
+        os.makedirs(own, exist_ok=True)
+        outer = [p for p in site.getsitepackages() if os.path.isdir(p)]
+        with open(os.path.join(own, "_outer_environment.pth"), "w") as f:
+            f.write(f"import site; list(map(site.addsitedir, {outer!r}))\n")
         self.env = {**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1", "PIP_NO_INDEX": "1", "PYTHONUTF8": "1"}
-        for name in ("PREF_PLUGINS", "PREF_TRACE_HOOKS"):
+        for name in ("PREF_PLUGINS", "PREF_TRACE_HOOKS", "PYTHONPATH", "PYTHONHOME"):
             self.env.pop(name, None)
 
     def run(self, *args, cwd=None):
