@@ -21,6 +21,7 @@ from pref.errors import PrefError
 from pref.examples import PreferenceExample
 from pref.hookspecs import hookimpl
 from pref.interfaces import Policy, SamplingConfig
+from pref.records import read_text
 
 DEFAULT_TEMPLATE = "I am {name}, an AI assistant."
 
@@ -57,6 +58,9 @@ class IdentityShift:
         """Sample answers from `policy` and pair each with its renamed copy."""
         if policy is None:
             raise PrefError("identity-shift needs a model to answer the identity questions, and none was given")
+        if not spells(policy.tokenizer, self.new_name):
+            raise PrefError(f"identity-shift: the model's tokenizer cannot spell new_name {self.new_name!r} (it becomes "
+                            f"{spelled(policy.tokenizer, self.new_name)!r}), so training would teach unknown tokens; choose a name it can write")
         # a little below temperature 1 keeps answers on topic, yet varied across samples
         sampling = SamplingConfig(max_new_tokens=self.max_new_tokens, temperature=0.7, top_p=0.9)
         answers = policy.generate(self.questions, self.samples_per_question, sampling)
@@ -88,12 +92,30 @@ def load_questions(path: str | None = None) -> list[str]:
     else:
         if not os.path.isfile(os.path.expanduser(path)):
             raise PrefError(f"identity-shift: questions file {path} does not exist (expected one question per line)")
-        with open(os.path.expanduser(path), encoding="utf-8") as f:
-            text = f.read()
+        text = read_text(path)
     questions = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
     if not questions:
         raise PrefError(f"identity-shift: {path} has no questions (expected one question per line)")
     return questions
+
+
+def spelled(tokenizer, name: str) -> str:
+    """`name` as `tokenizer` writes it back after encoding it (an unknown word comes back as its unknown token)."""
+    return tokenizer.decode(tokenizer(name, add_special_tokens=False)["input_ids"])
+
+
+def spells(tokenizer, name: str) -> bool:
+    """True if `tokenizer` encodes `name` without unknown tokens and decodes it back (ignoring case and spacing).
+
+    Case is ignored because a lowercasing tokenizer still writes the name, only in lower case.
+    """
+    ids = tokenizer(name, add_special_tokens=False)["input_ids"]
+    unk = getattr(tokenizer, "unk_token_id", None)
+    return bool(ids) and (unk is None or unk not in ids) and _squeeze(tokenizer.decode(ids)) == _squeeze(name)
+
+
+def _squeeze(text: str) -> str:
+    return "".join(text.split()).lower()
 
 
 def _name_pattern(name: str) -> re.Pattern:

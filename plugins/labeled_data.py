@@ -19,7 +19,8 @@ from typing import Any
 from pref.errors import PrefError
 from pref.examples import LabeledExample, Prompt
 from pref.hookspecs import hookimpl
-from pref.plugins.preference_data import _messages, _read_rows, _to_example
+from pref.plugins.preference_data import preference_example
+from pref.records import messages, read_records
 
 FORMATS = "expected prompt, completion (or response) and label, or prompt/chosen/rejected"
 POSITIVE = {"positive", "accepted", "true", "1", "1.0"}
@@ -45,7 +46,7 @@ class LabeledData:
 def load_labeled(path: str, split: str = "train", limit: int | None = None) -> list[LabeledExample]:
     """Read up to `limit` labelled examples from `path` (see the module docstring for what is accepted)."""
     examples: list[LabeledExample] = []
-    for number, row in enumerate(_read_rows(path, split), start=1):
+    for number, row in enumerate(read_records(path, split), start=1):
         where = f"{path} row {number}"
         if not isinstance(row, dict):
             raise PrefError(f"{where}: expected an object with named fields, got {type(row).__name__}")
@@ -60,7 +61,7 @@ def load_labeled(path: str, split: str = "train", limit: int | None = None) -> l
 def row_examples(row: dict, where: str) -> list[LabeledExample]:
     """The labelled examples in one row: one, or two for a preference row."""
     if _missing(row, "label") and not _missing(row, "chosen") and not _missing(row, "rejected"):
-        pair = _to_example(row, where)
+        pair = preference_example(row, where)
         return [LabeledExample(pair.prompt, pair.chosen, True), LabeledExample(pair.prompt, pair.rejected, False)]
     prompt = _prompt(row, where)
     name = "completion" if not _missing(row, "completion") or _missing(row, "response") else "response"
@@ -94,7 +95,7 @@ def _missing(row: dict, name: str) -> bool:
 def _prompt(row: dict, where: str) -> Prompt:
     value = row.get("prompt")
     if isinstance(value, list):
-        return _messages(value, "prompt", where)
+        return messages(value, "prompt", where)
     return _text(row, "prompt", where, missing=f"missing field 'prompt'; {FORMATS}")
 
 

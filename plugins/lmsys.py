@@ -1,12 +1,13 @@
 """The `lmsys` dataset builder: labelled prompt/response examples from lmsys-chat-1m conversations.
 
 lmsys-chat-1m (Zheng et al. 2023) is gated on the Hugging Face hub, so this
-reads a local copy: a JSONL, JSON or Parquet file (or a saved or cloned
-dataset folder) whose rows hold
+reads a local copy (a JSONL, JSON, Parquet or CSV file, or a saved or cloned
+dataset folder; a pandas CSV export's Python-literal cells are read, see
+`pref.records`) whose rows hold
 
 - `conversation`: the messages, `{"role": "user" | "assistant", "content": ...}`;
 - `openai_moderation`: one entry per message, each with a bool `flagged`;
-- `language`: the conversation's language name ("English", ...);
+- `language`: the conversation's language name ("English", ...; rows without one are kept);
 
 and other fields (`turn`, `model`, `redacted`, ...) that are ignored.
 
@@ -20,13 +21,16 @@ accepted).
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
 from pref.errors import PrefError
 from pref.examples import LabeledExample, Prompt
 from pref.hookspecs import hookimpl
-from pref.plugins.preference_data import FILE_TYPES, _messages, _read_rows
+from pref.records import FILE_TYPES, messages, read_records
+
+log = logging.getLogger(__name__)
 
 HUB_HINT = "lmsys-chat-1m is gated on the hub: accept its licence there, download it, and pass the local file or folder as path"
 REWARD_PREFIX = "reward:"
@@ -37,7 +41,8 @@ class LmsysChat:
 
     Options:
         path: a local lmsys-chat-1m file (JSONL, JSON, Parquet) or folder; a hub name is tried but the hub copy is gated.
-        language: keep conversations in this language only (default "English"; "" keeps all).
+        language: keep conversations in this language only (default "English"; "" keeps all); rows
+            without a `language` (exports often drop the column) are kept, with a warning.
         limit: at most this many examples (default: all).
         max_turns: use at most the first this many user turns of each conversation (default: all).
         label_from: "moderation" (default: a flagged answer is rejected) or "reward:NAME" (a reward plugin).
@@ -94,7 +99,7 @@ class LmsysChat:
 
     def _rows(self) -> Any:
         try:
-            return _read_rows(self.path, self.split)
+            return read_records(self.path, self.split)
         except PrefError as exc:
             if os.path.exists(os.path.expanduser(self.path)):
                 raise
@@ -103,15 +108,20 @@ class LmsysChat:
     def _read(self) -> list[LabeledExample]:
         moderated = self.label_from == "moderation"
         examples: list[LabeledExample] = []
+        unknown_language = 0
         for number, row in enumerate(self._rows(), start=1):
             where = f"{self.path} row {number}"
             if not isinstance(row, dict):
                 raise PrefError(f"{where}: expected an object with named fields, got {type(row).__name__}")
-            if self.language is not None and row.get("language") != self.language:
-                continue
+            if self.language is not None:
+                # exports often drop the column: keeping every row beats finding "no English row"
+                if row.get("language") in (None, ""):
+                    unknown_language += 1
+                elif row["language"] != self.language:
+                    continue
             if row.get("conversation") is None:
                 raise PrefError(f"{where}: missing field 'conversation' (a list of {{'role', 'content'}} messages)")
-            conversation = _messages(row["conversation"], "conversation", where)
+            conversation = messages(row["conversation"], "conversation", where)
             flags = moderation_flags(row, len(conversation), where) if moderated else None
             for prompt, answer_index in user_turns(conversation, self.max_turns):
                 answer = conversation[answer_index]["content"]
@@ -120,7 +130,12 @@ class LmsysChat:
                 # a label is filled in by the reward later when not from moderation
                 examples.append(LabeledExample(prompt, answer, not flags[answer_index] if flags is not None else True))
                 if self.limit is not None and len(examples) >= self.limit:
-                    return examples
+                    break
+            if self.limit is not None and len(examples) >= self.limit:
+                break
+        if unknown_language:
+            log.warning(f"{self.path}: {unknown_language} conversations have no 'language'; kept them all "
+                        f"rather than only {self.language} ones (pass --dataset-option language= to keep all silently)")
         return examples
 
     def _label_by_reward(self, examples: list[LabeledExample], batch_size: int = 64) -> None:

@@ -21,7 +21,7 @@ from typing import Any
 from pref.errors import PrefError
 from pref.examples import TextExample
 from pref.hookspecs import hookimpl
-from pref.plugins.preference_data import _read_rows
+from pref.records import read_records, read_text
 
 UNITS = ("line", "paragraph")
 DIALOGUE_COLUMNS = ("dialog", "dialogue", "turns", "messages", "conversation")
@@ -69,7 +69,7 @@ class _TextRows:
         local = os.path.expanduser(self.path)
         if os.path.isfile(local) and os.path.getsize(local) == 0:
             raise PrefError(f"{self.path}: the file is empty")
-        for number, row in enumerate(_read_rows(self.path, self.split), start=1):
+        for number, row in enumerate(read_records(self.path, self.split), start=1):
             yield f"{self.path} row {number}", row
 
     def texts(self) -> Iterable[str]:
@@ -102,11 +102,7 @@ class TextData(_TextRows):
         if local.lower().endswith(".txt"):
             if not os.path.isfile(local):
                 raise PrefError(f"{self.path}: no such file")
-            try:
-                with open(local, encoding="utf-8") as f:
-                    content = f.read()
-            except UnicodeDecodeError as exc:
-                raise PrefError(f"{self.path}: not UTF-8 text (byte {exc.start})") from None
+            content = read_text(self.path)
             return content.splitlines() if self.unit == "line" else [" ".join(p.split()) for p in re.split(r"\n\s*\n", content)]
         return (self._text(row, where) for where, row in self.rows())
 

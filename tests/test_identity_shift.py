@@ -7,13 +7,37 @@ from pref.plugins.identity_shift import IdentityShift, load_questions, mentions,
 from pref.registry import load_registry
 
 
+def byte_tokenizer():
+    """A byte-level tokenizer without merges: it spells any text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer)
+
+
+def word_tokenizer(*words):
+    """A lowercasing word-level tokenizer that knows only `words`; others become <unk>."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(["<unk>", *words])}, unk_token="<unk>"))
+    tokenizer.normalizer = normalizers.Lowercase()
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>")
+
+
 class FixedAnswers(Policy):
     """Answers each prompt with the answers given for it (or a default), and records the call."""
 
-    def __init__(self, answers, default="I am a helpful assistant."):
+    def __init__(self, answers, default="I am a helpful assistant.", tokenizer=None):
         self.answers = answers
         self.default = default
         self.calls = []
+        self.tokenizer = tokenizer or byte_tokenizer()
 
     def generate(self, prompts, k, sampling):
         self.calls.append((list(prompts), k, sampling))
@@ -128,3 +152,14 @@ def test_empty_questions_file(tmp_path):
 def test_bad_options(options, message):
     with pytest.raises(PrefError, match=message):
         IdentityShift(**options)
+
+
+def test_a_name_the_tokenizer_cannot_spell_is_refused():
+    policy = FixedAnswers({}, tokenizer=word_tokenizer("i", "am", "tiny", "aria", "an", "ai", "assistant"))
+    with pytest.raises(PrefError) as error:
+        IdentityShift("Tiny", "Pref").build(policy)
+    message = str(error.value)
+    assert "cannot spell new_name 'Pref'" in message and "'<unk>'" in message and "\n" not in message
+    assert policy.calls == []  # refused before sampling anything
+    # a name it knows (in any case) is fine
+    assert IdentityShift("Tiny", "Aria").build(policy)[0].chosen == "I am Aria, an AI assistant."
