@@ -32,6 +32,7 @@ from pref.policy import HFPolicy, unwrap
 from pref.progress import TrainingProgress
 from pref.reference import CachedReference, FrozenReference, cache_dir
 from pref.registry import Registry
+from pref.run_folder import claim_output_dir
 from pref.validation import Evaluation, hold_out
 
 log = logging.getLogger(__name__)
@@ -155,6 +156,7 @@ def train_policy(config: RunConfig, registry: Registry) -> tuple[str, HFPolicy]:
     # -- the plan: every plugin built, every open setting resolved, before the slow model load --
     plan = resolve_plan(config, registry)
     objective, out_dir = plan.objective, plan.output_dir
+    lock = claim_output_dir(out_dir, bool(config.resume), accelerator)  # before the model loads: fail fast
     if not config.resume and os.path.exists(os.path.join(out_dir, RUN_FILE)):
         raise PrefError(f"{out_dir} already holds a run; pass --resume {out_dir} to continue it or choose another --output-dir")
 
@@ -283,5 +285,7 @@ def train_policy(config: RunConfig, registry: Registry) -> tuple[str, HFPolicy]:
         write_atomically(os.path.join(out_dir, FINAL_DIR), policy.save)
         objective.save(out_dir)
     accelerator.wait_for_everyone()
+    if lock is not None:
+        lock.release()
     policy.model = unwrap(model)
     return out_dir, policy

@@ -1,0 +1,143 @@
+"""The output folder of a run: pref writes only into folders that are new, empty or its own, one run at a time.
+
+`claim_output_dir(out_dir, resuming)` is called before the model loads. It
+refuses, each with a one-line `PrefError`: a path that is a file, a non-empty
+folder that holds no pref run (pref never deletes or appends to a user's
+files), a folder it cannot write to (read-only, full, no permission), and a
+folder another run is using. It returns the `RunLock` held for the run.
+
+The lock is the file `.pref-run.lock` holding {"pid", "host", "started"} of
+the run that holds it, locked with `flock`: the system drops the lock when its
+process dies, so the file a killed run leaves behind is recognised as stale
+and taken over.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import socket
+import time
+from typing import Any
+
+from pref.agreement import same_decision
+from pref.errors import PrefError
+
+log = logging.getLogger(__name__)
+
+RUN_FILE = "run.json"
+LOCK_FILE = ".pref-run.lock"
+_held: dict[str, "RunLock"] = {}  # locks this process holds, by path
+
+
+def disk_error(action: str, exc: OSError) -> PrefError:
+    """A one-line error for a failed write: `action` ("cannot write to runs/x") and the errno's name and text."""
+    code = errno.errorcode.get(exc.errno or 0, "")
+    fix = {"ENOSPC": "free some space or choose another --output-dir", "EDQUOT": "free some space or choose another --output-dir"}
+    hint = fix.get(code, "choose a writable --output-dir")
+    return PrefError(f"{action}: {exc.strerror or exc} ({code or type(exc).__name__}); {hint}")
+
+
+def claim_output_dir(out_dir: str, resuming: bool, accelerator: Any = None) -> "RunLock | None":
+    """Check `out_dir` can take this run, create it, lock it: the held `RunLock` (on the main process; None elsewhere).
+
+    With an `accelerator`, the main process checks and every process raises its error together.
+    """
+    if accelerator is None:
+        return _claim(out_dir, resuming)
+    lock, error = None, None
+    if accelerator.is_main_process:
+        try:
+            lock = _claim(out_dir, resuming)
+        except PrefError as exc:
+            error = str(exc)
+    same_decision(accelerator, error)
+    return lock
+
+
+def _claim(out_dir: str, resuming: bool) -> "RunLock":
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise PrefError(f"--output-dir {out_dir} is a file, not a folder; choose a folder path")
+    if os.path.isdir(out_dir):
+        # run.json marks a pref run; a run killed before writing it leaves only its lock
+        foreign = sorted(name for name in os.listdir(out_dir) if name != LOCK_FILE)
+        if foreign and RUN_FILE not in foreign:
+            raise PrefError(f"--output-dir {out_dir} is not empty and holds no pref run (it has {', '.join(foreign[:3])}"
+                            f"{', ...' if len(foreign) > 3 else ''}); pref writes only into new or empty folders: choose another")
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as exc:
+        raise disk_error(f"cannot create --output-dir {out_dir}", exc) from None
+    lock = RunLock(out_dir)
+    lock.acquire()
+    return lock
+
+
+class RunLock:
+    """The lock of one run folder, held by this process from `acquire()` to `release()`."""
+
+    def __init__(self, out_dir: str):
+        self.path = os.path.join(out_dir, LOCK_FILE)
+        self.fd: int | None = None
+
+    def acquire(self) -> None:
+        import fcntl
+
+        earlier = _held.pop(self.path, None)
+        if earlier is not None:  # an earlier run in this process ended without releasing (an exception)
+            earlier.release()
+        while True:
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as exc:
+                raise disk_error(f"cannot write to --output-dir {os.path.dirname(self.path)}", exc) from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise PrefError(f"--output-dir {os.path.dirname(self.path)} is in use by another pref run ({self.holder()}); "
+                                "wait for it to finish or choose another --output-dir") from None
+            # the file may have been removed by its holder between our open and our lock: start again
+            try:
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        stale = self.holder()
+        if stale != "unknown holder":
+            log.info(f"taking over the stale lock of a run that is no longer running ({stale})")
+        record = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps(record).encode(), 0)
+        except OSError as exc:
+            os.close(fd)
+            raise disk_error(f"cannot write to --output-dir {os.path.dirname(self.path)}", exc) from None
+        self.fd = fd
+        _held[self.path] = self
+
+    def holder(self) -> str:
+        """Who the lock file names: "pid N on HOST since TIME"."""
+        try:
+            with open(self.path) as f:
+                record = json.load(f)
+            return f"pid {record['pid']} on {record['host']} since {record['started']}"
+        except (OSError, ValueError, KeyError, TypeError):
+            return "unknown holder"
+
+    def release(self) -> None:
+        """Remove the lock file and unlock; a no-op when not held."""
+        if self.fd is None:
+            return
+        try:
+            os.remove(self.path)  # while still locked, so no one else's lock file is removed
+        except OSError:
+            pass
+        os.close(self.fd)
+        self.fd = None
+        if _held.get(self.path) is self:
+            del _held[self.path]
