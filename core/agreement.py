@@ -4,19 +4,57 @@ from __future__ import annotations
 
 from typing import Any
 
-from pref.errors import PrefError
+import torch
+
+from pref.errors import NoUsablePairs, PrefError
+
+OK, NO_PAIRS, ERROR = 0, 1, 2
 
 
 def same_decision(accelerator: Any, error: str | None) -> None:
-    """Raise `PrefError` on every process if any process has an `error` (the first one's message).
+    """Raise `PrefError` on every process if any process has an `error` (the lowest rank's message).
 
-    A collective: every process must call it at the same point, each with its
-    own `error` (None when it has none).
+    A collective: every process calls it at the same point with its own
+    `error` (None when it has none). Costs one tiny all-reduce when all is well.
     """
+    _agree(accelerator, ERROR if error else OK, error)
+
+
+def next_batch_together(data: Any, accelerator: Any, on_non_finite: Any) -> tuple[Any, dict[str, float]]:
+    """`data.next()` with one outcome on every process: the batch, or the same exception everywhere.
+
+    `NoUsablePairs` on any process is raised on all (the loop decides to stop
+    or fail), as is a `PrefError`; torch refusing to sample from non-finite
+    probabilities becomes the `PrefError` `on_non_finite()` (a message).
+    """
+    from pref.divergence import sampled_non_finite
+
+    result, code, message = None, OK, None
+    try:
+        result = data.next()
+    except NoUsablePairs as exc:
+        code, message = NO_PAIRS, str(exc)
+    except PrefError as exc:
+        code, message = ERROR, str(exc)
+    except RuntimeError as exc:
+        if not sampled_non_finite(exc):
+            raise
+        code, message = ERROR, on_non_finite()
+    _agree(accelerator, code, message)
+    return result
+
+
+def _agree(accelerator: Any, code: int, message: str | None) -> None:
     if accelerator.num_processes > 1:
         from accelerate.utils import gather_object
 
-        errors = [e for e in gather_object([error]) if e]
-        error = errors[0] if errors else None
-    if error:
-        raise PrefError(error)
+        worst = accelerator.reduce(torch.tensor([code], device=accelerator.device), reduction="sum")
+        if int(worst.item()) == OK:
+            return
+        reports = [r for r in gather_object([(code, message)]) if r[0] != OK]
+        code = max(c for c, _ in reports)
+        message = next(m for c, m in reports if c == code)
+    if code == NO_PAIRS:
+        raise NoUsablePairs(message)
+    if code == ERROR:
+        raise PrefError(message)

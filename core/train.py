@@ -19,10 +19,12 @@ from typing import Any
 
 import torch
 
+from pref.agreement import next_batch_together, same_decision
 from pref.checkpoint import find_checkpoint, load_checkpoint, rng_state, save_checkpoint, write_atomically
 from pref.config import RunConfig
 from pref.curriculum import Curriculum, CurriculumOptions, dataset_names
 from pref.data import OfflineBatches, collate
+from pref.divergence import check_step, check_weights, refuse_non_finite_settings, sampling_diverged
 from pref.errors import NoUsablePairs, PrefError
 from pref.examples import prompt_of
 from pref.interfaces import LabeledBatch, PairBatch, Reference
@@ -145,6 +147,7 @@ def train_policy(config: RunConfig, registry: Registry) -> tuple[str, HFPolicy]:
     The policy holds this process's copy of the trained model, unwrapped.
     """
     # -- device, precision, seed ------------------------------------------------
+    refuse_non_finite_settings(config)
     accelerator = make_accelerator(config)
     from accelerate.utils import gather_object, set_seed
 
@@ -216,11 +219,11 @@ def train_policy(config: RunConfig, registry: Registry) -> tuple[str, HFPolicy]:
             totals: dict[str, float] = {}
             for micro in range(config.grad_accum):
                 try:
-                    batch, data_metrics = data.next()
+                    batch, data_metrics = next_batch_together(data, accelerator, lambda: sampling_diverged(step, config))
                 except NoUsablePairs:
                     # after the first step: the policy now earns one reward for every sample, nothing is
-                    # left to learn, so keep the model (several processes cannot stop one alone: fail instead)
-                    if step == start_step + 1 or world > 1:
+                    # left to learn, so keep the model (every process sees the same outcome and stops with it)
+                    if step == start_step + 1:
                         raise
                     stopped = (f"Stopped after step {step - 1} of {config.steps}: every pool of the policy's samples was "
                                "all-equal or unusable, so no pair is left to learn from")
@@ -244,6 +247,7 @@ def train_policy(config: RunConfig, registry: Registry) -> tuple[str, HFPolicy]:
                     if p.grad is not None:
                         p.grad = accelerator.reduce(p.grad, reduction="mean")
             grad_norm = accelerator.clip_grad_norm_(params, config.max_grad_norm)
+            same_decision(accelerator, check_step(step, totals["loss"], float(grad_norm), config))  # NaN: stop before the update
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -265,6 +269,7 @@ def train_policy(config: RunConfig, registry: Registry) -> tuple[str, HFPolicy]:
 
             # checkpoint
             if config.save_every and step % config.save_every == 0 and step < config.steps:
+                check_weights(params, step, config)
                 save_state = {"seed": config.seed, "data": data.state(), "world": world}
                 rng_states = gather_object([rng_state()])
                 extra = {
@@ -280,6 +285,7 @@ def train_policy(config: RunConfig, registry: Registry) -> tuple[str, HFPolicy]:
         log.warning(stopped)
     for logger in loggers:
         logger.close()
+    check_weights(params, config.steps, config)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         write_atomically(os.path.join(out_dir, FINAL_DIR), policy.save)

@@ -1,0 +1,70 @@
+"""A run that diverges stops at once, with the model it had before: nothing non-finite is trained on or saved.
+
+- `refuse_non_finite_settings(config)`: `inf`/`nan` in any setting or plugin option
+  (--lr, --beta, ...) is refused before anything loads: such a run cannot train.
+- `check_step(step, loss, grad_norm, config)`: the error message when this step's
+  loss or gradient norm is not finite (None otherwise); the loop checks it before
+  the optimizer step, so the weights stay those of the last good step.
+- `check_weights(parameters, step, config)`: raises before a checkpoint or the
+  final model is written from non-finite weights.
+- `sampled_non_finite(exc)`: whether an error from sampling is torch refusing
+  NaN/inf probabilities, the sign of a policy that already diverged.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+
+from pref.errors import PrefError
+
+
+def refuse_non_finite_settings(config: Any) -> None:
+    """A `PrefError` naming the first setting or option of `config` that is `inf` or `nan`."""
+    for name, value in _numbers(config.to_dict()):
+        if not math.isfinite(value):
+            section, _, key = name.rpartition(".")
+            label = f"{section.split('.')[0].removesuffix('_options').replace('_', ' ')} option {key!r}" if section else "--" + name.replace("_", "-")
+            raise PrefError(f"{label} is {value}: a run with it cannot train; give a finite number")
+
+
+def _numbers(values: dict[str, Any], prefix: str = "") -> Iterable[tuple[str, float]]:
+    for key, value in values.items():
+        if isinstance(value, dict):
+            yield from _numbers(value, f"{prefix}{key}.")
+        elif isinstance(value, float):
+            yield prefix + key, value
+
+
+def likely_causes(config: Any) -> str:
+    beta = (getattr(config, "objective_options", None) or {}).get("beta")
+    return f"lower --lr (now {config.lr:g})" + (f" or --beta (now {beta:g})" if isinstance(beta, (int, float)) else " or the objective's beta")
+
+
+def check_step(step: int, loss: float, grad_norm: float, config: Any) -> str | None:
+    """The one-line message if `loss` or `grad_norm` of `step` is not finite, else None."""
+    if math.isfinite(loss) and math.isfinite(grad_norm):
+        return None
+    return (f"training diverged at step {step}: loss {loss:g}, gradient norm {grad_norm:g}; stopped before updating the weights, "
+            f"kept checkpoints are from earlier steps; {likely_causes(config)}")
+
+
+def check_weights(parameters: Iterable[torch.Tensor], step: int, config: Any) -> None:
+    """Raise a `PrefError` if any of `parameters` holds a non-finite value (before saving them)."""
+    parameters = [p.detach() for p in parameters]
+    if parameters and not bool(torch.stack(torch._foreach_norm(parameters)).isfinite().all()):
+        raise PrefError(f"training diverged by step {step}: the weights are no longer finite, so they were not saved; "
+                        f"{likely_causes(config)}")
+
+
+def sampled_non_finite(exc: BaseException) -> bool:
+    """True for torch's refusal to sample from probabilities holding inf, nan or negative values."""
+    return isinstance(exc, RuntimeError) and "probability tensor contains either `inf`, `nan` or element < 0" in str(exc)
+
+
+def sampling_diverged(step: int, config: Any) -> str:
+    return (f"training diverged by step {step}: the policy's next-token probabilities are no longer finite, so it cannot "
+            f"sample; kept checkpoints are from earlier steps; {likely_causes(config)}")
