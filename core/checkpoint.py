@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import re
 import shutil
@@ -30,7 +31,10 @@ PATTERN = re.compile(r"^checkpoint-(\d+)$")
 
 
 def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """This process's random states as tensors and plain data, so they load with `weights_only=True`."""
+    name, keys, position, has_gauss, gauss = np.random.get_state()
+    numpy_state = [name, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, gauss]
+    state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -38,7 +42,8 @@ def rng_state() -> dict[str, Any]:
 
 def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, position, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), position, has_gauss, gauss))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -117,17 +122,46 @@ def load_checkpoint(
     scheduler: Any,
     rank: int = 0,
 ) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    """Restore weights, optimizer, scheduler and this process's RNG; return (state, extra)."""
-    load_model(model, os.path.join(checkpoint_dir, MODEL_FILE))
-    optimizer.load_state_dict(torch.load(os.path.join(checkpoint_dir, OPTIMIZER_FILE), weights_only=False))
-    scheduler.load_state_dict(torch.load(os.path.join(checkpoint_dir, SCHEDULER_FILE), weights_only=False))
+    """Restore weights, optimizer, scheduler and this process's RNG; return (state, extra).
+
+    Nothing is unpickled beyond tensors and plain data (`weights_only=True`), so
+    a checkpoint someone shared cannot run code; a file that does not load that
+    way is a one-line `PrefError` naming it.
+    """
+    model_path = os.path.join(checkpoint_dir, MODEL_FILE)
+    try:
+        load_model(model, model_path)
+    except Exception as exc:  # safetensors raises its own error types; none of them may run code
+        raise _unloadable(model_path, exc) from None
+    optimizer.load_state_dict(_load_safely(os.path.join(checkpoint_dir, OPTIMIZER_FILE)))
+    scheduler.load_state_dict(_load_safely(os.path.join(checkpoint_dir, SCHEDULER_FILE)))
     rng_path = os.path.join(checkpoint_dir, RNG_FILE.format(rank=rank))
     if os.path.exists(rng_path):
-        set_rng_state(torch.load(rng_path, weights_only=False))
+        set_rng_state(_load_safely(rng_path))
     extra_path = os.path.join(checkpoint_dir, EXTRA_FILE)
-    extra = torch.load(extra_path, weights_only=False) if os.path.exists(extra_path) else None
-    with open(os.path.join(checkpoint_dir, STATE_FILE)) as f:
-        return json.load(f), extra
+    extra = _load_safely(extra_path) if os.path.exists(extra_path) else None
+    state_path = os.path.join(checkpoint_dir, STATE_FILE)
+    try:
+        with open(state_path) as f:
+            return json.load(f), extra
+    except (OSError, ValueError) as exc:
+        raise _unloadable(state_path, exc) from None
+
+
+def _load_safely(path: str) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # UnpicklingError for foreign objects, RuntimeError or OSError for broken files
+        raise _unloadable(path, exc) from None
+
+
+def _unloadable(path: str, exc: BaseException) -> PrefError:
+    if isinstance(exc, pickle.UnpicklingError):
+        reason = "it holds Python objects other than tensors and plain data"
+    else:
+        reason = f"{type(exc).__name__}: " + (str(exc).strip().splitlines() or ["no details"])[0][:200]
+    return PrefError(f"cannot load checkpoint file {path} safely ({reason}); "
+                     "it is damaged, tampered with or from another program: resume from another checkpoint or start afresh")
 
 
 def _fsync_dir(path: str) -> None:

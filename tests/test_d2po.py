@@ -184,7 +184,7 @@ def test_d2po_run_writes_discriminator_and_gold_metrics(tmp_path, tiny_model_dir
     assert reward.score(["Name a fruit."], ["apple"])["reward"].shape == (1,)
     assert AutoModelForCausalLM.from_pretrained(os.path.join(out, "final")) is not None
 
-    extra = torch.load(os.path.join(out, "checkpoint-000002", "extra.pt"), weights_only=False)["objective"]
+    extra = torch.load(os.path.join(out, "checkpoint-000002", "extra.pt"), weights_only=True)["objective"]
     assert extra["counters"]["labels_spent"] == lines[1]["gold/labels_spent"]
     assert {"model", "optimizer", "gold_pairs", "round"} <= set(extra)
 

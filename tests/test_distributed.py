@@ -83,5 +83,5 @@ def test_two_processes_train_as_one_job(tiny_model_dir, prefs_file, private_cach
     checkpoint = run_dir / f"checkpoint-{SAVE_EVERY:06d}"
     state = json.loads((checkpoint / "state.json").read_text())
     assert (state["step"], state["world"]) == (SAVE_EVERY, 2)
-    rngs = [torch.load(checkpoint / f"rng-{rank}.pt", weights_only=False) for rank in (0, 1)]
+    rngs = [torch.load(checkpoint / f"rng-{rank}.pt", weights_only=True) for rank in (0, 1)]
     assert not torch.equal(rngs[0]["torch"], rngs[1]["torch"])  # seeded per process, so their own states

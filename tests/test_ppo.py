@@ -282,7 +282,7 @@ def test_ppo_run_trains_policy_and_value_head_and_checkpoints_both(tmp_path, tin
     assert lines[0]["objective/kl_coef"] == 0.1
 
     checkpoint = os.path.join(out, "checkpoint-000003")
-    extra = torch.load(os.path.join(checkpoint, "extra.pt"), weights_only=False)
+    extra = torch.load(os.path.join(checkpoint, "extra.pt"), weights_only=True)
     assert set(extra["modules"]["value_head"]) == {"weight", "bias"}
     assert extra["objective"]["kl_coef"] > 0
     state = json.load(open(os.path.join(checkpoint, "state.json")))
