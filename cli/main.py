@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -15,6 +16,9 @@ from pref.cli.new_plugin import new_plugin
 from pref.errors import PrefError
 
 
+DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES}
+
+
 class PrefGroup(click.Group):
     """Turns a `PrefError` into one line on stderr and exit code 2, without a traceback."""
 
@@ -23,6 +27,15 @@ class PrefGroup(click.Group):
             return super().invoke(ctx)
         except PrefError as exc:
             click.echo(f"Error: {exc}", err=True)
+            sys.exit(2)
+        except OSError as exc:
+            if exc.errno not in DISK_ERRORS:
+                raise
+            # a full, read-only or forbidden disk met outside the writes that check for it (a log line, run.json)
+            from pref.checkpoint import disk_error
+
+            target = exc.filename or "a file"
+            click.echo(f"Error: {disk_error(f'cannot write {target}', exc)}", err=True)
             sys.exit(2)
 
 
@@ -87,7 +100,7 @@ def load_registry() -> Any:
 @click.option("--mixed-precision", type=click.Choice(["no", "fp16", "bf16"]), help="Autocast precision.")
 @click.option("--threads", type=int, help="CPU threads of torch (default: 1 for the embedded default model, else one per core).")
 @click.option("--reference", type=click.Choice(["auto", "model", "cached", "none"]), help="Frozen model, cached log-probs, or none.")
-@click.option("--save-every", type=int, help="Write a checkpoint every N steps.")
+@click.option("--save-every", type=int, help="Write a checkpoint every N steps (PPO: a multiple of the steps a rollout serves, so a resume is exact).")
 @click.option("--keep-checkpoints", type=int, help="How many checkpoints to keep.")
 @click.option("--resume", help="Continue the run in this folder (or from this checkpoint).")
 @click.option("--logger", "loggers", multiple=True, help="Metrics logger (default: jsonl); repeatable, e.g. --logger jsonl --logger tensorboard.")
@@ -104,6 +117,7 @@ def load_registry() -> Any:
 def run(config_file: str | None, beta: float | None, objective_option, reward_option, dataset_option, selector_option, curriculum_option, **flags: Any) -> None:
     """Train a model with a preference objective."""
     from pref.config import build_config, read_config_file
+    from pref.run_folder import moved_data
     from pref.train import RUN_FILE, train
 
     file_values: dict[str, Any] = read_config_file(config_file) if config_file else {}
@@ -136,6 +150,9 @@ def run(config_file: str | None, beta: float | None, objective_option, reward_op
         with open(record_path) as f:
             file_values = {k: v for k, v in json.load(f)["config"].items() if k != "resume"}
         given["output_dir"] = run_dir
+        moved = moved_data({**file_values, **given})
+        if moved:
+            raise PrefError(f"cannot resume {run_dir}: {moved}")
 
     config = build_config(file_values, given)
     registry = load_registry()

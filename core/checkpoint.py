@@ -7,12 +7,15 @@ atomic rename, once every file in it is complete.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import pickle
 import random
 import re
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -52,8 +55,9 @@ def set_rng_state(state: dict[str, Any]) -> None:
 def write_atomically(path: str, write: Any) -> None:
     """Call `write(tmp_path)`, then rename the result to `path` (a file or a folder)."""
     tmp = os.path.join(os.path.dirname(path), f".tmp-{os.path.basename(path)}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    write(tmp)
+    _remove(tmp)
+    with removed_on_failure(tmp, path):
+        write(tmp)
     if os.path.isdir(path):
         shutil.rmtree(path)
     os.replace(tmp, path)
@@ -84,18 +88,19 @@ def save_checkpoint(
     """
     final = os.path.join(run_dir, f"checkpoint-{step:06d}")
     tmp = os.path.join(run_dir, f".tmp-checkpoint-{step:06d}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    save_model(model, os.path.join(tmp, MODEL_FILE))
-    torch.save(optimizer.state_dict(), os.path.join(tmp, OPTIMIZER_FILE))
-    torch.save(scheduler.state_dict(), os.path.join(tmp, SCHEDULER_FILE))
-    for rank, rng in enumerate(rng_states):
-        torch.save(rng, os.path.join(tmp, RNG_FILE.format(rank=rank)))
-    if extra:
-        torch.save(extra, os.path.join(tmp, EXTRA_FILE))
-    with open(os.path.join(tmp, STATE_FILE), "w") as f:
-        json.dump({**state, "step": step}, f, indent=2)
-    _fsync_dir(tmp)
+    _remove(tmp)
+    with removed_on_failure(tmp, final):
+        os.makedirs(tmp)
+        save_model(model, os.path.join(tmp, MODEL_FILE))
+        torch.save(optimizer.state_dict(), os.path.join(tmp, OPTIMIZER_FILE))
+        torch.save(scheduler.state_dict(), os.path.join(tmp, SCHEDULER_FILE))
+        for rank, rng in enumerate(rng_states):
+            torch.save(rng, os.path.join(tmp, RNG_FILE.format(rank=rank)))
+        if extra:
+            torch.save(extra, os.path.join(tmp, EXTRA_FILE))
+        with open(os.path.join(tmp, STATE_FILE), "w") as f:
+            json.dump({**state, "step": step}, f, indent=2)
+        _fsync_dir(tmp)
     if os.path.exists(final):  # the same step saved again: replace it
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -162,6 +167,43 @@ def _unloadable(path: str, exc: BaseException) -> PrefError:
         reason = f"{type(exc).__name__}: " + (str(exc).strip().splitlines() or ["no details"])[0][:200]
     return PrefError(f"cannot load checkpoint file {path} safely ({reason}); "
                      "it is damaged, tampered with or from another program: resume from another checkpoint or start afresh")
+
+
+def disk_error(action: str, exc: OSError) -> PrefError:
+    """A one-line error for a failed write: `action` ("cannot write to runs/x") and the errno's name and text."""
+    code = errno.errorcode.get(exc.errno or 0, "")
+    hint = "free some space or choose another --output-dir" if code in ("ENOSPC", "EDQUOT") else "choose a writable --output-dir"
+    return PrefError(f"{action}: {exc.strerror or exc} ({code or type(exc).__name__}); {hint}")
+
+
+@contextmanager
+def removed_on_failure(tmp: str, target: str) -> Iterator[None]:
+    """Remove our temporary `tmp` if writing it fails; a full or read-only disk becomes a one-line `PrefError`.
+
+    torch and safetensors report a full disk in their own words, so a disk left
+    (nearly) without space is taken as the cause whatever the exception.
+    """
+    try:
+        yield
+    except Exception as exc:
+        try:
+            stats = os.statvfs(os.path.dirname(tmp) or ".")
+            full = stats.f_bavail * stats.f_frsize < 1 << 20
+        except OSError:
+            full = False
+        _remove(tmp)  # a half-written copy must not go on filling the disk
+        if isinstance(exc, OSError) and exc.errno:
+            raise disk_error(f"cannot write {target}", exc) from None
+        if full or "os error 28" in str(exc):
+            raise disk_error(f"cannot write {target}", OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))) from None
+        raise
+
+
+def _remove(path: str) -> None:
+    if os.path.isdir(path):
+        shutil.rmtree(path, ignore_errors=True)
+    elif os.path.lexists(path):
+        os.remove(path)
 
 
 def _fsync_dir(path: str) -> None:

@@ -14,30 +14,25 @@ and taken over.
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import os
+import shutil
 import socket
 import time
 from typing import Any
 
 from pref.agreement import same_decision
+from pref.checkpoint import STATE_FILE, disk_error, list_checkpoints
 from pref.errors import PrefError
 
 log = logging.getLogger(__name__)
 
 RUN_FILE = "run.json"
+FINAL_DIR = "final"
+LOG_FILES = ("metrics.jsonl", "generations.jsonl")  # JSON lines with a "step"
 LOCK_FILE = ".pref-run.lock"
 _held: dict[str, "RunLock"] = {}  # locks this process holds, by path
-
-
-def disk_error(action: str, exc: OSError) -> PrefError:
-    """A one-line error for a failed write: `action` ("cannot write to runs/x") and the errno's name and text."""
-    code = errno.errorcode.get(exc.errno or 0, "")
-    fix = {"ENOSPC": "free some space or choose another --output-dir", "EDQUOT": "free some space or choose another --output-dir"}
-    hint = fix.get(code, "choose a writable --output-dir")
-    return PrefError(f"{action}: {exc.strerror or exc} ({code or type(exc).__name__}); {hint}")
 
 
 def claim_output_dir(out_dir: str, resuming: bool, accelerator: Any = None) -> "RunLock | None":
@@ -66,12 +61,23 @@ def _claim(out_dir: str, resuming: bool) -> "RunLock":
         if foreign and RUN_FILE not in foreign:
             raise PrefError(f"--output-dir {out_dir} is not empty and holds no pref run (it has {', '.join(foreign[:3])}"
                             f"{', ...' if len(foreign) > 3 else ''}); pref writes only into new or empty folders: choose another")
+    if not resuming and os.path.exists(os.path.join(out_dir, RUN_FILE)):
+        if list_checkpoints(out_dir) or os.path.exists(os.path.join(out_dir, FINAL_DIR)):
+            raise PrefError(f"{out_dir} already holds a run; pass --resume {out_dir} to continue it or choose another --output-dir")
+        log.info(f"{out_dir} holds a run stopped before its first checkpoint: starting it again")
     try:
         os.makedirs(out_dir, exist_ok=True)
     except OSError as exc:
         raise disk_error(f"cannot create --output-dir {out_dir}", exc) from None
     lock = RunLock(out_dir)
     lock.acquire()
+    for name in os.listdir(out_dir):
+        if name.startswith(".tmp-"):  # our own half-written copies from a run that was killed
+            path = os.path.join(out_dir, name)
+            if os.path.isdir(path):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                os.remove(path)
     return lock
 
 
@@ -141,3 +147,68 @@ class RunLock:
         self.fd = None
         if _held.get(self.path) is self:
             del _held[self.path]
+
+
+def resume_checkpoint(path: str) -> str | None:
+    """The checkpoint to resume from: `path` itself, or the newest in the run folder `path`.
+
+    None for a run stopped before its first checkpoint: it starts again from step 0.
+    """
+    if os.path.exists(os.path.join(path, STATE_FILE)):
+        return path
+    found = list_checkpoints(path)
+    if found:
+        return found[-1]
+    if os.path.exists(os.path.join(path, RUN_FILE)):
+        log.info(f"{path} has no checkpoint yet (stopped before the first): starting it again from step 0")
+        return None
+    raise PrefError(f"no checkpoint in {path}; pass a run folder that has checkpoint-* folders (save them with --save-every N)")
+
+
+def cut_logs(out_dir: str, step: int) -> None:
+    """Drop the lines after `step` from the run's step logs: a resumed run logs those steps again."""
+    for name in LOG_FILES:
+        path = os.path.join(out_dir, name)
+        if not os.path.exists(path):
+            continue
+        with open(path, encoding="utf-8") as f:
+            lines = f.readlines()
+        kept = [line for line in lines if _step_of(line) <= step]
+        if len(kept) < len(lines):
+            with open(path + ".tmp", "w", encoding="utf-8") as f:
+                f.writelines(kept)
+            os.replace(path + ".tmp", path)
+
+
+def _step_of(line: str) -> float:
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return float("inf")  # a half-written last line of a killed run goes too
+
+
+def absolute_paths(config: Any) -> None:
+    """Make the local `--dataset`, `--validation-dataset` and `--model` paths of `config` absolute.
+
+    run.json records them so, and a resume from another working directory reads the same files.
+    """
+    def absolute(entry: Any) -> Any:
+        is_local = isinstance(entry, str) and os.path.exists(os.path.expanduser(entry))
+        return os.path.abspath(os.path.expanduser(entry)) if is_local else entry
+
+    config.dataset = [absolute(e) for e in config.dataset]
+    config.validation_dataset = [absolute(e) for e in config.validation_dataset]
+    config.model = absolute(config.model)
+    if isinstance(config.dataset_options.get("path"), str):
+        config.dataset_options["path"] = absolute(config.dataset_options["path"])
+
+
+def moved_data(file_config: dict[str, Any]) -> str | None:
+    """For a resume: a message naming the first absolute data or model path of a run's record that is gone."""
+    entries = [*(file_config.get("dataset") or []), *(file_config.get("validation_dataset") or []), file_config.get("model"),
+               (file_config.get("dataset_options") or {}).get("path")]
+    for entry in entries:
+        if isinstance(entry, str) and os.path.isabs(entry) and not os.path.exists(entry):
+            return (f"this run read {entry}, which is no longer there (moved or deleted); put it back, or pass its new "
+                    "place with --dataset (or --model) along with --resume")
+    return None

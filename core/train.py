@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from pref.agreement import next_batch_together, same_decision
-from pref.checkpoint import find_checkpoint, load_checkpoint, rng_state, save_checkpoint, write_atomically
+from pref.checkpoint import load_checkpoint, rng_state, save_checkpoint, write_atomically
 from pref.config import RunConfig
 from pref.curriculum import Curriculum, CurriculumOptions, dataset_names
 from pref.data import OfflineBatches, collate
@@ -34,7 +34,7 @@ from pref.policy import HFPolicy, unwrap
 from pref.progress import TrainingProgress
 from pref.reference import CachedReference, FrozenReference, cache_dir
 from pref.registry import Registry
-from pref.run_folder import claim_output_dir
+from pref.run_folder import absolute_paths, claim_output_dir, cut_logs, resume_checkpoint
 from pref.validation import Evaluation, hold_out
 
 log = logging.getLogger(__name__)
@@ -148,6 +148,7 @@ def train_policy(config: RunConfig, registry: Registry) -> tuple[str, HFPolicy]:
     """
     # -- device, precision, seed ------------------------------------------------
     refuse_non_finite_settings(config)
+    absolute_paths(config)  # run.json records them, for a resume from anywhere
     accelerator = make_accelerator(config)
     from accelerate.utils import gather_object, set_seed
 
@@ -160,8 +161,10 @@ def train_policy(config: RunConfig, registry: Registry) -> tuple[str, HFPolicy]:
     plan = resolve_plan(config, registry)
     objective, out_dir = plan.objective, plan.output_dir
     lock = claim_output_dir(out_dir, bool(config.resume), accelerator)  # before the model loads: fail fast
-    if not config.resume and os.path.exists(os.path.join(out_dir, RUN_FILE)):
-        raise PrefError(f"{out_dir} already holds a run; pass --resume {out_dir} to continue it or choose another --output-dir")
+    if config.save_every and config.save_every * config.grad_accum % plan.batches_per_rollout:
+        # a checkpoint inside a rollout would resume from a rollout sampled again by a later policy
+        raise PrefError(f"--save-every must be a multiple of {plan.batches_per_rollout // math.gcd(plan.batches_per_rollout, config.grad_accum)} "
+                        f"for {config.objective}: checkpoints are taken between rollouts, so a resume is exact")
 
     # -- policy, the objective's modules, data, reference ---------------------------------
     policy = HFPolicy.load(config.model, kind=plan.needs.model_kind, max_length=config.max_length, max_prompt_length=config.max_prompt_length)
@@ -192,8 +195,7 @@ def train_policy(config: RunConfig, registry: Registry) -> tuple[str, HFPolicy]:
 
     # -- resume -------------------------------------------------------------------
     start_step = 0
-    if config.resume:
-        checkpoint = find_checkpoint(config.resume)
+    if config.resume and (checkpoint := resume_checkpoint(config.resume)):  # None: stopped before the first one
         state, extra = load_checkpoint(checkpoint, unwrap(model), optimizer, scheduler, rank)
         if state["seed"] != config.seed:
             raise PrefError(f"{checkpoint} was trained with seed {state['seed']}, not {config.seed}; resume with --seed {state['seed']}")
@@ -204,7 +206,7 @@ def train_policy(config: RunConfig, registry: Registry) -> tuple[str, HFPolicy]:
         objective.load_state_dict(extra["objective"])
     loggers = []
     if accelerator.is_main_process:
-        os.makedirs(out_dir, exist_ok=True)
+        cut_logs(out_dir, start_step)  # the steps after the checkpoint are logged again
         with open(os.path.join(out_dir, RUN_FILE), "w") as f:
             json.dump(run_record(config, plan, registry), f, indent=2, default=str)
         loggers = [registry.create("logger", name, output_dir=out_dir) for name in config.loggers]

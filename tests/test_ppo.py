@@ -267,7 +267,7 @@ def ppo_run(tmp_path, model, name="run", **flags):
 
 
 def test_ppo_run_trains_policy_and_value_head_and_checkpoints_both(tmp_path, tiny_model_dir):
-    out, lines = ppo_run(tmp_path, tiny_model_dir, save_every=3, objective_options={"ppo_epochs": 2, "beta": 0.1})
+    out, lines = ppo_run(tmp_path, tiny_model_dir, save_every=2, objective_options={"ppo_epochs": 2, "beta": 0.1})
     assert [m["step"] for m in lines] == [1, 2, 3, 4]
     for metrics in lines:
         assert PPO_METRICS <= set(metrics)
@@ -281,15 +281,15 @@ def test_ppo_run_trains_policy_and_value_head_and_checkpoints_both(tmp_path, tin
     assert lines[0]["objective/kl"] == pytest.approx(0.0, abs=1e-4)  # the policy starts as the reference
     assert lines[0]["objective/kl_coef"] == 0.1
 
-    checkpoint = os.path.join(out, "checkpoint-000003")
+    checkpoint = os.path.join(out, "checkpoint-000002")
     extra = torch.load(os.path.join(checkpoint, "extra.pt"), weights_only=True)
     assert set(extra["modules"]["value_head"]) == {"weight", "bias"}
     assert extra["objective"]["kl_coef"] > 0
     state = json.load(open(os.path.join(checkpoint, "state.json")))
-    assert state["data"]["rollouts"] == 1  # step 3 began the second rollout: a resume draws it again
+    assert state["data"]["rollouts"] == 1  # checkpoints fall between rollouts: a resume draws the second one
     assert load_file(os.path.join(out, "final", "model.safetensors"))  # the policy itself is saved as usual
 
-    # resuming from step 3 restores the value head and the KL coefficient and finishes the run
+    # resuming from step 2 restores the value head and the KL coefficient and finishes the run
     _, resumed = ppo_run(tmp_path, tiny_model_dir, resume=out, objective_options={"ppo_epochs": 2, "beta": 0.1})
     assert resumed[-1]["step"] == 4
 

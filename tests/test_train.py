@@ -90,7 +90,7 @@ def test_interrupted_and_resumed_run_ends_with_the_same_weights(tmp_path, tiny_m
     for key in expected:
         assert torch.equal(expected[key], got[key]), key
     steps = [json.loads(line)["step"] for line in open(os.path.join(broken, "metrics.jsonl"))]
-    assert steps == [1, 2, 3, 3, 4, 5, 6]  # step 3 ran twice: before the crash and after resuming from step 2
+    assert steps == [1, 2, 3, 4, 5, 6]  # step 3's line from before the crash was cut when resuming from step 2
 
 
 def test_resume_with_another_seed_is_refused(tmp_path, tiny_model_dir, prefs_file):
