@@ -278,7 +278,7 @@ class D2PO(DPO):
         gold_pairs: a JSONL file of gold pairs (prompt, chosen, rejected) labelled before this
             run, such as the ones the discriminator was trained on; its updates keep them.
             They do not count as labels spent in this run.
-        and the DPO options (beta, loss_type, label_smoothing, sft_weight, reference_free).
+        and every DPO option (see `pref.plugins.dpo.DPO`).
     Writes the discriminator and its gold pairs (`gold_pairs.jsonl`) to `<run>/discriminator/`.
     """
 
@@ -298,13 +298,27 @@ class D2PO(DPO):
         eval_gold: bool = True,
         gold_pairs: str | None = None,
         beta: float = 0.1,
-        loss_type: str = "sigmoid",
+        loss_type: str | list[str] = "sigmoid",
         label_smoothing: float = 0.0,
         sft_weight: float = 0.0,
         reference_free: bool = False,
+        loss_weights: str | float | list[float] | None = None,
+        ld_alpha: float | None = None,
+        use_weighting: bool = False,
+        f_divergence_type: str = "reverse_kl",
+        f_alpha_divergence_coef: float = 0.5,
+        discopop_tau: float = 0.05,
+        sync_ref_model: bool = False,
+        ref_model_mixup_alpha: float = 0.6,
+        ref_model_sync_steps: int = 512,
         registry: Any = None,
     ):
-        super().__init__(beta=beta, loss_type=loss_type, label_smoothing=label_smoothing, sft_weight=sft_weight, reference_free=reference_free)
+        super().__init__(
+            beta=beta, loss_type=loss_type, label_smoothing=label_smoothing, sft_weight=sft_weight, reference_free=reference_free,
+            loss_weights=loss_weights, ld_alpha=ld_alpha, use_weighting=use_weighting, f_divergence_type=f_divergence_type,
+            f_alpha_divergence_coef=f_alpha_divergence_coef, discopop_tau=discopop_tau, sync_ref_model=sync_ref_model,
+            ref_model_mixup_alpha=ref_model_mixup_alpha, ref_model_sync_steps=ref_model_sync_steps,
+        )
         if selection not in SELECTIONS:
             raise PrefError(f"unknown D2PO selection {selection!r}: choose one of {', '.join(SELECTIONS)}")
         for name, value in (("round_size", round_size), ("disc_epochs", disc_epochs), ("disc_batch_size", disc_batch_size)):

@@ -194,12 +194,26 @@ class DivPO(OnlineDPO):
         threshold: float | None = None,
         criterion: str = "frequency",
         beta: float = 0.1,
-        loss_type: str = "sigmoid",
+        loss_type: str | list[str] = "sigmoid",
         label_smoothing: float = 0.0,
         sft_weight: float = DIVPO_SFT_WEIGHT,
         reference_free: bool = False,
+        loss_weights: str | float | list[float] | None = None,
+        ld_alpha: float | None = None,
+        use_weighting: bool = False,
+        f_divergence_type: str = "reverse_kl",
+        f_alpha_divergence_coef: float = 0.5,
+        discopop_tau: float = 0.05,
+        sync_ref_model: bool = False,
+        ref_model_mixup_alpha: float = 0.6,
+        ref_model_sync_steps: int = 512,
     ):
-        super().__init__(beta=beta, loss_type=loss_type, label_smoothing=label_smoothing, sft_weight=sft_weight, reference_free=reference_free)
+        super().__init__(
+            beta=beta, loss_type=loss_type, label_smoothing=label_smoothing, sft_weight=sft_weight, reference_free=reference_free,
+            loss_weights=loss_weights, ld_alpha=ld_alpha, use_weighting=use_weighting, f_divergence_type=f_divergence_type,
+            f_alpha_divergence_coef=f_alpha_divergence_coef, discopop_tau=discopop_tau, sync_ref_model=sync_ref_model,
+            ref_model_mixup_alpha=ref_model_mixup_alpha, ref_model_sync_steps=ref_model_sync_steps,
+        )
         check_options(rho, criterion)  # a bad option fails before the model loads
         self.selector_options = {"rho": rho, "threshold": threshold, "criterion": criterion}
 

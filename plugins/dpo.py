@@ -1,8 +1,8 @@
-"""DPO and its close variants (cDPO, IPO, hinge/SLiC, robust DPO) on chosen/rejected pairs.
+"""DPO and every loss variant of TRL 1.16's `DPOTrainer` on chosen/rejected pairs.
 
-The maths follows TRL 1.16's `DPOTrainer` (and its older conservative
-`sigmoid` loss with label smoothing); `tests/test_dpo_loss.py` checks the
-numbers against TRL itself.
+The losses themselves are small functions in `pref.plugins.dpo_losses`; this
+module scores the pairs and holds the objective. `tests/test_dpo_loss.py`
+checks the numbers against TRL itself.
 """
 
 from __future__ import annotations
@@ -10,110 +10,36 @@ from __future__ import annotations
 from dataclasses import replace
 
 import torch
-import torch.nn.functional as F
 
 from pref.errors import PrefError
 from pref.hookspecs import hookimpl
-from pref.interfaces import NO_REFERENCE, PAIRS, REFERENCE_LOGPS, Objective, ObjectiveNeeds, PairBatch, Policy, Reference
+from pref.interfaces import NO_REFERENCE, PAIRS, REFERENCE_DISTRIBUTIONS, REFERENCE_LOGPS, Objective, ObjectiveNeeds, PairBatch, Policy, Reference
+from pref.plugins.dpo_losses import (  # noqa: F401  (dpo_loss and LOSS_TYPES are this plugin's public maths)
+    LOSS_TYPES,
+    check_options,
+    dpo_loss,
+    length_desensitised_logps,
+    loss_types_of,
+    loss_weights_of,
+    wpo_weights,
+)
 from pref.sequences import Logps, Sequences
 
-LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")
-
-
-def check_options(beta: float, loss_type: str, label_smoothing: float) -> None:
-    """Raise `PrefError` for a loss type or hyper-parameter the DPO loss cannot use."""
-    if loss_type not in LOSS_TYPES:
-        raise PrefError(f"unknown DPO loss_type {loss_type!r}: choose one of {', '.join(LOSS_TYPES)}")
-    if beta <= 0:
-        raise PrefError(f"DPO beta must be positive, got {beta}")
-    if label_smoothing and loss_type not in ("sigmoid", "robust"):
-        raise PrefError(f"label_smoothing only applies to loss_type 'sigmoid' or 'robust', not {loss_type!r}; set it to 0")
-    if not 0.0 <= label_smoothing < 0.5:
-        # at 0.5 the labels carry no information (and robust DPO divides by 1 - 2 * label_smoothing)
-        raise PrefError(f"label_smoothing must lie in [0, 0.5), got {label_smoothing}")
-
-
-def dpo_loss(
-    policy_chosen_logps: torch.Tensor,
-    policy_rejected_logps: torch.Tensor,
-    reference_chosen_logps: torch.Tensor,
-    reference_rejected_logps: torch.Tensor,
-    beta: float = 0.1,
-    loss_type: str = "sigmoid",
-    label_smoothing: float = 0.0,
-    reference_free: bool = False,
-    chosen_lengths: torch.Tensor | None = None,
-    rejected_lengths: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-pair DPO losses and implicit rewards.
-
-    Args:
-        policy_chosen_logps: [B] summed log-probs of the chosen completions under the policy.
-        policy_rejected_logps: [B] the same for the rejected completions.
-        reference_chosen_logps: [B] summed log-probs of the chosen completions under the reference.
-        reference_rejected_logps: [B] the same for the rejected completions.
-        beta: strength of the pull towards the reference (IPO's tau).
-        loss_type: one of
-            "sigmoid": DPO, Rafailov et al. 2023 (https://arxiv.org/abs/2305.18290), Eq. 7.
-                With `label_smoothing` > 0 it is conservative DPO (cDPO, Mitchell 2023,
-                https://ericmitchell.ai/cdpo.pdf): the labels are assumed flipped with that probability.
-            "ipo": IPO, Azar et al. 2023 (https://arxiv.org/abs/2310.12036), Eq. 17, on per-token
-                average log-ratios when the lengths are given (as TRL does).
-            "hinge": the hinge loss of SLiC, Zhao et al. 2023 (https://arxiv.org/abs/2305.10425).
-            "robust": robust DPO, Chowdhury et al. 2024 (https://arxiv.org/abs/2403.00409), Eq. 8:
-                an unbiased loss when labels are flipped with probability `label_smoothing`.
-        label_smoothing: probability that a preference label is wrong, in [0, 0.5); sigmoid and robust only.
-        reference_free: ignore the reference log-probs (treat them as 0).
-        chosen_lengths: [B] completion token counts, used by "ipo" only; None means 1 (no normalisation).
-        rejected_lengths: [B] the same for the rejected completions.
-
-    Returns:
-        losses: [B] one loss per pair (the caller averages).
-        chosen_rewards: [B] beta * (policy - reference) log-probs of the chosen completions, detached.
-        rejected_rewards: [B] the same for the rejected completions.
-    """
-    check_options(beta, loss_type, label_smoothing)
-    if reference_free:
-        reference_chosen_logps = torch.zeros_like(policy_chosen_logps)
-        reference_rejected_logps = torch.zeros_like(policy_rejected_logps)
-    chosen_logratios = policy_chosen_logps - reference_chosen_logps
-    rejected_logratios = policy_rejected_logps - reference_rejected_logps
-    margin = beta * (chosen_logratios - rejected_logratios)
-
-    if loss_type == "sigmoid":
-        losses = -(1 - label_smoothing) * F.logsigmoid(margin) - label_smoothing * F.logsigmoid(-margin)
-    elif loss_type == "robust":
-        clean = -(1 - label_smoothing) * F.logsigmoid(margin)
-        flipped = -label_smoothing * F.logsigmoid(-margin)
-        losses = (clean - flipped) / (1 - 2 * label_smoothing)
-    elif loss_type == "hinge":
-        losses = torch.relu(1 - margin)
-    else:  # ipo
-        # Summed log-probs would make the squared loss grow with completion length;
-        # TRL (with the IPO authors' agreement) averages over tokens instead.
-        if chosen_lengths is not None:
-            chosen_logratios = chosen_logratios / chosen_lengths.clamp(min=1)
-        if rejected_lengths is not None:
-            rejected_logratios = rejected_logratios / rejected_lengths.clamp(min=1)
-        losses = (chosen_logratios - rejected_logratios - 1 / (2 * beta)) ** 2
-
-    chosen_rewards = beta * (policy_chosen_logps - reference_chosen_logps).detach()
-    rejected_rewards = beta * (policy_rejected_logps - reference_rejected_logps).detach()
-    return losses, chosen_rewards, rejected_rewards
 
 
 def pair_logps(
-    policy: Policy, reference: Reference | None, batch: PairBatch
+    policy: Policy, reference: Reference | None, batch: PairBatch, with_logits: bool = False
 ) -> tuple[Logps, Logps, Logps | None, Logps | None]:
     """Score a pair batch with one policy forward pass over the 2B rows (chosen first).
 
-    Returns the policy's chosen and rejected `Logps` (with grad) and the
-    reference's (no grad), or None for those when `reference` is None.
+    Returns the policy's chosen and rejected `Logps` (with grad; with the [B, T, V]
+    logits when `with_logits`) and the reference's (no grad), or None for those when
+    `reference` is None.
     """
     n = len(batch)
     pad_id = policy.tokenizer.pad_token_id
     sequences = Sequences.concat([batch.chosen, batch.rejected], pad_id=0 if pad_id is None else pad_id)
-    logps = policy.logps(sequences)
+    logps = policy.logps(sequences, with_logits=with_logits) if with_logits else policy.logps(sequences)
     chosen, rejected = logps.select(slice(0, n)), logps.select(slice(n, None))
     if reference is None:
         return chosen, rejected, None, None
@@ -122,16 +48,36 @@ def pair_logps(
     return chosen, rejected, reference_logps.select(slice(0, n)), reference_logps.select(slice(n, None))
 
 
-class DPO(Objective):
-    """Direct preference optimization on chosen/rejected pairs (sigmoid, cDPO, IPO, hinge or robust loss).
+@torch.no_grad()
+def mix_into_reference(reference_model: torch.nn.Module, policy_model: torch.nn.Module, alpha: float) -> None:
+    """TR-DPO's reference update (Gorbatovski et al. 2024, https://arxiv.org/abs/2404.09656, Eq. 6), in place.
 
-    Options:
+    Every reference parameter becomes alpha * policy + (1 - alpha) * reference, as TRL's
+    `SyncRefModelCallback` does; alpha = 1 copies the policy.
+    """
+    for target, source in zip(reference_model.parameters(), policy_model.parameters(), strict=True):
+        target.mul_(1.0 - alpha).add_(source.to(target.device, target.dtype), alpha=alpha)
+
+
+class DPO(Objective):
+    """Direct preference optimization on chosen/rejected pairs, with every loss type of TRL 1.16's DPOTrainer.
+
+    Options (TRL's `DPOConfig` names):
         beta: strength of the pull towards the reference (default 0.1).
-        loss_type: "sigmoid" (DPO; cDPO with label_smoothing), "ipo", "hinge" or "robust".
-        label_smoothing: probability that a label is wrong, for sigmoid (cDPO) and robust.
+        loss_type: one of `pref.plugins.dpo_losses.LOSS_TYPES` ("sigmoid" by default; cDPO
+            with label_smoothing), or several separated by commas, added with `loss_weights`.
+        loss_weights: one weight per loss type, e.g. "0.8,0.2,1.0" (default 1.0 each).
+        label_smoothing: label noise for sigmoid (cDPO), robust, exo_pair and the aot losses.
         sft_weight: weight of an extra negative log-likelihood term on the chosen
             completions (per-token average), which keeps their likelihood from falling.
         reference_free: compare against no reference (the reference log-probs are 0).
+        ld_alpha: LD-DPO's weight of the tokens past the shorter answer's length (None: off).
+        use_weighting: WPO's weighting of each pair by how likely the policy is to produce it.
+        f_divergence_type, f_alpha_divergence_coef: f-DPO's divergence ("reverse_kl" is DPO).
+        discopop_tau: DiscoPOP's temperature (0.05).
+        sync_ref_model, ref_model_mixup_alpha, ref_model_sync_steps: TR-DPO: every
+            `ref_model_sync_steps` optimizer steps the frozen reference moves towards the
+            policy, reference <- alpha * policy + (1 - alpha) * reference (needs --reference model).
     """
 
     needs = ObjectiveNeeds(reference=REFERENCE_LOGPS, data=PAIRS)
@@ -139,21 +85,53 @@ class DPO(Objective):
     def __init__(
         self,
         beta: float = 0.1,
-        loss_type: str = "sigmoid",
+        loss_type: str | list[str] = "sigmoid",
         label_smoothing: float = 0.0,
         sft_weight: float = 0.0,
         reference_free: bool = False,
+        loss_weights: str | float | list[float] | None = None,
+        ld_alpha: float | None = None,
+        use_weighting: bool = False,
+        f_divergence_type: str = "reverse_kl",
+        f_alpha_divergence_coef: float = 0.5,
+        discopop_tau: float = 0.05,
+        sync_ref_model: bool = False,
+        ref_model_mixup_alpha: float = 0.6,
+        ref_model_sync_steps: int = 512,
     ):
-        check_options(beta, loss_type, label_smoothing)
+        loss_types = loss_types_of(loss_type)
+        check_options(beta, loss_types, label_smoothing, loss_weights, f_divergence_type, ld_alpha, use_weighting, discopop_tau)
         if sft_weight < 0:
             raise PrefError(f"sft_weight must not be negative, got {sft_weight}")
+        if sync_ref_model:
+            if reference_free:
+                raise PrefError("sync_ref_model needs a reference to update; drop reference_free or sync_ref_model")
+            if not 0.0 < ref_model_mixup_alpha <= 1.0:
+                raise PrefError(f"ref_model_mixup_alpha must lie in (0, 1], got {ref_model_mixup_alpha}")
+            if ref_model_sync_steps < 1:
+                raise PrefError(f"ref_model_sync_steps must be at least 1, got {ref_model_sync_steps}")
+            # the mixing itself (`mix_into_reference`) needs a hook after each optimizer step, which the loop lacks yet
+            raise PrefError("sync_ref_model (TR-DPO) is not available yet: pref's loop has no after-step hook to update the reference; drop the option")
         self.beta = beta
-        self.loss_type = loss_type
+        self.loss_type = loss_type if isinstance(loss_type, str) else ",".join(loss_types)
+        self.loss_types = loss_types
+        self.loss_weights = loss_weights_of(loss_weights, len(loss_types))
         self.label_smoothing = label_smoothing
         self.sft_weight = sft_weight
         self.reference_free = reference_free
+        self.ld_alpha = ld_alpha
+        self.use_weighting = use_weighting
+        self.f_divergence_type = f_divergence_type
+        self.f_alpha_divergence_coef = f_alpha_divergence_coef
+        self.discopop_tau = discopop_tau
+        self.sync_ref_model = sync_ref_model
+        self.ref_model_mixup_alpha = ref_model_mixup_alpha
+        self.ref_model_sync_steps = ref_model_sync_steps
         if reference_free:
             self.needs = replace(self.needs, reference=NO_REFERENCE)  # the loop loads no reference
+        elif ld_alpha is not None:
+            # per-token reference log-probs, which only a frozen model gives (a cache keeps sums)
+            self.needs = replace(self.needs, reference=REFERENCE_DISTRIBUTIONS)
 
     def loss(self, policy: Policy, reference: Reference | None, batch: PairBatch) -> tuple[torch.Tensor, dict[str, float]]:
         """The mean DPO loss over the pairs (plus the weighted SFT term) and TRL-named metrics.
@@ -163,24 +141,50 @@ class DPO(Objective):
         the reference log-probs count as 0.
         """
         reference = None if self.reference_free else reference
-        chosen, rejected, reference_chosen, reference_rejected = pair_logps(policy, reference, batch)
+        if reference is not None and (self.ld_alpha is not None or self.sync_ref_model) and not reference.has_logits:
+            option = "ld_alpha" if self.ld_alpha is not None else "sync_ref_model"
+            raise PrefError(f"{option} needs a frozen reference model, not cached log-probs: use --reference model")
+        chosen, rejected, reference_chosen, reference_rejected = pair_logps(policy, reference, batch, with_logits=self.use_weighting)
+        chosen_logps, rejected_logps = chosen.sequence, rejected.sequence
+        if self.ld_alpha is not None:
+            chosen_logps, rejected_logps = length_desensitised_logps(chosen.tokens, rejected.tokens, chosen.mask, rejected.mask, self.ld_alpha)
         if reference_chosen is None or reference_rejected is None:
-            reference_chosen_logps = torch.zeros_like(chosen.sequence)
-            reference_rejected_logps = torch.zeros_like(rejected.sequence)
+            reference_chosen_logps = torch.zeros_like(chosen_logps)
+            reference_rejected_logps = torch.zeros_like(rejected_logps)
+        elif self.ld_alpha is not None:
+            reference_chosen_logps, reference_rejected_logps = length_desensitised_logps(
+                reference_chosen.tokens.to(chosen_logps.device), reference_rejected.tokens.to(chosen_logps.device),
+                chosen.mask, rejected.mask, self.ld_alpha,
+            )
         else:
-            reference_chosen_logps = reference_chosen.sequence.to(chosen.sequence.device)
-            reference_rejected_logps = reference_rejected.sequence.to(rejected.sequence.device)
+            reference_chosen_logps = reference_chosen.sequence.to(chosen_logps.device)
+            reference_rejected_logps = reference_rejected.sequence.to(rejected_logps.device)
+
+        pair_weights = None
+        if self.use_weighting:
+            assert chosen.logits is not None and rejected.logits is not None
+            pair_weights = wpo_weights(chosen.tokens, chosen.logits, chosen.mask) * wpo_weights(rejected.tokens, rejected.logits, rejected.mask)
+        chosen_token_nll = None
+        if "sft" in self.loss_types:
+            # TRL's sft loss type: mean over every chosen completion token of the batch
+            chosen_token_nll = -chosen.tokens[chosen.mask.bool()].mean()
 
         losses, chosen_rewards, rejected_rewards = dpo_loss(
-            chosen.sequence,
-            rejected.sequence,
+            chosen_logps,
+            rejected_logps,
             reference_chosen_logps,
             reference_rejected_logps,
             beta=self.beta,
-            loss_type=self.loss_type,
+            loss_type=self.loss_types,
             label_smoothing=self.label_smoothing,
             chosen_lengths=chosen.mask.sum(-1),
             rejected_lengths=rejected.mask.sum(-1),
+            loss_weights=self.loss_weights,
+            f_divergence_type=self.f_divergence_type,
+            f_alpha_divergence_coef=self.f_alpha_divergence_coef,
+            discopop_tau=self.discopop_tau,
+            chosen_token_nll=chosen_token_nll,
+            pair_weights=pair_weights,
         )
         preference_loss = losses.mean()
         metrics = {
@@ -188,8 +192,8 @@ class DPO(Objective):
             "rewards/rejected": rejected_rewards.mean().item(),
             "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean().item(),
             "rewards/margins": (chosen_rewards - rejected_rewards).mean().item(),
-            "logps/chosen": chosen.sequence.detach().mean().item(),
-            "logps/rejected": rejected.sequence.detach().mean().item(),
+            "logps/chosen": chosen_logps.detach().mean().item(),
+            "logps/rejected": rejected_logps.detach().mean().item(),
         }
         if not self.sft_weight:
             return preference_loss, metrics
