@@ -1,0 +1,155 @@
+"""KTO's loss: parity with TRL 1.16's `KTOTrainer._compute_loss`, and by hand."""
+
+import math
+from collections import defaultdict
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from pref.errors import PrefError
+from pref.plugins.kto import kto_loss, mismatched_rows
+
+
+class FakeLM:
+    """Returns fixed per-token log-probs for the rows it is given: one table for the batch, one for the KL rows."""
+
+    training = True
+    is_gradient_checkpointing = False
+    _modules: dict = {}
+
+    def __init__(self, tables):
+        self.tables = tables  # list of (input_ids, log_probs in TRL's alignment)
+
+    def __call__(self, input_ids, **kwargs):
+        for ids, log_probs in self.tables:
+            if ids.shape == input_ids.shape and torch.equal(ids, input_ids):
+                zeros = torch.zeros_like(log_probs)
+                return SimpleNamespace(log_probs=log_probs, entropy=zeros, mean_logits=zeros)
+        raise AssertionError("unexpected rows")
+
+
+def random_rows(n=6, width=9, seed=0):
+    """Completion mask [n, width] (prompt of 1-3 tokens, then 1+ completion tokens) and per-token log-probs on it."""
+    generator = torch.Generator().manual_seed(seed)
+    mask = torch.zeros(n, width, dtype=torch.long)
+    for row in range(n):
+        prompt = int(torch.randint(1, 4, (1,), generator=generator))
+        completion = int(torch.randint(1, width - prompt + 1, (1,), generator=generator))
+        mask[row, prompt : prompt + completion] = 1
+    return mask, -3 * torch.rand(n, width, generator=generator) * mask
+
+
+def trl_kto(labels, policy_tokens, reference_logps, kl_policy_tokens, kl_reference_logps, mask, kl_mask, **options):
+    """TRL's mean loss and metrics; the reference log-probs come precomputed, as TRL caches them."""
+    trl = pytest.importorskip("trl")
+    trainer = object.__new__(trl.KTOTrainer)
+    ids, kl_ids = torch.ones_like(mask), 2 * torch.ones_like(kl_mask)
+    model = FakeLM([(ids, policy_tokens[:, 1:]), (kl_ids, kl_policy_tokens[:, 1:])])
+    attributes = {
+        "model": model,
+        "accelerator": SimpleNamespace(device=torch.device("cpu"), gather_for_metrics=lambda x: x, gather=lambda x: x),
+        "_metrics": {"train": defaultdict(list), "eval": defaultdict(list)},
+        "_total_train_tokens": 0,
+        "_tp_size": 1,
+        "aux_loss_enabled": False,
+        "precompute_ref_logps": True,
+        "loss_type": "kto",
+        "beta": 0.1,
+        "desirable_weight": 1.0,
+        "undesirable_weight": 1.0,
+        **options,
+    }
+    attributes["calculate_KL"] = attributes["loss_type"] == "kto"
+    for name, value in attributes.items():
+        setattr(trainer, name, value)
+    inputs = {
+        "input_ids": ids, "attention_mask": torch.ones_like(mask), "completion_mask": mask,
+        "KL_input_ids": kl_ids, "KL_attention_mask": torch.ones_like(kl_mask), "KL_completion_mask": kl_mask,
+        "label": labels, "ref_logps": reference_logps, "ref_KL_logps": kl_reference_logps,
+    }
+    loss = trainer._compute_loss(model, inputs, return_outputs=False)
+    return loss, {name: values[-1] for name, values in trainer._metrics["train"].items()}
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"beta": 0.5, "desirable_weight": 1.33, "undesirable_weight": 0.7},
+        {"loss_type": "apo_zero_unpaired", "beta": 0.3},
+    ],
+)
+def test_kto_matches_trl(options):
+    mask, policy_tokens = random_rows(seed=1)
+    kl_mask, kl_policy_tokens = random_rows(seed=2)
+    generator = torch.Generator().manual_seed(3)
+    reference_logps = -10 * torch.rand(6, generator=generator)
+    kl_reference_logps = -30 * torch.rand(6, generator=generator)  # low: a positive KL point
+    labels = torch.tensor([True, False, True, True, False, False])
+
+    policy_logps, kl_policy_logps = policy_tokens.sum(-1), kl_policy_tokens.sum(-1)
+    losses, chosen_rewards, rejected_rewards, kl = kto_loss(
+        policy_logps[labels], policy_logps[~labels], reference_logps[labels], reference_logps[~labels],
+        kl_policy_logps, kl_reference_logps, **options,
+    )
+    trl_loss, metrics = trl_kto(labels, policy_tokens, reference_logps, kl_policy_tokens, kl_reference_logps, mask, kl_mask, **options)
+    assert losses.mean().item() == pytest.approx(trl_loss.item(), abs=1e-5, rel=1e-5)
+    assert kl.item() == pytest.approx(metrics["kl"], abs=1e-5)
+    assert chosen_rewards.mean().item() == pytest.approx(metrics["rewards/chosen"], abs=1e-5)
+    assert rejected_rewards.mean().item() == pytest.approx(metrics["rewards/rejected"], abs=1e-5)
+    if options.get("loss_type", "kto") == "kto":
+        assert kl.item() > 0  # the case worth checking: the reference point moves the losses
+
+
+def test_kl_point_is_clamped_at_zero_and_detached():
+    """Mismatched rows the policy finds less likely than the reference: mean log-ratio < 0, so z = 0."""
+    policy_kl = torch.tensor([-5.0, -6.0], requires_grad=True)
+    _, _, _, kl = kto_loss(torch.tensor([-1.0]), torch.tensor([-2.0]), torch.tensor([-1.0]), torch.tensor([-2.0]), policy_kl, torch.tensor([-1.0, -1.0]))
+    assert kl.item() == 0.0 and not kl.requires_grad
+
+
+def test_kto_by_hand():
+    """beta 1; desirable log-ratios [1, 0], undesirable [-1]; KL rows: policy [-1, -2], reference [-2, -4] -> z = mean(1, 2) = 1.5.
+
+    desirable: 1 - s(1 - 1.5) = 1 - s(-0.5) = 0.62246;  1 - s(0 - 1.5) = 1 - s(-1.5) = 0.81757
+    undesirable: 1 - s(1.5 - (-1)) = 1 - s(2.5) = 0.07586, times undesirable_weight 2 -> 0.15171
+    """
+    losses, chosen_rewards, rejected_rewards, kl = kto_loss(
+        torch.tensor([-1.0, -3.0]), torch.tensor([-4.0]), torch.tensor([-2.0, -3.0]), torch.tensor([-3.0]),
+        torch.tensor([-1.0, -2.0]), torch.tensor([-2.0, -4.0]), beta=1.0, undesirable_weight=2.0,
+    )
+    s = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
+    assert kl.item() == pytest.approx(1.5)
+    assert_close(losses, torch.tensor([1 - s(-0.5), 1 - s(-1.5), 2 * (1 - s(2.5))]))
+    assert_close(losses, torch.tensor([0.62246, 0.81757, 0.15171]), atol=1e-5, rtol=0)
+    assert_close(chosen_rewards, torch.tensor([1.0, 0.0]))
+    assert_close(rejected_rewards, torch.tensor([-1.0]))
+
+
+def test_apo_zero_unpaired_by_hand():
+    """beta 1: desirable 1 - s(1) = 0.26894; undesirable s(-1) = 0.26894; no KL rows needed."""
+    losses, _, _, kl = kto_loss(torch.tensor([0.0]), torch.tensor([-2.0]), torch.tensor([-1.0]), torch.tensor([-1.0]), beta=1.0, loss_type="apo_zero_unpaired")
+    assert_close(losses, torch.tensor([0.26894, 0.26894]), atol=1e-5, rtol=0)
+    assert kl.item() == 0.0
+
+
+def test_mismatched_rows_rotate_by_one():
+    """TRL: (x_1, y_n), (x_2, y_1), ..., (x_n, y_{n-1})."""
+    assert mismatched_rows(3) == [2, 0, 1]
+    assert mismatched_rows(1) == [0]
+
+
+@pytest.mark.parametrize(
+    "options,message",
+    [({"loss_type": "kto_pair"}, "unknown KTO loss_type"), ({"beta": 0.0}, "beta must be positive"), ({"desirable_weight": -1.0}, "desirable_weight")],
+)
+def test_bad_options(options, message):
+    with pytest.raises(PrefError, match=message):
+        kto_loss(torch.zeros(1), torch.zeros(1), torch.zeros(1), torch.zeros(1), torch.zeros(1), torch.zeros(1), **options)
+
+
+def test_kto_without_kl_rows_says_so():
+    with pytest.raises(PrefError, match="mismatched rows"):
+        kto_loss(torch.zeros(1), torch.zeros(1), torch.zeros(1), torch.zeros(1))
