@@ -1,0 +1,234 @@
+"""GRPO: group-relative policy optimisation, K samples per prompt scored against each other (Shao et al. 2024).
+
+https://arxiv.org/abs/2402.03300. Each prompt's K samples are scored by the reward(s);
+a sample's advantage is its reward minus the group's mean (divided by a standard
+deviation per `scale_rewards`), and the policy takes a clipped policy-gradient step on
+it, token by token, as TRL 1.16's `GRPOTrainer` computes it, with each `loss_type` of
+its `GRPOConfig`. RLOO (`pref.plugins.rloo`) shares the sampling and the step.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from pref.errors import PrefError
+
+LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo", "luspo", "vespo")
+SCALE_REWARDS = ("group", "batch", "none")
+IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
+
+
+def std(values: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """Sample standard deviation (Bessel's correction), as TRL's `nanstd` on NaN-free values; NaN for one value."""
+    return values.std(dim=dim) if dim is not None else values.std()
+
+
+def group_advantages(rewards: torch.Tensor, samples_per_prompt: int, scale_rewards: str = "group") -> tuple[torch.Tensor, torch.Tensor]:
+    """GRPO's advantages: each reward minus its group's mean, scaled as `scale_rewards` says.
+
+    Args:
+        rewards: [P * K] (weighted) rewards, the K samples of each prompt consecutive.
+        samples_per_prompt: K (at least 2).
+        scale_rewards: "group" (divide by the group's std + 1e-4), "batch" (by the whole
+            batch's std + 1e-4, Liu et al. 2025's PPO Lite) or "none" (Dr. GRPO).
+
+    Returns:
+        advantages: [P * K].
+        std_is_zero: [P * K] bool, True where the scaling std is 0 (no learning signal);
+            TRL logs its mean as `frac_reward_zero_std`.
+    """
+    if scale_rewards not in SCALE_REWARDS:
+        raise PrefError(f"unknown scale_rewards {scale_rewards!r}: choose one of {', '.join(SCALE_REWARDS)}")
+    grouped = rewards.view(-1, samples_per_prompt)
+    mean = grouped.mean(dim=1).repeat_interleave(samples_per_prompt)
+    if scale_rewards == "batch":
+        scale = std(rewards).expand_as(rewards) if rewards.numel() > 1 else torch.zeros_like(rewards)
+    else:
+        scale = std(grouped, dim=1).repeat_interleave(samples_per_prompt)
+    advantages = rewards - mean
+    if scale_rewards != "none":
+        advantages = advantages / (scale + 1e-4)
+    return advantages, torch.isclose(scale, torch.zeros_like(scale))
+
+
+def vespo_weights(
+    advantages: torch.Tensor,
+    log_ratio: torch.Tensor,
+    mask: torch.Tensor,
+    k_pos: float = 2.0,
+    lambda_pos: float = 3.0,
+    k_neg: float = 3.0,
+    lambda_neg: float = 2.0,
+) -> torch.Tensor:
+    """VESPO's gamma weight phi(w) = e^lambda w^k e^(-lambda w) of the sequence ratio w, without grad: [B, 1].
+
+    Shen et al. 2026 (https://arxiv.org/abs/2602.10693); w = exp(sum of token log-ratios),
+    k and lambda chosen by the sign of the advantage.
+    advantages: [B, 1]; log_ratio, mask: [B, T].
+    """
+    with torch.no_grad():
+        lower = math.log(1e-8)
+        sequence_log_ratio = (torch.clamp(log_ratio, -20.0, 20.0) * mask).sum(-1, keepdim=True)
+        log_w = torch.clamp(sequence_log_ratio, lower, 20.0)
+        nonnegative = advantages >= 0
+        k = torch.where(nonnegative, k_pos, k_neg)
+        lam = torch.where(nonnegative, lambda_pos, lambda_neg).clamp(min=1e-4)
+        return torch.exp(lam + k * log_w - lam * torch.exp(log_w)).nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def grpo_loss(
+    policy_token_logps: torch.Tensor,
+    old_token_logps: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    reference_token_logps: torch.Tensor | None = None,
+    beta: float = 0.0,
+    epsilon: float = 0.2,
+    epsilon_high: float | None = None,
+    loss_type: str = "dapo",
+    importance_sampling_level: str = "token",
+    max_completion_length: int | None = None,
+    total_tokens: float | None = None,
+    delta: float | None = None,
+    sapo_temperature_pos: float = 1.0,
+    sapo_temperature_neg: float = 1.05,
+    vespo_options: dict[str, float] | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The GRPO policy loss of one batch of samples, as TRL 1.16's `GRPOTrainer._compute_loss`.
+
+    Args:
+        policy_token_logps: [B, T] log-probs of the sampled tokens under the policy (with grad).
+        old_token_logps: [B, T] the same under the policy that sampled them (no grad).
+        advantages: [B] one advantage per sample (see `group_advantages`).
+        mask: [B, T] 1 on completion tokens.
+        reference_token_logps: [B, T] under the reference; needed when beta > 0.
+        beta: weight of the per-token KL penalty exp(r - p) - (r - p) - 1 (Schulman's k3).
+        epsilon, epsilon_high: the clip range [1 - epsilon, 1 + epsilon_high] (DAPO's
+            clip-higher; epsilon_high defaults to epsilon). For "cispo", epsilon_high caps the ratio.
+        loss_type: how token losses become one number:
+            "grpo": mean over each sample's tokens, then over samples (length-biased);
+            "dr_grpo": sum over tokens / (B * max_completion_length) (Liu et al. 2025);
+            "dapo": sum over tokens / `total_tokens`, the completion tokens of the whole
+                rollout across processes (Yu et al. 2025), by default this batch's;
+            "bnpo": sum over tokens / this batch's completion tokens;
+            "cispo": clipped, detached importance weights times advantage times log-prob (MiniMax-M1), as dapo;
+            "sapo": a smooth sigmoid gate in place of clipping (Gao et al. 2025), as grpo;
+            "luspo": each sample's loss summed over its tokens, mean over samples (LUSPO; meant
+                with importance_sampling_level "sequence", which TRL does not enforce);
+            "vespo": gamma-weighted sequence ratio times advantage times log-prob, as dapo.
+        importance_sampling_level: "token" (a ratio per token) or "sequence" (GSPO: the mean
+            token log-ratio of each sample).
+        max_completion_length: the sampling length limit, for "dr_grpo".
+        total_tokens: the normaliser of dapo, cispo and vespo (None: mask.sum()).
+        delta: INTELLECT-2's upper bound on the unclipped ratio (None: off).
+        sapo_temperature_pos, sapo_temperature_neg: SAPO's gate temperatures for positive and other advantages.
+        vespo_options: k_pos, lambda_pos, k_neg, lambda_neg of `vespo_weights`.
+
+    Returns:
+        loss: [] the loss of this batch.
+        stats: per-token tensors for TRL's metrics: "ratio" ([B, T] or [B, 1]), "low_clipped",
+            "high_clipped" (bool, same shape, clip-based loss types only), "cispo_clipped",
+            "phi" (vespo), and "kl" ([B, T], with beta > 0).
+    """
+    check_options(loss_type, importance_sampling_level, epsilon, epsilon_high, beta)
+    epsilon_high = epsilon if epsilon_high is None else epsilon_high
+    advantages = advantages.unsqueeze(1) if advantages.dim() == 1 else advantages
+    mask = mask.to(policy_token_logps.dtype)
+    log_ratio = policy_token_logps - old_token_logps
+    if importance_sampling_level == "token":
+        log_weights = log_ratio
+    else:
+        log_weights = ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).unsqueeze(-1)
+    ratio = torch.exp(log_weights)
+    stats: dict[str, torch.Tensor] = {"ratio": ratio.detach()}
+
+    if loss_type == "cispo":
+        per_token_loss = -torch.clamp(ratio, max=epsilon_high).detach() * advantages * policy_token_logps
+        stats["cispo_clipped"] = (ratio > epsilon_high) & (advantages > 0)
+    elif loss_type == "sapo":
+        temperatures = torch.where(advantages > 0, sapo_temperature_pos, sapo_temperature_neg)
+        per_token_loss = -torch.sigmoid(temperatures * (ratio - 1)) * 4 / temperatures * advantages
+    elif loss_type == "vespo":
+        phi = vespo_weights(advantages, log_ratio, mask, **(vespo_options or {}))
+        per_token_loss = -phi * advantages * policy_token_logps
+        stats["phi"] = phi
+    else:  # grpo, dr_grpo, dapo, bnpo, luspo: PPO's clipped surrogate
+        clipped = torch.clamp(ratio, 1 - epsilon, 1 + epsilon_high)
+        if delta is not None:  # two-sided: the unclipped ratio is capped too, and TRL's clip metrics see the capped one
+            ratio = torch.clamp(ratio, max=delta)
+        per_token_loss = -torch.min(ratio * advantages, clipped * advantages)
+        stats["low_clipped"] = (ratio < 1 - epsilon) & (advantages < 0)
+        stats["high_clipped"] = (ratio > 1 + epsilon_high) & (advantages > 0)
+
+    if beta != 0.0:
+        if reference_token_logps is None:
+            raise PrefError("grpo: beta > 0 needs the reference's per-token log-probs")
+        difference = reference_token_logps - policy_token_logps
+        per_token_kl = torch.exp(difference) - difference - 1
+        per_token_loss = per_token_loss + beta * per_token_kl
+        stats["kl"] = per_token_kl.detach()
+
+    if loss_type in ("grpo", "sapo"):
+        loss = ((per_token_loss * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
+    elif loss_type == "bnpo":
+        loss = (per_token_loss * mask).sum() / mask.sum().clamp(min=1.0)
+    elif loss_type == "dr_grpo":
+        if max_completion_length is None:
+            raise PrefError("grpo: loss_type dr_grpo needs max_completion_length (the sampling length limit)")
+        loss = (per_token_loss * mask).sum() / (per_token_loss.size(0) * max_completion_length)
+    elif loss_type == "luspo":
+        loss = (per_token_loss * mask).sum(-1).mean()
+    else:  # dapo, cispo, vespo
+        normaliser = mask.sum() if total_tokens is None else torch.as_tensor(total_tokens, dtype=mask.dtype)
+        loss = (per_token_loss * mask).sum() / normaliser.clamp(min=1.0)
+    return loss, stats
+
+
+def check_options(loss_type: str, importance_sampling_level: str = "token", epsilon: float = 0.2, epsilon_high: float | None = None, beta: float = 0.0) -> None:
+    """Raise `PrefError` for a loss type, clip range or KL weight GRPO cannot use."""
+    if loss_type not in LOSS_TYPES:
+        raise PrefError(f"unknown GRPO loss_type {loss_type!r}: choose one of {', '.join(LOSS_TYPES)}")
+    if importance_sampling_level not in IMPORTANCE_SAMPLING_LEVELS:
+        raise PrefError(f"unknown importance_sampling_level {importance_sampling_level!r}: choose token or sequence")
+    if not 0.0 <= epsilon < 1.0:
+        raise PrefError(f"epsilon must lie in [0, 1), got {epsilon}")
+    if epsilon_high is not None and epsilon_high < 0:
+        raise PrefError(f"epsilon_high must not be negative, got {epsilon_high}")
+    if beta < 0:
+        raise PrefError(f"beta (the KL weight) must not be negative, got {beta}")
+
+
+def loss_metrics(stats: dict[str, torch.Tensor], mask: torch.Tensor) -> dict[str, float]:
+    """TRL's GRPO metric names from `grpo_loss`'s stats: clip_ratio/..., cispo_clip_ratio, vespo/phi_seq_mean, kl.
+
+    Token-level values are averaged over completion tokens; sequence-level ones ([B, 1]) over samples.
+    """
+    mask = mask.float()
+
+    def mean(values: torch.Tensor) -> float:
+        values = values.float()
+        if values.shape[-1] == 1:
+            return values.mean().item()
+        return ((values * mask).sum() / mask.sum().clamp(min=1.0)).item()
+
+    def per_sample(values: torch.Tensor) -> torch.Tensor:
+        values = values.float()
+        return values.squeeze(1) if values.shape[-1] == 1 else (values * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)
+
+    metrics: dict[str, float] = {}
+    if "low_clipped" in stats:
+        low, high = stats["low_clipped"], stats["high_clipped"]
+        metrics["clip_ratio/low_mean"] = mean(low)
+        metrics["clip_ratio/high_mean"] = mean(high)
+        metrics["clip_ratio/region_mean"] = mean(low | high)
+        metrics["clip_ratio/low_min"] = per_sample(low).min().item()
+        metrics["clip_ratio/high_max"] = per_sample(high).max().item()
+    if "cispo_clipped" in stats:
+        metrics["cispo_clip_ratio"] = mean(stats["cispo_clipped"])
+    if "phi" in stats:
+        metrics["vespo/phi_seq_mean"] = mean(stats["phi"])
+    if "kl" in stats:
+        metrics["kl"] = mean(stats["kl"])
+    return metrics

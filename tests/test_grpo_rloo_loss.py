@@ -1,0 +1,286 @@
+"""GRPO and RLOO: advantages and losses against TRL 1.16's GRPOTrainer/RLOOTrainer, and by hand."""
+
+import math
+from collections import defaultdict
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from pref.errors import PrefError
+from pref.plugins.grpo import LOSS_TYPES, check_options, group_advantages, grpo_loss, loss_metrics, vespo_weights
+from pref.plugins.rloo import kl_penalised_rewards, leave_one_out_advantages, rloo_loss
+
+
+def rollout(n=8, width=6, seed=0):
+    """Completion mask [n, width] (1+ tokens, then padding), policy/old/reference per-token log-probs, advantages."""
+    generator = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, width + 1, (n,), generator=generator)
+    mask = (torch.arange(width) < lengths.unsqueeze(1)).long()
+    old = -2 * torch.rand(n, width, generator=generator) * mask
+    # the policy has moved: ratios between about e^-0.4 and e^0.4, so some tokens are clipped
+    policy = old + 0.8 * (torch.rand(n, width, generator=generator) - 0.5) * mask
+    reference = old + 0.5 * (torch.rand(n, width, generator=generator) - 0.5) * mask
+    advantages = torch.randn(n, generator=generator)
+    return mask, policy, old, reference, advantages
+
+
+def trl_grpo(mask, policy, old, reference, advantages, num_items_in_batch=None, **options):
+    trl = pytest.importorskip("trl")
+    trainer = object.__new__(trl.GRPOTrainer)
+    epsilon = options.pop("epsilon", 0.2)
+    epsilon_high = options.pop("epsilon_high", None)
+    args = SimpleNamespace(
+        use_bias_correction_kl=False, delta=options.pop("delta", None), sapo_temperature_pos=1.0, sapo_temperature_neg=1.05,
+        vespo_k_pos=2.0, vespo_lambda_pos=3.0, vespo_k_neg=3.0, vespo_lambda_neg=2.0, steps_per_generation=1,
+    )
+    attributes = {
+        "model": SimpleNamespace(training=True),
+        "accelerator": SimpleNamespace(num_processes=1, reduce=lambda t, reduction: t, gather=lambda t: t, gather_for_metrics=lambda t: t),
+        "args": args,
+        "_metrics": {"train": defaultdict(list), "eval": defaultdict(list)},
+        "top_entropy_quantile": 1.0,
+        "off_policy_mask_threshold": None,
+        "importance_sampling_level": "token",
+        "beta": 0.0,
+        "loss_type": "dapo",
+        "epsilon_low": epsilon,
+        "epsilon_high": epsilon if epsilon_high is None else epsilon_high,
+        "use_vllm": False,
+        "current_gradient_accumulation_steps": 1,
+        "max_completion_length": mask.shape[1],
+        "_entropy_bonus_enabled": False,
+        "aux_loss_enabled": False,
+        "_get_per_token_logps_and_entropies": lambda *a, **k: (policy, torch.zeros_like(policy), None),
+        **options,
+    }
+    for name, value in attributes.items():
+        setattr(trainer, name, value)
+    inputs = {
+        "prompt_ids": torch.ones(len(mask), 1, dtype=torch.long), "prompt_mask": torch.ones(len(mask), 1, dtype=torch.long),
+        "completion_ids": torch.ones_like(mask), "completion_mask": mask,
+        "advantages": advantages, "old_per_token_logps": old, "ref_per_token_logps": reference,
+        "num_items_in_batch": torch.tensor(float(mask.sum() if num_items_in_batch is None else num_items_in_batch)),
+    }
+    loss = trainer._compute_loss(None, inputs)
+    return loss, {name: values[-1] for name, values in trainer._metrics["train"].items()}
+
+
+GRPO_VARIANTS = [{"loss_type": t} for t in LOSS_TYPES] + [
+    {"loss_type": "luspo", "importance_sampling_level": "sequence"},
+    {"loss_type": "grpo", "importance_sampling_level": "sequence"},
+    {"loss_type": "dapo", "epsilon": 0.1, "epsilon_high": 0.28},
+    {"loss_type": "cispo", "epsilon_high": 1.1},
+    {"loss_type": "dapo", "beta": 0.04},
+    {"loss_type": "grpo", "beta": 0.1, "delta": 1.1},
+    {"loss_type": "sapo", "beta": 0.02},
+]
+
+
+@pytest.mark.parametrize("options", GRPO_VARIANTS, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
+def test_grpo_loss_matches_trl(options):
+    mask, policy, old, reference, advantages = rollout(seed=1)
+    policy = policy.clone().requires_grad_(True)
+    loss, stats = grpo_loss(policy, old, advantages, mask, reference_token_logps=reference, max_completion_length=mask.shape[1], **options)
+    trl_loss, trl_metrics = trl_grpo(mask, policy, old, reference, advantages, **dict(options))
+    assert loss.item() == pytest.approx(trl_loss.item(), abs=1e-5, rel=1e-5)
+    metrics = loss_metrics(stats, mask)
+    for name, value in metrics.items():
+        assert value == pytest.approx(trl_metrics[name], abs=1e-5), name
+    assert set(trl_metrics) - {"entropy"} == set(metrics)
+    # the gradient flows the same way
+    (theirs,) = torch.autograd.grad(trl_loss, policy)
+    (ours,) = torch.autograd.grad(grpo_loss(policy, old, advantages, mask, reference_token_logps=reference, max_completion_length=mask.shape[1], **options)[0], policy)
+    assert_close(ours, theirs, atol=1e-6, rtol=1e-5)
+
+
+def test_dapo_normalises_by_the_whole_rollout_tokens():
+    """TRL's dapo divides by the completion tokens of the whole generation batch, not of the micro-batch."""
+    mask, policy, old, reference, advantages = rollout(seed=2)
+    loss, _ = grpo_loss(policy, old, advantages, mask, total_tokens=100)
+    trl_loss, _ = trl_grpo(mask, policy, old, reference, advantages, num_items_in_batch=100)
+    assert loss.item() == pytest.approx(trl_loss.item(), abs=1e-6)
+
+
+def trl_advantages_group(rewards, k, scale_rewards):
+    """TRL 1.16's GRPO advantage lines (`_generate_and_score_completions`, sum_then_normalize), on NaN-free rewards."""
+    from trl.trainer.utils import nanstd
+
+    mean_grouped = torch.nanmean(rewards.view(-1, k), dim=1).repeat_interleave(k, dim=0)
+    if scale_rewards in ["group", "none"]:
+        std_rewards = nanstd(rewards.view(-1, k), dim=1).repeat_interleave(k, dim=0)
+    else:
+        std_rewards = nanstd(rewards).expand_as(rewards)
+    advantages = rewards - mean_grouped
+    if scale_rewards != "none":
+        advantages = advantages / (std_rewards + 1e-4)
+    return advantages, torch.isclose(std_rewards, torch.zeros_like(std_rewards))
+
+
+@pytest.mark.parametrize("scale_rewards", ["group", "batch", "none"])
+@pytest.mark.parametrize("k", [2, 3, 4])
+def test_group_advantages_match_trl(scale_rewards, k):
+    pytest.importorskip("trl")
+    generator = torch.Generator().manual_seed(k)
+    rewards = torch.randint(0, 3, (4 * k,), generator=generator).float()  # ties, so some groups have std 0
+    ours, ours_zero = group_advantages(rewards, k, scale_rewards)
+    theirs, theirs_zero = trl_advantages_group(rewards, k, scale_rewards)
+    assert_close(ours, theirs)
+    assert torch.equal(ours_zero, theirs_zero)
+
+
+def test_group_advantages_by_hand():
+    """Groups [1, 2, 3] and [5, 5, 5]: means 2 and 5, sample stds 1 and 0.
+
+    group: [-1, 0, 1] / 1.0001 and [0, 0, 0]; none: [-1, 0, 1, 0, 0, 0];
+    batch: [1, 2, 3, 5, 5, 5] has mean 3.5, squared deviations 6.25 + 2.25 + 0.25 + 3 x 2.25 = 15.5,
+    sample variance 15.5 / 5 = 3.1, std 1.76068; advantages [-1, 0, 1, 0, 0, 0] / (1.76068 + 1e-4).
+    """
+    rewards = torch.tensor([1.0, 2.0, 3.0, 5.0, 5.0, 5.0])
+    advantages, zero = group_advantages(rewards, 3, "group")
+    assert_close(advantages, torch.tensor([-1 / 1.0001, 0, 1 / 1.0001, 0, 0, 0]))
+    assert zero.tolist() == [False] * 3 + [True] * 3
+    assert_close(group_advantages(rewards, 3, "none")[0], torch.tensor([-1.0, 0, 1, 0, 0, 0]))
+    assert_close(group_advantages(rewards, 3, "batch")[0], torch.tensor([-1.0, 0, 1, 0, 0, 0]) / (math.sqrt(3.1) + 1e-4))
+
+
+def test_grpo_loss_by_hand():
+    """One sample, two tokens; policy log-probs = old + [log 1.5, log 0.5]: ratios [1.5, 0.5]; advantage 1; epsilon 0.2.
+
+    Clipped surrogate per token: -min(r A, clip(r) A) = [-min(1.5, 1.2), -min(0.5, 0.8)] = [-1.2, -0.5].
+    grpo/bnpo/dapo (one sample): mean -0.85; dr_grpo with max length 4: sum / 4 = -0.425; luspo: sum -1.7.
+    high_clipped on token 1 (ratio 1.5 > 1.2, A > 0): clip_ratio/high_mean 0.5.
+    """
+    old = torch.tensor([[-1.0, -1.0]])
+    policy = old + torch.log(torch.tensor([[1.5, 0.5]]))
+    mask, advantages = torch.ones(1, 2), torch.tensor([1.0])
+    for loss_type, expected in (("grpo", -0.85), ("bnpo", -0.85), ("dapo", -0.85), ("dr_grpo", -0.425), ("luspo", -1.7)):
+        loss, stats = grpo_loss(policy, old, advantages, mask, loss_type=loss_type, max_completion_length=4)
+        assert loss.item() == pytest.approx(expected, abs=1e-6), loss_type
+    assert loss_metrics(stats, mask)["clip_ratio/high_mean"] == pytest.approx(0.5)
+
+
+def test_grpo_kl_by_hand():
+    """beta 0.5, one token, reference - policy = log 2: k3 = 2 - log 2 - 1 = 0.30685; ratio 1, A = 0: loss 0.5 * 0.30685."""
+    policy = torch.tensor([[-2.0]])
+    loss, stats = grpo_loss(policy, policy, torch.tensor([0.0]), torch.ones(1, 1), reference_token_logps=policy + math.log(2), beta=0.5)
+    assert loss.item() == pytest.approx(0.5 * (1 - math.log(2)), abs=1e-6)
+    assert loss_metrics(stats, torch.ones(1, 1))["kl"] == pytest.approx(1 - math.log(2), abs=1e-6)
+
+
+def test_cispo_and_sapo_by_hand():
+    """One token, ratio 2, advantage 1, log-prob -1.
+
+    cispo, epsilon_high 1.5: -min(2, 1.5) * 1 * (-1) = 1.5.
+    sapo, positive advantage (temperature 1): -sigmoid(1 * (2 - 1)) * 4 / 1 * 1 = -4 * 0.73106 = -2.92423.
+    """
+    old, policy = torch.tensor([[-1.0 - math.log(2)]]), torch.tensor([[-1.0]])
+    assert grpo_loss(policy, old, torch.tensor([1.0]), torch.ones(1, 1), loss_type="cispo", epsilon_high=1.5)[0].item() == pytest.approx(1.5)
+    assert grpo_loss(policy, old, torch.tensor([1.0]), torch.ones(1, 1), loss_type="sapo")[0].item() == pytest.approx(-4 / (1 + math.exp(-1)), abs=1e-6)
+
+
+def test_vespo_weight_by_hand():
+    """w = 1 gives phi = e^lambda * 1 * e^-lambda = 1; w = e^-1 with k 2, lambda 3: e^(3 - 2 - 3 e^-1) = e^-0.10364 = 0.90155."""
+    mask = torch.ones(2, 1)
+    phi = vespo_weights(torch.tensor([[1.0], [1.0]]), torch.tensor([[0.0], [-1.0]]), mask)
+    assert_close(phi, torch.tensor([[1.0], [math.exp(1 - 3 * math.exp(-1))]]))
+    assert phi[1].item() == pytest.approx(0.90155, abs=1e-5)
+
+
+@pytest.mark.parametrize(
+    "options,message",
+    [
+        ({"loss_type": "ppo"}, "unknown GRPO loss_type"),
+        ({"loss_type": "dapo", "importance_sampling_level": "step"}, "importance_sampling_level"),
+        ({"loss_type": "dapo", "epsilon": 1.5}, "epsilon must lie"),
+        ({"loss_type": "dapo", "beta": -0.1}, "beta"),
+    ],
+)
+def test_grpo_bad_options(options, message):
+    with pytest.raises(PrefError, match=message):
+        check_options(**options)
+
+
+# ---------------------------------------------------------------------------
+# RLOO
+# ---------------------------------------------------------------------------
+
+
+def trl_rloo(policy_logps_tokens, old_logps, advantages, mask, epsilon=0.2, epsilon_high=None):
+    trl = pytest.importorskip("trl")
+    trainer = object.__new__(trl.RLOOTrainer)
+    attributes = {
+        "model": SimpleNamespace(training=True),
+        "accelerator": SimpleNamespace(num_processes=1, reduce=lambda t, reduction: t, gather=lambda t: t),
+        "_metrics": {"train": defaultdict(list), "eval": defaultdict(list)},
+        "epsilon_low": epsilon,
+        "epsilon_high": epsilon if epsilon_high is None else epsilon_high,
+        "aux_loss_enabled": False,
+        "_get_per_token_logps_and_entropies": lambda *a, **k: (policy_logps_tokens, torch.zeros_like(policy_logps_tokens), None),
+    }
+    for name, value in attributes.items():
+        setattr(trainer, name, value)
+    inputs = {
+        "prompt_ids": torch.ones(len(mask), 1, dtype=torch.long), "prompt_mask": torch.ones(len(mask), 1, dtype=torch.long),
+        "completion_ids": torch.ones_like(mask), "completion_mask": mask, "advantages": advantages, "old_logps": old_logps,
+    }
+    loss = trainer._compute_loss(None, inputs)
+    return loss, {name: values[-1] for name, values in trainer._metrics["train"].items()}
+
+
+@pytest.mark.parametrize("epsilon,epsilon_high", [(0.2, None), (0.1, 0.3)])
+def test_rloo_loss_matches_trl(epsilon, epsilon_high):
+    mask, policy, old, _, advantages = rollout(seed=3)
+    policy_logps, old_logps = (policy * mask).sum(-1), (old * mask).sum(-1)
+    loss, stats = rloo_loss(policy_logps, old_logps, advantages, epsilon, epsilon_high)
+    trl_loss, metrics = trl_rloo(policy, old_logps, advantages, mask, epsilon, epsilon_high)
+    assert loss.item() == pytest.approx(trl_loss.item(), abs=1e-5, rel=1e-5)
+    assert stats["low_clipped"].float().mean().item() == pytest.approx(metrics["clip_ratio/low_mean"])
+    assert stats["high_clipped"].float().mean().item() == pytest.approx(metrics["clip_ratio/high_mean"])
+    assert metrics["clip_ratio/region_mean"] > 0  # the case worth checking: some samples are clipped
+
+
+def trl_rloo_advantages(rewards, k, normalize):
+    """TRL 1.16's RLOO advantage lines (`_generate_and_score_completions`), on NaN-free rewards."""
+    from trl.trainer.utils import nanstd
+
+    grouped = rewards.view(-1, k)
+    counts = (~torch.isnan(grouped)).sum(dim=1, keepdim=True)
+    baselines = ((torch.nansum(grouped, dim=1, keepdim=True) - grouped) / (counts - 1)).view(-1)
+    advantages = rewards - baselines
+    if normalize:
+        advantages = (advantages - torch.nanmean(advantages)) / (nanstd(advantages) + 1e-4)
+    return advantages
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+@pytest.mark.parametrize("k", [2, 3, 5])
+def test_leave_one_out_advantages_match_trl(k, normalize):
+    pytest.importorskip("trl")
+    rewards = torch.randn(3 * k, generator=torch.Generator().manual_seed(k))
+    assert_close(leave_one_out_advantages(rewards, k, normalize), trl_rloo_advantages(rewards, k, normalize))
+
+
+def test_leave_one_out_by_hand():
+    """Group [1, 2, 6]: baselines (2 + 6) / 2 = 4, (1 + 6) / 2 = 3.5, (1 + 2) / 2 = 1.5 -> advantages [-3, -1.5, 4.5]."""
+    assert_close(leave_one_out_advantages(torch.tensor([1.0, 2.0, 6.0]), 3), torch.tensor([-3.0, -1.5, 4.5]))
+    with pytest.raises(PrefError, match="at least 2 samples"):
+        leave_one_out_advantages(torch.tensor([1.0]), 1)
+
+
+def test_kl_penalty_by_hand():
+    """Token log-ratios old - reference [0.5, 0.25] (second row: one token 1.0); beta 0.1: rewards [1, 1] - 0.1 [0.75, 1]."""
+    old = torch.tensor([[-1.0, -1.0], [-2.0, 0.0]])
+    reference = torch.tensor([[-1.5, -1.25], [-3.0, 5.0]])
+    mask = torch.tensor([[1, 1], [1, 0]])
+    rewards, per_token = kl_penalised_rewards(torch.ones(2), old, reference, mask, 0.1)
+    assert_close(rewards, torch.tensor([0.925, 0.9]))
+    assert per_token[1, 1].item() == 0.0  # padding carries no KL
+
+
+def test_rloo_loss_by_hand():
+    """Ratios [1.5, 0.5], advantages [1, -1], epsilon 0.2: -min(1.5, 1.2) = -1.2; -min(-0.5, -0.8) = 0.8; mean -0.2."""
+    loss, stats = rloo_loss(torch.log(torch.tensor([1.5, 0.5])), torch.zeros(2), torch.tensor([1.0, -1.0]))
+    assert loss.item() == pytest.approx(-0.2, abs=1e-6)
+    assert stats["high_clipped"].tolist() == [True, False] and stats["low_clipped"].tolist() == [False, True]
