@@ -189,13 +189,16 @@ class ScoredBatch:
     """Every sample of an online step with its reward scores (objectives whose `needs.data` is SAMPLES).
 
     Row i is `completions[i]`, sampled for `prompts[i]`: the K samples of each prompt are
-    consecutive rows. `scores` maps each score name of the reward to a float tensor [B].
+    consecutive rows (K = `samples_per_prompt`; group-relative objectives need it, since
+    one prompt may be drawn several times). `scores` maps each score name of the reward
+    to a float tensor [B].
     """
 
     prompts: list[Prompt]
     completions: list[str]
     sequences: Sequences
     scores: dict[str, torch.Tensor]
+    samples_per_prompt: int = 1
 
     def __len__(self) -> int:
         return len(self.completions)
@@ -208,6 +211,7 @@ class ScoredBatch:
             [self.completions[i] for i in picked],
             self.sequences.select(rows),
             {name: values[rows.to(values.device)] for name, values in self.scores.items()},
+            self.samples_per_prompt,
         )
 
 

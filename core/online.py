@@ -112,7 +112,7 @@ class OnlineBatches:
         k = self.k
         flat_prompts = [p for p in prompts for _ in range(k)]
         flat_completions = [c for row in completions for c in row]
-        batch = ScoredBatch(flat_prompts, flat_completions, self.policy.encode(flat_prompts, flat_completions), scores)
+        batch = ScoredBatch(flat_prompts, flat_completions, self.policy.encode(flat_prompts, flat_completions), scores, k)
         return batch, {**metrics, **order_metrics(self.order)}
 
     def _next_prompts(self) -> list[Prompt]:

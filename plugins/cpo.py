@@ -13,6 +13,10 @@ import torch
 import torch.nn.functional as F
 
 from pref.errors import PrefError
+from pref.hookspecs import hookimpl
+from pref.interfaces import NO_REFERENCE, PAIRS, Objective, ObjectiveNeeds, PairBatch, Policy, Reference
+from pref.plugins.dpo import pair_logps
+from pref.plugins.sft import sft_loss
 
 LOSS_TYPES = ("sigmoid", "hinge", "ipo", "simpo", "alphapo")
 #: Loss types scored on per-token average log-probs (TRL's `average_log_prob`); the others on sums.
@@ -78,3 +82,59 @@ def cpo_loss(
         losses = (logits - 1 / (2 * beta)) ** 2
     return losses, beta * chosen_reward.detach(), beta * rejected_reward.detach()
 
+
+
+class CPO(Objective):
+    """CPO, SimPO and AlphaPO: reference-free preference losses plus an NLL term (TRL's CPOTrainer).
+
+    Options (TRL's `CPOConfig` names):
+        loss_type: "sigmoid" (CPO, default), "hinge", "ipo", "simpo" or "alphapo" (simpo with
+            the AlphaPO reward and no NLL term, as TRL sets it).
+        beta: inverse temperature (default 0.1; SimPO's paper uses 2 to 2.5).
+        label_smoothing: label noise for sigmoid and simpo (0).
+        cpo_alpha: weight of the chosen answers' NLL (default 1.0; 0 for SimPO as published).
+        simpo_gamma: SimPO's target reward margin (0.5).
+        alpha: AlphaPO's reward shape (0: log-prob rewards).
+    """
+
+    needs = ObjectiveNeeds(reference=NO_REFERENCE, data=PAIRS)
+
+    def __init__(
+        self,
+        loss_type: str = "sigmoid",
+        beta: float = 0.1,
+        label_smoothing: float = 0.0,
+        cpo_alpha: float = 1.0,
+        simpo_gamma: float = 0.5,
+        alpha: float = 0.0,
+    ):
+        check_options(beta, loss_type, label_smoothing, cpo_alpha)
+        self.loss_type, self.beta, self.label_smoothing = loss_type, beta, label_smoothing
+        self.cpo_alpha = 0.0 if loss_type == "alphapo" else cpo_alpha
+        self.simpo_gamma, self.alpha = simpo_gamma, alpha
+
+    def loss(self, policy: Policy, reference: Reference | None, batch: PairBatch) -> tuple[torch.Tensor, dict[str, float]]:
+        """Mean CPO loss + cpo_alpha x the chosen completions' NLL, with TRL's metrics."""
+        chosen, rejected, _, _ = pair_logps(policy, None, batch)
+        averaged = self.loss_type in AVERAGED_LOSS_TYPES
+        chosen_logps = chosen.mean if averaged else chosen.sequence
+        rejected_logps = rejected.mean if averaged else rejected.sequence
+        losses, chosen_rewards, rejected_rewards = cpo_loss(
+            chosen_logps, rejected_logps, self.beta, self.loss_type, self.label_smoothing, self.simpo_gamma, self.alpha,
+        )
+        nll = sft_loss(chosen.tokens, chosen.mask) if self.cpo_alpha else torch.zeros((), device=losses.device)
+        metrics = {
+            "rewards/chosen": chosen_rewards.mean().item(),
+            "rewards/rejected": rejected_rewards.mean().item(),
+            "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean().item(),
+            "rewards/margins": (chosen_rewards - rejected_rewards).mean().item(),
+            "logps/chosen": chosen_logps.detach().mean().item(),
+            "logps/rejected": rejected_logps.detach().mean().item(),
+            "nll_loss": nll.item(),
+        }
+        return losses.mean() + self.cpo_alpha * nll, metrics
+
+
+@hookimpl
+def register_objectives(register):
+    register("cpo", CPO)

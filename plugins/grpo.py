@@ -10,10 +10,14 @@ its `GRPOConfig`. RLOO (`pref.plugins.rloo`) shares the sampling and the step.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
 from pref.errors import PrefError
+from pref.hookspecs import hookimpl
+from pref.interfaces import NO_REFERENCE, REFERENCE_LOGPS, SAMPLES, Minibatch, Objective, ObjectiveNeeds, Policy, Reference, ScoredBatch
+from pref.sequences import Sequences
 
 LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo", "luspo", "vespo")
 SCALE_REWARDS = ("group", "batch", "none")
@@ -232,3 +236,184 @@ def loss_metrics(stats: dict[str, torch.Tensor], mask: torch.Tensor) -> dict[str
     if "kl" in stats:
         metrics["kl"] = mean(stats["kl"])
     return metrics
+
+
+# -- the objective ---------------------------------------------------------------------------
+
+
+def rollout_metrics(batch: ScoredBatch, rewards: torch.Tensor, std_is_zero: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
+    """TRL's sample metrics of one rollout: reward, reward_std, frac_reward_zero_std, rewards/NAME/mean, completions/...
+
+    rewards: [B] the (weighted) rewards the advantages were built from; mask: [B, T] completion tokens.
+    A `weighted` reward's parts (scores named NAME/reward) are reported as rewards/NAME/mean.
+    """
+    lengths = mask.sum(-1).float()
+    metrics = {
+        "reward": rewards.mean().item(),
+        "reward_std": rewards.std().item() if rewards.numel() > 1 else 0.0,
+        "frac_reward_zero_std": std_is_zero.float().mean().item(),
+        "completions/mean_length": lengths.mean().item(),
+        "completions/min_length": lengths.min().item(),
+        "completions/max_length": lengths.max().item(),
+    }
+    for name, values in batch.scores.items():
+        if name.endswith("/reward"):
+            metrics[f"rewards/{name[: -len('/reward')]}/mean"] = values.float().mean().item()
+    return metrics
+
+
+@dataclass
+class PreparedSamples:
+    """A rollout with what the group-relative losses train on, computed once before its first update.
+
+    sequences: the B rows; advantages: [B]; old_logps: [B, T] the sampling policy's token
+    log-probs, or None when every rollout serves one step (the ratio is then 1 and the current
+    log-probs, detached, stand in, as TRL does); reference_logps: [B, T] or None (beta 0);
+    total_tokens: completion tokens per optimizer step of this rollout (dapo's normaliser).
+    """
+
+    sequences: Sequences
+    advantages: torch.Tensor
+    old_logps: torch.Tensor | None
+    reference_logps: torch.Tensor | None
+    total_tokens: float
+    metrics: dict[str, float]
+
+    def select(self, rows: torch.Tensor) -> "PreparedSamples":
+        rows = rows.to(self.advantages.device)
+        return PreparedSamples(
+            self.sequences.select(rows),
+            self.advantages[rows],
+            None if self.old_logps is None else self.old_logps[rows],
+            None if self.reference_logps is None else self.reference_logps[rows],
+            self.total_tokens,
+            self.metrics,
+        )
+
+
+def group_size(batch: ScoredBatch, objective_name: str) -> int:
+    """K of a rollout, checked: group-relative baselines need at least two samples of each prompt."""
+    k = batch.samples_per_prompt
+    if k < 2 or len(batch) % k:
+        raise PrefError(f"{objective_name} compares the samples of each prompt: use --samples-per-prompt 2 or more (got {k})")
+    return k
+
+
+class GRPO(Objective):
+    """GRPO: K samples per prompt, advantages relative to the group, clipped policy-gradient steps (TRL's GRPOTrainer).
+
+    Options (TRL's `GRPOConfig` names):
+        loss_type: "dapo" (default), "grpo", "dr_grpo", "bnpo", "cispo", "sapo", "luspo" or "vespo".
+        scale_rewards: "group" (default), "batch" or "none".
+        epsilon, epsilon_high: the clip range [1 - epsilon, 1 + epsilon_high] (0.2; epsilon_high defaults to epsilon).
+        beta: weight of the per-token KL to the reference (default 0: no reference model is loaded).
+        num_iterations: passes over each rollout (default 1), each cut into `steps_per_generation`
+            mini-batches, one optimizer step each (default 1).
+        importance_sampling_level: "token" (default) or "sequence" (GSPO).
+        max_completion_length: dr_grpo's normaliser (default: the longest completion of the rollout).
+        delta: INTELLECT-2's cap on the unclipped ratio (none by default).
+        sapo_temperature_pos, sapo_temperature_neg: SAPO's gate temperatures (1.0, 1.05).
+        vespo_k_pos, vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg: VESPO's gamma weights (2, 3, 3, 2).
+    Several rewards: `--reward weighted --reward-option rewards='{a: 1.0, b: 0.5}'` (TRL's reward_weights).
+    """
+
+    needs = ObjectiveNeeds(reference=NO_REFERENCE, data=SAMPLES, online=True, samples_per_prompt=8)
+
+    def __init__(
+        self,
+        loss_type: str = "dapo",
+        scale_rewards: str = "group",
+        epsilon: float = 0.2,
+        epsilon_high: float | None = None,
+        beta: float = 0.0,
+        num_iterations: int = 1,
+        steps_per_generation: int = 1,
+        importance_sampling_level: str = "token",
+        max_completion_length: int | None = None,
+        delta: float | None = None,
+        sapo_temperature_pos: float = 1.0,
+        sapo_temperature_neg: float = 1.05,
+        vespo_k_pos: float = 2.0,
+        vespo_lambda_pos: float = 3.0,
+        vespo_k_neg: float = 3.0,
+        vespo_lambda_neg: float = 2.0,
+    ):
+        check_options(loss_type, importance_sampling_level, epsilon, epsilon_high, beta)
+        if scale_rewards not in SCALE_REWARDS:
+            raise PrefError(f"unknown scale_rewards {scale_rewards!r}: choose one of {', '.join(SCALE_REWARDS)}")
+        for name, value in (("num_iterations", num_iterations), ("steps_per_generation", steps_per_generation)):
+            if not isinstance(value, int) or value < 1:
+                raise PrefError(f"grpo: {name} must be a whole number of at least 1, got {value!r}")
+        if max_completion_length is not None and max_completion_length < 1:
+            raise PrefError(f"grpo: max_completion_length must be at least 1, got {max_completion_length}")
+        if sapo_temperature_pos <= 0 or sapo_temperature_neg <= 0:
+            raise PrefError("grpo: the SAPO temperatures must be positive")
+        self.loss_type, self.scale_rewards = loss_type, scale_rewards
+        self.epsilon, self.epsilon_high, self.beta = epsilon, epsilon_high, beta
+        self.importance_sampling_level, self.max_completion_length, self.delta = importance_sampling_level, max_completion_length, delta
+        self.sapo_temperatures = (sapo_temperature_pos, sapo_temperature_neg)
+        self.vespo_options = {"k_pos": vespo_k_pos, "lambda_pos": vespo_lambda_pos, "k_neg": vespo_k_neg, "lambda_neg": vespo_lambda_neg}
+        self.needs = ObjectiveNeeds(
+            reference=REFERENCE_LOGPS if beta > 0 else NO_REFERENCE,
+            data=SAMPLES,
+            online=True,
+            samples_per_prompt=self.needs.samples_per_prompt,
+            epochs_per_rollout=num_iterations,
+            minibatches_per_rollout=steps_per_generation,
+        )
+
+    def advantages(self, rewards: torch.Tensor, samples_per_prompt: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """[B] advantages and [B] "std is zero" flags from the rollout's rewards."""
+        return group_advantages(rewards, samples_per_prompt, self.scale_rewards)
+
+    def prepare(self, policy: Policy, reference: Reference | None, batch: ScoredBatch) -> PreparedSamples:
+        """Advantages, the sampling policy's and the reference's token log-probs, once per rollout."""
+        k = group_size(batch, type(self).__name__.lower())
+        sequences = batch.sequences
+        steps = self.needs.epochs_per_rollout * self.needs.minibatches_per_rollout
+        old_logps = None
+        mask = sequences.completion_mask.clone()
+        mask[:, 0] = 0
+        if steps > 1:
+            out = policy.logps(sequences)
+            old_logps, mask = out.tokens.float(), out.mask
+        device = mask.device
+        reference_logps = None
+        if self.beta > 0:
+            if reference is None:
+                raise PrefError("grpo with beta > 0 needs a reference model for its KL term; do not pass --reference none")
+            reference_logps = reference.logps(sequences).tokens.to(device).float()
+        rewards = batch.scores["reward"].to(device).float()
+        advantages, std_is_zero = self.advantages(rewards, k)
+        total_tokens = mask.sum().item() / self.needs.minibatches_per_rollout
+        metrics = rollout_metrics(batch, rewards, std_is_zero, mask)
+        return PreparedSamples(sequences.to(device), advantages, old_logps, reference_logps, total_tokens, metrics)
+
+    def loss(self, policy: Policy, reference: Reference | None, batch: Minibatch) -> tuple[torch.Tensor, dict[str, float]]:
+        """The GRPO loss on this step's rows of the rollout, with TRL's metrics."""
+        rollout = batch.prepared(self, policy, reference)
+        out = policy.logps(rollout.sequences)
+        logps, mask = out.tokens.float(), out.mask
+        old_logps = logps.detach() if rollout.old_logps is None else rollout.old_logps
+        max_length = self.max_completion_length or int(mask.sum(-1).max().clamp(min=1))
+        loss, stats = grpo_loss(
+            logps, old_logps, rollout.advantages, mask,
+            reference_token_logps=rollout.reference_logps,
+            beta=self.beta,
+            epsilon=self.epsilon,
+            epsilon_high=self.epsilon_high,
+            loss_type=self.loss_type,
+            importance_sampling_level=self.importance_sampling_level,
+            max_completion_length=max_length,
+            total_tokens=rollout.total_tokens,
+            delta=self.delta,
+            sapo_temperature_pos=self.sapo_temperatures[0],
+            sapo_temperature_neg=self.sapo_temperatures[1],
+            vespo_options=self.vespo_options,
+        )
+        return loss, {**rollout.metrics, **loss_metrics(stats, mask), "num_iteration": float(batch.epoch)}
+
+
+@hookimpl
+def register_objectives(register):
+    register("grpo", GRPO)

@@ -12,6 +12,10 @@ from __future__ import annotations
 import torch
 
 from pref.errors import PrefError
+from pref.hookspecs import hookimpl
+from pref.interfaces import REFERENCE_LOGPS, SETS, LabeledBatch, Objective, ObjectiveNeeds, Policy, Reference
+from pref.reference import CachedReference
+from pref.sequences import Sequences
 
 LOSS_TYPES = ("kto", "apo_zero_unpaired")
 
@@ -84,3 +88,101 @@ def kto_loss(
         rejected_losses = torch.sigmoid(beta * rejected_logratios)
     losses = torch.cat((desirable_weight * chosen_losses, undesirable_weight * rejected_losses))
     return losses, beta * chosen_logratios.detach(), beta * rejected_logratios.detach(), kl
+
+
+def swap_completions(sequences: Sequences, rows: list[int], pad_id: int = 0) -> Sequences:
+    """Row i's prompt followed by row `rows[i]`'s completion (and whatever follows it), right padded.
+
+    sequences: [B, T] right-padded rows; a row's prompt is its real tokens before the first
+    completion token. Returns new `Sequences` [B, T'] with the completion mask on the moved answers.
+    """
+    ids, attention, completion = sequences.input_ids.tolist(), sequences.attention_mask.tolist(), sequences.completion_mask.tolist()
+
+    def split(row: int) -> tuple[list[int], list[tuple[int, int]]]:
+        length = sum(attention[row])
+        start = completion[row].index(1) if 1 in completion[row][:length] else length
+        return ids[row][:start], list(zip(ids[row][start:length], completion[row][start:length]))
+
+    parts = [split(row) for row in range(len(ids))]
+    new_rows = [(parts[i][0], parts[j][1]) for i, j in enumerate(rows)]
+    width = max(len(prompt) + len(answer) for prompt, answer in new_rows)
+    out_ids, out_attention, out_completion = [], [], []
+    for prompt, answer in new_rows:
+        pad = width - len(prompt) - len(answer)
+        out_ids.append(prompt + [token for token, _ in answer] + [pad_id] * pad)
+        out_attention.append([1] * (len(prompt) + len(answer)) + [0] * pad)
+        out_completion.append([0] * len(prompt) + [flag for _, flag in answer] + [0] * pad)
+    device = sequences.input_ids.device
+    return Sequences(
+        torch.tensor(out_ids, dtype=sequences.input_ids.dtype, device=device),
+        torch.tensor(out_attention, dtype=sequences.attention_mask.dtype, device=device),
+        torch.tensor(out_completion, dtype=sequences.completion_mask.dtype, device=device),
+    )
+
+
+class KTO(Objective):
+    """KTO on answers labelled desirable or undesirable, unpaired (Ethayarajh et al. 2024; TRL's KTOTrainer).
+
+    Reads `--dataset FILE` with the `labeled` builder (prompt/completion/label rows; a
+    prompt/chosen/rejected row is one desirable and one undesirable answer).
+
+    Options (TRL's `KTOConfig` names):
+        beta: scale of the implicit reward (default 0.1).
+        desirable_weight, undesirable_weight: weights of the two kinds of answer (1.0 each); with
+            unequal counts the paper advises desirable_weight x #desirable ~ undesirable_weight x #undesirable.
+        loss_type: "kto" (default) or "apo_zero_unpaired" (no KL point, no mismatched rows).
+    The KL point is estimated on each batch's prompts paired with the previous row's answer;
+    the reference must score those rows too, so "kto" keeps a frozen reference model
+    (`--reference auto` chooses it) instead of cached log-probs.
+    """
+
+    needs = ObjectiveNeeds(reference=REFERENCE_LOGPS, data=SETS, dataset_builder="labeled", scores_new_rows=True)
+
+    def __init__(self, beta: float = 0.1, desirable_weight: float = 1.0, undesirable_weight: float = 1.0, loss_type: str = "kto"):
+        check_options(beta, desirable_weight, undesirable_weight, loss_type)
+        self.beta, self.loss_type = beta, loss_type
+        self.desirable_weight, self.undesirable_weight = desirable_weight, undesirable_weight
+        if loss_type != "kto":  # no mismatched rows: the dataset's cached log-probs serve
+            self.needs = ObjectiveNeeds(reference=REFERENCE_LOGPS, data=SETS, dataset_builder="labeled")
+
+    def loss(self, policy: Policy, reference: Reference | None, batch: LabeledBatch) -> tuple[torch.Tensor, dict[str, float]]:
+        """The mean KTO loss over the batch's answers, with TRL's metrics (kl, rewards/..., logps/...)."""
+        if reference is None:
+            raise PrefError("kto compares the policy with a reference: do not pass --reference none")
+        sequences, labels = batch.sequences, batch.labels.bool()
+        calculate_kl = self.loss_type == "kto"
+        if calculate_kl and isinstance(reference, CachedReference):
+            raise PrefError("kto's KL point scores mismatched prompt/answer rows that a reference cache does not hold: use --reference model (or auto)")
+        if calculate_kl and len(labels) < 2:
+            raise PrefError("kto estimates its KL point from the other rows of a batch: use --batch-size 2 or more")
+        policy_out = policy.logps(sequences)
+        logps = policy_out.sequence
+        labels = labels.to(logps.device)
+        with torch.no_grad():
+            reference_logps = reference.logps(sequences).sequence.to(logps.device)
+            policy_kl_logps = reference_kl_logps = None
+            if calculate_kl:
+                pad_id = policy.tokenizer.pad_token_id
+                mismatched = swap_completions(sequences, mismatched_rows(len(labels)), 0 if pad_id is None else pad_id)
+                policy_kl_logps = policy.logps(mismatched).sequence
+                reference_kl_logps = reference.logps(mismatched).sequence.to(logps.device)
+        losses, chosen_rewards, rejected_rewards, kl = kto_loss(
+            logps[labels], logps[~labels], reference_logps[labels], reference_logps[~labels],
+            policy_kl_logps, reference_kl_logps,
+            beta=self.beta, desirable_weight=self.desirable_weight, undesirable_weight=self.undesirable_weight, loss_type=self.loss_type,
+        )
+        metrics = {"kl": kl.item()}
+        if labels.any():
+            metrics["rewards/chosen"] = chosen_rewards.mean().item()
+            metrics["logps/chosen"] = logps[labels].detach().mean().item()
+        if (~labels).any():
+            metrics["rewards/rejected"] = rejected_rewards.mean().item()
+            metrics["logps/rejected"] = logps[~labels].detach().mean().item()
+        if labels.any() and (~labels).any():
+            metrics["rewards/margins"] = metrics["rewards/chosen"] - metrics["rewards/rejected"]
+        return losses.mean(), metrics
+
+
+@hookimpl
+def register_objectives(register):
+    register("kto", KTO)

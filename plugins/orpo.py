@@ -12,6 +12,10 @@ import torch
 import torch.nn.functional as F
 
 from pref.errors import PrefError
+from pref.hookspecs import hookimpl
+from pref.interfaces import NO_REFERENCE, PAIRS, Objective, ObjectiveNeeds, PairBatch, Policy, Reference
+from pref.plugins.dpo import pair_logps
+from pref.plugins.sft import sft_loss
 
 
 def log1mexp(x: torch.Tensor) -> torch.Tensor:
@@ -46,3 +50,41 @@ def orpo_loss(
     log_odds = (chosen - rejected) - (log1mexp(chosen) - log1mexp(rejected))
     losses = -beta * F.logsigmoid(log_odds)
     return losses, beta * chosen.detach(), beta * rejected.detach(), log_odds.detach()
+
+
+class ORPO(Objective):
+    """ORPO: the chosen answers' NLL plus an odds-ratio preference term, no reference (Hong et al. 2024).
+
+    Options:
+        beta: the paper's lambda, the weight of the odds-ratio term (default 0.1, TRL's name and default).
+    """
+
+    needs = ObjectiveNeeds(reference=NO_REFERENCE, data=PAIRS)
+
+    def __init__(self, beta: float = 0.1):
+        if not isinstance(beta, (int, float)) or beta <= 0:
+            raise PrefError(f"orpo: beta (the paper's lambda) must be a positive number, got {beta!r}")
+        self.beta = beta
+
+    def loss(self, policy: Policy, reference: Reference | None, batch: PairBatch) -> tuple[torch.Tensor, dict[str, float]]:
+        """NLL of the chosen completion tokens + mean odds-ratio loss, with TRL's ORPO metrics."""
+        chosen, rejected, _, _ = pair_logps(policy, None, batch)
+        nll = sft_loss(chosen.tokens, chosen.mask)
+        losses, chosen_rewards, rejected_rewards, log_odds = orpo_loss(chosen.mean, rejected.mean, self.beta)
+        metrics = {
+            "rewards/chosen": chosen_rewards.mean().item(),
+            "rewards/rejected": rejected_rewards.mean().item(),
+            "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean().item(),
+            "rewards/margins": (chosen_rewards - rejected_rewards).mean().item(),
+            "logps/chosen": chosen.mean.detach().mean().item(),
+            "logps/rejected": rejected.mean.detach().mean().item(),
+            "nll_loss": nll.item(),
+            "log_odds_ratio": F.logsigmoid(log_odds).mean().item(),
+            "log_odds_chosen": log_odds.mean().item(),
+        }
+        return nll + losses.mean(), metrics
+
+
+@hookimpl
+def register_objectives(register):
+    register("orpo", ORPO)

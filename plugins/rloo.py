@@ -11,6 +11,9 @@ from __future__ import annotations
 import torch
 
 from pref.errors import PrefError
+from pref.hookspecs import hookimpl
+from pref.interfaces import NO_REFERENCE, REFERENCE_LOGPS, SAMPLES, Minibatch, Objective, ObjectiveNeeds, Policy, Reference, ScoredBatch
+from pref.plugins.grpo import PreparedSamples, group_size, rollout_metrics
 
 
 def leave_one_out_advantages(rewards: torch.Tensor, samples_per_prompt: int, normalize: bool = False) -> torch.Tensor:
@@ -72,3 +75,94 @@ def rloo_loss(
         "high_clipped": (ratio > 1 + epsilon_high) & (advantages > 0),
     }
     return loss, stats
+
+
+# -- the objective ---------------------------------------------------------------------------
+
+
+class RLOO(Objective):
+    """RLOO: K samples per prompt, leave-one-out baseline, clipped steps on whole-sequence ratios (TRL's RLOOTrainer).
+
+    Options (TRL's `RLOOConfig` names):
+        beta: weight of the KL penalty in the reward (default 0.05, as TRL; 0 loads no reference model).
+        epsilon, epsilon_high: the clip range of the sequence ratio (0.2; epsilon_high defaults to epsilon).
+        normalize_advantages: standardise the advantages over the rollout (default false).
+        num_iterations: passes over each rollout (default 1), each cut into `steps_per_generation`
+            mini-batches, one optimizer step each (default 1).
+    Several rewards: `--reward weighted --reward-option rewards='{a: 1.0, b: 0.5}'` (TRL's reward_weights).
+    """
+
+    needs = ObjectiveNeeds(reference=REFERENCE_LOGPS, data=SAMPLES, online=True, samples_per_prompt=8)
+
+    def __init__(
+        self,
+        beta: float = 0.05,
+        epsilon: float = 0.2,
+        epsilon_high: float | None = None,
+        normalize_advantages: bool = False,
+        num_iterations: int = 1,
+        steps_per_generation: int = 1,
+    ):
+        if beta < 0:
+            raise PrefError(f"rloo: beta (the KL weight) must not be negative, got {beta}")
+        if not 0.0 <= epsilon < 1.0:
+            raise PrefError(f"rloo: epsilon must lie in [0, 1), got {epsilon}")
+        if epsilon_high is not None and epsilon_high < 0:
+            raise PrefError(f"rloo: epsilon_high must not be negative, got {epsilon_high}")
+        for name, value in (("num_iterations", num_iterations), ("steps_per_generation", steps_per_generation)):
+            if not isinstance(value, int) or value < 1:
+                raise PrefError(f"rloo: {name} must be a whole number of at least 1, got {value!r}")
+        self.beta, self.epsilon, self.epsilon_high = beta, epsilon, epsilon_high
+        self.normalize_advantages = normalize_advantages
+        self.needs = ObjectiveNeeds(
+            reference=REFERENCE_LOGPS if beta > 0 else NO_REFERENCE,
+            data=SAMPLES,
+            online=True,
+            samples_per_prompt=self.needs.samples_per_prompt,
+            epochs_per_rollout=num_iterations,
+            minibatches_per_rollout=steps_per_generation,
+        )
+
+    def prepare(self, policy: Policy, reference: Reference | None, batch: ScoredBatch) -> PreparedSamples:
+        """The sampling policy's log-probs, KL-penalised rewards and leave-one-out advantages, once per rollout."""
+        k = group_size(batch, "rloo")
+        sequences = batch.sequences
+        out = policy.logps(sequences)  # the KL penalty needs the sampling policy's token log-probs
+        old_logps, mask = out.tokens.float(), out.mask
+        device = mask.device
+        scores = batch.scores["reward"].to(device).float()
+        rewards, metrics = scores, {}
+        if self.beta > 0:
+            if reference is None:
+                raise PrefError("rloo with beta > 0 needs a reference model for its KL penalty; do not pass --reference none")
+            reference_logps = reference.logps(sequences).tokens.to(device).float()
+            rewards, per_token_kl = kl_penalised_rewards(scores, old_logps, reference_logps, mask, self.beta)
+            metrics["kl"] = (per_token_kl.sum() / mask.sum().clamp(min=1)).item()
+        advantages = leave_one_out_advantages(rewards, k, self.normalize_advantages)
+        std_is_zero = torch.isclose(rewards.view(-1, k).std(dim=1), torch.zeros(()))
+        metrics.update(rollout_metrics(batch, scores, std_is_zero, mask))  # TRL reports the rewards before the KL penalty
+        return PreparedSamples(sequences.to(device), advantages, old_logps, None, 0.0, metrics)
+
+    def loss(self, policy: Policy, reference: Reference | None, batch: Minibatch) -> tuple[torch.Tensor, dict[str, float]]:
+        """The clipped sequence-level loss on this step's rows of the rollout, with TRL's metrics."""
+        rollout = batch.prepared(self, policy, reference)
+        out = policy.logps(rollout.sequences)
+        assert rollout.old_logps is not None
+        old = (rollout.old_logps * out.mask).sum(-1)
+        loss, stats = rloo_loss(out.sequence.float(), old, rollout.advantages, self.epsilon, self.epsilon_high)
+        low, high = stats["low_clipped"].float(), stats["high_clipped"].float()
+        metrics = {
+            **rollout.metrics,
+            "clip_ratio/low_mean": low.mean().item(),
+            "clip_ratio/low_min": low.min().item(),
+            "clip_ratio/high_mean": high.mean().item(),
+            "clip_ratio/high_max": high.max().item(),
+            "clip_ratio/region_mean": (low + high).clamp(max=1).mean().item(),
+            "num_iteration": float(batch.epoch),
+        }
+        return loss, metrics
+
+
+@hookimpl
+def register_objectives(register):
+    register("rloo", RLOO)

@@ -8,9 +8,16 @@ probability-weighted version (`dft`, Wu et al. 2025, https://arxiv.org/abs/2508.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from pref.errors import PrefError
+from pref.examples import LabeledExample
+from pref.hookspecs import hookimpl
+from pref.interfaces import NO_REFERENCE, SETS, LabeledBatch, Objective, ObjectiveNeeds, Policy, Reference
+from pref.plugins.labeled_data import row_examples
+from pref.plugins.preference_data import _messages, _read_rows
 
 LOSS_TYPES = ("nll", "dft")
 
@@ -29,3 +36,93 @@ def sft_loss(token_logps: torch.Tensor, mask: torch.Tensor, loss_type: str = "nl
     if loss_type == "dft":
         per_token = per_token * token_logps.detach().exp()
     return per_token.sum() / mask.sum().clamp(min=1)
+
+
+FORMATS = "expected prompt and completion, a messages list ending in an assistant turn, or prompt/chosen/rejected"
+
+
+def completion_examples(row: dict, where: str) -> list[LabeledExample]:
+    """The answers one row teaches: prompt/completion, conversational `messages`, or a preference row's chosen answer.
+
+    A row with a `label` counts only when the label is accepted (an unlabelled row counts).
+    """
+    if isinstance(row.get("messages"), list):
+        messages = _messages(row["messages"], "messages", where)
+        if len(messages) < 2 or messages[-1]["role"] != "assistant":
+            raise PrefError(f"{where}: bad field 'messages': the last message must be the assistant's answer, after at least one other")
+        return [LabeledExample(messages[:-1], messages[-1]["content"], True)]
+    has_answer = row.get("completion") is not None or row.get("response") is not None
+    if has_answer and row.get("label") in (None, ""):  # plain SFT data: every answer is one to learn
+        row = {**row, "label": True}
+    try:
+        examples = row_examples(row, where)
+    except PrefError as exc:
+        raise PrefError(f"{exc}; the sft builder {FORMATS}") from None
+    return [LabeledExample(e.prompt, e.completion, True) for e in examples if e.label]
+
+
+class CompletionData:
+    """The `completions` dataset builder: prompts with the answers to learn, for `sft`.
+
+    Rows (JSONL, JSON, CSV, Parquet, a saved folder or a hub name): `prompt` (text or
+    messages) and `completion` (or `response`); or `messages`, a conversation whose last
+    message is the assistant's answer; or prompt/chosen/rejected, whose chosen answer is
+    learnt. A row with a `label` is learnt only when the label is accepted.
+    """
+
+    def __init__(self, path: str, split: str = "train", limit: int | None = None):
+        if limit is not None and limit < 1:
+            raise PrefError(f"completions: limit must be a positive number of rows, not {limit}")
+        self.path, self.split, self.limit = path, split, limit
+
+    def build(self, policy: Any = None) -> list[LabeledExample]:
+        examples: list[LabeledExample] = []
+        for number, row in enumerate(_read_rows(self.path, self.split), start=1):
+            where = f"{self.path} row {number}"
+            if not isinstance(row, dict):
+                raise PrefError(f"{where}: expected an object with named fields, got {type(row).__name__}")
+            examples.extend(completion_examples(row, where))
+            if self.limit is not None and len(examples) >= self.limit:
+                return examples[: self.limit]
+        if not examples:
+            raise PrefError(f"{self.path}: no answers to learn; {FORMATS}")
+        return examples
+
+
+class SFT(Objective):
+    """Supervised fine-tuning: the NLL of the completions given their prompts (TRL's SFTTrainer, completion-only).
+
+    Reads `--dataset FILE` with the `completions` builder (prompt/completion, messages, or a
+    preference file's chosen answers). Rows labelled rejected (a `labeled` dataset) are skipped.
+
+    Options:
+        loss_type: "nll" (default) or "dft" (each token's NLL weighted by its probability).
+    """
+
+    needs = ObjectiveNeeds(reference=NO_REFERENCE, data=SETS, dataset_builder="completions")
+
+    def __init__(self, loss_type: str = "nll"):
+        if loss_type not in LOSS_TYPES:
+            raise PrefError(f"unknown SFT loss_type {loss_type!r}: choose one of {', '.join(LOSS_TYPES)}")
+        self.loss_type = loss_type
+
+    def loss(self, policy: Policy, reference: Reference | None, batch: LabeledBatch) -> tuple[torch.Tensor, dict[str, float]]:
+        """Mean token NLL over the accepted rows' completions; metrics: the token count and mean token log-prob."""
+        keep = batch.labels.bool()
+        sequences = batch.sequences if bool(keep.all()) else batch.sequences.select(torch.nonzero(keep).flatten())
+        if len(sequences) == 0:
+            raise PrefError("sft: a batch held no accepted answer to learn; the data has rows labelled rejected only")
+        out = policy.logps(sequences)
+        loss = sft_loss(out.tokens, out.mask, self.loss_type)
+        tokens = out.mask.sum()
+        return loss, {"num_tokens": float(tokens), "logps/mean": (out.tokens.detach().sum() / tokens.clamp(min=1)).item()}
+
+
+@hookimpl
+def register_objectives(register):
+    register("sft", SFT)
+
+
+@hookimpl
+def register_dataset_builders(register):
+    register("completions", CompletionData)
