@@ -1,6 +1,6 @@
-"""DivPO against online DPO on the noun task, from the embedded default model.
+"""DivPO against online DPO, GRPO and RLOO on the noun task, from the embedded default model.
 
-    python bench/divpo_nouns.py [--steps N] [--seeds N] [--workers N]
+    python bench/divpo_nouns.py [--steps N] [--seeds N] [--workers N] [--methods LABEL,...] [--results PATH]
 
 Each run is `pref run` with its defaults on the embedded default model, the way a user
 would start it; only these differ:
@@ -9,7 +9,12 @@ would start it; only these differ:
   worst by reward), W being DivPO's default SFT weight;
 - online DPO with its own default SFT weight, 0, for reference;
 - DivPO: `--objective divpo -o criterion=C` for each diversity criterion C
-  (probability, frequency, semantic).
+  (probability, frequency, semantic);
+- GRPO and RLOO: `--objective grpo --reward noun-diversity` and `--objective rloo
+  --reward noun-diversity` with TRL's defaults (group-normalised advantages and the dapo
+  loss; a leave-one-out baseline and beta 0.05), which learn from all K samples of each
+  prompt instead of one pair, under the same budget (steps, learning rate, prompts per
+  step, K, temperature, max new tokens; the script checks).
 
 Both objectives are DPO on one pair per prompt; online DPO (the first) and DivPO share
 the step budget, learning rate, prompts per step, K samples per prompt, beta and SFT
@@ -67,6 +72,9 @@ METHODS = {
     "online DPO, its own sft_weight 0": {"objective": "online-dpo", "reward": REWARD},
 }
 METHODS.update({f"DivPO, {c}": {"objective": "divpo", "objective_options": {"criterion": c}} for c in CRITERIA})
+METHODS.update({"GRPO": {"objective": "grpo", "reward": REWARD}, "RLOO": {"objective": "rloo", "reward": REWARD}})
+#: What every method shares, GRPO and RLOO included: the sampling and step budget.
+BUDGET = ("steps", "lr", "prompts per step", "K samples per prompt", "temperature", "max new tokens", "threads")
 FIGURES = ("valid_rate", "unique_valid", "dat_score", "distinct_ratio")
 
 
@@ -110,33 +118,41 @@ def train_and_evaluate(label: str, flags: dict, steps: int | None, seed: int, wo
     return {"seed": seed, "steps_run": lines[-1]["step"], "train_s": seconds, "step_s": split, **evaluate_policy(policy)}
 
 
-def shared_settings(steps: int | None) -> dict[str, object]:
-    """The resolved settings of each objective's runs; online DPO's and DivPO's must be equal."""
+def resolved_settings(flags: dict, steps: int | None) -> dict[str, object]:
+    """The settings a method's runs resolve to (its loss settings where it has them)."""
     from pref.config import build_config
     from pref.registry import load_registry
 
-    registry = load_registry()
-    settings = {}
-    for flags in (METHODS[ONLINE], METHODS[f"DivPO, {divpo_default('criterion')}"]):
-        config = build_config(flags={**flags, **({"steps": steps} if steps else {})})
-        objective = registry.create("objective", config.objective, config.objective_options)
-        reward = registry.create("reward", REWARD, {})
-        settings[config.objective] = {
-            "steps": config.steps,
-            "lr": config.lr,
-            "prompts per step": config.batch_size,
-            "K samples per prompt": config.samples_per_prompt or objective.samples_per_prompt,
-            "beta": objective.beta,
-            "sft_weight": objective.sft_weight,
-            "loss": objective.loss_type,
-            "temperature": config.temperature,
-            "max new tokens": config.max_new_tokens or reward.max_new_tokens,
-            "threads": config.threads,
-        }
-    first, second = settings.values()
-    if first != second:
-        raise SystemExit(f"online DPO and DivPO would train with different settings: {settings}")
-    return first
+    config = build_config(flags={**flags, **({"steps": steps} if steps else {})})
+    objective = load_registry().create("objective", config.objective, config.objective_options)
+    reward = load_registry().create("reward", REWARD, {})
+    settings = {
+        "steps": config.steps,
+        "lr": config.lr,
+        "prompts per step": config.batch_size,
+        "K samples per prompt": config.samples_per_prompt or objective.needs.samples_per_prompt,
+        "beta": getattr(objective, "beta", None),
+        "sft_weight": getattr(objective, "sft_weight", None),
+        "loss": getattr(objective, "loss_type", None),
+        "temperature": config.temperature,
+        "max new tokens": config.max_new_tokens or reward.max_new_tokens,
+        "threads": config.threads,
+    }
+    return settings
+
+
+def shared_settings(steps: int | None, labels: list[str]) -> dict[str, object]:
+    """The resolved settings of each objective's runs: online DPO's and DivPO's must be equal,
+    and every method's budget (BUDGET) the same."""
+    settings = resolved_settings(METHODS[ONLINE], steps)
+    divpo = resolved_settings(METHODS[f"DivPO, {divpo_default('criterion')}"], steps)
+    if settings != divpo:
+        raise SystemExit(f"online DPO and DivPO would train with different settings: {settings} vs {divpo}")
+    for label in labels:
+        budget = {key: value for key, value in resolved_settings(METHODS[label], steps).items() if key in BUDGET}
+        if budget != {key: settings[key] for key in BUDGET}:
+            raise SystemExit(f"{label} would train under another budget than online DPO: {budget}")
+    return settings
 
 
 def load_average() -> str:
@@ -176,14 +192,14 @@ def goal_rows(results: dict[str, list[dict]], base: dict[str, float], online: li
 
 
 def report(results: dict[str, list[dict]], base: dict[str, float], settings: dict, seeds: int, workers: int, minutes: float, loads: tuple[str, str]) -> str:
-    online = results[ONLINE]
     lines = [
-        "# DivPO vs online DPO on the noun task",
+        "# DivPO vs online DPO, GRPO and RLOO on the noun task",
         "",
         f"Machine: {machine()}. {workers} runs at a time. Load average (1 min) {loads[0]} at the start, {loads[1]} at the end; the bench took {minutes:.1f} min.",
         "",
         "Model: the embedded default (`pref-default`). Training: `pref run` defaults, the same for online DPO and every DivPO run "
-        "(the second online DPO row alone differs, in its sft_weight): "
+        "(the second online DPO row alone differs, in its sft_weight; GRPO and RLOO share the budget: steps, lr, prompts per step, "
+        "K, temperature, max new tokens, threads, with their own TRL-default losses): "
         + ", ".join(f"{k} {v}" for k, v in settings.items())
         + (f". Figures are the mean over {seeds} training seeds (0 to {seeds - 1}), with the range in brackets." if seeds > 1 else
            ". One training seed (0) only: no spread is shown."),
@@ -202,16 +218,17 @@ def report(results: dict[str, list[dict]], base: dict[str, float], settings: dic
             f"| {label} | {summary(get('valid_rate'), 3)} | {summary(get('unique_valid'), 1)} | {summary(get('dat_score'), 1)} "
             f"| {summary(get('distinct_ratio'), 3)} | {summary(get('steps_run'), 0)} | {statistics.mean(get('train_s')):.0f} | {split} |"
         )
-    lines += [
-        "",
+    lines += ["", f"Command: `{' '.join(shlex.quote(a) for a in ['python', 'bench/divpo_nouns.py', *sys.argv[1:]])}`", ""]
+    if not all(label in results for label in [ONLINE] + [f"DivPO, {c}" for c in CRITERIA]):
+        return "\n".join(lines)  # a partial run (--methods): no goals to judge
+    online = results[ONLINE]
+    lines[-2:-2] = [
         "Goals, from the means: DivPO's valid rate at least 30 points above the untrained model's and at most 10 below online DPO's; "
         "its unique valid nouns at least twice the untrained model's and twice online DPO's.",
         "",
         "| DivPO criterion | valid rate vs untrained, points | vs online DPO, points | unique valid vs untrained | vs online DPO | goals met |",
         "|---|---:|---:|---:|---:|---|",
         *goal_rows(results, base, online),
-        "",
-        f"Command: `{' '.join(shlex.quote(a) for a in ['python', 'bench/divpo_nouns.py', *sys.argv[1:]])}`",
         "",
     ]
     return "\n".join(lines)
@@ -228,18 +245,24 @@ def main() -> None:
     parser.add_argument("--steps", type=int, help="optimizer steps per run (default: pref run's)")
     parser.add_argument("--seeds", type=int, default=3, help="training seeds per method (default 3)")
     parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1), help="runs at a time")
+    parser.add_argument("--methods", help=f"only these rows, comma-separated (default all: {', '.join(METHODS)})")
+    parser.add_argument("--results", default=RESULTS, help="where the table goes (default bench/results/divpo_nouns.md)")
     args = parser.parse_args()
     if args.seeds < 1 or args.workers < 1 or (args.steps is not None and args.steps < 1):
         parser.error("--steps, --seeds and --workers must be positive")
+    labels = list(METHODS) if not args.methods else [label.strip() for label in args.methods.split(",")]
+    unknown = [label for label in labels if label not in METHODS]
+    if unknown:
+        parser.error(f"unknown method {', '.join(unknown)}: choose from {', '.join(METHODS)}")
 
     from pref.default_model import default_model_path
 
     loads = [load_average()]
     start = time.perf_counter()
     default_model_path()  # built once, before the runs start side by side
-    settings = shared_settings(args.steps)
-    jobs = [(label, seed) for seed in range(args.seeds) for label in METHODS]
-    results: dict[str, list[dict]] = {label: [] for label in METHODS}
+    settings = shared_settings(args.steps, labels)
+    jobs = [(label, seed) for seed in range(args.seeds) for label in labels]
+    results: dict[str, list[dict]] = {label: [] for label in labels}
     with tempfile.TemporaryDirectory(prefix="divpo-nouns-") as work_dir, ProcessPoolExecutor(args.workers, mp_context=get_context("spawn")) as pool:
         untrained = pool.submit(evaluate_untrained)
         futures = {pool.submit(train_and_evaluate, label, METHODS[label], args.steps, seed, work_dir): (label, seed) for label, seed in jobs}
@@ -253,8 +276,8 @@ def main() -> None:
     results = {label: sorted(runs, key=lambda r: r["seed"]) for label, runs in results.items()}
     loads.append(load_average())
     text = report(results, base, settings, args.seeds, args.workers, (time.perf_counter() - start) / 60, tuple(loads))
-    os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
-    with open(RESULTS, "w") as f:
+    os.makedirs(os.path.dirname(os.path.abspath(args.results)), exist_ok=True)
+    with open(args.results, "w") as f:
         f.write(text)
     print(text)
 
