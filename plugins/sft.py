@@ -17,7 +17,7 @@ from pref.examples import LabeledExample
 from pref.hookspecs import hookimpl
 from pref.interfaces import NO_REFERENCE, SETS, LabeledBatch, Objective, ObjectiveNeeds, Policy, Reference
 from pref.plugins.labeled_data import row_examples
-from pref.plugins.preference_data import _messages, _read_rows
+from pref.records import messages, read_records
 
 LOSS_TYPES = ("nll", "dft")
 
@@ -47,10 +47,10 @@ def completion_examples(row: dict, where: str) -> list[LabeledExample]:
     A row with a `label` counts only when the label is accepted (an unlabelled row counts).
     """
     if isinstance(row.get("messages"), list):
-        messages = _messages(row["messages"], "messages", where)
-        if len(messages) < 2 or messages[-1]["role"] != "assistant":
+        turns = messages(row["messages"], "messages", where)
+        if len(turns) < 2 or turns[-1]["role"] != "assistant":
             raise PrefError(f"{where}: bad field 'messages': the last message must be the assistant's answer, after at least one other")
-        return [LabeledExample(messages[:-1], messages[-1]["content"], True)]
+        return [LabeledExample(turns[:-1], turns[-1]["content"], True)]
     has_answer = row.get("completion") is not None or row.get("response") is not None
     if has_answer and row.get("label") in (None, ""):  # plain SFT data: every answer is one to learn
         row = {**row, "label": True}
@@ -77,7 +77,7 @@ class CompletionData:
 
     def build(self, policy: Any = None) -> list[LabeledExample]:
         examples: list[LabeledExample] = []
-        for number, row in enumerate(_read_rows(self.path, self.split), start=1):
+        for number, row in enumerate(read_records(self.path, self.split), start=1):
             where = f"{self.path} row {number}"
             if not isinstance(row, dict):
                 raise PrefError(f"{where}: expected an object with named fields, got {type(row).__name__}")
