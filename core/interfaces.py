@@ -355,6 +355,9 @@ class Objective(ABC):
         """With `needs.own_reward`: the reward the objective brings (D2PO's discriminator)."""
         return None
 
+    def after_step(self, step: int, policy: Policy, reference: Reference | None) -> None:
+        """Called after each optimizer step (`step` counts from 1): the place to move a reference (TR-DPO)."""
+
     def state_dict(self) -> dict[str, Any]:
         """State of its own that checkpoints keep (an adapted coefficient, ...); plain values only."""
         return {}

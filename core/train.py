@@ -253,6 +253,7 @@ def train_policy(config: RunConfig, registry: Registry) -> tuple[str, HFPolicy]:
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
+            objective.after_step(step, policy, reference)
             totals["time/update"] += time.perf_counter() - t_step
             totals["grad_norm"] = float(grad_norm)
             totals["lr"] = scheduler.get_last_lr()[0]

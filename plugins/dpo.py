@@ -23,6 +23,8 @@ from pref.plugins.dpo_losses import (  # noqa: F401  (dpo_loss and LOSS_TYPES ar
     loss_weights_of,
     wpo_weights,
 )
+from pref.policy import unwrap
+from pref.reference import FrozenReference
 from pref.sequences import Logps, Sequences
 
 
@@ -77,7 +79,8 @@ class DPO(Objective):
         discopop_tau: DiscoPOP's temperature (0.05).
         sync_ref_model, ref_model_mixup_alpha, ref_model_sync_steps: TR-DPO: every
             `ref_model_sync_steps` optimizer steps the frozen reference moves towards the
-            policy, reference <- alpha * policy + (1 - alpha) * reference (needs --reference model).
+            policy, reference <- alpha * policy + (1 - alpha) * reference (a frozen reference model;
+            a resumed run's reference starts again from the starting model).
     """
 
     needs = ObjectiveNeeds(reference=REFERENCE_LOGPS, data=PAIRS)
@@ -110,8 +113,6 @@ class DPO(Objective):
                 raise PrefError(f"ref_model_mixup_alpha must lie in (0, 1], got {ref_model_mixup_alpha}")
             if ref_model_sync_steps < 1:
                 raise PrefError(f"ref_model_sync_steps must be at least 1, got {ref_model_sync_steps}")
-            # the mixing itself (`mix_into_reference`) needs a hook after each optimizer step, which the loop lacks yet
-            raise PrefError("sync_ref_model (TR-DPO) is not available yet: pref's loop has no after-step hook to update the reference; drop the option")
         self.beta = beta
         self.loss_type = loss_type if isinstance(loss_type, str) else ",".join(loss_types)
         self.loss_types = loss_types
@@ -129,9 +130,17 @@ class DPO(Objective):
         self.ref_model_sync_steps = ref_model_sync_steps
         if reference_free:
             self.needs = replace(self.needs, reference=NO_REFERENCE)  # the loop loads no reference
-        elif ld_alpha is not None:
-            # per-token reference log-probs, which only a frozen model gives (a cache keeps sums)
+        elif ld_alpha is not None or sync_ref_model:
+            # per-token reference log-probs (LD-DPO) or a reference that moves (TR-DPO): only a frozen model will do
             self.needs = replace(self.needs, reference=REFERENCE_DISTRIBUTIONS)
+
+    def after_step(self, step: int, policy: Policy, reference: Reference | None) -> None:
+        """TR-DPO: every `ref_model_sync_steps` optimizer steps, move the frozen reference towards the policy."""
+        if not self.sync_ref_model or reference is None or step % self.ref_model_sync_steps:
+            return
+        if not isinstance(reference, FrozenReference):
+            raise PrefError("sync_ref_model needs a frozen reference model, not cached log-probs: use --reference model")
+        mix_into_reference(reference.model, unwrap(policy.model), self.ref_model_mixup_alpha)
 
     def loss(self, policy: Policy, reference: Reference | None, batch: PairBatch) -> tuple[torch.Tensor, dict[str, float]]:
         """The mean DPO loss over the pairs (plus the weighted SFT term) and TRL-named metrics.

@@ -483,3 +483,40 @@ def test_every_dpo_objective_takes_the_new_options(name):
     assert objective.f_divergence_type == "js_divergence" and objective.discopop_tau == 0.1
     with pytest.raises(PrefError, match="does not apply to loss_type bco_pair"):
         registry.create("objective", name, {"loss_type": "bco_pair", "f_divergence_type": "forward_kl"}, registry=registry)
+
+
+def test_tr_dpo_moves_the_frozen_reference_every_sync_steps():
+    """ref_model_sync_steps 2, alpha 0.5: unchanged after step 1; after step 2 halfway to the policy (0 -> 2 with policy 4)."""
+    from pref.reference import FrozenReference
+
+    policy_model, reference_model = torch.nn.Linear(1, 1, bias=False), torch.nn.Linear(1, 1, bias=False)
+    policy_model.weight.data.fill_(4.0)
+    reference_model.weight.data.fill_(0.0)
+    policy, reference = SimpleNamespace(model=policy_model), FrozenReference(reference_model)
+    objective = DPO(sync_ref_model=True, ref_model_mixup_alpha=0.5, ref_model_sync_steps=2)
+    assert objective.needs.reference == "distributions"  # auto keeps a frozen model, never a cache
+    objective.after_step(1, policy, reference)
+    assert reference_model.weight.item() == 0.0
+    objective.after_step(2, policy, reference)
+    assert reference_model.weight.item() == pytest.approx(2.0)
+    DPO().after_step(2, policy, reference)  # without sync_ref_model nothing moves
+    assert reference_model.weight.item() == pytest.approx(2.0)
+
+
+def test_tr_dpo_trains_from_the_cli(tmp_path, tiny_model_dir, prefs_file):
+    """With sync every step the reference follows the policy: step 2's rewards are no longer measured from the start."""
+    import json
+    import os
+
+    from click.testing import CliRunner
+
+    from pref.cli.main import cli
+
+    out = str(tmp_path / "run")
+    result = CliRunner().invoke(cli, ["run", "--model", tiny_model_dir, "--device", "cpu", "--output-dir", out, "--objective", "dpo",
+                                      "--dataset", prefs_file, "--steps", "2", "--batch-size", "2",
+                                      "-o", "sync_ref_model=true", "-o", "ref_model_sync_steps=1", "-o", "ref_model_mixup_alpha=1.0"])
+    assert result.exit_code == 0, result.output
+    lines = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    # alpha 1 copies the policy into the reference after step 1: step 2 starts with rewards of exactly 0
+    assert lines[1]["rewards/chosen"] == pytest.approx(0.0, abs=1e-6) and lines[1]["rewards/rejected"] == pytest.approx(0.0, abs=1e-6)
