@@ -284,3 +284,60 @@ def test_rloo_loss_by_hand():
     loss, stats = rloo_loss(torch.log(torch.tensor([1.5, 0.5])), torch.zeros(2), torch.tensor([1.0, -1.0]))
     assert loss.item() == pytest.approx(-0.2, abs=1e-6)
     assert stats["high_clipped"].tolist() == [True, False] and stats["low_clipped"].tolist() == [False, True]
+
+
+# ---------------------------------------------------------------------------
+# The objectives on a fake policy: advantages, masks and normalisers end to end.
+# ---------------------------------------------------------------------------
+
+
+def scored_batch(k=3, prompts=2, width=6, seed=5):
+    from pref.interfaces import ScoredBatch
+    from pref.sequences import Sequences
+
+    generator = torch.Generator().manual_seed(seed)
+    n = k * prompts
+    completion_mask = torch.zeros(n, width, dtype=torch.long)
+    for row in range(n):
+        completion_mask[row, 1 : 1 + int(torch.randint(1, width, (1,), generator=generator))] = 1
+    ones = torch.ones_like(completion_mask)
+    rewards = torch.randint(0, 3, (n,), generator=generator).float()
+    tokens = -2 * torch.rand(n, width, generator=generator)
+    batch = ScoredBatch(["p"] * n, ["c"] * n, Sequences(ones, ones, completion_mask), {"reward": rewards}, k)
+    return batch, tokens, completion_mask, rewards
+
+
+@pytest.mark.parametrize("loss_type", ["dapo", "grpo", "bnpo", "dr_grpo"])
+def test_grpo_objective_matches_trl(loss_type):
+    from test_dpo_loss import TablePolicy
+
+    from pref.interfaces import Minibatch, Rollout
+    from pref.plugins.grpo import GRPO
+
+    batch, tokens, completion_mask, rewards = scored_batch()
+    policy = TablePolicy(tokens)
+    loss, metrics = GRPO(loss_type=loss_type, max_completion_length=6).loss(policy, None, Minibatch(Rollout(batch), torch.arange(len(batch))))
+
+    mask = completion_mask.clone()
+    mask[:, 0] = 0  # TablePolicy scores completion tokens after the first position
+    advantages, _ = trl_advantages_group(rewards, 3, "group")
+    trl_loss, trl_metrics = trl_grpo(mask, tokens * mask, (tokens * mask).detach(), None, advantages, loss_type=loss_type)
+    assert loss.item() == pytest.approx(trl_loss.item(), abs=1e-5, rel=1e-5)
+    assert metrics["reward"] == pytest.approx(rewards.mean().item())
+    assert metrics["completions/mean_length"] == pytest.approx(mask.sum(-1).float().mean().item())
+
+
+def test_rloo_objective_matches_trl():
+    from test_dpo_loss import TablePolicy
+
+    from pref.interfaces import Minibatch, Rollout
+    from pref.plugins.rloo import RLOO
+
+    batch, tokens, completion_mask, rewards = scored_batch(seed=6)
+    loss, metrics = RLOO(beta=0.0).loss(TablePolicy(tokens), None, Minibatch(Rollout(batch), torch.arange(len(batch))))
+    mask = completion_mask.clone()
+    mask[:, 0] = 0
+    policy_tokens = tokens * mask
+    trl_loss, _ = trl_rloo(policy_tokens, policy_tokens.sum(-1), trl_rloo_advantages(rewards, 3, False), mask)
+    assert loss.item() == pytest.approx(trl_loss.item(), abs=1e-5, rel=1e-5)
+    assert metrics["reward_std"] == pytest.approx(rewards.std().item())
