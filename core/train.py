@@ -160,11 +160,11 @@ def train_policy(config: RunConfig, registry: Registry) -> tuple[str, HFPolicy]:
     # -- the plan: every plugin built, every open setting resolved, before the slow model load --
     plan = resolve_plan(config, registry)
     objective, out_dir = plan.objective, plan.output_dir
-    lock = claim_output_dir(out_dir, bool(config.resume), accelerator)  # before the model loads: fail fast
     if config.save_every and config.save_every * config.grad_accum % plan.batches_per_rollout:
         # a checkpoint inside a rollout would resume from a rollout sampled again by a later policy
         raise PrefError(f"--save-every must be a multiple of {plan.batches_per_rollout // math.gcd(plan.batches_per_rollout, config.grad_accum)} "
                         f"for {config.objective}: checkpoints are taken between rollouts, so a resume is exact")
+    lock = claim_output_dir(out_dir, bool(config.resume), accelerator)  # before the model loads: fail fast
 
     # -- policy, the objective's modules, data, reference ---------------------------------
     policy = HFPolicy.load(config.model, kind=plan.needs.model_kind, max_length=config.max_length, max_prompt_length=config.max_prompt_length)
