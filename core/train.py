@@ -34,7 +34,7 @@ from pref.policy import HFPolicy, unwrap
 from pref.progress import TrainingProgress
 from pref.reference import CachedReference, FrozenReference, cache_dir
 from pref.registry import Registry
-from pref.run_folder import absolute_paths, claim_output_dir, cut_logs, resume_checkpoint
+from pref.run_folder import absolute_paths, claim_output_dir, cut_logs, release_locks, resume_checkpoint
 from pref.validation import Evaluation, hold_out
 
 log = logging.getLogger(__name__)
@@ -137,7 +137,10 @@ def mean_across_processes(accelerator: Any, metrics: dict[str, float]) -> dict[s
 
 def train(config: RunConfig, registry: Registry) -> str:
     """Run a whole training job; return the output folder."""
-    out_dir, _ = train_policy(config, registry)
+    try:
+        out_dir, _ = train_policy(config, registry)
+    finally:
+        release_locks()  # a run that failed frees its folder too (a killed one: the system does)
     return out_dir
 
 

@@ -121,7 +121,7 @@ def tiny_disk(tmp_path):
     if done.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
     yield path
-    subprocess.run(["umount", str(path)], check=False)
+    subprocess.run(["umount", "-l", str(path)], check=False)
 
 
 def test_a_full_disk_is_a_one_line_error_and_leaves_no_temporary_copy(tiny_disk, tiny_model_dir, prefs_file):
