@@ -81,6 +81,12 @@ def _claim(out_dir: str, resuming: bool) -> "RunLock":
     return lock
 
 
+def release_locks() -> None:
+    """Release every run lock this process holds (after a run, finished or failed)."""
+    for lock in list(_held.values()):
+        lock.release()
+
+
 class RunLock:
     """The lock of one run folder, held by this process from `acquire()` to `release()`."""
 

@@ -34,7 +34,7 @@ from pref.policy import HFPolicy, unwrap
 from pref.progress import TrainingProgress
 from pref.reference import CachedReference, FrozenReference, cache_dir
 from pref.registry import Registry
-from pref.run_folder import absolute_paths, claim_output_dir, cut_logs, resume_checkpoint
+from pref.run_folder import absolute_paths, claim_output_dir, cut_logs, release_locks, resume_checkpoint
 from pref.validation import Evaluation, hold_out
 
 log = logging.getLogger(__name__)
@@ -137,7 +137,10 @@ def mean_across_processes(accelerator: Any, metrics: dict[str, float]) -> dict[s
 
 def train(config: RunConfig, registry: Registry) -> str:
     """Run a whole training job; return the output folder."""
-    out_dir, _ = train_policy(config, registry)
+    try:
+        out_dir, _ = train_policy(config, registry)
+    finally:
+        release_locks()  # a run that failed frees its folder too (a killed one: the system does)
     return out_dir
 
 
@@ -160,11 +163,11 @@ def train_policy(config: RunConfig, registry: Registry) -> tuple[str, HFPolicy]:
     # -- the plan: every plugin built, every open setting resolved, before the slow model load --
     plan = resolve_plan(config, registry)
     objective, out_dir = plan.objective, plan.output_dir
-    lock = claim_output_dir(out_dir, bool(config.resume), accelerator)  # before the model loads: fail fast
     if config.save_every and config.save_every * config.grad_accum % plan.batches_per_rollout:
         # a checkpoint inside a rollout would resume from a rollout sampled again by a later policy
         raise PrefError(f"--save-every must be a multiple of {plan.batches_per_rollout // math.gcd(plan.batches_per_rollout, config.grad_accum)} "
                         f"for {config.objective}: checkpoints are taken between rollouts, so a resume is exact")
+    lock = claim_output_dir(out_dir, bool(config.resume), accelerator)  # before the model loads: fail fast
 
     # -- policy, the objective's modules, data, reference ---------------------------------
     policy = HFPolicy.load(config.model, kind=plan.needs.model_kind, max_length=config.max_length, max_prompt_length=config.max_prompt_length)

@@ -80,7 +80,7 @@ def mount_tmpfs(path, options):
 def read_only_dir(tmp_path):
     path = mount_tmpfs(tmp_path / "ro", "ro,size=1m")
     yield path
-    subprocess.run(["umount", str(path)], check=False)
+    subprocess.run(["umount", "-l", str(path)], check=False)
 
 
 def test_a_read_only_folder_is_refused_before_the_model_loads(read_only_dir, prefs_file, no_model):

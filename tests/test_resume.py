@@ -1,0 +1,135 @@
+"""Interrupted starts, resumes from elsewhere, moved data, PPO checkpoints and a full disk."""
+
+import json
+import os
+import subprocess
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file
+
+import pref.train as train_module
+from pref.cli.main import cli
+from pref.config import build_config
+from pref.errors import PrefError
+from pref.registry import load_registry
+from pref.train import train
+
+
+class Interrupted(Exception):
+    pass
+
+
+def config(out, model, dataset, **flags):
+    return build_config(flags={"objective": "dpo", "model": model, "dataset": [dataset], "output_dir": str(out), "batch_size": 2,
+                               "steps": 4, "lr": 1e-3, "device": "cpu", **flags})
+
+
+def crash_at(monkeypatch, step):
+    original = train_module.TrainingProgress.update
+
+    def update(self, at, metrics):
+        original(self, at, metrics)
+        if at == step:
+            raise Interrupted()
+
+    monkeypatch.setattr(train_module.TrainingProgress, "update", update)
+    return lambda: monkeypatch.setattr(train_module.TrainingProgress, "update", original)
+
+
+def steps_logged(out):
+    return [json.loads(line)["step"] for line in open(os.path.join(out, "metrics.jsonl"))]
+
+
+def final_weights(out):
+    return load_file(os.path.join(out, "final", "model.safetensors"))
+
+
+def assert_same(a, b):
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+@pytest.mark.parametrize("how", ["resume", "restart"])
+def test_a_run_stopped_before_its_first_checkpoint_can_go_on(tmp_path, tiny_model_dir, prefs_file, monkeypatch, how):
+    whole = train(config(tmp_path / "whole", tiny_model_dir, prefs_file, save_every=3), load_registry())
+    restore = crash_at(monkeypatch, 1)
+    with pytest.raises(Interrupted):
+        train(config(tmp_path / "broken", tiny_model_dir, prefs_file, save_every=3), load_registry())
+    restore()
+    broken = tmp_path / "broken"
+    assert (broken / "run.json").exists() and not list(broken.glob("checkpoint-*"))
+    flags = {"resume": str(broken)} if how == "resume" else {}
+    train(config(broken, tiny_model_dir, prefs_file, save_every=3, **flags), load_registry())
+    assert steps_logged(broken) == [1, 2, 3, 4]
+    assert_same(final_weights(whole), final_weights(broken))
+    # a finished run is still protected
+    with pytest.raises(PrefError, match="already holds a run"):
+        train(config(broken, tiny_model_dir, prefs_file), load_registry())
+
+
+def test_resume_cuts_the_log_back_and_works_from_another_directory(tmp_path, tiny_model_dir, prefs_file, monkeypatch):
+    data = tmp_path / "data"
+    data.mkdir()
+    os.replace(prefs_file, data / "prefs.jsonl")
+    monkeypatch.chdir(data)
+    restore = crash_at(monkeypatch, 3)
+    with pytest.raises(Interrupted):
+        train(config(tmp_path / "run", tiny_model_dir, "prefs.jsonl", save_every=2), load_registry())
+    restore()
+    record = json.load(open(tmp_path / "run" / "run.json"))
+    assert record["config"]["dataset"] == [str(data / "prefs.jsonl")]  # absolute, not as typed
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    result = CliRunner().invoke(cli, ["run", "--resume", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+    assert steps_logged(tmp_path / "run") == [1, 2, 3, 4]  # step 3 logged once, not again after the resume
+
+
+def test_resume_says_when_the_data_moved(tmp_path, tiny_model_dir, prefs_file):
+    out = tmp_path / "run"
+    train(config(out, tiny_model_dir, prefs_file, steps=2, save_every=1), load_registry())
+    os.replace(prefs_file, tmp_path / "moved.jsonl")
+    result = CliRunner().invoke(cli, ["run", "--resume", str(out), "--steps", "3"])
+    assert result.exit_code == 2
+    assert result.stderr.splitlines()[-1] == (f"Error: cannot resume {out}: this run read {prefs_file}, which is no longer there "
+                                              "(moved or deleted); put it back, or pass its new place with --dataset (or --model) along with --resume")
+    result = CliRunner().invoke(cli, ["run", "--resume", str(out), "--steps", "3", "--dataset", str(tmp_path / "moved.jsonl")])
+    assert result.exit_code == 0, result.output
+
+
+def test_ppo_checkpoints_only_between_rollouts(tmp_path):
+    ppo = build_config(flags={"objective": "ppo", "reward": "repetition", "steps": 4, "device": "cpu", "save_every": 3,
+                              "output_dir": str(tmp_path / "ppo"), "objective_options": {"ppo_epochs": 2}})
+    with pytest.raises(PrefError, match="^--save-every must be a multiple of 2 for ppo: checkpoints are taken between rollouts"):
+        train(ppo, load_registry())
+    assert not (tmp_path / "ppo").exists()
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A 600 KiB filesystem: room for a run's small files, not for a checkpoint of the tiny model."""
+    path = tmp_path / "disk"
+    path.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tiny filesystem needs root")
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=600k", "tmpfs", str(path)], capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    yield path
+    subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def test_a_full_disk_is_a_one_line_error_and_leaves_no_temporary_copy(tiny_disk, tiny_model_dir, prefs_file):
+    out = tiny_disk / "run"
+    result = CliRunner().invoke(cli, ["run", "--objective", "dpo", "--dataset", prefs_file, "--model", tiny_model_dir, "--steps", "3",
+                                      "--save-every", "1", "--batch-size", "2", "--device", "cpu", "--output-dir", str(out)])
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    line = result.stderr.splitlines()[-1]
+    assert line.startswith(f"Error: cannot write {out / 'checkpoint-000001'}: No space left on device (ENOSPC); free some space"), line
+    assert not any(p.name.startswith(".tmp") for p in out.iterdir())
