@@ -13,6 +13,7 @@ import click
 import yaml
 
 from pref.cli.new_plugin import new_plugin
+from pref.cli.report import report
 from pref.errors import PrefError
 
 
@@ -193,6 +194,7 @@ def list_plugins(as_json: bool, kind: str | None) -> None:
 # -- pref new-plugin ------------------------------------------------------------------
 
 cli.add_command(new_plugin)  # the command lives in its own module
+cli.add_command(report)
 
 
 # -- pref generate / pref compare ---------------------------------------------------------
