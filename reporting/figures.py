@@ -73,6 +73,8 @@ def panel_figure(panel: Panel, runs: list[Run], smooth: int = 1) -> Figure:
         axes.set_ylabel(plot.ylabel)
         if plot.ylim:
             axes.set_ylim(*plot.ylim)
+        if plot.log:
+            axes.set_yscale("log")
         axes.grid(alpha=0.3)
         axes.legend(fontsize=8)
     return figure
@@ -118,6 +120,7 @@ def draw_bars(axes, plot: Plot, runs: list[Run]) -> None:
         means = [median(run.series(line.key)[1] or [0.0]) for run in runs]
         axes.bar(names, means, bottom=bottoms, color=COLOURS[i % len(COLOURS)], label=line.label, width=0.6)
         bottoms = [b + m for b, m in zip(bottoms, means)]
+    axes.set_ylim(0, max(bottoms + [1e-9]) * 1.4)  # room for the legend above the bars
     if len(runs) > 2:
         axes.tick_params(axis="x", labelrotation=20)
 

@@ -35,6 +35,7 @@ class Plot:
     sparse: values logged at a few steps only (evaluations): drawn with markers, never smoothed.
     best: mark each run's `best/` step (best.json) with a vertical line.
     bars: draw the median of each line per run as one stacked bar per run (a time split).
+    log: a logarithmic y axis (times: a slow first step must not flatten the rest).
     """
 
     title: str
@@ -46,6 +47,7 @@ class Plot:
     sparse: bool = False
     best: bool = False
     bars: bool = False
+    log: bool = False
 
     def has_data(self, runs: list[Run]) -> bool:
         return any(run.has(line.key) and (self.x == "step" or run.has(self.x)) for run in runs for line in self.lines)
@@ -66,7 +68,7 @@ def keys_of(runs: list[Run]) -> list[str]:
 
 def loss_panel(runs: list[Run]) -> Panel:
     # objectives that add terms log them as loss/NAME (loss/dpo, loss/sft, loss/policy, ...)
-    parts = [Line(key, key.split("/", 1)[1]) for key in keys_of(runs) if key.startswith("loss/")]
+    parts = [Line(key, key) for key in keys_of(runs) if key.startswith("loss/")]
     return Panel("loss", "Loss", (Plot("training loss", (Line("loss", "loss"), *parts), "loss"),))
 
 
@@ -78,21 +80,17 @@ def rewards_panel(runs: list[Run]) -> Panel:
     ))
 
 
-def sample_reward_panel(runs: list[Run]) -> Panel:
-    return Panel("sample-reward", "Reward of the policy's samples", (
-        Plot("reward of samples (mean +/- std)", (Line("reward/mean", "mean", band="reward/std"),), "reward"),
-    ))
-
-
-def diversity_panel(runs: list[Run]) -> Panel:
-    unique = [Line(key, "unique valid answers") for key in keys_of(runs) if key.rsplit("/", 1)[-1] == "unique_valid"]
+def samples_panel(runs: list[Run]) -> Panel:
+    """Quality and diversity side by side: what online objectives trade (DivPO keeps diversity while the reward rises)."""
+    unique = [Line(key, key) for key in keys_of(runs) if key.rsplit("/", 1)[-1] == "unique_valid"]
     plots = [
-        Plot("distinct answers / answers", (Line("samples/distinct_ratio", "distinct ratio"),), "share", ylim=UNIT),
-        Plot("entropy of the answers", (Line("samples/entropy", "entropy"),), "bits"),
+        Plot("reward of the samples (mean +/- std)", (Line("reward/mean", "reward/mean", band="reward/std"),), "reward"),
+        Plot("distinct answers / answers", (Line("samples/distinct_ratio", "samples/distinct_ratio"),), "share", ylim=UNIT),
+        Plot("entropy of the answers", (Line("samples/entropy", "samples/entropy"),), "bits"),
     ]
     if unique:
         plots.append(Plot("unique valid answers", tuple(unique), "answers"))
-    return Panel("diversity", "Diversity of the samples", tuple(plots))
+    return Panel("samples", "The policy's samples: reward and diversity", tuple(plots))
 
 
 def optimizer_panel(runs: list[Run]) -> Panel:
@@ -109,7 +107,7 @@ def time_panel(runs: list[Run]) -> Panel | None:
     if not any(run.has("time/sampling") for run in runs):  # offline runs only update
         return None
     return Panel("time", "Where a step's time goes", (
-        Plot("seconds per step", TIME_SPLIT, "seconds"),
+        Plot("seconds per step (log scale)", TIME_SPLIT, "seconds", log=True),
         Plot("median seconds per step", TIME_SPLIT, "seconds", xlabel="", bars=True),
     ))
 
@@ -139,7 +137,7 @@ def gold_panel(runs: list[Run]) -> Panel:
 
 #: Report order: what training optimizes first, then what it produces, then how it ran.
 PANELS: tuple[Callable[[list[Run]], Panel | None], ...] = (
-    loss_panel, rewards_panel, sample_reward_panel, diversity_panel, gold_panel,
+    loss_panel, rewards_panel, samples_panel, gold_panel,
     validation_panel, curriculum_panel, optimizer_panel, time_panel,
 )
 

@@ -61,10 +61,10 @@ def axes_by_title(figure):
 def test_one_online_run_draws_its_panels_and_no_others(tmp_path):
     run = load_run(write_run(tmp_path / "divpo", online_rows(20, seed=0)))
     figures = figures_by_name([run])
-    assert list(figures) == ["loss", "rewards", "sample-reward", "diversity", "optimizer", "time"]  # no validation, curriculum, gold
+    assert list(figures) == ["loss", "rewards", "samples", "optimizer", "time"]  # no validation, curriculum, gold
 
     loss = axes_by_title(figures["loss"])["training loss"]
-    assert [line.get_label() for line in loss.get_lines()] == ["loss", "dpo", "sft"]
+    assert [line.get_label() for line in loss.get_lines()] == ["loss", "loss/dpo", "loss/sft"]
     assert list(loss.get_lines()[0].get_xdata()) == list(range(1, 21))
     assert loss.get_lines()[0].get_ydata()[0] == pytest.approx(2.99)
     assert loss.get_xlabel() == "step" and loss.get_legend() is not None
@@ -74,16 +74,15 @@ def test_one_online_run_draws_its_panels_and_no_others(tmp_path):
     assert [line.get_label() for line in rewards["rewards/chosen and rewards/rejected"].get_lines()] == ["chosen", "rejected"]
     assert rewards["rewards/accuracies"].get_ylim() == pytest.approx((-0.02, 1.02))
 
-    sample = axes_by_title(figures["sample-reward"])["reward of samples (mean +/- std)"]
+    samples = axes_by_title(figures["samples"])
+    assert set(samples) == {"reward of the samples (mean +/- std)", "distinct answers / answers", "entropy of the answers"}
+    sample = samples["reward of the samples (mean +/- std)"]
     (band,) = sample.collections  # the +/- std band around the mean
     lowest = band.get_paths()[0].vertices[:, 1].min()
     assert lowest == pytest.approx(0.51 - 0.3)
 
-    diversity = axes_by_title(figures["diversity"])
-    assert set(diversity) == {"distinct answers / answers", "entropy of the answers"}
-
     time = axes_by_title(figures["time"])
-    assert [line.get_label() for line in time["seconds per step"].get_lines()] == ["sampling", "scoring", "update"]
+    assert [line.get_label() for line in time["seconds per step (log scale)"].get_lines()] == ["sampling", "scoring", "update"]
     bars = time["median seconds per step"].patches
     assert [bar.get_height() for bar in bars] == pytest.approx([0.2, 0.1, 0.25])
     assert bars[2].get_y() == pytest.approx(0.3)  # stacked
@@ -92,14 +91,14 @@ def test_one_online_run_draws_its_panels_and_no_others(tmp_path):
 def test_two_runs_share_the_axes_with_a_legend(tmp_path):
     runs = load_runs([write_run(tmp_path / "seed0", online_rows(10, 0)), write_run(tmp_path / "seed1", online_rows(14, 1))])
     figures = figures_by_name(runs)
-    distinct = axes_by_title(figures["diversity"])["distinct answers / answers"]
+    distinct = axes_by_title(figures["samples"])["distinct answers / answers"]
     lines = distinct.get_lines()
     assert [line.get_label() for line in lines] == ["seed0", "seed1"]
     assert [len(line.get_xdata()) for line in lines] == [10, 14]
     assert lines[0].get_color() != lines[1].get_color()
     assert [text.get_text() for text in distinct.get_legend().get_texts()] == ["seed0", "seed1"]
     loss = axes_by_title(figures["loss"])["training loss"]
-    assert len(loss.get_lines()) == 6 and loss.get_lines()[1].get_label() == "seed0: dpo"
+    assert len(loss.get_lines()) == 6 and loss.get_lines()[1].get_label() == "seed0: loss/dpo"
     assert loss.get_lines()[0].get_linestyle() != loss.get_lines()[1].get_linestyle()  # colour per run, style per metric
     assert [tick.get_text() for tick in axes_by_title(figures["time"])["median seconds per step"].get_xticklabels()] == ["seed0", "seed1"]
 
@@ -151,9 +150,9 @@ def test_html_is_self_contained_and_the_pngs_lie_beside_it(tmp_path):
     written = make_report([run_dir], str(tmp_path / "out" / "report.html"))
     page = open(written[0]).read()
     assert written[1:] == [str(tmp_path / "out" / f"report-{name}.png") for name in
-                           ("loss", "rewards", "sample-reward", "diversity", "optimizer", "time")]
+                           ("loss", "rewards", "samples", "optimizer", "time")]
     embedded = re.findall(r'src="data:image/png;base64,([^"]+)"', page)
-    assert len(embedded) == 6 and base64.b64decode(embedded[0]) == open(written[1], "rb").read()
+    assert len(embedded) == 5 and base64.b64decode(embedded[0]) == open(written[1], "rb").read()
     assert not re.search(r'(src|href)="(http|//)', page)  # nothing fetched from elsewhere
     assert "<td>divpo</td>" in page and "<td>pref-default</td>" in page and "<td>5</td>" in page
 
@@ -210,3 +209,10 @@ def test_report_of_a_real_run(tmp_path, tiny_model_dir, prefs_file):
                "--eval-every 2 --validation-split 0.34 --config run-config.yaml")
     assert command in card.text
     assert "```yaml\nmax_new_tokens: 32\n```" in card.text  # no flag sets it: the file the command reads
+
+
+def test_unique_valid_answers_get_a_plot_when_a_reward_logs_them(tmp_path):
+    rows = [{"step": s, "loss": 1.0, "samples/distinct_ratio": 0.5, "samples/unique_valid": float(s)} for s in (1, 2, 3)]
+    samples = axes_by_title(figures_by_name([load_run(write_run(tmp_path / "run", rows))])["samples"])
+    assert set(samples) == {"distinct answers / answers", "unique valid answers"}  # no reward/entropy logged: no such plots
+    assert list(samples["unique valid answers"].get_lines()[0].get_ydata()) == [1.0, 2.0, 3.0]
