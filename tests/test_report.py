@@ -216,3 +216,20 @@ def test_unique_valid_answers_get_a_plot_when_a_reward_logs_them(tmp_path):
     samples = axes_by_title(figures_by_name([load_run(write_run(tmp_path / "run", rows))])["samples"])
     assert set(samples) == {"distinct answers / answers", "unique valid answers"}  # no reward/entropy logged: no such plots
     assert list(samples["unique valid answers"].get_lines()[0].get_ydata()) == [1.0, 2.0, 3.0]
+
+
+def test_compare_draws_the_answers_before_and_after(tmp_path, tiny_model_dir):
+    figure = tmp_path / "figs" / "answers.png"
+    args = ["compare", "--before", tiny_model_dir, "--after", tiny_model_dir, "--reward", "repetition", "--samples", "12",
+            "--max-new-tokens", "4", "--json", "--figure", str(figure)]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads(result.stdout)["before"] == json.loads(result.stdout)["after"]  # the same model, the same seed
+
+
+def test_compare_figure_needs_a_reward_and_a_png_name(tmp_path):
+    result = CliRunner().invoke(cli, ["compare", "--before", "a", "--after", "b", "--prompt", "hi", "--figure", str(tmp_path / "f.png")])
+    assert result.exit_code == 2 and "pass --reward too" in result.output
+    result = CliRunner().invoke(cli, ["compare", "--before", "a", "--after", "b", "--reward", "repetition", "--figure", str(tmp_path / "f.svg")])
+    assert result.exit_code == 2 and "ending in .png" in result.output
