@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 
 from pref.reporting.runs import METRICS_FILE, RUN_FILE, read_jsonl
-from pref.reporting.summary import FINAL_METRICS, format_value, model_name
+from pref.reporting.summary import FINAL_METRICS, defaults_for, format_value, model_name
 
 CARD_FILE = "README.md"
 #: Settings the command always spells out, even at their default, so the reader sees them.
@@ -53,9 +53,7 @@ def reproduce(config: dict[str, Any]) -> tuple[str, dict[str, Any]]:
 
     Only settings that differ from pref's defaults for the same model are given, besides ALWAYS_SHOWN.
     """
-    from pref.config import build_config
-
-    defaults = build_config(flags={"model": config.get("model")}).to_dict()
+    defaults = defaults_for(config)
     args, extra = ["pref", "run"], {}
     for key, value in config.items():
         if key in NOT_REPRODUCED or value is None or (key not in ALWAYS_SHOWN and value == defaults.get(key)):

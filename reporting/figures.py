@@ -141,7 +141,7 @@ def answers_figure(before: Sequence[str], after: Sequence[str], labels: tuple[st
     rows = shown + ["(all other answers)"]
     shares = [[c[a] / t for a in shown] + [1.0 - sum(c[a] for a in shown) / t] for c, t in zip(counts, totals)]
 
-    figure = Figure(figsize=(8.0, 1.2 + 0.32 * len(rows)), layout="constrained")
+    figure = Figure(figsize=(8.0, 1.8 + 0.32 * len(rows)), layout="constrained")
     FigureCanvasAgg(figure)
     axes = figure.subplots()
     height = 0.4
@@ -155,5 +155,5 @@ def answers_figure(before: Sequence[str], after: Sequence[str], labels: tuple[st
     axes.set_xlabel("share of samples")
     axes.set_title(title or "Most frequent answers", fontsize=11)
     axes.grid(axis="x", alpha=0.3)
-    axes.legend(fontsize=9, loc="lower right")
+    figure.legend(fontsize=9, loc="outside lower center")  # below the axes: long bars may fill any corner
     return figure

@@ -25,7 +25,8 @@ class Run:
     rows: metrics.jsonl, one dict per logged step (`step` and the metrics of that step).
     best: best.json (`step`, `validation_loss`, `measure`) when the run kept a best model.
     generations: generations.jsonl rows (`step`, `prompt`, `text`).
-    seconds: wall time from the run record to the last logged step (file times), None if unknown.
+    seconds: wall time from the run record (written once the model is loaded) to the last logged step,
+        from the files' modification times; None if unknown.
     """
 
     path: str

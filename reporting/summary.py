@@ -6,8 +6,10 @@ from typing import Any
 
 from pref.reporting.runs import Run
 
-#: Configuration keys worth a glance besides the objective and model, when set.
-KEY_SETTINGS = ("dataset", "reward", "selector", "embedder", "samples_per_prompt", "batch_size", "grad_accum", "lr", "seed", "curriculum")
+#: Configuration keys shown whenever set, besides the objective and model.
+KEY_SETTINGS = ("dataset", "reward", "lr", "batch_size", "seed")
+#: Keys about where and how a run was kept or run, not what it trained: never shown.
+HOUSEKEEPING = ("output_dir", "resume", "device", "save_every", "keep_checkpoints", "loggers", "threads", "log_every")
 #: Metrics whose last value the summary shows, when logged.
 FINAL_METRICS = ("loss", "rewards/accuracies", "rewards/margins", "reward/mean", "samples/distinct_ratio", "samples/entropy",
                  "validation/loss", "eval/gold_reward", "gold/labels_spent")
@@ -26,10 +28,23 @@ def format_value(value: Any) -> str:
     return str(value)
 
 
+def defaults_for(config: dict[str, Any]) -> dict[str, Any]:
+    """pref's defaults for a run on the same model (learning rate and threads depend on it)."""
+    from pref.config import build_config
+
+    return build_config(flags={"model": config.get("model")}).to_dict()
+
+
 def key_options(config: dict[str, Any]) -> list[str]:
-    """`key=value` for the key settings that are set, then every plugin option (`reward.min_zipf=3`)."""
-    items = [f"{key}={format_value(config[key])}" for key in KEY_SETTINGS if config.get(key) not in (None, [], {}, False)]
-    for group in ("objective", "reward", "dataset", "selector", "curriculum"):
+    """`key=value` for KEY_SETTINGS when set, every other setting that differs from the default, then every
+    plugin option (`beta=0.2` for the objective's, `reward.min_zipf=3` for the others)."""
+    defaults = defaults_for(config)
+    items = [f"{key}={format_value(config[key])}" for key in KEY_SETTINGS if config.get(key) not in (None, [], {})]
+    for key, value in config.items():
+        if key in KEY_SETTINGS or key in HOUSEKEEPING or key in ("objective", "model") or key.endswith("_options") or value == defaults.get(key):
+            continue
+        items.append(f"{key}={format_value(value)}")
+    for group in ("objective", "reward", "dataset", "selector", "embedder", "curriculum"):
         for key, value in (config.get(f"{group}_options") or {}).items():
             items.append(f"{key}={format_value(value)}" if group == "objective" else f"{group}.{key}={format_value(value)}")
     return items
@@ -53,7 +68,7 @@ def summary(run: Run) -> dict[str, str]:
         "model": model_name(run.config),
         "options": ", ".join(key_options(run.config)) or "defaults",
         "steps": steps,
-        "wall time": duration(run.seconds),
+        "training time": duration(run.seconds),
         "pref": run.versions.get("pref", "?"),
     }
 

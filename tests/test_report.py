@@ -179,7 +179,7 @@ def test_answers_before_and_after_as_bars():
     first, second = axes.containers
     assert first.datavalues[0] == pytest.approx(0.7) and second.datavalues[0] == pytest.approx(0.2)
     assert first.datavalues[-1] == pytest.approx(0.0) and sum(second.datavalues) == pytest.approx(1.0)
-    assert [text.get_text() for text in axes.get_legend().get_texts()] == ["before (2 distinct in 10)", "after (9 distinct in 10)"]
+    assert [text.get_text() for text in figure.legends[0].get_texts()] == ["before (2 distinct in 10)", "after (9 distinct in 10)"]
 
 
 def test_report_of_a_real_run(tmp_path, tiny_model_dir, prefs_file):
