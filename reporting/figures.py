@@ -36,16 +36,16 @@ def smoothed(values: Sequence[float], window: int) -> list[float]:
 
 
 def paired(run: Run, x: str, y: str) -> tuple[list[float], list[float]]:
-    """The (x, y) values of the rows where both metrics were logged; `x` may be `step`."""
+    """The values of `y` against `x`: per step when `x` is `step`; else the mean of `y` over the rows
+    at each value of the metric `x` (D2PO: one point per count of gold labels spent, which moves by rounds)."""
     if x == "step":
         return run.series(y)
-    xs, ys = [], []
+    sums: dict[float, list[float]] = {}
     for row in run.rows:
         a, b = row.get(x), row.get(y)
         if isinstance(a, (int, float)) and isinstance(b, (int, float)) and a == a and b == b:
-            xs.append(float(a))
-            ys.append(float(b))
-    return xs, ys
+            sums.setdefault(float(a), []).append(float(b))
+    return list(sums), [sum(values) / len(values) for values in sums.values()]
 
 
 def new_figure(plots: int) -> Figure:
@@ -92,7 +92,7 @@ def draw_lines(axes, plot: Plot, runs: list[Run], smooth: int) -> None:
                 label = line.label
             else:
                 label = run.name if len(plot.lines) == 1 else f"{run.name}: {line.label}"
-            if plot.sparse:
+            if plot.sparse or plot.x != "step":
                 axes.plot(xs, ys, style, marker="o", markersize=4, color=colour, label=label)
             else:
                 axes.plot(xs, smoothed(ys, smooth), style, color=colour, label=label, linewidth=1.4)

@@ -31,7 +31,8 @@ class Line:
 class Plot:
     """One axes of a panel.
 
-    x: `step`, or a metric logged on the same rows (D2PO's gold labels spent).
+    x: `step`, or a metric logged on the same rows (D2PO's gold labels spent): then each point is the
+        mean of the plot's metric over the rows at one value of `x`, drawn with markers.
     sparse: values logged at a few steps only (evaluations): drawn with markers, never smoothed.
     best: mark each run's `best/` step (best.json) with a vertical line.
     bars: draw the median of each line per run as one stacked bar per run (a time split).

@@ -142,7 +142,9 @@ def test_curriculum_validation_and_gold_panels(tmp_path):
     assert set(gold) == {"gold reward of the samples"}  # accuracy was never a number: no empty plot
     curve = gold["gold reward of the samples"]
     assert curve.get_xlabel() == "gold labels spent"
-    assert list(curve.get_lines()[0].get_xdata()[:4]) == [0.0, 0.0, 4.0, 4.0]
+    (line,) = curve.get_lines()  # one point per count of labels spent: the mean gold reward of its steps
+    assert list(line.get_xdata()) == [0.0, 4.0, 8.0, 12.0]
+    assert list(line.get_ydata()) == pytest.approx([0.15, 0.4, 0.7, 0.95])
 
 
 def test_html_is_self_contained_and_the_pngs_lie_beside_it(tmp_path):
