@@ -128,6 +128,7 @@ class TrackioLogger(MetricsLogger):
 
 @hookimpl
 def register_loggers(register):
-    register("wandb", WandbLogger, "Weights & Biases run (pip install 'pref[wandb]'; WANDB_MODE=offline works without a network)")
-    register("mlflow", MlflowLogger, "MLflow run in MLFLOW_TRACKING_URI's store (pip install 'pref[mlflow]')")
-    register("trackio", TrackioLogger, "Trackio run, local by default (pip install 'pref[trackio]')")
+    # no square brackets in descriptions: `pref list-plugins` prints them through rich, which reads [..] as markup
+    register("wandb", WandbLogger, "Weights & Biases run; needs the wandb extra of pref; WANDB_MODE=offline works without a network")
+    register("mlflow", MlflowLogger, "MLflow run in MLFLOW_TRACKING_URI's store; needs the mlflow extra of pref")
+    register("trackio", TrackioLogger, "Trackio run, local by default; needs the trackio extra of pref")
