@@ -13,6 +13,7 @@ import click
 import yaml
 
 from pref.cli.new_plugin import new_plugin
+from pref.cli.report import report
 from pref.errors import PrefError
 
 
@@ -193,6 +194,7 @@ def list_plugins(as_json: bool, kind: str | None) -> None:
 # -- pref new-plugin ------------------------------------------------------------------
 
 cli.add_command(new_plugin)  # the command lives in its own module
+cli.add_command(report)
 
 
 # -- pref generate / pref compare ---------------------------------------------------------
@@ -237,7 +239,13 @@ def generate(model, prompts, samples, max_new_tokens, temperature, seed) -> None
 
 
 def report_for(model: str | None, reward_name: str, reward_options: dict, prompts: list[str], samples: int, max_new_tokens: int, temperature: float, seed: int) -> dict[str, float]:
-    from pref.evaluate import evaluate
+    return report_and_answers(model, reward_name, reward_options, prompts, samples, max_new_tokens, temperature, seed)[0]
+
+
+def report_and_answers(model: str | None, reward_name: str, reward_options: dict, prompts: list[str], samples: int, max_new_tokens: int,
+                       temperature: float, seed: int) -> tuple[dict[str, float], list[str]]:
+    """The reward's report on a model's sampled answers, and those answers."""
+    from pref.evaluate import evaluate_with_answers
     from pref.interfaces import SamplingConfig
     from pref.policy import HFPolicy
 
@@ -246,7 +254,7 @@ def report_for(model: str | None, reward_name: str, reward_options: dict, prompt
     if not prompts:
         raise PrefError(f"reward {reward_name!r} has no default prompts: pass --prompt")
     policy = HFPolicy.load(model)
-    return evaluate(policy, reward, prompts, samples, SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature), seed)
+    return evaluate_with_answers(policy, reward, prompts, samples, SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature), seed)
 
 
 eval_options = [
@@ -304,15 +312,27 @@ def format_value(value: Any) -> str:
 @click.option("--temperature", type=float, help="Default 0 (greedy), or 1 with --reward.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output (with --reward).")
-def compare(before, after, reward, reward_option, prompts, samples, max_new_tokens, temperature, seed, as_json) -> None:
+@click.option("--figure", help="With --reward: also draw the most frequent answers before and after as bars into this PNG file.")
+def compare(before, after, reward, reward_option, prompts, samples, max_new_tokens, temperature, seed, as_json, figure) -> None:
     """Two models side by side: their answers, or their reports under a reward."""
     from rich.console import Console
     from rich.table import Table
 
+    if figure and not reward:
+        raise PrefError("--figure draws the answers sampled for --reward NAME: pass --reward too")
+    if figure and not figure.lower().endswith(".png"):
+        raise PrefError(f"--figure {figure}: the figure is a PNG file; give a name ending in .png")
     if reward:
         args = (reward, parse_options(reward_option, "--reward-option"), list(prompts), samples or 200, max_new_tokens or 8,
                 1.0 if temperature is None else temperature, seed)
-        first, second = report_for(before, *args), report_for(after, *args)
+        (first, first_answers), (second, second_answers) = report_and_answers(before, *args), report_and_answers(after, *args)
+        if figure:
+            from pref.reporting.figures import answers_figure
+
+            title = f"Most frequent answers under {reward}, {len(first_answers)} samples each"
+            os.makedirs(os.path.dirname(os.path.abspath(figure)), exist_ok=True)
+            answers_figure(first_answers, second_answers, (f"before: {before}", f"after: {after}"), title=title).savefig(figure, dpi=110)
+            click.echo(f"Wrote {figure}", err=True)
         diff = {k: second[k] - first[k] for k in first if isinstance(first[k], (int, float)) and isinstance(second.get(k), (int, float))}
         if as_json:
             click.echo(json.dumps({"before": first, "after": second, "difference": diff}, indent=2))

@@ -22,7 +22,13 @@ def sample_answers(policy: Policy, prompts: list[Prompt], samples: int, sampling
 
 def evaluate(policy: Policy, reward: RewardSource, prompts: list[Prompt], samples: int = 200, sampling: SamplingConfig | None = None, seed: int = 0) -> dict[str, float]:
     """The reward's report over `samples` answers of the policy, seeded."""
+    return evaluate_with_answers(policy, reward, prompts, samples, sampling, seed)[0]
+
+
+def evaluate_with_answers(policy: Policy, reward: RewardSource, prompts: list[Prompt], samples: int = 200, sampling: SamplingConfig | None = None,
+                          seed: int = 0) -> tuple[dict[str, float], list[str]]:
+    """`evaluate`'s report, and the `samples` answers it was computed from."""
     torch.manual_seed(seed)
     sampling = sampling or SamplingConfig(max_new_tokens=8, temperature=1.0)
     used_prompts, answers = sample_answers(policy, prompts, samples, sampling)
-    return reward.report(used_prompts, answers)
+    return reward.report(used_prompts, answers), answers

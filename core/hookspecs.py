@@ -39,4 +39,4 @@ def register_embedders(register):
 
 @hookspec
 def register_loggers(register):
-    """Register metrics loggers (`pref.MetricsLogger` factories, built with `output_dir`)."""
+    """Register metrics loggers (`pref.MetricsLogger` factories, built with `output_dir`, and `config` if they take it)."""

@@ -109,11 +109,18 @@ class Embedder(ABC):
 
 
 class MetricsLogger(ABC):
-    """Receives each logged step's metrics (JSONL, TensorBoard, ...). Built with `output_dir`."""
+    """Receives each logged step's metrics (JSONL, TensorBoard, a tracker, ...).
+
+    Built with `output_dir` (the run folder), and with `config` (run.json's configuration,
+    a dict) when its factory takes a `config` argument.
+    """
 
     @abstractmethod
     def log(self, step: int, metrics: dict[str, float]) -> None:
         """Record the metrics of one step."""
+
+    def finish(self, final_dir: str) -> None:
+        """Told where the final model was written, once, before `close`; by default nothing."""
 
     def close(self) -> None:
         """Flush and release files at the end of the run."""

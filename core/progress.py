@@ -1,4 +1,4 @@
-"""A rich progress bar with the latest loss and a few metrics."""
+"""A rich progress bar: steps, elapsed time, ETA, the latest loss and a few metrics, tokens/s when measured."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 #: Shown in the bar when present, in this order.
 SHOWN = ("loss", "rewards/accuracies", "rewards/margins", "reward/mean", "samples/distinct_ratio", "pairs/usable_fraction")
+#: Tokens the step processed per second, when the loop measures it; shown after the metrics.
+TOKENS_PER_SECOND = "tokens/per_second"
 
 
 class TrainingProgress:
@@ -21,6 +23,7 @@ class TrainingProgress:
             BarColumn(),
             MofNCompleteColumn(),
             TimeElapsedColumn(),
+            TextColumn("eta"),
             TimeRemainingColumn(),
             TextColumn("{task.fields[metrics]}"),
             console=Console(stderr=True),
@@ -37,4 +40,11 @@ class TrainingProgress:
 
     def update(self, step: int, metrics: dict[str, float]) -> None:
         text = "  ".join(f"{key.split('/')[-1]} {metrics[key]:.3g}" for key in SHOWN if key in metrics)
+        if TOKENS_PER_SECOND in metrics:
+            text += f"  {tokens_per_second(metrics[TOKENS_PER_SECOND])}"
         self.progress.update(self.task, completed=step, metrics=text)
+
+
+def tokens_per_second(value: float) -> str:
+    """Throughput for the bar: `850 tok/s`, `12.3k tok/s`."""
+    return f"{value / 1000:.1f}k tok/s" if value >= 1000 else f"{value:.0f} tok/s"

@@ -34,6 +34,7 @@ from pref.policy import HFPolicy, unwrap
 from pref.progress import TrainingProgress
 from pref.reference import CachedReference, FrozenReference, cache_dir
 from pref.registry import Registry
+from pref.reporting.card import write_model_card
 from pref.run_folder import absolute_paths, claim_output_dir, cut_logs, release_locks, resume_checkpoint
 from pref.validation import Evaluation, hold_out
 
@@ -210,9 +211,10 @@ def train_policy(config: RunConfig, registry: Registry) -> tuple[str, HFPolicy]:
     loggers = []
     if accelerator.is_main_process:
         cut_logs(out_dir, start_step)  # the steps after the checkpoint are logged again
+        record = run_record(config, plan, registry)
         with open(os.path.join(out_dir, RUN_FILE), "w") as f:
-            json.dump(run_record(config, plan, registry), f, indent=2, default=str)
-        loggers = [registry.create("logger", name, output_dir=out_dir) for name in config.loggers]
+            json.dump(record, f, indent=2, default=str)
+        loggers = [registry.create("logger", name, output_dir=out_dir, config=record["config"]) for name in config.loggers]
     evaluation = Evaluation(config, accelerator, policy, objective, reference, validation, out_dir, plan.needs.online, plan.sampling.max_new_tokens)
 
     # -- the loop -------------------------------------------------------------------
@@ -289,13 +291,15 @@ def train_policy(config: RunConfig, registry: Registry) -> tuple[str, HFPolicy]:
     # -- the final model, in Hugging Face format ------------------------------------------
     if stopped and accelerator.is_main_process:
         log.warning(stopped)
-    for logger in loggers:
-        logger.close()
     check_weights(params, config.steps, config)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         write_atomically(os.path.join(out_dir, FINAL_DIR), policy.save)
+        write_model_card(out_dir)  # final/README.md
         objective.save(out_dir)
+        for logger in loggers:  # trackers record where the model went
+            logger.finish(os.path.join(out_dir, FINAL_DIR))
+            logger.close()
     accelerator.wait_for_everyone()
     if lock is not None:
         lock.release()

@@ -1,0 +1,134 @@
+"""Experiment trackers as metrics loggers: Weights & Biases, MLflow and Trackio.
+
+Each is an optional extra (`pip install pref[wandb]`, `pref[mlflow]`, `pref[trackio]`).
+Metrics go under the names of metrics.jsonl, the run's configuration (run.json's
+`config`) becomes the tracker's configuration or parameters, and the final model's
+folder is recorded when the run ends. Where the tracker sends its data is its own
+setting, read from its usual environment variables (WANDB_MODE, WANDB_PROJECT,
+MLFLOW_TRACKING_URI, MLFLOW_EXPERIMENT_NAME, TRACKIO_DIR, ...); the project is
+`pref` unless they name one, and the tracker's run is named after the run folder.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from typing import Any
+
+from pref.errors import PrefError
+from pref.hookspecs import hookimpl
+from pref.interfaces import MetricsLogger
+
+PROJECT = "pref"
+
+
+def need(module: str, logger: str) -> Any:
+    """Import the tracker's package, or fail with the extra that installs it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise PrefError(f"the {logger} logger needs the {logger} package: pip install 'pref[{logger}]'") from None
+
+
+def run_name(output_dir: str) -> str:
+    return os.path.basename(os.path.normpath(os.path.abspath(output_dir)))
+
+
+def flat(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested options as dotted keys (`objective_options.beta`), for trackers whose parameters are flat."""
+    out: dict[str, Any] = {}
+    for key, value in config.items():
+        if isinstance(value, dict) and value:
+            out.update(flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+class WandbLogger(MetricsLogger):
+    """A Weights & Biases run: metrics per step, the configuration as `config`, the final model in the summary.
+
+    Files go under the run folder (`wandb/`) unless WANDB_DIR says otherwise; WANDB_MODE=offline works without a network.
+    """
+
+    def __init__(self, output_dir: str, config: dict[str, Any] | None = None):
+        wandb = need("wandb", "wandb")
+        self.run = wandb.init(
+            project=os.environ.get("WANDB_PROJECT") or PROJECT,
+            name=run_name(output_dir),
+            dir=os.environ.get("WANDB_DIR") or output_dir,
+            config=config or {},
+        )
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        self.run.log(dict(metrics), step=step)
+
+    def finish(self, final_dir: str) -> None:
+        self.run.summary["final_model"] = os.path.abspath(final_dir)
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+class MlflowLogger(MetricsLogger):
+    """An MLflow run: metrics per step, the configuration as parameters (dotted keys) and as `config.json`,
+    the final model's folder as the tag `final_model`.
+
+    The tracking store is MLflow's own setting (MLFLOW_TRACKING_URI); the experiment is
+    MLFLOW_EXPERIMENT_NAME or `pref`.
+    """
+
+    def __init__(self, output_dir: str, config: dict[str, Any] | None = None):
+        mlflow = need("mlflow", "mlflow")
+        self.client = mlflow.MlflowClient()
+        name = os.environ.get("MLFLOW_EXPERIMENT_NAME") or PROJECT
+        experiment = self.client.get_experiment_by_name(name)
+        experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(name)
+        self.run_id = self.client.create_run(experiment_id, run_name=run_name(output_dir)).info.run_id
+        config = config or {}
+        params = [mlflow.entities.Param(key, str(value)[:6000]) for key, value in flat(config).items()]
+        for start in range(0, len(params), 100):  # MLflow takes at most 100 parameters per call
+            self.client.log_batch(self.run_id, params=params[start : start + 100])
+        self.client.log_dict(self.run_id, config, "config.json")
+        self.mlflow = mlflow
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        import time
+
+        now = int(time.time() * 1000)
+        batch = [self.mlflow.entities.Metric(key, float(value), now, step) for key, value in metrics.items()]
+        for start in range(0, len(batch), 1000):
+            self.client.log_batch(self.run_id, metrics=batch[start : start + 1000])
+
+    def finish(self, final_dir: str) -> None:
+        self.client.set_tag(self.run_id, "final_model", os.path.abspath(final_dir))
+
+    def close(self) -> None:
+        self.client.set_terminated(self.run_id)
+
+
+class TrackioLogger(MetricsLogger):
+    """A Trackio run (local, in TRACKIO_DIR, unless a Space is configured): metrics per step, the configuration
+    as `config`, the final model's folder in an info alert (Trackio's configuration is fixed at start).
+    """
+
+    def __init__(self, output_dir: str, config: dict[str, Any] | None = None):
+        self.trackio = need("trackio", "trackio")
+        self.run = self.trackio.init(project=os.environ.get("TRACKIO_PROJECT") or PROJECT, name=run_name(output_dir), config=config or {})
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        self.run.log(dict(metrics), step=step)
+
+    def finish(self, final_dir: str) -> None:
+        self.run.alert(title="final model", text=os.path.abspath(final_dir), level=self.trackio.AlertLevel.INFO)
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+@hookimpl
+def register_loggers(register):
+    # no square brackets in descriptions: `pref list-plugins` prints them through rich, which reads [..] as markup
+    register("wandb", WandbLogger, "Weights & Biases run; needs the wandb extra of pref; WANDB_MODE=offline works without a network")
+    register("mlflow", MlflowLogger, "MLflow run in MLFLOW_TRACKING_URI's store; needs the mlflow extra of pref")
+    register("trackio", TrackioLogger, "Trackio run, local by default; needs the trackio extra of pref")

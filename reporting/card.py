@@ -1,0 +1,156 @@
+"""The model card written into a run's `final/` folder: Hugging Face YAML metadata and a short account of the run.
+
+The metadata follows the Hub's model card fields (`base_model`, `library_name`,
+`pipeline_tag`, `tags`, `datasets`), so `huggingface_hub.ModelCard.load` and the Hub read
+it as-is. The body says how the model was trained, its last logged metrics, pref's
+version and the `pref run` command that trains it again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+from typing import Any
+
+import yaml
+
+from pref.reporting.runs import METRICS_FILE, RUN_FILE, read_jsonl
+from pref.reporting.summary import FINAL_METRICS, defaults_for, format_value, model_name
+
+CARD_FILE = "README.md"
+#: Settings the command always spells out, even at their default, so the reader sees them.
+ALWAYS_SHOWN = ("objective", "model", "steps", "seed")
+#: Settings that say where and how the run was kept, not what was trained: left out of the command.
+NOT_REPRODUCED = ("output_dir", "resume", "device", "save_every", "keep_checkpoints", "loggers")
+#: `pref run` flags of the configuration keys that have one (the rest go into a --config file).
+FLAGS = {
+    "objective": "--objective", "dataset": "--dataset", "reward": "--reward", "selector": "--selector", "embedder": "--embedder",
+    "model": "--model", "steps": "--steps", "batch_size": "--batch-size", "grad_accum": "--grad-accum", "lr": "--lr",
+    "samples_per_prompt": "--samples-per-prompt", "seed": "--seed", "mixed_precision": "--mixed-precision", "threads": "--threads",
+    "reference": "--reference", "eval_every": "--eval-every", "validation_split": "--validation-split",
+    "validation_dataset": "--validation-dataset", "test_prompts": "--test-prompt", "objective_options": "-o",
+    "reward_options": "--reward-option", "dataset_options": "--dataset-option", "selector_options": "--selector-option",
+    "curriculum_options": "--curriculum-option",
+}
+HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".txt", ".tsv")
+
+
+def hub_datasets(entries: list[str], builders: set[str]) -> list[str]:
+    """The `--dataset` entries that name Hub datasets: `org/name`, not a local path, a data file or a builder."""
+    return [e for e in entries if HUB_NAME.match(e) and e not in builders and not os.path.exists(os.path.expanduser(e))
+            and not e.lower().endswith(DATA_SUFFIXES)]
+
+
+def option_text(value: Any) -> str:
+    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip() if not isinstance(value, str) else value
+
+
+def reproduce(config: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """The `pref run` command for `config`, and the settings it needs in a --config file (keys without a flag).
+
+    Only settings that differ from pref's defaults for the same model are given, besides ALWAYS_SHOWN.
+    """
+    defaults = defaults_for(config)
+    args, extra = ["pref", "run"], {}
+    for key, value in config.items():
+        if key in NOT_REPRODUCED or value is None or (key not in ALWAYS_SHOWN and value == defaults.get(key)):
+            continue
+        if key == "embedder_options":
+            continue  # spelled into --embedder NAME:MODEL below
+        if key == "embedder" and (config.get("embedder_options") or {}).get("model"):
+            value = f"{value}:{config['embedder_options']['model']}"
+        if key == "curriculum":
+            args.append("--curriculum" if value else "--no-curriculum")
+        elif key.endswith("_options") and key in FLAGS:
+            args += [part for k, v in value.items() for part in (FLAGS[key], f"{k}={option_text(v)}")]
+        elif key in FLAGS and isinstance(value, list):
+            args += [part for item in value for part in (FLAGS[key], str(item))]
+        elif key in FLAGS:
+            args += [FLAGS[key], str(value)]
+        else:
+            extra[key] = value
+    if extra:
+        args += ["--config", "run-config.yaml"]
+    return " ".join(shlex.quote(a) for a in args), extra
+
+
+def last_values(rows: list[dict[str, Any]]) -> dict[str, tuple[float, int]]:
+    """Metric -> (last finite value, its step), for the main metrics of FINAL_METRICS."""
+    out = {}
+    for row in rows:
+        for key in FINAL_METRICS:
+            value = row.get(key)
+            if isinstance(value, (int, float)) and value == value:
+                out[key] = (float(value), int(row["step"]))
+    return {key: out[key] for key in FINAL_METRICS if key in out}
+
+
+def model_card(record: dict[str, Any], rows: list[dict[str, Any]], pipeline_tag: str = "text-generation", name: str = "") -> str:
+    """The card's text: YAML front matter, then Markdown.
+
+    record: run.json (`config`, `versions`, `plugins`); rows: metrics.jsonl rows (may be empty).
+    """
+    config = record.get("config", {})
+    versions = record.get("versions", {})
+    objective = str(config.get("objective", "unknown"))
+    builders = {p["name"] for p in record.get("plugins", []) if p.get("kind") == "dataset"}
+    datasets = hub_datasets(list(config.get("dataset") or []), builders)
+    metadata: dict[str, Any] = {
+        "base_model": model_name(config),
+        "library_name": "transformers",
+        "pipeline_tag": pipeline_tag,
+        "tags": list(dict.fromkeys(["pref", objective, "preference-optimization"])),
+    }
+    if datasets:
+        metadata["datasets"] = datasets
+
+    options = config.get("objective_options") or {}
+    lines = [f"# {name or objective}", "",
+             f"{model_name(config)} trained with the **{objective}** objective of pref {versions.get('pref', '')}.".replace(" .", "."), "", "## Training", "",
+             f"- objective: `{objective}`" + (f", options: {', '.join(f'`{k}={format_value(v)}`' for k, v in options.items())}" if options else "")]
+    if config.get("dataset"):
+        lines.append(f"- data: {', '.join(f'`{d}`' for d in config['dataset'])}")
+    if config.get("reward"):
+        reward_options = config.get("reward_options") or {}
+        lines.append(f"- reward: `{config['reward']}`" + (f", options: {', '.join(f'`{k}={format_value(v)}`' for k, v in reward_options.items())}" if reward_options else ""))
+    last_step = int(rows[-1]["step"]) if rows else None
+    steps = f"{config.get('steps')}" + (f" (stopped after {last_step})" if last_step is not None and last_step != config.get("steps") else "")
+    lines += [f"- steps: {steps}, batch size {config.get('batch_size')}, gradient accumulation {config.get('grad_accum')}, "
+              f"peak learning rate {format_value(config.get('lr'))} ({config.get('schedule')} schedule)",
+              f"- seed: {config.get('seed')}"]
+    finals = last_values(rows)
+    if finals:
+        lines += ["", "## Final metrics", "", "Last logged values (metrics.jsonl of the run):", "", "| metric | value | step |", "|---|---|---|"]
+        lines += [f"| `{key}` | {format_value(value)} | {step} |" for key, (value, step) in finals.items()]
+    command, extra = reproduce(config)
+    lines += ["", "## Reproduce", "", "```bash", command, "```"]
+    if extra:
+        lines += ["", "with `run-config.yaml` holding the settings that have no flag:", "", "```yaml", yaml.safe_dump(extra, sort_keys=False).strip(), "```"]
+    shown = ("pref", "torch", "transformers", "accelerate")
+    lines += ["", "## Versions", "", ", ".join(f"{p} {versions[p]}" for p in shown if p in versions), ""]
+    front = yaml.safe_dump(metadata, sort_keys=False, allow_unicode=True)
+    return f"---\n{front}---\n\n" + "\n".join(lines)
+
+
+def write_model_card(run_dir: str, model_dir: str = "final") -> str:
+    """Write RUN_DIR/MODEL_DIR/README.md from the run's run.json and metrics.jsonl; returns its path."""
+    with open(os.path.join(run_dir, RUN_FILE), encoding="utf-8") as f:
+        record = json.load(f)
+    metrics_path = os.path.join(run_dir, METRICS_FILE)
+    rows = [row for row in read_jsonl(metrics_path) if "step" in row] if os.path.exists(metrics_path) else []
+    folder = os.path.join(run_dir, model_dir)
+    pipeline_tag = "text-generation"
+    try:
+        with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
+            architectures = json.load(f).get("architectures") or []
+        if any(a.endswith("ForSequenceClassification") for a in architectures):
+            pipeline_tag = "text-classification"  # a reward model
+    except (OSError, ValueError):
+        pass
+    path = os.path.join(folder, CARD_FILE)
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(model_card(record, rows, pipeline_tag, os.path.basename(os.path.normpath(os.path.abspath(run_dir)))))
+    return path

@@ -1,0 +1,88 @@
+"""The HTML report: one self-contained file (figures embedded as base64 PNG), the PNG files beside it."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import os
+from datetime import datetime, timezone
+
+from matplotlib.figure import Figure
+
+from pref.reporting.runs import Run
+from pref.reporting.summary import final_values, summary
+
+STYLE = """
+body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2em auto; max-width: 1300px; color: #222; padding: 0 1em; }
+h1 { font-size: 1.5em; } h2 { font-size: 1.15em; margin-top: 1.6em; }
+table { border-collapse: collapse; margin: 0.5em 0; font-size: 0.9em; }
+th, td { border: 1px solid #ccc; padding: 0.3em 0.6em; text-align: left; vertical-align: top; }
+th { background: #f3f3f3; }
+img { max-width: 100%; border: 1px solid #eee; }
+.muted { color: #777; font-size: 0.85em; }
+"""
+
+
+def png_bytes(figure: Figure) -> bytes:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=110)
+    return buffer.getvalue()
+
+
+def table(rows: list[dict[str, str]]) -> str:
+    """An HTML table with a column per key of any row (in first-seen order), a row per dict."""
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(row.get(c, ''))}</td>" for c in columns) + "</tr>" for row in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def generations_section(runs: list[Run]) -> str:
+    """The answers to test prompts at each run's last evaluation."""
+    parts = []
+    for run in runs:
+        if not run.generations:
+            continue
+        last = max(row["step"] for row in run.generations)
+        rows = [{"prompt": row["prompt"], "answer": row["text"]} for row in run.generations if row["step"] == last]
+        parts.append(f"<p>{html.escape(run.name)}, step {last}:</p>{table(rows)}")
+    return "<h2>Test prompts</h2>" + "".join(parts) if parts else ""
+
+
+def write_report(runs: list[Run], figures: list[tuple[str, str, Figure]], output: str) -> list[str]:
+    """Write `output` (HTML) and one PNG per figure beside it, named OUTPUT-STEM-NAME.png.
+
+    figures: (name, title, figure) in display order. Returns the paths written, the HTML first.
+    """
+    folder = os.path.dirname(os.path.abspath(output))
+    os.makedirs(folder, exist_ok=True)
+    stem = os.path.splitext(os.path.basename(output))[0]
+    sections, written = [], []
+    for name, title, figure in figures:
+        data = png_bytes(figure)
+        png_path = os.path.join(folder, f"{stem}-{name}.png")
+        with open(png_path, "wb") as f:
+            f.write(data)
+        written.append(png_path)
+        encoded = base64.b64encode(data).decode("ascii")
+        sections.append(f'<h2 id="{name}">{html.escape(title)}</h2>\n<img alt="{html.escape(title)}" src="data:image/png;base64,{encoded}">')
+    finals = [{"run": run.name, **final_values(run)} for run in runs]
+    created = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    page = f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>pref report: {html.escape(", ".join(run.name for run in runs))}</title>
+<style>{STYLE}</style></head>
+<body>
+<h1>pref report</h1>
+<p class="muted">{len(runs)} run(s), written {created}. Runs: {html.escape(", ".join(run.path for run in runs))}</p>
+<h2>Configuration</h2>
+{table([summary(run) for run in runs])}
+<h2>Last logged values</h2>
+{table(finals)}
+{"".join(sections)}
+{generations_section(runs)}
+</body></html>
+"""
+    with open(output, "w", encoding="utf-8") as f:
+        f.write(page)
+    return [output, *written]

@@ -1,0 +1,156 @@
+"""The panels of a report: which logged metrics each figure draws, and how.
+
+A `Panel` is one figure (one PNG), made of `Plot`s side by side (one axes each).
+`panels_for(runs)` keeps the panels and plots that at least one run has data for.
+Metric names are the ones pref logs into metrics.jsonl: TRL's names for DPO-style
+rewards (`rewards/margins`, ...), `reward/*` and `samples/*` for online samples,
+`time/*` for the step's time split, `curriculum/weight/NAME`, `validation/loss`,
+and D2PO's `gold/labels_spent` and `eval/gold_reward`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from pref.reporting.runs import Run
+
+UNIT = (-0.02, 1.02)  # y limits of shares and accuracies
+
+
+@dataclass(frozen=True)
+class Line:
+    """One metric drawn against the plot's x metric; `band`: a metric drawn as +/- around it (a std)."""
+
+    key: str
+    label: str
+    band: str | None = None
+
+
+@dataclass(frozen=True)
+class Plot:
+    """One axes of a panel.
+
+    x: `step`, or a metric logged on the same rows (D2PO's gold labels spent): then each point is the
+        mean of the plot's metric over the rows at one value of `x`, drawn with markers.
+    sparse: values logged at a few steps only (evaluations): drawn with markers, never smoothed.
+    best: mark each run's `best/` step (best.json) with a vertical line.
+    bars: draw the median of each line per run as one stacked bar per run (a time split).
+    log: a logarithmic y axis (times: a slow first step must not flatten the rest).
+    """
+
+    title: str
+    lines: tuple[Line, ...]
+    ylabel: str = ""
+    x: str = "step"
+    xlabel: str = "step"
+    ylim: tuple[float, float] | None = None
+    sparse: bool = False
+    best: bool = False
+    bars: bool = False
+    log: bool = False
+
+    def has_data(self, runs: list[Run]) -> bool:
+        return any(run.has(line.key) and (self.x == "step" or run.has(self.x)) for run in runs for line in self.lines)
+
+
+@dataclass(frozen=True)
+class Panel:
+    """One figure: `name` is its file's stem (report-NAME.png), `title` its heading."""
+
+    name: str
+    title: str
+    plots: tuple[Plot, ...]
+
+
+def keys_of(runs: list[Run]) -> list[str]:
+    return list(dict.fromkeys(key for run in runs for key in run.keys()))
+
+
+def loss_panel(runs: list[Run]) -> Panel:
+    # objectives that add terms log them as loss/NAME (loss/dpo, loss/sft, loss/policy, ...)
+    parts = [Line(key, key) for key in keys_of(runs) if key.startswith("loss/")]
+    return Panel("loss", "Loss", (Plot("training loss", (Line("loss", "loss"), *parts), "loss"),))
+
+
+def rewards_panel(runs: list[Run]) -> Panel:
+    return Panel("rewards", "Implicit rewards (TRL names)", (
+        Plot("rewards/margins", (Line("rewards/margins", "margin"),), "chosen - rejected"),
+        Plot("rewards/accuracies", (Line("rewards/accuracies", "accuracy"),), "share of pairs", ylim=UNIT),
+        Plot("rewards/chosen and rewards/rejected", (Line("rewards/chosen", "chosen"), Line("rewards/rejected", "rejected")), "reward"),
+    ))
+
+
+def samples_panel(runs: list[Run]) -> Panel:
+    """Quality and diversity side by side: what online objectives trade (DivPO keeps diversity while the reward rises)."""
+    unique = [Line(key, key) for key in keys_of(runs) if key.rsplit("/", 1)[-1] == "unique_valid"]
+    plots = [
+        Plot("reward of the samples (mean +/- std)", (Line("reward/mean", "reward/mean", band="reward/std"),), "reward"),
+        Plot("distinct answers / answers", (Line("samples/distinct_ratio", "samples/distinct_ratio"),), "share", ylim=UNIT),
+        Plot("entropy of the answers", (Line("samples/entropy", "samples/entropy"),), "bits"),
+    ]
+    if unique:
+        plots.append(Plot("unique valid answers", tuple(unique), "answers"))
+    return Panel("samples", "The policy's samples: reward and diversity", tuple(plots))
+
+
+def optimizer_panel(runs: list[Run]) -> Panel:
+    return Panel("optimizer", "Learning rate and gradient norm", (
+        Plot("learning rate", (Line("lr", "lr"),), "lr"),
+        Plot("gradient norm (before clipping)", (Line("grad_norm", "grad norm"),), "norm"),
+    ))
+
+
+TIME_SPLIT = (Line("time/sampling", "sampling"), Line("time/scoring", "scoring"), Line("time/update", "update"))
+
+
+def time_panel(runs: list[Run]) -> Panel | None:
+    if not any(run.has("time/sampling") for run in runs):  # offline runs only update
+        return None
+    return Panel("time", "Where a step's time goes", (
+        Plot("seconds per step (log scale)", TIME_SPLIT, "seconds", log=True),
+        Plot("median seconds per step", TIME_SPLIT, "seconds", xlabel="", bars=True),
+    ))
+
+
+def curriculum_panel(runs: list[Run]) -> Panel:
+    weights = [Line(key, key.split("/", 2)[2]) for key in keys_of(runs) if key.startswith("curriculum/weight/")]
+    difficulties = [Line(key, key.split("/", 2)[2]) for key in keys_of(runs) if key.startswith("curriculum/difficulty/")]
+    return Panel("curriculum", "Curriculum over the datasets", (
+        Plot("sampling weight per dataset", tuple(weights), "weight", ylim=UNIT),
+        Plot("difficulty per dataset", tuple(difficulties), "difficulty"),
+    ))
+
+
+def validation_panel(runs: list[Run]) -> Panel:
+    return Panel("validation", "Validation", (
+        Plot("validation/loss (dotted: the best/ step)", (Line("validation/loss", "validation loss"),), "loss", sparse=True, best=True),
+    ))
+
+
+def gold_panel(runs: list[Run]) -> Panel:
+    return Panel("gold", "D2PO: gold labels spent", (
+        Plot("gold reward of the samples", (Line("eval/gold_reward", "gold reward"),), "gold reward", x="gold/labels_spent", xlabel="gold labels spent"),
+        Plot("discriminator accuracy on fresh gold pairs", (Line("discriminator/accuracy", "accuracy"),), "share", x="gold/labels_spent",
+             xlabel="gold labels spent", ylim=UNIT),
+    ))
+
+
+#: Report order: what training optimizes first, then what it produces, then how it ran.
+PANELS: tuple[Callable[[list[Run]], Panel | None], ...] = (
+    loss_panel, rewards_panel, samples_panel, gold_panel,
+    validation_panel, curriculum_panel, optimizer_panel, time_panel,
+)
+
+
+def panels_for(runs: list[Run]) -> list[Panel]:
+    """The panels, each with only the plots that some run has data for; panels with none are left out."""
+    kept = []
+    for build in PANELS:
+        panel = build(runs)
+        if panel is None:
+            continue
+        plots = tuple(plot for plot in panel.plots if plot.lines and plot.has_data(runs))
+        if plots:
+            kept.append(Panel(panel.name, panel.title, plots))
+    return kept

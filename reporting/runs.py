@@ -1,0 +1,125 @@
+"""Reading a run folder: its configuration, logged metrics, best step and generations."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from pref.errors import PrefError
+
+RUN_FILE = "run.json"  # the same names pref.train, pref.validation and the jsonl logger write
+METRICS_FILE = "metrics.jsonl"
+BEST_FILE = "best.json"
+GENERATIONS_FILE = "generations.jsonl"
+
+
+@dataclass
+class Run:
+    """One run folder, read.
+
+    name: the label of the run in legends (the folder's name).
+    config: run.json's resolved configuration; versions: its library versions.
+    rows: metrics.jsonl, one dict per logged step (`step` and the metrics of that step).
+    best: best.json (`step`, `validation_loss`, `measure`) when the run kept a best model.
+    generations: generations.jsonl rows (`step`, `prompt`, `text`).
+    seconds: wall time from the run record (written once the model is loaded) to the last logged step,
+        from the files' modification times; None if unknown.
+    """
+
+    path: str
+    name: str
+    config: dict[str, Any]
+    versions: dict[str, str] = field(default_factory=dict)
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    best: dict[str, Any] | None = None
+    generations: list[dict[str, Any]] = field(default_factory=list)
+    seconds: float | None = None
+
+    def series(self, key: str) -> tuple[list[int], list[float]]:
+        """The steps and values of `key` where it was logged as a finite number."""
+        steps, values = [], []
+        for row in self.rows:
+            value = row.get(key)
+            if isinstance(value, (int, float)) and math.isfinite(value):
+                steps.append(int(row["step"]))
+                values.append(float(value))
+        return steps, values
+
+    def has(self, key: str) -> bool:
+        return any(isinstance(row.get(key), (int, float)) and math.isfinite(row[key]) for row in self.rows)
+
+    def keys(self) -> list[str]:
+        """Every metric name logged at least once, in first-seen order."""
+        return list(dict.fromkeys(key for row in self.rows for key in row if key != "step"))
+
+    def last(self, key: str) -> float | None:
+        """The last finite value logged for `key`."""
+        _, values = self.series(key)
+        return values[-1] if values else None
+
+    @property
+    def last_step(self) -> int:
+        return int(self.rows[-1]["step"]) if self.rows else 0
+
+
+def read_jsonl(path: str) -> list[dict[str, Any]]:
+    """The JSON objects of a JSON-lines file; a torn last line (a run still writing) is skipped."""
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return rows
+
+
+def load_run(path: str) -> Run:
+    """Read the run folder at `path`; PrefError when it is not one or logged no metrics."""
+    record_path = os.path.join(path, RUN_FILE)
+    if not os.path.isfile(record_path):
+        # the final model's folder is a natural thing to pass; its parent is the run
+        parent = os.path.dirname(os.path.normpath(path))
+        if os.path.isfile(os.path.join(parent, RUN_FILE)):
+            return load_run(parent)
+        raise PrefError(f"{path} is not a pref run folder (no {RUN_FILE}); pass the --output-dir of a `pref run`")
+    with open(record_path, encoding="utf-8") as f:
+        record = json.load(f)
+    metrics_path = os.path.join(path, METRICS_FILE)
+    rows = [row for row in read_jsonl(metrics_path) if "step" in row] if os.path.isfile(metrics_path) else []
+    if not rows:
+        raise PrefError(f"{path} has no logged metrics ({METRICS_FILE} is missing or empty); runs log them with the default --logger jsonl")
+    best = None
+    if os.path.isfile(os.path.join(path, BEST_FILE)):
+        with open(os.path.join(path, BEST_FILE), encoding="utf-8") as f:
+            best = json.load(f)
+    generations_path = os.path.join(path, GENERATIONS_FILE)
+    generations = read_jsonl(generations_path) if os.path.isfile(generations_path) else []
+    seconds = os.path.getmtime(metrics_path) - os.path.getmtime(record_path)
+    return Run(
+        path=path,
+        name=os.path.basename(os.path.normpath(os.path.abspath(path))),
+        config=record.get("config", {}),
+        versions=record.get("versions", {}),
+        rows=rows,
+        best=best,
+        generations=generations,
+        seconds=seconds if seconds > 0 else None,
+    )
+
+
+def load_runs(paths: list[str]) -> list[Run]:
+    """Several runs; runs with the same folder name get their parent's name too, so legends tell them apart."""
+    runs = [load_run(path) for path in paths]
+    names = [run.name for run in runs]
+    for run in runs:
+        if names.count(run.name) > 1:
+            parent = os.path.basename(os.path.dirname(os.path.normpath(os.path.abspath(run.path))))
+            run.name = f"{parent}/{run.name}"
+    return runs

@@ -1,0 +1,55 @@
+"""The model card in final/: Hub metadata that huggingface_hub reads, and the command that trains the model again."""
+
+import json
+
+from huggingface_hub import ModelCard
+
+from pref.config import build_config
+from pref.reporting.card import hub_datasets, model_card, reproduce, write_model_card
+
+
+def record(**flags):
+    return {"config": build_config(flags=flags).to_dict(), "versions": {"pref": "0.1.0", "torch": "2.13.0"},
+            "plugins": [{"kind": "dataset", "name": "identity-shift", "package": "pref", "version": "0.1.0"}]}
+
+
+def test_card_of_an_online_run_on_the_default_model(tmp_path):
+    (tmp_path / "final").mkdir()
+    (tmp_path / "run.json").write_text(json.dumps(record(objective="divpo", reward="noun-diversity", steps=60)))
+    rows = [{"step": 1, "loss": 2.0, "reward/mean": 0.5}, {"step": 2, "loss": 1.5, "reward/mean": float("nan")}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    card = ModelCard.load(write_model_card(str(tmp_path)))
+    assert card.data.base_model == "pref-default" and card.data.library_name == "transformers"
+    assert card.data.tags == ["pref", "divpo", "preference-optimization"] and card.data.datasets is None
+    assert "| `loss` | 1.5 | 2 |" in card.text and "| `reward/mean` | 0.5 | 1 |" in card.text  # the last finite value
+    assert "pref run --objective divpo --reward noun-diversity --seed 0 --steps 60" in card.text
+    assert "--model" not in card.text and "--lr" not in card.text  # the embedded default and its learning rate are defaults
+
+
+def test_hub_datasets_are_named_and_local_data_is_not(tmp_path):
+    local = tmp_path / "prefs"
+    local.mkdir()
+    entries = ["trl-lib/ultrafeedback_binarized", "data/prefs.jsonl", str(local), "identity-shift", "prefs.jsonl"]
+    assert hub_datasets(entries, {"identity-shift"}) == ["trl-lib/ultrafeedback_binarized"]
+    text = model_card(record(objective="dpo", dataset=entries[:1], model="HuggingFaceTB/SmolLM2-135M-Instruct"), [])
+    card = ModelCard(text)
+    assert card.data.datasets == ["trl-lib/ultrafeedback_binarized"] and card.data.base_model == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert "## Final metrics" not in text  # nothing was logged
+
+
+def test_reward_model_card_is_a_text_classifier():
+    text = model_card(record(objective="reward-model", dataset=["prefs.jsonl"]), [], pipeline_tag="text-classification")
+    assert ModelCard(text).data.pipeline_tag == "text-classification"
+
+
+def test_the_command_spells_options_and_puts_the_rest_in_a_config_file():
+    config = build_config(flags={
+        "objective": "divpo", "embedder": "sentence-transformers", "embedder_options": {"model": "/m/minilm"}, "curriculum": True,
+        "dataset": ["a.jsonl", "b.jsonl"], "objective_options": {"beta": 0.2, "criterion": "frequency"},
+        "reward_options": {"min_zipf": 3.5}, "temperature": 0.7, "output_dir": "runs/x", "save_every": 10,
+    }).to_dict()
+    command, extra = reproduce(config)
+    assert command == ("pref run --objective divpo -o beta=0.2 -o criterion=frequency --dataset a.jsonl --dataset b.jsonl "
+                       "--reward-option min_zipf=3.5 --embedder sentence-transformers:/m/minilm --seed 0 --steps 400 "
+                       "--curriculum --config run-config.yaml")
+    assert extra == {"temperature": 0.7}  # no flag sets it; where the run was kept is not part of it

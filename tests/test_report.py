@@ -1,0 +1,237 @@
+"""`pref report`: the figures of runs, checked through matplotlib's objects, the HTML file, and its errors."""
+
+import base64
+import json
+import math
+import os
+import re
+
+import matplotlib
+import pytest
+from click.testing import CliRunner
+
+matplotlib.use("Agg")
+
+from pref.cli.main import cli  # noqa: E402
+from pref.config import build_config  # noqa: E402
+from pref.errors import PrefError  # noqa: E402
+from pref.registry import load_registry  # noqa: E402
+from pref.reporting.figures import answers_figure, smoothed  # noqa: E402
+from pref.reporting.report import make_report, report_figures  # noqa: E402
+from pref.reporting.runs import load_run, load_runs  # noqa: E402
+from pref.train import train  # noqa: E402
+
+
+def online_rows(steps, seed):
+    """metrics.jsonl rows as an online DivPO run logs them (the keys pref's loop and plugins write)."""
+    rows = []
+    for step in range(1, steps + 1):
+        rows.append({
+            "step": step, "loss": 3.0 - 0.01 * step - 0.1 * seed, "loss/dpo": 0.69 - 0.001 * step, "loss/sft": 2.3,
+            "rewards/chosen": 0.01 * step, "rewards/rejected": -0.005 * step, "rewards/accuracies": min(1.0, 0.5 + 0.02 * step),
+            "rewards/margins": 0.015 * step, "reward/mean": 0.5 + 0.01 * step, "reward/std": 0.3, "reward/max": 1.0,
+            "samples/distinct_ratio": 0.4 + 0.005 * step + 0.01 * seed, "samples/entropy": 3.0 + 0.02 * step,
+            "time/sampling": 0.2, "time/scoring": 0.1, "time/update": 0.25, "pairs/usable_fraction": 1.0,
+            "grad_norm": 2.0 - 0.01 * step, "lr": 5e-4 * (1 - step / steps),
+        })
+    return rows
+
+
+def write_run(path, rows, config=None, best=None):
+    os.makedirs(path)
+    with open(os.path.join(path, "run.json"), "w") as f:
+        json.dump({"config": {"objective": "divpo", "model": None, "steps": len(rows), "seed": 0, **(config or {})},
+                   "versions": {"pref": "0.1.0"}, "plugins": []}, f)
+    with open(os.path.join(path, "metrics.jsonl"), "w") as f:
+        f.writelines(json.dumps(row) + "\n" for row in rows)
+    if best:
+        with open(os.path.join(path, "best.json"), "w") as f:
+            json.dump(best, f)
+    return str(path)
+
+
+def figures_by_name(runs, smooth=1):
+    return {name: figure for name, _, figure in report_figures(runs, smooth)}
+
+
+def axes_by_title(figure):
+    return {axes.get_title(): axes for axes in figure.axes}
+
+
+def test_one_online_run_draws_its_panels_and_no_others(tmp_path):
+    run = load_run(write_run(tmp_path / "divpo", online_rows(20, seed=0)))
+    figures = figures_by_name([run])
+    assert list(figures) == ["loss", "rewards", "samples", "optimizer", "time"]  # no validation, curriculum, gold
+
+    loss = axes_by_title(figures["loss"])["training loss"]
+    assert [line.get_label() for line in loss.get_lines()] == ["loss", "loss/dpo", "loss/sft"]
+    assert list(loss.get_lines()[0].get_xdata()) == list(range(1, 21))
+    assert loss.get_lines()[0].get_ydata()[0] == pytest.approx(2.99)
+    assert loss.get_xlabel() == "step" and loss.get_legend() is not None
+
+    rewards = axes_by_title(figures["rewards"])
+    assert set(rewards) == {"rewards/margins", "rewards/accuracies", "rewards/chosen and rewards/rejected"}
+    assert [line.get_label() for line in rewards["rewards/chosen and rewards/rejected"].get_lines()] == ["chosen", "rejected"]
+    assert rewards["rewards/accuracies"].get_ylim() == pytest.approx((-0.02, 1.02))
+
+    samples = axes_by_title(figures["samples"])
+    assert set(samples) == {"reward of the samples (mean +/- std)", "distinct answers / answers", "entropy of the answers"}
+    sample = samples["reward of the samples (mean +/- std)"]
+    (band,) = sample.collections  # the +/- std band around the mean
+    lowest = band.get_paths()[0].vertices[:, 1].min()
+    assert lowest == pytest.approx(0.51 - 0.3)
+
+    time = axes_by_title(figures["time"])
+    assert [line.get_label() for line in time["seconds per step (log scale)"].get_lines()] == ["sampling", "scoring", "update"]
+    bars = time["median seconds per step"].patches
+    assert [bar.get_height() for bar in bars] == pytest.approx([0.2, 0.1, 0.25])
+    assert bars[2].get_y() == pytest.approx(0.3)  # stacked
+
+
+def test_two_runs_share_the_axes_with_a_legend(tmp_path):
+    runs = load_runs([write_run(tmp_path / "seed0", online_rows(10, 0)), write_run(tmp_path / "seed1", online_rows(14, 1))])
+    figures = figures_by_name(runs)
+    distinct = axes_by_title(figures["samples"])["distinct answers / answers"]
+    lines = distinct.get_lines()
+    assert [line.get_label() for line in lines] == ["seed0", "seed1"]
+    assert [len(line.get_xdata()) for line in lines] == [10, 14]
+    assert lines[0].get_color() != lines[1].get_color()
+    assert [text.get_text() for text in distinct.get_legend().get_texts()] == ["seed0", "seed1"]
+    loss = axes_by_title(figures["loss"])["training loss"]
+    assert len(loss.get_lines()) == 6 and loss.get_lines()[1].get_label() == "seed0: loss/dpo"
+    assert loss.get_lines()[0].get_linestyle() != loss.get_lines()[1].get_linestyle()  # colour per run, style per metric
+    assert [tick.get_text() for tick in axes_by_title(figures["time"])["median seconds per step"].get_xticklabels()] == ["seed0", "seed1"]
+
+
+def test_runs_with_the_same_folder_name_are_told_apart(tmp_path):
+    runs = load_runs([write_run(tmp_path / "a" / "run", online_rows(3, 0)), write_run(tmp_path / "b" / "run", online_rows(3, 0))])
+    assert [run.name for run in runs] == ["a/run", "b/run"]
+
+
+def test_smoothing_is_a_trailing_mean():
+    assert smoothed([1.0, 3.0, 5.0, 7.0], 2) == [1.0, 2.0, 4.0, 6.0]
+    assert smoothed([1.0, 3.0], 1) == [1.0, 3.0]
+
+
+def test_smoothed_report_draws_the_trailing_mean(tmp_path):
+    run = load_run(write_run(tmp_path / "run", online_rows(10, 0)))
+    loss = axes_by_title(figures_by_name([run], smooth=4)["loss"])["training loss"].get_lines()[0]
+    assert loss.get_ydata()[5] == pytest.approx(sum(3.0 - 0.01 * s for s in range(3, 7)) / 4)
+
+
+def test_curriculum_validation_and_gold_panels(tmp_path):
+    rows = []
+    for step in range(1, 11):
+        row = {"step": step, "loss": 1.0, "curriculum/weight/easy.jsonl": 0.3 + 0.01 * step, "curriculum/weight/hard.jsonl": 0.7 - 0.01 * step,
+               "curriculum/difficulty/easy.jsonl": 0.1, "curriculum/difficulty/hard.jsonl": 0.9,
+               "gold/labels_spent": float(4 * (step // 3)), "eval/gold_reward": 0.1 * step, "discriminator/accuracy": math.nan}
+        if step % 5 == 0:
+            row["validation/loss"] = 1.0 / step
+        rows.append(row)
+    run = load_run(write_run(tmp_path / "run", rows, best={"step": 10, "validation_loss": 0.1, "measure": "objective loss"}))
+    figures = figures_by_name([run])
+    weights = axes_by_title(figures["curriculum"])["sampling weight per dataset"]
+    assert [line.get_label() for line in weights.get_lines()] == ["easy.jsonl", "hard.jsonl"]
+
+    validation = axes_by_title(figures["validation"])["validation/loss (dotted: the best/ step)"]
+    points, best = validation.get_lines()
+    assert list(points.get_xdata()) == [5, 10] and points.get_marker() == "o"
+    assert list(best.get_xdata()) == [10, 10] and best.get_label() == "best/: step 10"
+
+    gold = axes_by_title(figures["gold"])
+    assert set(gold) == {"gold reward of the samples"}  # accuracy was never a number: no empty plot
+    curve = gold["gold reward of the samples"]
+    assert curve.get_xlabel() == "gold labels spent"
+    (line,) = curve.get_lines()  # one point per count of labels spent: the mean gold reward of its steps
+    assert list(line.get_xdata()) == [0.0, 4.0, 8.0, 12.0]
+    assert list(line.get_ydata()) == pytest.approx([0.15, 0.4, 0.7, 0.95])
+
+
+def test_html_is_self_contained_and_the_pngs_lie_beside_it(tmp_path):
+    run_dir = write_run(tmp_path / "divpo", online_rows(5, 0))
+    written = make_report([run_dir], str(tmp_path / "out" / "report.html"))
+    page = open(written[0]).read()
+    assert written[1:] == [str(tmp_path / "out" / f"report-{name}.png") for name in
+                           ("loss", "rewards", "samples", "optimizer", "time")]
+    embedded = re.findall(r'src="data:image/png;base64,([^"]+)"', page)
+    assert len(embedded) == 5 and base64.b64decode(embedded[0]) == open(written[1], "rb").read()
+    assert not re.search(r'(src|href)="(http|//)', page)  # nothing fetched from elsewhere
+    assert "<td>divpo</td>" in page and "<td>pref-default</td>" in page and "<td>5</td>" in page
+
+
+def test_report_errors_are_one_line(tmp_path):
+    runner = CliRunner()
+    result = runner.invoke(cli, ["report", str(tmp_path)])
+    assert result.exit_code == 2 and result.output.strip().startswith("Error:") and "not a pref run folder" in result.output
+    assert len(result.output.strip().splitlines()) == 1
+    empty = write_run(tmp_path / "empty", [])
+    result = runner.invoke(cli, ["report", empty])
+    assert result.exit_code == 2 and "no logged metrics" in result.output
+    with pytest.raises(PrefError, match="--smooth"):
+        make_report([empty], str(tmp_path / "r.html"), smooth=0)
+
+
+def test_answers_before_and_after_as_bars():
+    before = ["cat"] * 6 + ["dog"] * 3 + ["Cat "]
+    after = ["cat", "dog", "tree", "lamp", "cup", "cat", "door", "rock", "book", "pen"]
+    figure = answers_figure(before, after, top=3)
+    (axes,) = figure.axes
+    labels = [tick.get_text() for tick in axes.get_yticklabels()]
+    assert labels[0] == "cat" and labels[-1] == "(all other answers)"
+    first, second = axes.containers
+    assert first.datavalues[0] == pytest.approx(0.7) and second.datavalues[0] == pytest.approx(0.2)
+    assert first.datavalues[-1] == pytest.approx(0.0) and sum(second.datavalues) == pytest.approx(1.0)
+    assert [text.get_text() for text in figure.legends[0].get_texts()] == ["before (2 distinct in 10)", "after (9 distinct in 10)"]
+
+
+def test_report_of_a_real_run(tmp_path, tiny_model_dir, prefs_file):
+    """A short DPO run with held-out data, through the command line: every panel it has data for, the model card."""
+    config = build_config(flags={"objective": "dpo", "model": tiny_model_dir, "dataset": [prefs_file], "steps": 4, "batch_size": 2,
+                                 "device": "cpu", "validation_split": 0.34, "eval_every": 2, "output_dir": str(tmp_path / "dpo")})
+    out = train(config, load_registry())
+    result = CliRunner().invoke(cli, ["report", out, out + "/final", "--output", str(tmp_path / "report" / "r.html")])
+    assert result.exit_code == 0, result.output
+    assert sorted(os.listdir(tmp_path / "report")) == sorted(["r.html", *(f"r-{n}.png" for n in ("loss", "rewards", "validation", "optimizer"))])
+    run = load_run(out)
+    figures = figures_by_name([run, run])
+    margins = axes_by_title(figures["rewards"])["rewards/margins"]
+    assert len(margins.get_lines()) == 2 and list(margins.get_lines()[0].get_xdata()) == [1, 2, 3, 4]
+    validation = axes_by_title(figures["validation"])["validation/loss (dotted: the best/ step)"]
+    assert list(validation.get_lines()[0].get_xdata()) == [2, 4]
+    assert any(line.get_label().endswith(f"best/ step {run.best['step']}") for line in validation.get_lines())
+
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(os.path.join(out, "final", "README.md"))
+    assert card.data.base_model == tiny_model_dir and card.data.library_name == "transformers"
+    assert card.data.tags == ["pref", "dpo", "preference-optimization"] and card.data.pipeline_tag == "text-generation"
+    assert card.data.datasets is None  # a local file is not a Hub dataset
+    assert f"| `loss` | {run.last('loss'):.4g} | 4 |" in card.text
+    command = (f"pref run --objective dpo --dataset {prefs_file} --model {tiny_model_dir} --seed 0 --steps 4 --batch-size 2 "
+               "--eval-every 2 --validation-split 0.34 --config run-config.yaml")
+    assert command in card.text
+    assert "```yaml\nmax_new_tokens: 32\n```" in card.text  # no flag sets it: the file the command reads
+
+
+def test_unique_valid_answers_get_a_plot_when_a_reward_logs_them(tmp_path):
+    rows = [{"step": s, "loss": 1.0, "samples/distinct_ratio": 0.5, "samples/unique_valid": float(s)} for s in (1, 2, 3)]
+    samples = axes_by_title(figures_by_name([load_run(write_run(tmp_path / "run", rows))])["samples"])
+    assert set(samples) == {"distinct answers / answers", "unique valid answers"}  # no reward/entropy logged: no such plots
+    assert list(samples["unique valid answers"].get_lines()[0].get_ydata()) == [1.0, 2.0, 3.0]
+
+
+def test_compare_draws_the_answers_before_and_after(tmp_path, tiny_model_dir):
+    figure = tmp_path / "figs" / "answers.png"
+    args = ["compare", "--before", tiny_model_dir, "--after", tiny_model_dir, "--reward", "repetition", "--samples", "12",
+            "--max-new-tokens", "4", "--json", "--figure", str(figure)]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads(result.stdout)["before"] == json.loads(result.stdout)["after"]  # the same model, the same seed
+
+
+def test_compare_figure_needs_a_reward_and_a_png_name(tmp_path):
+    result = CliRunner().invoke(cli, ["compare", "--before", "a", "--after", "b", "--prompt", "hi", "--figure", str(tmp_path / "f.png")])
+    assert result.exit_code == 2 and "pass --reward too" in result.output
+    result = CliRunner().invoke(cli, ["compare", "--before", "a", "--after", "b", "--reward", "repetition", "--figure", str(tmp_path / "f.svg")])
+    assert result.exit_code == 2 and "ending in .png" in result.output

@@ -1,0 +1,155 @@
+"""wandb (offline), MLflow (a local file store) and Trackio (local) loggers: what they recorded, read back."""
+
+import glob
+import importlib.util
+import json
+import os
+import sqlite3
+import sys
+import time
+
+import pytest
+
+from pref.config import build_config
+from pref.errors import PrefError
+from pref.plugins.trackers import MlflowLogger, TrackioLogger, WandbLogger
+from pref.registry import load_registry
+from pref.train import train
+
+CONFIG = {"objective": "dpo", "steps": 2, "objective_options": {"beta": 0.1}}
+
+
+def wandb_records(path):
+    """The protobuf records of an offline wandb run file (a LevelDB-style log: 32 KiB blocks of CRC-framed chunks)."""
+    from wandb.proto import wandb_internal_pb2
+
+    data = open(path, "rb").read()
+    assert data[:4] == b":W&B"
+    pos, block, pending, records = 7, 32768, b"", []
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # a block's tail too short for a header is padding
+            pos += block - pos % block
+            continue
+        length, kind = int.from_bytes(data[pos + 4 : pos + 6], "little"), data[pos + 6]
+        pending += data[pos + 7 : pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):  # a whole record, or the last chunk of one
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            records.append(record)
+            pending = b""
+    return records
+
+
+def items(updates):
+    """Key -> value of wandb's record items (a key is either `key` or a path `nested_key`)."""
+    return {item.key or ".".join(item.nested_key): json.loads(item.value_json) for item in updates}
+
+
+def read_wandb_run(folder):
+    (path,) = glob.glob(os.path.join(folder, "wandb", "offline-run-*", "run-*.wandb"))
+    deadline = time.monotonic() + 60
+    # wandb's service process may still be writing the file when finish() returns: wait for its exit record
+    while not any(r.WhichOneof("record_type") == "exit" for r in wandb_records(path)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    history, config, summary = [], {}, {}
+    for record in wandb_records(path):
+        kind = record.WhichOneof("record_type")
+        if kind == "history":
+            history.append(items(record.history.item))
+        elif kind == "run":
+            config.update(items(record.run.config.update))
+        elif kind == "config":
+            config.update(items(record.config.update))
+        elif kind == "summary":
+            summary.update(items(record.summary.update))
+    return history, config, summary
+
+
+@pytest.mark.skipif(importlib.util.find_spec("wandb") is None, reason="wandb is not installed")
+def test_wandb_logger_offline(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.delenv("WANDB_DIR", raising=False)
+    logger = WandbLogger(str(tmp_path / "run-a"), config=CONFIG)
+    logger.log(1, {"loss": 0.5, "rewards/margins": 0.1})
+    logger.log(2, {"loss": 0.25, "rewards/margins": 0.3})
+    logger.finish(str(tmp_path / "run-a" / "final"))
+    logger.close()
+    history, config, summary = read_wandb_run(tmp_path / "run-a")  # WANDB_DIR unset: inside the run folder
+    steps = [(row["_step"], row["loss"], row["rewards/margins"]) for row in history]
+    assert steps == [(1, 0.5, 0.1), (2, 0.25, 0.3)]
+    assert config["objective"] == "dpo" and config["objective_options"] == {"beta": 0.1}
+    assert summary["final_model"] == str(tmp_path / "run-a" / "final")
+
+
+def local_file_store(monkeypatch, tmp_path):
+    """MLflow's plain-file store in tmp_path (MLflow 3 asks for an opt-in; it is the fastest local store)."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"file:{tmp_path / 'mlruns'}")
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("mlflow") is None, reason="mlflow is not installed")
+def test_mlflow_logger_local_store(tmp_path, monkeypatch):
+    import mlflow
+
+    local_file_store(monkeypatch, tmp_path)
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "pref-test")
+    logger = MlflowLogger(str(tmp_path / "run-b"), config=CONFIG)
+    logger.log(1, {"loss": 0.5, "rewards/margins": 0.1})
+    logger.log(2, {"loss": 0.25, "rewards/margins": 0.3})
+    logger.finish(str(tmp_path / "run-b" / "final"))
+    logger.close()
+    client = mlflow.MlflowClient(f"file:{tmp_path / 'mlruns'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("pref-test").experiment_id])
+    assert run.info.run_name == "run-b" and run.info.status == "FINISHED"
+    assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "rewards/margins")] == [(1, 0.1), (2, 0.3)]
+    assert run.data.params["objective"] == "dpo" and run.data.params["objective_options.beta"] == "0.1"
+    assert run.data.tags["final_model"] == str(tmp_path / "run-b" / "final")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("trackio") is None, reason="trackio is not installed")
+def test_trackio_logger_local(tmp_path, monkeypatch):
+    monkeypatch.setenv("TRACKIO_DIR", str(tmp_path / "trackio"))
+    monkeypatch.setenv("TRACKIO_PROJECT", "pref-test")
+    import trackio.utils
+
+    monkeypatch.setattr(trackio.utils, "TRACKIO_DIR", tmp_path / "trackio", raising=False)
+    logger = TrackioLogger(str(tmp_path / "run-c"), config=CONFIG)
+    logger.log(1, {"loss": 0.5})
+    logger.log(2, {"loss": 0.25})
+    logger.finish(str(tmp_path / "run-c" / "final"))
+    logger.close()
+    (db,) = glob.glob(str(tmp_path / "trackio" / "pref-test.db"))
+    with sqlite3.connect(db) as connection:
+        metrics = [(step, json.loads(m)) for step, m in connection.execute("select step, metrics from metrics where run_name = 'run-c' order by step")]
+        (config,) = [json.loads(c) for (c,) in connection.execute("select config from configs where run_name = 'run-c'")]
+        alerts = [text for (text,) in connection.execute("select text from alerts where run_name = 'run-c'")]
+    assert [(step, m["loss"]) for step, m in metrics] == [(1, 0.5), (2, 0.25)]
+    assert config["objective"] == "dpo"
+    assert alerts == [str(tmp_path / "run-c" / "final")]
+
+
+@pytest.mark.parametrize("logger, module", [(WandbLogger, "wandb"), (MlflowLogger, "mlflow"), (TrackioLogger, "trackio")])
+def test_a_missing_tracker_names_its_extra(tmp_path, monkeypatch, logger, module):
+    monkeypatch.setitem(sys.modules, module, None)  # import fails as if not installed
+    with pytest.raises(PrefError, match=rf"the {module} logger needs the {module} package: pip install 'pref\[{module}\]'"):
+        logger(str(tmp_path))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("mlflow") is None, reason="mlflow is not installed")
+def test_a_run_gives_the_tracker_its_config_metrics_and_final_model(tmp_path, monkeypatch, tiny_model_dir, prefs_file):
+    import mlflow
+
+    local_file_store(monkeypatch, tmp_path)
+    out = str(tmp_path / "run")
+    config = build_config(flags={"objective": "dpo", "model": tiny_model_dir, "dataset": [prefs_file], "steps": 2, "batch_size": 2,
+                                 "device": "cpu", "output_dir": out, "loggers": ["jsonl", "mlflow"]})
+    train(config, load_registry())
+    client = mlflow.MlflowClient(f"file:{tmp_path / 'mlruns'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("pref").experiment_id])
+    logged = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    assert set(run.data.metrics) == set(logged[-1]) - {"step"}  # the names of metrics.jsonl
+    assert [m.value for m in client.get_metric_history(run.info.run_id, "loss")] == pytest.approx([row["loss"] for row in logged])
+    assert run.data.params["steps"] == "2" and run.data.params["model"] == tiny_model_dir
+    assert run.data.tags["final_model"] == os.path.abspath(os.path.join(out, "final"))
