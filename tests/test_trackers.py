@@ -112,9 +112,11 @@ def test_mlflow_logger_local_store(tmp_path, monkeypatch):
 def test_trackio_logger_local(tmp_path, monkeypatch):
     monkeypatch.setenv("TRACKIO_DIR", str(tmp_path / "trackio"))
     monkeypatch.setenv("TRACKIO_PROJECT", "pref-test")
-    import trackio.utils
+    import trackio.sqlite_storage  # noqa: F401  (imported here so that it is patched below)
 
-    monkeypatch.setattr(trackio.utils, "TRACKIO_DIR", tmp_path / "trackio", raising=False)
+    # trackio reads TRACKIO_DIR once, at import, into several modules: an earlier test may have imported it
+    for module in [m for name, m in list(sys.modules.items()) if name.startswith("trackio") and hasattr(m, "TRACKIO_DIR")]:
+        monkeypatch.setattr(module, "TRACKIO_DIR", tmp_path / "trackio")
     logger = TrackioLogger(str(tmp_path / "run-c"), config=CONFIG)
     logger.log(1, {"loss": 0.5})
     logger.log(2, {"loss": 0.25})
