@@ -58,8 +58,11 @@ def reproduce(config: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     for key, value in config.items():
         if key in NOT_REPRODUCED or value is None or (key not in ALWAYS_SHOWN and value == defaults.get(key)):
             continue
-        if key == "embedder_options":
-            continue  # spelled into --embedder NAME:MODEL below
+        if key == "embedder_options":  # its model is spelled into --embedder NAME:MODEL below; other options need the file
+            rest = {k: v for k, v in value.items() if k != "model"}
+            if rest:
+                extra[key] = rest
+            continue
         if key == "embedder" and (config.get("embedder_options") or {}).get("model"):
             value = f"{value}:{config['embedder_options']['model']}"
         if key == "curriculum":

@@ -59,7 +59,8 @@ def panel_figure(panel: Panel, runs: list[Run], smooth: int = 1) -> Figure:
 
     One run: a colour per line. Several runs: a colour per run and a line style per
     metric, labelled "RUN: metric" (or just RUN when the plot has one metric).
-    `smooth`: trailing-mean window over logged values (sparse plots are not smoothed).
+    `smooth`: trailing-mean window over logged values (evaluation points and plots against a metric
+    are drawn as points, not smoothed).
     """
     figure = new_figure(len(panel.plots))
     figure.suptitle(panel.title, fontweight="bold")
@@ -117,9 +118,9 @@ def draw_bars(axes, plot: Plot, runs: list[Run]) -> None:
     names = [run.name for run in runs]
     bottoms = [0.0] * len(runs)
     for i, line in enumerate(plot.lines):
-        means = [median(run.series(line.key)[1] or [0.0]) for run in runs]
-        axes.bar(names, means, bottom=bottoms, color=COLOURS[i % len(COLOURS)], label=line.label, width=0.6)
-        bottoms = [b + m for b, m in zip(bottoms, means)]
+        medians = [median(run.series(line.key)[1] or [0.0]) for run in runs]
+        axes.bar(names, medians, bottom=bottoms, color=COLOURS[i % len(COLOURS)], label=line.label, width=0.6)
+        bottoms = [b + m for b, m in zip(bottoms, medians)]
     axes.set_ylim(0, max(bottoms + [1e-9]) * 1.4)  # room for the legend above the bars
     if len(runs) > 2:
         axes.tick_params(axis="x", labelrotation=20)

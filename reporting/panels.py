@@ -104,13 +104,14 @@ def optimizer_panel(runs: list[Run]) -> Panel:
 TIME_SPLIT = (Line("time/sampling", "sampling"), Line("time/scoring", "scoring"), Line("time/update", "update"))
 
 
-def time_panel(runs: list[Run]) -> Panel | None:
-    if not any(run.has("time/sampling") for run in runs):  # offline runs only update
-        return None
-    return Panel("time", "Where a step's time goes", (
-        Plot("seconds per step (log scale)", TIME_SPLIT, "seconds", log=True),
-        Plot("median seconds per step", TIME_SPLIT, "seconds", xlabel="", bars=True),
-    ))
+def time_panel(runs: list[Run]) -> Panel:
+    plots = [Plot("tokens per second", (Line("tokens/per_second", "tokens/per_second"),), "tokens/s")]
+    if any(run.has("time/sampling") for run in runs):  # the split says something only when a step also samples and scores
+        plots[:0] = [
+            Plot("seconds per step (log scale)", TIME_SPLIT, "seconds", log=True),
+            Plot("median seconds per step", TIME_SPLIT, "seconds", xlabel="", bars=True),
+        ]
+    return Panel("time", "Time and throughput", tuple(plots))
 
 
 def curriculum_panel(runs: list[Run]) -> Panel:
@@ -137,7 +138,7 @@ def gold_panel(runs: list[Run]) -> Panel:
 
 
 #: Report order: what training optimizes first, then what it produces, then how it ran.
-PANELS: tuple[Callable[[list[Run]], Panel | None], ...] = (
+PANELS: tuple[Callable[[list[Run]], Panel], ...] = (
     loss_panel, rewards_panel, samples_panel, gold_panel,
     validation_panel, curriculum_panel, optimizer_panel, time_panel,
 )
@@ -148,8 +149,6 @@ def panels_for(runs: list[Run]) -> list[Panel]:
     kept = []
     for build in PANELS:
         panel = build(runs)
-        if panel is None:
-            continue
         plots = tuple(plot for plot in panel.plots if plot.lines and plot.has_data(runs))
         if plots:
             kept.append(Panel(panel.name, panel.title, plots))

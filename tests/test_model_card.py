@@ -44,7 +44,7 @@ def test_reward_model_card_is_a_text_classifier():
 
 def test_the_command_spells_options_and_puts_the_rest_in_a_config_file():
     config = build_config(flags={
-        "objective": "divpo", "embedder": "sentence-transformers", "embedder_options": {"model": "/m/minilm"}, "curriculum": True,
+        "objective": "divpo", "embedder": "sentence-transformers", "embedder_options": {"model": "/m/minilm", "batch_size": 4}, "curriculum": True,
         "dataset": ["a.jsonl", "b.jsonl"], "objective_options": {"beta": 0.2, "criterion": "frequency"},
         "reward_options": {"min_zipf": 3.5}, "temperature": 0.7, "output_dir": "runs/x", "save_every": 10,
     }).to_dict()
@@ -52,4 +52,4 @@ def test_the_command_spells_options_and_puts_the_rest_in_a_config_file():
     assert command == ("pref run --objective divpo -o beta=0.2 -o criterion=frequency --dataset a.jsonl --dataset b.jsonl "
                        "--reward-option min_zipf=3.5 --embedder sentence-transformers:/m/minilm --seed 0 --steps 400 "
                        "--curriculum --config run-config.yaml")
-    assert extra == {"temperature": 0.7}  # no flag sets it; where the run was kept is not part of it
+    assert extra == {"embedder_options": {"batch_size": 4}, "temperature": 0.7}  # no flag sets them; where the run was kept is not part of it

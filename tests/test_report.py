@@ -235,3 +235,12 @@ def test_compare_figure_needs_a_reward_and_a_png_name(tmp_path):
     assert result.exit_code == 2 and "pass --reward too" in result.output
     result = CliRunner().invoke(cli, ["compare", "--before", "a", "--after", "b", "--reward", "repetition", "--figure", str(tmp_path / "f.svg")])
     assert result.exit_code == 2 and "ending in .png" in result.output
+
+
+def test_throughput_is_drawn_for_any_run_and_the_time_split_only_for_online_ones(tmp_path):
+    rows = [{"step": s, "loss": 1.0, "time/update": 0.1, "tokens/per_second": 1000.0 + s} for s in (1, 2, 3)]
+    time = axes_by_title(figures_by_name([load_run(write_run(tmp_path / "offline", rows))])["time"])
+    assert set(time) == {"tokens per second"}
+    assert list(time["tokens per second"].get_lines()[0].get_ydata()) == [1001.0, 1002.0, 1003.0]
+    online = load_run(write_run(tmp_path / "online", online_rows(3, 0)))
+    assert set(axes_by_title(figures_by_name([online])["time"])) == {"seconds per step (log scale)", "median seconds per step"}
