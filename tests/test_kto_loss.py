@@ -153,3 +153,56 @@ def test_bad_options(options, message):
 def test_kto_without_kl_rows_says_so():
     with pytest.raises(PrefError, match="mismatched rows"):
         kto_loss(torch.zeros(1), torch.zeros(1), torch.zeros(1), torch.zeros(1))
+
+
+class PromptScaledLM:
+    """log p(answer token) = -rate x token id x the row's first (prompt) token id: a row's score depends on its prompt."""
+
+    def __init__(self, rate: float, zero_first: bool):
+        self.rate, self.zero_first = rate, zero_first
+        self.tokenizer = SimpleNamespace(pad_token_id=0)
+        self.model = torch.nn.Module()
+
+    def logps(self, sequences, with_logits=False):
+        from pref.sequences import Logps
+
+        mask = sequences.completion_mask.clone()
+        if self.zero_first:
+            mask[:, 0] = 0
+        tokens = -self.rate * sequences.input_ids.float() * sequences.input_ids[:, :1].float() * mask
+        return Logps(tokens, mask, tokens.sum(-1))
+
+
+def test_kto_objective_matches_trl_with_its_own_mismatched_rows():
+    """The objective builds the KL rows itself (prompt i with answer i - 1, TRL's rotation) and scores them with both models.
+
+    Log-probs are -rate x id x (the prompt's first id) per answer token: policy rate 0.02, reference 0.05, so the policy
+    finds every answer likelier (a positive KL point) and a row's KL log-prob depends on which answer it was given.
+    TRL's KL rows are written down from that: row i scores answer i - 1 (row 0: the last answer) under prompt i.
+    """
+    from pref.interfaces import LabeledBatch
+    from pref.plugins.kto import KTO
+    from pref.sequences import Sequences
+
+    ids = torch.tensor([[1, 2, 3, 4, 0], [3, 5, 6, 0, 0], [2, 9, 0, 0, 0], [4, 2, 7, 8, 3]])
+    attention = (ids > 0).long()
+    completion = torch.tensor([[0, 0, 1, 1, 0], [0, 1, 1, 0, 0], [0, 1, 0, 0, 0], [0, 0, 0, 1, 1]])
+    labels = torch.tensor([True, False, True, False])
+    policy, reference = PromptScaledLM(0.02, zero_first=True), PromptScaledLM(0.05, zero_first=False)
+    loss, metrics = KTO(beta=0.5).loss(policy, reference, LabeledBatch(Sequences(ids, attention, completion), labels))
+
+    answers = (ids * completion).sum(-1).float()  # summed ids of each answer: [7, 11, 9, 11]
+    prompts = ids[:, 0].float()  # [1, 3, 2, 4]
+    rotated = torch.cat([answers[-1:], answers[:-1]])
+    # TRL's per-token inputs: each row's summed log-prob on one completion position
+    mask = torch.zeros(4, 3, dtype=torch.long)
+    mask[:, 1] = 1
+    policy_tokens, kl_tokens = torch.zeros(4, 3), torch.zeros(4, 3)
+    policy_tokens[:, 1] = -0.02 * prompts * answers
+    kl_tokens[:, 1] = -0.02 * prompts * rotated
+    trl_loss, trl_metrics = trl_kto(labels, policy_tokens, -0.05 * prompts * answers, kl_tokens, -0.05 * prompts * rotated, mask, mask, beta=0.5)
+    assert loss.item() == pytest.approx(trl_loss.item(), abs=1e-6)
+    for name in ("kl", "rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected"):
+        assert metrics[name] == pytest.approx(trl_metrics[name], abs=1e-6), name
+    # 0.03 x mean(prompt i x answer i - 1) = 0.03 x (1 x 11 + 3 x 7 + 2 x 11 + 4 x 9) / 4 = 0.03 x 22.5
+    assert metrics["kl"] == pytest.approx(0.675, abs=1e-5)
