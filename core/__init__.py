@@ -13,11 +13,13 @@ from pref.interfaces import (
     PairBatch,
     PairSelector,
     Policy,
+    Processes,
     Reference,
     RewardSource,
     Rollout,
     SamplingConfig,
     ScoredBatch,
+    SecondModel,
     Selection,
 )
 from pref.errors import PrefError
@@ -27,6 +29,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CandidatePool", "Embedder", "LabeledBatch", "LabeledExample", "Logps", "MetricsLogger", "Minibatch", "Objective", "ObjectiveNeeds", "PairBatch",
-    "PairSelector", "Policy", "PrefError", "PreferenceExample", "Prompt", "Reference",
-    "RewardSource", "Rollout", "SamplingConfig", "ScoredBatch", "Selection", "Sequences", "TextExample", "hookimpl",
+    "PairSelector", "Policy", "Processes", "PrefError", "PreferenceExample", "Prompt", "Reference",
+    "RewardSource", "Rollout", "SamplingConfig", "ScoredBatch", "SecondModel", "Selection", "Sequences", "TextExample", "hookimpl",
 ]

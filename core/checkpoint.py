@@ -16,6 +16,7 @@ import re
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -24,12 +25,17 @@ from safetensors.torch import load_model, save_model
 
 from pref.errors import PrefError
 
-MODEL_FILE = "model.safetensors"
-OPTIMIZER_FILE = "optimizer.pt"
+# what a checkpoint folder holds; `save_checkpoint` and `load_checkpoint` write and read exactly these
+MODEL_FILE = "model.safetensors"  # the policy's weights
+OPTIMIZER_FILE = "optimizer.pt"  # the policy's optimizer (and the objective's modules')
 SCHEDULER_FILE = "scheduler.pt"
-STATE_FILE = "state.json"
-EXTRA_FILE = "extra.pt"  # objective-owned state (value heads, discriminators, ...)
-RNG_FILE = "rng-{rank}.pt"
+STATE_FILE = "state.json"  # step, seed, number of processes, data position
+RNG_FILE = "rng-{rank}.pt"  # each process's random state
+EXTRA_FILE = "extra.pt"  # the keys below
+MODULES = "modules"  # name -> state dict of each of the objective's trainable modules
+SECOND_MODEL = "second_model"  # the objective's second model (a state dict), or None
+SECOND_OPTIMIZER = "second_optimizer"  # its optimizer's state dict, or None
+OBJECTIVE = "objective"  # each process's `Objective.state_dict()`, by rank
 PATTERN = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -71,33 +77,49 @@ def list_checkpoints(run_dir: str) -> list[str]:
     return [os.path.join(run_dir, name) for _, name in sorted(found)]
 
 
+@dataclass
+class Trained:
+    """The live objects a checkpoint saves from and restores into."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    modules: dict[str, torch.nn.Module] = field(default_factory=dict)
+    second_model: torch.nn.Module | None = None
+    second_optimizer: torch.optim.Optimizer | None = None
+
+
 def save_checkpoint(
     run_dir: str,
     step: int,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: Any,
+    trained: Trained,
     state: dict[str, Any],
     rng_states: list[dict[str, Any]],
-    extra: dict[str, Any] | None = None,
+    objective_states: list[dict[str, Any]] | None = None,
     keep: int = 2,
 ) -> str:
     """Write checkpoint `step` atomically and delete all but the newest `keep`.
 
-    `rng_states` holds every process's random state, index = process rank.
+    `state` is JSON (seed, world, data position); `rng_states` and `objective_states`
+    hold every process's random state and objective state, index = process rank.
     """
     final = os.path.join(run_dir, f"checkpoint-{step:06d}")
     tmp = os.path.join(run_dir, f".tmp-checkpoint-{step:06d}")
     _remove(tmp)
+    extra = {
+        MODULES: {name: module.state_dict() for name, module in trained.modules.items()},
+        SECOND_MODEL: trained.second_model.state_dict() if trained.second_model is not None else None,
+        SECOND_OPTIMIZER: trained.second_optimizer.state_dict() if trained.second_optimizer is not None else None,
+        OBJECTIVE: list(objective_states or []),
+    }
     with removed_on_failure(tmp, final):
         os.makedirs(tmp)
-        save_model(model, os.path.join(tmp, MODEL_FILE))
-        torch.save(optimizer.state_dict(), os.path.join(tmp, OPTIMIZER_FILE))
-        torch.save(scheduler.state_dict(), os.path.join(tmp, SCHEDULER_FILE))
+        save_model(trained.model, os.path.join(tmp, MODEL_FILE))
+        torch.save(trained.optimizer.state_dict(), os.path.join(tmp, OPTIMIZER_FILE))
+        torch.save(trained.scheduler.state_dict(), os.path.join(tmp, SCHEDULER_FILE))
         for rank, rng in enumerate(rng_states):
             torch.save(rng, os.path.join(tmp, RNG_FILE.format(rank=rank)))
-        if extra:
-            torch.save(extra, os.path.join(tmp, EXTRA_FILE))
+        torch.save(extra, os.path.join(tmp, EXTRA_FILE))
         with open(os.path.join(tmp, STATE_FILE), "w") as f:
             json.dump({**state, "step": step}, f, indent=2)
         _fsync_dir(tmp)
@@ -120,37 +142,40 @@ def find_checkpoint(path: str) -> str:
     return found[-1]
 
 
-def load_checkpoint(
-    checkpoint_dir: str,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: Any,
-    rank: int = 0,
-) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    """Restore weights, optimizer, scheduler and this process's RNG; return (state, extra).
-
-    Nothing is unpickled beyond tensors and plain data (`weights_only=True`), so
-    a checkpoint someone shared cannot run code; a file that does not load that
-    way is a one-line `PrefError` naming it.
-    """
-    model_path = os.path.join(checkpoint_dir, MODEL_FILE)
-    try:
-        load_model(model, model_path)
-    except Exception as exc:  # safetensors raises its own error types; none of them may run code
-        raise _unloadable(model_path, exc) from None
-    optimizer.load_state_dict(_load_safely(os.path.join(checkpoint_dir, OPTIMIZER_FILE)))
-    scheduler.load_state_dict(_load_safely(os.path.join(checkpoint_dir, SCHEDULER_FILE)))
-    rng_path = os.path.join(checkpoint_dir, RNG_FILE.format(rank=rank))
-    if os.path.exists(rng_path):
-        set_rng_state(_load_safely(rng_path))
-    extra_path = os.path.join(checkpoint_dir, EXTRA_FILE)
-    extra = _load_safely(extra_path) if os.path.exists(extra_path) else None
+def read_state(checkpoint_dir: str) -> dict[str, Any]:
+    """The JSON state of a checkpoint (step, seed, world, data position), to check before loading it."""
     state_path = os.path.join(checkpoint_dir, STATE_FILE)
     try:
         with open(state_path) as f:
-            return json.load(f), extra
+            return json.load(f)
     except (OSError, ValueError) as exc:
         raise _unloadable(state_path, exc) from None
+
+
+def load_checkpoint(checkpoint_dir: str, trained: Trained, rank: int = 0) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Restore what `save_checkpoint` wrote into `trained`, and this process's RNG.
+
+    Returns the JSON state and this process's objective state. Nothing is unpickled
+    beyond tensors and plain data (`weights_only=True`), so a checkpoint someone shared
+    cannot run code; a file that does not load that way is a one-line `PrefError` naming it.
+    """
+    model_path = os.path.join(checkpoint_dir, MODEL_FILE)
+    try:
+        load_model(trained.model, model_path)
+    except Exception as exc:  # safetensors raises its own error types; none of them may run code
+        raise _unloadable(model_path, exc) from None
+    trained.optimizer.load_state_dict(_load_safely(os.path.join(checkpoint_dir, OPTIMIZER_FILE)))
+    trained.scheduler.load_state_dict(_load_safely(os.path.join(checkpoint_dir, SCHEDULER_FILE)))
+    set_rng_state(_load_safely(os.path.join(checkpoint_dir, RNG_FILE.format(rank=rank))))
+    extra = _load_safely(os.path.join(checkpoint_dir, EXTRA_FILE))
+    for name, module in trained.modules.items():
+        module.load_state_dict(extra[MODULES][name])
+    if trained.second_model is not None:
+        trained.second_model.load_state_dict(extra[SECOND_MODEL])
+    if trained.second_optimizer is not None:
+        trained.second_optimizer.load_state_dict(extra[SECOND_OPTIMIZER])
+    objective_states = extra[OBJECTIVE]
+    return read_state(checkpoint_dir), objective_states[rank] if rank < len(objective_states) else {}
 
 
 def _load_safely(path: str) -> Any:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from collections.abc import Iterable
 from typing import Any, ClassVar, Union
 
 import torch
@@ -293,6 +294,8 @@ class ObjectiveNeeds:
     own_reward: the objective brings its reward itself (`Objective.own_reward()`).
     trainable_modules: the objective trains modules along with the policy
         (`Objective.trainable_modules()`, a value head, ...).
+    second_model: the objective trains a second model on data of its own
+        (`Objective.second_model()`, D2PO's discriminator).
     model_kind: what the trained model is: "causal-lm", or "sequence-classifier".
     """
 
@@ -307,6 +310,7 @@ class ObjectiveNeeds:
     reward: str | None = None
     own_reward: bool = False
     trainable_modules: bool = False
+    second_model: bool = False
     model_kind: str = "causal-lm"
 
     def __post_init__(self) -> None:
@@ -324,6 +328,49 @@ class ObjectiveNeeds:
     def uses_selector(self) -> bool:
         """Online pairs or sets come from a pair selector; offline data and SAMPLES need none."""
         return self.online and self.data != SAMPLES
+
+
+class Processes:
+    """The training processes as the loop offers them to plugins: this one's `rank`, their
+    number (`world`), and the reductions an objective may need. Plugins never call
+    `torch.distributed` themselves. This base class is the single-process case."""
+
+    rank: int = 0
+    world: int = 1
+
+    def mean(self, values: torch.Tensor) -> torch.Tensor:
+        """The element-wise mean of `values` (any shape, same on every process) across processes."""
+        return values
+
+    def gather(self, items: list[Any]) -> list[Any]:
+        """Every process's `items` (picklable), concatenated in rank order."""
+        return list(items)
+
+
+class SecondModel(ABC):
+    """A model an objective trains beside the policy, on data of its own (D2PO's discriminator).
+
+    The loop owns its training: the AdamW optimizer (at `lr`), device placement, the run's
+    autocast, averaging gradients across processes, the same starting weights on every
+    process, and checkpointing. After each batch of policy data (before the policy's
+    loss), the loop asks `batches()` for what to train on now; for each it takes one
+    optimizer step on `loss(batch)`, then hands the steps' metrics to `trained`.
+    """
+
+    model: torch.nn.Module
+    lr: float
+
+    @abstractmethod
+    def batches(self) -> Iterable[Any]:
+        """The batches to train on now, in order (usually none); as many on every process."""
+
+    @abstractmethod
+    def loss(self, batch: Any) -> tuple[torch.Tensor, dict[str, float]]:
+        """The scalar loss on one batch (with grad), and float metrics."""
+
+    def trained(self, steps: list[dict[str, float]]) -> dict[str, float]:
+        """Figures to log once `batches()` is used up, given each step's metrics; by default none."""
+        return {}
 
 
 class Objective(ABC):
@@ -357,6 +404,10 @@ class Objective(ABC):
         result must have `select(rows)`. By default the batch itself.
         """
         return batch
+
+    def second_model(self) -> SecondModel | None:
+        """With `needs.second_model`: the second model it trains, once `setup` has run."""
+        return None
 
     def own_reward(self) -> RewardSource | None:
         """With `needs.own_reward`: the reward the objective brings (D2PO's discriminator)."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -13,7 +13,8 @@ from pref.errors import NoUsablePairs, PrefError
 from pref.examples import Prompt, prompt_of
 from pref.metrics import distinct_ratio, entropy_bits
 from pref.interfaces import (
-    SAMPLES, SETS, CandidatePool, LabeledBatch, ObjectiveNeeds, PairBatch, PairSelector, Policy, RewardSource, SamplingConfig, ScoredBatch,
+    SAMPLES, SETS, CandidatePool, LabeledBatch, ObjectiveNeeds, PairBatch, PairSelector, Policy, Processes, RewardSource, SamplingConfig,
+    ScoredBatch,
 )
 
 
@@ -46,6 +47,8 @@ class OnlineBatches:
         rank: int = 0,
         world: int = 1,
         order: Any = None,
+        after_draw: Callable[[], dict[str, float]] | None = None,
+        processes: Processes | None = None,
     ):
         self.policy = policy
         self.reward = reward
@@ -53,6 +56,9 @@ class OnlineBatches:
         self.data = needs.data
         self.k = samples_per_prompt
         self.sampling = sampling
+        # called after each draw (a second model trained as soon as a selection asks for it); it returns metrics
+        self.after_draw = after_draw
+        self.processes = processes or Processes()
         # any order with next()/state()/load_state() may replace the shuffled prompts (a curriculum over records)
         self.order = order if order is not None else ShuffledBatches(list(prompts), prompts_per_step, seed, rank, world)
         self.steps = None
@@ -62,10 +68,18 @@ class OnlineBatches:
     def next(self) -> tuple[Any, dict[str, float]]:
         if self.steps is not None:
             return self.steps.next()
+        batch, metrics = None, {}
         for draw in range(self.MAX_DRAWS):
-            batch, metrics = self._draw()
+            if batch is None:
+                batch, metrics = self._draw()
+                metrics["samples/redraws"] = float(draw)
+            if self.after_draw is not None:
+                # every process asks once per round of draws, as the hook may average across them
+                metrics.update(self.after_draw())
+                if self.processes.mean(torch.tensor([float(batch is not None)])).item() < 1:
+                    continue  # some process draws again
             if batch is not None:
-                return batch, {**metrics, "samples/redraws": float(draw)}
+                return batch, metrics
         raise NoUsablePairs(
             f"no usable pair in {self.MAX_DRAWS} draws of prompts: every pool was all-equal or unusable; "
             "raise --samples-per-prompt or --temperature, or check the reward"

@@ -8,7 +8,7 @@ below writes back into the config or into a plugin.
 
 Plugin factories get the values of the run they ask for by parameter name, the
 same way for every kind (`Registry.create(..., **context)`, see docs/plugins.md):
-`registry` (every kind), `embedder` and `reward` (pair selectors).
+`registry` (every kind), `processes` (objectives), `embedder` and `reward` (pair selectors).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import Any
 from pref.config import DEFAULT_MAX_NEW_TOKENS, RunConfig
 from pref.errors import PrefError
 from pref.interfaces import (
-    NO_REFERENCE, REFERENCE_DISTRIBUTIONS, Embedder, Objective, ObjectiveNeeds, PairSelector, RewardSource, SamplingConfig,
+    NO_REFERENCE, REFERENCE_DISTRIBUTIONS, Embedder, Objective, ObjectiveNeeds, PairSelector, Processes, RewardSource, SamplingConfig,
 )
 from pref.registry import Registry
 
@@ -63,15 +63,18 @@ class RunPlan:
         return self.needs.epochs_per_rollout * self.needs.minibatches_per_rollout
 
 
-def resolve_plan(config: RunConfig, registry: Registry) -> RunPlan:
-    """Build every plugin of the run and settle what the config leaves open."""
+def resolve_plan(config: RunConfig, registry: Registry, processes: Processes | None = None) -> RunPlan:
+    """Build every plugin of the run and settle what the config leaves open.
+
+    `processes` (the loop's; one process by default) is offered to the objective's factory.
+    """
     for kind, name in (("reward", config.reward), ("pair-selector", config.selector), ("embedder", config.embedder)):
         if name:
             registry.get(kind, name)  # a misspelled name fails even where the run would not use it
     for name in config.loggers:
         registry.get("logger", name)
 
-    objective = registry.create("objective", config.objective, config.objective_options)
+    objective = registry.create("objective", config.objective, config.objective_options, processes=processes or Processes())
     needs = objective.needs
     datasets = dataset_builders(config.dataset, config, registry, needs)
     validation_datasets = dataset_builders(config.validation_dataset, config, registry, needs)

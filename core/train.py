@@ -20,14 +20,14 @@ from typing import Any
 import torch
 
 from pref.agreement import next_batch_together, same_decision
-from pref.checkpoint import load_checkpoint, rng_state, save_checkpoint, write_atomically
+from pref.checkpoint import Trained, load_checkpoint, read_state, rng_state, save_checkpoint, write_atomically
 from pref.config import RunConfig
 from pref.curriculum import Curriculum, CurriculumOptions, dataset_names
 from pref.data import OfflineBatches, collate
 from pref.divergence import check_step, check_weights, refuse_non_finite_settings, sampling_diverged
 from pref.errors import NoUsablePairs, PrefError
 from pref.examples import prompt_of
-from pref.interfaces import LabeledBatch, PairBatch, Reference
+from pref.interfaces import LabeledBatch, PairBatch, Processes, Reference, SecondModel
 from pref.models import DEFAULT_MODEL
 from pref.plan import CACHED_LOGPS, NO_MODEL, RunPlan, resolve_plan
 from pref.policy import HFPolicy, unwrap
@@ -83,8 +83,12 @@ def build_curriculum(config: RunConfig, plan: RunPlan, policy: HFPolicy, example
     return Curriculum(datasets, policy, config.batch_size, config.seed, rank, world, options, batches_per_step)
 
 
-def build_data(config: RunConfig, plan: RunPlan, policy: HFPolicy, examples: list[Any], rank: int, world: int, order: Any = None) -> Any:
-    """Offline or online batches; `order` (a curriculum) replaces their shuffled order when given."""
+def build_data(config: RunConfig, plan: RunPlan, policy: HFPolicy, examples: list[Any], rank: int, world: int, order: Any = None,
+               after_draw: Any = None, processes: Processes | None = None) -> Any:
+    """Offline or online batches; `order` (a curriculum) replaces their shuffled order when given.
+
+    `after_draw` (online) is called after each draw of samples: it trains the objective's second model.
+    """
     if not plan.needs.online:
         return OfflineBatches(policy, examples, config.batch_size, config.seed, rank, world, order=order)
     from pref.online import OnlineBatches
@@ -92,7 +96,7 @@ def build_data(config: RunConfig, plan: RunPlan, policy: HFPolicy, examples: lis
     assert plan.reward is not None
     prompts = [prompt_of(e) for e in examples] or list(plan.reward.default_prompts)
     return OnlineBatches(policy, prompts, plan.reward, plan.selector, plan.needs, plan.samples_per_prompt, plan.sampling,
-                         config.batch_size, config.seed, rank, world, order=order)
+                         config.batch_size, config.seed, rank, world, order=order, after_draw=after_draw, processes=processes)
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, config: RunConfig) -> torch.optim.lr_scheduler.LambdaLR:
@@ -127,13 +131,53 @@ def run_record(config: RunConfig, plan: RunPlan, registry: Registry) -> dict[str
     return {"config": {**config.to_dict(), **resolved}, "versions": versions, "plugins": plugins}
 
 
-def mean_across_processes(accelerator: Any, metrics: dict[str, float]) -> dict[str, float]:
-    if accelerator.num_processes == 1 or not metrics:
+class AcceleratedProcesses(Processes):
+    """The run's processes through accelerate. Every reduction is a collective call: all processes make it together."""
+
+    def __init__(self, accelerator: Any):
+        self.accelerator = accelerator
+        self.rank, self.world = accelerator.process_index, accelerator.num_processes
+
+    def mean(self, values: torch.Tensor) -> torch.Tensor:
+        if self.world == 1:
+            return values
+        return self.accelerator.reduce(values.to(self.accelerator.device), reduction="mean")
+
+    def gather(self, items: list[Any]) -> list[Any]:
+        from accelerate.utils import gather_object
+
+        return list(items) if self.world == 1 else gather_object(list(items))
+
+
+def mean_across_processes(processes: Processes, metrics: dict[str, float]) -> dict[str, float]:
+    if processes.world == 1 or not metrics:
         return metrics
     keys = sorted(metrics)
-    values = torch.tensor([metrics[k] for k in keys], device=accelerator.device, dtype=torch.float64)
-    values = accelerator.reduce(values, reduction="mean")
+    values = processes.mean(torch.tensor([metrics[k] for k in keys], dtype=torch.float64))
     return dict(zip(keys, values.tolist()))
+
+
+def train_second_model(second: SecondModel, optimizer: torch.optim.Optimizer, processes: Processes, autocast: Any = nullcontext) -> dict[str, float]:
+    """One optimizer step on `second.loss(batch)` for each batch `second.batches()` gives now.
+
+    Gradients are averaged across processes. Returns `second.trained(...)`'s figures, or {} when there was nothing to train on.
+    """
+    steps = []
+    was_training = second.model.training
+    for batch in second.batches():
+        second.model.train()
+        with autocast():
+            loss, metrics = second.loss(batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if processes.world > 1:
+            for p in second.model.parameters():
+                if p.grad is not None:
+                    p.grad = processes.mean(p.grad)
+        optimizer.step()
+        second.model.train(was_training)
+        steps.append(metrics)
+    return second.trained(steps) if steps else {}
 
 
 def train(config: RunConfig, registry: Registry) -> str:
@@ -154,15 +198,16 @@ def train_policy(config: RunConfig, registry: Registry) -> tuple[str, HFPolicy]:
     refuse_non_finite_settings(config)
     absolute_paths(config)  # run.json records them, for a resume from anywhere
     accelerator = make_accelerator(config)
-    from accelerate.utils import gather_object, set_seed
+    from accelerate.utils import set_seed
 
     set_seed(config.seed + accelerator.process_index)
     if config.threads:
         torch.set_num_threads(config.threads)  # for the whole process, like the seed
     rank, world = accelerator.process_index, accelerator.num_processes
+    processes = AcceleratedProcesses(accelerator)
 
     # -- the plan: every plugin built, every open setting resolved, before the slow model load --
-    plan = resolve_plan(config, registry)
+    plan = resolve_plan(config, registry, processes)
     objective, out_dir = plan.objective, plan.output_dir
     if config.save_every and config.save_every * config.grad_accum % plan.batches_per_rollout:
         # a checkpoint inside a rollout would resume from a rollout sampled again by a later policy
@@ -177,6 +222,20 @@ def train_policy(config: RunConfig, registry: Registry) -> tuple[str, HFPolicy]:
     modules = objective.trainable_modules() if plan.needs.trainable_modules else {}
     for module in modules.values():
         module.to(accelerator.device).train()
+    second = objective.second_model() if plan.needs.second_model else None
+    second_optimizer, train_second = None, None
+    if second is not None:
+        second.model.to(accelerator.device)
+        if world > 1:  # every process starts from the first one's weights, as DDP does for the policy
+            from accelerate.utils import broadcast
+
+            for tensor in second.model.state_dict().values():
+                tensor.copy_(broadcast(tensor.clone(), from_process=0))
+        # AdamW's defaults, as D2PO's own optimizer had
+        second_optimizer = torch.optim.AdamW([p for p in second.model.parameters() if p.requires_grad], lr=second.lr)
+
+        def train_second() -> dict[str, float]:
+            return train_second_model(second, second_optimizer, processes, accelerator.autocast)
     example_sets, validation = hold_out([builder.build(policy) for builder in plan.datasets], config.validation_split, config.seed)
     validation += [example for builder in plan.validation_datasets for example in builder.build(policy)]
     examples = [example for examples in example_sets for example in examples]
@@ -184,7 +243,7 @@ def train_policy(config: RunConfig, registry: Registry) -> tuple[str, HFPolicy]:
         raise PrefError(f"objective {config.objective!r} trains on a dataset: pass --dataset FILE")
     reference = build_reference(config, plan, policy, examples + validation)
     order = build_curriculum(config, plan, policy, example_sets, rank, world) if config.curriculum else None
-    data = build_data(config, plan, policy, examples, rank, world, order)
+    data = build_data(config, plan, policy, examples, rank, world, order, train_second, processes)
 
     # -- optimizer and schedule -------------------------------------------------
     module_params = [p for m in modules.values() for p in m.parameters() if p.requires_grad]
@@ -196,18 +255,21 @@ def train_policy(config: RunConfig, registry: Registry) -> tuple[str, HFPolicy]:
     model, optimizer = accelerator.prepare(policy.model, optimizer)
     policy.model = model
     model.train()
+    trained = Trained(unwrap(model), optimizer, scheduler, modules, second.model if second else None, second_optimizer)
 
     # -- resume -------------------------------------------------------------------
     start_step = 0
     if config.resume and (checkpoint := resume_checkpoint(config.resume)):  # None: stopped before the first one
-        state, extra = load_checkpoint(checkpoint, unwrap(model), optimizer, scheduler, rank)
+        state = read_state(checkpoint)
+        if state["world"] != world:
+            raise PrefError(f"{checkpoint} was trained by {state['world']} processes, not {world}; resume it with {state['world']} "
+                            f"(accelerate launch --num_processes {state['world']}), or start a new run")
         if state["seed"] != config.seed:
             raise PrefError(f"{checkpoint} was trained with seed {state['seed']}, not {config.seed}; resume with --seed {state['seed']}")
+        state, objective_state = load_checkpoint(checkpoint, trained, rank)
         start_step = state["step"]
         data.load_state(state["data"])
-        for name, module in modules.items():
-            module.load_state_dict(extra["modules"][name])
-        objective.load_state_dict(extra["objective"])
+        objective.load_state_dict(objective_state)
     loggers = []
     if accelerator.is_main_process:
         cut_logs(out_dir, start_step)  # the steps after the checkpoint are logged again
@@ -269,7 +331,7 @@ def train_policy(config: RunConfig, registry: Registry) -> tuple[str, HFPolicy]:
                 totals.update(evaluation.run(step))
 
             # log
-            totals = mean_across_processes(accelerator, totals)
+            totals = mean_across_processes(processes, totals)
             if step % config.log_every == 0 or evaluated:
                 for logger in loggers:
                     logger.log(step, totals)
@@ -279,13 +341,9 @@ def train_policy(config: RunConfig, registry: Registry) -> tuple[str, HFPolicy]:
             if config.save_every and step % config.save_every == 0 and step < config.steps:
                 check_weights(params, step, config)
                 save_state = {"seed": config.seed, "data": data.state(), "world": world}
-                rng_states = gather_object([rng_state()])
-                extra = {
-                    "modules": {name: module.state_dict() for name, module in modules.items()},
-                    "objective": objective.state_dict(),
-                }
+                rng_states, objective_states = processes.gather([rng_state()]), processes.gather([objective.state_dict()])
                 if accelerator.is_main_process:
-                    save_checkpoint(out_dir, step, unwrap(model), optimizer, scheduler, save_state, rng_states, extra, config.keep_checkpoints)
+                    save_checkpoint(out_dir, step, trained, save_state, rng_states, objective_states, config.keep_checkpoints)
                 accelerator.wait_for_everyone()
 
     # -- the final model, in Hugging Face format ------------------------------------------

@@ -15,18 +15,23 @@ the gold labels on teaching the discriminator instead of on every pair:
    gold-labelled pairs so far (`disc_epochs` passes, its own AdamW).
 
 In pref this is an online objective whose `own_reward()` is the discriminator
-and whose `default_selector()` does steps 1-3 (`DiscriminatorRelabeler`).
+and whose `default_selector()` does steps 1-2 (`DiscriminatorRelabeler`); the
+loop does step 3 when the discriminator, its `second_model()`, asks for it.
 `budget=0` keeps the discriminator frozen (the static reward model baseline);
 `--objective online-dpo --reward GOLD -k 2` spends a gold label on every pair.
 
-The discriminator is trained in this process only: run D2PO as one process.
+The training loop trains the discriminator (`Discriminator` is a `SecondModel`): its
+optimizer, device, mixed precision, gradient averaging and checkpoint are the loop's,
+so D2PO runs in several processes; gold pairs labelled by any process train all.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import math
 import os
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
@@ -35,7 +40,7 @@ import torch
 from pref.errors import PrefError
 from pref.examples import Prompt
 from pref.hookspecs import hookimpl
-from pref.interfaces import CandidatePool, Embedder, PairBatch, PairSelector, Policy, RewardSource, Selection
+from pref.interfaces import CandidatePool, Embedder, PairBatch, PairSelector, Policy, Processes, RewardSource, SecondModel, Selection
 from pref.plugins.dpo import DPO
 from pref.plugins.reward_model import SequenceScorer, bradley_terry_loss, pair_scores
 from pref.policy import HFPolicy, unwrap
@@ -87,8 +92,8 @@ def pick_for_relabeling(candidates: list[Candidate], budget: int, selection: str
     return sorted(torch.randperm(len(candidates))[:budget].tolist())
 
 
-class Discriminator(RewardSource):
-    """D2PO's discriminator as a reward: a one-score sequence classifier trained on gold pairs.
+class Discriminator(RewardSource, SecondModel):
+    """D2PO's discriminator: a reward (a one-score sequence classifier) that the loop trains on gold pairs.
 
     Args:
         classifier: an `HFPolicy` whose model is an `AutoModelForSequenceClassification` (num_labels=1);
@@ -97,14 +102,24 @@ class Discriminator(RewardSource):
         epochs: passes over all gold pairs at each update.
         batch_size: pairs per update step, and rows per scoring pass.
         default_prompts: the prompts to train on when there is no dataset (the gold reward's).
+        processes: the run's processes: gold pairs labelled by any of them train every one.
+
+    As a `SecondModel`: once `learn` was told of a finished round (on any process), the
+    next `batches()` are `epochs` shuffled passes over all gold pairs so far, each cut into
+    `batch_size` pairs, for the Bradley-Terry loss; `trained` reports the mean loss of the
+    last pass and the accuracy on the gold pairs afterwards.
     """
 
     def __init__(self, classifier: HFPolicy | None = None, lr: float = 1e-4, epochs: int = 4, batch_size: int = 16,
-                 default_prompts: list[str] | None = None):
+                 default_prompts: list[str] | None = None, processes: Processes | None = None):
         self.lr = lr
         self.epochs = epochs
         self.batch_size = batch_size
         self.default_prompts = list(default_prompts or [])
+        self.processes = processes or Processes()
+        self.gold_pairs: list[GoldPair] = []  # what it trains on: every process's gold pairs so far
+        self.fresh: list[GoldPair] = []  # labelled here since the last update
+        self.due = False  # a round ended here since the last update
         self.classifier: HFPolicy | None = None
         if classifier is not None:
             self.attach(classifier)
@@ -113,11 +128,7 @@ class Discriminator(RewardSource):
         """Score and train with `classifier` from now on."""
         self.classifier = classifier
         self.scorer = SequenceScorer(classifier, self.batch_size)
-        self.optimizer = torch.optim.AdamW([p for p in classifier.model.parameters() if p.requires_grad], lr=self.lr)
-
-    @property
-    def model(self) -> torch.nn.Module:
-        return self.classifier.model
+        self.model = classifier.model
 
     def score(self, prompts: list[Prompt], completions: list[str]) -> dict[str, torch.Tensor]:
         """`reward`: the discriminator's score, float [B] (no grad)."""
@@ -132,35 +143,49 @@ class Discriminator(RewardSource):
         rejected = self.scorer.scores(prompts, [p.rejected for p in pairs])
         return (chosen > rejected).float().mean().item()
 
-    def update(self, pairs: list[GoldPair]) -> dict[str, float]:
-        """Train on `pairs` for `epochs` shuffled passes with the Bradley-Terry loss.
+    def learn(self, fresh: list[GoldPair]) -> None:
+        """A round ended with these new gold pairs: train on all gold pairs at the next `batches()`."""
+        self.fresh.extend(fresh)
+        self.due = True
 
-        Returns the mean loss of the last pass and the accuracy on `pairs` afterwards.
+    def batches(self) -> Iterator[PairBatch]:
+        """`epochs` shuffled passes over every gold pair, when a round ended on any process; else none.
+
+        A generator: each pass is shuffled (torch's global generator; every process uses
+        the first process's order) only once the loop has trained on the pass before.
         """
-        if not pairs:
-            return {}
-        model = self.model
-        pad_id = self.classifier.tokenizer.pad_token_id
-        model.train()
-        losses: list[float] = []
+        due = self.due
+        if self.processes.world > 1:
+            due = self.processes.mean(torch.tensor([float(due)])).item() > 0
+        self.gold_pairs.extend(self.processes.gather(self.fresh))
+        self.fresh, self.due = [], False
+        if not due or not self.gold_pairs:
+            return
+        pairs = self.gold_pairs
         for _ in range(self.epochs):
-            losses = []
-            order = torch.randperm(len(pairs)).tolist()
+            order = torch.randperm(len(pairs))
+            if self.processes.world > 1:
+                order = self.processes.gather([order])[0]
+            order = order.tolist()
             for start in range(0, len(pairs), self.batch_size):
                 rows = [pairs[i] for i in order[start : start + self.batch_size]]
                 prompts = [r.prompt for r in rows]
-                batch = PairBatch(
+                yield PairBatch(
                     chosen=self.classifier.encode(prompts, [r.chosen for r in rows]),
                     rejected=self.classifier.encode(prompts, [r.rejected for r in rows]),
                 )
-                chosen, rejected = pair_scores(model, batch, pad_id)
-                loss = bradley_terry_loss(chosen, rejected).mean()
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                self.optimizer.step()
-                losses.append(loss.item())
-        model.eval()
-        return {"discriminator/loss": sum(losses) / len(losses), "discriminator/train_accuracy": self.accuracy(pairs)}
+
+    def loss(self, batch: PairBatch) -> tuple[torch.Tensor, dict[str, float]]:
+        """The mean Bradley-Terry loss of a batch of gold pairs."""
+        chosen, rejected = pair_scores(self.model, batch, self.classifier.tokenizer.pad_token_id)
+        loss = bradley_terry_loss(chosen, rejected).mean()
+        return loss, {"loss": loss.item()}
+
+    def trained(self, steps: list[dict[str, float]]) -> dict[str, float]:
+        """The mean loss of the last pass, and the accuracy on all gold pairs after the update."""
+        last_pass = steps[-math.ceil(len(self.gold_pairs) / self.batch_size) :]
+        loss = sum(step["loss"] for step in last_pass) / len(last_pass)
+        return {"discriminator/loss": loss, "discriminator/train_accuracy": self.accuracy(self.gold_pairs)}
 
     def save(self, path: str) -> None:
         self.classifier.save(path)
@@ -256,11 +281,10 @@ class DiscriminatorRelabeler(PairSelector):
         metrics["gold/relabeled"] = float(len(picked))
         self.labels_spent += len(picked)
         self.round, self.samples_in_round = [], 0
-        out = {"discriminator/accuracy": agreed / len(fresh) if fresh else float("nan")}
         self.gold_pairs.extend(fresh)
-        out.update(self.discriminator.update(self.gold_pairs))
-        out["discriminator/gold_pairs"] = float(len(self.gold_pairs))
-        return out
+        self.discriminator.learn(fresh)  # the loop trains it before the policy's next update
+        return {"discriminator/accuracy": agreed / len(fresh) if fresh else float("nan"),
+                "discriminator/gold_pairs": float(len(self.gold_pairs))}
 
 
 class D2PO(DPO):
@@ -282,7 +306,7 @@ class D2PO(DPO):
     Writes the discriminator and its gold pairs (`gold_pairs.jsonl`) to `<run>/discriminator/`.
     """
 
-    needs = replace(DPO.needs, online=True, samples_per_prompt=2, own_reward=True)
+    needs = replace(DPO.needs, online=True, samples_per_prompt=2, own_reward=True, second_model=True)
 
     def __init__(
         self,
@@ -312,6 +336,7 @@ class D2PO(DPO):
         ref_model_mixup_alpha: float = 0.6,
         ref_model_sync_steps: int = 512,
         registry: Any = None,
+        processes: Processes | None = None,
     ):
         super().__init__(
             beta=beta, loss_type=loss_type, label_smoothing=label_smoothing, sft_weight=sft_weight, reference_free=reference_free,
@@ -340,12 +365,13 @@ class D2PO(DPO):
         self.initial_gold_pairs = read_gold_pairs(gold_pairs) if gold_pairs else []
         # built now, so the run's plan has its reward and selector before the model loads; the
         # discriminator's model is attached in setup(), once the policy it starts from has loaded
-        self.discriminator = Discriminator(None, disc_lr, disc_epochs, disc_batch_size, list(self.gold.default_prompts))
+        self.discriminator = Discriminator(None, disc_lr, disc_epochs, disc_batch_size, list(self.gold.default_prompts), processes)
         self.relabeler = DiscriminatorRelabeler(self.discriminator, self.gold, round_size, budget, selection, eval_gold)
         self.relabeler.gold_pairs = list(self.initial_gold_pairs)
+        self.discriminator.gold_pairs = list(self.initial_gold_pairs)
 
     def setup(self, policy: Policy) -> None:
-        """Build the discriminator next to the policy, and the selector that trains it."""
+        """Build the discriminator from the policy (or load it); the loop places and trains it."""
         assert isinstance(policy, HFPolicy)
         if self.discriminator_path:
             classifier = HFPolicy.load(self.discriminator_path, kind="sequence-classifier",
@@ -353,8 +379,11 @@ class D2PO(DPO):
         else:
             classifier = HFPolicy(classifier_from(unwrap(policy.model), policy.tokenizer.pad_token_id), policy.tokenizer,
                                   policy.max_length, policy.max_prompt_length)
-        classifier.model.to(policy.device).eval()
+        classifier.model.eval()
         self.discriminator.attach(classifier)
+
+    def second_model(self) -> SecondModel | None:
+        return self.discriminator
 
     def own_reward(self) -> RewardSource | None:
         return self.discriminator
@@ -369,26 +398,26 @@ class D2PO(DPO):
         path = os.path.join(output_dir, DISCRIMINATOR_DIR)
         self.discriminator.save(path)
         with open(os.path.join(path, GOLD_PAIRS_FILE), "w", encoding="utf-8") as f:
-            for pair in self.relabeler.gold_pairs:
+            for pair in self.discriminator.gold_pairs + self.discriminator.fresh:
                 f.write(json.dumps(asdict(pair)) + "\n")
 
     def state_dict(self) -> dict[str, Any]:
-        """Discriminator weights and optimizer, the gold pairs so far, the open round and the counters."""
+        """This process's gold pairs, open round and counters, and the discriminator's training pairs.
+
+        The discriminator's weights and optimizer are the loop's to keep (a `SecondModel`)."""
         return {
-            "model": self.discriminator.model.state_dict(),
-            "optimizer": self.discriminator.optimizer.state_dict(),
             "gold_pairs": [asdict(p) for p in self.relabeler.gold_pairs],
             "round": [asdict(c) for c in self.relabeler.round],
             "counters": {"samples_in_round": self.relabeler.samples_in_round, "labels_spent": self.relabeler.labels_spent},
+            "discriminator_pairs": [asdict(p) for p in self.discriminator.gold_pairs + self.discriminator.fresh],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.discriminator.model.load_state_dict(state["model"])
-        self.discriminator.optimizer.load_state_dict(state["optimizer"])
         self.relabeler.gold_pairs = [GoldPair(**p) for p in state["gold_pairs"]]
         self.relabeler.round = [Candidate(**{**c, "pool_pair": None}) for c in state["round"]]
         self.relabeler.samples_in_round = state["counters"]["samples_in_round"]
         self.relabeler.labels_spent = state["counters"]["labels_spent"]
+        self.discriminator.gold_pairs = [GoldPair(**p) for p in state["discriminator_pairs"]]
 
 
 def read_gold_pairs(path: str) -> list[GoldPair]:

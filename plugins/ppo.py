@@ -18,7 +18,7 @@ import torch
 
 from pref.errors import PrefError
 from pref.hookspecs import hookimpl
-from pref.interfaces import REFERENCE_LOGPS, SAMPLES, Minibatch, Objective, ObjectiveNeeds, Policy, Reference, ScoredBatch
+from pref.interfaces import REFERENCE_LOGPS, SAMPLES, Minibatch, Objective, ObjectiveNeeds, Policy, Processes, Reference, ScoredBatch
 from pref.sequences import Sequences
 
 KL_ESTIMATORS = ("k1", "k3")
@@ -203,6 +203,7 @@ class PPO(Objective):
         ppo_epochs: int = 4,
         minibatches: int = 1,
         whiten_advantages: bool = True,
+        processes: Processes | None = None,
     ):
         if isinstance(target_kl, str) and target_kl.lower() in ("none", "null", "fixed"):
             target_kl = None  # a TOML file has no null
@@ -226,6 +227,7 @@ class PPO(Objective):
         self.cliprange, self.cliprange_value, self.vf_coef = cliprange, cliprange_value, vf_coef
         self.needs = replace(self.needs, epochs_per_rollout=ppo_epochs, minibatches_per_rollout=minibatches)
         self.whiten_advantages = whiten_advantages
+        self.processes = processes or Processes()  # the loop's, for the mean KL across processes
         self.value_head: torch.nn.Linear | None = None
 
     def setup(self, policy: Policy) -> None:
@@ -271,12 +273,8 @@ class PPO(Objective):
         if self.whiten_advantages:
             advantages = masked_whiten(advantages, mask)
 
-        kl_per_sample = kl.sum(-1).mean()
-        world = torch.distributed.get_world_size() if torch.distributed.is_available() and torch.distributed.is_initialized() else 1
-        if world > 1:  # every process steers the same coefficient
-            torch.distributed.all_reduce(kl_per_sample)
-            kl_per_sample = kl_per_sample / world
-        self.kl.update(kl_per_sample.item(), len(batch) * world)
+        kl_per_sample = self.processes.mean(kl.sum(-1).mean())  # every process steers the same coefficient
+        self.kl.update(kl_per_sample.item(), len(batch) * self.processes.world)
         metrics = {
             "objective/kl": kl_per_sample.item(),
             "objective/kl_coef": kl_coef,

@@ -9,12 +9,12 @@ from transformers import AutoModelForCausalLM
 
 from pref.config import build_config
 from pref.errors import PrefError
-from pref.interfaces import CandidatePool, RewardSource
+from pref.interfaces import CandidatePool, Processes, RewardSource
 from pref.plugins.d2po import D2PO, Candidate, Discriminator, DiscriminatorRelabeler, GoldPair, classifier_from, pick_for_relabeling
 from pref.plugins.gold_rewards import BagOfWords
 from pref.policy import HFPolicy
 from pref.registry import load_registry
-from pref.train import train
+from pref.train import train, train_second_model
 
 
 def candidates(gaps):
@@ -37,14 +37,13 @@ def test_random_picks_a_uniform_sample():
 
 
 class FakeDiscriminator:
-    """Scores are given per pool; `update` records what it was trained on."""
+    """Scores are given per pool; `learn` records the fresh gold pairs of each finished round."""
 
     def __init__(self):
         self.updates = []
 
-    def update(self, pairs):
-        self.updates.append(list(pairs))
-        return {"discriminator/loss": 0.5}
+    def learn(self, fresh):
+        self.updates.append(list(fresh))
 
 
 class TableGold(RewardSource):
@@ -133,10 +132,18 @@ def test_discriminator_starts_from_the_policy_weights(tiny_model_dir):
     assert discriminator.model.config.pad_token_id == policy.tokenizer.pad_token_id
 
 
+def train_as_the_loop_does(discriminator):
+    optimizer = torch.optim.AdamW(discriminator.model.parameters(), lr=discriminator.lr)
+    return train_second_model(discriminator, optimizer, Processes())
+
+
 def test_discriminator_update_learns_its_gold_pairs(tiny_model_dir):
     _, discriminator = tiny_discriminator(tiny_model_dir, lr=3e-3, epochs=15, batch_size=3)
     before = discriminator.accuracy(GOLD_PAIRS)
-    metrics = discriminator.update(GOLD_PAIRS)
+    assert train_as_the_loop_does(discriminator) == {}  # no round has ended: nothing to train on
+    discriminator.learn(GOLD_PAIRS)
+    metrics = train_as_the_loop_does(discriminator)
+    assert discriminator.gold_pairs == GOLD_PAIRS and not discriminator.fresh
     assert metrics["discriminator/train_accuracy"] == discriminator.accuracy(GOLD_PAIRS) == 1.0
     assert before < 1.0
     assert metrics["discriminator/loss"] < 0.6931  # below log 2, the loss of no preference
@@ -149,7 +156,8 @@ def test_state_dict_round_trip(tiny_model_dir):
     objective.relabeler.gold_pairs = GOLD_PAIRS[:2]
     objective.relabeler.labels_spent = 3
     objective.relabeler.round = candidates([0.5])
-    objective.discriminator.update(GOLD_PAIRS[:2])
+    objective.discriminator.learn(GOLD_PAIRS[:2])
+    train_as_the_loop_does(objective.discriminator)
     state = objective.state_dict()
 
     restored = D2PO(gold=BagOfWords(words=["sea"]), round_size=2, budget=1)
@@ -157,9 +165,8 @@ def test_state_dict_round_trip(tiny_model_dir):
     restored.load_state_dict(state)
     assert restored.relabeler.gold_pairs == GOLD_PAIRS[:2] and restored.relabeler.labels_spent == 3
     assert restored.relabeler.round == candidates([0.5])
-    for name, value in objective.discriminator.model.state_dict().items():
-        assert torch.equal(value, restored.discriminator.model.state_dict()[name])
-    assert restored.discriminator.optimizer.state_dict()["state"]  # AdamW moments came back too
+    assert restored.discriminator.gold_pairs == GOLD_PAIRS[:2]
+    assert "model" not in state  # the discriminator's weights and optimizer are the loop's to checkpoint
 
 
 def test_d2po_run_writes_discriminator_and_gold_metrics(tmp_path, tiny_model_dir):
@@ -184,9 +191,12 @@ def test_d2po_run_writes_discriminator_and_gold_metrics(tmp_path, tiny_model_dir
     assert reward.score(["Name a fruit."], ["apple"])["reward"].shape == (1,)
     assert AutoModelForCausalLM.from_pretrained(os.path.join(out, "final")) is not None
 
-    extra = torch.load(os.path.join(out, "checkpoint-000002", "extra.pt"), weights_only=True)["objective"]
-    assert extra["counters"]["labels_spent"] == lines[1]["gold/labels_spent"]
-    assert {"model", "optimizer", "gold_pairs", "round"} <= set(extra)
+    extra = torch.load(os.path.join(out, "checkpoint-000002", "extra.pt"), weights_only=True)
+    [objective_state] = extra["objective"]  # one process
+    assert objective_state["counters"]["labels_spent"] == lines[1]["gold/labels_spent"]
+    assert {"gold_pairs", "round", "discriminator_pairs"} <= set(objective_state)
+    assert "score.weight" in extra["second_model"]  # the discriminator, a sequence classifier
+    assert extra["second_optimizer"]["state"]  # AdamW moments of the discriminator
 
 
 def test_gold_pairs_from_an_earlier_labelling_are_kept(tmp_path, tiny_model_dir):

@@ -19,6 +19,7 @@ from pref.examples import PreferenceExample
 from pref.plugins.preference_data import load_preferences
 
 SCRIPT = os.path.join(os.path.dirname(__file__), "distributed_train.py")
+D2PO_SCRIPT = os.path.join(os.path.dirname(__file__), "distributed_d2po.py")
 
 
 def free_port() -> int:
@@ -27,14 +28,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(args: list[str], cache: str, home: str) -> subprocess.CompletedProcess:
-    """`accelerate launch` two CPU processes of `distributed_train.py ARGS`, no config file needed."""
+def launch(args: list[str], cache: str, home: str, script: str = SCRIPT) -> subprocess.CompletedProcess:
+    """`accelerate launch` two CPU processes of `script ARGS` (`distributed_train.py`), no config file needed."""
     command = [
         sys.executable, "-m", "accelerate.commands.launch",
         "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
         "--mixed_precision", "no", "--dynamo_backend", "no",
         "--main_process_port", str(free_port()),
-        SCRIPT, *args,
+        script, *args,
     ]
     # a fresh HF_HOME: no accelerate config file of the user's is read
     env = {**os.environ, "PREF_CACHE": cache, "HF_HOME": home, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
@@ -85,3 +86,25 @@ def test_two_processes_train_as_one_job(tiny_model_dir, prefs_file, private_cach
     assert (state["step"], state["world"]) == (SAVE_EVERY, 2)
     rngs = [torch.load(checkpoint / f"rng-{rank}.pt", weights_only=True) for rank in (0, 1)]
     assert not torch.equal(rngs[0]["torch"], rngs[1]["torch"])  # seeded per process, so their own states
+
+
+@pytest.mark.slow
+def test_d2po_trains_its_discriminator_in_two_processes(tiny_model_dir, private_cache, tmp_path):
+    """The loop trains D2PO's discriminator: both processes end with the same policy and discriminator,
+    trained on the gold pairs of both, and the checkpoint keeps the discriminator and its optimizer."""
+    from transformers import AutoModelForSequenceClassification
+
+    device = "cpu" if torch.cuda.is_available() or torch.backends.mps.is_available() else "auto"
+    run_dir, report_dir = tmp_path / "run", tmp_path / "report"
+    done = launch([tiny_model_dir, device, str(run_dir), str(report_dir)], str(private_cache), str(tmp_path / "hf-home"), D2PO_SCRIPT)
+    assert done.returncode == 0, done.stderr[-4000:]
+
+    reports = [json.loads((report_dir / f"weights-rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert reports[0]["policy"] == reports[1]["policy"]
+    assert reports[0]["discriminator"] == reports[1]["discriminator"]
+    # every process trains on the gold pairs both labelled
+    assert reports[0]["gold_pairs"] == reports[1]["gold_pairs"] == reports[0]["own_gold_pairs"] + reports[1]["own_gold_pairs"] > 0
+    saved = AutoModelForSequenceClassification.from_pretrained(run_dir / "discriminator")
+    assert weights_hash(saved) == reports[0]["discriminator"]
+    extra = torch.load(run_dir / "checkpoint-000002" / "extra.pt", weights_only=True)
+    assert extra["second_model"] is not None and len(extra["objective"]) == 2  # each process's own objective state

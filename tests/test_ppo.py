@@ -284,7 +284,7 @@ def test_ppo_run_trains_policy_and_value_head_and_checkpoints_both(tmp_path, tin
     checkpoint = os.path.join(out, "checkpoint-000002")
     extra = torch.load(os.path.join(checkpoint, "extra.pt"), weights_only=True)
     assert set(extra["modules"]["value_head"]) == {"weight", "bias"}
-    assert extra["objective"]["kl_coef"] > 0
+    assert extra["objective"][0]["kl_coef"] > 0  # the state of process 0
     state = json.load(open(os.path.join(checkpoint, "state.json")))
     assert state["data"]["rollouts"] == 1  # checkpoints fall between rollouts: a resume draws the second one
     assert load_file(os.path.join(out, "final", "model.safetensors"))  # the policy itself is saved as usual

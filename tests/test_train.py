@@ -101,13 +101,25 @@ def test_resume_with_another_seed_is_refused(tmp_path, tiny_model_dir, prefs_fil
         train(config, load_registry())
 
 
+def test_resume_with_another_number_of_processes_is_refused(tmp_path, tiny_model_dir, prefs_file):
+    out = run(tmp_path, tiny_model_dir, prefs_file, steps=3, save_every=2)
+    state_file = os.path.join(out, "checkpoint-000002", checkpoint.STATE_FILE)
+    state = json.load(open(state_file))
+    json.dump({**state, "world": 2}, open(state_file, "w"))  # as if two processes had trained it
+    config = build_config(flags={"objective": "dpo", "model": tiny_model_dir, "dataset": [prefs_file], "output_dir": out, "batch_size": 2,
+                                 "steps": 3, "device": "cpu", "resume": out})
+    with pytest.raises(PrefError, match="trained by 2 processes, not 1; resume it with 2") as error:
+        train(config, load_registry())
+    assert "\n" not in str(error.value)
+
+
 def test_checkpoints_are_atomic_and_only_the_last_k_are_kept(tmp_path, monkeypatch):
     model = torch.nn.Linear(3, 2)
     optimizer = torch.optim.AdamW(model.parameters())
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
     rng = [checkpoint.rng_state()]
     for step in (1, 2, 3):
-        checkpoint.save_checkpoint(str(tmp_path), step, model, optimizer, scheduler, {"seed": 0}, rng, keep=2)
+        checkpoint.save_checkpoint(str(tmp_path), step, checkpoint.Trained(model, optimizer, scheduler), {"seed": 0}, rng, keep=2)
     assert [os.path.basename(c) for c in checkpoint.list_checkpoints(str(tmp_path))] == ["checkpoint-000002", "checkpoint-000003"]
 
     # a crash while writing step 4 leaves no checkpoint-000004 and the older ones intact
@@ -120,7 +132,7 @@ def test_checkpoints_are_atomic_and_only_the_last_k_are_kept(tmp_path, monkeypat
 
     monkeypatch.setattr(checkpoint.torch, "save", failing_save)
     with pytest.raises(OSError):
-        checkpoint.save_checkpoint(str(tmp_path), 4, model, optimizer, scheduler, {"seed": 0}, rng, keep=2)
+        checkpoint.save_checkpoint(str(tmp_path), 4, checkpoint.Trained(model, optimizer, scheduler), {"seed": 0}, rng, keep=2)
     found = checkpoint.list_checkpoints(str(tmp_path))
     assert [os.path.basename(c) for c in found] == ["checkpoint-000002", "checkpoint-000003"]
     assert checkpoint.find_checkpoint(str(tmp_path)) == found[-1]
