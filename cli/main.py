@@ -287,7 +287,9 @@ def eval_command(model, reward, reward_option, prompts, samples, max_new_tokens,
     from rich.console import Console
     from rich.table import Table
 
-    table = Table("figure", model or "pref-default")
+    from pref.models import DEFAULT_MODEL
+
+    table = Table("figure", model or DEFAULT_MODEL)
     for key, value in report.items():
         table.add_row(key, format_value(value))
     Console().print(table)

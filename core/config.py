@@ -131,7 +131,9 @@ def build_config(file_values: dict[str, Any] | None = None, flags: dict[str, Any
         if isinstance(values.get(key), str):
             values[key] = [values[key]]
     config = RunConfig(**values)
-    embedded = config.model in (None, "", "pref-default")
+    from pref.models import DEFAULT_MODEL  # lazily: it imports torch
+
+    embedded = config.model in (None, "", DEFAULT_MODEL)
     if config.lr is None:
         config.lr = EMBEDDED_MODEL_LR if embedded else DEFAULT_LR
     if config.threads is None and embedded:

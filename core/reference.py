@@ -129,7 +129,10 @@ class CachedReference(Reference):
         try:
             values = [self.table[k] for k in sequences.keys()]
         except KeyError:
-            raise PrefError("a row is missing from the reference cache; delete the cache folder and rerun") from None
+            raise PrefError(
+                "a row is missing from the reference log-probs cached for the dataset: the objective scored a row that is not "
+                "in the dataset; declare ObjectiveNeeds(scores_new_rows=True) so a frozen reference is used, or run with --reference model"
+            ) from None
         mask = sequences.completion_mask
         sequence = torch.tensor(values, dtype=torch.float32, device=mask.device)
         # only whole-sequence values are cached; per-token ones are not available

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import math
 import re
 from importlib import metadata
 from pathlib import Path
@@ -21,8 +22,8 @@ import torch
 from click.testing import CliRunner
 from torch.testing import assert_close
 
-from docs_examples import dataset_builder, embedder, pair_selector
-from pref import CandidatePool, PrefError, PreferenceExample, hookspecs
+from docs_examples import dataset_builder, embedder, labeled_objective, pair_selector, reinforce
+from pref import CandidatePool, LabeledBatch, Logps, PrefError, PreferenceExample, ScoredBatch, hookspecs
 from pref.cli.main import cli
 from pref.registry import KINDS, Registry, get_plugin_manager
 
@@ -163,6 +164,59 @@ def test_character_ngram_embedder_by_hand(registry):
     assert_close(similarity, similarity.T)
     with pytest.raises(PrefError, match="n must be at least 1"):
         registry.create("embedder", "char-ngrams", {"n": 0})
+
+
+# -- the docs' examples of objectives that learn from labelled sets and from scored samples ------------------
+
+
+class MeanLogps:
+    """A stand-in policy: `logps(...)` gives these per-row log-probs, one completion token each."""
+
+    def __init__(self, values):
+        self.values = torch.tensor(values)
+
+    def logps(self, sequences, **_):
+        return Logps(tokens=self.values[:, None], mask=torch.ones(len(self.values), 1), sequence=self.values)
+
+
+def test_unlikelihood_by_hand():
+    """Rows m = -1 (accepted) and -2 (rejected): terms 1 and -log(1 - e^-2) = 0.145413; mean 0.572707."""
+    batch = LabeledBatch(sequences=None, labels=torch.tensor([True, False]))
+    loss, metrics = labeled_objective.Unlikelihood().loss(MeanLogps([-1.0, -2.0]), None, batch)
+    assert_close(loss, torch.tensor(0.572707), atol=1e-6, rtol=0)
+    assert metrics == {"logps/accepted": -1.0, "logps/rejected": -2.0}
+    loss, _ = labeled_objective.Unlikelihood(rejected_weight=0.0).loss(MeanLogps([-1.0, -2.0]), None, batch)
+    assert_close(loss, torch.tensor(0.5))
+
+
+def test_reinforce_advantages_by_hand():
+    """Two prompts, K = 2: rewards (1, 0) and (3, 1) have means 0.5 and 2, so advantages (0.5, -0.5, 1, -1)."""
+    batch = ScoredBatch(["a", "a", "b", "b"], ["w", "x", "y", "z"], None, {"reward": torch.tensor([1.0, 0.0, 3.0, 1.0])}, 2)
+    prepared = reinforce.Reinforce().prepare(None, None, batch)
+    assert_close(prepared.scores["advantage"], torch.tensor([0.5, -0.5, 1.0, -1.0]))
+
+
+def test_the_example_objectives_train(tmp_path, tiny_model_dir):
+    """Two steps each through `pref.train`, found by the registry as entry points find them."""
+    from pref.config import build_config
+    from pref.train import train
+
+    pm, failures, sources = get_plugin_manager()
+    pm.register(labeled_objective)
+    pm.register(reinforce)
+    registry = Registry(pm, failures, sources)
+    data = tmp_path / "labelled.jsonl"
+    data.write_text("".join(json.dumps({"prompt": "Name a fruit.", "completion": answer, "label": label}) + "\n"
+                            for answer, label in [("apple", True), ("chair", False), ("pear", True), ("go away", False)]))
+    common = {"model": tiny_model_dir, "steps": 2, "batch_size": 2, "device": "cpu"}
+    runs = [
+        {"objective": "unlikelihood", "dataset": [str(data)], "output_dir": str(tmp_path / "sets")},
+        {"objective": "reinforce", "reward": "noun-diversity", "samples_per_prompt": 2, "max_new_tokens": 4, "output_dir": str(tmp_path / "samples")},
+    ]
+    for flags in runs:
+        out = train(build_config(flags={**common, **flags}), registry)
+        lines = [json.loads(line) for line in open(Path(out) / "metrics.jsonl")]
+        assert [line["step"] for line in lines] == [1, 2] and all(math.isfinite(line["loss"]) for line in lines)
 
 
 if __name__ == "__main__":

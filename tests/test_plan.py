@@ -1,0 +1,62 @@
+"""The run plan: the reference each objective's needs and `--reference` give, K and max_new_tokens
+resolved once without touching the config, and a reference-cache miss that names cause and fix."""
+
+import pytest
+import torch
+
+from pref.config import DEFAULT_MAX_NEW_TOKENS, build_config
+from pref.errors import PrefError
+from pref.interfaces import ObjectiveNeeds
+from pref.plan import CACHED_LOGPS, FROZEN_MODEL, NO_MODEL, reference_kind, resolve_plan
+from pref.reference import CachedReference
+from pref.registry import load_registry
+from pref.sequences import Sequences
+
+
+@pytest.mark.parametrize(
+    "needs, asked, expected",
+    [
+        (ObjectiveNeeds(), "auto", CACHED_LOGPS),  # offline, dataset rows only: cached
+        (ObjectiveNeeds(scores_new_rows=True), "auto", FROZEN_MODEL),  # rows outside the dataset: never a cache
+        (ObjectiveNeeds(reference="distributions", data="sets"), "auto", FROZEN_MODEL),
+        (ObjectiveNeeds(online=True), "auto", FROZEN_MODEL),
+        (ObjectiveNeeds(reference="none"), "model", NO_MODEL),
+        (ObjectiveNeeds(), "none", NO_MODEL),
+        (ObjectiveNeeds(), "model", FROZEN_MODEL),
+        (ObjectiveNeeds(online=True), "cached", CACHED_LOGPS),
+    ],
+)
+def test_reference_kind(needs, asked, expected):
+    assert reference_kind(asked, needs) == expected
+
+
+def test_needs_are_checked_when_declared():
+    with pytest.raises(ValueError, match="online only"):
+        ObjectiveNeeds(data="samples")
+    with pytest.raises(ValueError, match="reference"):
+        ObjectiveNeeds(reference="cached")
+
+
+def test_the_plan_resolves_k_and_max_new_tokens_without_writing_into_the_config():
+    registry = load_registry()
+    config = build_config(flags={"objective": "divpo"})
+    plan = resolve_plan(config, registry)
+    assert (plan.samples_per_prompt, plan.sampling.max_new_tokens) == (8, plan.reward.max_new_tokens)  # the objective's K, the reward's length
+    assert type(plan.reward).__name__ == "NounDiversityReward" and plan.reference == FROZEN_MODEL
+    assert config.max_new_tokens is None and config.samples_per_prompt is None and config.output_dir is None
+    plan = resolve_plan(build_config(flags={"objective": "divpo", "samples_per_prompt": 4, "max_new_tokens": 3}), registry)
+    assert (plan.samples_per_prompt, plan.sampling.max_new_tokens) == (4, 3)
+    assert plan.objective.needs.samples_per_prompt == 8  # the objective itself is left as it was
+
+
+def test_an_offline_objective_without_data_fails_before_the_model_loads(prefs_file):
+    with pytest.raises(PrefError, match="pass --dataset FILE"):
+        resolve_plan(build_config(flags={"objective": "dpo"}), load_registry())
+    plan = resolve_plan(build_config(flags={"objective": "dpo", "dataset": [prefs_file]}), load_registry())
+    assert plan.reward is None and plan.selector is None and plan.sampling.max_new_tokens == DEFAULT_MAX_NEW_TOKENS
+
+
+def test_a_cache_miss_names_the_cause_and_the_fix():
+    row = Sequences(torch.tensor([[5, 6, 7]]), torch.ones(1, 3, dtype=torch.long), torch.tensor([[0, 1, 1]]))
+    with pytest.raises(PrefError, match=r"not in the dataset; declare ObjectiveNeeds\(scores_new_rows=True\).*--reference model"):
+        CachedReference({}).logps(row)
