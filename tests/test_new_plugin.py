@@ -49,3 +49,28 @@ def test_an_existing_folder_is_not_overwritten(tmp_path):
     assert result.exit_code == 2
     assert "already exists" in result.stderr and "Traceback" not in result.output
     assert [p.name for p in (tmp_path / "pref-mine").iterdir()] == ["keep.txt"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind, hook, passed", [("objective", "register_objectives", 3), ("selector", "register_pair_selectors", 2),
+                                                ("dataset", "register_dataset_builders", 2)])
+def test_each_kind_of_skeleton_passes_its_own_test(tmp_path, kind, hook, passed):
+    """Without installing: the generated test imports the module from the skeleton's folder."""
+    import os
+    import subprocess
+    import sys
+
+    result = new_plugin(f"my-{kind}", "--directory", tmp_path, "--kind", kind)
+    assert result.exit_code == 0, result.output
+    root = tmp_path / f"pref-my-{kind}"
+    assert f"def {hook}(register)" in (root / f"pref_my_{kind}" / "__init__.py").read_text()
+    assert f"A pref plugin: the my-{kind} {kind}." in (root / "pyproject.toml").read_text()
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests"], cwd=root,
+                          env={**os.environ, "PYTHONPATH": str(root)}, capture_output=True, text=True, timeout=300)
+    assert f"{passed} passed" in done.stdout, done.stdout[-3000:]
+
+
+def test_an_unknown_kind_is_refused(tmp_path):
+    result = new_plugin("mine", "--directory", tmp_path, "--kind", "embedder")
+    assert result.exit_code == 2 and "'embedder' is not one of" in result.output
+    assert list(tmp_path.iterdir()) == []
