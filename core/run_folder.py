@@ -20,6 +20,7 @@ import os
 import shutil
 import socket
 import time
+from collections.abc import Iterable
 from typing import Any
 
 from pref.agreement import same_decision
@@ -193,13 +194,16 @@ def _step_of(line: str) -> float:
         return float("inf")  # a half-written last line of a killed run goes too
 
 
-def absolute_paths(config: Any) -> None:
+def absolute_paths(config: Any, builders: Iterable[str] = ()) -> None:
     """Make the local `--dataset`, `--validation-dataset` and `--model` paths of `config` absolute.
 
     run.json records them so, and a resume from another working directory reads the same files.
+    Names in `builders` (registered dataset builders) stay names even if a folder is called so.
     """
+    builders = set(builders)
+
     def absolute(entry: Any) -> Any:
-        is_local = isinstance(entry, str) and os.path.exists(os.path.expanduser(entry))
+        is_local = isinstance(entry, str) and entry not in builders and os.path.exists(os.path.expanduser(entry))
         return os.path.abspath(os.path.expanduser(entry)) if is_local else entry
 
     config.dataset = [absolute(e) for e in config.dataset]

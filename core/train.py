@@ -196,7 +196,7 @@ def train_policy(config: RunConfig, registry: Registry) -> tuple[str, HFPolicy]:
     """
     # -- device, precision, seed ------------------------------------------------
     refuse_non_finite_settings(config)
-    absolute_paths(config)  # run.json records them, for a resume from anywhere
+    absolute_paths(config, registry.names("dataset"))  # run.json records them, for a resume from anywhere
     accelerator = make_accelerator(config)
     from accelerate.utils import set_seed
 
