@@ -99,6 +99,20 @@ def load_registry() -> Any:
 @click.option("--seed", type=int, help="Random seed.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), help="Force a device.")
 @click.option("--mixed-precision", type=click.Choice(["no", "fp16", "bf16"]), help="Autocast precision.")
+@click.option("--dtype", type=click.Choice(["auto", "bfloat16", "float16", "float32"]), help="Weights as loaded (auto: bf16 on a bf16-capable GPU for a bf16/fp16 checkpoint, else float32).")
+@click.option("--gradient-checkpointing/--no-gradient-checkpointing", default=None, help="Recompute activations in the backward pass: less memory, ~30% more time.")
+@click.option("--lora/--no-lora", default=None, help="Train LoRA adapters (peft) on a frozen base instead of every weight.")
+@click.option("--lora-option", multiple=True, help="LoRA option KEY=VALUE (r, alpha, dropout, target_modules); repeatable.")
+@click.option("--merge-lora/--no-merge-lora", default=None, help="Also write final/merged/: full weights with the adapters folded in.")
+@click.option("--max-length", type=int, help="Most tokens in a prompt + answer row.")
+@click.option("--max-prompt-length", type=int, help="Most prompt tokens (kept from the end).")
+@click.option("--max-new-tokens", type=int, help="Most new tokens per sampled answer.")
+@click.option("--temperature", type=float, help="Sampling temperature (0: greedy).")
+@click.option("--top-p", type=float, help="Nucleus sampling: keep the smallest token set of this probability.")
+@click.option("--top-k", type=int, help="Sample among the K likeliest tokens (0: all).")
+@click.option("--bucket-window", type=int, help="Offline batches of similar-length rows, sorted within windows of N batches (0: plain shuffle).")
+@click.option("--warmup-steps", type=int, help="Linear learning-rate warmup steps.")
+@click.option("--weight-decay", type=float, help="AdamW weight decay.")
 @click.option("--threads", type=int, help="CPU threads of torch (default: 1 for the embedded default model, else one per core).")
 @click.option("--reference", type=click.Choice(["auto", "model", "cached", "none"]), help="Frozen model, cached log-probs, or none.")
 @click.option("--save-every", type=int, help="Write a checkpoint every N steps (PPO: a multiple of the steps a rollout serves, so a resume is exact).")
@@ -115,7 +129,7 @@ def load_registry() -> Any:
 @click.option("--reward-option", multiple=True, help="Reward option KEY=VALUE; repeatable.")
 @click.option("--dataset-option", multiple=True, help="Dataset builder option KEY=VALUE; repeatable.")
 @click.option("--selector-option", multiple=True, help="Pair selector option KEY=VALUE; repeatable.")
-def run(config_file: str | None, beta: float | None, objective_option, reward_option, dataset_option, selector_option, curriculum_option, **flags: Any) -> None:
+def run(config_file: str | None, beta: float | None, objective_option, reward_option, dataset_option, selector_option, curriculum_option, lora_option, **flags: Any) -> None:
     """Train a model with a preference objective."""
     from pref.config import build_config, read_config_file
     from pref.run_folder import moved_data
@@ -132,6 +146,7 @@ def run(config_file: str | None, beta: float | None, objective_option, reward_op
         "dataset_options": parse_options(dataset_option, "--dataset-option"),
         "selector_options": parse_options(selector_option, "--selector-option"),
         "curriculum_options": parse_options(curriculum_option, "--curriculum-option"),
+        "lora_options": parse_options(lora_option, "--lora-option"),
     }
     if beta is not None:
         options["objective_options"]["beta"] = beta

@@ -21,12 +21,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, save_file
 
 from pref.errors import PrefError
 
 # what a checkpoint folder holds; `save_checkpoint` and `load_checkpoint` write and read exactly these
-MODEL_FILE = "model.safetensors"  # the policy's weights
+MODEL_FILE = "model.safetensors"  # the policy's trained weights (all of a full run's, a LoRA run's adapters)
 OPTIMIZER_FILE = "optimizer.pt"  # the policy's optimizer (and the objective's modules')
 SCHEDULER_FILE = "scheduler.pt"
 STATE_FILE = "state.json"  # step, seed, number of processes, data position
@@ -67,6 +67,20 @@ def write_atomically(path: str, write: Any) -> None:
     if os.path.isdir(path):
         shutil.rmtree(path)
     os.replace(tmp, path)
+
+
+def trained_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The parameters that train (all of a full run's, a LoRA run's adapters): all a checkpoint needs of the model."""
+    return {name: p.detach().contiguous() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def load_trained_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:
+    """Put `trained_weights` back; the checkpoint must hold exactly the parameters that train here."""
+    expected = set(trained_weights(model))
+    if set(weights) != expected:
+        raise PrefError(f"the checkpoint holds other trained weights than this run trains ({len(weights)} vs {len(expected)} tensors); "
+                        "resume with the settings it was saved with (--lora and its options)")
+    model.load_state_dict(weights, strict=False)
 
 
 def list_checkpoints(run_dir: str) -> list[str]:
@@ -114,7 +128,7 @@ def save_checkpoint(
     }
     with removed_on_failure(tmp, final):
         os.makedirs(tmp)
-        save_model(trained.model, os.path.join(tmp, MODEL_FILE))
+        save_file(trained_weights(trained.model), os.path.join(tmp, MODEL_FILE))
         torch.save(trained.optimizer.state_dict(), os.path.join(tmp, OPTIMIZER_FILE))
         torch.save(trained.scheduler.state_dict(), os.path.join(tmp, SCHEDULER_FILE))
         for rank, rng in enumerate(rng_states):
@@ -161,9 +175,10 @@ def load_checkpoint(checkpoint_dir: str, trained: Trained, rank: int = 0) -> tup
     """
     model_path = os.path.join(checkpoint_dir, MODEL_FILE)
     try:
-        load_model(trained.model, model_path)
+        weights = load_file(model_path)
     except Exception as exc:  # safetensors raises its own error types; none of them may run code
         raise _unloadable(model_path, exc) from None
+    load_trained_weights(trained.model, weights)
     trained.optimizer.load_state_dict(_load_safely(os.path.join(checkpoint_dir, OPTIMIZER_FILE)))
     trained.scheduler.load_state_dict(_load_safely(os.path.join(checkpoint_dir, SCHEDULER_FILE)))
     set_rng_state(_load_safely(os.path.join(checkpoint_dir, RNG_FILE.format(rank=rank))))

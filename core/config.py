@@ -31,6 +31,11 @@ class RunConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | mps
     mixed_precision: str = "no"  # no | fp16 | bf16
+    dtype: str = "auto"  # auto | bfloat16 | float16 | float32: the weights as loaded (pref.precision)
+    gradient_checkpointing: bool = False
+    lora: bool = False  # train LoRA adapters (pref.lora) instead of every weight
+    lora_options: dict[str, Any] = field(default_factory=dict)
+    merge_lora: bool = False  # also write final/merged/: full weights with the adapters folded in
     threads: int | None = None  # CPU threads of torch; None: EMBEDDED_MODEL_THREADS for the embedded default model, else torch's own
 
     steps: int = 400
@@ -43,6 +48,7 @@ class RunConfig:
     max_grad_norm: float = 1.0
     max_length: int = 512
     max_prompt_length: int = 256
+    bucket_window: int = 50  # offline rows sorted by length within windows of this many batches (pref.bucketing); 0: plain shuffle
 
     samples_per_prompt: int | None = None  # None: the objective's own K
     max_new_tokens: int | None = None  # None: the reward's own (RewardSource.max_new_tokens), else DEFAULT_MAX_NEW_TOKENS
@@ -83,6 +89,7 @@ CHOICES = {
     "reference": ("auto", "model", "cached", "none"),
     "device": ("auto", "cpu", "cuda", "mps"),
     "mixed_precision": ("no", "fp16", "bf16"),
+    "dtype": ("auto", "bfloat16", "float16", "float32"),
     "schedule": ("cosine", "linear", "constant"),
 }
 POSITIVE = ("steps", "batch_size", "grad_accum", "max_length", "max_prompt_length", "log_every", "keep_checkpoints")
@@ -121,6 +128,9 @@ def build_config(file_values: dict[str, Any] | None = None, flags: dict[str, Any
     for source in (file_values or {}, flags or {}):
         for key, value in source.items():
             key = key.replace("-", "_")
+            if key == "lora" and isinstance(value, dict):  # a [lora] table: LoRA on, with these options
+                values["lora"] = True
+                key, value = "lora_options", value
             if key not in fields:
                 raise unknown_name("config key", key, fields, hint=" (keys are `pref run` flag names)")
             if key.endswith("_options"):
@@ -155,10 +165,31 @@ def validate(config: RunConfig) -> None:
             raise PrefError(f"{key} must be a positive whole number, not {value!r}")
     if config.samples_per_prompt is not None and (not isinstance(config.samples_per_prompt, int) or config.samples_per_prompt < 2):
         raise PrefError(f"samples_per_prompt must be 2 or more, not {config.samples_per_prompt!r}")
+    if not 0 <= config.temperature or isinstance(config.temperature, bool):
+        raise PrefError(f"temperature must be zero (greedy) or positive, not {config.temperature!r}")
+    if not 0 < config.top_p <= 1:
+        raise PrefError(f"top_p must be above 0 and at most 1, not {config.top_p!r}")
+    if not isinstance(config.top_k, int) or config.top_k < 0:
+        raise PrefError(f"top_k must be a whole number, 0 (off) or more, not {config.top_k!r}")
+    if not config.weight_decay >= 0:
+        raise PrefError(f"weight_decay must be zero or positive, not {config.weight_decay!r}")
+    if config.max_prompt_length >= config.max_length:
+        raise PrefError(f"max_prompt_length ({config.max_prompt_length}) must be below max_length ({config.max_length}), "
+                        "or no answer token fits")
+    if config.lora or config.lora_options:
+        from pref.lora import LoraOptions
+
+        LoraOptions.from_dict(config.lora_options)  # a bad option fails before the model loads
+        if not config.lora:
+            raise PrefError("LoRA options were given without --lora; add --lora (or a [lora] table in the config file)")
+    if config.merge_lora and not config.lora:
+        raise PrefError("--merge-lora needs --lora")
     if not config.lr > 0:
         raise PrefError(f"lr must be positive, not {config.lr!r}")
     if config.save_every < 0 or config.warmup_steps < 0 or config.eval_every < 0:
         raise PrefError("save_every, eval_every and warmup_steps must be zero or positive")
+    if not isinstance(config.bucket_window, int) or config.bucket_window < 0:
+        raise PrefError(f"bucket_window must be a whole number, 0 (off) or more, not {config.bucket_window!r}")
     if not 0 <= config.validation_split < 1:
         raise PrefError(f"validation_split must be a share from 0 to below 1, not {config.validation_split!r}")
     if config.validation_split and config.validation_dataset:

@@ -47,11 +47,19 @@ MODEL_KINDS = ("causal-lm", "sequence-classifier")
 
 
 def load_model(name: str | None, dtype: torch.dtype | None = None, kind: str = "causal-lm") -> torch.nn.Module:
-    """A causal LM, or with `kind="sequence-classifier"` the same backbone with a one-score head."""
+    """A causal LM, or with `kind="sequence-classifier"` the same backbone with a one-score head.
+
+    `name` may also be a folder holding a LoRA adapter in PEFT's format (a LoRA run's `final/`);
+    its base model is loaded with the adapter on it. `dtype` None means float32.
+    """
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     quiet_transformers()
     path = resolve_model_path(name)
+    from pref.lora import is_adapter_folder, load_adapter_model
+
+    if is_adapter_folder(path):  # a LoRA run's final/: the adapter on its base model
+        return load_adapter_model(path, dtype or torch.float32, kind)
     try:
         if kind == "sequence-classifier":
             model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=dtype or torch.float32)
@@ -98,3 +106,26 @@ def completion_token_ids(tokenizer: Any, completion: str) -> list[int]:
     if eos is not None and (not ids or ids[-1] != eos):
         ids = ids + [eos]
     return ids
+
+
+def prepare_for_training(model: torch.nn.Module, config: Any, kind: str = "causal-lm") -> torch.nn.Module:
+    """The loaded model as `config` trains it: LoRA adapters (`config.lora`) and gradient checkpointing.
+
+    Returns the model to train (a `peft` model for a LoRA run).
+    """
+    if config.lora:
+        from pref.lora import LoraOptions, add_adapters
+
+        model = add_adapters(model, LoraOptions.from_dict(config.lora_options), kind)
+    if config.gradient_checkpointing:
+        if not getattr(model, "supports_gradient_checkpointing", True):
+            raise PrefError(f"{type(model).__name__} does not support gradient checkpointing; drop --gradient-checkpointing")
+        # non-reentrant: recomputation that works with frozen inputs; peft still wants the inputs to require grad
+        if hasattr(model, "activation_checkpointing_enable"):  # the name since transformers 5
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if config.lora:
+            model.enable_input_require_grads()
+        model.config.use_cache = False
+    return model

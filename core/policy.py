@@ -9,7 +9,7 @@ import torch
 from pref.examples import Prompt
 from pref.interfaces import Policy, SamplingConfig
 from pref.models import completion_token_ids, load_model, load_tokenizer, prompt_token_ids
-from pref.sequences import Logps, Sequences, logps_from_logits
+from pref.sequences import Logps, Sequences, model_logps
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -101,12 +101,7 @@ class HFPolicy(Policy):
         )
 
     def logps(self, sequences: Sequences, with_logits: bool = False, with_hidden: bool = False) -> Logps:
-        sequences = sequences.to(self.device)
-        out = self.model(input_ids=sequences.input_ids, attention_mask=sequences.attention_mask, output_hidden_states=with_hidden)
-        logps = logps_from_logits(out.logits, sequences, keep_logits=with_logits)
-        if with_hidden:
-            logps.hidden = out.hidden_states[-1]
-        return logps
+        return model_logps(self.model, sequences.to(self.device), with_logits, with_hidden)
 
     def save(self, path: str) -> None:
         unwrap(self.model).save_pretrained(path, safe_serialization=True)

@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from pref.errors import PrefError
 from pref.interfaces import Reference
-from pref.sequences import Logps, Sequences, logps_from_logits
+from pref.sequences import Logps, Sequences, model_logps
 
 
 def cache_dir() -> str:
@@ -39,9 +39,9 @@ class FrozenReference(Reference):
         sequences = sequences.to(device)
         was_training = self.model.training
         self.model.eval()  # no dropout in the reference's numbers
-        logits = self.model(input_ids=sequences.input_ids, attention_mask=sequences.attention_mask).logits
+        logps = model_logps(self.model, sequences, with_logits=with_logits)
         self.model.train(was_training)
-        return logps_from_logits(logits, sequences, keep_logits=with_logits)
+        return logps
 
 
 def model_fingerprint(model: torch.nn.Module, name: str) -> str:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 
 @dataclass
@@ -86,6 +88,28 @@ class Logps:
         )
 
 
+def count_tokens(batch: Any) -> tuple[int, int]:
+    """(real tokens, padded positions) over the `Sequences` a training batch holds.
+
+    Looks into the batch's fields (a `PairBatch`'s chosen and rejected, a `ScoredBatch`'s
+    sequences, ...); a mini-batch of a rollout (`rows` + `rollout`) counts its own rows only.
+    """
+    rows = getattr(batch, "rows", None)
+    if rows is not None and hasattr(batch, "rollout"):
+        found = [s.select(rows) for s in _sequences_in(batch.rollout)]
+    else:
+        found = list(_sequences_in(batch))
+    return sum(int(s.attention_mask.sum()) for s in found), sum(s.attention_mask.numel() for s in found)
+
+
+def _sequences_in(value: Any, depth: int = 2) -> list[Sequences]:
+    if isinstance(value, Sequences):
+        return [value]
+    if depth == 0 or not hasattr(value, "__dict__"):
+        return []
+    return [s for field in vars(value).values() if not isinstance(field, torch.Tensor) for s in _sequences_in(field, depth - 1)]
+
+
 def logps_from_logits(logits: torch.Tensor, sequences: Sequences, keep_logits: bool = False) -> Logps:
     """Gather the log-prob of each completion token from a model's logits.
 
@@ -104,3 +128,97 @@ def logps_from_logits(logits: torch.Tensor, sequences: Sequences, keep_logits: b
     if keep_logits:
         aligned_logits = torch.nn.functional.pad(logits[:, :-1], (0, 0, 1, 0))
     return Logps(token_logps, mask, token_logps.sum(-1), aligned_logits)
+
+
+#: Logit elements (rows x vocabulary) computed at once by `lean_logps`: 2**24 float32
+#: values are 64 MiB, e.g. 110 positions of a 151k vocabulary or 1024 of a 16k one.
+LOGIT_CHUNK_ELEMENTS = 2**24
+
+
+def output_head(model: torch.nn.Module) -> torch.nn.Module:
+    """The module mapping last hidden states to logits (the LM head), through DDP and PEFT wrappers."""
+    while hasattr(model, "module") and not hasattr(model, "get_output_embeddings"):
+        model = model.module
+    return model.get_output_embeddings()
+
+
+def model_logps(model: torch.nn.Module, sequences: Sequences, with_logits: bool = False, with_hidden: bool = False) -> Logps:
+    """Log-probs of `sequences`' completion tokens under a causal LM (possibly wrapped by DDP or PEFT).
+
+    With `with_logits` the model computes the full [B, T, V] logits (the plain path);
+    otherwise the LM head runs only at completion positions, a chunk at a time (`lean_logps`).
+    `with_hidden` adds the LM head's input [B, T, H] (the last hidden states, after the final norm).
+    The forward pass always goes through `model` itself, so a DDP wrapper synchronises gradients.
+    """
+    head = None if with_logits else output_head(model)
+    captured: dict[str, torch.Tensor] = {}
+
+    def keep_one_position(module: torch.nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+        # the head's input is what we need; hand it a single position so the model's own
+        # [B, T, V] logits shrink to [B, 1, V] (computed, then dropped)
+        captured["hidden"] = args[0]
+        return (args[0][:, -1:],) + tuple(args[1:])
+
+    def keep_input(module: torch.nn.Module, args: tuple[Any, ...]) -> None:
+        captured["hidden"] = args[0]
+
+    hook = None
+    if head is not None:
+        hook = head.register_forward_pre_hook(keep_one_position)
+    elif with_hidden:
+        hook = output_head(model).register_forward_pre_hook(keep_input)
+    try:
+        out = model(input_ids=sequences.input_ids, attention_mask=sequences.attention_mask)
+    finally:
+        if hook is not None:
+            hook.remove()
+    if head is None:
+        logps = logps_from_logits(out.logits, sequences, keep_logits=with_logits)
+    else:
+        logps = lean_logps(captured["hidden"], head, sequences, softcap=_softcap(model))
+    if with_hidden:
+        logps.hidden = captured["hidden"]
+    return logps
+
+
+def _softcap(model: torch.nn.Module) -> float | None:
+    """The final logit soft-capping some architectures (Gemma 2) apply after the LM head."""
+    while hasattr(model, "module") and not hasattr(model, "config"):
+        model = model.module
+    return getattr(getattr(model, "config", None), "final_logit_softcapping", None)
+
+
+def lean_logps(hidden: torch.Tensor, head: torch.nn.Module, sequences: Sequences, softcap: float | None = None) -> Logps:
+    """Log-probs of the completion tokens from the last hidden states, without the full logits.
+
+    hidden: [B, T, H], where `head(hidden[:, t])` predicts token t + 1.
+    Only the N completion positions go through `head`, in chunks of
+    `LOGIT_CHUNK_ELEMENTS // V` rows; with grad enabled each chunk is recomputed in
+    the backward pass instead of being kept, so a step holds one chunk's logits
+    [rows, V] at a time instead of [B, T, V]. Returns the same `Logps` as
+    `logps_from_logits` (logits=None).
+    """
+    ids = sequences.input_ids
+    mask = sequences.completion_mask.clone()
+    mask[:, 0] = 0
+    where = mask[:, 1:].bool()  # [B, T-1]: position t predicts token t + 1
+    rows = hidden[:, :-1][where]  # [N, H]
+    targets = ids[:, 1:][where]  # [N]
+    vocab = head.weight.shape[0]
+    chunk = max(1, LOGIT_CHUNK_ELEMENTS // vocab)
+
+    def chunk_logps(h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        logits = head(h).float()
+        if softcap:
+            logits = torch.tanh(logits / softcap) * softcap
+        return torch.gather(logits, 1, t.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+    grad = torch.is_grad_enabled()
+    parts = []
+    for start in range(0, rows.shape[0], chunk):
+        h, t = rows[start : start + chunk], targets[start : start + chunk]
+        parts.append(checkpoint(chunk_logps, h, t, use_reentrant=False) if grad else chunk_logps(h, t))
+    picked = torch.cat(parts) if parts else rows.new_zeros(0, dtype=torch.float32)
+    token_logps = torch.zeros(where.shape, dtype=picked.dtype, device=picked.device).masked_scatter(where, picked)
+    token_logps = torch.nn.functional.pad(token_logps, (1, 0), value=0.0) * mask
+    return Logps(token_logps, mask, token_logps.sum(-1))

@@ -23,19 +23,23 @@ from pref.agreement import next_batch_together, same_decision
 from pref.checkpoint import Trained, load_checkpoint, read_state, rng_state, save_checkpoint, write_atomically
 from pref.config import RunConfig
 from pref.curriculum import Curriculum, CurriculumOptions, dataset_names
+from pref.bucketing import LengthBucketedBatches, example_length
 from pref.data import OfflineBatches, collate
 from pref.divergence import check_step, check_weights, refuse_non_finite_settings, sampling_diverged
 from pref.errors import NoUsablePairs, PrefError
 from pref.examples import prompt_of
 from pref.interfaces import LabeledBatch, PairBatch, Processes, Reference, SecondModel
-from pref.models import DEFAULT_MODEL
+from pref.lora import AdaptersOffReference, adapters_off, is_lora, save_final
+from pref.models import DEFAULT_MODEL, prepare_for_training
 from pref.plan import CACHED_LOGPS, NO_MODEL, RunPlan, resolve_plan
 from pref.policy import HFPolicy, unwrap
+from pref.precision import AUTOCAST, keep_trainable_in_float32, resolve_dtype
 from pref.progress import TrainingProgress
 from pref.reference import CachedReference, FrozenReference, cache_dir
 from pref.registry import Registry
 from pref.reporting.card import write_model_card
 from pref.run_folder import absolute_paths, claim_output_dir, cut_logs, release_locks, resume_checkpoint
+from pref.sequences import count_tokens
 from pref.validation import Evaluation, hold_out
 
 log = logging.getLogger(__name__)
@@ -44,8 +48,12 @@ RUN_FILE = "run.json"
 FINAL_DIR = "final"
 
 
-def make_accelerator(config: RunConfig) -> Any:
-    """Resolve the device and precision once; nothing below branches on them."""
+def make_accelerator(config: RunConfig, dtype: torch.dtype = torch.float32) -> Any:
+    """Resolve the device and precision once; nothing below branches on them.
+
+    Weights loaded in a low-precision `dtype` compute under its autocast (their trained
+    part is kept in float32, see pref.precision), unless --mixed-precision says otherwise.
+    """
     from accelerate import Accelerator
 
     if config.device == "cuda" and not torch.cuda.is_available():
@@ -55,10 +63,14 @@ def make_accelerator(config: RunConfig) -> Any:
     # accelerate runs several CPU processes as one job only when told cpu=True; "auto"
     # on a machine without a GPU must say so, or each launched process trains alone
     cpu = config.device == "cpu" or (config.device == "auto" and not torch.cuda.is_available() and not torch.backends.mps.is_available())
+    from accelerate.state import AcceleratorState
+
+    mixed_precision = AUTOCAST.get(dtype, "no") if config.mixed_precision == "no" else config.mixed_precision
+    AcceleratorState._reset_state()  # a second run in this process may compute in another precision
     try:
-        return Accelerator(cpu=cpu, mixed_precision=config.mixed_precision)
+        return Accelerator(cpu=cpu, mixed_precision=mixed_precision)
     except ValueError as exc:
-        raise PrefError(f"cannot use mixed precision {config.mixed_precision!r} here: {exc}; use --mixed-precision no") from None
+        raise PrefError(f"cannot use mixed precision {mixed_precision!r} here: {exc}; use --mixed-precision no and --dtype float32") from None
 
 
 def build_reference(config: RunConfig, plan: RunPlan, policy: HFPolicy, examples: list[Any]) -> Reference | None:
@@ -71,7 +83,10 @@ def build_reference(config: RunConfig, plan: RunPlan, policy: HFPolicy, examples
             batch = collate(policy, examples[start : start + config.batch_size])
             batches.extend([batch.chosen, batch.rejected] if isinstance(batch, PairBatch) else [batch.sequences if isinstance(batch, LabeledBatch) else batch])
         name = config.model or DEFAULT_MODEL
-        return CachedReference.build(unwrap(policy.model), name, batches, os.path.join(cache_dir(), "reference"))
+        with adapters_off(policy.model):  # a LoRA run's reference is its base model
+            return CachedReference.build(unwrap(policy.model), name, batches, os.path.join(cache_dir(), "reference"))
+    if is_lora(policy.model):
+        return AdaptersOffReference(unwrap(policy.model))
     return FrozenReference.copy_of(unwrap(policy.model))
 
 
@@ -90,6 +105,9 @@ def build_data(config: RunConfig, plan: RunPlan, policy: HFPolicy, examples: lis
     `after_draw` (online) is called after each draw of samples: it trains the objective's second model.
     """
     if not plan.needs.online:
+        if order is None and config.bucket_window:  # rows of similar length share a batch: less padding
+            lengths = [example_length(policy.tokenizer, e) for e in examples]
+            order = LengthBucketedBatches(examples, lengths, config.batch_size, config.seed, rank, world, config.bucket_window)
         return OfflineBatches(policy, examples, config.batch_size, config.seed, rank, world, order=order)
     from pref.online import OnlineBatches
 
@@ -197,7 +215,8 @@ def train_policy(config: RunConfig, registry: Registry) -> tuple[str, HFPolicy]:
     # -- device, precision, seed ------------------------------------------------
     refuse_non_finite_settings(config)
     absolute_paths(config, registry.names("dataset"))  # run.json records them, for a resume from anywhere
-    accelerator = make_accelerator(config)
+    dtype = resolve_dtype(config.dtype, config.device, config.model)
+    accelerator = make_accelerator(config, dtype)
     from accelerate.utils import set_seed
 
     set_seed(config.seed + accelerator.process_index)
@@ -216,7 +235,8 @@ def train_policy(config: RunConfig, registry: Registry) -> tuple[str, HFPolicy]:
     lock = claim_output_dir(out_dir, bool(config.resume), accelerator)  # before the model loads: fail fast
 
     # -- policy, the objective's modules, data, reference ---------------------------------
-    policy = HFPolicy.load(config.model, kind=plan.needs.model_kind, max_length=config.max_length, max_prompt_length=config.max_prompt_length)
+    policy = HFPolicy.load(config.model, dtype, kind=plan.needs.model_kind, max_length=config.max_length, max_prompt_length=config.max_prompt_length)
+    policy.model = prepare_for_training(policy.model, config, plan.needs.model_kind)
     policy.model.to(accelerator.device)
     objective.setup(policy)
     modules = objective.trainable_modules() if plan.needs.trainable_modules else {}
@@ -231,6 +251,7 @@ def train_policy(config: RunConfig, registry: Registry) -> tuple[str, HFPolicy]:
 
             for tensor in second.model.state_dict().values():
                 tensor.copy_(broadcast(tensor.clone(), from_process=0))
+        keep_trainable_in_float32(second.model)  # a bf16 run's discriminator keeps float32 optimizer state too
         # AdamW's defaults, as D2PO's own optimizer had
         second_optimizer = torch.optim.AdamW([p for p in second.model.parameters() if p.requires_grad], lr=second.lr)
 
@@ -242,6 +263,7 @@ def train_policy(config: RunConfig, registry: Registry) -> tuple[str, HFPolicy]:
     if not plan.needs.online and not examples:
         raise PrefError(f"objective {config.objective!r} trains on a dataset: pass --dataset FILE")
     reference = build_reference(config, plan, policy, examples + validation)
+    keep_trainable_in_float32(policy.model, *modules.values())  # after the reference took its copy
     order = build_curriculum(config, plan, policy, example_sets, rank, world) if config.curriculum else None
     data = build_data(config, plan, policy, examples, rank, world, order, train_second, processes)
 
@@ -286,6 +308,7 @@ def train_policy(config: RunConfig, registry: Registry) -> tuple[str, HFPolicy]:
         for step in range(start_step + 1, config.steps + 1):
             # forward and backward, accumulated over micro-batches
             totals: dict[str, float] = {}
+            t_start, real_tokens, padded_tokens = time.perf_counter(), 0, 0
             for micro in range(config.grad_accum):
                 try:
                     batch, data_metrics = next_batch_together(data, accelerator, lambda: sampling_diverged(step, config))
@@ -297,6 +320,8 @@ def train_policy(config: RunConfig, registry: Registry) -> tuple[str, HFPolicy]:
                     stopped = (f"Stopped after step {step - 1} of {config.steps}: every pool of the policy's samples was "
                                "all-equal or unusable, so no pair is left to learn from")
                     break
+                real, padded = count_tokens(batch)
+                real_tokens, padded_tokens = real_tokens + real, padded_tokens + padded
                 t_update = time.perf_counter()
                 last = micro == config.grad_accum - 1
                 with nullcontext() if last else accelerator.no_sync(model):
@@ -324,6 +349,8 @@ def train_policy(config: RunConfig, registry: Registry) -> tuple[str, HFPolicy]:
             totals["time/update"] += time.perf_counter() - t_step
             totals["grad_norm"] = float(grad_norm)
             totals["lr"] = scheduler.get_last_lr()[0]
+            totals["tokens/padding_fraction"] = 1 - real_tokens / max(1, padded_tokens)
+            totals["tokens/per_second"] = real_tokens / (time.perf_counter() - t_start)  # real tokens, data included
 
             # evaluate and keep the best model (every process gets the same figures)
             evaluated = evaluation.due(step)
@@ -352,7 +379,7 @@ def train_policy(config: RunConfig, registry: Registry) -> tuple[str, HFPolicy]:
     check_weights(params, config.steps, config)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        write_atomically(os.path.join(out_dir, FINAL_DIR), policy.save)
+        write_atomically(os.path.join(out_dir, FINAL_DIR), lambda path: save_final(policy, path, config.merge_lora))
         write_model_card(out_dir)  # final/README.md
         objective.save(out_dir)
         for logger in loggers:  # trackers record where the model went

@@ -436,6 +436,8 @@ def classifier_from(causal_lm: torch.nn.Module, pad_token_id: int | None) -> tor
     """A sequence classifier (num_labels=1) with a copy of `causal_lm`'s backbone and a new score head."""
     from transformers import AutoModelForSequenceClassification
 
+    if hasattr(causal_lm, "merge_and_unload"):  # a LoRA policy: the backbone with its adapters folded in
+        causal_lm = copy.deepcopy(causal_lm).merge_and_unload()
     config = copy.deepcopy(causal_lm.config)
     config.num_labels = 1
     config.pad_token_id = pad_token_id  # the classifier finds each row's last token by it

@@ -1,0 +1,76 @@
+"""Weight dtypes: what `--dtype` loads, and float32 where training needs it.
+
+`--dtype auto` resolves to bfloat16 on a CUDA GPU that supports it when the
+checkpoint itself is stored in bfloat16 or float16 (its `torch_dtype`), and to
+float32 everywhere else (CPU, MPS, float32 checkpoints): bf16 on a CPU is slow
+and saves little there. A low-precision dtype applies to the weights as loaded and
+to whatever stays frozen (a LoRA run's base model, a frozen reference copy); the
+weights the optimizer updates are kept in float32 (`keep_trainable_in_float32`),
+so AdamW's state and its small updates are never rounded to 8 bits of mantissa,
+while the forward pass computes in the low precision under autocast.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from pref.errors import PrefError
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+DTYPE_CHOICES = ("auto", *DTYPES)
+#: The accelerate mixed-precision mode that computes in a low-precision dtype.
+AUTOCAST = {torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def device_type(device: str) -> str:
+    """The device a `--device` choice ends up on: cuda, mps or cpu."""
+    if device == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        return "mps" if torch.backends.mps.is_available() else "cpu"
+    return device
+
+
+def checkpoint_dtype(path: str) -> torch.dtype | None:
+    """The `torch_dtype` a saved model declares, or None."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError):
+        return None
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(dtype, str):
+        dtype = DTYPES.get(dtype)
+    return dtype
+
+
+def resolve_dtype(name: str, device: str, model_path: str | None) -> torch.dtype:
+    """The weights' dtype for `--dtype NAME` on `device` (auto, cpu, cuda, mps); PrefError where the device cannot do it."""
+    if name not in DTYPE_CHOICES:
+        raise PrefError(f"--dtype must be one of {', '.join(DTYPE_CHOICES)}, not {name!r}")
+    kind = device_type(device)
+    if name == "auto":
+        stored = checkpoint_dtype(model_path) if model_path else None
+        bf16_gpu = kind == "cuda" and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if bf16_gpu and stored in (torch.bfloat16, torch.float16) else torch.float32
+    dtype = DTYPES[name]
+    if dtype == torch.float16 and kind == "cpu":
+        raise PrefError("--dtype float16 cannot train on a CPU (no float16 gradient scaling there); use --dtype bfloat16 or float32")
+    if dtype == torch.bfloat16 and kind == "cuda" and not torch.cuda.is_bf16_supported():
+        raise PrefError("this GPU cannot compute in bfloat16; use --dtype float16 or float32")
+    return dtype
+
+
+def keep_trainable_in_float32(*modules: torch.nn.Module) -> int:
+    """Cast every parameter that requires grad to float32 in place; return how many were cast.
+
+    Frozen parameters keep their (possibly low-precision) dtype.
+    """
+    cast = 0
+    for module in modules:
+        for param in module.parameters():
+            if param.requires_grad and param.dtype != torch.float32:
+                param.data = param.data.float()
+                cast += 1
+    return cast

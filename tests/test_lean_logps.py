@@ -1,0 +1,79 @@
+"""Lean log-probs (LM head at completion positions only, in chunks) equal the full-logits path."""
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+import pref.sequences as sequences_module
+from pref.policy import HFPolicy
+from pref.sequences import logps_from_logits, model_logps
+
+PROMPTS = ["Name a fruit.", "What is your name? Tell me more about you.", "Say something kind."]
+ANSWERS = ["apple", "i am tiny , a small helpful assistant .", "you are a good friend ."]
+
+
+def plain_logps(model, seqs):
+    """Today's path: the model's full [B, T, V] logits, then gather and normalise."""
+    out = model(input_ids=seqs.input_ids, attention_mask=seqs.attention_mask, output_hidden_states=True)
+    logps = logps_from_logits(out.logits, seqs)
+    logps.hidden = out.hidden_states[-1]
+    return logps
+
+
+def grads(model, value):
+    model.zero_grad()
+    value.backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("chunk_elements", [2**24, 7 * 1])  # one chunk, and chunks of a few rows
+def test_lean_logps_equal_the_full_logits_path_with_gradients(tiny_model_dir, monkeypatch, chunk_elements):
+    policy = HFPolicy.load(tiny_model_dir)
+    model = policy.model.train()
+    vocab = model.get_output_embeddings().weight.shape[0]
+    monkeypatch.setattr(sequences_module, "LOGIT_CHUNK_ELEMENTS", chunk_elements * vocab)
+    seqs = policy.encode(PROMPTS, ANSWERS)
+    assert (seqs.attention_mask == 0).any()  # padding is present
+
+    torch.manual_seed(0)
+    plain = plain_logps(model, seqs)
+    plain_grads = grads(model, (plain.sequence * torch.tensor([1.0, -2.0, 0.5])).sum() + plain.hidden.pow(2).mean())
+    torch.manual_seed(0)
+    lean = model_logps(model, seqs, with_hidden=True)
+    lean_grads = grads(model, (lean.sequence * torch.tensor([1.0, -2.0, 0.5])).sum() + lean.hidden.pow(2).mean())
+
+    assert lean.logits is None
+    assert_close(lean.tokens, plain.tokens, atol=1e-5, rtol=0)
+    assert_close(lean.sequence, plain.sequence, atol=1e-5, rtol=0)
+    assert torch.equal(lean.mask, plain.mask)
+    assert_close(lean.hidden, plain.hidden, atol=1e-5, rtol=0)
+    assert plain_grads.keys() == lean_grads.keys()
+    for name in plain_grads:
+        assert_close(lean_grads[name], plain_grads[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_lean_logps_never_compute_logits_for_every_position(tiny_model_dir):
+    policy = HFPolicy.load(tiny_model_dir)
+    seqs = policy.encode(PROMPTS, ANSWERS)
+    rows_seen = []
+    head = policy.model.get_output_embeddings()
+    handle = head.register_forward_hook(lambda m, a, out: rows_seen.append(out.reshape(-1, out.shape[-1]).shape[0]))
+    try:
+        with torch.no_grad():
+            policy.logps(seqs)
+    finally:
+        handle.remove()
+    completion_tokens = int(seqs.completion_mask.sum())
+    # the model's own call at one position per row, then exactly the completion positions
+    assert rows_seen == [len(seqs), completion_tokens]
+    assert completion_tokens < seqs.input_ids.numel()
+
+
+def test_with_logits_keeps_the_full_path(tiny_model_dir):
+    policy = HFPolicy.load(tiny_model_dir)
+    seqs = policy.encode(PROMPTS, ANSWERS)
+    with torch.no_grad():
+        full = policy.logps(seqs, with_logits=True)
+        lean = policy.logps(seqs)
+    assert full.logits.shape == (*seqs.input_ids.shape, policy.model.config.vocab_size)
+    assert_close(full.sequence, lean.sequence, atol=1e-5, rtol=0)

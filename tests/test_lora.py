@@ -1,0 +1,151 @@
+"""LoRA runs through peft: adapters only, the base as reference, PEFT-format output, exact resume."""
+
+import json
+import os
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+import pref.train as train_module
+from pref.checkpoint import list_checkpoints
+from pref.cli.main import cli
+from pref.config import build_config
+from pref.errors import PrefError
+from pref.lora import AdaptersOffReference, LoraOptions, add_adapters
+from pref.policy import HFPolicy
+from pref.reference import FrozenReference
+from pref.registry import load_registry
+from pref.train import train
+
+LORA = {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": "q_proj,v_proj"}
+
+
+def run(tmp_path, model, dataset, name="run", objective="dpo", **flags):
+    config = build_config(flags={"objective": objective, "model": model, "dataset": [dataset] if dataset else [], "output_dir": str(tmp_path / name),
+                                 "batch_size": 2, "steps": 4, "lr": 1e-2, "device": "cpu", "lora": True, "lora_options": LORA, **flags})
+    return train(config, load_registry())
+
+
+def cli_ok(*args):
+    result = CliRunner().invoke(cli, list(args))
+    assert result.exit_code == 0, (result.output, result.exception)
+    return result
+
+
+def test_lora_dpo_from_the_cli_writes_an_adapter_peft_loads_and_merged_weights(tmp_path, tiny_model_dir, prefs_file):
+    out = str(tmp_path / "run")
+    cli_ok("run", "--objective", "dpo", "--model", tiny_model_dir, "--dataset", prefs_file, "--steps", "3", "--batch-size", "2", "--lr", "1e-2",
+           "--device", "cpu", "--output-dir", out, "--lora", "--lora-option", "r=4", "--lora-option", "target_modules=q_proj,v_proj", "--merge-lora")
+    final = os.path.join(out, "final")
+    assert os.path.exists(os.path.join(final, "adapter_config.json")) and not os.path.exists(os.path.join(final, "model.safetensors"))
+    from peft import AutoPeftModelForCausalLM
+
+    adapted = AutoPeftModelForCausalLM.from_pretrained(final).eval()
+    merged = AutoModelForCausalLM.from_pretrained(os.path.join(final, "merged")).eval()
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    ids = torch.tensor([[1, 5, 9, 13, 2]])
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, adapted(ids).logits, atol=1e-4, rtol=1e-4)
+        assert not torch.allclose(merged(ids).logits, base(ids).logits, atol=1e-4), "training did not move the adapters"
+    # pref's own commands take the adapter folder as a model
+    result = cli_ok("generate", "--model", final, "--prompt", "Name a fruit.", "--max-new-tokens", "3")
+    assert result.output.startswith("> Name a fruit.")
+
+
+def test_lora_divpo_from_the_cli_trains(tmp_path, tiny_model_dir):
+    out = str(tmp_path / "divpo")
+    cli_ok("run", "--objective", "divpo", "--model", tiny_model_dir, "--reward", "noun-diversity", "--steps", "2", "--batch-size", "2",
+           "-k", "4", "--device", "cpu", "--output-dir", out, "--lora", "--lora-option", "r=4")
+    adapter = load_file(os.path.join(out, "final", "adapter_model.safetensors"))
+    assert adapter and all("lora_" in key for key in adapter)
+    assert [json.loads(line)["step"] for line in open(os.path.join(out, "metrics.jsonl"))] == [1, 2]
+
+
+def test_the_reference_is_the_base_model_with_adapters_off(tiny_model_dir):
+    policy = HFPolicy.load(tiny_model_dir)
+    base = FrozenReference.copy_of(policy.model)
+    model = add_adapters(policy.model, LoraOptions.from_dict(LORA))
+    with torch.no_grad():  # adapters that already changed the model
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_()
+    policy.model = model
+    seqs = policy.encode(["Name a fruit.", "Say something kind."], ["apple", "you are a good friend ."])
+    reference = AdaptersOffReference(model)
+    torch.testing.assert_close(reference.logps(seqs).sequence, base.logps(seqs).sequence, atol=1e-5, rtol=0)
+    with torch.no_grad():
+        assert not torch.allclose(policy.logps(seqs).sequence, base.logps(seqs).sequence, atol=1e-3)
+    # no second copy of the weights: the reference shares the policy's parameters
+    assert reference.model is model
+
+
+def test_lora_checkpoints_hold_only_adapters_and_resume_exactly(tmp_path, tiny_model_dir, prefs_file, monkeypatch):
+    whole = run(tmp_path, tiny_model_dir, prefs_file, name="whole", steps=6, save_every=2)
+
+    class Interrupted(Exception):
+        pass
+
+    original = train_module.TrainingProgress.update
+
+    def crash_after_step_3(self, step, metrics):
+        original(self, step, metrics)
+        if step == 3:
+            raise Interrupted()
+
+    monkeypatch.setattr(train_module.TrainingProgress, "update", crash_after_step_3)
+    with pytest.raises(Interrupted):
+        run(tmp_path, tiny_model_dir, prefs_file, name="broken", steps=6, save_every=2)
+    monkeypatch.setattr(train_module.TrainingProgress, "update", original)
+    broken = str(tmp_path / "broken")
+    saved = load_file(os.path.join(list_checkpoints(broken)[-1], "model.safetensors"))
+    assert saved and all("lora_" in key for key in saved)
+    run(tmp_path, tiny_model_dir, prefs_file, name="broken", steps=6, save_every=2, resume=broken)
+    expected = load_file(os.path.join(whole, "final", "adapter_model.safetensors"))
+    got = load_file(os.path.join(broken, "final", "adapter_model.safetensors"))
+    assert expected.keys() == got.keys()
+    for key in expected:
+        assert torch.equal(expected[key], got[key]), key
+
+
+def test_resuming_a_lora_run_without_lora_is_refused(tmp_path, tiny_model_dir, prefs_file):
+    out = run(tmp_path, tiny_model_dir, prefs_file, steps=3, save_every=2)
+    config = build_config(flags={"objective": "dpo", "model": tiny_model_dir, "dataset": [prefs_file], "output_dir": out, "batch_size": 2,
+                                 "steps": 3, "device": "cpu", "resume": out})
+    with pytest.raises(PrefError, match="other trained weights"):
+        train(config, load_registry())
+
+
+def test_reward_model_lora_trains_adapters_and_the_score_head(tmp_path, tiny_model_dir):
+    rows = [{"prompt": "Name a fruit.", "chosen": "apple", "rejected": "chair"},
+            {"prompt": "Say something kind.", "chosen": "you are a good friend .", "rejected": "go away ."}] * 2
+    data = tmp_path / "prefs.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    out = run(tmp_path, tiny_model_dir, str(data), objective="reward-model", steps=2)
+    adapter = load_file(os.path.join(out, "final", "adapter_model.safetensors"))
+    assert any("lora_" in key for key in adapter) and any("score" in key for key in adapter)
+    config = json.load(open(os.path.join(out, "final", "adapter_config.json")))
+    assert config["task_type"] == "SEQ_CLS"
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--lora-option", "r=0", "--lora"], "r must be a positive"),
+    (["--lora-option", "rank=4", "--lora"], "unknown LoRA option 'rank'"),
+    (["--lora-option", "dropout=1.5", "--lora"], "dropout must be"),
+    (["--lora-option", "r=4"], "without --lora"),
+    (["--merge-lora"], "--merge-lora needs --lora"),
+])
+def test_bad_lora_settings_are_one_line_errors(prefs_file, flags, message):
+    result = CliRunner().invoke(cli, ["run", "--objective", "dpo", "--dataset", prefs_file, *flags])
+    assert result.exit_code == 2 and message in result.stderr and "Traceback" not in result.output
+
+
+def test_a_lora_table_in_a_config_file_turns_lora_on(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text('objective = "dpo"\n[lora]\nr = 8\ntarget_modules = ["q_proj", "v_proj"]\n')
+    from pref.config import read_config_file
+
+    config = build_config(read_config_file(str(path)))
+    assert config.lora and config.lora_options == {"r": 8, "target_modules": ["q_proj", "v_proj"]}

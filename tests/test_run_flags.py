@@ -1,0 +1,91 @@
+"""The length, sampling, precision and memory flags of `pref run`: bad values are one-line errors, good ones take effect."""
+
+import os
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file
+
+import pref.train as train_module
+from pref.cli.main import cli
+from pref.config import build_config
+from pref.errors import PrefError
+from pref.precision import resolve_dtype
+from pref.registry import load_registry
+from pref.train import train_policy
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--temperature", "-1"], "temperature must be zero"),
+    (["--top-p", "0"], "top_p must be above 0"),
+    (["--top-p", "1.5"], "top_p must be above 0"),
+    (["--top-k", "-1"], "top_k must be"),
+    (["--weight-decay", "-0.1"], "weight_decay must be zero or positive"),
+    (["--warmup-steps", "-1"], "warmup_steps must be zero or positive"),
+    (["--max-length", "0"], "max_length must be a positive"),
+    (["--max-new-tokens", "0"], "max_new_tokens must be a positive"),
+    (["--max-prompt-length", "600"], "max_prompt_length (600) must be below max_length (512)"),
+    (["--dtype", "float16", "--device", "cpu"], "--dtype float16 cannot train on a CPU"),
+    (["--dtype", "int8"], "Invalid value for '--dtype'"),
+])
+def test_bad_values_are_one_line_errors_with_exit_2(monkeypatch, prefs_file, flags, message):
+    import pref.policy
+
+    monkeypatch.setattr(pref.policy.HFPolicy, "load", lambda *a, **k: pytest.fail("a model was loaded before the error"))
+    result = CliRunner().invoke(cli, ["run", "--objective", "dpo", "--dataset", prefs_file, *flags])
+    assert result.exit_code == 2, result.output
+    assert message in result.stderr and "Traceback" not in result.output
+
+
+def test_the_flags_reach_the_run_configuration(monkeypatch, prefs_file):
+    seen = {}
+    monkeypatch.setattr(train_module, "train", lambda config, registry: seen.setdefault("config", config) and "out")
+    result = CliRunner().invoke(cli, ["run", "--objective", "dpo", "--dataset", prefs_file, "--max-length", "128", "--max-prompt-length", "64",
+                                      "--max-new-tokens", "16", "--temperature", "0.7", "--top-p", "0.9", "--top-k", "50", "--warmup-steps", "3",
+                                      "--weight-decay", "0.01", "--dtype", "bfloat16", "--gradient-checkpointing"])
+    config = seen["config"]
+    assert (config.max_length, config.max_prompt_length, config.max_new_tokens) == (128, 64, 16)
+    assert (config.temperature, config.top_p, config.top_k, config.warmup_steps, config.weight_decay) == (0.7, 0.9, 50, 3, 0.01)
+    assert config.dtype == "bfloat16" and config.gradient_checkpointing
+
+
+def test_auto_dtype_is_float32_on_a_cpu(tiny_model_dir):
+    assert resolve_dtype("auto", "cpu", tiny_model_dir) == torch.float32
+    assert resolve_dtype("bfloat16", "cpu", tiny_model_dir) == torch.bfloat16
+
+
+def dpo(tmp_path, model, data, name, **flags):
+    config = build_config(flags={"objective": "dpo", "model": model, "dataset": [data], "output_dir": str(tmp_path / name), "batch_size": 2,
+                                 "steps": 3, "lr": 1e-3, "device": "cpu", "reference": "model", **flags})
+    return train_policy(config, load_registry())
+
+
+def test_a_bf16_run_keeps_its_trained_weights_in_float32_and_its_reference_in_bf16(tmp_path, tiny_model_dir, prefs_file, monkeypatch):
+    seen = {}
+    original = train_module.build_reference
+
+    def spy(config, objective, policy, examples):
+        seen["reference"] = original(config, objective, policy, examples)
+        return seen["reference"]
+
+    monkeypatch.setattr(train_module, "build_reference", spy)
+    _, policy = dpo(tmp_path, tiny_model_dir, prefs_file, "full", dtype="bfloat16")
+    assert {p.dtype for p in policy.model.parameters()} == {torch.float32}  # the optimizer's state follows them
+    assert {p.dtype for p in seen["reference"].model.parameters()} == {torch.bfloat16}
+    _, policy = dpo(tmp_path, tiny_model_dir, prefs_file, "lora", dtype="bfloat16", lora=True, lora_options={"r": 4})
+    dtypes = {name: p.dtype for name, p in policy.model.named_parameters()}
+    assert all(d == torch.float32 for n, d in dtypes.items() if "lora_" in n)
+    assert all(d == torch.bfloat16 for n, d in dtypes.items() if "lora_" not in n)
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_gradient_checkpointing_trains_the_same_weights(tmp_path, tiny_model_dir, prefs_file, lora):
+    extra = {"lora": True, "lora_options": {"r": 4, "dropout": 0.0}} if lora else {}
+    plain, _ = dpo(tmp_path, tiny_model_dir, prefs_file, "plain", **extra)
+    checkpointed, policy = dpo(tmp_path, tiny_model_dir, prefs_file, "checkpointed", gradient_checkpointing=True, **extra)
+    assert getattr(policy.model, "is_activation_checkpointing", None) or policy.model.is_gradient_checkpointing
+    name = "adapter_model.safetensors" if lora else "model.safetensors"
+    a, b = load_file(os.path.join(plain, "final", name)), load_file(os.path.join(checkpointed, "final", name))
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-4)
