@@ -34,6 +34,7 @@ bench/results/dpo_throughput.md.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import random
@@ -47,7 +48,7 @@ import time
 from machine import machine  # bench/machine.py (bench/ is on sys.path when a script runs)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-RESULTS = os.path.join(HERE, "results", "dpo_throughput.md")
+RESULTS = os.path.join(HERE, "results", "dpo_throughput.md")  # --shape realistic: dpo_throughput_realistic.md
 THREADS = 2
 MAX_LENGTH = 512
 MAX_PROMPT_LENGTH = 256
@@ -58,6 +59,21 @@ SEED = 0
 MODEL = dict(hidden_size=384, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=6, num_key_value_heads=6)
 PROMPT_WORDS = (8, 24)
 COMPLETION_WORDS = (32, 64)
+SHAPE = "small"
+VOCAB = 0  # 0: the tokenizer's own size
+
+# `--shape realistic`: a Llama of about 36M parameters over a byte-level BPE tokenizer of 16k
+# tokens trained here on generated text, with prompts of 16-48 words and answers of 16-256
+# words (very uneven, as real preference data is). `--memory-table` also runs it with the
+# model's vocabulary raised to 64k and 151k rows (Qwen's size): the extra rows are never
+# produced by the tokenizer, but the embedding, the LM head and the logits are as large as
+# a real vocabulary's, which is all a memory figure depends on.
+REALISTIC = dict(
+    MODEL=dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=6, num_attention_heads=8, num_key_value_heads=8),
+    PROMPT_WORDS=(16, 48), COMPLETION_WORDS=(16, 256), MAX_PROMPT_LENGTH=128,
+)
+BPE_VOCAB = 16_384
+MEMORY_VOCABS = (16_384, 65_536, 151_936)
 
 RUNS = {
     "pref": "pref (cached reference log-probs, its default)",
@@ -72,19 +88,63 @@ RUNS = {
 # ---------------------------------------------------------------------------------------
 
 
-def build_model(path: str) -> int:
-    """Save a randomly initialised Llama and the default model's tokenizer (no chat template) to `path`."""
+def use_shape(name: str) -> None:
+    """Switch the module's model and data constants to `--shape NAME` (in the parent and every child)."""
+    global SHAPE, MODEL, PROMPT_WORDS, COMPLETION_WORDS, MAX_PROMPT_LENGTH
+    SHAPE = name
+    if name == "realistic":
+        MODEL, PROMPT_WORDS, COMPLETION_WORDS = REALISTIC["MODEL"], REALISTIC["PROMPT_WORDS"], REALISTIC["COMPLETION_WORDS"]
+        MAX_PROMPT_LENGTH = REALISTIC["MAX_PROMPT_LENGTH"]
+
+
+def corpus_words() -> list[str]:
+    """40,000 common English words, most frequent first (wordfreq ships them: no download)."""
+    import wordfreq
+
+    return [w for w in wordfreq.top_n_list("en", 40_000) if w.isalpha()]
+
+
+@functools.lru_cache(maxsize=None)
+def build_bpe_tokenizer(vocab_size: int) -> object:
+    """A byte-level BPE tokenizer of `vocab_size` tokens, trained on Zipf-distributed generated text (once per process)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    words = corpus_words()
+    rng = random.Random(SEED)
+    weights = [1 / (rank + 10) for rank in range(len(words))]
+    lines = [" ".join(rng.choices(words, weights, k=24)) for _ in range(20_000)]
+    lines += [" ".join(words[i : i + 24]) for i in range(0, len(words), 24)]  # every word at least once
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    special = ["<pad>", "<s>", "</s>"]
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tokenizer.train_from_iterator(lines, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+
+
+def build_model(path: str, vocab: int = 0) -> int:
+    """Save a randomly initialised Llama and its tokenizer (no chat template) to `path`; return its parameter count.
+
+    The small shape uses the default model's word-level tokenizer, the realistic one a
+    16k BPE tokenizer; `vocab` raises the model's vocabulary above the tokenizer's.
+    """
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from pref.default_model import build_tokenizer, english_words
+    if SHAPE == "realistic":
+        tokenizer = build_bpe_tokenizer(BPE_VOCAB)
+    else:
+        from pref.default_model import build_tokenizer, english_words
 
-    tokenizer = build_tokenizer(english_words())
+        tokenizer = build_tokenizer(english_words())
     # Plain-text prompts: with a chat template pref would wrap string prompts in it and TRL
     # would not, and the two would train on different sequences.
     tokenizer.chat_template = None
     config = LlamaConfig(
-        vocab_size=len(tokenizer), max_position_embeddings=256, tie_word_embeddings=False, rms_norm_eps=1e-5,
+        vocab_size=max(vocab, len(tokenizer)), max_position_embeddings=256, tie_word_embeddings=False, rms_norm_eps=1e-5,
         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         **MODEL,
     )
@@ -96,11 +156,15 @@ def build_model(path: str) -> int:
 
 
 def build_pairs(path: str, model_path: str, pairs: int) -> None:
-    """`pairs` prompt/chosen/rejected rows of random vocabulary words, one token per word."""
+    """`pairs` prompt/chosen/rejected rows of random words (small shape: vocabulary words, one token each;
+    realistic shape: common English words, one or more BPE tokens each)."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    words = sorted(w for w in tokenizer.get_vocab() if w.isalpha() and w.islower() and len(w) > 1)
+    if SHAPE == "realistic":
+        words = corpus_words()
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(model_path)
+        words = sorted(w for w in tokenizer.get_vocab() if w.isalpha() and w.islower() and len(w) > 1)
     rng = random.Random(SEED)
 
     def text(lengths: tuple[int, int]) -> str:
@@ -130,11 +194,13 @@ class Turn:
     `now()` is a clock that stops while waiting, so no figure counts another trainer's work.
     """
 
-    def __init__(self, go_fd: int, done_fd: int):
-        self.go_fd, self.done_fd = go_fd, done_fd
+    def __init__(self, go_fd: int | None, done_fd: int | None):
+        self.go_fd, self.done_fd = go_fd, done_fd  # None: a child that runs alone (the memory table)
         self.waited = 0.0
 
     def take(self) -> None:
+        if self.go_fd is None:
+            return
         start = time.perf_counter()
         if os.read(self.go_fd, 1) != b"g":
             sys.exit("the benchmark's parent process went away")
@@ -142,6 +208,8 @@ class Turn:
 
     def pass_on(self, message: bytes = b"y") -> None:
         """Hand the turn back (b"r": and wait until every trainer is ready to train) and wait for the next."""
+        if self.done_fd is None:
+            return
         os.write(self.done_fd, message)
         self.take()
 
@@ -164,6 +232,7 @@ class StepClock:
     def start(self) -> None:
         if self.first_start is None:
             self.turn.pass_on(b"r")  # all trainers finish their setup before any step is timed
+            self.rss_at_first_step = rss_mib()
             self.first_start = self.turn.now()
             self.cpu_start = time.process_time()
 
@@ -191,6 +260,7 @@ class StepClock:
             "total_s": ends[last] - entry,
             "peak_rss_mib": rss_mib(),
             "rss_after_imports_mib": after_imports_mib,
+            "rss_at_first_step_mib": self.rss_at_first_step,
             "load_average": os.getloadavg()[0],
         }
 
@@ -255,7 +325,7 @@ def run_pref(args: argparse.Namespace, clock: StepClock) -> dict:
 
     config = build_config(flags={
         "objective": "dpo",  # its default loss: sigmoid, beta 0.1, as TRL's
-        "model": os.path.join(args.work_dir, "model"),
+        "model": os.path.join(args.work_dir, args.model_dir),
         "dataset": [os.path.join(args.work_dir, "pairs.jsonl")],
         "output_dir": os.path.join(args.work_dir, f"pref-run-{os.getpid()}"),
         "device": "cpu",
@@ -265,6 +335,9 @@ def run_pref(args: argparse.Namespace, clock: StepClock) -> dict:
         "max_length": MAX_LENGTH,
         "max_prompt_length": MAX_PROMPT_LENGTH,
         "seed": SEED,
+        "gradient_checkpointing": args.variant == "lora-gc",
+        **({"lora": True, "lora_options": {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"}}
+           if args.variant in ("lora", "lora-gc") else {}),
     })
     entry = turn.now()
     pref.train.train(config, registry)
@@ -308,7 +381,7 @@ def run_trl(args: argparse.Namespace, clock: StepClock, precompute_ref: bool, gr
             return super().compute_loss(model, inputs, *a, **k)
 
     entry = turn.now()
-    model_path = os.path.join(args.work_dir, "model")
+    model_path = os.path.join(args.work_dir, args.model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     dataset = load_dataset("json", data_files=os.path.join(args.work_dir, "pairs.jsonl"), split="train")
@@ -337,7 +410,8 @@ def run_trl(args: argparse.Namespace, clock: StepClock, precompute_ref: bool, gr
 
 
 def child(args: argparse.Namespace) -> None:
-    go_fd, done_fd = (int(fd) for fd in args.turn_fds.split(","))
+    use_shape(args.shape)
+    go_fd, done_fd = (int(fd) for fd in args.turn_fds.split(",")) if args.turn_fds else (None, None)
     turn = Turn(go_fd, done_fd)
     turn.take()  # not even the imports run out of turn
     # a fresh cache per run, so every precompute really computes
@@ -368,7 +442,7 @@ def run_children(names: list[str], args: argparse.Namespace, work: str) -> dict[
         done_read, done_write = os.pipe()
         command = [sys.executable, os.path.abspath(__file__), "--child", name, "--work-dir", work,
                    "--result", os.path.join(work, f"{name}.json"), "--turn-fds", f"{go_read},{done_write}",
-                   "--steps", str(args.steps), "--warmup", str(args.warmup), "--batch-size", str(args.batch_size)]
+                   "--steps", str(args.steps), "--warmup", str(args.warmup), "--batch-size", str(args.batch_size), "--shape", args.shape]
         with open(os.path.join(work, f"{name}.log"), "w") as log:
             process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=work, pass_fds=(go_read, done_write))
         os.close(go_read)
@@ -416,6 +490,53 @@ def run_children(names: list[str], args: argparse.Namespace, work: str) -> dict[
     return results
 
 
+MEMORY_RUNS = [("pref", "full"), ("trl-precomputed", "full"), ("pref", "lora"), ("pref", "lora-gc")]
+MEMORY_LABELS = {("pref", "full"): "pref, full fine-tune", ("trl-precomputed", "full"): "TRL (precomputed reference), full fine-tune",
+                 ("pref", "lora"): "pref, LoRA r=16 (all linear layers)", ("pref", "lora-gc"): "pref, LoRA + gradient checkpointing"}
+
+
+def memory_table(args: argparse.Namespace, work: str) -> str:
+    """Peak RSS of processes that each run `args.memory_steps` DPO steps, one at a time, per vocabulary and run."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(THREADS), "MKL_NUM_THREADS": str(THREADS), "TOKENIZERS_PARALLELISM": "false",
+           "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TQDM_DISABLE": "1"}
+    rows = {}
+    for vocab in MEMORY_VOCABS:
+        model_dir = f"model-{vocab}"
+        params = build_model(os.path.join(work, model_dir), vocab)
+        for name, variant in MEMORY_RUNS:
+            result = os.path.join(work, f"memory-{vocab}-{name}-{variant}.json")
+            command = [sys.executable, os.path.abspath(__file__), "--child", name, "--variant", variant, "--work-dir", work,
+                       "--model-dir", model_dir, "--result", result, "--steps", str(args.memory_steps), "--warmup", "0",
+                       "--batch-size", str(args.batch_size), "--shape", args.shape]
+            print(f"  memory: vocab {vocab}, {name} {variant}", file=sys.stderr, flush=True)
+            with open(os.path.join(work, f"memory-{vocab}-{name}-{variant}.log"), "w") as log:
+                code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=work).returncode
+            if code == 0:
+                with open(result) as f:
+                    rows[(vocab, name, variant)] = (params, json.load(f))
+            else:
+                print(f"  failed (exit {code}), see {log.name}", file=sys.stderr)
+    lines = [
+        "", f"## Peak memory of {args.memory_steps} DPO steps (batch {args.batch_size} pairs), by vocabulary", "",
+        "Each cell is one process: load, reference precompute, then the steps; peak RSS in MiB (the RSS at the first step in brackets: "
+        "what the model, optimizer and data took before any step). Same model body, same data.", "",
+        "| vocabulary | parameters | " + " | ".join(MEMORY_LABELS[r] for r in MEMORY_RUNS) + " | pref / TRL (full) |",
+        "|---:|---:|" + "---:|" * (len(MEMORY_RUNS) + 1),
+    ]
+    for vocab in MEMORY_VOCABS:
+        cells, params = [], 0
+        for name, variant in MEMORY_RUNS:
+            if (vocab, name, variant) in rows:
+                params, r = rows[(vocab, name, variant)]
+                cells.append(f"{r['peak_rss_mib']:.0f} ({r['rss_at_first_step_mib']:.0f})")
+            else:
+                cells.append("failed")
+        pref, trl = rows.get((vocab, "pref", "full")), rows.get((vocab, "trl-precomputed", "full"))
+        ratio = f"x{pref[1]['peak_rss_mib'] / trl[1]['peak_rss_mib']:.2f}" if pref and trl else ""
+        lines.append(f"| {vocab:,} | {params / 1e6:.1f}M | " + " | ".join(cells) + f" | {ratio} |")
+    return "\n".join(lines)
+
+
 def versions() -> str:
     from importlib import metadata
 
@@ -431,9 +552,10 @@ def report(results: dict[str, dict], args: argparse.Namespace, params: int, load
         f"Versions: {versions()}.",
         "",
         f"Model: Llama, {params / 1e6:.1f}M parameters (hidden {MODEL['hidden_size']}, {MODEL['num_hidden_layers']} layers, "
-        "the vocabulary of pref's default word-level tokenizer, untied head), fp32.",
-        f"Data: {args.pairs} synthetic pairs, prompts of {PROMPT_WORDS[0]}-{PROMPT_WORDS[1]} tokens, completions of "
-        f"{COMPLETION_WORDS[0]}-{COMPLETION_WORDS[1]} tokens plus EOS. Batch size {args.batch_size} pairs "
+        + ("the vocabulary of pref's default word-level tokenizer" if SHAPE == "small" else f"a byte-level BPE tokenizer of {BPE_VOCAB:,} tokens trained here")
+        + ", untied head), fp32.",
+        f"Data: {args.pairs} synthetic pairs, prompts of {PROMPT_WORDS[0]}-{PROMPT_WORDS[1]} words, completions of "
+        f"{COMPLETION_WORDS[0]}-{COMPLETION_WORDS[1]} words plus EOS" + (" (one token per word)" if SHAPE == "small" else "") + ". Batch size {args.batch_size} pairs "
         f"({2 * args.batch_size} sequences per forward), lr {LR}, AdamW, gradient clipping at 1.0.",
         f"Steps/s over {args.steps} steps after {args.warmup} warm-up steps, the trainers taking turns step by step (waiting "
         "for the turn is not counted): from the median step time, which a few steps slowed by other jobs on the machine "
@@ -460,8 +582,10 @@ def report(results: dict[str, dict], args: argparse.Namespace, params: int, load
                     f"peak RSS x{pref['peak_rss_mib'] / r['peak_rss_mib']:.2f}"
                 )
     only = f" --only {' '.join(results)}" if args.only else ""
-    lines += ["", f"Command: `python bench/dpo_throughput.py --steps {args.steps} --warmup {args.warmup} --batch-size {args.batch_size} "
-              f"--pairs {args.pairs}{' --trl-defaults' if args.trl_defaults else ''}{only}`", ""]
+    shape = f" --shape {SHAPE}" if SHAPE != "small" else ""
+    memory = f" --memory-table --memory-steps {args.memory_steps}" if args.memory_table else ""
+    lines += ["", f"Command: `python bench/dpo_throughput.py{shape} --steps {args.steps} --warmup {args.warmup} --batch-size {args.batch_size} "
+              f"--pairs {args.pairs}{' --trl-defaults' if args.trl_defaults else ''}{only}{memory}`", ""]
     return "\n".join(lines)
 
 
@@ -474,7 +598,13 @@ def main() -> None:
     parser.add_argument("--only", nargs="+", choices=list(RUNS), help="run only these (default: pref, trl, trl-precomputed)")
     parser.add_argument("--trl-defaults", action="store_true", help="also run TRL with gradient checkpointing on, its default")
     parser.add_argument("--work-dir", help="keep the model, data and logs here instead of a temporary folder")
+    parser.add_argument("--shape", choices=["small", "realistic"], default="small",
+                        help="small: 10M Llama, word-level 4k vocabulary (default); realistic: 36M Llama, 16k BPE, uneven lengths")
+    parser.add_argument("--memory-table", action="store_true", help="also measure peak memory at vocabularies of 16k, 64k and 151k")
+    parser.add_argument("--memory-steps", type=int, default=2, help="DPO steps per memory-table process (default 2)")
     parser.add_argument("--child", choices=list(RUNS), help=argparse.SUPPRESS)
+    parser.add_argument("--variant", choices=["full", "lora", "lora-gc"], default="full", help=argparse.SUPPRESS)
+    parser.add_argument("--model-dir", default="model", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
     parser.add_argument("--turn-fds", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -482,19 +612,22 @@ def main() -> None:
         child(args)
         return
 
+    use_shape(args.shape)
     started, load = time.perf_counter(), os.getloadavg()[0]
     work = os.path.abspath(args.work_dir) if args.work_dir else tempfile.mkdtemp(prefix="pref-bench-")
     os.makedirs(work, exist_ok=True)
     try:
         params = build_model(os.path.join(work, "model"))
         build_pairs(os.path.join(work, "pairs.jsonl"), os.path.join(work, "model"), args.pairs)
-        names = args.only or ["pref", "trl", "trl-precomputed"] + (["trl-defaults"] if args.trl_defaults else [])
+        default = ["pref", "trl", "trl-precomputed"] if SHAPE == "small" else ["pref", "trl-precomputed"]  # realistic: like for like only
+        names = args.only or default + (["trl-defaults"] if args.trl_defaults else [])
         print(f"running {', '.join(names)} in turns; logs in {work}", file=sys.stderr, flush=True)
         results = run_children(names, args, work)
-        text = report(results, args, params, (load, os.getloadavg()[0]), (time.perf_counter() - started) / 60)
+        memory = memory_table(args, work) if args.memory_table else ""
+        text = report(results, args, params, (load, os.getloadavg()[0]), (time.perf_counter() - started) / 60) + memory
         print(text)
         os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
-        with open(RESULTS, "w") as f:
+        with open(RESULTS if SHAPE == "small" else RESULTS.replace(".md", "_realistic.md"), "w") as f:
             f.write(text)
     finally:
         if not args.work_dir:
