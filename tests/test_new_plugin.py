@@ -49,3 +49,14 @@ def test_an_existing_folder_is_not_overwritten(tmp_path):
     assert result.exit_code == 2
     assert "already exists" in result.stderr and "Traceback" not in result.output
     assert [p.name for p in (tmp_path / "pref-mine").iterdir()] == ["keep.txt"]
+
+
+def test_fresh_environments_see_the_pref_under_test(fresh_venv):
+    """Plugin packages are installed next to this pref, not next to whatever the base interpreter has."""
+    import pref
+
+    seen = fresh_venv.run("-c", "import pref, setuptools; print(pref.__file__); print(setuptools.__version__)").stdout.split()
+    assert seen[0] == pref.__file__
+    import setuptools
+
+    assert seen[1] == setuptools.__version__  # the build backend too: the one the test extra installed
