@@ -74,3 +74,14 @@ def test_an_unknown_kind_is_refused(tmp_path):
     result = new_plugin("mine", "--directory", tmp_path, "--kind", "embedder")
     assert result.exit_code == 2 and "'embedder' is not one of" in result.output
     assert list(tmp_path.iterdir()) == []
+
+
+def test_fresh_environments_see_the_pref_under_test(fresh_venv):
+    """Plugin packages are installed next to this pref, not next to whatever the base interpreter has."""
+    import pref
+
+    seen = fresh_venv.run("-c", "import pref, setuptools; print(pref.__file__); print(setuptools.__version__)").stdout.split()
+    assert seen[0] == pref.__file__
+    import setuptools
+
+    assert seen[1] == setuptools.__version__  # the build backend too: the one the test extra installed
