@@ -14,8 +14,8 @@ one-line `PrefError`s:
   pandas added (`Unnamed: 0`) is dropped.
 - `read_text(path)`: a whole text file, decoded the same way.
 - `messages(value, name, where)`: a checked chat-message list.
-- `usable_pairs(examples, tokenizer, source)`: preference pairs without those that
-  cannot teach anything (see its docstring).
+- `usable_pairs(examples, tokenizer, source)` and `usable_answers(...)`: preference
+  pairs or labelled answers without those that cannot teach anything (see their docstrings).
 """
 
 from __future__ import annotations
@@ -143,35 +143,64 @@ def usable_pairs(examples: list, tokenizer: Any, source: str) -> list:
     only in words it maps to the unknown token), or when either answer is
     nothing but unknown tokens. All useless: a `PrefError` naming `source`.
     """
+    chosen_ids, rejected_ids = _encode(tokenizer, [e.chosen for e in examples]), _encode(tokenizer, [e.rejected for e in examples])
+
+    def problem(example: Any, chosen: list[int], rejected: list[int]) -> str | None:
+        if _empty_prompt(example.prompt):
+            return "empty prompt"
+        if example.chosen == example.rejected:
+            return "chosen identical to rejected"
+        if _unknown_only(tokenizer, chosen) or _unknown_only(tokenizer, rejected):
+            return "an answer of unknown tokens only"
+        if chosen == rejected:
+            return "chosen and rejected tokenized identically"
+        return None
+
+    return _keep_usable(examples, [problem(*row) for row in zip(examples, chosen_ids, rejected_ids)], source, "pairs",
+                        "chosen and rejected must differ in words the model's tokenizer knows")
+
+
+def usable_answers(examples: list, tokenizer: Any, source: str) -> list:
+    """The labelled answers of `examples` that can teach something (not an empty prompt, not unknown tokens only)."""
+    ids = _encode(tokenizer, [e.completion for e in examples])
+
+    def problem(example: Any, completion: list[int]) -> str | None:
+        if _empty_prompt(example.prompt):
+            return "empty prompt"
+        if _unknown_only(tokenizer, completion):
+            return "an answer of unknown tokens only"
+        return None
+
+    return _keep_usable(examples, [problem(*row) for row in zip(examples, ids)], source, "answers",
+                        "answers must be in words the model's tokenizer knows")
+
+
+def _encode(tokenizer: Any, texts: list[str]) -> list[list[int]]:
+    return tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+
+
+def _empty_prompt(prompt: Any) -> bool:
+    return isinstance(prompt, str) and not prompt.strip()
+
+
+def _unknown_only(tokenizer: Any, ids: list[int]) -> bool:
     unk = getattr(tokenizer, "unk_token_id", None)
+    return unk is not None and set(ids) <= {unk}
 
-    def encode(texts: list[str]) -> list[list[int]]:
-        return tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
 
-    chosen_ids, rejected_ids = encode([e.chosen for e in examples]), encode([e.rejected for e in examples])
+def _keep_usable(examples: list, problems: list[str | None], source: str, what: str, fix: str) -> list:
+    """`examples` without those that have a problem; one warning counting them, a `PrefError` if none is left."""
+    kept = [example for example, problem in zip(examples, problems) if problem is None]
     reasons: dict[str, int] = {}
-    kept = []
-    for example, chosen, rejected in zip(examples, chosen_ids, rejected_ids):
-        reason = None
-        if isinstance(example.prompt, str) and not example.prompt.strip():
-            reason = "empty prompt"
-        elif example.chosen == example.rejected:
-            reason = "chosen identical to rejected"
-        elif unk is not None and any(set(ids) <= {unk} for ids in (chosen, rejected)):
-            reason = "an answer of unknown tokens only"
-        elif chosen == rejected:
-            reason = "chosen and rejected tokenized identically"
-        if reason is None:
-            kept.append(example)
-        else:
-            reasons[reason] = reasons.get(reason, 0) + 1
+    for problem in problems:
+        if problem is not None:
+            reasons[problem] = reasons.get(problem, 0) + 1
     if not reasons:
         return kept
     counts = ", ".join(f"{n} {reason}" for reason, n in reasons.items())
     if not kept:
-        raise PrefError(f"{source}: none of its {len(examples)} pairs can teach anything ({counts}); "
-                        "chosen and rejected must differ in words the model's tokenizer knows")
-    log.warning(f"{source}: skipped {len(examples) - len(kept)} of {len(examples)} pairs that cannot teach anything ({counts})")
+        raise PrefError(f"{source}: none of its {len(examples)} {what} can teach anything ({counts}); {fix}")
+    log.warning(f"{source}: skipped {len(examples) - len(kept)} of {len(examples)} {what} that cannot teach anything ({counts})")
     return kept
 
 

@@ -20,7 +20,7 @@ from pref.errors import PrefError
 from pref.examples import LabeledExample, Prompt
 from pref.hookspecs import hookimpl
 from pref.plugins.preference_data import preference_example
-from pref.records import messages, read_records
+from pref.records import messages, read_records, usable_answers
 
 FORMATS = "expected prompt, completion (or response) and label, or prompt/chosen/rejected"
 POSITIVE = {"positive", "accepted", "true", "1", "1.0"}
@@ -39,8 +39,9 @@ class LabeledData:
         self.limit = limit
 
     def build(self, policy=None) -> list[LabeledExample]:
-        """Read the examples; `policy` is not needed (the data is fixed)."""
-        return load_labeled(self.path, self.split, self.limit)
+        """Read the examples, leaving out (with a warning) those that cannot teach `policy` anything."""
+        examples = load_labeled(self.path, self.split, self.limit)
+        return usable_answers(examples, policy.tokenizer, self.path) if policy is not None else examples
 
 
 def load_labeled(path: str, split: str = "train", limit: int | None = None) -> list[LabeledExample]:

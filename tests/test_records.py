@@ -9,7 +9,7 @@ import pytest
 
 from pref.errors import PrefError
 from pref.examples import PreferenceExample
-from pref.plugins.labeled_data import load_labeled
+from pref.plugins.labeled_data import LabeledData, load_labeled
 from pref.plugins.lmsys import LmsysChat
 from pref.plugins.preference_data import PreferenceData, load_preferences
 from pref.plugins.text_data import TextData
@@ -167,3 +167,17 @@ def test_all_useless_data_is_an_error(tmp_path):
     policy = SimpleNamespace(tokenizer=word_tokenizer("the", "sky"))
     one_line_error(lambda: PreferenceData(str(path)).build(policy), str(path), "none of its 3 pairs can teach anything",
                    "3 chosen identical to rejected")
+
+
+def test_labelled_answers_that_cannot_teach_are_left_out(tmp_path, caplog):
+    path = tmp_path / "labeled.jsonl"
+    rows = [{"prompt": "q", "completion": "apple", "label": True}, {"prompt": "q", "completion": "dog", "label": False},
+            {"prompt": "q", "completion": "Zyzzyva", "label": False}]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    policy = SimpleNamespace(tokenizer=word_tokenizer("apple", "dog", "q"))
+    with caplog.at_level(logging.WARNING):
+        kept = LabeledData(str(path)).build(policy)
+    assert [e.completion for e in kept] == ["apple", "dog"]  # (an empty prompt is already an error of the row)
+    assert f"{path}: skipped 1 of 3 answers that cannot teach anything (1 an answer of unknown tokens only)" in caplog.text
+    path.write_text(json.dumps(rows[2]) + "\n")
+    one_line_error(lambda: LabeledData(str(path)).build(policy), "none of its 1 answers can teach anything")
