@@ -137,7 +137,7 @@ def build_model(path: str, vocab: int = 0) -> int:
     if SHAPE == "realistic":
         tokenizer = build_bpe_tokenizer(BPE_VOCAB)
     else:
-        from pref.default_model import build_tokenizer, english_words
+        from pref.plugins.default_model import build_tokenizer, english_words
 
         tokenizer = build_tokenizer(english_words())
     # Plain-text prompts: with a chat template pref would wrap string prompts in it and TRL

@@ -25,7 +25,7 @@ def private_cache(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """A Hugging Face folder: the default model's architecture and tokenizer, briefly trained."""
-    from pref.default_model import build_default_model
+    from pref.plugins.default_model import build_default_model
 
     path = tmp_path_factory.mktemp("tiny-model")
     build_default_model(path, seed=0, steps=20)

@@ -14,8 +14,8 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from pref import default_model
-from pref.default_model import DEFAULT_MODEL, NOUN_HEAD, NOUN_PROMPTS, build_default_model, default_model_path
+from pref.plugins import default_model
+from pref.plugins.default_model import DEFAULT_MODEL, NOUN_HEAD, NOUN_PROMPTS, build_default_model, default_model_path
 
 
 @pytest.fixture(scope="session")

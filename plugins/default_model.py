@@ -38,9 +38,9 @@ from pathlib import Path
 
 import torch
 
-log = logging.getLogger(__name__)
+from pref.models import DEFAULT_MODEL
 
-DEFAULT_MODEL = "pref-default"
+log = logging.getLogger(__name__)
 
 NUM_WORDS = 4000
 HIDDEN_SIZE = 96
