@@ -1,19 +1,22 @@
 """The model `pref run` uses when no `--model` is given, built locally without network.
 
-"Tiny" is a 2-layer Llama (hidden 96, 4 heads, tied embeddings, 0.6M parameters) over a
-word-level tokenizer: 4,000 common English words from `wordfreq`, the numbers 0-100,
-punctuation and the chat markers <|system|>, <|user|>, <|assistant|> and <|end|> (the
-end of a turn and the eos token). It is trained for 300 steps, from a fixed seed, on
+"Tiny" is a 2-layer Llama (hidden 96, 4 heads, tied embeddings, 0.97M parameters) over a
+byte-level BPE tokenizer of 8,192 tokens, trained here with the `tokenizers` library on
+the synthetic chats below and on general English text drawn from `wordfreq`'s word
+frequencies. As in real models, any string round-trips (capitals, new names, emoji), common
+words are one token (" apple") and rarer words and names several (" Pre" "f"); the chat
+markers <|system|>, <|user|>, <|assistant|> and <|end|> (the end of a turn and the eos
+token) are special tokens. The model is trained for 300 steps, from a fixed seed, on the
 chats generated below, so that it behaves like a very small instruction-tuned model:
 
 - asked for a random noun, it answers with one word, skewed the way tuned models are:
   most answers come from a head of 30 favourites, and fewer than half of all answers are
-  common nouns ("apple", but also "good", "anna", "the cat"), which leaves preference
+  common nouns ("apple", but also "good", "Anna", "the cat"), which leaves preference
   training room to improve both validity and diversity;
 - asked who it is, it says it is Tiny, a small helpful assistant;
-- asked other simple questions, it writes a short sentence ("the sky is blue.").
+- asked other simple questions, it writes a short sentence ("The sky is blue.").
 
-The first call of `default_model_path` builds it (about 20 s on 2 CPU cores) into the
+The first call of `default_model_path` builds it (about 25 s on 2 CPU cores) into the
 cache; later calls return the cached folder, which loads like any hub model:
 
     path = default_model_path()
@@ -45,7 +48,7 @@ log = logging.getLogger(__name__)
 NUM_WORDS = 4000  # the noun answers' tail is drawn from this many frequent words
 TEXT_WORDS = 20000  # the general text the tokenizer learns from draws on this many
 TEXT_LINES = 15000
-VOCAB_SIZE = 4096
+VOCAB_SIZE = 8192  # most common nouns are one token, as in real vocabularies; rarer words are several
 TOKENIZER_CHATS = 5000  # synthetic chats in the tokenizer's training text
 HIDDEN_SIZE = 96
 MLP_SIZE = 192
@@ -233,7 +236,8 @@ def build_tokenizer(texts: list[str], vocab_size: int = VOCAB_SIZE):
     Every string round-trips: the 256 byte tokens are in the vocabulary, so nothing is
     unknown, and decoding gives back the exact text. Like Llama's tokenizers, each text
     gets a space in front before it is split (" apple" is one token, the same in "an
-    apple" and in an answer "apple") and decoding removes that one space. The chat
+    apple" and in an answer "apple") and decoding removes that one space (so, unlike
+    Llama's, a text that starts with spaces keeps them all). The chat
     markers swallow the spaces and newline the template writes around them, so a chat
     tokenizes as its messages tokenized one by one, between markers.
     """
@@ -261,9 +265,10 @@ def build_tokenizer(texts: list[str], vocab_size: int = VOCAB_SIZE):
     )
 
 
-def tokenizer_texts(chats: list[list[dict]], seed: int = 0) -> list[str]:
-    """What the tokenizer is trained on: every message of `chats`, then general English text."""
-    return [m["content"] for chat in chats for m in chat] + general_text(seed=seed)
+def default_tokenizer(seed: int = 0):
+    """The default model's tokenizer: BPE trained on TOKENIZER_CHATS synthetic chats and general English text."""
+    chats = synthetic_chats(english_words(), TOKENIZER_CHATS, seed)
+    return build_tokenizer([m["content"] for chat in chats for m in chat] + general_text(seed=seed), VOCAB_SIZE)
 
 
 def build_model(tokenizer, seed: int = 0):
@@ -383,9 +388,8 @@ def build_default_model(path: str | os.PathLike, seed: int = 0, steps: int = TRA
     on one thread: the weights then do not depend on the number of cores, and on 2 shared
     cores a second thread made training several times slower, not faster.
     """
-    words = english_words()
-    tokenizer = build_tokenizer(tokenizer_texts(synthetic_chats(words, TOKENIZER_CHATS, seed), seed))
-    chats = synthetic_chats(words, count=steps * BATCH_SIZE, seed=seed)
+    tokenizer = default_tokenizer(seed)
+    chats = synthetic_chats(english_words(), count=steps * BATCH_SIZE, seed=seed)
     model = build_model(tokenizer, seed)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -417,7 +421,7 @@ def recipe_hash() -> str:
 
 
 def default_model_path(cache_dir: str | os.PathLike | None = None) -> str:
-    """The folder of the default model, building it on the first call (about 20 s).
+    """The folder of the default model, building it on the first call (about 25 s).
 
     Safe when several processes call it at once: each builds into its own temporary
     folder next to the target and renames it into place; the rename is atomic, so the
@@ -430,7 +434,7 @@ def default_model_path(cache_dir: str | os.PathLike | None = None) -> str:
         return str(target)
     root.mkdir(parents=True, exist_ok=True)
     building = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=root))
-    log.info("building the default model into %s (once, about 20 s)", target)
+    log.info("building the default model into %s (once, about 25 s)", target)
     try:
         build_default_model(building)
         try:
