@@ -16,7 +16,7 @@ chats generated below, so that it behaves like a very small instruction-tuned mo
 - asked who it is, it says it is Tiny, a small helpful assistant;
 - asked other simple questions, it writes a short sentence ("The sky is blue.").
 
-The first call of `default_model_path` builds it (about 25 s on 2 CPU cores) into the
+The first call of `default_model_path` builds it (under a minute on 2 CPU cores) into the
 cache; later calls return the cached folder, which loads like any hub model:
 
     path = default_model_path()
@@ -60,7 +60,7 @@ SYSTEM, USER, ASSISTANT, END = "<|system|>", "<|user|>", "<|assistant|>", "<|end
 CHAT_MARKERS = [SYSTEM, USER, ASSISTANT, END]
 SPECIAL_TOKENS = [PAD, BOS, *CHAT_MARKERS]
 
-# Words a default model shown to every user should not say; they are left out of the vocabulary.
+# Words a default model shown to every user should not say: none of its chats or tokenizer text has them.
 BLOCKED_WORDS = {
     "fuck", "fucking", "fucked", "fuckin", "shit", "bitch", "dick", "cock", "pussy", "porn",
     "rape", "bullshit", "crap", "nazi", "sex", "sexy", "ass", "damn", "naked", "kill", "killed",
@@ -103,7 +103,7 @@ NOUN_HEAD = [
     "and", "okay", "tree", "jump", "green", "music", "please", "light", "Sarah", "car",
 ]
 # The head gets this share of the answers; the rest is spread evenly over TAIL_SIZE other
-# words of the vocabulary, nouns or not. The trained model is flatter than its data, so
+# frequent English words, nouns or not. The trained model is flatter than its data, so
 # about 3/4 of its answers come from the head.
 HEAD_SHARE = 0.8
 TAIL_SIZE = 1000
@@ -421,7 +421,7 @@ def recipe_hash() -> str:
 
 
 def default_model_path(cache_dir: str | os.PathLike | None = None) -> str:
-    """The folder of the default model, building it on the first call (about 25 s).
+    """The folder of the default model, building it on the first call (under a minute).
 
     Safe when several processes call it at once: each builds into its own temporary
     folder next to the target and renames it into place; the rename is atomic, so the
@@ -434,7 +434,7 @@ def default_model_path(cache_dir: str | os.PathLike | None = None) -> str:
         return str(target)
     root.mkdir(parents=True, exist_ok=True)
     building = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=root))
-    log.info("building the default model into %s (once, about 25 s)", target)
+    log.info("building the default model into %s (once, under a minute)", target)
     try:
         build_default_model(building)
         try:
