@@ -137,9 +137,15 @@ def build_model(path: str, vocab: int = 0) -> int:
     if SHAPE == "realistic":
         tokenizer = build_bpe_tokenizer(BPE_VOCAB)
     else:
+        from tokenizers import decoders, normalizers
+
         from pref.plugins.default_model import default_tokenizer
 
         tokenizer = default_tokenizer()
+        # No space put in front of each text: TRL tokenizes prompt + " completion" as one
+        # text and pref the two apart, and both give the same ids only without it.
+        tokenizer.backend_tokenizer.normalizer = normalizers.Sequence([])
+        tokenizer.backend_tokenizer.decoder = decoders.ByteLevel()
     # Plain-text prompts: with a chat template pref would wrap string prompts in it and TRL
     # would not, and the two would train on different sequences.
     tokenizer.chat_template = None
