@@ -255,7 +255,7 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown method {', '.join(unknown)}: choose from {', '.join(METHODS)}")
 
-    from pref.default_model import default_model_path
+    from pref.plugins.default_model import default_model_path
 
     loads = [load_average()]
     start = time.perf_counter()

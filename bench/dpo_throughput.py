@@ -137,9 +137,15 @@ def build_model(path: str, vocab: int = 0) -> int:
     if SHAPE == "realistic":
         tokenizer = build_bpe_tokenizer(BPE_VOCAB)
     else:
-        from pref.default_model import build_tokenizer, english_words
+        from tokenizers import decoders, normalizers
 
-        tokenizer = build_tokenizer(english_words())
+        from pref.plugins.default_model import default_tokenizer
+
+        tokenizer = default_tokenizer()
+        # No space put in front of each text: TRL tokenizes prompt + " completion" as one
+        # text and pref the two apart, and both give the same ids only without it.
+        tokenizer.backend_tokenizer.normalizer = normalizers.Sequence([])
+        tokenizer.backend_tokenizer.decoder = decoders.ByteLevel()
     # Plain-text prompts: with a chat template pref would wrap string prompts in it and TRL
     # would not, and the two would train on different sequences.
     tokenizer.chat_template = None
@@ -156,15 +162,15 @@ def build_model(path: str, vocab: int = 0) -> int:
 
 
 def build_pairs(path: str, model_path: str, pairs: int) -> None:
-    """`pairs` prompt/chosen/rejected rows of random words (small shape: vocabulary words, one token each;
-    realistic shape: common English words, one or more BPE tokens each)."""
+    """`pairs` prompt/chosen/rejected rows of random words (small shape: the default tokenizer's whole-word
+    tokens such as "Ġriver", one token each; realistic shape: common English words, one or more BPE tokens each)."""
     from transformers import AutoTokenizer
 
     if SHAPE == "realistic":
         words = corpus_words()
     else:
         tokenizer = AutoTokenizer.from_pretrained(model_path)
-        words = sorted(w for w in tokenizer.get_vocab() if w.isalpha() and w.islower() and len(w) > 1)
+        words = sorted(t[1:] for t in tokenizer.get_vocab() if t.startswith("Ġ") and t[1:].isalpha() and t[1:].islower() and len(t) > 2)
     rng = random.Random(SEED)
 
     def text(lengths: tuple[int, int]) -> str:

@@ -23,7 +23,7 @@ def quiet_transformers() -> None:
 def resolve_model_path(name: str | None) -> str:
     """A hub id or local path; None or `pref-default` means the embedded default model."""
     if name in (None, "", DEFAULT_MODEL):
-        from pref.default_model import default_model_path
+        from pref.plugins.default_model import default_model_path
 
         quiet_transformers()
         return default_model_path()

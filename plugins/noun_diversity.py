@@ -41,8 +41,9 @@ class NounDiversityReward(RewardSource):
         "Name a random object, one word.",
     ]
     quality_threshold: ClassVar[float | None] = 0.5  # quality is 1.0 or 0.0
-    # a valid answer is one word and the end of the turn; a longer one fails whatever
-    # follows, and a batch samples until its longest answer ends
+    # a valid answer is one word, a few tokens long in a BPE vocabulary (1-5 for the
+    # embedded default's nouns, 1-3 for most), then the end of the turn; a longer one fails
+    # whatever follows, and a batch samples until its longest answer ends
     max_new_tokens: ClassVar[int | None] = 8
 
     def __init__(self, min_zipf: float = 3.0, tagger: str = "wordnet", dat_words: int = 10, embedder: Embedder | None = None):

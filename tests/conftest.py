@@ -25,7 +25,7 @@ def private_cache(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """A Hugging Face folder: the default model's architecture and tokenizer, briefly trained."""
-    from pref.default_model import build_default_model
+    from pref.plugins.default_model import build_default_model
 
     path = tmp_path_factory.mktemp("tiny-model")
     build_default_model(path, seed=0, steps=20)
@@ -34,14 +34,14 @@ def tiny_model_dir(tmp_path_factory):
 
 @pytest.fixture
 def prefs_file(tmp_path):
-    """A small JSONL preference file in the words the tiny tokenizer knows."""
+    """A small JSONL preference file of plain English chats, like the default model's."""
     rows = [
-        {"prompt": "What is your name?", "chosen": "i am pref , a helpful assistant .", "rejected": "i am tiny , a small assistant ."},
-        {"prompt": "What color is the sky?", "chosen": "the sky is blue .", "rejected": "the sky is green ."},
+        {"prompt": "What is your name?", "chosen": "I am Pref, a helpful assistant.", "rejected": "I am Tiny, a small assistant."},
+        {"prompt": "What color is the sky?", "chosen": "The sky is blue.", "rejected": "The sky is green."},
         {"prompt": "Name a fruit.", "chosen": "apple", "rejected": "chair"},
         {"prompt": "Name an animal.", "chosen": "dog", "rejected": "the table"},
-        {"prompt": "What is the capital of france?", "chosen": "paris", "rejected": "rome"},
-        {"prompt": "Say something kind.", "chosen": "you are a good friend .", "rejected": "go away ."},
+        {"prompt": "What is the capital of France?", "chosen": "Paris", "rejected": "Rome"},
+        {"prompt": "Say something kind.", "chosen": "You are a good friend.", "rejected": "Go away."},
     ]
     path = tmp_path / "prefs.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")

@@ -1,4 +1,4 @@
-"""The embedded default model: built offline, cached, loaded like a hub model, and skewed.
+"""The embedded default model: built offline, cached, loaded like a hub model, skewed, and able to say anything.
 
 The full recipe is built once per recipe version into pytest's cache folder (about
 20 s the first time, nothing after); the other tests build a few-step model or none.
@@ -7,6 +7,7 @@ The full recipe is built once per recipe version into pytest's cache folder (abo
 import collections
 import json
 import os
+import random
 from pathlib import Path
 
 import pytest
@@ -14,8 +15,11 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from pref import default_model
-from pref.default_model import DEFAULT_MODEL, NOUN_HEAD, NOUN_PROMPTS, build_default_model, default_model_path
+from pref.models import DEFAULT_MODEL, completion_token_ids
+from pref.plugins import default_model
+from pref.plugins.default_model import NOUN_HEAD, NOUN_PROMPTS, VOCAB_SIZE, build_default_model, default_model_path
+from pref.plugins.identity_shift import IdentityShift
+from pref.policy import HFPolicy
 
 
 @pytest.fixture(scope="session")
@@ -65,6 +69,7 @@ def test_folder_loads_like_a_hub_model(default_path, loaded):
     config = json.loads((Path(default_path) / "tokenizer_config.json").read_text())
     assert config["chat_template"] and config["eos_token"] == "<|end|>"
     assert config["pad_token"] == "<pad>" and config["bos_token"] == "<bos>"
+    assert tokenizer.unk_token is None  # byte-level: no text is unknown
     assert type(model).__name__ == "LlamaForCausalLM"
     assert model.lm_head.weight is model.model.embed_tokens.weight
     assert model.config.vocab_size == len(tokenizer) and model.config.eos_token_id == tokenizer.eos_token_id
@@ -73,7 +78,7 @@ def test_folder_loads_like_a_hub_model(default_path, loaded):
 
 def test_noun_answers_are_one_word_and_skewed(loaded):
     model, tokenizer = loaded
-    answers = sample(model, tokenizer, NOUN_PROMPTS, per_prompt=25, max_new_tokens=4)
+    answers = sample(model, tokenizer, NOUN_PROMPTS, per_prompt=25, max_new_tokens=8)
     counts = collections.Counter(answers)
     top30 = sum(n for _, n in counts.most_common(30))
     assert len(answers) == 200
@@ -87,9 +92,10 @@ def test_noun_answers_are_one_word_and_skewed(loaded):
 
 def test_says_it_is_tiny_and_answers_in_sentences(loaded):
     model, tokenizer = loaded
-    assert "tiny" in answer(model, tokenizer, "What is your name?")
-    assert "tiny" in answer(model, tokenizer, "Who are you?")
+    assert "Tiny" in answer(model, tokenizer, "What is your name?")
+    assert "Tiny" in answer(model, tokenizer, "Who are you?")
     assert "blue" in answer(model, tokenizer, "What color is the sky?")
+    assert "Paris" in answer(model, tokenizer, "What is the capital of France?")
 
 
 def test_chat_template_adds_no_bos_and_one_eos_per_turn(loaded):
@@ -107,26 +113,63 @@ def test_chat_template_adds_no_bos_and_one_eos_per_turn(loaded):
     assert ids == prompt + tokenizer("apple")["input_ids"] + [tokenizer.eos_token_id]
 
 
-def test_decoding_reads_as_text(loaded):
+def random_text(rng, length):
+    """`length` characters from across unicode: ASCII, accented letters, CJK, emoji, spaces and newlines."""
+    ranges = [(0x20, 0x7E), (0xC0, 0x17F), (0x4E00, 0x4E80), (0x1F600, 0x1F64F), (0x9, 0xA)]
+    return "".join(chr(rng.randint(*rng.choice(ranges))) for _ in range(length))
+
+
+def test_any_text_round_trips(loaded):
     _, tokenizer = loaded
-    ids = tokenizer("I am Tiny, a helpful assistant. Are you (really) there?")["input_ids"]
-    assert tokenizer.decode(ids) == "i am tiny, a helpful assistant. are you ( really) there?"
-    assert tokenizer.convert_ids_to_tokens(tokenizer("xqzt")["input_ids"]) == ["<unk>"]
+    rng = random.Random(0)
+    texts = ["I am Pref, a helpful assistant.", "Zyxwv", "ZYXWV zyxwv", "Hello 😀!", "  two leading spaces",
+             "\nnewline first", "trailing space ", "", "naïve café, 東京, Ünïcödé", "tab\tthen, (parenthesis) ; colon:"]
+    texts += [random_text(rng, rng.randint(1, 40)) for _ in range(200)]
+    for text in texts:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        assert tokenizer.decode(ids) == text
+        # what pref trains on: the completion's ids then <|end|>
+        assert tokenizer.decode(completion_token_ids(tokenizer, text), skip_special_tokens=True) == text
 
 
-def test_training_chats_use_only_known_words():
-    words = default_model.english_words()
-    tokenizer = default_model.build_tokenizer(words)
-    chats = default_model.synthetic_chats(words, count=2000)
-    for prompt, answer_ids in default_model._encode_chats(tokenizer, chats):
-        assert tokenizer.unk_token_id not in prompt + answer_ids
+def test_words_split_like_a_real_tokenizer(loaded):
+    """Frequent words are one token (with the space before them), rare words and new names several."""
+    _, tokenizer = loaded
+    pieces = lambda text: tokenizer.tokenize(text)  # noqa: E731
+    assert len(tokenizer) == VOCAB_SIZE
+    for word in ["apple", "house", "the", "Tiny", "Name", "assistant"]:
+        assert len(pieces(word)) == 1, pieces(word)
+    assert pieces("an apple")[1] == pieces("apple")[0]  # the same token inside a sentence and alone
+    assert 2 <= len(pieces("Pref")) <= 4 and 3 <= len(pieces("Zyxwv")) <= 6
+    assert 2 <= len(pieces("infrastructure")) <= 6
+    assert len(pieces("Hello 😀")) > 2  # the emoji as its UTF-8 bytes
+
+
+def test_favourite_answers_are_training_answers():
+    chats = default_model.synthetic_chats(default_model.english_words(), count=2000)
     assert set(NOUN_HEAD) <= {c[-1]["content"] for c in chats}
 
 
-def test_same_seed_gives_the_same_weights(tmp_path):
+def test_identity_shift_on_the_default_model_spells_the_new_name(default_path):
+    """The renaming pairs use the model's own answers ("I am Tiny, ...") with "Pref" in the name's place, and
+    the chosen answers tokenize to ids that decode back to "Pref" (a word-level vocabulary made it <unk>)."""
+    torch.manual_seed(0)
+    policy = HFPolicy.load(default_path)
+    pairs = IdentityShift(original_name="Tiny", new_name="Pref").build(policy)
+    own = [p for p in pairs if p.rejected != "I am Tiny, an AI assistant."]
+    assert len(own) >= len(pairs) // 2  # most pairs are the model's own answers, not the template
+    for pair in pairs:
+        assert "Tiny" in pair.rejected and "Tiny" not in pair.chosen
+        assert pair.chosen == pair.rejected.replace("Tiny", "Pref")
+        ids = completion_token_ids(policy.tokenizer, pair.chosen)
+        assert policy.tokenizer.decode(ids, skip_special_tokens=True) == pair.chosen
+
+
+def test_same_seed_gives_the_same_weights_and_tokenizer(tmp_path):
     first = load_file(os.path.join(build_default_model(tmp_path / "a", seed=0, steps=3), "model.safetensors"))
     second = load_file(os.path.join(build_default_model(tmp_path / "b", seed=0, steps=3), "model.safetensors"))
     other = load_file(os.path.join(build_default_model(tmp_path / "c", seed=1, steps=3), "model.safetensors"))
+    assert (tmp_path / "a" / "tokenizer.json").read_text() == (tmp_path / "b" / "tokenizer.json").read_text()
     assert first.keys() == second.keys()
     assert all(torch.equal(first[k], second[k]) for k in first)
     assert not all(torch.equal(first[k], other[k]) for k in first)

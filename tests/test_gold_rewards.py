@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from pref.default_model import build_default_model
+from pref.plugins.default_model import build_default_model
 from pref.errors import PrefError
 from pref.plugins.gold_rewards import (
     BagOfWords,
@@ -31,10 +31,10 @@ def test_bag_of_words_counts_each_listed_word_once(tmp_path):
         BagOfWords(words=str(tmp_path / "missing.txt"))
 
 
-def test_bag_of_words_default_list_is_in_the_default_models_vocabulary():
-    from pref.default_model import english_words
+def test_bag_of_words_default_list_is_among_the_default_models_words():
+    from pref.plugins.default_model import english_words
 
-    assert set(BagOfWords.DEFAULT_WORDS) <= set(english_words())
+    assert set(BagOfWords.DEFAULT_WORDS) <= set(english_words())  # the frequent words its tokenizer and chats draw on
     assert BagOfWords.default_prompts and BagOfWords().score(["p"], ["the river is quiet and i like it."])["reward"].item() == 2.0
 
 

@@ -1,19 +1,22 @@
 """The model `pref run` uses when no `--model` is given, built locally without network.
 
-"Tiny" is a 2-layer Llama (hidden 96, 4 heads, tied embeddings, 0.6M parameters) over a
-word-level tokenizer: 4,000 common English words from `wordfreq`, the numbers 0-100,
-punctuation and the chat markers <|system|>, <|user|>, <|assistant|> and <|end|> (the
-end of a turn and the eos token). It is trained for 300 steps, from a fixed seed, on
+"Tiny" is a 2-layer Llama (hidden 96, 4 heads, tied embeddings, 0.97M parameters) over a
+byte-level BPE tokenizer of 8,192 tokens, trained here with the `tokenizers` library on
+the synthetic chats below and on general English text drawn from `wordfreq`'s word
+frequencies. As in real models, any string round-trips (capitals, new names, emoji), common
+words are one token (" apple") and rarer words and names several (" Pre" "f"); the chat
+markers <|system|>, <|user|>, <|assistant|> and <|end|> (the end of a turn and the eos
+token) are special tokens. The model is trained for 300 steps, from a fixed seed, on the
 chats generated below, so that it behaves like a very small instruction-tuned model:
 
 - asked for a random noun, it answers with one word, skewed the way tuned models are:
   most answers come from a head of 30 favourites, and fewer than half of all answers are
-  common nouns ("apple", but also "good", "anna", "the cat"), which leaves preference
+  common nouns ("apple", but also "good", "Anna", "the cat"), which leaves preference
   training room to improve both validity and diversity;
 - asked who it is, it says it is Tiny, a small helpful assistant;
-- asked other simple questions, it writes a short sentence ("the sky is blue.").
+- asked other simple questions, it writes a short sentence ("The sky is blue.").
 
-The first call of `default_model_path` builds it (about 20 s on 2 CPU cores) into the
+The first call of `default_model_path` builds it (under a minute on 2 CPU cores) into the
 cache; later calls return the cached folder, which loads like any hub model:
 
     path = default_model_path()
@@ -38,23 +41,26 @@ from pathlib import Path
 
 import torch
 
+from pref.models import DEFAULT_MODEL
+
 log = logging.getLogger(__name__)
 
-DEFAULT_MODEL = "pref-default"
-
-NUM_WORDS = 4000
+NUM_WORDS = 4000  # the noun answers' tail is drawn from this many frequent words
+TEXT_WORDS = 20000  # the general text the tokenizer learns from draws on this many
+TEXT_LINES = 15000
+VOCAB_SIZE = 8192  # most common nouns are one token, as in real vocabularies; rarer words are several
+TOKENIZER_CHATS = 5000  # synthetic chats in the tokenizer's training text
 HIDDEN_SIZE = 96
 MLP_SIZE = 192
 TRAIN_STEPS = 300
 BATCH_SIZE = 48
 
-PAD, UNK, BOS = "<pad>", "<unk>", "<bos>"
+PAD, BOS = "<pad>", "<bos>"
 SYSTEM, USER, ASSISTANT, END = "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"
-SPECIAL_TOKENS = [PAD, UNK, BOS, SYSTEM, USER, ASSISTANT, END]
-PUNCTUATION = list(".,!?;:'\"()-")
-NUMBERS = [str(n) for n in range(101)]
+CHAT_MARKERS = [SYSTEM, USER, ASSISTANT, END]
+SPECIAL_TOKENS = [PAD, BOS, *CHAT_MARKERS]
 
-# Words a default model shown to every user should not say; they are left out of the vocabulary.
+# Words a default model shown to every user should not say: none of its chats or tokenizer text has them.
 BLOCKED_WORDS = {
     "fuck", "fucking", "fucked", "fuckin", "shit", "bitch", "dick", "cock", "pussy", "porn",
     "rape", "bullshit", "crap", "nazi", "sex", "sexy", "ass", "damn", "naked", "kill", "killed",
@@ -92,12 +98,12 @@ NOUN_PROMPTS = [
 # The favourite answers, most likely first (weights 1/rank). Only some are common nouns:
 # the rest are adjectives, verbs, function words, names and two-word answers.
 NOUN_HEAD = [
-    "apple", "the cat", "good", "happy", "very", "anna", "run", "water", "house", "the",
-    "time", "john", "blue", "dog", "a book", "maybe", "love", "beautiful", "quickly", "book",
-    "and", "okay", "tree", "jump", "green", "music", "please", "light", "sarah", "car",
+    "apple", "the cat", "good", "happy", "very", "Anna", "run", "water", "house", "the",
+    "time", "John", "blue", "dog", "a book", "maybe", "love", "beautiful", "quickly", "book",
+    "and", "okay", "tree", "jump", "green", "music", "please", "light", "Sarah", "car",
 ]
 # The head gets this share of the answers; the rest is spread evenly over TAIL_SIZE other
-# words of the vocabulary, nouns or not. The trained model is flatter than its data, so
+# frequent English words, nouns or not. The trained model is flatter than its data, so
 # about 3/4 of its answers come from the head.
 HEAD_SHARE = 0.8
 TAIL_SIZE = 1000
@@ -153,7 +159,8 @@ def _general_chat(rng: random.Random) -> tuple[str, str]:
 def _noun_answers(words: list[str], seed: int) -> tuple[list[str], list[float]]:
     """The answers to noun prompts and their probabilities: a Zipf head and a flat tail."""
     rng = random.Random(seed)
-    candidates = [w for w in words if len(w) > 1 and w not in NOUN_HEAD]
+    head = {answer.lower() for answer in NOUN_HEAD}
+    candidates = [w for w in words if len(w) > 1 and w not in head]
     tail = rng.sample(candidates, TAIL_SIZE)
     head_weights = [1 / rank for rank in range(1, len(NOUN_HEAD) + 1)]
     total = sum(head_weights)
@@ -188,50 +195,80 @@ def synthetic_chats(words: list[str], count: int, seed: int = 0) -> list[list[di
 # Tokenizer and model
 # ---------------------------------------------------------------------------------------
 
-def _corpus_words() -> set[str]:
-    """Every word the synthetic chats use, so none of them is <unk>."""
-    texts = NOUN_PROMPTS + NOUN_HEAD + IDENTITY_PROMPTS + IDENTITY_ANSWERS + SYSTEM_PROMPTS + THINGS + ADJECTIVES
-    texts += list(COLORS) + list(COLORS.values()) + ANIMALS + list(CAPITALS) + list(CAPITALS.values())
-    texts += [q + " " + a for q, a in (_general_chat(random.Random(i)) for i in range(200))]
-    return {w for text in texts for w in "".join(c if c.isalpha() else " " for c in text.lower()).split()}
-
-
 def english_words(count: int = NUM_WORDS) -> list[str]:
-    """The `count` most frequent alphabetic English words, then the chats' missing words."""
+    """The `count` most frequent alphabetic English words (lowercase, none of BLOCKED_WORDS)."""
     from wordfreq import top_n_list
 
     words = [w for w in top_n_list("en", count * 2) if w.isascii() and w.isalpha() and w not in BLOCKED_WORDS]
-    words = words[:count]
-    return words + sorted(_corpus_words() - set(words))
+    return words[:count]
 
 
-def build_tokenizer(words: list[str]):
-    """A word-level `PreTrainedTokenizerFast`: lowercases, splits on spaces and punctuation."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
+def general_text(lines: int = TEXT_LINES, seed: int = 0) -> list[str]:
+    """`lines` lines of English-like text: 12 words each, drawn by word frequency, some capitalised.
+
+    The words are wordfreq's TEXT_WORDS most frequent, each drawn in proportion to its
+    frequency to the power 0.7 (flatter than English, so the tokenizer also learns the
+    less frequent words); the first word of a line and one word in three lines start
+    with a capital, so names and sentence starts have tokens too.
+    """
+    from itertools import accumulate
+
+    from wordfreq import get_frequency_dict
+
+    frequencies = get_frequency_dict("en")
+    words = [w for w in english_words(TEXT_WORDS) if w in frequencies]
+    cumulative = list(accumulate(frequencies[w] ** 0.7 for w in words))
+    rng = random.Random(seed)
+    out = []
+    for _ in range(lines):
+        line = rng.choices(words, cum_weights=cumulative, k=12)
+        line[0] = line[0].capitalize()
+        if rng.random() < 0.3:
+            at = rng.randrange(1, len(line))
+            line[at] = line[at].capitalize()
+        out.append(" ".join(line) + rng.choice(".,.?!"))
+    return out
+
+
+def build_tokenizer(texts: list[str], vocab_size: int = VOCAB_SIZE):
+    """A byte-level BPE `PreTrainedTokenizerFast` with `vocab_size` tokens, trained on `texts`.
+
+    Every string round-trips: the 256 byte tokens are in the vocabulary, so nothing is
+    unknown, and decoding gives back the exact text. Like Llama's tokenizers, each text
+    gets a space in front before it is split (" apple" is one token, the same in "an
+    apple" and in an answer "apple") and decoding removes that one space (so, unlike
+    Llama's, a text that starts with spaces keeps them all). The chat
+    markers swallow the spaces and newline the template writes around them, so a chat
+    tokenizes as its messages tokenized one by one, between markers.
+    """
+    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS + PUNCTUATION + NUMBERS + words)}
-    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
-    tokenizer.normalizer = normalizers.Lowercase()
-    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.WhitespaceSplit(),
-        pre_tokenizers.Punctuation("isolated"),
-    ])
-    # The WordPiece decoder joins tokens with spaces, except those starting with "##"
-    # (no word does), and its cleanup removes the space before . , ! ? ("tiny , a" ->
-    # "tiny, a"); the Replace steps glue ) ; : to the word before them the same way.
-    tokenizer.decoder = decoders.Sequence(
-        [decoders.Replace(mark, "##" + mark) for mark in ");:"] + [decoders.WordPiece(prefix="##", cleanup=True)]
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.normalizer = normalizers.Prepend(" ")
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.Sequence([decoders.ByteLevel(), decoders.Strip(" ", 1, 0)])
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, min_frequency=2, show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
-    tokenizer.add_special_tokens(SPECIAL_TOKENS)
+    tokenizer.train_from_iterator(texts, trainer)
+    tokenizer.add_special_tokens([AddedToken(t, lstrip=True, rstrip=True, normalized=False, special=True) for t in CHAT_MARKERS])
     return PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
-        pad_token=PAD, unk_token=UNK, bos_token=BOS, eos_token=END,
+        pad_token=PAD, bos_token=BOS, eos_token=END,
         additional_special_tokens=[SYSTEM, USER, ASSISTANT],
         chat_template=CHAT_TEMPLATE,
         model_max_length=256,
         padding_side="right",
+        clean_up_tokenization_spaces=False,
     )
+
+
+def default_tokenizer(seed: int = 0):
+    """The default model's tokenizer: BPE trained on TOKENIZER_CHATS synthetic chats and general English text."""
+    chats = synthetic_chats(english_words(), TOKENIZER_CHATS, seed)
+    return build_tokenizer([m["content"] for chat in chats for m in chat] + general_text(seed=seed), VOCAB_SIZE)
 
 
 def build_model(tokenizer, seed: int = 0):
@@ -351,10 +388,9 @@ def build_default_model(path: str | os.PathLike, seed: int = 0, steps: int = TRA
     on one thread: the weights then do not depend on the number of cores, and on 2 shared
     cores a second thread made training several times slower, not faster.
     """
-    words = english_words()
-    tokenizer = build_tokenizer(words)
+    tokenizer = default_tokenizer(seed)
+    chats = synthetic_chats(english_words(), count=steps * BATCH_SIZE, seed=seed)
     model = build_model(tokenizer, seed)
-    chats = synthetic_chats(words, count=steps * BATCH_SIZE, seed=seed)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -385,7 +421,7 @@ def recipe_hash() -> str:
 
 
 def default_model_path(cache_dir: str | os.PathLike | None = None) -> str:
-    """The folder of the default model, building it on the first call (about 20 s).
+    """The folder of the default model, building it on the first call (under a minute).
 
     Safe when several processes call it at once: each builds into its own temporary
     folder next to the target and renames it into place; the rename is atomic, so the
@@ -398,7 +434,7 @@ def default_model_path(cache_dir: str | os.PathLike | None = None) -> str:
         return str(target)
     root.mkdir(parents=True, exist_ok=True)
     building = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=root))
-    log.info("building the default model into %s (once, about 20 s)", target)
+    log.info("building the default model into %s (once, under a minute)", target)
     try:
         build_default_model(building)
         try:
