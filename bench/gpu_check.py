@@ -14,7 +14,9 @@ process, so its peak GPU memory (`torch.cuda.max_memory_allocated`) is its own:
   autocast), the reference log-probs cached before training (pref's default);
 - TRL 1.16 DPOTrainer: `precompute_ref_log_probs=True`, `bf16=True` (float32 weights under
   autocast: like for like), gradient checkpointing off as for pref;
-- pref DivPO online on the noun reward: the step time split into sampling, scoring and update.
+- pref DivPO online with the `unique-nouns` reward (distinct nouns per answer: it varies even
+  on a random model's text, where answers are rarely a single known noun): the step time
+  split into sampling, scoring and update.
 
 Reports steps/s, tokens/s (real, unpadded tokens of the training forward passes), peak
 GPU memory and model FLOPs utilisation: 6 x parameters x tokens per step over the step
@@ -188,7 +190,7 @@ def child_pref_divpo(args: argparse.Namespace, size: dict) -> dict:
     from pref.registry import load_registry
     from pref.train import train
 
-    config = pref_config(args, "divpo", reward="noun-diversity", steps=size["divpo_steps"], batch_size=size["batch_size"],
+    config = pref_config(args, "divpo", reward="unique-nouns", steps=size["divpo_steps"], batch_size=size["batch_size"],
                          samples_per_prompt=size["k"], max_new_tokens=16)
     out = train(config, load_registry())
     rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))][1:]  # the first step warms up
@@ -274,7 +276,7 @@ def report(results: dict, params: int, args: argparse.Namespace, size: dict, dev
         else:
             lines.append(f"| {label} | failed | | | |")
     r = results.get("pref-divpo")
-    lines += ["", f"Online DivPO (noun reward, {size['batch_size']} prompts x {size['k']} samples, up to 16 new tokens; mean of steps 2-{size['divpo_steps']}):", "",
+    lines += ["", f"Online DivPO (unique-nouns reward, {size['batch_size']} prompts x {size['k']} samples, up to 16 new tokens; mean of steps 2-{size['divpo_steps']}):", "",
               "| sampling s | scoring s | update s | peak GPU memory GiB |", "|---:|---:|---:|---:|"]
     if r:
         lines.append(f"| {r['time/sampling']:.3f} | {r['time/scoring']:.3f} | {r['time/update']:.3f} | {r['peak_gib']:.2f} |")

@@ -191,7 +191,7 @@ def test_report_of_a_real_run(tmp_path, tiny_model_dir, prefs_file):
     out = train(config, load_registry())
     result = CliRunner().invoke(cli, ["report", out, out + "/final", "--output", str(tmp_path / "report" / "r.html")])
     assert result.exit_code == 0, result.output
-    assert sorted(os.listdir(tmp_path / "report")) == sorted(["r.html", *(f"r-{n}.png" for n in ("loss", "rewards", "validation", "optimizer"))])
+    assert sorted(os.listdir(tmp_path / "report")) == sorted(["r.html", *(f"r-{n}.png" for n in ("loss", "rewards", "validation", "optimizer", "time"))])
     run = load_run(out)
     figures = figures_by_name([run, run])
     margins = axes_by_title(figures["rewards"])["rewards/margins"]
