@@ -173,9 +173,6 @@ def validate(config: RunConfig) -> None:
         raise PrefError(f"top_k must be a whole number, 0 (off) or more, not {config.top_k!r}")
     if not config.weight_decay >= 0:
         raise PrefError(f"weight_decay must be zero or positive, not {config.weight_decay!r}")
-    if config.max_prompt_length >= config.max_length:
-        raise PrefError(f"max_prompt_length ({config.max_prompt_length}) must be below max_length ({config.max_length}), "
-                        "or no answer token fits")
     if config.lora or config.lora_options:
         from pref.lora import LoraOptions
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from distributed_train import BATCH_SIZE, SAVE_EVERY, STEPS, weights_hash  # tests/ is on sys.path
-from pref.data import ShuffledBatches
+from pref.bucketing import DEFAULT_WINDOW, LengthBucketedBatches, example_length
 from pref.examples import PreferenceExample
 from pref.plugins.preference_data import load_preferences
 
@@ -67,7 +67,9 @@ def test_two_processes_train_as_one_job(tiny_model_dir, prefs_file, private_cach
         return tokenizer.decode(ids, skip_special_tokens=True).strip()
 
     seen = [json.loads((report_dir / f"seen-rank{rank}.json").read_text()) for rank in (0, 1)]
-    order = ShuffledBatches(load_preferences(prefs_file), batch_size=2 * BATCH_SIZE, seed=0)
+    examples = load_preferences(prefs_file)
+    lengths = [example_length(tokenizer, e) for e in examples]  # offline batches are length-bucketed by default
+    order = LengthBucketedBatches(examples, lengths, batch_size=2 * BATCH_SIZE, seed=0, window=DEFAULT_WINDOW)
     for step in range(STEPS):
         expected = [as_decoded(e) for e in order.next()]
         assert seen[0][step]["chosen"] == expected[:BATCH_SIZE]

@@ -25,7 +25,7 @@ from pref.train import train_policy
     (["--warmup-steps", "-1"], "warmup_steps must be zero or positive"),
     (["--max-length", "0"], "max_length must be a positive"),
     (["--max-new-tokens", "0"], "max_new_tokens must be a positive"),
-    (["--max-prompt-length", "600"], "max_prompt_length (600) must be below max_length (512)"),
+    (["--max-prompt-length", "0"], "max_prompt_length must be a positive"),
     (["--dtype", "float16", "--device", "cpu"], "--dtype float16 cannot train on a CPU"),
     (["--dtype", "int8"], "Invalid value for '--dtype'"),
 ])
