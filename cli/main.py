@@ -84,7 +84,8 @@ def load_registry() -> Any:
 @cli.command()
 @click.option("--objective", help="Training objective, e.g. dpo (see `pref list-plugins`).")
 @click.option("--dataset", multiple=True, help="Dataset file, folder, hub name or builder name; repeatable.")
-@click.option("--reward", help="Reward plugin for online objectives.")
+@click.option("--reward", multiple=True, help="Reward plugin for online objectives; repeat it to sum several, weighted by --reward-weights.")
+@click.option("--reward-weights", help="One weight per --reward, in order, e.g. 1,0.5 (default 1 each).")
 @click.option("--selector", help="Pair selector for online objectives (default: the objective's own).")
 @click.option("--embedder", help="Embedder plugin; `sentence-transformers:NAME_OR_PATH` picks its model.")
 @click.option("--model", help="Hub id or local path (default: the embedded default model).")
@@ -126,7 +127,7 @@ def load_registry() -> Any:
 @click.option("--curriculum/--no-curriculum", default=None, help="Sample the datasets by an automatic, difficulty-driven curriculum.")
 @click.option("--curriculum-option", multiple=True, help="Curriculum option KEY=VALUE (eta, every, refresh, sample_size, variance_weight); repeatable.")
 @click.option("--option", "-o", "objective_option", multiple=True, help="Objective option KEY=VALUE; repeatable.")
-@click.option("--reward-option", multiple=True, help="Reward option KEY=VALUE; repeatable.")
+@click.option("--reward-option", multiple=True, help="Reward option KEY=VALUE, or NAME.KEY=VALUE for one of several rewards; repeatable.")
 @click.option("--dataset-option", multiple=True, help="Dataset builder option KEY=VALUE; repeatable.")
 @click.option("--selector-option", multiple=True, help="Pair selector option KEY=VALUE; repeatable.")
 def run(config_file: str | None, beta: float | None, objective_option, reward_option, dataset_option, selector_option, curriculum_option, lora_option, **flags: Any) -> None:
@@ -137,7 +138,7 @@ def run(config_file: str | None, beta: float | None, objective_option, reward_op
 
     file_values: dict[str, Any] = read_config_file(config_file) if config_file else {}
     given = {k: v for k, v in flags.items() if v is not None and v != ()}
-    for key in ("dataset", "validation_dataset", "test_prompts"):
+    for key in ("dataset", "validation_dataset", "test_prompts", "reward"):
         if key in given:
             given[key] = list(given[key])
     options = {

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,8 +19,9 @@ class RunConfig:
     objective_options: dict[str, Any] = field(default_factory=dict)
     dataset: list[str] = field(default_factory=list)
     dataset_options: dict[str, Any] = field(default_factory=dict)
-    reward: str | None = None
-    reward_options: dict[str, Any] = field(default_factory=dict)
+    reward: str | list[str] | None = None  # one reward's name, or several names (their weighted sum)
+    reward_options: dict[str, Any] = field(default_factory=dict)  # several rewards: "NAME.key" keys, or NAME -> options
+    reward_weights: list[float] | None = None  # one weight per reward when several (default 1 each)
     selector: str | None = None
     selector_options: dict[str, Any] = field(default_factory=dict)
     embedder: str | None = None
@@ -140,6 +142,10 @@ def build_config(file_values: dict[str, Any] | None = None, flags: dict[str, Any
     for key in ("dataset", "validation_dataset", "test_prompts"):
         if isinstance(values.get(key), str):
             values[key] = [values[key]]
+    if "reward" in values:
+        values["reward"] = reward_names(values["reward"])
+    if "reward_weights" in values:
+        values["reward_weights"] = reward_weights(values["reward_weights"])
     config = RunConfig(**values)
     from pref.models import DEFAULT_MODEL  # lazily: it imports torch
 
@@ -150,6 +156,38 @@ def build_config(file_values: dict[str, Any] | None = None, flags: dict[str, Any
         config.threads = EMBEDDED_MODEL_THREADS
     validate(config)
     return config
+
+
+def reward_names(value: Any) -> str | list[str] | None:
+    """`reward` as a config holds it: one name stays a string (as before several were allowed), several a list."""
+    names = [value] if isinstance(value, str) else list(value or [])
+    if not all(isinstance(name, str) and name for name in names):
+        raise PrefError(f"reward must be a reward's name or a list of names, not {value!r}")
+    duplicated = sorted({name for name in names if names.count(name) > 1})
+    if duplicated:
+        raise PrefError(f"reward {duplicated[0]!r} is given twice; name each reward once and weigh it with --reward-weights")
+    if not names:
+        return None
+    return names[0] if len(names) == 1 else names
+
+
+def reward_weights(value: Any) -> list[float] | None:
+    """`--reward-weights 1,0.5` or a list of numbers into finite floats; a one-line error otherwise."""
+    if value is None:
+        return None
+    items = value.split(",") if isinstance(value, str) else value if isinstance(value, (list, tuple)) else [value]
+    weights = []
+    for item in items:
+        try:
+            if isinstance(item, bool):
+                raise ValueError
+            weight = float(item.strip() if isinstance(item, str) else item)
+        except (TypeError, ValueError):
+            raise PrefError(f"reward_weights must be numbers separated by commas, e.g. 1,0.5; {item!r} is not a number") from None
+        if not math.isfinite(weight):
+            raise PrefError(f"reward_weights must be finite numbers, not {item!r}")
+        weights.append(weight)
+    return weights
 
 
 def validate(config: RunConfig) -> None:
@@ -173,6 +211,12 @@ def validate(config: RunConfig) -> None:
         raise PrefError(f"top_k must be a whole number, 0 (off) or more, not {config.top_k!r}")
     if not config.weight_decay >= 0:
         raise PrefError(f"weight_decay must be zero or positive, not {config.weight_decay!r}")
+    if config.reward_weights is not None:
+        names = config.reward if isinstance(config.reward, list) else [config.reward] if config.reward else []
+        if len(names) < 2:
+            raise PrefError("reward_weights weigh several rewards against each other: pass --reward twice or more, or drop --reward-weights")
+        if len(config.reward_weights) != len(names):
+            raise PrefError(f"{len(config.reward_weights)} reward weights for {len(names)} rewards ({', '.join(names)}): give one weight per --reward, in order")
     if config.lora or config.lora_options:
         from pref.lora import LoraOptions
 

@@ -314,7 +314,7 @@ class GRPO(Objective):
         delta: INTELLECT-2's cap on the unclipped ratio (none by default).
         sapo_temperature_pos, sapo_temperature_neg: SAPO's gate temperatures (1.0, 1.05).
         vespo_k_pos, vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg: VESPO's gamma weights (2, 3, 3, 2).
-    Several rewards: `--reward weighted --reward-option rewards='{a: 1.0, b: 0.5}'` (TRL's reward_weights).
+    Several rewards: `--reward a --reward b --reward-weights 1,0.5` (TRL's reward_weights), the `weighted` reward's sum.
     """
 
     needs = ObjectiveNeeds(reference=NO_REFERENCE, data=SAMPLES, online=True, samples_per_prompt=8)

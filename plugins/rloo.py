@@ -89,7 +89,7 @@ class RLOO(Objective):
         normalize_advantages: standardise the advantages over the rollout (default false).
         num_iterations: passes over each rollout (default 1), each cut into `steps_per_generation`
             mini-batches, one optimizer step each (default 1).
-    Several rewards: `--reward weighted --reward-option rewards='{a: 1.0, b: 0.5}'` (TRL's reward_weights).
+    Several rewards: `--reward a --reward b --reward-weights 1,0.5` (TRL's reward_weights), the `weighted` reward's sum.
     """
 
     needs = ObjectiveNeeds(reference=REFERENCE_LOGPS, data=SAMPLES, online=True, samples_per_prompt=8)

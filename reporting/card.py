@@ -118,7 +118,10 @@ def model_card(record: dict[str, Any], rows: list[dict[str, Any]], pipeline_tag:
         lines.append(f"- data: {', '.join(f'`{d}`' for d in config['dataset'])}")
     if config.get("reward"):
         reward_options = config.get("reward_options") or {}
-        lines.append(f"- reward: `{config['reward']}`" + (f", options: {', '.join(f'`{k}={format_value(v)}`' for k, v in reward_options.items())}" if reward_options else ""))
+        rewards = config["reward"] if isinstance(config["reward"], list) else [config["reward"]]
+        weights = config.get("reward_weights")
+        named = ", ".join(f"`{name}`" + (f" x {format_value(weights[i])}" if weights else "") for i, name in enumerate(rewards))
+        lines.append(f"- reward: {named}" + (f", options: {', '.join(f'`{k}={format_value(v)}`' for k, v in reward_options.items())}" if reward_options else ""))
     last_step = int(rows[-1]["step"]) if rows else None
     steps = f"{config.get('steps')}" + (f" (stopped after {last_step})" if last_step is not None and last_step != config.get("steps") else "")
     lines += [f"- steps: {steps}, batch size {config.get('batch_size')}, gradient accumulation {config.get('grad_accum')}, "
