@@ -16,7 +16,7 @@ import torch
 
 from pref.errors import PrefError
 from pref.hookspecs import hookimpl
-from pref.interfaces import NO_REFERENCE, REFERENCE_LOGPS, SAMPLES, Minibatch, Objective, ObjectiveNeeds, Policy, Reference, ScoredBatch
+from pref.interfaces import NO_REFERENCE, REFERENCE_LOGPS, SAMPLES, Minibatch, Objective, ObjectiveNeeds, Policy, Processes, Reference, ScoredBatch
 from pref.sequences import Sequences
 
 LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo", "luspo", "vespo")
@@ -29,7 +29,9 @@ def std(values: torch.Tensor, dim: int | None = None) -> torch.Tensor:
     return values.std(dim=dim) if dim is not None else values.std()
 
 
-def group_advantages(rewards: torch.Tensor, samples_per_prompt: int, scale_rewards: str = "group") -> tuple[torch.Tensor, torch.Tensor]:
+def group_advantages(
+    rewards: torch.Tensor, samples_per_prompt: int, scale_rewards: str = "group", batch_rewards: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """GRPO's advantages: each reward minus its group's mean, scaled as `scale_rewards` says.
 
     Args:
@@ -37,6 +39,8 @@ def group_advantages(rewards: torch.Tensor, samples_per_prompt: int, scale_rewar
         samples_per_prompt: K (at least 2).
         scale_rewards: "group" (divide by the group's std + 1e-4), "batch" (by the whole
             batch's std + 1e-4, Liu et al. 2025's PPO Lite) or "none" (Dr. GRPO).
+        batch_rewards: [N] the rewards of the whole batch, every process's (TRL gathers
+            them), whose std "batch" divides by; default `rewards`.
 
     Returns:
         advantages: [P * K].
@@ -48,7 +52,8 @@ def group_advantages(rewards: torch.Tensor, samples_per_prompt: int, scale_rewar
     grouped = rewards.view(-1, samples_per_prompt)
     mean = grouped.mean(dim=1).repeat_interleave(samples_per_prompt)
     if scale_rewards == "batch":
-        scale = std(rewards).expand_as(rewards) if rewards.numel() > 1 else torch.zeros_like(rewards)
+        batch_rewards = rewards if batch_rewards is None else batch_rewards
+        scale = std(batch_rewards).expand_as(rewards) if batch_rewards.numel() > 1 else torch.zeros_like(rewards)
     else:
         scale = std(grouped, dim=1).repeat_interleave(samples_per_prompt)
     advantages = rewards - mean
@@ -269,7 +274,7 @@ class PreparedSamples:
     sequences: the B rows; advantages: [B]; old_logps: [B, T] the sampling policy's token
     log-probs, or None when every rollout serves one step (the ratio is then 1 and the current
     log-probs, detached, stand in, as TRL does); reference_logps: [B, T] or None (beta 0);
-    total_tokens: completion tokens per optimizer step of this rollout (dapo's normaliser).
+    total_tokens: completion tokens per optimizer step of this rollout, averaged over processes (dapo's normaliser).
     """
 
     sequences: Sequences
@@ -314,6 +319,8 @@ class GRPO(Objective):
         delta: INTELLECT-2's cap on the unclipped ratio (none by default).
         sapo_temperature_pos, sapo_temperature_neg: SAPO's gate temperatures (1.0, 1.05).
         vespo_k_pos, vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg: VESPO's gamma weights (2, 3, 3, 2).
+    With several processes, scale_rewards "batch" divides by the std of every process's rewards and
+    dapo (cispo, vespo) by every process's completion tokens, as TRL does, so the update equals one process's.
     Several rewards: `--reward a --reward b --reward-weights 1,0.5` (TRL's reward_weights), the `weighted` reward's sum.
     """
 
@@ -337,6 +344,7 @@ class GRPO(Objective):
         vespo_lambda_pos: float = 3.0,
         vespo_k_neg: float = 3.0,
         vespo_lambda_neg: float = 2.0,
+        processes: Processes | None = None,
     ):
         check_options(loss_type, importance_sampling_level, epsilon, epsilon_high, beta)
         if scale_rewards not in SCALE_REWARDS:
@@ -353,6 +361,7 @@ class GRPO(Objective):
         self.importance_sampling_level, self.max_completion_length, self.delta = importance_sampling_level, max_completion_length, delta
         self.sapo_temperatures = (sapo_temperature_pos, sapo_temperature_neg)
         self.vespo_options = {"k_pos": vespo_k_pos, "lambda_pos": vespo_lambda_pos, "k_neg": vespo_k_neg, "lambda_neg": vespo_lambda_neg}
+        self.processes = processes or Processes()
         self.needs = ObjectiveNeeds(
             reference=REFERENCE_LOGPS if beta > 0 else NO_REFERENCE,
             data=SAMPLES,
@@ -363,8 +372,12 @@ class GRPO(Objective):
         )
 
     def advantages(self, rewards: torch.Tensor, samples_per_prompt: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """[B] advantages and [B] "std is zero" flags from the rollout's rewards."""
-        return group_advantages(rewards, samples_per_prompt, self.scale_rewards)
+        """[B] advantages and [B] "std is zero" flags from this process's share of the rollout's rewards."""
+        batch_rewards = None
+        if self.scale_rewards == "batch" and self.processes.world > 1:
+            # float32 values survive the round trip through Python floats exactly
+            batch_rewards = torch.tensor(self.processes.gather(rewards.tolist()), dtype=rewards.dtype, device=rewards.device)
+        return group_advantages(rewards, samples_per_prompt, self.scale_rewards, batch_rewards)
 
     def prepare(self, policy: Policy, reference: Reference | None, batch: ScoredBatch) -> PreparedSamples:
         """Advantages, the sampling policy's and the reference's token log-probs, once per rollout."""
@@ -385,7 +398,12 @@ class GRPO(Objective):
             reference_logps = reference.logps(sequences).tokens.to(device).float()
         rewards = batch.scores["reward"].to(device).float()
         advantages, std_is_zero = self.advantages(rewards, k)
-        total_tokens = mask.sum().item() / self.needs.minibatches_per_rollout
+        # dapo's normaliser: the mean over processes of their completion tokens, so that the average of the
+        # processes' losses (DDP averages their gradients) is the sum over every token / every process's tokens
+        tokens = mask.sum().double()
+        if self.processes.world > 1:
+            tokens = self.processes.mean(tokens.reshape(1)).reshape(()).to(tokens.device)
+        total_tokens = tokens.item() / self.needs.minibatches_per_rollout
         metrics = rollout_metrics(batch, rewards, std_is_zero, mask)
         return PreparedSamples(sequences.to(device), advantages, old_logps, reference_logps, total_tokens, metrics)
 

@@ -12,17 +12,21 @@ import torch
 
 from pref.errors import PrefError
 from pref.hookspecs import hookimpl
-from pref.interfaces import NO_REFERENCE, REFERENCE_LOGPS, SAMPLES, Minibatch, Objective, ObjectiveNeeds, Policy, Reference, ScoredBatch
+from pref.interfaces import NO_REFERENCE, REFERENCE_LOGPS, SAMPLES, Minibatch, Objective, ObjectiveNeeds, Policy, Processes, Reference, ScoredBatch
 from pref.plugins.grpo import PreparedSamples, group_size, rollout_metrics
 
 
-def leave_one_out_advantages(rewards: torch.Tensor, samples_per_prompt: int, normalize: bool = False) -> torch.Tensor:
+def leave_one_out_advantages(
+    rewards: torch.Tensor, samples_per_prompt: int, normalize: bool = False, processes: Processes | None = None,
+) -> torch.Tensor:
     """Each reward minus the mean of the other samples of its prompt: [P * K].
 
     Args:
         rewards: [P * K] rewards (KL penalty included), the K samples of each prompt consecutive.
         samples_per_prompt: K, at least 2.
-        normalize: then standardise over the batch: (a - mean) / (std + 1e-4) (TRL's `normalize_advantages`).
+        normalize: then standardise over the batch: (a - mean) / (std + 1e-4) (TRL's `normalize_advantages`),
+            the mean and std of every process's advantages (TRL gathers them).
+        processes: the run's processes (default: this one alone).
     """
     if samples_per_prompt < 2:
         raise PrefError(f"rloo needs at least 2 samples per prompt for a leave-one-out baseline, got {samples_per_prompt}")
@@ -30,7 +34,10 @@ def leave_one_out_advantages(rewards: torch.Tensor, samples_per_prompt: int, nor
     baselines = (grouped.sum(dim=1, keepdim=True) - grouped) / (samples_per_prompt - 1)
     advantages = rewards - baselines.view(-1)
     if normalize:
-        advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-4)
+        batch = advantages
+        if processes is not None and processes.world > 1:
+            batch = torch.tensor(processes.gather(advantages.tolist()), dtype=advantages.dtype, device=advantages.device)
+        advantages = (advantages - batch.mean()) / (batch.std() + 1e-4)
     return advantages
 
 
@@ -86,7 +93,7 @@ class RLOO(Objective):
     Options (TRL's `RLOOConfig` names):
         beta: weight of the KL penalty in the reward (default 0.05, as TRL; 0 loads no reference model).
         epsilon, epsilon_high: the clip range of the sequence ratio (0.2; epsilon_high defaults to epsilon).
-        normalize_advantages: standardise the advantages over the rollout (default false).
+        normalize_advantages: standardise the advantages over the rollout, every process's (default false).
         num_iterations: passes over each rollout (default 1), each cut into `steps_per_generation`
             mini-batches, one optimizer step each (default 1).
     Several rewards: `--reward a --reward b --reward-weights 1,0.5` (TRL's reward_weights), the `weighted` reward's sum.
@@ -102,6 +109,7 @@ class RLOO(Objective):
         normalize_advantages: bool = False,
         num_iterations: int = 1,
         steps_per_generation: int = 1,
+        processes: Processes | None = None,
     ):
         if beta < 0:
             raise PrefError(f"rloo: beta (the KL weight) must not be negative, got {beta}")
@@ -114,6 +122,7 @@ class RLOO(Objective):
                 raise PrefError(f"rloo: {name} must be a whole number of at least 1, got {value!r}")
         self.beta, self.epsilon, self.epsilon_high = beta, epsilon, epsilon_high
         self.normalize_advantages = normalize_advantages
+        self.processes = processes or Processes()
         self.needs = ObjectiveNeeds(
             reference=REFERENCE_LOGPS if beta > 0 else NO_REFERENCE,
             data=SAMPLES,
@@ -138,7 +147,7 @@ class RLOO(Objective):
             reference_logps = reference.logps(sequences).tokens.to(device).float()
             rewards, per_token_kl = kl_penalised_rewards(scores, old_logps, reference_logps, mask, self.beta)
             metrics["kl"] = (per_token_kl.sum() / mask.sum().clamp(min=1)).item()
-        advantages = leave_one_out_advantages(rewards, k, self.normalize_advantages)
+        advantages = leave_one_out_advantages(rewards, k, self.normalize_advantages, self.processes)
         std_is_zero = torch.isclose(rewards.view(-1, k).std(dim=1), torch.zeros(()))
         metrics.update(rollout_metrics(batch, scores, std_is_zero, mask))  # TRL reports the rewards before the KL penalty
         return PreparedSamples(sequences.to(device), advantages, old_logps, None, 0.0, metrics)
