@@ -29,6 +29,7 @@ from pref.errors import PrefError
 MODEL_FILE = "model.safetensors"  # the policy's trained weights (all of a full run's, a LoRA run's adapters)
 OPTIMIZER_FILE = "optimizer.pt"  # the policy's optimizer (and the objective's modules')
 SCHEDULER_FILE = "scheduler.pt"
+REFERENCE_FILE = "reference.safetensors"  # a reference model the objective moves (TR-DPO): all its parameters
 STATE_FILE = "state.json"  # step, seed, number of processes, data position
 RNG_FILE = "rng-{rank}.pt"  # each process's random state
 EXTRA_FILE = "extra.pt"  # the keys below
@@ -101,6 +102,12 @@ class Trained:
     modules: dict[str, torch.nn.Module] = field(default_factory=dict)
     second_model: torch.nn.Module | None = None
     second_optimizer: torch.optim.Optimizer | None = None
+    reference: torch.nn.Module | None = None  # only where the objective moves the reference (`needs.moves_reference`)
+
+
+def reference_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter of a frozen reference (tied ones once): what TR-DPO's updates change."""
+    return {name: p.detach().contiguous() for name, p in model.named_parameters()}
 
 
 def save_checkpoint(
@@ -129,6 +136,8 @@ def save_checkpoint(
     with removed_on_failure(tmp, final):
         os.makedirs(tmp)
         save_file(trained_weights(trained.model), os.path.join(tmp, MODEL_FILE))
+        if trained.reference is not None:
+            save_file(reference_weights(trained.reference), os.path.join(tmp, REFERENCE_FILE))
         torch.save(trained.optimizer.state_dict(), os.path.join(tmp, OPTIMIZER_FILE))
         torch.save(trained.scheduler.state_dict(), os.path.join(tmp, SCHEDULER_FILE))
         for rank, rng in enumerate(rng_states):
@@ -179,6 +188,8 @@ def load_checkpoint(checkpoint_dir: str, trained: Trained, rank: int = 0) -> tup
     except Exception as exc:  # safetensors raises its own error types; none of them may run code
         raise _unloadable(model_path, exc) from None
     load_trained_weights(trained.model, weights)
+    if trained.reference is not None:
+        load_reference_weights(trained.reference, os.path.join(checkpoint_dir, REFERENCE_FILE))
     trained.optimizer.load_state_dict(_load_safely(os.path.join(checkpoint_dir, OPTIMIZER_FILE)))
     trained.scheduler.load_state_dict(_load_safely(os.path.join(checkpoint_dir, SCHEDULER_FILE)))
     set_rng_state(_load_safely(os.path.join(checkpoint_dir, RNG_FILE.format(rank=rank))))
@@ -191,6 +202,20 @@ def load_checkpoint(checkpoint_dir: str, trained: Trained, rank: int = 0) -> tup
         trained.second_optimizer.load_state_dict(extra[SECOND_OPTIMIZER])
     objective_states = extra[OBJECTIVE]
     return read_state(checkpoint_dir), objective_states[rank] if rank < len(objective_states) else {}
+
+
+def load_reference_weights(model: torch.nn.Module, path: str) -> None:
+    """Put the moved reference's weights back; a checkpoint saved without them cannot resume this run exactly."""
+    if not os.path.exists(path):
+        raise PrefError(f"{os.path.dirname(path)} holds no reference weights ({REFERENCE_FILE}), but this run moves its reference "
+                        "(sync_ref_model); resume with the options it was saved with, or start afresh")
+    try:
+        weights = load_file(path)
+    except Exception as exc:  # safetensors raises its own error types; none of them may run code
+        raise _unloadable(path, exc) from None
+    if set(weights) != set(reference_weights(model)):
+        raise PrefError(f"{path} holds another model's weights than this run's reference; resume with the model it was saved with")
+    model.load_state_dict(weights, strict=False)
 
 
 def _load_safely(path: str) -> Any:

@@ -297,6 +297,8 @@ class ObjectiveNeeds:
     second_model: the objective trains a second model on data of its own
         (`Objective.second_model()`, D2PO's discriminator).
     model_kind: what the trained model is: "causal-lm", or "sequence-classifier".
+    moves_reference: the objective changes the frozen reference model's weights in
+        `after_step` (TR-DPO), so checkpoints keep them and a resume goes on from them.
     """
 
     reference: str = REFERENCE_LOGPS
@@ -312,6 +314,7 @@ class ObjectiveNeeds:
     trainable_modules: bool = False
     second_model: bool = False
     model_kind: str = "causal-lm"
+    moves_reference: bool = False
 
     def __post_init__(self) -> None:
         # a plugin author's mistake, caught when the objective is built

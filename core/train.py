@@ -277,7 +277,8 @@ def train_policy(config: RunConfig, registry: Registry) -> tuple[str, HFPolicy]:
     model, optimizer = accelerator.prepare(policy.model, optimizer)
     policy.model = model
     model.train()
-    trained = Trained(unwrap(model), optimizer, scheduler, modules, second.model if second else None, second_optimizer)
+    moved_reference = reference.model if plan.needs.moves_reference and isinstance(reference, FrozenReference) else None
+    trained = Trained(unwrap(model), optimizer, scheduler, modules, second.model if second else None, second_optimizer, moved_reference)
 
     # -- resume -------------------------------------------------------------------
     start_step = 0

@@ -80,7 +80,7 @@ class DPO(Objective):
         sync_ref_model, ref_model_mixup_alpha, ref_model_sync_steps: TR-DPO: every
             `ref_model_sync_steps` optimizer steps the frozen reference moves towards the
             policy, reference <- alpha * policy + (1 - alpha) * reference (a frozen reference model;
-            a resumed run's reference starts again from the starting model).
+            checkpoints keep the moved reference, so a resumed run goes on from it).
     """
 
     needs = ObjectiveNeeds(reference=REFERENCE_LOGPS, data=PAIRS)
@@ -132,7 +132,7 @@ class DPO(Objective):
             self.needs = replace(self.needs, reference=NO_REFERENCE)  # the loop loads no reference
         elif ld_alpha is not None or sync_ref_model:
             # per-token reference log-probs (LD-DPO) or a reference that moves (TR-DPO): only a frozen model will do
-            self.needs = replace(self.needs, reference=REFERENCE_DISTRIBUTIONS)
+            self.needs = replace(self.needs, reference=REFERENCE_DISTRIBUTIONS, moves_reference=sync_ref_model)
 
     def after_step(self, step: int, policy: Policy, reference: Reference | None) -> None:
         """TR-DPO: every `ref_model_sync_steps` optimizer steps, move the frozen reference towards the policy."""

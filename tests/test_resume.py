@@ -1,5 +1,6 @@
 """Interrupted starts, resumes from elsewhere, moved data, PPO checkpoints and a full disk."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -10,6 +11,7 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 import pref.train as train_module
+from pref.checkpoint import load_checkpoint
 from pref.cli.main import cli
 from pref.config import build_config
 from pref.errors import PrefError
@@ -133,3 +135,29 @@ def test_a_full_disk_is_a_one_line_error_and_leaves_no_temporary_copy(tiny_disk,
     line = result.stderr.splitlines()[-1]
     assert line.startswith(f"Error: cannot write {out / 'checkpoint-000001'}: No space left on device (ENOSPC); free some space"), line
     assert not any(p.name.startswith(".tmp") for p in out.iterdir())
+
+
+def test_tr_dpo_resumes_from_its_moved_reference(tmp_path, tiny_model_dir, prefs_file, monkeypatch):
+    """TR-DPO moves the reference every step; checkpoints keep it, so a resume equals the uninterrupted run."""
+    tr_dpo = {"save_every": 2, "reference": "model",
+              "objective_options": {"sync_ref_model": True, "ref_model_sync_steps": 1, "ref_model_mixup_alpha": 0.5}}
+    whole = train(config(tmp_path / "whole", tiny_model_dir, prefs_file, **tr_dpo), load_registry())
+    checkpoint = tmp_path / "whole" / "checkpoint-000002"
+    moved, start = load_file(str(checkpoint / "reference.safetensors")), load_file(os.path.join(tiny_model_dir, "model.safetensors"))
+    assert any(not torch.equal(moved[key], start[key]) for key in moved if key in start)  # the reference did move
+
+    def interrupted_and_resumed(out):
+        restore = crash_at(monkeypatch, 3)
+        with pytest.raises(Interrupted):
+            train(config(out, tiny_model_dir, prefs_file, **tr_dpo), load_registry())
+        restore()
+        train(config(out, tiny_model_dir, prefs_file, resume=str(out), **tr_dpo), load_registry())
+        assert steps_logged(out) == [1, 2, 3, 4]
+        return final_weights(out)
+
+    assert_same(final_weights(whole), interrupted_and_resumed(tmp_path / "resumed"))
+    # the check can fail: a resume whose reference starts again from the starting model ends elsewhere
+    monkeypatch.setattr(train_module, "load_checkpoint", lambda path, trained, rank=0: load_checkpoint(
+        path, dataclasses.replace(trained, reference=None), rank))
+    fresh_reference = interrupted_and_resumed(tmp_path / "fresh-reference")
+    assert any(not torch.equal(fresh_reference[key], value) for key, value in final_weights(whole).items())
