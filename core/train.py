@@ -22,9 +22,8 @@ import torch
 from pref.agreement import next_batch_together, same_decision
 from pref.checkpoint import Trained, load_checkpoint, read_state, rng_state, save_checkpoint, write_atomically
 from pref.config import RunConfig
-from pref.curriculum import Curriculum, CurriculumOptions, dataset_names
 from pref.bucketing import LengthBucketedBatches, example_length
-from pref.data import OfflineBatches, collate
+from pref.data import OfflineBatches, collate, dataset_names
 from pref.divergence import check_step, check_weights, refuse_non_finite_settings, sampling_diverged
 from pref.errors import NoUsablePairs, PrefError
 from pref.examples import prompt_of
@@ -90,17 +89,17 @@ def build_reference(config: RunConfig, plan: RunPlan, policy: HFPolicy, examples
     return FrozenReference.copy_of(unwrap(policy.model))
 
 
-def build_curriculum(config: RunConfig, plan: RunPlan, policy: HFPolicy, example_sets: list[list[Any]], rank: int, world: int) -> Curriculum:
-    """The `--curriculum` order over the `--dataset` entries, its schedule counted in optimizer steps."""
+def build_sampler(config: RunConfig, plan: RunPlan, policy: HFPolicy, example_sets: list[list[Any]], rank: int, world: int) -> Any:
+    """The plan's sampler over the `--dataset` entries (name -> records), its schedule counted in optimizer steps."""
     batches_per_step = float(config.grad_accum) / plan.batches_per_rollout  # a rollout serves several steps
     datasets = dict(zip(dataset_names(config.dataset), example_sets))
-    options = CurriculumOptions.from_dict(config.curriculum_options)
-    return Curriculum(datasets, policy, config.batch_size, config.seed, rank, world, options, batches_per_step)
+    return plan.sampler.build(datasets=datasets, policy=policy, batch_size=config.batch_size, seed=config.seed, rank=rank, world=world,
+                              batches_per_step=batches_per_step)
 
 
 def build_data(config: RunConfig, plan: RunPlan, policy: HFPolicy, examples: list[Any], rank: int, world: int, order: Any = None,
                after_draw: Any = None, processes: Processes | None = None) -> Any:
-    """Offline or online batches; `order` (a curriculum) replaces their shuffled order when given.
+    """Offline or online batches; `order` (a sampler) replaces their shuffled order when given.
 
     `after_draw` (online) is called after each draw of samples: it trains the objective's second model.
     """
@@ -264,7 +263,7 @@ def train_policy(config: RunConfig, registry: Registry) -> tuple[str, HFPolicy]:
         raise PrefError(f"objective {config.objective!r} trains on a dataset: pass --dataset FILE")
     reference = build_reference(config, plan, policy, examples + validation)
     keep_trainable_in_float32(policy.model, *modules.values())  # after the reference took its copy
-    order = build_curriculum(config, plan, policy, example_sets, rank, world) if config.curriculum else None
+    order = build_sampler(config, plan, policy, example_sets, rank, world) if plan.sampler else None
     data = build_data(config, plan, policy, examples, rank, world, order, train_second, processes)
 
     # -- optimizer and schedule -------------------------------------------------
