@@ -28,7 +28,7 @@ from pref.divergence import check_step, check_weights, refuse_non_finite_setting
 from pref.errors import NoUsablePairs, PrefError
 from pref.examples import prompt_of
 from pref.interfaces import LabeledBatch, PairBatch, Processes, Reference, SecondModel
-from pref.lora import AdaptersOffReference, adapters_off, is_lora, save_final
+from pref.lora import MERGED_DIR, AdaptersOffReference, adapters_off, is_lora, save_merged
 from pref.models import DEFAULT_MODEL, prepare_for_training
 from pref.plan import CACHED_LOGPS, NO_MODEL, RunPlan, resolve_plan
 from pref.policy import HFPolicy, unwrap
@@ -114,6 +114,13 @@ def build_data(config: RunConfig, plan: RunPlan, policy: HFPolicy, examples: lis
     prompts = [prompt_of(e) for e in examples] or list(plan.reward.default_prompts)
     return OnlineBatches(policy, prompts, plan.reward, plan.selector, plan.needs, plan.samples_per_prompt, plan.sampling,
                          config.batch_size, config.seed, rank, world, order=order, after_draw=after_draw, processes=processes)
+
+
+def save_final(policy: HFPolicy, path: str, merge: bool = False) -> None:
+    """The trained model into `path` (a LoRA run: the adapter, and with `merge` also `path/merged/`)."""
+    policy.save(path)
+    if merge and is_lora(policy.model):
+        save_merged(unwrap(policy.model), policy.tokenizer, os.path.join(path, MERGED_DIR))
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, config: RunConfig) -> torch.optim.lr_scheduler.LambdaLR:
