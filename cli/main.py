@@ -126,11 +126,13 @@ def load_registry() -> Any:
 @click.option("--test-prompt", "test_prompts", multiple=True, help="Prompt answered at each evaluation into generations.jsonl; repeatable.")
 @click.option("--curriculum/--no-curriculum", default=None, help="Sample the datasets by an automatic, difficulty-driven curriculum.")
 @click.option("--curriculum-option", multiple=True, help="Curriculum option KEY=VALUE (eta, every, refresh, sample_size, variance_weight); repeatable.")
+@click.option("--sampler", help="Sampler choosing which records come next (see `pref list-plugins --kind sampler`); default: shuffled.")
+@click.option("--sampler-option", multiple=True, help="Sampler option KEY=VALUE; repeatable.")
 @click.option("--option", "-o", "objective_option", multiple=True, help="Objective option KEY=VALUE; repeatable.")
 @click.option("--reward-option", multiple=True, help="Reward option KEY=VALUE, or NAME.KEY=VALUE for one of several rewards; repeatable.")
 @click.option("--dataset-option", multiple=True, help="Dataset builder option KEY=VALUE; repeatable.")
 @click.option("--selector-option", multiple=True, help="Pair selector option KEY=VALUE; repeatable.")
-def run(config_file: str | None, beta: float | None, objective_option, reward_option, dataset_option, selector_option, curriculum_option, lora_option, **flags: Any) -> None:
+def run(config_file: str | None, beta: float | None, objective_option, reward_option, dataset_option, selector_option, curriculum_option, sampler_option, lora_option, **flags: Any) -> None:
     """Train a model with a preference objective."""
     from pref.config import build_config, read_config_file
     from pref.run_folder import moved_data
@@ -147,6 +149,7 @@ def run(config_file: str | None, beta: float | None, objective_option, reward_op
         "dataset_options": parse_options(dataset_option, "--dataset-option"),
         "selector_options": parse_options(selector_option, "--selector-option"),
         "curriculum_options": parse_options(curriculum_option, "--curriculum-option"),
+        "sampler_options": parse_options(sampler_option, "--sampler-option"),
         "lora_options": parse_options(lora_option, "--lora-option"),
     }
     if beta is not None:
@@ -185,7 +188,7 @@ def run(config_file: str | None, beta: float | None, objective_option, reward_op
 
 @cli.command("list-plugins")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-@click.option("--kind", type=click.Choice(["objective", "reward", "pair-selector", "dataset", "embedder", "logger"]), help="Only this kind.")
+@click.option("--kind", type=click.Choice(["objective", "reward", "pair-selector", "dataset", "embedder", "logger", "sampler"]), help="Only this kind.")
 def list_plugins(as_json: bool, kind: str | None) -> None:
     """List objectives, rewards, selectors, dataset builders and embedders."""
     registry = load_registry()

@@ -65,8 +65,10 @@ class RunConfig:
     validation_split: float = 0.0  # share of each dataset held out for the validation loss
     validation_dataset: list[str] = field(default_factory=list)  # held-out data instead of a split
     test_prompts: list[str] = field(default_factory=list)  # answered at each evaluation, in generations.jsonl
-    curriculum: bool = False  # sample the datasets by an automatic curriculum (pref.curriculum)
+    curriculum: bool = False  # sample the datasets by the automatic curriculum: the sampler "curriculum" (pref.plugins.curriculum)
     curriculum_options: dict[str, Any] = field(default_factory=dict)
+    sampler: str | None = None  # a registered sampler (register_samplers) choosing which records come next; None: shuffled
+    sampler_options: dict[str, Any] = field(default_factory=dict)
     keep_checkpoints: int = 2
     resume: str | None = None
 
@@ -237,9 +239,9 @@ def validate(config: RunConfig) -> None:
         raise PrefError("give --validation-split or --validation-dataset, not both")
     if config.validation_split and not config.dataset:
         raise PrefError("--validation-split needs a --dataset to hold records out of")
-    if config.curriculum:
-        from pref.curriculum import CurriculumOptions
-
-        CurriculumOptions.from_dict(config.curriculum_options)  # a bad option fails before the model loads
-        if len(config.dataset) < 2:
-            raise PrefError("--curriculum needs two or more --dataset entries to choose between")
+    if config.curriculum and config.sampler:
+        raise PrefError("--curriculum is --sampler curriculum: give one of --curriculum or --sampler, not both")
+    if config.sampler_options and not config.sampler:
+        raise PrefError("sampler options were given without --sampler; add --sampler NAME")
+    if config.curriculum and len(config.dataset) < 2:
+        raise PrefError("--curriculum needs two or more --dataset entries to choose between")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -91,7 +93,7 @@ class OfflineBatches:
 
     `order` decides which examples come next: by default a `ShuffledBatches` over them;
     any object with `next()` (this process's examples), `state()`, `load_state()` and
-    `metrics()` will do, such as a `pref.curriculum.Curriculum`.
+    `metrics()` will do, such as a sampler (`pref.plugins.curriculum.Curriculum`).
     """
 
     def __init__(self, policy: Policy, examples: Sequence[Any], batch_size: int, seed: int, rank: int = 0, world: int = 1, order: Any = None):
@@ -166,3 +168,15 @@ class RolloutSteps:
         self.rollouts = state.pop("rollouts", 0)
         self._queue = []
         self.order.load_state(state)
+
+
+def dataset_names(entries: Sequence[str]) -> list[str]:
+    """Short metric-friendly names for `--dataset` entries: `data/easy.txt` -> `easy`; repeats get `-2`, `-3`."""
+    names: list[str] = []
+    for entry in entries:
+        base = os.path.splitext(os.path.basename(os.path.normpath(entry)))[0] or entry
+        name, n = base, 2
+        while name in names:
+            name, n = f"{base}-{n}", n + 1
+        names.append(name)
+    return names

@@ -38,5 +38,10 @@ def register_embedders(register):
 
 
 @hookspec
+def register_samplers(register):
+    """Register samplers: which records come next (factories of objects with `build(...)` -> `next()`, `state()`, `load_state()`, `metrics()`)."""
+
+
+@hookspec
 def register_loggers(register):
     """Register metrics loggers (`pref.MetricsLogger` factories, built with `output_dir`, and `config` if they take it)."""

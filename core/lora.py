@@ -123,15 +123,6 @@ class AdaptersOffReference(Reference):
             return self.frozen.logps(sequences, with_logits)
 
 
-def save_final(policy: Any, path: str, merge: bool = False) -> None:
-    """The trained model into `path` (a LoRA run: the adapter, and with `merge` also `path/merged/`)."""
-    policy.save(path)
-    if merge and is_lora(policy.model):
-        from pref.policy import unwrap
-
-        save_merged(unwrap(policy.model), policy.tokenizer, os.path.join(path, MERGED_DIR))
-
-
 def save_merged(model: torch.nn.Module, tokenizer: Any, path: str) -> None:
     """Full weights with the adapters folded in, loadable by plain `transformers`, and the tokenizer.
 

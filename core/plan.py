@@ -9,6 +9,7 @@ below writes back into the config or into a plugin.
 Plugin factories get the values of the run they ask for by parameter name, the
 same way for every kind (`Registry.create(..., **context)`, see docs/plugins.md):
 `registry` (every kind), `processes` (objectives), `embedder` and `reward` (pair selectors).
+A sampler is built here with its options; its `build(...)` is called once the records are read.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ class RunPlan:
     objective, needs: the objective and what it declared.
     reward, selector, embedder: online runs only (None otherwise; `selector` None also
         for objectives that learn from every sample).
+    sampler: the `--sampler` (`--curriculum`: "curriculum") that orders the records, or None (shuffled).
     datasets, validation_datasets: one builder per `--dataset` / `--validation-dataset` entry.
     reference: NO_MODEL, FROZEN_MODEL or CACHED_LOGPS.
     samples_per_prompt: K (online).
@@ -50,6 +52,7 @@ class RunPlan:
     reward: RewardSource | None
     selector: PairSelector | None
     embedder: Embedder | None
+    sampler: Any
     datasets: list[Any]
     validation_datasets: list[Any]
     reference: str
@@ -97,6 +100,9 @@ def resolve_plan(config: RunConfig, registry: Registry, processes: Processes | N
             if selector is None:
                 raise PrefError(f"objective {config.objective!r} has no pair selector of its own: pass --selector NAME (see `pref list-plugins`)")
 
+    sampler_name, sampler_options = ("curriculum", config.curriculum_options) if config.curriculum else (config.sampler, config.sampler_options)
+    sampler = registry.create("sampler", sampler_name, sampler_options) if sampler_name else None
+
     # the reward knows how long its answers are; offline, only answers to --test-prompt are sampled
     max_new_tokens = config.max_new_tokens or (reward.max_new_tokens if reward is not None else None) or DEFAULT_MAX_NEW_TOKENS
     return RunPlan(
@@ -105,6 +111,7 @@ def resolve_plan(config: RunConfig, registry: Registry, processes: Processes | N
         reward=reward,
         selector=selector,
         embedder=embedder,
+        sampler=sampler,
         datasets=datasets,
         validation_datasets=validation_datasets,
         reference=reference_kind(config.reference, needs),

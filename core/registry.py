@@ -33,12 +33,13 @@ KINDS = {
     "dataset": "register_dataset_builders",
     "embedder": "register_embedders",
     "logger": "register_loggers",
+    "sampler": "register_samplers",
 }
 
 
 @dataclass
 class PluginItem:
-    """One registered objective, reward, selector, dataset builder or embedder."""
+    """One registered item of any kind in `KINDS`."""
 
     kind: str
     name: str

@@ -22,14 +22,13 @@ import torch
 from pref.agreement import next_batch_together, same_decision
 from pref.checkpoint import Trained, load_checkpoint, read_state, rng_state, save_checkpoint, write_atomically
 from pref.config import RunConfig
-from pref.curriculum import Curriculum, CurriculumOptions, dataset_names
 from pref.bucketing import LengthBucketedBatches, example_length
-from pref.data import OfflineBatches, collate
+from pref.data import OfflineBatches, collate, dataset_names
 from pref.divergence import check_step, check_weights, refuse_non_finite_settings, sampling_diverged
 from pref.errors import NoUsablePairs, PrefError
 from pref.examples import prompt_of
 from pref.interfaces import LabeledBatch, PairBatch, Processes, Reference, SecondModel
-from pref.lora import AdaptersOffReference, adapters_off, is_lora, save_final
+from pref.lora import MERGED_DIR, AdaptersOffReference, adapters_off, is_lora, save_merged
 from pref.models import DEFAULT_MODEL, prepare_for_training
 from pref.plan import CACHED_LOGPS, NO_MODEL, RunPlan, resolve_plan
 from pref.policy import HFPolicy, unwrap
@@ -90,17 +89,17 @@ def build_reference(config: RunConfig, plan: RunPlan, policy: HFPolicy, examples
     return FrozenReference.copy_of(unwrap(policy.model))
 
 
-def build_curriculum(config: RunConfig, plan: RunPlan, policy: HFPolicy, example_sets: list[list[Any]], rank: int, world: int) -> Curriculum:
-    """The `--curriculum` order over the `--dataset` entries, its schedule counted in optimizer steps."""
+def build_sampler(config: RunConfig, plan: RunPlan, policy: HFPolicy, example_sets: list[list[Any]], rank: int, world: int) -> Any:
+    """The plan's sampler over the `--dataset` entries (name -> records), its schedule counted in optimizer steps."""
     batches_per_step = float(config.grad_accum) / plan.batches_per_rollout  # a rollout serves several steps
     datasets = dict(zip(dataset_names(config.dataset), example_sets))
-    options = CurriculumOptions.from_dict(config.curriculum_options)
-    return Curriculum(datasets, policy, config.batch_size, config.seed, rank, world, options, batches_per_step)
+    return plan.sampler.build(datasets=datasets, policy=policy, batch_size=config.batch_size, seed=config.seed, rank=rank, world=world,
+                              batches_per_step=batches_per_step)
 
 
 def build_data(config: RunConfig, plan: RunPlan, policy: HFPolicy, examples: list[Any], rank: int, world: int, order: Any = None,
                after_draw: Any = None, processes: Processes | None = None) -> Any:
-    """Offline or online batches; `order` (a curriculum) replaces their shuffled order when given.
+    """Offline or online batches; `order` (a sampler) replaces their shuffled order when given.
 
     `after_draw` (online) is called after each draw of samples: it trains the objective's second model.
     """
@@ -115,6 +114,13 @@ def build_data(config: RunConfig, plan: RunPlan, policy: HFPolicy, examples: lis
     prompts = [prompt_of(e) for e in examples] or list(plan.reward.default_prompts)
     return OnlineBatches(policy, prompts, plan.reward, plan.selector, plan.needs, plan.samples_per_prompt, plan.sampling,
                          config.batch_size, config.seed, rank, world, order=order, after_draw=after_draw, processes=processes)
+
+
+def save_final(policy: HFPolicy, path: str, merge: bool = False) -> None:
+    """The trained model into `path` (a LoRA run: the adapter, and with `merge` also `path/merged/`)."""
+    policy.save(path)
+    if merge and is_lora(policy.model):
+        save_merged(unwrap(policy.model), policy.tokenizer, os.path.join(path, MERGED_DIR))
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, config: RunConfig) -> torch.optim.lr_scheduler.LambdaLR:
@@ -264,7 +270,7 @@ def train_policy(config: RunConfig, registry: Registry) -> tuple[str, HFPolicy]:
         raise PrefError(f"objective {config.objective!r} trains on a dataset: pass --dataset FILE")
     reference = build_reference(config, plan, policy, examples + validation)
     keep_trainable_in_float32(policy.model, *modules.values())  # after the reference took its copy
-    order = build_curriculum(config, plan, policy, example_sets, rank, world) if config.curriculum else None
+    order = build_sampler(config, plan, policy, example_sets, rank, world) if plan.sampler else None
     data = build_data(config, plan, policy, examples, rank, world, order, train_second, processes)
 
     # -- optimizer and schedule -------------------------------------------------

@@ -21,7 +21,7 @@ from pref.errors import PrefError
 from pref.examples import PreferenceExample
 from pref.hookspecs import hookimpl
 from pref.interfaces import Policy, SamplingConfig
-from pref.records import read_text
+from pref.plugins.records import read_text
 
 DEFAULT_TEMPLATE = "I am {name}, an AI assistant."
 

@@ -20,7 +20,7 @@ from pref.errors import PrefError
 from pref.examples import LabeledExample, Prompt
 from pref.hookspecs import hookimpl
 from pref.plugins.preference_data import preference_example
-from pref.records import messages, read_records, usable_answers
+from pref.plugins.records import messages, read_records, usable_answers
 
 FORMATS = "expected prompt, completion (or response) and label, or prompt/chosen/rejected"
 POSITIVE = {"positive", "accepted", "true", "1", "1.0"}

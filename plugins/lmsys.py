@@ -3,7 +3,7 @@
 lmsys-chat-1m (Zheng et al. 2023) is gated on the Hugging Face hub, so this
 reads a local copy (a JSONL, JSON, Parquet or CSV file, or a saved or cloned
 dataset folder; a pandas CSV export's Python-literal cells are read, see
-`pref.records`) whose rows hold
+`pref.plugins.records`) whose rows hold
 
 - `conversation`: the messages, `{"role": "user" | "assistant", "content": ...}`;
 - `openai_moderation`: one entry per message, each with a bool `flagged`;
@@ -28,7 +28,7 @@ from typing import Any
 from pref.errors import PrefError
 from pref.examples import LabeledExample, Prompt
 from pref.hookspecs import hookimpl
-from pref.records import FILE_TYPES, messages, read_records
+from pref.plugins.records import FILE_TYPES, messages, read_records
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ from typing import Any
 from pref.errors import PrefError
 from pref.examples import PreferenceExample, Prompt
 from pref.hookspecs import hookimpl
-from pref.records import messages, read_records, usable_pairs
+from pref.plugins.records import messages, read_records, usable_pairs
 
 FORMATS = "expected prompt/chosen/rejected, conversational messages, or question/response_j/response_k"
 

@@ -17,7 +17,7 @@ from pref.examples import LabeledExample
 from pref.hookspecs import hookimpl
 from pref.interfaces import NO_REFERENCE, SETS, LabeledBatch, Objective, ObjectiveNeeds, Policy, Reference
 from pref.plugins.labeled_data import row_examples
-from pref.records import messages, read_records
+from pref.plugins.records import messages, read_records
 
 LOSS_TYPES = ("nll", "dft")
 

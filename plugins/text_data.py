@@ -21,7 +21,7 @@ from typing import Any
 from pref.errors import PrefError
 from pref.examples import TextExample
 from pref.hookspecs import hookimpl
-from pref.records import read_records, read_text
+from pref.plugins.records import read_records, read_text
 
 UNITS = ("line", "paragraph")
 DIALOGUE_COLUMNS = ("dialog", "dialogue", "turns", "messages", "conversation")

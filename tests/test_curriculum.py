@@ -9,7 +9,9 @@ import torch
 from torch.testing import assert_close
 
 from pref.config import build_config
-from pref.curriculum import Curriculum, CurriculumOptions, dataset_names, update_weights
+from pref.data import dataset_names
+from pref.plan import resolve_plan
+from pref.plugins.curriculum import Curriculum, CurriculumOptions, CurriculumSampler, update_weights
 from pref.errors import PrefError
 from pref.examples import TextExample
 from pref.hookspecs import hookimpl
@@ -63,7 +65,7 @@ def test_update_weights_without_variance_and_with_equal_datasets():
     assert_close(same, torch.tensor([0.7, 0.3]))
 
 
-def test_options_are_checked():
+def test_options_are_checked(tmp_path):
     assert CurriculumOptions.from_dict({"eta": 1, "every": 3}) == CurriculumOptions(eta=1.0, every=3)
     with pytest.raises(PrefError, match="unknown curriculum option 'etta': did you mean 'eta'"):
         CurriculumOptions.from_dict({"etta": 0.1})
@@ -75,8 +77,31 @@ def test_options_are_checked():
         CurriculumOptions.from_dict({"eta": -1})
     with pytest.raises(PrefError, match="two or more --dataset"):
         build_config(flags={"dataset": ["a.txt"], "curriculum": True})
-    with pytest.raises(PrefError, match="unknown curriculum option"):
-        build_config(flags={"dataset": ["a.txt", "b.txt"], "curriculum": True, "curriculum_options": {"speed": 1}})
+    # --curriculum is the sampler "curriculum": the plan builds it, so a bad option fails before the model loads
+    files = two_files(tmp_path)
+    config = build_config(flags={"objective": "dpo", "dataset": files, "curriculum": True, "curriculum_options": {"speed": 1}})
+    with pytest.raises(PrefError, match="unknown option for sampler 'curriculum': 'speed'"):
+        resolve_plan(config, load_registry())
+    config = build_config(flags={"objective": "dpo", "dataset": files, "curriculum": True, "curriculum_options": {"every": 0}})
+    with pytest.raises(PrefError, match="every must be at least 1"):
+        resolve_plan(config, load_registry())
+    with pytest.raises(PrefError, match="not both"):
+        build_config(flags={"dataset": ["a.txt", "b.txt"], "curriculum": True, "sampler": "curriculum"})
+
+
+def two_files(folder):
+    for name in ("a.txt", "b.txt"):
+        (folder / name).write_text("one line\n")
+    return [str(folder / "a.txt"), str(folder / "b.txt")]
+
+
+def test_curriculum_is_the_registered_sampler_curriculum(tmp_path):
+    files = two_files(tmp_path)
+    plan = resolve_plan(build_config(flags={"objective": "dpo", "dataset": files, "curriculum": True,
+                                            "curriculum_options": {"eta": 0.3}}), load_registry())
+    assert isinstance(plan.sampler, CurriculumSampler) and plan.sampler.options == CurriculumOptions(eta=0.3)
+    assert load_registry().get("sampler", "curriculum").plugin == "curriculum"
+    assert resolve_plan(build_config(flags={"objective": "dpo", "dataset": files[:1]}), load_registry()).sampler is None
 
 
 def test_dataset_names_are_short_and_distinct():
@@ -261,3 +286,67 @@ def test_online_run_samples_from_the_text_datasets_prefixes(tmp_path, tiny_model
     assert {"curriculum/weight/easy", "curriculum/weight/hard", "curriculum/difficulty/hard", "reward/mean"} <= set(lines[-1])
     starts = {" ".join(EASY.split()[:8])} | {" ".join(t.split()[:8]) for t in hard.read_text().splitlines()}
     assert prompts_seen and set(prompts_seen) <= starts  # the prompts are the texts' first 8 words
+
+
+# -- another sampler, from a plugin ---------------------------------------------------------------------
+
+
+class FirstDatasetOnly:
+    """Records of the first dataset only, in order: a sampler a third-party package could register."""
+
+    def __init__(self, repeat=1):
+        self.repeat = repeat
+
+    def build(self, datasets, policy, batch_size, seed, rank, world, batches_per_step):
+        return FirstDatasetOrder(next(iter(datasets.values())), batch_size * self.repeat)
+
+
+class FirstDatasetOrder:
+    def __init__(self, records, batch_size):
+        self.records, self.batch_size, self.draws = records, batch_size, 0
+
+    def next(self):
+        start = self.draws * self.batch_size
+        self.draws += 1
+        return [self.records[(start + i) % len(self.records)] for i in range(self.batch_size)]
+
+    def state(self):
+        return {"draws": self.draws}
+
+    def load_state(self, state):
+        self.draws = state["draws"]
+
+    def metrics(self):
+        return {"sampler/draws": float(self.draws)}
+
+
+class FirstDatasetPlugin:
+    @hookimpl
+    def register_samplers(register):
+        register("first-only", FirstDatasetOnly)
+
+
+def test_a_plugin_sampler_chooses_the_records(tmp_path, tiny_model_dir, policy, monkeypatch):
+    """--sampler first-only: every batch comes from the easy dataset, and the sampler's metrics are logged."""
+    pm, failures, sources = get_plugin_manager()
+    pm.register(FirstDatasetPlugin, name="first-dataset-plugin")
+    datasets = easy_and_hard_pairs(tmp_path, policy.tokenizer)
+    seen = []
+    original = train_module.build_data
+
+    def recording(config, plan, policy, examples, rank, world, order=None, *args, **kwargs):
+        seen.append(order)
+        return original(config, plan, policy, examples, rank, world, order, *args, **kwargs)
+
+    monkeypatch.setattr(train_module, "build_data", recording)
+    config = build_config(flags={"objective": "dpo", "model": tiny_model_dir, "dataset": datasets, "sampler": "first-only",
+                                 "sampler_options": {"repeat": 1}, "steps": 3, "batch_size": 2, "device": "cpu",
+                                 "output_dir": str(tmp_path / "run")})
+    lines = logged(train(config, Registry(pm, failures, sources)))
+    [order] = seen
+    assert isinstance(order, FirstDatasetOrder) and order.draws == 3
+    assert all(r.chosen == EASY for r in order.records)
+    assert [m["sampler/draws"] for m in lines] == [1.0, 2.0, 3.0]
+    with pytest.raises(PrefError, match="unknown option for sampler 'first-only'"):
+        resolve_plan(build_config(flags={"objective": "dpo", "dataset": datasets, "sampler": "first-only", "sampler_options": {"again": 2}}),
+                     Registry(pm, failures, sources))

@@ -1,4 +1,4 @@
-"""`pref.records`: real-world files (encodings, pandas CSV exports) and pairs that cannot teach anything."""
+"""`pref.plugins.records`: real-world files (encodings, pandas CSV exports) and pairs that cannot teach anything."""
 
 import json
 import logging
@@ -13,7 +13,7 @@ from pref.plugins.labeled_data import LabeledData, load_labeled
 from pref.plugins.lmsys import LmsysChat
 from pref.plugins.preference_data import PreferenceData, load_preferences
 from pref.plugins.text_data import TextData
-from pref.records import literal, read_records, usable_pairs
+from pref.plugins.records import literal, read_records, usable_pairs
 
 ROWS = [
     {"prompt": "What is your name?", "chosen": "i am pref", "rejected": "i am tiny"},

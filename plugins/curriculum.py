@@ -1,9 +1,11 @@
-"""An automatic curriculum over several datasets: which dataset each training record comes from.
+"""The `curriculum` sampler: which dataset each training record comes from, steered by difficulty.
 
-`Curriculum` is an order, like `ShuffledBatches`: `next()` gives this process's
-`batch_size` records, and `state()`/`load_state()` continue a run exactly. Any
-objective can use it: offline batches are built from its records, online ones
-sample from the records' prompts.
+A built-in plugin of the sampler kind (`register_samplers`, see docs/plugins.md);
+`pref run --curriculum` is `--sampler curriculum`. `Curriculum` is an order, like
+`ShuffledBatches`: `next()` gives this process's `batch_size` records, and
+`state()`/`load_state()` continue a run exactly. Any objective can use it:
+offline batches are built from its records, online ones sample from the
+records' prompts.
 
 Each dataset has a sampling weight, equal at the start. A frozen copy of the
 policy, refreshed every `refresh` steps, scores a fresh sample of `sample_size`
@@ -19,7 +21,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -28,6 +29,7 @@ import torch
 
 from pref.data import ShuffledBatches
 from pref.errors import PrefError, unknown_name
+from pref.hookspecs import hookimpl
 from pref.policy import unwrap
 from pref.validation import text_nll
 
@@ -91,18 +93,6 @@ def update_weights(weights: torch.Tensor, difficulties: torch.Tensor, variances:
     gradient = metric - 1.0 / len(metric)
     stepped = (weights + eta * gradient).clamp(min=0)
     return stepped / stepped.sum()
-
-
-def dataset_names(entries: Sequence[str]) -> list[str]:
-    """Short metric-friendly names for `--dataset` entries: `data/easy.txt` -> `easy`; repeats get `-2`, `-3`."""
-    names: list[str] = []
-    for entry in entries:
-        base = os.path.splitext(os.path.basename(os.path.normpath(entry)))[0] or entry
-        name, n = base, 2
-        while name in names:
-            name, n = f"{base}-{n}", n + 1
-        names.append(name)
-    return names
 
 
 class Curriculum:
@@ -229,3 +219,26 @@ class Curriculum:
         for order, order_state in zip(self.orders, state["orders"]):
             order.load_state(order_state)
         self.refresh()
+
+
+class CurriculumSampler:
+    """Sample several datasets with weights steered towards the harder, more varied ones.
+
+    Built before the model loads with the user's options (checked here, so a bad one
+    fails in seconds); `build(...)` makes the `Curriculum` once the records are read.
+    """
+
+    def __init__(self, eta: float = CurriculumOptions.eta, every: int = CurriculumOptions.every,
+                 refresh: int = CurriculumOptions.refresh, sample_size: int = CurriculumOptions.sample_size,
+                 variance_weight: float = CurriculumOptions.variance_weight):
+        self.options = CurriculumOptions.from_dict(
+            {"eta": eta, "every": every, "refresh": refresh, "sample_size": sample_size, "variance_weight": variance_weight})
+
+    def build(self, datasets: dict[str, Sequence[Any]], policy: Any, batch_size: int, seed: int, rank: int = 0, world: int = 1,
+              batches_per_step: float = 1) -> Curriculum:
+        return Curriculum(datasets, policy, batch_size, seed, rank, world, self.options, batches_per_step)
+
+
+@hookimpl
+def register_samplers(register):
+    register("curriculum", CurriculumSampler)
