@@ -28,7 +28,7 @@ def tiny_model_dir(tmp_path_factory):
     from pref.plugins.default_model import build_default_model
 
     path = tmp_path_factory.mktemp("tiny-model")
-    build_default_model(path, seed=0, steps=20)
+    build_default_model(path, seed=0, steps=100)
     return str(path)
 
 

@@ -26,7 +26,7 @@ ONLINE_METRICS = {"reward/mean", "reward/std", "reward/max", "pairs/usable_fract
 
 
 def online_run(tmp_path, model, registry=None, name="run", **flags):
-    config = build_config(flags={"model": model, "steps": 2, "batch_size": 2, "samples_per_prompt": 4, "max_new_tokens": 4,
+    config = build_config(flags={"model": model, "steps": 2, "batch_size": 2, "samples_per_prompt": 4, "max_new_tokens": 8,
                                  "device": "cpu", "output_dir": str(tmp_path / name), **flags})
     out = train(config, registry or load_registry())
     return [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
@@ -54,9 +54,9 @@ def test_online_sampling_takes_the_rewards_answer_length_and_the_runs_thread_cou
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(threads)
-    online_run(tmp_path, tiny_model_dir, name="run's", objective="divpo")
+    online_run(tmp_path, tiny_model_dir, name="run's", objective="divpo", max_new_tokens=6)
     lengths = [json.load(open(tmp_path / name / "run.json"))["config"]["max_new_tokens"] for name in ("reward's", "run's")]
-    assert lengths == [NounDiversityReward.max_new_tokens, 4] == [8, 4]
+    assert lengths == [NounDiversityReward.max_new_tokens, 6] == [8, 6]
 
 
 def test_online_dpo_run_with_the_noun_reward(tmp_path, tiny_model_dir):
