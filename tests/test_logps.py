@@ -45,7 +45,7 @@ def test_logps_equal_manual_sum_over_completion(tiny_model_dir):
         logits = policy.model(input_ids=seqs.input_ids).logits[0].log_softmax(-1)
     ids = seqs.input_ids[0]
     manual = sum(logits[t - 1, ids[t]] for t in range(n_prompt, len(ids)))
-    assert_close(out.sequence[0], manual, atol=1e-5, rtol=0)
+    assert_close(out.sequence[0], manual, atol=1e-5, rtol=1e-5)  # the lean path multiplies in other shapes: float32 rounding
     assert (out.tokens[0, :n_prompt] == 0).all()
     # the completion is the answer's tokens plus exactly one EOS
     assert int(seqs.completion_mask.sum()) == 3

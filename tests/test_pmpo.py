@@ -392,7 +392,7 @@ def test_offline_run_on_labeled_data(tmp_path, tiny_model_dir):
     for metrics in lines:
         assert PMPO_METRICS <= set(metrics)
         assert metrics["rows/accepted"] + metrics["rows/rejected"] == 2
-        assert metrics["divergence"] >= -1e-6  # never negative, up to rounding
+        assert metrics["divergence"] >= -1e-5  # never negative, up to float32 rounding
     assert lines[0]["divergence"] == pytest.approx(0.0, abs=1e-5)  # the first step's policy is the reference
     assert os.path.isdir(os.path.join(out, "final"))
 
