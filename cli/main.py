@@ -135,8 +135,8 @@ def load_registry() -> Any:
 def run(config_file: str | None, beta: float | None, objective_option, reward_option, dataset_option, selector_option, curriculum_option, sampler_option, lora_option, **flags: Any) -> None:
     """Train a model with a preference objective."""
     from pref.config import build_config, read_config_file
-    from pref.run_folder import moved_data
-    from pref.train import RUN_FILE, train
+    from pref.run_folder import RUN_FILE, moved_data
+    from pref.train import train
 
     file_values: dict[str, Any] = read_config_file(config_file) if config_file else {}
     given = {k: v for k, v in flags.items() if v is not None and v != ()}

@@ -155,16 +155,6 @@ def save_checkpoint(
     return final
 
 
-def find_checkpoint(path: str) -> str:
-    """`path` is a checkpoint folder or a run folder (its newest checkpoint is used)."""
-    if os.path.exists(os.path.join(path, STATE_FILE)):
-        return path
-    found = list_checkpoints(path)
-    if not found:
-        raise PrefError(f"no checkpoint in {path}; pass a run folder that has checkpoint-* folders (save them with --save-every N)")
-    return found[-1]
-
-
 def read_state(checkpoint_dir: str) -> dict[str, Any]:
     """The JSON state of a checkpoint (step, seed, world, data position), to check before loading it."""
     state_path = os.path.join(checkpoint_dir, STATE_FILE)

@@ -37,14 +37,11 @@ from pref.progress import TrainingProgress
 from pref.reference import CachedReference, FrozenReference, cache_dir
 from pref.registry import Registry
 from pref.reporting.card import write_model_card
-from pref.run_folder import absolute_paths, claim_output_dir, cut_logs, release_locks, resume_checkpoint
+from pref.run_folder import FINAL_DIR, RUN_FILE, absolute_paths, claim_output_dir, cut_logs, release_locks, resume_checkpoint
 from pref.sequences import count_tokens
 from pref.validation import Evaluation, hold_out
 
 log = logging.getLogger(__name__)
-
-RUN_FILE = "run.json"
-FINAL_DIR = "final"
 
 
 def make_accelerator(config: RunConfig, dtype: torch.dtype = torch.float32) -> Any:

@@ -12,6 +12,7 @@ import pref.checkpoint as checkpoint
 import pref.train as train_module
 from pref.config import build_config
 from pref.errors import PrefError
+from pref.run_folder import resume_checkpoint
 from pref.registry import load_registry
 from pref.train import train
 
@@ -135,6 +136,6 @@ def test_checkpoints_are_atomic_and_only_the_last_k_are_kept(tmp_path, monkeypat
         checkpoint.save_checkpoint(str(tmp_path), 4, checkpoint.Trained(model, optimizer, scheduler), {"seed": 0}, rng, keep=2)
     found = checkpoint.list_checkpoints(str(tmp_path))
     assert [os.path.basename(c) for c in found] == ["checkpoint-000002", "checkpoint-000003"]
-    assert checkpoint.find_checkpoint(str(tmp_path)) == found[-1]
+    assert resume_checkpoint(str(tmp_path)) == found[-1]
     state = json.load(open(os.path.join(found[-1], checkpoint.STATE_FILE)))
     assert state["step"] == 3
