@@ -14,9 +14,10 @@ from pref.checkpoint import list_checkpoints
 from pref.cli.main import cli
 from pref.config import build_config
 from pref.errors import PrefError
-from pref.lora import AdaptersOffReference, LoraOptions, add_adapters
+from pref.models import quiet_peft
+from pref.plugins.lora import Lora
 from pref.policy import HFPolicy
-from pref.reference import FrozenReference
+from pref.reference import AdaptersOffReference, FrozenReference
 from pref.registry import load_registry
 from pref.train import train
 
@@ -67,14 +68,16 @@ def test_lora_divpo_from_the_cli_trains(tmp_path, tiny_model_dir):
 def test_the_reference_is_the_base_model_with_adapters_off(tiny_model_dir):
     policy = HFPolicy.load(tiny_model_dir)
     base = FrozenReference.copy_of(policy.model)
-    model = add_adapters(policy.model, LoraOptions.from_dict(LORA))
+    adapter = Lora(**LORA)
+    with quiet_peft():
+        model = adapter.wrap(policy.model, "causal-lm")
     with torch.no_grad():  # adapters that already changed the model
         for name, param in model.named_parameters():
             if "lora_B" in name:
                 param.normal_()
     policy.model = model
     seqs = policy.encode(["Name a fruit.", "Say something kind."], ["apple", "you are a good friend ."])
-    reference = AdaptersOffReference(model)
+    reference = AdaptersOffReference(model, adapter)
     torch.testing.assert_close(reference.logps(seqs).sequence, base.logps(seqs).sequence, atol=1e-5, rtol=0)
     with torch.no_grad():
         assert not torch.allclose(policy.logps(seqs).sequence, base.logps(seqs).sequence, atol=1e-3)
@@ -132,7 +135,7 @@ def test_reward_model_lora_trains_adapters_and_the_score_head(tmp_path, tiny_mod
 
 @pytest.mark.parametrize("flags, message", [
     (["--lora-option", "r=0", "--lora"], "r must be a positive"),
-    (["--lora-option", "rank=4", "--lora"], "unknown LoRA option 'rank'"),
+    (["--lora-option", "rank=4", "--lora"], "unknown option for adapter 'lora': 'rank'"),
     (["--lora-option", "dropout=1.5", "--lora"], "dropout must be"),
     (["--lora-option", "r=4"], "without --lora"),
     (["--merge-lora"], "--merge-lora needs --lora"),
@@ -148,4 +151,4 @@ def test_a_lora_table_in_a_config_file_turns_lora_on(tmp_path):
     from pref.config import read_config_file
 
     config = build_config(read_config_file(str(path)))
-    assert config.lora and config.lora_options == {"r": 8, "target_modules": ["q_proj", "v_proj"]}
+    assert config.adapter == "lora" and config.adapter_options == {"r": 8, "target_modules": ["q_proj", "v_proj"]}
