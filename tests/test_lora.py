@@ -139,6 +139,9 @@ def test_reward_model_lora_trains_adapters_and_the_score_head(tmp_path, tiny_mod
     (["--lora-option", "dropout=1.5", "--lora"], "dropout must be"),
     (["--lora-option", "r=4"], "without --lora"),
     (["--merge-lora"], "--merge-lora needs --lora"),
+    (["--adapter", "lorra"], "unknown adapter 'lorra': did you mean 'lora'?"),
+    (["--adapter-option", "r=4"], "without --lora or --adapter NAME"),
+    (["--lora", "--adapter", "ia3"], "--lora is --adapter lora"),
 ])
 def test_bad_lora_settings_are_one_line_errors(prefs_file, flags, message):
     result = CliRunner().invoke(cli, ["run", "--objective", "dpo", "--dataset", prefs_file, *flags])
@@ -152,3 +155,16 @@ def test_a_lora_table_in_a_config_file_turns_lora_on(tmp_path):
 
     config = build_config(read_config_file(str(path)))
     assert config.adapter == "lora" and config.adapter_options == {"r": 8, "target_modules": ["q_proj", "v_proj"]}
+
+
+def test_lora_flags_and_keys_are_the_adapter_lora(monkeypatch, prefs_file):
+    """--lora is --adapter lora, its options the adapter's; an older run.json's `lora` keys (a resume) read the same."""
+    seen = []
+    monkeypatch.setattr(train_module, "train", lambda config, registry: seen.append(config) or "out")
+    for flags in (["--lora", "--lora-option", "r=4"], ["--adapter", "lora", "--adapter-option", "r=4"]):
+        cli_ok("run", "--objective", "dpo", "--dataset", prefs_file, *flags)
+    assert [(c.adapter, c.adapter_options) for c in seen] == [("lora", {"r": 4})] * 2
+    old_record = {"lora": True, "lora_options": {"r": 4}, "merge_lora": True}
+    assert (build_config(old_record).adapter, build_config(old_record).adapter_options) == ("lora", {"r": 4})
+    assert build_config({"lora": False, "lora_options": {}}).adapter is None
+    assert build_config({"adapter": "lora"}, {"lora": False}).adapter is None  # --no-lora turns it off
