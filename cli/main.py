@@ -102,9 +102,11 @@ def load_registry() -> Any:
 @click.option("--mixed-precision", type=click.Choice(["no", "fp16", "bf16"]), help="Autocast precision.")
 @click.option("--dtype", type=click.Choice(["auto", "bfloat16", "float16", "float32"]), help="Weights as loaded (auto: bf16 on a bf16-capable GPU for a bf16/fp16 checkpoint, else float32).")
 @click.option("--gradient-checkpointing/--no-gradient-checkpointing", default=None, help="Recompute activations in the backward pass: less memory, ~30% more time.")
-@click.option("--lora/--no-lora", default=None, help="Train LoRA adapters (peft) on a frozen base instead of every weight.")
+@click.option("--lora/--no-lora", default=None, help="Train LoRA adapters (peft) on a frozen base instead of every weight: --adapter lora.")
 @click.option("--lora-option", multiple=True, help="LoRA option KEY=VALUE (r, alpha, dropout, target_modules); repeatable.")
-@click.option("--merge-lora/--no-merge-lora", default=None, help="Also write final/merged/: full weights with the adapters folded in.")
+@click.option("--adapter", help="Adapter plugin trained on a frozen base instead of every weight (see `pref list-plugins --kind adapter`).")
+@click.option("--adapter-option", multiple=True, help="Adapter option KEY=VALUE; repeatable.")
+@click.option("--merge-lora/--no-merge-lora", default=None, help="Also write final/merged/: full weights with the adapter folded in.")
 @click.option("--max-length", type=int, help="Most tokens in a prompt + answer row.")
 @click.option("--max-prompt-length", type=int, help="Most prompt tokens (kept from the end).")
 @click.option("--max-new-tokens", type=int, help="Most new tokens per sampled answer.")
@@ -132,7 +134,8 @@ def load_registry() -> Any:
 @click.option("--reward-option", multiple=True, help="Reward option KEY=VALUE, or NAME.KEY=VALUE for one of several rewards; repeatable.")
 @click.option("--dataset-option", multiple=True, help="Dataset builder option KEY=VALUE; repeatable.")
 @click.option("--selector-option", multiple=True, help="Pair selector option KEY=VALUE; repeatable.")
-def run(config_file: str | None, beta: float | None, objective_option, reward_option, dataset_option, selector_option, curriculum_option, sampler_option, lora_option, **flags: Any) -> None:
+def run(config_file: str | None, beta: float | None, objective_option, reward_option, dataset_option, selector_option, curriculum_option, sampler_option,
+        lora_option, adapter_option, **flags: Any) -> None:
     """Train a model with a preference objective."""
     from pref.config import build_config, read_config_file
     from pref.run_folder import RUN_FILE, moved_data
@@ -151,6 +154,7 @@ def run(config_file: str | None, beta: float | None, objective_option, reward_op
         "curriculum_options": parse_options(curriculum_option, "--curriculum-option"),
         "sampler_options": parse_options(sampler_option, "--sampler-option"),
         "lora_options": parse_options(lora_option, "--lora-option"),
+        "adapter_options": parse_options(adapter_option, "--adapter-option"),
     }
     if beta is not None:
         options["objective_options"]["beta"] = beta
@@ -188,9 +192,9 @@ def run(config_file: str | None, beta: float | None, objective_option, reward_op
 
 @cli.command("list-plugins")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-@click.option("--kind", type=click.Choice(["objective", "reward", "pair-selector", "dataset", "embedder", "logger", "sampler"]), help="Only this kind.")
+@click.option("--kind", type=click.Choice(["objective", "reward", "pair-selector", "dataset", "embedder", "logger", "sampler", "adapter"]), help="Only this kind.")
 def list_plugins(as_json: bool, kind: str | None) -> None:
-    """List objectives, rewards, selectors, dataset builders and embedders."""
+    """List objectives, rewards, selectors, dataset builders, embedders, loggers, samplers and adapters."""
     registry = load_registry()
     items = registry.items(kind)
     if as_json:

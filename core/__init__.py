@@ -3,6 +3,7 @@
 from pref.examples import LabeledExample, PreferenceExample, Prompt, TextExample
 from pref.hookspecs import hookimpl
 from pref.interfaces import (
+    Adapter,
     CandidatePool,
     Embedder,
     LabeledBatch,
@@ -28,7 +29,7 @@ from pref.sequences import Logps, Sequences
 __version__ = "0.1.0"
 
 __all__ = [
-    "CandidatePool", "Embedder", "LabeledBatch", "LabeledExample", "Logps", "MetricsLogger", "Minibatch", "Objective", "ObjectiveNeeds", "PairBatch",
+    "Adapter", "CandidatePool", "Embedder", "LabeledBatch", "LabeledExample", "Logps", "MetricsLogger", "Minibatch", "Objective", "ObjectiveNeeds", "PairBatch",
     "PairSelector", "Policy", "Processes", "PrefError", "PreferenceExample", "Prompt", "Reference",
     "RewardSource", "Rollout", "SamplingConfig", "ScoredBatch", "SecondModel", "Selection", "Sequences", "TextExample", "hookimpl",
 ]

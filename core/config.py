@@ -35,9 +35,9 @@ class RunConfig:
     mixed_precision: str = "no"  # no | fp16 | bf16
     dtype: str = "auto"  # auto | bfloat16 | float16 | float32: the weights as loaded (pref.precision)
     gradient_checkpointing: bool = False
-    lora: bool = False  # train LoRA adapters (pref.lora) instead of every weight
-    lora_options: dict[str, Any] = field(default_factory=dict)
-    merge_lora: bool = False  # also write final/merged/: full weights with the adapters folded in
+    adapter: str | None = None  # a registered adapter (register_adapters) trained instead of every weight; `lora` (--lora) is pref's own
+    adapter_options: dict[str, Any] = field(default_factory=dict)
+    merge_lora: bool = False  # also write final/merged/: full weights with the adapter folded in
     threads: int | None = None  # CPU threads of torch; None: EMBEDDED_MODEL_THREADS for the embedded default model, else torch's own
 
     steps: int = 400
@@ -130,11 +130,7 @@ def build_config(file_values: dict[str, Any] | None = None, flags: dict[str, Any
     fields = {f.name: f for f in dataclasses.fields(RunConfig)}
     values: dict[str, Any] = {}
     for source in (file_values or {}, flags or {}):
-        for key, value in source.items():
-            key = key.replace("-", "_")
-            if key == "lora" and isinstance(value, dict):  # a [lora] table: LoRA on, with these options
-                values["lora"] = True
-                key, value = "lora_options", value
+        for key, value in lora_as_adapter(source).items():
             if key not in fields:
                 raise unknown_name("config key", key, fields, hint=" (keys are `pref run` flag names)")
             if key.endswith("_options"):
@@ -158,6 +154,22 @@ def build_config(file_values: dict[str, Any] | None = None, flags: dict[str, Any
         config.threads = EMBEDDED_MODEL_THREADS
     validate(config)
     return config
+
+
+def lora_as_adapter(source: dict[str, Any]) -> dict[str, Any]:
+    """One source's keys (dashes as underscores), its LoRA keys as the general ones: `lora = true` (--lora) is
+    `adapter = "lora"`, `lora = false` no adapter, `lora_options` and a `[lora]` table (LoRA on) are `adapter_options`."""
+    source = {key.replace("-", "_"): value for key, value in source.items()}
+    lora, options = source.pop("lora", None), source.pop("lora_options", None)
+    if isinstance(lora, dict):
+        lora, options = True, {**(options or {}), **lora}
+    if lora and source.get("adapter") not in (None, "lora"):
+        raise PrefError(f"--lora is --adapter lora: give one of --lora and --adapter {source['adapter']}")
+    if lora is not None:
+        source["adapter"] = "lora" if lora else source.get("adapter")
+    if options is not None:
+        source["adapter_options"] = {**options, **source.get("adapter_options", {})}
+    return source
 
 
 def reward_names(value: Any) -> str | list[str] | None:
@@ -219,14 +231,10 @@ def validate(config: RunConfig) -> None:
             raise PrefError("reward_weights weigh several rewards against each other: pass --reward twice or more, or drop --reward-weights")
         if len(config.reward_weights) != len(names):
             raise PrefError(f"{len(config.reward_weights)} reward weights for {len(names)} rewards ({', '.join(names)}): give one weight per --reward, in order")
-    if config.lora or config.lora_options:
-        from pref.lora import LoraOptions
-
-        LoraOptions.from_dict(config.lora_options)  # a bad option fails before the model loads
-        if not config.lora:
-            raise PrefError("LoRA options were given without --lora; add --lora (or a [lora] table in the config file)")
-    if config.merge_lora and not config.lora:
-        raise PrefError("--merge-lora needs --lora")
+    if config.adapter_options and not config.adapter:  # the plan checks the options themselves
+        raise PrefError("adapter options were given without --lora or --adapter NAME; add one (or a [lora] table in the config file)")
+    if config.merge_lora and not config.adapter:
+        raise PrefError("--merge-lora needs --lora (or --adapter NAME)")
     if not config.lr > 0:
         raise PrefError(f"lr must be positive, not {config.lr!r}")
     if config.save_every < 0 or config.warmup_steps < 0 or config.eval_every < 0:

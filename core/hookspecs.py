@@ -45,3 +45,8 @@ def register_samplers(register):
 @hookspec
 def register_loggers(register):
     """Register metrics loggers (`pref.MetricsLogger` factories, built with `output_dir`, and `config` if they take it)."""
+
+
+@hookspec
+def register_adapters(register):
+    """Register adapters (`pref.Adapter` factories: `wrap(model, kind)` adds the few weights a run trains, as LoRA does)."""

@@ -433,3 +433,29 @@ class Objective(ABC):
     def default_selector(self, embedder: "Embedder | None" = None, reward: RewardSource | None = None) -> PairSelector | None:
         """The selector an online objective of PAIRS or SETS uses when the user names none."""
         return None
+
+
+class Adapter(ABC):
+    """Trains a few added weights on a frozen model instead of every weight (`--adapter NAME`, `--lora`).
+
+    `wrap` is the one method to write. The others suit every `peft` adapter (LoRA,
+    IA3, LoHa, ...); an adapter that is not a peft model overrides them.
+    """
+
+    @abstractmethod
+    def wrap(self, model: torch.nn.Module, kind: str) -> torch.nn.Module:
+        """The model to train: `model` (`kind` "causal-lm" or "sequence-classifier") with the adapter
+        added, where only the added weights (and a classifier's new score head) require grad.
+        `policy.save` writes it with `save_pretrained`."""
+
+    def disabled(self, model: torch.nn.Module) -> Any:
+        """A context manager inside which the wrapped `model` computes as the base model: the run's reference."""
+        return model.disable_adapter()
+
+    def save_merged(self, model: torch.nn.Module, tokenizer: Any, path: str) -> None:
+        """Write full weights with the adapter folded in, which plain `transformers` loads, and the
+        tokenizer into `path` (`--merge-lora`). The merge runs on a copy: `model` keeps its adapter."""
+        import copy
+
+        copy.deepcopy(model).merge_and_unload().save_pretrained(path, safe_serialization=True)
+        tokenizer.save_pretrained(path)

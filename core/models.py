@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import os
-from typing import Any
+import warnings
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 import torch
 
 from pref.errors import PrefError
 from pref.examples import Prompt
+from pref.interfaces import Adapter
 
 DEFAULT_MODEL = "pref-default"
+#: The file that marks a folder as an adapter in PEFT's format (an adapter run's `final/`).
+ADAPTER_CONFIG = "adapter_config.json"
 
 
 def quiet_transformers() -> None:
@@ -49,18 +54,20 @@ MODEL_KINDS = ("causal-lm", "sequence-classifier")
 def load_model(name: str | None, dtype: torch.dtype | None = None, kind: str = "causal-lm") -> torch.nn.Module:
     """A causal LM, or with `kind="sequence-classifier"` the same backbone with a one-score head.
 
-    `name` may also be a folder holding a LoRA adapter in PEFT's format (a LoRA run's `final/`);
-    its base model is loaded with the adapter on it. `dtype` None means float32.
+    `name` may also be a folder holding an adapter in PEFT's format (an adapter run's `final/`,
+    any peft adapter type); its base model is loaded with the adapter on it. `dtype` None means float32.
     """
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     quiet_transformers()
     path = resolve_model_path(name)
-    from pref.lora import is_adapter_folder, load_adapter_model
-
-    if is_adapter_folder(path):  # a LoRA run's final/: the adapter on its base model
-        return load_adapter_model(path, dtype or torch.float32, kind)
     try:
+        if os.path.isfile(os.path.join(path, ADAPTER_CONFIG)):
+            import peft
+
+            auto = peft.AutoPeftModelForSequenceClassification if kind == "sequence-classifier" else peft.AutoPeftModelForCausalLM
+            with quiet_peft():
+                return auto.from_pretrained(path, dtype=dtype or torch.float32)
         if kind == "sequence-classifier":
             model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=dtype or torch.float32)
         else:
@@ -68,6 +75,14 @@ def load_model(name: str | None, dtype: torch.dtype | None = None, kind: str = "
     except (OSError, ValueError) as exc:
         raise _load_error(name, path, exc) from None
     return model
+
+
+@contextmanager
+def quiet_peft() -> Iterator[None]:
+    """No FutureWarning from peft asking transformers 5 for a renamed attribute (`is_gradient_checkpointing`)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
 
 
 def _load_error(name: str | None, path: str, exc: Exception) -> PrefError:
@@ -108,15 +123,14 @@ def completion_token_ids(tokenizer: Any, completion: str) -> list[int]:
     return ids
 
 
-def prepare_for_training(model: torch.nn.Module, config: Any, kind: str = "causal-lm") -> torch.nn.Module:
-    """The loaded model as `config` trains it: LoRA adapters (`config.lora`) and gradient checkpointing.
+def prepare_for_training(model: torch.nn.Module, config: Any, kind: str = "causal-lm", adapter: Adapter | None = None) -> torch.nn.Module:
+    """The loaded model as `config` trains it: with the plan's adapter (LoRA, ...) and gradient checkpointing.
 
-    Returns the model to train (a `peft` model for a LoRA run).
+    Returns the model to train (a `peft` model for a run with an adapter).
     """
-    if config.lora:
-        from pref.lora import LoraOptions, add_adapters
-
-        model = add_adapters(model, LoraOptions.from_dict(config.lora_options), kind)
+    if adapter is not None:
+        with quiet_peft():
+            model = adapter.wrap(model, kind)
     if config.gradient_checkpointing:
         if not getattr(model, "supports_gradient_checkpointing", True):
             raise PrefError(f"{type(model).__name__} does not support gradient checkpointing; drop --gradient-checkpointing")
@@ -125,7 +139,7 @@ def prepare_for_training(model: torch.nn.Module, config: Any, kind: str = "causa
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if config.lora:
+        if adapter is not None:
             model.enable_input_require_grads()
         model.config.use_cache = False
     return model

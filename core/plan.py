@@ -22,7 +22,7 @@ from typing import Any
 from pref.config import DEFAULT_MAX_NEW_TOKENS, RunConfig
 from pref.errors import PrefError
 from pref.interfaces import (
-    NO_REFERENCE, REFERENCE_DISTRIBUTIONS, Embedder, Objective, ObjectiveNeeds, PairSelector, Processes, RewardSource, SamplingConfig,
+    NO_REFERENCE, REFERENCE_DISTRIBUTIONS, Adapter, Embedder, Objective, ObjectiveNeeds, PairSelector, Processes, RewardSource, SamplingConfig,
 )
 from pref.registry import Registry
 
@@ -40,6 +40,7 @@ class RunPlan:
     reward, selector, embedder: online runs only (None otherwise; `selector` None also
         for objectives that learn from every sample).
     sampler: the `--sampler` (`--curriculum`: "curriculum") that orders the records, or None (shuffled).
+    adapter: the `--adapter` (`--lora`: "lora") that the model trains instead of every weight, or None.
     datasets, validation_datasets: one builder per `--dataset` / `--validation-dataset` entry.
     reference: NO_MODEL, FROZEN_MODEL or CACHED_LOGPS.
     samples_per_prompt: K (online).
@@ -59,6 +60,7 @@ class RunPlan:
     samples_per_prompt: int
     sampling: SamplingConfig
     output_dir: str
+    adapter: Adapter | None = None
 
     @property
     def batches_per_rollout(self) -> int:
@@ -77,6 +79,7 @@ def resolve_plan(config: RunConfig, registry: Registry, processes: Processes | N
     for name in config.loggers:
         registry.get("logger", name)
 
+    adapter = registry.create("adapter", config.adapter, config.adapter_options) if config.adapter else None
     objective = registry.create("objective", config.objective, config.objective_options, processes=processes or Processes())
     needs = objective.needs
     datasets = dataset_builders(config.dataset, config, registry, needs)
@@ -118,6 +121,7 @@ def resolve_plan(config: RunConfig, registry: Registry, processes: Processes | N
         samples_per_prompt=(config.samples_per_prompt if needs.online and config.samples_per_prompt else needs.samples_per_prompt),
         sampling=SamplingConfig(max_new_tokens, config.temperature, config.top_p, config.top_k),
         output_dir=config.output_dir or os.path.join("runs", f"{config.objective}-{time.strftime('%Y%m%d-%H%M%S')}"),
+        adapter=adapter,
     )
 
 

@@ -1,4 +1,4 @@
-"""References: a frozen model, log-probs cached on disk, or none."""
+"""References: a frozen model, the model with its adapter off, log-probs cached on disk, or none."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pref.errors import PrefError
-from pref.interfaces import Reference
+from pref.interfaces import Adapter, Reference
 from pref.sequences import Logps, Sequences, model_logps
 
 
@@ -42,6 +42,22 @@ class FrozenReference(Reference):
         logps = model_logps(self.model, sequences, with_logits=with_logits)
         self.model.train(was_training)
         return logps
+
+
+class AdaptersOffReference(Reference):
+    """The reference of a run with an adapter: the policy's own model with its adapter switched off.
+
+    No second copy of the weights: `model` is the policy's, wrapped by `adapter`.
+    """
+
+    has_logits = True
+
+    def __init__(self, model: torch.nn.Module, adapter: Adapter):
+        self.model, self.adapter, self.frozen = model, adapter, FrozenReference(model)
+
+    def logps(self, sequences: Sequences, with_logits: bool = False) -> Logps:
+        with self.adapter.disabled(self.model):
+            return self.frozen.logps(sequences, with_logits)
 
 
 def model_fingerprint(model: torch.nn.Module, name: str) -> str:

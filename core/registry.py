@@ -34,6 +34,7 @@ KINDS = {
     "embedder": "register_embedders",
     "logger": "register_loggers",
     "sampler": "register_samplers",
+    "adapter": "register_adapters",
 }
 
 

@@ -27,14 +27,13 @@ from pref.data import OfflineBatches, collate, dataset_names
 from pref.divergence import check_step, check_weights, refuse_non_finite_settings, sampling_diverged
 from pref.errors import NoUsablePairs, PrefError
 from pref.examples import prompt_of
-from pref.interfaces import LabeledBatch, PairBatch, Processes, Reference, SecondModel
-from pref.lora import MERGED_DIR, AdaptersOffReference, adapters_off, is_lora, save_merged
+from pref.interfaces import Adapter, LabeledBatch, PairBatch, Processes, Reference, SecondModel
 from pref.models import DEFAULT_MODEL, prepare_for_training
 from pref.plan import CACHED_LOGPS, NO_MODEL, RunPlan, resolve_plan
 from pref.policy import HFPolicy, unwrap
 from pref.precision import AUTOCAST, keep_trainable_in_float32, resolve_dtype
 from pref.progress import TrainingProgress
-from pref.reference import CachedReference, FrozenReference, cache_dir
+from pref.reference import AdaptersOffReference, CachedReference, FrozenReference, cache_dir
 from pref.registry import Registry
 from pref.reporting.card import write_model_card
 from pref.run_folder import FINAL_DIR, RUN_FILE, absolute_paths, claim_output_dir, cut_logs, release_locks, resume_checkpoint
@@ -42,6 +41,9 @@ from pref.sequences import count_tokens
 from pref.validation import Evaluation, hold_out
 
 log = logging.getLogger(__name__)
+
+MERGED_DIR = "merged"  # in final/: an adapter run's full weights, with --merge-lora
+
 
 
 def make_accelerator(config: RunConfig, dtype: torch.dtype = torch.float32) -> Any:
@@ -79,10 +81,10 @@ def build_reference(config: RunConfig, plan: RunPlan, policy: HFPolicy, examples
             batch = collate(policy, examples[start : start + config.batch_size])
             batches.extend([batch.chosen, batch.rejected] if isinstance(batch, PairBatch) else [batch.sequences if isinstance(batch, LabeledBatch) else batch])
         name = config.model or DEFAULT_MODEL
-        with adapters_off(policy.model):  # a LoRA run's reference is its base model
+        with plan.adapter.disabled(unwrap(policy.model)) if plan.adapter else nullcontext():  # an adapter run's reference is its base model
             return CachedReference.build(unwrap(policy.model), name, batches, os.path.join(cache_dir(), "reference"))
-    if is_lora(policy.model):
-        return AdaptersOffReference(unwrap(policy.model))
+    if plan.adapter:
+        return AdaptersOffReference(unwrap(policy.model), plan.adapter)
     return FrozenReference.copy_of(unwrap(policy.model))
 
 
@@ -113,11 +115,11 @@ def build_data(config: RunConfig, plan: RunPlan, policy: HFPolicy, examples: lis
                          config.batch_size, config.seed, rank, world, order=order, after_draw=after_draw, processes=processes)
 
 
-def save_final(policy: HFPolicy, path: str, merge: bool = False) -> None:
-    """The trained model into `path` (a LoRA run: the adapter, and with `merge` also `path/merged/`)."""
+def save_final(policy: HFPolicy, path: str, adapter: Adapter | None = None, merge: bool = False) -> None:
+    """The trained model into `path` (with an `adapter`: the adapter, and with `merge` also `path/merged/`)."""
     policy.save(path)
-    if merge and is_lora(policy.model):
-        save_merged(unwrap(policy.model), policy.tokenizer, os.path.join(path, MERGED_DIR))
+    if adapter and merge:
+        adapter.save_merged(unwrap(policy.model), policy.tokenizer, os.path.join(path, MERGED_DIR))
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, config: RunConfig) -> torch.optim.lr_scheduler.LambdaLR:
@@ -239,7 +241,7 @@ def train_policy(config: RunConfig, registry: Registry) -> tuple[str, HFPolicy]:
 
     # -- policy, the objective's modules, data, reference ---------------------------------
     policy = HFPolicy.load(config.model, dtype, kind=plan.needs.model_kind, max_length=config.max_length, max_prompt_length=config.max_prompt_length)
-    policy.model = prepare_for_training(policy.model, config, plan.needs.model_kind)
+    policy.model = prepare_for_training(policy.model, config, plan.needs.model_kind, plan.adapter)
     policy.model.to(accelerator.device)
     objective.setup(policy)
     modules = objective.trainable_modules() if plan.needs.trainable_modules else {}
@@ -383,7 +385,7 @@ def train_policy(config: RunConfig, registry: Registry) -> tuple[str, HFPolicy]:
     check_weights(params, config.steps, config)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        write_atomically(os.path.join(out_dir, FINAL_DIR), lambda path: save_final(policy, path, config.merge_lora))
+        write_atomically(os.path.join(out_dir, FINAL_DIR), lambda path: save_final(policy, path, plan.adapter, config.merge_lora))
         write_model_card(out_dir)  # final/README.md
         objective.save(out_dir)
         for logger in loggers:  # trackers record where the model went

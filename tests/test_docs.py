@@ -22,7 +22,7 @@ import torch
 from click.testing import CliRunner
 from torch.testing import assert_close
 
-from docs_examples import dataset_builder, embedder, labeled_objective, pair_selector, reinforce
+from docs_examples import adapter, dataset_builder, embedder, labeled_objective, pair_selector, reinforce
 from pref import CandidatePool, LabeledBatch, Logps, PrefError, PreferenceExample, ScoredBatch, hookspecs
 from pref.cli.main import cli
 from pref.registry import KINDS, Registry, get_plugin_manager
@@ -222,3 +222,31 @@ def test_the_example_objectives_train(tmp_path, tiny_model_dir):
 if __name__ == "__main__":
     DOCS.write_text(regenerate(DOCS.read_text(encoding="utf-8")), encoding="utf-8")
     print(f"rewrote the included blocks of {DOCS.relative_to(ROOT)}")
+
+
+# -- the docs' example of an adapter ---------------------------------------------------------------------
+
+
+def test_the_example_adapter_is_what_a_run_trains_saves_and_merges(tmp_path, tiny_model_dir, prefs_file):
+    """`--adapter ia3` from a plugin: only IA3's scales train, final/ is an IA3 adapter that pref loads, and the merged weights compute the same."""
+    from pref.config import build_config
+    from pref.models import load_model
+    from pref.train import train_policy
+
+    pm, failures, sources = get_plugin_manager()
+    pm.register(adapter)
+    config = build_config(flags={"objective": "dpo", "model": tiny_model_dir, "dataset": [prefs_file], "steps": 2, "batch_size": 2, "lr": 1e-2,
+                                 "device": "cpu", "adapter": "ia3", "adapter_options": {"target_modules": "v_proj,down_proj"}, "merge_lora": True,
+                                 "output_dir": str(tmp_path / "ia3")})
+    out, policy = train_policy(config, Registry(pm, failures, sources))
+    trained = [name for name, p in policy.model.named_parameters() if p.requires_grad]
+    assert trained and all("ia3_" in name and ("v_proj" in name or "down_proj" in name) for name in trained)
+    final = Path(out) / "final"
+    assert json.loads((final / "adapter_config.json").read_text())["peft_type"] == "IA3"
+    adapted, merged, base = load_model(str(final)).eval(), load_model(str(final / "merged")).eval(), load_model(tiny_model_dir).eval()
+    ids = torch.tensor([[1, 5, 9, 13, 2]])
+    with torch.no_grad():
+        assert_close(merged(ids).logits, adapted(ids).logits, atol=1e-4, rtol=1e-4)
+        assert not torch.allclose(merged(ids).logits, base(ids).logits, atol=1e-4), "training did not move the scales"
+    with pytest.raises(PrefError, match="feedforward_modules"):
+        Registry(pm).create("adapter", "ia3", {"target_modules": "v_proj"})

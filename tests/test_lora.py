@@ -14,9 +14,10 @@ from pref.checkpoint import list_checkpoints
 from pref.cli.main import cli
 from pref.config import build_config
 from pref.errors import PrefError
-from pref.lora import AdaptersOffReference, LoraOptions, add_adapters
+from pref.models import quiet_peft
+from pref.plugins.lora import Lora
 from pref.policy import HFPolicy
-from pref.reference import FrozenReference
+from pref.reference import AdaptersOffReference, FrozenReference
 from pref.registry import load_registry
 from pref.train import train
 
@@ -67,14 +68,16 @@ def test_lora_divpo_from_the_cli_trains(tmp_path, tiny_model_dir):
 def test_the_reference_is_the_base_model_with_adapters_off(tiny_model_dir):
     policy = HFPolicy.load(tiny_model_dir)
     base = FrozenReference.copy_of(policy.model)
-    model = add_adapters(policy.model, LoraOptions.from_dict(LORA))
+    adapter = Lora(**LORA)
+    with quiet_peft():
+        model = adapter.wrap(policy.model, "causal-lm")
     with torch.no_grad():  # adapters that already changed the model
         for name, param in model.named_parameters():
             if "lora_B" in name:
                 param.normal_()
     policy.model = model
     seqs = policy.encode(["Name a fruit.", "Say something kind."], ["apple", "you are a good friend ."])
-    reference = AdaptersOffReference(model)
+    reference = AdaptersOffReference(model, adapter)
     torch.testing.assert_close(reference.logps(seqs).sequence, base.logps(seqs).sequence, atol=1e-5, rtol=0)
     with torch.no_grad():
         assert not torch.allclose(policy.logps(seqs).sequence, base.logps(seqs).sequence, atol=1e-3)
@@ -132,10 +135,13 @@ def test_reward_model_lora_trains_adapters_and_the_score_head(tmp_path, tiny_mod
 
 @pytest.mark.parametrize("flags, message", [
     (["--lora-option", "r=0", "--lora"], "r must be a positive"),
-    (["--lora-option", "rank=4", "--lora"], "unknown LoRA option 'rank'"),
+    (["--lora-option", "rank=4", "--lora"], "unknown option for adapter 'lora': 'rank'"),
     (["--lora-option", "dropout=1.5", "--lora"], "dropout must be"),
     (["--lora-option", "r=4"], "without --lora"),
     (["--merge-lora"], "--merge-lora needs --lora"),
+    (["--adapter", "lorra"], "unknown adapter 'lorra': did you mean 'lora'?"),
+    (["--adapter-option", "r=4"], "without --lora or --adapter NAME"),
+    (["--lora", "--adapter", "ia3"], "--lora is --adapter lora"),
 ])
 def test_bad_lora_settings_are_one_line_errors(prefs_file, flags, message):
     result = CliRunner().invoke(cli, ["run", "--objective", "dpo", "--dataset", prefs_file, *flags])
@@ -148,4 +154,17 @@ def test_a_lora_table_in_a_config_file_turns_lora_on(tmp_path):
     from pref.config import read_config_file
 
     config = build_config(read_config_file(str(path)))
-    assert config.lora and config.lora_options == {"r": 8, "target_modules": ["q_proj", "v_proj"]}
+    assert config.adapter == "lora" and config.adapter_options == {"r": 8, "target_modules": ["q_proj", "v_proj"]}
+
+
+def test_lora_flags_and_keys_are_the_adapter_lora(monkeypatch, prefs_file):
+    """--lora is --adapter lora, its options the adapter's; an older run.json's `lora` keys (a resume) read the same."""
+    seen = []
+    monkeypatch.setattr(train_module, "train", lambda config, registry: seen.append(config) or "out")
+    for flags in (["--lora", "--lora-option", "r=4"], ["--adapter", "lora", "--adapter-option", "r=4"]):
+        cli_ok("run", "--objective", "dpo", "--dataset", prefs_file, *flags)
+    assert [(c.adapter, c.adapter_options) for c in seen] == [("lora", {"r": 4})] * 2
+    old_record = {"lora": True, "lora_options": {"r": 4}, "merge_lora": True}
+    assert (build_config(old_record).adapter, build_config(old_record).adapter_options) == ("lora", {"r": 4})
+    assert build_config({"lora": False, "lora_options": {}}).adapter is None
+    assert build_config({"adapter": "lora"}, {"lora": False}).adapter is None  # --no-lora turns it off
