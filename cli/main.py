@@ -264,7 +264,7 @@ def report_for(model: str | None, reward_name: str, reward_options: dict, prompt
 def report_and_answers(model: str | None, reward_name: str, reward_options: dict, prompts: list[str], samples: int, max_new_tokens: int,
                        temperature: float, seed: int) -> tuple[dict[str, float], list[str]]:
     """The reward's report on a model's sampled answers, and those answers."""
-    from pref.evaluate import evaluate_with_answers
+    from pref.reporting.evaluate import evaluate_with_answers
     from pref.interfaces import SamplingConfig
     from pref.policy import HFPolicy
 
