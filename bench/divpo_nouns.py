@@ -22,7 +22,7 @@ weight (the script checks), so only the pair selector differs. An online DPO run
 stop before the step budget: once every sample earns the same reward there is no pair
 left to train on.
 
-Every trained model, and the untrained one, is evaluated with `pref.evaluate.evaluate`
+Every trained model, and the untrained one, is evaluated with `pref.reporting.evaluate.evaluate`
 and the noun-diversity reward's `report`: 200 answers spread over the reward's default
 prompts, temperature 1, at most 8 new tokens, sampling seed 0. Training runs use seeds
 0 to N-1; each figure is the mean over them (and the range when N > 1).
@@ -80,7 +80,7 @@ FIGURES = ("valid_rate", "unique_valid", "dat_score", "distinct_ratio")
 
 def evaluate_policy(policy) -> dict[str, float]:
     """The noun-diversity report of `policy` over the reward's default prompts."""
-    from pref.evaluate import evaluate
+    from pref.reporting.evaluate import evaluate
     from pref.interfaces import SamplingConfig
     from pref.registry import load_registry
 
@@ -203,7 +203,7 @@ def report(results: dict[str, list[dict]], base: dict[str, float], settings: dic
         + ", ".join(f"{k} {v}" for k, v in settings.items())
         + (f". Figures are the mean over {seeds} training seeds (0 to {seeds - 1}), with the range in brackets." if seeds > 1 else
            ". One training seed (0) only: no spread is shown."),
-        f"Evaluation: `pref.evaluate.evaluate` with the {REWARD} reward's `report`: {SAMPLES} answers over its {len(_prompts())} default prompts, "
+        f"Evaluation: `pref.reporting.evaluate.evaluate` with the {REWARD} reward's `report`: {SAMPLES} answers over its {len(_prompts())} default prompts, "
         f"temperature 1, at most {EVAL_MAX_NEW_TOKENS} new tokens, sampling seed {EVAL_SEED}.",
         "",
         "| model | valid rate | unique valid nouns (of 200) | DAT-style score | distinct ratio | steps run | train s/run | median s/step: sampling / scoring / update |",

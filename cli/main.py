@@ -113,7 +113,7 @@ def load_registry() -> Any:
 @click.option("--temperature", type=float, help="Sampling temperature (0: greedy).")
 @click.option("--top-p", type=float, help="Nucleus sampling: keep the smallest token set of this probability.")
 @click.option("--top-k", type=int, help="Sample among the K likeliest tokens (0: all).")
-@click.option("--bucket-window", type=int, help="Offline batches of similar-length rows, sorted within windows of N batches (0: plain shuffle).")
+@click.option("--bucket-window", type=int, help="Offline batches of similar-length rows, sorted within windows of N batches (the sampler length-buckets; 0: plain shuffle).")
 @click.option("--warmup-steps", type=int, help="Linear learning-rate warmup steps.")
 @click.option("--weight-decay", type=float, help="AdamW weight decay.")
 @click.option("--threads", type=int, help="CPU threads of torch (default: 1 for the embedded default model, else one per core).")
@@ -128,7 +128,7 @@ def load_registry() -> Any:
 @click.option("--test-prompt", "test_prompts", multiple=True, help="Prompt answered at each evaluation into generations.jsonl; repeatable.")
 @click.option("--curriculum/--no-curriculum", default=None, help="Sample the datasets by an automatic, difficulty-driven curriculum.")
 @click.option("--curriculum-option", multiple=True, help="Curriculum option KEY=VALUE (eta, every, refresh, sample_size, variance_weight); repeatable.")
-@click.option("--sampler", help="Sampler choosing which records come next (see `pref list-plugins --kind sampler`); default: shuffled.")
+@click.option("--sampler", help="Sampler choosing which records come next (see `pref list-plugins --kind sampler`); default: length-buckets offline, shuffled online.")
 @click.option("--sampler-option", multiple=True, help="Sampler option KEY=VALUE; repeatable.")
 @click.option("--option", "-o", "objective_option", multiple=True, help="Objective option KEY=VALUE; repeatable.")
 @click.option("--reward-option", multiple=True, help="Reward option KEY=VALUE, or NAME.KEY=VALUE for one of several rewards; repeatable.")
@@ -268,7 +268,7 @@ def report_for(model: str | None, reward_name: str, reward_options: dict, prompt
 def report_and_answers(model: str | None, reward_name: str, reward_options: dict, prompts: list[str], samples: int, max_new_tokens: int,
                        temperature: float, seed: int) -> tuple[dict[str, float], list[str]]:
     """The reward's report on a model's sampled answers, and those answers."""
-    from pref.evaluate import evaluate_with_answers
+    from pref.reporting.evaluate import evaluate_with_answers
     from pref.interfaces import SamplingConfig
     from pref.policy import HFPolicy
 

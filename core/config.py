@@ -50,7 +50,7 @@ class RunConfig:
     max_grad_norm: float = 1.0
     max_length: int = 512
     max_prompt_length: int = 256
-    bucket_window: int = 50  # offline rows sorted by length within windows of this many batches (pref.bucketing); 0: plain shuffle
+    bucket_window: int = 50  # offline: the sampler "length-buckets" with this window (pref.plugins.length_buckets); 0: plain shuffle
 
     samples_per_prompt: int | None = None  # None: the objective's own K
     max_new_tokens: int | None = None  # None: the reward's own (RewardSource.max_new_tokens), else DEFAULT_MAX_NEW_TOKENS

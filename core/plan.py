@@ -10,6 +10,7 @@ Plugin factories get the values of the run they ask for by parameter name, the
 same way for every kind (`Registry.create(..., **context)`, see docs/plugins.md):
 `registry` (every kind), `processes` (objectives), `embedder` and `reward` (pair selectors).
 A sampler is built here with its options; its `build(...)` is called once the records are read.
+Offline objectives get `length-buckets` by default (`--bucket-window`; 0: none).
 """
 
 from __future__ import annotations
@@ -29,6 +30,9 @@ from pref.registry import Registry
 #: Reference kinds a plan resolves to.
 NO_MODEL, FROZEN_MODEL, CACHED_LOGPS = "none", "model", "cached"
 
+#: The default sampler of offline objectives (`plugins/length_buckets.py`).
+LENGTH_BUCKETS = "length-buckets"
+
 DATA_FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".txt")
 
 
@@ -39,7 +43,8 @@ class RunPlan:
     objective, needs: the objective and what it declared.
     reward, selector, embedder: online runs only (None otherwise; `selector` None also
         for objectives that learn from every sample).
-    sampler: the `--sampler` (`--curriculum`: "curriculum") that orders the records, or None (shuffled).
+    sampler: the `--sampler` (`--curriculum`: "curriculum") that orders the records; offline without one,
+        "length-buckets" (window `--bucket-window`); None: shuffled.
     adapter: the `--adapter` (`--lora`: "lora") that the model trains instead of every weight, or None.
     datasets, validation_datasets: one builder per `--dataset` / `--validation-dataset` entry.
     reference: NO_MODEL, FROZEN_MODEL or CACHED_LOGPS.
@@ -104,6 +109,8 @@ def resolve_plan(config: RunConfig, registry: Registry, processes: Processes | N
                 raise PrefError(f"objective {config.objective!r} has no pair selector of its own: pass --selector NAME (see `pref list-plugins`)")
 
     sampler_name, sampler_options = ("curriculum", config.curriculum_options) if config.curriculum else (config.sampler, config.sampler_options)
+    if not sampler_name and not needs.online and config.bucket_window:  # rows of similar length share a batch: less padding
+        sampler_name, sampler_options = LENGTH_BUCKETS, {"window": config.bucket_window}
     sampler = registry.create("sampler", sampler_name, sampler_options) if sampler_name else None
 
     # the reward knows how long its answers are; offline, only answers to --test-prompt are sampled

@@ -22,7 +22,6 @@ import torch
 from pref.agreement import next_batch_together, same_decision
 from pref.checkpoint import Trained, load_checkpoint, read_state, rng_state, save_checkpoint, write_atomically
 from pref.config import RunConfig
-from pref.bucketing import LengthBucketedBatches, example_length
 from pref.data import OfflineBatches, collate, dataset_names
 from pref.divergence import check_step, check_weights, refuse_non_finite_settings, sampling_diverged
 from pref.errors import NoUsablePairs, PrefError
@@ -103,9 +102,6 @@ def build_data(config: RunConfig, plan: RunPlan, policy: HFPolicy, examples: lis
     `after_draw` (online) is called after each draw of samples: it trains the objective's second model.
     """
     if not plan.needs.online:
-        if order is None and config.bucket_window:  # rows of similar length share a batch: less padding
-            lengths = [example_length(policy.tokenizer, e) for e in examples]
-            order = LengthBucketedBatches(examples, lengths, config.batch_size, config.seed, rank, world, config.bucket_window)
         return OfflineBatches(policy, examples, config.batch_size, config.seed, rank, world, order=order)
     from pref.online import OnlineBatches
 

@@ -1,4 +1,5 @@
-"""Length-bucketed batches: every row once per epoch, similar lengths together, seeded, shared and resumable."""
+"""Length-bucketed batches: every row once per epoch, similar lengths together, seeded, shared and resumable;
+the sampler `length-buckets`, which the plan picks for offline objectives (`--bucket-window`)."""
 
 import json
 import os
@@ -6,9 +7,14 @@ import random
 
 import pytest
 
-from pref.bucketing import LengthBucketedBatches
+from pref.plugins.length_buckets import LengthBucketedBatches
 from pref.config import build_config
 from pref.data import ShuffledBatches
+from pref.errors import PrefError
+from pref.plan import resolve_plan
+from pref.plugins.curriculum import CurriculumSampler
+from pref.plugins.length_buckets import LengthBucketsSampler, example_length
+from pref.policy import HFPolicy
 from pref.registry import load_registry
 from pref.train import train
 
@@ -72,3 +78,43 @@ def test_a_run_logs_its_padding_share_and_tokens_per_second(tmp_path, tiny_model
     for lines in (bucketed, plain):
         assert all(0 <= m["tokens/padding_fraction"] < 1 and m["tokens/per_second"] > 0 for m in lines)
     assert sum(m["tokens/padding_fraction"] for m in bucketed) < sum(m["tokens/padding_fraction"] for m in plain)
+
+
+def plan_sampler(**flags):
+    return resolve_plan(build_config(flags=flags), load_registry()).sampler
+
+
+def test_offline_objectives_get_the_length_buckets_sampler_by_default(prefs_file):
+    assert load_registry().get("sampler", "length-buckets").builtin
+    default = plan_sampler(objective="dpo", dataset=[prefs_file])
+    assert isinstance(default, LengthBucketsSampler) and default.window == 50
+    assert plan_sampler(objective="dpo", dataset=[prefs_file], bucket_window=7).window == 7
+    assert plan_sampler(objective="dpo", dataset=[prefs_file], bucket_window=0) is None  # a plain shuffle
+    assert plan_sampler(objective="divpo") is None  # online: prompts are not bucketed
+    assert plan_sampler(objective="dpo", dataset=[prefs_file], sampler="length-buckets", sampler_options={"window": 3}).window == 3
+
+
+def test_a_chosen_sampler_replaces_the_length_buckets(tmp_path):
+    files = [tmp_path / "a.txt", tmp_path / "b.txt"]
+    for file in files:
+        file.write_text("one line\n")
+    assert isinstance(plan_sampler(objective="sft", dataset=[str(f) for f in files], curriculum=True), CurriculumSampler)
+
+
+@pytest.mark.parametrize("window", [0, -1, 2.5, True])
+def test_a_bad_window_is_a_one_line_error(prefs_file, window):
+    with pytest.raises(PrefError, match="length-buckets option window must be a whole number"):
+        plan_sampler(objective="dpo", dataset=[prefs_file], sampler="length-buckets", sampler_options={"window": window})
+
+
+def test_the_sampler_orders_every_dataset_as_one_pool(tiny_model_dir, prefs_file):
+    """Its order is `LengthBucketedBatches` over the records of all datasets in turn, measured by the policy's tokenizer."""
+    from pref.plugins.preference_data import load_preferences
+
+    policy = HFPolicy.load(tiny_model_dir)
+    first, second = load_preferences(prefs_file)[:3], load_preferences(prefs_file)[3:]
+    order = LengthBucketsSampler(window=2).build({"a": first, "b": second}, policy, batch_size=2, seed=5)
+    records = first + second
+    lengths = [example_length(policy.tokenizer, r) for r in records]
+    expected = LengthBucketedBatches(records, lengths, 2, seed=5, window=2)
+    assert draw(order, 9) == draw(expected, 9)

@@ -101,7 +101,8 @@ def test_curriculum_is_the_registered_sampler_curriculum(tmp_path):
                                             "curriculum_options": {"eta": 0.3}}), load_registry())
     assert isinstance(plan.sampler, CurriculumSampler) and plan.sampler.options == CurriculumOptions(eta=0.3)
     assert load_registry().get("sampler", "curriculum").plugin == "curriculum"
-    assert resolve_plan(build_config(flags={"objective": "dpo", "dataset": files[:1]}), load_registry()).sampler is None
+    plain = resolve_plan(build_config(flags={"objective": "dpo", "dataset": files[:1]}), load_registry())
+    assert not isinstance(plain.sampler, CurriculumSampler)  # the default: length-buckets (tests/test_bucketing.py)
 
 
 def test_dataset_names_are_short_and_distinct():

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from distributed_train import BATCH_SIZE, SAVE_EVERY, STEPS, weights_hash  # tests/ is on sys.path
-from pref.bucketing import DEFAULT_WINDOW, LengthBucketedBatches, example_length
+from pref.plugins.length_buckets import DEFAULT_WINDOW, LengthBucketedBatches, example_length
 from pref.examples import PreferenceExample
 from pref.plugins.preference_data import load_preferences
 

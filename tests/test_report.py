@@ -1,4 +1,5 @@
-"""`pref report`: the figures of runs, checked through matplotlib's objects, the HTML file, and its errors."""
+"""`pref report`: the figures of runs, checked through matplotlib's objects, the HTML file, and its errors;
+`pref eval` and `pref compare`: a reward's report on a model's samples."""
 
 import base64
 import json
@@ -15,7 +16,9 @@ matplotlib.use("Agg")
 from pref.cli.main import cli  # noqa: E402
 from pref.config import build_config  # noqa: E402
 from pref.errors import PrefError  # noqa: E402
+from pref.interfaces import SamplingConfig  # noqa: E402
 from pref.registry import load_registry  # noqa: E402
+from pref.reporting.evaluate import sample_answers  # noqa: E402
 from pref.reporting.figures import answers_figure, smoothed  # noqa: E402
 from pref.reporting.report import make_report, report_figures  # noqa: E402
 from pref.reporting.runs import load_run, load_runs  # noqa: E402
@@ -228,6 +231,22 @@ def test_compare_draws_the_answers_before_and_after(tmp_path, tiny_model_dir):
     assert result.exit_code == 0, result.output
     assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads(result.stdout)["before"] == json.loads(result.stdout)["after"]  # the same model, the same seed
+
+
+def test_eval_reports_the_reward_over_the_samples_asked_for(tiny_model_dir):
+    args = ["eval", "--model", tiny_model_dir, "--reward", "repetition", "--samples", "6", "--max-new-tokens", "4", "--json"]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["samples"] == 6.0
+
+
+def test_sampled_answers_keep_every_prompt_when_cut_to_the_count():
+    class Echo:
+        def generate(self, prompts, k, sampling):
+            return [[f"{p}{i}" for i in range(k)] for p in prompts]
+
+    prompts, answers = sample_answers(Echo(), ["a", "b", "c"], 4, SamplingConfig(max_new_tokens=1))  # 2 per prompt drawn, 4 kept
+    assert prompts == ["a", "b", "c", "a"] and answers == ["a0", "b0", "c0", "a1"]
 
 
 def test_compare_figure_needs_a_reward_and_a_png_name(tmp_path):

@@ -1,4 +1,8 @@
-"""Batches of rows of similar length, so little of a forward pass goes to padding.
+"""The `length-buckets` sampler: batches of rows of similar length, so little of a forward pass goes to padding.
+
+A built-in plugin of the sampler kind (`register_samplers`, see docs/plugins.md), and
+the default sampler of offline objectives: the plan picks it with `window` set to
+`--bucket-window` (0: none, records are plainly shuffled).
 
 `LengthBucketedBatches` is a `ShuffledBatches` whose epoch order keeps rows of similar
 length together: shuffle, cut into windows of `window` global batches, sort each window
@@ -15,6 +19,8 @@ from typing import Any
 import torch
 
 from pref.data import ShuffledBatches
+from pref.errors import PrefError
+from pref.hookspecs import hookimpl
 
 #: Global batches per window that are sorted by length together: wide enough that most
 #: batches hold rows of near-equal length, narrow enough that the order stays random.
@@ -61,3 +67,28 @@ class LengthBucketedBatches(ShuffledBatches):
         tail = batches.pop() if batches and len(batches[-1]) < size else []  # a part-filled batch goes last
         shuffled = [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
         return head + [i for batch in shuffled for i in batch] + tail
+
+
+class LengthBucketsSampler:
+    """Batches of rows of similar length (less padding), sorted within windows of `window` global batches.
+
+    Built while the run is planned (a bad window fails before the model loads);
+    `build(...)` measures the records with the policy's tokenizer once they are read.
+    """
+
+    def __init__(self, window: int = DEFAULT_WINDOW):
+        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+            raise PrefError(f"length-buckets option window must be a whole number of batches, 1 or more, not {window!r}")
+        self.window = window
+
+    def build(self, datasets: dict[str, Sequence[Any]], policy: Any, batch_size: int, seed: int, rank: int = 0, world: int = 1,
+              batches_per_step: float = 1) -> LengthBucketedBatches:
+        """The order over every record of `datasets` (name -> records, taken in order, as one pool)."""
+        records = [record for records in datasets.values() for record in records]
+        lengths = [example_length(policy.tokenizer, record) for record in records]
+        return LengthBucketedBatches(records, lengths, batch_size, seed, rank, world, self.window)
+
+
+@hookimpl
+def register_samplers(register):
+    register("length-buckets", LengthBucketsSampler)

@@ -1,4 +1,4 @@
-"""Sample a model and report what a reward plugin makes of the samples."""
+"""Sample a model and report what a reward plugin makes of the samples (`pref eval`, `pref compare`, bench/divpo_nouns.py)."""
 
 from __future__ import annotations
 
