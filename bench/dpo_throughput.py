@@ -332,7 +332,7 @@ def run_pref(args: argparse.Namespace, clock: StepClock) -> dict:
     config = build_config(flags={
         "objective": "dpo",  # its default loss: sigmoid, beta 0.1, as TRL's
         "model": os.path.join(args.work_dir, args.model_dir),
-        "dataset": [os.path.join(args.work_dir, "pairs.jsonl")],
+        "dataset": [os.path.join(args.work_dir, args.pairs_file)],
         "output_dir": os.path.join(args.work_dir, f"pref-run-{os.getpid()}"),
         "device": "cpu",
         "steps": args.warmup + args.steps,
@@ -390,7 +390,7 @@ def run_trl(args: argparse.Namespace, clock: StepClock, precompute_ref: bool, gr
     model_path = os.path.join(args.work_dir, args.model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    dataset = load_dataset("json", data_files=os.path.join(args.work_dir, "pairs.jsonl"), split="train")
+    dataset = load_dataset("json", data_files=os.path.join(args.work_dir, args.pairs_file), split="train")
     config = DPOConfig(
         output_dir=os.path.join(args.work_dir, f"trl-run-{os.getpid()}"),
         per_device_train_batch_size=args.batch_size,
@@ -501,10 +501,19 @@ MEMORY_LABELS = {("pref", "full"): "pref, full fine-tune", ("trl-precomputed", "
                  ("pref", "lora"): "pref, LoRA r=16 (all linear layers)", ("pref", "lora-gc"): "pref, LoRA + gradient checkpointing"}
 
 
+MEMORY_PAIRS = "pairs-memory.jsonl"
+
+
 def memory_table(args: argparse.Namespace, work: str) -> str:
     """Peak RSS of processes that each run `args.memory_steps` DPO steps, one at a time, per vocabulary and run."""
     env = {**os.environ, "OMP_NUM_THREADS": str(THREADS), "MKL_NUM_THREADS": str(THREADS), "TOKENIZERS_PARALLELISM": "false",
            "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TQDM_DISABLE": "1"}
+    # one batch of pairs, the same rows for every trainer (peak memory depends on the batch, not on the
+    # dataset's size; a small file keeps each process's reference precompute short)
+    with open(os.path.join(work, "pairs.jsonl")) as f:
+        batch = [next(f) for _ in range(args.batch_size)]
+    with open(os.path.join(work, MEMORY_PAIRS), "w") as f:
+        f.writelines(batch)
     rows = {}
     for vocab in MEMORY_VOCABS:
         model_dir = f"model-{vocab}"
@@ -512,7 +521,7 @@ def memory_table(args: argparse.Namespace, work: str) -> str:
         for name, variant in MEMORY_RUNS:
             result = os.path.join(work, f"memory-{vocab}-{name}-{variant}.json")
             command = [sys.executable, os.path.abspath(__file__), "--child", name, "--variant", variant, "--work-dir", work,
-                       "--model-dir", model_dir, "--result", result, "--steps", str(args.memory_steps), "--warmup", "0",
+                       "--model-dir", model_dir, "--result", result, "--steps", str(args.memory_steps), "--warmup", "0", "--pairs-file", MEMORY_PAIRS,
                        "--batch-size", str(args.batch_size), "--shape", args.shape]
             print(f"  memory: vocab {vocab}, {name} {variant}", file=sys.stderr, flush=True)
             with open(os.path.join(work, f"memory-{vocab}-{name}-{variant}.log"), "w") as log:
@@ -525,7 +534,8 @@ def memory_table(args: argparse.Namespace, work: str) -> str:
     lines = [
         "", f"## Peak memory of {args.memory_steps} DPO steps (batch {args.batch_size} pairs), by vocabulary", "",
         "Each cell is one process: load, reference precompute, then the steps; peak RSS in MiB (the RSS at the first step in brackets: "
-        "what the model, optimizer and data took before any step). Same model body, same data.", "",
+        f"what the model, optimizer and data took before any step). Same model body; the data is the first {args.batch_size} pairs "
+        "of the dataset, so every step of every process trains on the same batch.", "",
         "| vocabulary | parameters | " + " | ".join(MEMORY_LABELS[r] for r in MEMORY_RUNS) + " | pref / TRL (full) |",
         "|---:|---:|" + "---:|" * (len(MEMORY_RUNS) + 1),
     ]
@@ -572,6 +582,8 @@ def report(results: dict[str, dict], args: argparse.Namespace, params: int, load
         "| run | steps/s (median) | steps/s (mean) | CPU s/step | tokens/step | setup s | of which reference precompute s | total s | peak RSS MiB | RSS after imports MiB |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
+    if not results:  # --memory-only: the header, then the memory table
+        lines = lines[:6]
     for name, r in results.items():
         lines.append(
             f"| {RUNS[name]} | {1 / r['median_step_s']:.3f} | {r['steps_per_s']:.3f} | {r['cpu_s_per_step']:.2f} | {r['tokens_per_step']:.0f} | "
@@ -590,6 +602,7 @@ def report(results: dict[str, dict], args: argparse.Namespace, params: int, load
     only = f" --only {' '.join(results)}" if args.only else ""
     shape = f" --shape {SHAPE}" if SHAPE != "small" else ""
     memory = f" --memory-table --memory-steps {args.memory_steps}" if args.memory_table else ""
+    memory = f" --memory-only --memory-steps {args.memory_steps}" if args.memory_only else memory
     lines += ["", f"Command: `python bench/dpo_throughput.py{shape} --steps {args.steps} --warmup {args.warmup} --batch-size {args.batch_size} "
               f"--pairs {args.pairs}{' --trl-defaults' if args.trl_defaults else ''}{only}{memory}`", ""]
     return "\n".join(lines)
@@ -608,7 +621,9 @@ def main() -> None:
                         help="small: 10M Llama, word-level 4k vocabulary (default); realistic: 36M Llama, 16k BPE, uneven lengths")
     parser.add_argument("--memory-table", action="store_true", help="also measure peak memory at vocabularies of 16k, 64k and 151k")
     parser.add_argument("--memory-steps", type=int, default=2, help="DPO steps per memory-table process (default 2)")
+    parser.add_argument("--memory-only", action="store_true", help="only the memory table (implies --memory-table)")
     parser.add_argument("--child", choices=list(RUNS), help=argparse.SUPPRESS)
+    parser.add_argument("--pairs-file", default="pairs.jsonl", help=argparse.SUPPRESS)
     parser.add_argument("--variant", choices=["full", "lora", "lora-gc"], default="full", help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", default="model", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
@@ -633,12 +648,13 @@ def main() -> None:
         default = ["pref", "trl", "trl-precomputed"] if SHAPE == "small" else ["pref", "trl-precomputed"]  # realistic: like for like only
         names = args.only or default + (["trl-defaults"] if args.trl_defaults else [])
         print(f"running {', '.join(names)} in turns; logs in {work}", file=sys.stderr, flush=True)
-        results = run_children(names, args, work)
-        memory = memory_table(args, work) if args.memory_table else ""
+        results = {} if args.memory_only else run_children(names, args, work)
+        memory = memory_table(args, work) if args.memory_table or args.memory_only else ""
         text = report(results, args, params, (load, os.getloadavg()[0]), (time.perf_counter() - started) / 60) + memory
         print(text)
         os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
-        with open(RESULTS if SHAPE == "small" else RESULTS.replace(".md", "_realistic.md"), "w") as f:
+        path = RESULTS if SHAPE == "small" else RESULTS.replace(".md", "_realistic.md")
+        with open(path.replace(".md", "_memory.md") if args.memory_only else path, "w") as f:
             f.write(text)
     finally:
         if not args.work_dir:
