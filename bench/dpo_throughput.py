@@ -647,7 +647,8 @@ def main() -> None:
         build_pairs(os.path.join(work, "pairs.jsonl"), os.path.join(work, "model"), args.pairs)
         default = ["pref", "trl", "trl-precomputed"] if SHAPE == "small" else ["pref", "trl-precomputed"]  # realistic: like for like only
         names = args.only or default + (["trl-defaults"] if args.trl_defaults else [])
-        print(f"running {', '.join(names)} in turns; logs in {work}", file=sys.stderr, flush=True)
+        if not args.memory_only:
+            print(f"running {', '.join(names)} in turns; logs in {work}", file=sys.stderr, flush=True)
         results = {} if args.memory_only else run_children(names, args, work)
         memory = memory_table(args, work) if args.memory_table or args.memory_only else ""
         text = report(results, args, params, (load, os.getloadavg()[0]), (time.perf_counter() - started) / 60) + memory
