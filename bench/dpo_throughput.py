@@ -571,7 +571,7 @@ def report(results: dict[str, dict], args: argparse.Namespace, params: int, load
         + ("the vocabulary of pref's default word-level tokenizer" if SHAPE == "small" else f"a byte-level BPE tokenizer of {BPE_VOCAB:,} tokens trained here")
         + ", untied head), fp32.",
         f"Data: {args.pairs} synthetic pairs, prompts of {PROMPT_WORDS[0]}-{PROMPT_WORDS[1]} words, completions of "
-        f"{COMPLETION_WORDS[0]}-{COMPLETION_WORDS[1]} words plus EOS" + (" (one token per word)" if SHAPE == "small" else "") + ". Batch size {args.batch_size} pairs "
+        f"{COMPLETION_WORDS[0]}-{COMPLETION_WORDS[1]} words plus EOS" + (" (one token per word)" if SHAPE == "small" else "") + f". Batch size {args.batch_size} pairs "
         f"({2 * args.batch_size} sequences per forward), lr {LR}, AdamW, gradient clipping at 1.0.",
         f"Steps/s over {args.steps} steps after {args.warmup} warm-up steps, the trainers taking turns step by step (waiting "
         "for the turn is not counted): from the median step time, which a few steps slowed by other jobs on the machine "
