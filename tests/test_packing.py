@@ -74,8 +74,11 @@ def test_a_packed_row_restarts_positions_at_each_sequence_and_unpacks_back():
     assert packing.right_padded_lengths(torch.tensor([[0, 1, 1], [1, 0, 0]])) is None  # left padding: never packed
 
 
-def test_packed_log_probs_and_gradients_equal_the_padded_ones():
+@pytest.mark.parametrize("gradient_checkpointing", [False, True])
+def test_packed_log_probs_and_gradients_equal_the_padded_ones(gradient_checkpointing):
     model = tiny_llama()
+    if gradient_checkpointing:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     seqs = uneven_rows()
     assert packing.packs_correctly(model)
     seen = forward_rows(model)
