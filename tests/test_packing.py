@@ -202,3 +202,41 @@ def test_a_dpo_run_gives_the_same_losses_packed_and_padded(tmp_path, tiny_model_
             assert len(packed_forwards) == before
     assert len(losses["--packing"]) == 3
     assert losses["--packing"] == pytest.approx(losses["--no-packing"], abs=1e-5)
+
+
+def _ddp_worker(rank, world, port, results):
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    model = tiny_llama()
+    wrapped = torch.nn.parallel.DistributedDataParallel(model)
+    seqs = uneven_rows() if rank == 0 else uneven_rows([10, 9, 8])  # one process packs, the other cannot
+    seen = forward_rows(model)
+    for _ in range(2):
+        wrapped.zero_grad()
+        model_logps(wrapped, seqs, packing=True).sequence.sum().backward()
+    plain = tiny_llama()
+    expected = torch.autograd.grad(model_logps(plain, seqs).sequence.sum(), list(plain.parameters()))
+    for tensor in expected:
+        dist.all_reduce(tensor)
+        tensor /= world
+    difference = max((p.grad - e).abs().max().item() for p, e in zip(model.parameters(), expected))
+    results[rank] = (seen[-1], difference)
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_under_ddp_a_packed_and_a_padded_process_average_the_right_gradients():
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    results = mp.get_context("spawn").Manager().dict()
+    mp.spawn(_ddp_worker, args=(2, port, results), nprocs=2)
+    assert results[0][0] == (3, 40, True) and results[1][0] == (3, 13, False)
+    assert results[0][1] < 1e-5 and results[1][1] < 1e-5
