@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from pref import packing
+from pref.packing import fits_window, may_pack, pack, packing_plan, packs_correctly, right_padded_lengths
 
 
 @dataclass
@@ -195,15 +195,15 @@ def packed_logps(model: torch.nn.Module, sequences: Sequences) -> Logps | None:
     bare = model
     while hasattr(bare, "module") and not hasattr(bare, "get_output_embeddings"):
         bare = bare.module  # the probe runs on the model inside DDP: it must not synchronise anything
-    if not packing.may_pack(bare) or not packing.packs_correctly(bare):
+    if not may_pack(bare) or not packs_correctly(bare):
         return None
-    lengths = packing.right_padded_lengths(sequences.attention_mask)
-    if lengths is None or max(lengths) == 0 or not packing.fits_window(bare, max(lengths)):
+    lengths = right_padded_lengths(sequences.attention_mask)
+    if lengths is None or max(lengths) == 0 or not fits_window(bare, max(lengths)):
         return None
-    plan = packing.packing_plan(lengths, max(lengths))
+    plan = packing_plan(lengths, max(lengths))
     if len(plan) >= len(lengths):
         return None
-    layout = packing.pack(sequences.input_ids, lengths, plan)
+    layout = pack(sequences.input_ids, lengths, plan)
     head = output_head(model)
     captured: dict[str, torch.Tensor] = {}
 
