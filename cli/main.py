@@ -114,6 +114,7 @@ def load_registry() -> Any:
 @click.option("--top-p", type=float, help="Nucleus sampling: keep the smallest token set of this probability.")
 @click.option("--top-k", type=int, help="Sample among the K likeliest tokens (0: all).")
 @click.option("--bucket-window", type=int, help="Offline batches of similar-length rows, sorted within windows of N batches (the sampler length-buckets; 0: plain shuffle).")
+@click.option("--packing/--no-packing", default=None, help="Pack a forward's rows back to back without padding where the model allows it (default: on).")
 @click.option("--warmup-steps", type=int, help="Linear learning-rate warmup steps.")
 @click.option("--weight-decay", type=float, help="AdamW weight decay.")
 @click.option("--threads", type=int, help="CPU threads of torch (default: 1 for the embedded default model, else one per core).")

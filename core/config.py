@@ -51,6 +51,7 @@ class RunConfig:
     max_length: int = 512
     max_prompt_length: int = 256
     bucket_window: int = 50  # offline: the sampler "length-buckets" with this window (pref.plugins.length_buckets); 0: plain shuffle
+    packing: bool = True  # lean log-prob forwards pack rows back to back without padding (pref.packing)
 
     samples_per_prompt: int | None = None  # None: the objective's own K
     max_new_tokens: int | None = None  # None: the reward's own (RewardSource.max_new_tokens), else DEFAULT_MAX_NEW_TOKENS
@@ -241,6 +242,8 @@ def validate(config: RunConfig) -> None:
         raise PrefError("save_every, eval_every and warmup_steps must be zero or positive")
     if not isinstance(config.bucket_window, int) or config.bucket_window < 0:
         raise PrefError(f"bucket_window must be a whole number, 0 (off) or more, not {config.bucket_window!r}")
+    if not isinstance(config.packing, bool):
+        raise PrefError(f"packing must be true or false, not {config.packing!r}")
     if not 0 <= config.validation_split < 1:
         raise PrefError(f"validation_split must be a share from 0 to below 1, not {config.validation_split!r}")
     if config.validation_split and config.validation_dataset:

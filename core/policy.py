@@ -27,11 +27,12 @@ class HFPolicy(Policy):
     and saving use the bare model.
     """
 
-    def __init__(self, model: torch.nn.Module, tokenizer: Any, max_length: int = 512, max_prompt_length: int = 256):
+    def __init__(self, model: torch.nn.Module, tokenizer: Any, max_length: int = 512, max_prompt_length: int = 256, packing: bool = False):
         self.model = model
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.max_prompt_length = max_prompt_length
+        self.packing = packing  # lean log-probs through packed forwards (pref.packing)
 
     @classmethod
     def load(cls, name: str | None, dtype: torch.dtype | None = None, kind: str = "causal-lm", **kwargs: Any) -> "HFPolicy":
@@ -101,7 +102,7 @@ class HFPolicy(Policy):
         )
 
     def logps(self, sequences: Sequences, with_logits: bool = False, with_hidden: bool = False) -> Logps:
-        return model_logps(self.model, sequences.to(self.device), with_logits, with_hidden)
+        return model_logps(self.model, sequences.to(self.device), with_logits, with_hidden, packing=self.packing)
 
     def save(self, path: str) -> None:
         unwrap(self.model).save_pretrained(path, safe_serialization=True)

@@ -22,16 +22,17 @@ def cache_dir() -> str:
 
 
 class FrozenReference(Reference):
-    """A frozen copy of a model, kept in memory and evaluated without grad."""
+    """A frozen copy of a model, kept in memory and evaluated without grad; `packing` as `model_logps`'."""
 
     has_logits = True
 
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, packing: bool = False):
         self.model = model
+        self.packing = packing
 
     @classmethod
-    def copy_of(cls, model: torch.nn.Module) -> "FrozenReference":
-        return cls(copy.deepcopy(model).eval().requires_grad_(False))
+    def copy_of(cls, model: torch.nn.Module, packing: bool = False) -> "FrozenReference":
+        return cls(copy.deepcopy(model).eval().requires_grad_(False), packing)
 
     @torch.no_grad()
     def logps(self, sequences: Sequences, with_logits: bool = False) -> Logps:
@@ -39,7 +40,7 @@ class FrozenReference(Reference):
         sequences = sequences.to(device)
         was_training = self.model.training
         self.model.eval()  # no dropout in the reference's numbers
-        logps = model_logps(self.model, sequences, with_logits=with_logits)
+        logps = model_logps(self.model, sequences, with_logits=with_logits, packing=self.packing)
         self.model.train(was_training)
         return logps
 
@@ -52,8 +53,8 @@ class AdaptersOffReference(Reference):
 
     has_logits = True
 
-    def __init__(self, model: torch.nn.Module, adapter: Adapter):
-        self.model, self.adapter, self.frozen = model, adapter, FrozenReference(model)
+    def __init__(self, model: torch.nn.Module, adapter: Adapter, packing: bool = False):
+        self.model, self.adapter, self.frozen = model, adapter, FrozenReference(model, packing)
 
     def logps(self, sequences: Sequences, with_logits: bool = False) -> Logps:
         with self.adapter.disabled(self.model):
@@ -111,8 +112,9 @@ class CachedReference(Reference):
         batches: Iterable[Sequences],
         cache_dir: str,
         batch_size_hint: int = 0,
+        packing: bool = False,
     ) -> "CachedReference":
-        """Load the cache for (model, data) from `cache_dir`, or compute and write it."""
+        """Load the cache for (model, data) from `cache_dir`, or compute and write it (`packing`: as `model_logps`)."""
         batches = list(batches)
         keys = sorted({k for b in batches for k in b.keys()})
         data_fp = hashlib.sha1("\n".join(keys).encode()).hexdigest()[:16]
@@ -122,7 +124,7 @@ class CachedReference(Reference):
             with open(path + ".keys.json") as f:
                 stored_keys = json.load(f)
             return cls(dict(zip(stored_keys, tensors["logps"].tolist())))
-        frozen = FrozenReference(model)
+        frozen = FrozenReference(model, packing)
         table: dict[str, float] = {}
         # as many rows per forward as a training step's chosen + rejected batch: no more memory than training
         rows_per_batch = 2 * max((len(b) for b in batches), default=1)

@@ -9,6 +9,8 @@ from typing import Any
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from pref.packing import fits_window, may_pack, pack, packing_plan, packs_correctly, right_padded_lengths
+
 
 @dataclass
 class Sequences:
@@ -142,14 +144,21 @@ def output_head(model: torch.nn.Module) -> torch.nn.Module:
     return model.get_output_embeddings()
 
 
-def model_logps(model: torch.nn.Module, sequences: Sequences, with_logits: bool = False, with_hidden: bool = False) -> Logps:
+def model_logps(model: torch.nn.Module, sequences: Sequences, with_logits: bool = False, with_hidden: bool = False,
+                packing: bool = False) -> Logps:
     """Log-probs of `sequences`' completion tokens under a causal LM (possibly wrapped by DDP or PEFT).
 
     With `with_logits` the model computes the full [B, T, V] logits (the plain path);
     otherwise the LM head runs only at completion positions, a chunk at a time (`lean_logps`).
     `with_hidden` adds the LM head's input [B, T, H] (the last hidden states, after the final norm).
-    The forward pass always goes through `model` itself, so a DDP wrapper synchronises gradients.
+    With `packing` the lean path packs the rows into fewer rows without padding when that
+    saves rows and the model passed its probe (`pref.packing`); the values are the same.
+    The forward pass always goes through `model` itself, once, so a DDP wrapper synchronises gradients.
     """
+    if packing and not with_logits and not with_hidden:
+        packed = packed_logps(model, sequences)
+        if packed is not None:
+            return packed
     head = None if with_logits else output_head(model)
     captured: dict[str, torch.Tensor] = {}
 
@@ -179,6 +188,36 @@ def model_logps(model: torch.nn.Module, sequences: Sequences, with_logits: bool 
     if with_hidden:
         logps.hidden = captured["hidden"]
     return logps
+
+
+def packed_logps(model: torch.nn.Module, sequences: Sequences) -> Logps | None:
+    """`model_logps`' lean path through one packed forward; None where packing saves no row or may be wrong."""
+    bare = model
+    while hasattr(bare, "module") and not hasattr(bare, "get_output_embeddings"):
+        bare = bare.module  # the probe runs on the model inside DDP: it must not synchronise anything
+    if not may_pack(bare) or not packs_correctly(bare):
+        return None
+    lengths = right_padded_lengths(sequences.attention_mask)
+    if lengths is None or max(lengths) == 0 or not fits_window(bare, max(lengths)):
+        return None
+    plan = packing_plan(lengths, max(lengths))
+    if len(plan) >= len(lengths):
+        return None
+    layout = pack(sequences.input_ids, lengths, plan)
+    head = output_head(model)
+    captured: dict[str, torch.Tensor] = {}
+
+    def keep_one_position(module: torch.nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+        captured["hidden"] = args[0]
+        return (args[0][:, -1:],) + tuple(args[1:])
+
+    hook = head.register_forward_pre_hook(keep_one_position)
+    try:
+        # no attention mask: transformers then reads the sequence starts from position_ids
+        model(input_ids=layout.input_ids, position_ids=layout.position_ids, use_cache=False)
+    finally:
+        hook.remove()
+    return lean_logps(layout.unpack(captured["hidden"]), head, sequences, softcap=_softcap(model))
 
 
 def _softcap(model: torch.nn.Module) -> float | None:

@@ -81,10 +81,10 @@ def build_reference(config: RunConfig, plan: RunPlan, policy: HFPolicy, examples
             batches.extend([batch.chosen, batch.rejected] if isinstance(batch, PairBatch) else [batch.sequences if isinstance(batch, LabeledBatch) else batch])
         name = config.model or DEFAULT_MODEL
         with plan.adapter.disabled(unwrap(policy.model)) if plan.adapter else nullcontext():  # an adapter run's reference is its base model
-            return CachedReference.build(unwrap(policy.model), name, batches, os.path.join(cache_dir(), "reference"))
+            return CachedReference.build(unwrap(policy.model), name, batches, os.path.join(cache_dir(), "reference"), packing=config.packing)
     if plan.adapter:
-        return AdaptersOffReference(unwrap(policy.model), plan.adapter)
-    return FrozenReference.copy_of(unwrap(policy.model))
+        return AdaptersOffReference(unwrap(policy.model), plan.adapter, config.packing)
+    return FrozenReference.copy_of(unwrap(policy.model), config.packing)
 
 
 def build_sampler(config: RunConfig, plan: RunPlan, policy: HFPolicy, example_sets: list[list[Any]], rank: int, world: int) -> Any:
@@ -236,7 +236,8 @@ def train_policy(config: RunConfig, registry: Registry) -> tuple[str, HFPolicy]:
     lock = claim_output_dir(out_dir, bool(config.resume), accelerator)  # before the model loads: fail fast
 
     # -- policy, the objective's modules, data, reference ---------------------------------
-    policy = HFPolicy.load(config.model, dtype, kind=plan.needs.model_kind, max_length=config.max_length, max_prompt_length=config.max_prompt_length)
+    policy = HFPolicy.load(config.model, dtype, kind=plan.needs.model_kind, max_length=config.max_length, max_prompt_length=config.max_prompt_length,
+                           packing=config.packing)
     policy.model = prepare_for_training(policy.model, config, plan.needs.model_kind, plan.adapter)
     policy.model.to(accelerator.device)
     objective.setup(policy)
