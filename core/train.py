@@ -44,7 +44,6 @@ log = logging.getLogger(__name__)
 MERGED_DIR = "merged"  # in final/: an adapter run's full weights, with --merge-lora
 
 
-
 def make_accelerator(config: RunConfig, dtype: torch.dtype = torch.float32) -> Any:
     """Resolve the device and precision once; nothing below branches on them.
 
