@@ -159,35 +159,38 @@ def model_logps(model: torch.nn.Module, sequences: Sequences, with_logits: bool 
         packed = packed_logps(model, sequences)
         if packed is not None:
             return packed
-    head = None if with_logits else output_head(model)
+    if with_logits:
+        out, hidden = forward_with_head_input(model, output_head(model) if with_hidden else None, shrink=False,
+                                              input_ids=sequences.input_ids, attention_mask=sequences.attention_mask)
+        logps = logps_from_logits(out.logits, sequences, keep_logits=True)
+    else:
+        head = output_head(model)
+        _, hidden = forward_with_head_input(model, head, shrink=True, input_ids=sequences.input_ids, attention_mask=sequences.attention_mask)
+        logps = lean_logps(hidden, head, sequences, softcap=_softcap(model))
+    if with_hidden:
+        logps.hidden = hidden
+    return logps
+
+
+def forward_with_head_input(model: torch.nn.Module, head: torch.nn.Module | None, shrink: bool, **inputs: Any) -> tuple[Any, torch.Tensor | None]:
+    """`model(**inputs)` and the input of `head` (the last hidden states [B, T, H]; None without a head).
+
+    With `shrink` the head is handed a single position, so the model's own [B, T, V] logits
+    shrink to [B, 1, V] (computed, then dropped): the caller runs the head where it needs it.
+    """
     captured: dict[str, torch.Tensor] = {}
 
-    def keep_one_position(module: torch.nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
-        # the head's input is what we need; hand it a single position so the model's own
-        # [B, T, V] logits shrink to [B, 1, V] (computed, then dropped)
+    def keep_input(module: torch.nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
         captured["hidden"] = args[0]
-        return (args[0][:, -1:],) + tuple(args[1:])
+        return (args[0][:, -1:],) + tuple(args[1:]) if shrink else None
 
-    def keep_input(module: torch.nn.Module, args: tuple[Any, ...]) -> None:
-        captured["hidden"] = args[0]
-
-    hook = None
-    if head is not None:
-        hook = head.register_forward_pre_hook(keep_one_position)
-    elif with_hidden:
-        hook = output_head(model).register_forward_pre_hook(keep_input)
+    hook = head.register_forward_pre_hook(keep_input) if head is not None else None
     try:
-        out = model(input_ids=sequences.input_ids, attention_mask=sequences.attention_mask)
+        out = model(**inputs)
     finally:
         if hook is not None:
             hook.remove()
-    if head is None:
-        logps = logps_from_logits(out.logits, sequences, keep_logits=with_logits)
-    else:
-        logps = lean_logps(captured["hidden"], head, sequences, softcap=_softcap(model))
-    if with_hidden:
-        logps.hidden = captured["hidden"]
-    return logps
+    return out, captured.get("hidden")
 
 
 def packed_logps(model: torch.nn.Module, sequences: Sequences) -> Logps | None:
@@ -205,19 +208,9 @@ def packed_logps(model: torch.nn.Module, sequences: Sequences) -> Logps | None:
         return None
     layout = pack(sequences.input_ids, lengths, plan)
     head = output_head(model)
-    captured: dict[str, torch.Tensor] = {}
-
-    def keep_one_position(module: torch.nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
-        captured["hidden"] = args[0]
-        return (args[0][:, -1:],) + tuple(args[1:])
-
-    hook = head.register_forward_pre_hook(keep_one_position)
-    try:
-        # no attention mask: transformers then reads the sequence starts from position_ids
-        model(input_ids=layout.input_ids, position_ids=layout.position_ids, use_cache=False)
-    finally:
-        hook.remove()
-    return lean_logps(layout.unpack(captured["hidden"]), head, sequences, softcap=_softcap(model))
+    # no attention mask: transformers then reads the sequence starts from position_ids
+    _, hidden = forward_with_head_input(model, head, shrink=True, input_ids=layout.input_ids, position_ids=layout.position_ids, use_cache=False)
+    return lean_logps(layout.unpack(hidden), head, sequences, softcap=_softcap(model))
 
 
 def _softcap(model: torch.nn.Module) -> float | None:
