@@ -1,5 +1,6 @@
 """Shared fixtures: a private cache, tiny models built on the spot and fresh virtual environments (no downloads)."""
 
+import contextlib
 import json
 import os
 import site
@@ -94,3 +95,31 @@ class Venv:
 @pytest.fixture
 def fresh_venv(tmp_path):
     return Venv(tmp_path / "venv")
+
+
+class Interrupted(Exception):
+    """What `interrupted_after` raises: a crash between two checkpoints."""
+
+
+@pytest.fixture
+def interrupted_after(monkeypatch):
+    """`with interrupted_after(3): train(...)`: the run crashes once step 3 is done (logged), and must crash."""
+    import pref.train as train_module
+
+    @contextlib.contextmanager
+    def interrupt(step):
+        original = train_module.TrainingProgress.update
+
+        def update(self, at, metrics):
+            original(self, at, metrics)
+            if at == step:
+                raise Interrupted()
+
+        monkeypatch.setattr(train_module.TrainingProgress, "update", update)
+        try:
+            with pytest.raises(Interrupted):
+                yield
+        finally:
+            monkeypatch.setattr(train_module.TrainingProgress, "update", original)
+
+    return interrupt

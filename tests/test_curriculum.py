@@ -216,28 +216,16 @@ def test_a_much_harder_dataset_gains_weight_in_a_dpo_run(tmp_path, tiny_model_di
     assert [step for step, rise in zip(range(2, 9), rises) if rise > 0] == [3, 5, 7]
 
 
-class Interrupted(Exception):
-    pass
 
-
-def test_an_interrupted_curriculum_run_resumes_exactly(tmp_path, tiny_model_dir, policy, monkeypatch):
+def test_an_interrupted_curriculum_run_resumes_exactly(tmp_path, tiny_model_dir, policy, monkeypatch, interrupted_after):
     """Checkpoints on refresh steps: the resumed run's frozen copy is the one an uninterrupted run has."""
     datasets = easy_and_hard_pairs(tmp_path, policy.tokenizer)
     flags = {"steps": 6, "save_every": 2, "eval_every": 2, "validation_split": 0.2,
              "curriculum_options": {"every": 1, "refresh": 2, "eta": 0.3, "sample_size": 4}}
     whole = logged(train(dpo_config(tmp_path, tiny_model_dir, datasets, "whole", **flags), load_registry()))
 
-    original = train_module.TrainingProgress.update
-
-    def crash_after_step_3(self, step, metrics):
-        original(self, step, metrics)
-        if step == 3:
-            raise Interrupted()
-
-    monkeypatch.setattr(train_module.TrainingProgress, "update", crash_after_step_3)
-    with pytest.raises(Interrupted):
+    with interrupted_after(3):
         train(dpo_config(tmp_path, tiny_model_dir, datasets, "broken", **flags), load_registry())
-    monkeypatch.setattr(train_module.TrainingProgress, "update", original)
     broken = str(tmp_path / "broken")
     train(dpo_config(tmp_path, tiny_model_dir, datasets, "broken", resume=broken, **flags), load_registry())
     resumed = logged(broken)

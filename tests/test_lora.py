@@ -85,23 +85,11 @@ def test_the_reference_is_the_base_model_with_adapters_off(tiny_model_dir):
     assert reference.model is model
 
 
-def test_lora_checkpoints_hold_only_adapters_and_resume_exactly(tmp_path, tiny_model_dir, prefs_file, monkeypatch):
+def test_lora_checkpoints_hold_only_adapters_and_resume_exactly(tmp_path, tiny_model_dir, prefs_file, monkeypatch, interrupted_after):
     whole = run(tmp_path, tiny_model_dir, prefs_file, name="whole", steps=6, save_every=2)
 
-    class Interrupted(Exception):
-        pass
-
-    original = train_module.TrainingProgress.update
-
-    def crash_after_step_3(self, step, metrics):
-        original(self, step, metrics)
-        if step == 3:
-            raise Interrupted()
-
-    monkeypatch.setattr(train_module.TrainingProgress, "update", crash_after_step_3)
-    with pytest.raises(Interrupted):
+    with interrupted_after(3):
         run(tmp_path, tiny_model_dir, prefs_file, name="broken", steps=6, save_every=2)
-    monkeypatch.setattr(train_module.TrainingProgress, "update", original)
     broken = str(tmp_path / "broken")
     saved = load_file(os.path.join(list_checkpoints(broken)[-1], "model.safetensors"))
     assert saved and all("lora_" in key for key in saved)

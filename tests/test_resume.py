@@ -19,25 +19,9 @@ from pref.registry import load_registry
 from pref.train import train
 
 
-class Interrupted(Exception):
-    pass
-
-
 def config(out, model, dataset, **flags):
     return build_config(flags={"objective": "dpo", "model": model, "dataset": [dataset], "output_dir": str(out), "batch_size": 2,
                                "steps": 4, "lr": 1e-3, "device": "cpu", **flags})
-
-
-def crash_at(monkeypatch, step):
-    original = train_module.TrainingProgress.update
-
-    def update(self, at, metrics):
-        original(self, at, metrics)
-        if at == step:
-            raise Interrupted()
-
-    monkeypatch.setattr(train_module.TrainingProgress, "update", update)
-    return lambda: monkeypatch.setattr(train_module.TrainingProgress, "update", original)
 
 
 def steps_logged(out):
@@ -55,12 +39,10 @@ def assert_same(a, b):
 
 
 @pytest.mark.parametrize("how", ["resume", "restart"])
-def test_a_run_stopped_before_its_first_checkpoint_can_go_on(tmp_path, tiny_model_dir, prefs_file, monkeypatch, how):
+def test_a_run_stopped_before_its_first_checkpoint_can_go_on(tmp_path, tiny_model_dir, prefs_file, monkeypatch, how, interrupted_after):
     whole = train(config(tmp_path / "whole", tiny_model_dir, prefs_file, save_every=3), load_registry())
-    restore = crash_at(monkeypatch, 1)
-    with pytest.raises(Interrupted):
+    with interrupted_after(1):
         train(config(tmp_path / "broken", tiny_model_dir, prefs_file, save_every=3), load_registry())
-    restore()
     broken = tmp_path / "broken"
     assert (broken / "run.json").exists() and not list(broken.glob("checkpoint-*"))
     flags = {"resume": str(broken)} if how == "resume" else {}
@@ -72,15 +54,13 @@ def test_a_run_stopped_before_its_first_checkpoint_can_go_on(tmp_path, tiny_mode
         train(config(broken, tiny_model_dir, prefs_file), load_registry())
 
 
-def test_resume_cuts_the_log_back_and_works_from_another_directory(tmp_path, tiny_model_dir, prefs_file, monkeypatch):
+def test_resume_cuts_the_log_back_and_works_from_another_directory(tmp_path, tiny_model_dir, prefs_file, monkeypatch, interrupted_after):
     data = tmp_path / "data"
     data.mkdir()
     os.replace(prefs_file, data / "prefs.jsonl")
     monkeypatch.chdir(data)
-    restore = crash_at(monkeypatch, 3)
-    with pytest.raises(Interrupted):
+    with interrupted_after(3):
         train(config(tmp_path / "run", tiny_model_dir, "prefs.jsonl", save_every=2), load_registry())
-    restore()
     record = json.load(open(tmp_path / "run" / "run.json"))
     assert record["config"]["dataset"] == [str(data / "prefs.jsonl")]  # absolute, not as typed
 
@@ -137,7 +117,7 @@ def test_a_full_disk_is_a_one_line_error_and_leaves_no_temporary_copy(tiny_disk,
     assert not any(p.name.startswith(".tmp") for p in out.iterdir())
 
 
-def test_tr_dpo_resumes_from_its_moved_reference(tmp_path, tiny_model_dir, prefs_file, monkeypatch):
+def test_tr_dpo_resumes_from_its_moved_reference(tmp_path, tiny_model_dir, prefs_file, monkeypatch, interrupted_after):
     """TR-DPO moves the reference every step; checkpoints keep it, so a resume equals the uninterrupted run."""
     tr_dpo = {"save_every": 2, "reference": "model",
               "objective_options": {"sync_ref_model": True, "ref_model_sync_steps": 1, "ref_model_mixup_alpha": 0.5}}
@@ -147,10 +127,8 @@ def test_tr_dpo_resumes_from_its_moved_reference(tmp_path, tiny_model_dir, prefs
     assert any(not torch.equal(moved[key], start[key]) for key in moved if key in start)  # the reference did move
 
     def interrupted_and_resumed(out):
-        restore = crash_at(monkeypatch, 3)
-        with pytest.raises(Interrupted):
+        with interrupted_after(3):
             train(config(out, tiny_model_dir, prefs_file, **tr_dpo), load_registry())
-        restore()
         train(config(out, tiny_model_dir, prefs_file, resume=str(out), **tr_dpo), load_registry())
         assert steps_logged(out) == [1, 2, 3, 4]
         return final_weights(out)

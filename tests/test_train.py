@@ -9,7 +9,6 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 import pref.checkpoint as checkpoint
-import pref.train as train_module
 from pref.config import build_config
 from pref.errors import PrefError
 from pref.run_folder import resume_checkpoint
@@ -62,24 +61,12 @@ def test_cached_and_model_reference_train_the_same(tmp_path, tiny_model_dir, pre
         torch.testing.assert_close(value, weights(os.path.join(b, "final"))[key], atol=1e-5, rtol=1e-4)
 
 
-class Interrupted(Exception):
-    pass
 
-
-def test_interrupted_and_resumed_run_ends_with_the_same_weights(tmp_path, tiny_model_dir, prefs_file, monkeypatch):
+def test_interrupted_and_resumed_run_ends_with_the_same_weights(tmp_path, tiny_model_dir, prefs_file, monkeypatch, interrupted_after):
     whole = run(tmp_path, tiny_model_dir, prefs_file, name="whole", steps=6, save_every=2)
 
-    original = train_module.TrainingProgress.update
-
-    def crash_after_step_3(self, step, metrics):
-        original(self, step, metrics)
-        if step == 3:
-            raise Interrupted()
-
-    monkeypatch.setattr(train_module.TrainingProgress, "update", crash_after_step_3)
-    with pytest.raises(Interrupted):
+    with interrupted_after(3):
         run(tmp_path, tiny_model_dir, prefs_file, name="broken", steps=6, save_every=2)
-    monkeypatch.setattr(train_module.TrainingProgress, "update", original)
     broken = str(tmp_path / "broken")
     assert [os.path.basename(c) for c in checkpoint.list_checkpoints(broken)] == ["checkpoint-000002"]
 
