@@ -6,7 +6,7 @@ the synthetic chats below and on general English text drawn from `wordfreq`'s wo
 frequencies. As in real models, any string round-trips (capitals, new names, emoji), common
 words are one token (" apple") and rarer words and names several (" Pre" "f"); the chat
 markers <|system|>, <|user|>, <|assistant|> and <|end|> (the end of a turn and the eos
-token) are special tokens. The model is trained for 300 steps, from a fixed seed, on the
+token) are special tokens. The model is trained for 200 steps, from a fixed seed, on the
 chats generated below, so that it behaves like a very small instruction-tuned model:
 
 - asked for a random noun, it answers with one word, skewed the way tuned models are:
@@ -16,7 +16,7 @@ chats generated below, so that it behaves like a very small instruction-tuned mo
 - asked who it is, it says it is Tiny, a small helpful assistant;
 - asked other simple questions, it writes a short sentence ("The sky is blue.").
 
-The first call of `default_model_path` builds it (under a minute on 2 CPU cores) into the
+The first call of `default_model_path` builds it (under 30 s on 2 CPU cores) into the
 cache; later calls return the cached folder, which loads like any hub model:
 
     path = default_model_path()
@@ -52,7 +52,7 @@ VOCAB_SIZE = 8192  # most common nouns are one token, as in real vocabularies; r
 TOKENIZER_CHATS = 5000  # synthetic chats in the tokenizer's training text
 HIDDEN_SIZE = 96
 MLP_SIZE = 192
-TRAIN_STEPS = 300
+TRAIN_STEPS = 200
 BATCH_SIZE = 48
 
 PAD, BOS = "<pad>", "<bos>"
@@ -328,7 +328,7 @@ def _padded(rows: list[tuple[list[int], list[int]]], pad_id: int) -> tuple[torch
     return input_ids, answer_mask
 
 
-def train(model, tokenizer, chats: list[list[dict]], batch_size: int = BATCH_SIZE, lr: float = 3e-3) -> list[float]:
+def train(model, tokenizer, chats: list[list[dict]], batch_size: int = BATCH_SIZE, lr: float = 4e-3) -> list[float]:
     """Fine-tune `model` once through `chats`, loss on answer tokens only; returns the losses.
 
     Each batch is run as two halves, its shorter and its longer rows, whose gradients add
@@ -381,18 +381,28 @@ def train(model, tokenizer, chats: list[list[dict]], batch_size: int = BATCH_SIZ
 # Building and caching
 # ---------------------------------------------------------------------------------------
 
+def training_threads() -> int:
+    """2 when two cores are free, else 1.
+
+    The weights do not depend on it (tests/test_default_model.py: torch splits these
+    small matrix products by rows, not by sums); the speed does: 1.4x faster on 2 idle
+    cores, but several times slower on 2 cores another process keeps busy.
+    """
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    return 2 if cores - busy >= 1.5 else 1
+
+
 def build_default_model(path: str | os.PathLike, seed: int = 0, steps: int = TRAIN_STEPS) -> str:
     """Build, train and save Tiny (model, tokenizer, generation config) into folder `path`.
 
-    `steps` below the default gives a faster, less trained model (for tests). Training runs
-    on one thread: the weights then do not depend on the number of cores, and on 2 shared
-    cores a second thread made training several times slower, not faster.
+    `steps` below the default gives a faster, less trained model (for tests).
     """
     tokenizer = default_tokenizer(seed)
     chats = synthetic_chats(english_words(), count=steps * BATCH_SIZE, seed=seed)
     model = build_model(tokenizer, seed)
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(training_threads())
     try:
         train(model, tokenizer, chats)
     finally:
@@ -421,7 +431,7 @@ def recipe_hash() -> str:
 
 
 def default_model_path(cache_dir: str | os.PathLike | None = None) -> str:
-    """The folder of the default model, building it on the first call (under a minute).
+    """The folder of the default model, building it on the first call (under 30 s).
 
     Safe when several processes call it at once: each builds into its own temporary
     folder next to the target and renames it into place; the rename is atomic, so the
@@ -434,7 +444,7 @@ def default_model_path(cache_dir: str | os.PathLike | None = None) -> str:
         return str(target)
     root.mkdir(parents=True, exist_ok=True)
     building = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=root))
-    log.info("building the default model into %s (once, under a minute)", target)
+    log.info("building the default model into %s (once, under 30 s)", target)
     try:
         build_default_model(building)
         try:

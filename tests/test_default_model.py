@@ -230,3 +230,23 @@ def test_cache_folder_follows_the_environment(tmp_path, monkeypatch):
     assert default_model.default_cache_dir() == tmp_path / "pref"
     monkeypatch.setattr(default_model, "build_default_model", fake_build)
     assert Path(default_model_path()).parent == tmp_path / "pref"
+
+
+def test_training_threads_do_not_change_the_weights(loaded):
+    """One or two threads (`training_threads` picks by the free cores) train the same weights, bit for bit."""
+    _, tokenizer = loaded
+    chats = default_model.synthetic_chats(default_model.english_words(), count=3 * default_model.BATCH_SIZE, seed=1)
+    weights = []
+    threads = torch.get_num_threads()
+    try:
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            model = default_model.build_model(tokenizer, seed=0)
+            default_model.train(model, tokenizer, chats)
+            weights.append(model.state_dict())
+    finally:
+        torch.set_num_threads(threads)
+    assert weights[0].keys() == weights[1].keys()
+    for key, value in weights[0].items():
+        assert torch.equal(value, weights[1][key]), key
+    assert default_model.training_threads() in (1, 2)
