@@ -91,7 +91,7 @@ class RewardSource(ABC):
 
         Rewards may extend it with figures of their own.
         """
-        from pref.metrics import distinct_ratio, entropy_bits
+        from pref.reporting.diversity import distinct_ratio, entropy_bits
 
         scores = self.score(prompts, completions)
         figures: dict[str, float] = {"samples": float(len(completions))}
