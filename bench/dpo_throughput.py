@@ -284,7 +284,7 @@ def run_pref(args: argparse.Namespace, clock: StepClock) -> dict:
     import pref.train
     from pref.config import build_config
     from pref.policy import HFPolicy
-    from pref.progress import TrainingProgress
+    from pref.plugins.loggers import ProgressBar
     from pref.reference import CachedReference, FrozenReference
     from pref.registry import load_registry
 
@@ -295,14 +295,15 @@ def run_pref(args: argparse.Namespace, clock: StepClock) -> dict:
     turn = clock.turn
 
     # instrumentation only: timestamps, token counts and turn hand-overs around pref's own code
-    class TimedProgress(TrainingProgress):
-        def __init__(self, *a, **k):
-            super().__init__(*a, **k)
-            clock.start()
+    bar_start, bar_show = ProgressBar.start, ProgressBar.show
 
-        def update(self, step, metrics):
-            clock.end_step()
-            super().update(step, metrics)
+    def timed_start(self, total_steps, start_step):  # right before the first step
+        bar_start(self, total_steps, start_step)
+        clock.start()
+
+    def timed_show(self, step, metrics):  # after each step
+        clock.end_step()
+        bar_show(self, step, metrics)
 
     class TimedCachedReference(CachedReference):
         @classmethod
@@ -324,7 +325,7 @@ def run_pref(args: argparse.Namespace, clock: StepClock) -> dict:
             clock.tokens.append(sequences.input_ids.numel())
         return policy_logps(self, sequences, with_logits)
 
-    pref.train.TrainingProgress = TimedProgress
+    ProgressBar.start, ProgressBar.show = timed_start, timed_show
     pref.train.CachedReference = TimedCachedReference
     FrozenReference.logps = reference_batch
     HFPolicy.logps = counted_logps

@@ -115,23 +115,24 @@ def child_pref_dpo(args: argparse.Namespace, size: dict) -> dict:
 
     import pref.train
     from pref.policy import HFPolicy
-    from pref.progress import TrainingProgress
+    from pref.plugins.loggers import ProgressBar
     from pref.registry import load_registry
 
     steps = Steps()
 
-    class Timed(TrainingProgress):
-        def __init__(self, *a, **k):
-            super().__init__(*a, **k)
-            if args.device == "cuda":
-                torch.cuda.synchronize()
-            steps.start = time.perf_counter()
+    bar_start, bar_show = ProgressBar.start, ProgressBar.show
 
-        def update(self, step, metrics):
-            if args.device == "cuda":
-                torch.cuda.synchronize()
-            steps.ends.append(time.perf_counter())
-            super().update(step, metrics)
+    def timed_start(self, total_steps, start_step):  # right before the first step
+        bar_start(self, total_steps, start_step)
+        if args.device == "cuda":
+            torch.cuda.synchronize()
+        steps.start = time.perf_counter()
+
+    def timed_show(self, step, metrics):  # after each step
+        if args.device == "cuda":
+            torch.cuda.synchronize()
+        steps.ends.append(time.perf_counter())
+        bar_show(self, step, metrics)
 
     logps = HFPolicy.logps
 
@@ -140,7 +141,7 @@ def child_pref_dpo(args: argparse.Namespace, size: dict) -> dict:
             steps.tokens.append(int(sequences.attention_mask.sum()))
         return logps(self, sequences, *a, **k)
 
-    pref.train.TrainingProgress, HFPolicy.logps = Timed, counted
+    ProgressBar.start, ProgressBar.show, HFPolicy.logps = timed_start, timed_show, counted
     config = pref_config(args, "dpo", dataset=[os.path.join(args.work_dir, "pairs.jsonl")], steps=size["warmup"] + size["steps"],
                          batch_size=size["batch_size"])
     pref.train.train(config, load_registry())

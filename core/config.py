@@ -61,6 +61,7 @@ class RunConfig:
 
     log_every: int = 1
     loggers: list[str] = field(default_factory=lambda: ["jsonl"])
+    progress: bool = True  # the logger "progress" (a bar on stderr) besides --logger's
     save_every: int = 0  # 0: only the final model
     eval_every: int = 0  # 0: evaluate at the last step only (when there is something to evaluate)
     validation_split: float = 0.0  # share of each dataset held out for the validation loss

@@ -91,7 +91,7 @@ class RewardSource(ABC):
 
         Rewards may extend it with figures of their own.
         """
-        from pref.metrics import distinct_ratio, entropy_bits
+        from pref.reporting.diversity import distinct_ratio, entropy_bits
 
         scores = self.score(prompts, completions)
         figures: dict[str, float] = {"samples": float(len(completions))}
@@ -110,15 +110,26 @@ class Embedder(ABC):
 
 
 class MetricsLogger(ABC):
-    """Receives each logged step's metrics (JSONL, TensorBoard, a tracker, ...).
+    """Receives each logged step's metrics (JSONL, TensorBoard, a tracker, ...), and every step's for a live display.
 
     Built with `output_dir` (the run folder), and with `config` (run.json's configuration,
-    a dict) when its factory takes a `config` argument.
+    a dict) when its factory takes a `config` argument. The loop calls `start`, then for
+    each step `log` (when the step is logged) and `show`, then `stop`, then, when the run
+    ended well, `finish` and `close`.
     """
+
+    def start(self, total_steps: int, start_step: int) -> None:
+        """The loop is about to run steps `start_step + 1` to `total_steps` (a resumed run starts above 0); by default nothing."""
 
     @abstractmethod
     def log(self, step: int, metrics: dict[str, float]) -> None:
-        """Record the metrics of one step."""
+        """Record the metrics of a logged step (every `--log-every` steps, and each evaluated one)."""
+
+    def show(self, step: int, metrics: dict[str, float]) -> None:
+        """Every step's metrics, logged or not, after `log` (a progress display); by default nothing."""
+
+    def stop(self) -> None:
+        """The loop is over, whether the run ended well or failed; by default nothing."""
 
     def finish(self, final_dir: str) -> None:
         """Told where the final model was written, once, before `close`; by default nothing."""

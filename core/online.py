@@ -11,7 +11,7 @@ import torch
 from pref.data import RolloutSteps, ShuffledBatches, order_metrics
 from pref.errors import NoUsablePairs, PrefError
 from pref.examples import Prompt, prompt_of
-from pref.metrics import distinct_ratio, entropy_bits
+from pref.reporting.diversity import distinct_ratio, entropy_bits
 from pref.interfaces import (
     SAMPLES, SETS, CandidatePool, LabeledBatch, ObjectiveNeeds, PairBatch, PairSelector, Policy, Processes, RewardSource, SamplingConfig,
     ScoredBatch,

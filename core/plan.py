@@ -30,6 +30,9 @@ from pref.registry import Registry
 #: Reference kinds a plan resolves to.
 NO_MODEL, FROZEN_MODEL, CACHED_LOGPS = "none", "model", "cached"
 
+#: The logger that shows a progress bar (`plugins/loggers.py`), on unless --no-progress.
+PROGRESS = "progress"
+
 #: The default sampler of offline objectives (`plugins/length_buckets.py`).
 LENGTH_BUCKETS = "length-buckets"
 
@@ -51,6 +54,7 @@ class RunPlan:
     samples_per_prompt: K (online).
     sampling: how online samples and test-prompt answers are drawn.
     output_dir: the run folder.
+    loggers: the names of the loggers: `--logger`'s, and "progress" unless `--no-progress`.
     """
 
     objective: Objective
@@ -66,6 +70,7 @@ class RunPlan:
     sampling: SamplingConfig
     output_dir: str
     adapter: Adapter | None = None
+    loggers: tuple[str, ...] = ()
 
     @property
     def batches_per_rollout(self) -> int:
@@ -81,7 +86,8 @@ def resolve_plan(config: RunConfig, registry: Registry, processes: Processes | N
     for kind, name in [*(("reward", name) for name in reward_names(config)), ("pair-selector", config.selector), ("embedder", config.embedder)]:
         if name:
             registry.get(kind, name)  # a misspelled name fails even where the run would not use it
-    for name in config.loggers:
+    loggers = (*config.loggers, *([PROGRESS] if config.progress and PROGRESS not in config.loggers else []))
+    for name in loggers:
         registry.get("logger", name)
 
     adapter = registry.create("adapter", config.adapter, config.adapter_options) if config.adapter else None
@@ -129,6 +135,7 @@ def resolve_plan(config: RunConfig, registry: Registry, processes: Processes | N
         sampling=SamplingConfig(max_new_tokens, config.temperature, config.top_p, config.top_k),
         output_dir=config.output_dir or os.path.join("runs", f"{config.objective}-{time.strftime('%Y%m%d-%H%M%S')}"),
         adapter=adapter,
+        loggers=loggers,
     )
 
 

@@ -13,7 +13,8 @@ import math
 import os
 import platform
 import time
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from importlib import metadata
 from typing import Any
 
@@ -26,12 +27,11 @@ from pref.data import OfflineBatches, collate, dataset_names
 from pref.divergence import check_step, check_weights, refuse_non_finite_settings, sampling_diverged
 from pref.errors import NoUsablePairs, PrefError
 from pref.examples import prompt_of
-from pref.interfaces import Adapter, LabeledBatch, PairBatch, Processes, Reference, SecondModel
+from pref.interfaces import Adapter, LabeledBatch, MetricsLogger, PairBatch, Processes, Reference, SecondModel
 from pref.models import DEFAULT_MODEL, prepare_for_training
 from pref.plan import CACHED_LOGPS, NO_MODEL, RunPlan, resolve_plan
 from pref.policy import HFPolicy, unwrap
 from pref.precision import AUTOCAST, keep_trainable_in_float32, resolve_dtype
-from pref.progress import TrainingProgress
 from pref.reference import AdaptersOffReference, CachedReference, FrozenReference, cache_dir
 from pref.registry import Registry
 from pref.reporting.card import write_model_card
@@ -198,6 +198,18 @@ def train_second_model(second: SecondModel, optimizer: torch.optim.Optimizer, pr
     return second.trained(steps) if steps else {}
 
 
+@contextmanager
+def loggers_running(loggers: list[MetricsLogger], total_steps: int, start_step: int) -> Iterator[None]:
+    """Each logger's `start` before the loop, and its `stop` after it, also when a step fails (a live display ends)."""
+    for logger in loggers:
+        logger.start(total_steps, start_step)
+    try:
+        yield
+    finally:
+        for logger in loggers:
+            logger.stop()
+
+
 def train(config: RunConfig, registry: Registry) -> str:
     """Run a whole training job; return the output folder."""
     try:
@@ -300,13 +312,12 @@ def train_policy(config: RunConfig, registry: Registry) -> tuple[str, HFPolicy]:
         record = run_record(config, plan, registry)
         with open(os.path.join(out_dir, RUN_FILE), "w") as f:
             json.dump(record, f, indent=2, default=str)
-        loggers = [registry.create("logger", name, output_dir=out_dir, config=record["config"]) for name in config.loggers]
+        loggers = [registry.create("logger", name, output_dir=out_dir, config=record["config"]) for name in plan.loggers]
     evaluation = Evaluation(config, accelerator, policy, objective, reference, validation, out_dir, plan.needs.online, plan.sampling.max_new_tokens)
 
     # -- the loop -------------------------------------------------------------------
-    progress = TrainingProgress(config.steps, start_step, enabled=accelerator.is_main_process)
     stopped = ""
-    with progress:
+    with loggers_running(loggers, config.steps, start_step):
         for step in range(start_step + 1, config.steps + 1):
             # forward and backward, accumulated over micro-batches
             totals: dict[str, float] = {}
@@ -364,7 +375,8 @@ def train_policy(config: RunConfig, registry: Registry) -> tuple[str, HFPolicy]:
             if step % config.log_every == 0 or evaluated:
                 for logger in loggers:
                     logger.log(step, totals)
-            progress.update(step, totals)
+            for logger in loggers:
+                logger.show(step, totals)
 
             # checkpoint
             if config.save_every and step % config.save_every == 0 and step < config.steps:

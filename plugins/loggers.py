@@ -1,15 +1,23 @@
-"""Metrics loggers: JSON lines (always available) and TensorBoard (when installed)."""
+"""Metrics loggers: JSON lines (always available), TensorBoard (when installed) and the progress bar on stderr."""
 
 from __future__ import annotations
 
 import json
 import os
 
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
 from pref.errors import PrefError
 from pref.hookspecs import hookimpl
 from pref.interfaces import MetricsLogger
+from pref.plan import PROGRESS
 
 METRICS_FILE = "metrics.jsonl"
+#: Shown in the bar when present, in this order.
+SHOWN = ("loss", "rewards/accuracies", "rewards/margins", "reward/mean", "samples/distinct_ratio", "pairs/usable_fraction")
+#: Tokens the step processed per second, when the loop measures it; shown after the metrics.
+TOKENS_PER_SECOND = "tokens/per_second"
 
 
 class JsonlLogger(MetricsLogger):
@@ -44,7 +52,49 @@ class TensorBoardLogger(MetricsLogger):
         self.writer.close()
 
 
+class ProgressBar(MetricsLogger):
+    """A rich progress bar on stderr: steps, elapsed time, ETA, the latest loss and a few metrics, tokens/s when measured.
+
+    It shows every step (`show`), logged or not; it writes no file.
+    """
+
+    def __init__(self) -> None:
+        self.progress = Progress(
+            TextColumn("[bold]train"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TextColumn("eta"),
+            TimeRemainingColumn(),
+            TextColumn("{task.fields[metrics]}"),
+            console=Console(stderr=True),
+        )
+        self.task = self.progress.add_task("train", total=None, metrics="")
+
+    def start(self, total_steps: int, start_step: int) -> None:
+        self.progress.update(self.task, total=total_steps, completed=start_step)
+        self.progress.start()
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        """Nothing: a logged step was shown already."""
+
+    def show(self, step: int, metrics: dict[str, float]) -> None:
+        text = "  ".join(f"{key.split('/')[-1]} {metrics[key]:.3g}" for key in SHOWN if key in metrics)
+        if TOKENS_PER_SECOND in metrics:
+            text += f"  {tokens_per_second(metrics[TOKENS_PER_SECOND])}"
+        self.progress.update(self.task, completed=step, metrics=text)
+
+    def stop(self) -> None:
+        self.progress.stop()
+
+
+def tokens_per_second(value: float) -> str:
+    """Throughput for the bar: `850 tok/s`, `12.3k tok/s`."""
+    return f"{value / 1000:.1f}k tok/s" if value >= 1000 else f"{value:.0f} tok/s"
+
+
 @hookimpl
 def register_loggers(register):
     register("jsonl", JsonlLogger)
     register("tensorboard", TensorBoardLogger)
+    register(PROGRESS, ProgressBar, "progress bar on stderr: steps, ETA, loss, tokens/s; on unless --no-progress")

@@ -15,7 +15,7 @@ import torch
 from pref.examples import Prompt
 from pref.hookspecs import hookimpl
 from pref.interfaces import Embedder, RewardSource
-from pref.metrics import distinct_ratio, entropy_bits
+from pref.reporting.diversity import distinct_ratio, entropy_bits
 from pref.plugins.noun_quality import NounChecker
 
 

@@ -5,7 +5,8 @@
 - `pref.reporting.figures`: matplotlib figures of runs, and of answers before and after;
 - `pref.reporting.html`: the self-contained HTML report and its PNG files;
 - `pref.reporting.card`: the Hugging Face model card written into `final/`;
-- `pref.reporting.evaluate`: a reward's report on a model's sampled answers (`pref eval`, `pref compare`).
+- `pref.reporting.evaluate`: a reward's report on a model's sampled answers (`pref eval`, `pref compare`);
+- `pref.reporting.diversity`: how diverse a set of sampled answers is (distinct ratio, entropy), for online runs' metrics, rewards' reports and figures.
 
 Nothing is imported here, so that writing a model card at the end of a run does not load matplotlib.
 """

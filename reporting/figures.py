@@ -133,7 +133,7 @@ def answers_figure(before: Sequence[str], after: Sequence[str], labels: tuple[st
     Answers are compared trimmed and lowercased; the `top` answers of either side are shown,
     most frequent overall first, plus one bar for every other answer together.
     """
-    from pref.metrics import normalize
+    from pref.reporting.diversity import normalize
 
     counts = [Counter(normalize(a) or "(empty)" for a in answers) for answers in (before, after)]
     totals = [max(1, len(before)), max(1, len(after))]

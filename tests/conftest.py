@@ -103,23 +103,26 @@ class Interrupted(Exception):
 
 @pytest.fixture
 def interrupted_after(monkeypatch):
-    """`with interrupted_after(3): train(...)`: the run crashes once step 3 is done (logged), and must crash."""
-    import pref.train as train_module
+    """`with interrupted_after(3): train(...)`: the run crashes once step 3 is done (logged), and must crash.
+
+    The crash comes from the progress bar's `show`, which the loop calls after a step's logging (the bar is on by default).
+    """
+    from pref.plugins.loggers import ProgressBar
 
     @contextlib.contextmanager
     def interrupt(step):
-        original = train_module.TrainingProgress.update
+        original = ProgressBar.show
 
-        def update(self, at, metrics):
+        def show(self, at, metrics):
             original(self, at, metrics)
             if at == step:
                 raise Interrupted()
 
-        monkeypatch.setattr(train_module.TrainingProgress, "update", update)
+        monkeypatch.setattr(ProgressBar, "show", show)
         try:
             with pytest.raises(Interrupted):
                 yield
         finally:
-            monkeypatch.setattr(train_module.TrainingProgress, "update", original)
+            monkeypatch.setattr(ProgressBar, "show", original)
 
     return interrupt

@@ -25,6 +25,7 @@ DRIVER = r'''
 import os, signal, sys
 point, occurrence, args = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
 import pref.checkpoint, pref.train
+from pref.plugins.loggers import ProgressBar
 from pref.policy import HFPolicy
 calls = 0
 
@@ -43,7 +44,7 @@ def arm(owner, name, after):
 
 points = {
     "setup": (HFPolicy, "load", False),                          # while the model loads
-    "training": (pref.train.TrainingProgress, "update", True),   # after a step
+    "training": (ProgressBar, "show", True),                     # after a step
     "checkpoint": (pref.checkpoint.torch, "save", True),         # half way through writing a checkpoint
     "final": (HFPolicy, "save", True),                           # final/ written, not yet renamed into place
 }

@@ -10,7 +10,8 @@ from pref.errors import PrefError
 from pref.hookspecs import hookimpl
 from pref.interfaces import MetricsLogger
 from pref.plugins.loggers import JsonlLogger, TensorBoardLogger
-from pref.registry import Registry, get_plugin_manager
+from pref.plan import resolve_plan
+from pref.registry import Registry, get_plugin_manager, load_registry
 from pref.train import train
 
 
@@ -49,13 +50,32 @@ class Recorder(MetricsLogger):
         Recorder.seen.append(("closed", {}))
 
 
+class Watcher(MetricsLogger):
+    """Keeps when the loop starts, shows and stops it, as a progress display sees the run."""
+
+    calls: list = []
+
+    def start(self, total_steps, start_step):
+        Watcher.calls.append(("start", total_steps, start_step))
+
+    def log(self, step, metrics):
+        pass
+
+    def show(self, step, metrics):
+        Watcher.calls.append(("show", step))
+
+    def stop(self):
+        Watcher.calls.append(("stop",))
+
+
 class RecorderPlugin:
     @hookimpl
     def register_loggers(register):
         register("recorder", Recorder)
+        register("watcher", Watcher)
 
 
-def test_a_plugin_logger_gets_every_step(tmp_path, tiny_model_dir, prefs_file):
+def test_a_plugin_logger_gets_every_step(tmp_path, tiny_model_dir, prefs_file, capsys):
     pm, failures, sources = get_plugin_manager()
     pm.register(RecorderPlugin, name="recorder-plugin")
     Recorder.seen = []
@@ -65,6 +85,29 @@ def test_a_plugin_logger_gets_every_step(tmp_path, tiny_model_dir, prefs_file):
     assert [step for step, _ in Recorder.seen] == [1, 2, 3, "closed"]
     assert "loss" in Recorder.seen[0][1] and "rewards/accuracies" in Recorder.seen[0][1]
     assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 3
+    bar = capsys.readouterr().err  # the progress bar, on by default, ends on stderr at its last step
+    assert "3/3" in bar and "loss" in bar and "tok/s" in bar
+
+
+def test_a_logger_is_shown_every_step_and_stopped_when_a_step_fails(tmp_path, tiny_model_dir, prefs_file, interrupted_after):
+    pm, failures, sources = get_plugin_manager()
+    pm.register(RecorderPlugin, name="recorder-plugin")
+    Recorder.seen, Watcher.calls = [], []
+    config = build_config(flags={"objective": "dpo", "model": tiny_model_dir, "dataset": [prefs_file], "steps": 4, "batch_size": 2,
+                                 "device": "cpu", "output_dir": str(tmp_path / "run"), "loggers": ["recorder", "watcher"], "log_every": 2})
+    with interrupted_after(3):
+        train(config, Registry(pm, failures, sources))
+    assert Watcher.calls == [("start", 4, 0), ("show", 1), ("show", 2), ("show", 3), ("stop",)]
+    assert [step for step, _ in Recorder.seen] == [2]  # logged every 2 steps; not closed: the run failed
+
+
+def test_the_progress_bar_is_a_logger_on_unless_switched_off(prefs_file):
+    registry = load_registry()
+    flags = {"objective": "dpo", "dataset": [prefs_file]}
+    assert resolve_plan(build_config(flags=flags), registry).loggers == ("jsonl", "progress")
+    assert resolve_plan(build_config(flags={**flags, "loggers": ["tensorboard"]}), registry).loggers == ("tensorboard", "progress")
+    assert resolve_plan(build_config(flags={**flags, "progress": False}), registry).loggers == ("jsonl",)
+    assert resolve_plan(build_config(flags={**flags, "loggers": ["progress", "jsonl"]}), registry).loggers == ("progress", "jsonl")
 
 
 def test_an_unknown_logger_fails_before_training(tmp_path, prefs_file):

@@ -43,11 +43,11 @@ def test_the_flags_reach_the_run_configuration(monkeypatch, prefs_file):
     monkeypatch.setattr(train_module, "train", lambda config, registry: seen.setdefault("config", config) and "out")
     result = CliRunner().invoke(cli, ["run", "--objective", "dpo", "--dataset", prefs_file, "--max-length", "128", "--max-prompt-length", "64",
                                       "--max-new-tokens", "16", "--temperature", "0.7", "--top-p", "0.9", "--top-k", "50", "--warmup-steps", "3",
-                                      "--weight-decay", "0.01", "--dtype", "bfloat16", "--gradient-checkpointing"])
+                                      "--weight-decay", "0.01", "--dtype", "bfloat16", "--gradient-checkpointing", "--no-progress"])
     config = seen["config"]
     assert (config.max_length, config.max_prompt_length, config.max_new_tokens) == (128, 64, 16)
     assert (config.temperature, config.top_p, config.top_k, config.warmup_steps, config.weight_decay) == (0.7, 0.9, 50, 3, 0.01)
-    assert config.dtype == "bfloat16" and config.gradient_checkpointing
+    assert config.dtype == "bfloat16" and config.gradient_checkpointing and not config.progress
 
 
 def test_auto_dtype_is_float32_on_a_cpu(tiny_model_dir):
