@@ -36,13 +36,17 @@ def refuse_unsupported(config: Any, world: int, accelerate_fsdp: bool, online: b
 
 
 def shard(model: torch.nn.Module, dtype: torch.dtype) -> None:
-    """Apply FSDP2 in place: each decoder layer (the model's `_no_split_modules`), then the whole model.
+    """Apply FSDP2 in place to process 0's weights: each decoder layer (the model's `_no_split_modules`), then the whole model.
 
     Weights in a low-precision `dtype` compute in it; the sharded weights the optimizer
     updates stay float32 (`keep_trainable_in_float32` ran before) and gradients average in float32.
     """
+    import torch.distributed as dist
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+    with torch.no_grad():  # each process keeps its piece of its own copy: start all from process 0's, as DDP does (LoRA's random init)
+        for tensor in model.state_dict().values():
+            dist.broadcast(tensor, src=0)
     precision = MixedPrecisionPolicy() if dtype == torch.float32 else MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
     layer_names = next((set(m._no_split_modules) for m in model.modules() if getattr(m, "_no_split_modules", None)), set())
     for module in [m for m in model.modules() if type(m).__name__ in layer_names]:
