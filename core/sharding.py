@@ -10,8 +10,8 @@ files are those of an unsharded run. These also serve a model accelerate sharded
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
