@@ -24,6 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pref.errors import PrefError
+from pref.sharding import is_sharded, load_optimizer_state, sharded_like, whole_optimizer_state, whole_state_dict
 
 # what a checkpoint folder holds; `save_checkpoint` and `load_checkpoint` write and read exactly these
 MODEL_FILE = "model.safetensors"  # the policy's trained weights (all of a full run's, a LoRA run's adapters)
@@ -71,17 +72,24 @@ def write_atomically(path: str, write: Any) -> None:
 
 
 def trained_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The parameters that train (all of a full run's, a LoRA run's adapters): all a checkpoint needs of the model."""
+    """The parameters that train (all of a full run's, a LoRA run's adapters): all a checkpoint needs of the model.
+
+    A sharded model's are gathered whole: every process calls this, process 0 gets them, the others {}.
+    """
+    names = [name for name, p in model.named_parameters() if p.requires_grad]
+    if is_sharded(model):
+        gathered = whole_state_dict(model)
+        return {name: gathered[name] for name in names if name in gathered}
     return {name: p.detach().contiguous() for name, p in model.named_parameters() if p.requires_grad}
 
 
 def load_trained_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:
-    """Put `trained_weights` back; the checkpoint must hold exactly the parameters that train here."""
-    expected = set(trained_weights(model))
-    if set(weights) != expected:
+    """Put `trained_weights` back (cut to this process's pieces where sharded); they must be exactly the parameters that train here."""
+    expected = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    if set(weights) != set(expected):
         raise PrefError(f"the checkpoint holds other trained weights than this run trains ({len(weights)} vs {len(expected)} tensors); "
                         "resume with the settings it was saved with (--lora and its options)")
-    model.load_state_dict(weights, strict=False)
+    model.load_state_dict({name: sharded_like(tensor, expected[name]) for name, tensor in weights.items()}, strict=False)
 
 
 def list_checkpoints(run_dir: str) -> list[str]:
@@ -118,13 +126,18 @@ def save_checkpoint(
     rng_states: list[dict[str, Any]],
     objective_states: list[dict[str, Any]] | None = None,
     keep: int = 2,
+    write: bool = True,
 ) -> str:
     """Write checkpoint `step` atomically and delete all but the newest `keep`.
 
     `state` is JSON (seed, world, data position); `rng_states` and `objective_states`
     hold every process's random state and objective state, index = process rank.
+    Every process calls it (a sharded model is gathered whole first); only the one with `write` writes.
     """
     final = os.path.join(run_dir, f"checkpoint-{step:06d}")
+    weights, optimizer_state = trained_weights(trained.model), whole_optimizer_state(trained.optimizer, keep=write)
+    if not write:
+        return final
     tmp = os.path.join(run_dir, f".tmp-checkpoint-{step:06d}")
     _remove(tmp)
     extra = {
@@ -135,10 +148,10 @@ def save_checkpoint(
     }
     with removed_on_failure(tmp, final):
         os.makedirs(tmp)
-        save_file(trained_weights(trained.model), os.path.join(tmp, MODEL_FILE))
+        save_file(weights, os.path.join(tmp, MODEL_FILE))
         if trained.reference is not None:
             save_file(reference_weights(trained.reference), os.path.join(tmp, REFERENCE_FILE))
-        torch.save(trained.optimizer.state_dict(), os.path.join(tmp, OPTIMIZER_FILE))
+        torch.save(optimizer_state, os.path.join(tmp, OPTIMIZER_FILE))
         torch.save(trained.scheduler.state_dict(), os.path.join(tmp, SCHEDULER_FILE))
         for rank, rng in enumerate(rng_states):
             torch.save(rng, os.path.join(tmp, RNG_FILE.format(rank=rank)))
@@ -180,7 +193,7 @@ def load_checkpoint(checkpoint_dir: str, trained: Trained, rank: int = 0) -> tup
     load_trained_weights(trained.model, weights)
     if trained.reference is not None:
         load_reference_weights(trained.reference, os.path.join(checkpoint_dir, REFERENCE_FILE))
-    trained.optimizer.load_state_dict(_load_safely(os.path.join(checkpoint_dir, OPTIMIZER_FILE)))
+    load_optimizer_state(trained.optimizer, _load_safely(os.path.join(checkpoint_dir, OPTIMIZER_FILE)))
     trained.scheduler.load_state_dict(_load_safely(os.path.join(checkpoint_dir, SCHEDULER_FILE)))
     set_rng_state(_load_safely(os.path.join(checkpoint_dir, RNG_FILE.format(rank=rank))))
     extra = _load_safely(os.path.join(checkpoint_dir, EXTRA_FILE))

@@ -35,6 +35,7 @@ class RunConfig:
     mixed_precision: str = "no"  # no | fp16 | bf16
     dtype: str = "auto"  # auto | bfloat16 | float16 | float32: the weights as loaded (pref.precision)
     gradient_checkpointing: bool = False
+    fsdp: bool = False  # shard the model over the processes with torch's FSDP2 (pref.sharding)
     adapter: str | None = None  # a registered adapter (register_adapters) trained instead of every weight; `lora` (--lora) is pref's own
     adapter_options: dict[str, Any] = field(default_factory=dict)
     merge_lora: bool = False  # also write final/merged/: full weights with the adapter folded in
@@ -243,6 +244,8 @@ def validate(config: RunConfig) -> None:
         raise PrefError("save_every, eval_every and warmup_steps must be zero or positive")
     if not isinstance(config.bucket_window, int) or config.bucket_window < 0:
         raise PrefError(f"bucket_window must be a whole number, 0 (off) or more, not {config.bucket_window!r}")
+    if not isinstance(config.fsdp, bool):
+        raise PrefError(f"fsdp must be true or false, not {config.fsdp!r}")
     if not isinstance(config.packing, bool):
         raise PrefError(f"packing must be true or false, not {config.packing!r}")
     if not 0 <= config.validation_split < 1:

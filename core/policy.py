@@ -104,6 +104,7 @@ class HFPolicy(Policy):
     def logps(self, sequences: Sequences, with_logits: bool = False, with_hidden: bool = False) -> Logps:
         return model_logps(self.model, sequences.to(self.device), with_logits, with_hidden, packing=self.packing)
 
-    def save(self, path: str) -> None:
-        unwrap(self.model).save_pretrained(path, safe_serialization=True)
+    def save(self, path: str, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+        """The model (its weights from `state_dict` where given: a sharded model's, gathered whole) and the tokenizer."""
+        unwrap(self.model).save_pretrained(path, state_dict=state_dict, safe_serialization=True)
         self.tokenizer.save_pretrained(path)

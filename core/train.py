@@ -37,6 +37,7 @@ from pref.registry import Registry
 from pref.reporting.card import write_model_card
 from pref.run_folder import FINAL_DIR, RUN_FILE, absolute_paths, claim_output_dir, cut_logs, release_locks, resume_checkpoint
 from pref.sequences import count_tokens
+from pref.sharding import is_sharded, no_gradient_sync, refuse_unsupported, shard, whole_state_dict
 from pref.validation import Evaluation, hold_out
 
 log = logging.getLogger(__name__)
@@ -110,9 +111,13 @@ def build_data(config: RunConfig, plan: RunPlan, policy: HFPolicy, examples: lis
                          config.batch_size, config.seed, rank, world, order=order, after_draw=after_draw, processes=processes)
 
 
-def save_final(policy: HFPolicy, path: str, adapter: Adapter | None = None, merge: bool = False) -> None:
-    """The trained model into `path` (with an `adapter`: the adapter, and with `merge` also `path/merged/`)."""
-    policy.save(path)
+def save_final(policy: HFPolicy, path: str, adapter: Adapter | None = None, merge: bool = False,
+               state_dict: dict[str, torch.Tensor] | None = None) -> None:
+    """The trained model into `path` (with an `adapter`: the adapter, and with `merge` also `path/merged/`).
+
+    `state_dict`: the weights to save instead of the model's own (a sharded model's, gathered whole).
+    """
+    policy.save(path, state_dict)
     if adapter and merge:
         adapter.save_merged(unwrap(policy.model), policy.tokenizer, os.path.join(path, MERGED_DIR))
 
@@ -240,6 +245,7 @@ def train_policy(config: RunConfig, registry: Registry) -> tuple[str, HFPolicy]:
     # -- the plan: every plugin built, every open setting resolved, before the slow model load --
     plan = resolve_plan(config, registry, processes)
     objective, out_dir = plan.objective, plan.output_dir
+    refuse_unsupported(config, world, accelerator.distributed_type == "FSDP", plan.needs.online, plan.needs.moves_reference)
     if config.save_every and config.save_every * config.grad_accum % plan.batches_per_rollout:
         # a checkpoint inside a rollout would resume from a rollout sampled again by a later policy
         raise PrefError(f"--save-every must be a multiple of {plan.batches_per_rollout // math.gcd(plan.batches_per_rollout, config.grad_accum)} "
@@ -277,6 +283,8 @@ def train_policy(config: RunConfig, registry: Registry) -> tuple[str, HFPolicy]:
         raise PrefError(f"objective {config.objective!r} trains on a dataset: pass --dataset FILE")
     reference = build_reference(config, plan, policy, examples + validation)
     keep_trainable_in_float32(policy.model, *modules.values())  # after the reference took its copy
+    if config.fsdp:  # after the reference: a frozen copy or the cached log-probs come from the whole model
+        shard(policy.model, dtype)
     order = build_sampler(config, plan, policy, example_sets, rank, world) if plan.sampler else None
     data = build_data(config, plan, policy, examples, rank, world, order, train_second, processes)
 
@@ -287,8 +295,12 @@ def train_policy(config: RunConfig, registry: Registry) -> tuple[str, HFPolicy]:
     fused = accelerator.device.type in ("cpu", "cuda")
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, fused=fused)
     scheduler = make_scheduler(optimizer, config)
-    model, optimizer = accelerator.prepare(policy.model, optimizer)
+    if config.fsdp:  # FSDP2 averages the gradients itself: no DDP around the model
+        model, optimizer = policy.model, accelerator.prepare(optimizer)
+    else:
+        model, optimizer = accelerator.prepare(policy.model, optimizer)
     policy.model = model
+    params = [p for p in model.parameters() if p.requires_grad] + module_params  # accelerate's own FSDP replaces them
     model.train()
     moved_reference = reference.model if plan.needs.moves_reference and isinstance(reference, FrozenReference) else None
     trained = Trained(unwrap(model), optimizer, scheduler, modules, second.model if second else None, second_optimizer, moved_reference)
@@ -337,7 +349,7 @@ def train_policy(config: RunConfig, registry: Registry) -> tuple[str, HFPolicy]:
                 real_tokens, padded_tokens = real_tokens + real, padded_tokens + padded
                 t_update = time.perf_counter()
                 last = micro == config.grad_accum - 1
-                with nullcontext() if last else accelerator.no_sync(model):
+                with nullcontext() if last else no_gradient_sync(accelerator, model):
                     with accelerator.autocast():
                         loss, metrics = objective.loss(policy, reference, batch)
                     accelerator.backward(loss / config.grad_accum)
@@ -383,17 +395,18 @@ def train_policy(config: RunConfig, registry: Registry) -> tuple[str, HFPolicy]:
                 check_weights(params, step, config)
                 save_state = {"seed": config.seed, "data": data.state(), "world": world}
                 rng_states, objective_states = processes.gather([rng_state()]), processes.gather([objective.state_dict()])
-                if accelerator.is_main_process:
-                    save_checkpoint(out_dir, step, trained, save_state, rng_states, objective_states, config.keep_checkpoints)
+                save_checkpoint(out_dir, step, trained, save_state, rng_states, objective_states, config.keep_checkpoints,
+                                write=accelerator.is_main_process)  # every process: a sharded model is gathered first
                 accelerator.wait_for_everyone()
 
     # -- the final model, in Hugging Face format ------------------------------------------
     if stopped and accelerator.is_main_process:
         log.warning(stopped)
     check_weights(params, config.steps, config)
+    weights = whole_state_dict(unwrap(model)) if is_sharded(unwrap(model)) else None  # every process takes part
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        write_atomically(os.path.join(out_dir, FINAL_DIR), lambda path: save_final(policy, path, plan.adapter, config.merge_lora))
+        write_atomically(os.path.join(out_dir, FINAL_DIR), lambda path: save_final(policy, path, plan.adapter, config.merge_lora, weights))
         write_model_card(out_dir)  # final/README.md
         objective.save(out_dir)
         for logger in loggers:  # trackers record where the model went

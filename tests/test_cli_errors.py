@@ -163,3 +163,27 @@ def test_list_plugins_unknown_kind_is_a_usage_error():
     result = run("list-plugins", "--kind", "objectives")
     assert result.exit_code == 2
     assert "objectives" in result.stderr
+
+
+def test_fsdp_needs_several_processes(prefs_file):
+    line = error_line(run("run", "--dataset", prefs_file, "--steps", "1", "--fsdp"))
+    assert "--fsdp shards the model over several processes" in line and "--num_processes" in line
+
+
+@pytest.mark.parametrize("setting, named", [
+    ({"validation_split": 0.2, "dataset": ["prefs.jsonl"]}, "--validation-split"),
+    ({"test_prompts": ["Hi"]}, "--test-prompts"),
+    ({"merge_lora": True, "adapter": "lora"}, "--merge-lora"),
+])
+def test_fsdp_refuses_what_it_does_not_support(setting, named):
+    from pref.sharding import refuse_unsupported
+
+    config = build_config(flags={"fsdp": True, **setting})
+    with pytest.raises(PrefError, match=f"--fsdp does not support .*{named}"):
+        refuse_unsupported(config, world=2, accelerate_fsdp=False, online=False, moves_reference=False)
+    for online, moves in ((True, False), (False, True)):
+        with pytest.raises(PrefError, match="--fsdp does not support"):
+            refuse_unsupported(build_config(flags={"fsdp": True}), world=2, accelerate_fsdp=False, online=online, moves_reference=moves)
+    with pytest.raises(PrefError, match="both shard the model"):
+        refuse_unsupported(build_config(flags={"fsdp": True}), world=2, accelerate_fsdp=True, online=False, moves_reference=False)
+    refuse_unsupported(build_config(flags={"fsdp": True}), world=2, accelerate_fsdp=False, online=False, moves_reference=False)

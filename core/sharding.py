@@ -1,0 +1,124 @@
+"""Sharded training with torch's FSDP2 (`fully_shard`): `--fsdp`, and whole tensors for checkpoints.
+
+accelerate 1.15 turns its own FSDP on only for GPU-like devices, never for CPU processes,
+so `--fsdp` shards here, on CPU (gloo) and GPU (NCCL) processes alike: each decoder layer,
+then the whole model, after the reference was taken from the whole model. accelerate then
+does not wrap the model in DDP: FSDP2 averages the gradients itself. Weights and optimizer
+state go into checkpoints whole (`whole`) and come back sharded (`sharded_like`), so the
+files are those of an unsharded run. These also serve a model accelerate sharded itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+
+from pref.errors import PrefError
+
+
+def refuse_unsupported(config: Any, world: int, accelerate_fsdp: bool, online: bool, moves_reference: bool) -> None:
+    """A `PrefError` for an `--fsdp` run that cannot work, or that pref has not tested sharded."""
+    if not config.fsdp:
+        return
+    if world < 2:
+        raise PrefError("--fsdp shards the model over several processes: start it with accelerate launch --num_processes N (N >= 2), "
+                        "or drop --fsdp")
+    if accelerate_fsdp:
+        raise PrefError("--fsdp and an accelerate config with FSDP both shard the model: drop one of them")
+    untested = [name for name, used in [("online objectives", online), ("--validation-split, --validation-dataset and --test-prompts",
+                config.validation_split or config.validation_dataset or config.test_prompts), ("--merge-lora", config.merge_lora),
+                ("a moving reference (sync_ref_model)", moves_reference)] if used]
+    if untested:
+        raise PrefError(f"--fsdp does not support {untested[0]} yet: run it without --fsdp (DDP), or drop it")
+
+
+def shard(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Apply FSDP2 in place to process 0's weights: each decoder layer (the model's `_no_split_modules`), then the whole model.
+
+    Weights in a low-precision `dtype` compute in it; the sharded weights the optimizer
+    updates stay float32 (`keep_trainable_in_float32` ran before) and gradients average in float32.
+    """
+    import torch.distributed as dist
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    with torch.no_grad():  # each process keeps its piece of its own copy: start all from process 0's, as DDP does (LoRA's random init)
+        for tensor in model.state_dict().values():
+            dist.broadcast(tensor, src=0)
+    precision = MixedPrecisionPolicy() if dtype == torch.float32 else MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+    layer_names = next((set(m._no_split_modules) for m in model.modules() if getattr(m, "_no_split_modules", None)), set())
+    for module in [m for m in model.modules() if type(m).__name__ in layer_names]:
+        fully_shard(module, mp_policy=precision)
+    fully_shard(model, mp_policy=precision)
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+@contextmanager
+def no_gradient_sync(accelerator: Any, model: torch.nn.Module) -> Iterator[None]:
+    """Accumulate this micro-batch's gradients without averaging them across processes (DDP or FSDP2)."""
+    if not is_sharded(model):
+        with accelerator.no_sync(model):
+            yield
+        return
+    model.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)
+
+
+def whole_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A sharded model's state dict gathered whole onto the CPU of process 0 (the others get {}): a collective."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    first: dict[torch.nn.Parameter, str] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):  # tied weights stay one tensor, as save_pretrained expects
+        if name in state:
+            state[name] = state[first.setdefault(param, name)]
+    return state
+
+
+def whole(tensor: torch.Tensor, keep: bool = True) -> torch.Tensor | None:
+    """`tensor` on the CPU, gathered from every process if it is sharded (a collective); None unless `keep`."""
+    from torch.distributed.tensor import DTensor
+
+    tensor = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+    return tensor.detach().cpu() if keep else None
+
+
+def sharded_like(tensor: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A whole `tensor` cut as `like` is (each process keeps its own piece); `tensor` itself if `like` is not sharded."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if not isinstance(like, DTensor):
+        return tensor
+    return distribute_tensor(tensor.to(like.device, like.dtype), like.device_mesh, like.placements, src_data_rank=None)
+
+
+def whole_optimizer_state(optimizer: torch.optim.Optimizer, keep: bool = True) -> dict[str, Any]:
+    """`optimizer.state_dict()` with sharded state gathered: what an unsharded run's optimizer saves (a collective).
+
+    Where not `keep` (a process that does not write) each gathered tensor is dropped at once.
+    """
+    state = optimizer.state_dict()
+    state["state"] = {index: {key: whole(v, keep) if isinstance(v, torch.Tensor) else v for key, v in values.items()}
+                      for index, values in state["state"].items()}
+    return state
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    """Load a whole optimizer state (an unsharded run's), cutting each tensor as its parameter is sharded."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    by_index = dict(zip([index for group in state["param_groups"] for index in group["params"]], params))
+    state = dict(state)
+    state["state"] = {index: {key: sharded_like(v, by_index[index]) if isinstance(v, torch.Tensor) and v.dim() else v
+                              for key, v in values.items()} for index, values in state["state"].items()}
+    optimizer.load_state_dict(state)

@@ -1,0 +1,90 @@
+"""`pref run --fsdp` on two CPU processes (gloo): pref shards the model with torch's FSDP2 itself.
+
+accelerate 1.15 never turns its own FSDP on for CPU processes (`Accelerator(cpu=True,
+fsdp_plugin=...)` and ACCELERATE_USE_FSDP still give plain multi-CPU data parallelism),
+so these runs are what shows sharded training here: the sharded run trains the weights the
+same run trains unsharded (DDP), a sharded run stopped between checkpoints resumes to exactly
+the same weights, `final/` is a plain `transformers` model, and LoRA trains sharded too.
+"""
+
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from test_distributed import free_port  # tests/ is on sys.path
+
+INTERRUPTED = os.path.join(os.path.dirname(__file__), "interrupted_run.py")
+
+
+def launch(cache, home, *args: str) -> None:
+    """`accelerate launch` two CPU processes of `python -m pref run ARGS` (or of a script ARGS)."""
+    import subprocess
+    import sys
+
+    target = list(args) if args[0].endswith(".py") else ["-m", "pref", "run", *args]
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()), *target]
+    env = {**os.environ, "PREF_CACHE": str(cache), "HF_HOME": str(home), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+
+
+def weights(run_dir, name="model.safetensors"):
+    return load_file(os.path.join(run_dir, "final", name))
+
+
+@pytest.mark.slow
+def test_sharded_run_matches_ddp_resumes_exactly_and_saves_a_plain_model(tiny_model_dir, prefs_file, private_cache, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    # batch 1 x 2 accumulated micro-batches: the first micro-batch's gradients are kept unsynchronised
+    args = ["--objective", "dpo", "--model", tiny_model_dir, "--dataset", prefs_file, "--steps", "4", "--batch-size", "1",
+            "--grad-accum", "2", "--save-every", "2", "--lr", "1e-3", "--seed", "0", "--device", "cpu", "--max-length", "64"]
+    home = tmp_path / "hf-home"
+    launch(private_cache, home, *args, "--output-dir", str(tmp_path / "ddp"))
+    launch(private_cache, home, *args, "--fsdp", "--output-dir", str(tmp_path / "fsdp"))
+    ddp, sharded, start = weights(tmp_path / "ddp"), weights(tmp_path / "fsdp"), load_file(os.path.join(tiny_model_dir, "model.safetensors"))
+
+    # the same weights up to the rounding of another reduction order: Adam turns rounding into
+    # differences of ~1e-7 here, while the 4 steps move the weights by up to ~4e-3
+    assert sharded.keys() == ddp.keys()
+    assert max(float((ddp[k] - start[k]).abs().max()) for k in ddp) > 1e-3
+    for key in ddp:
+        torch.testing.assert_close(sharded[key], ddp[key], atol=2e-5, rtol=0, msg=lambda m: f"{key}: {m}")
+
+    # the checkpoints hold the same tensors: the sharded optimizer state is saved whole
+    optimizers = [torch.load(tmp_path / run / "checkpoint-000002" / "optimizer.pt", weights_only=True) for run in ("ddp", "fsdp")]
+    assert optimizers[0]["param_groups"] == optimizers[1]["param_groups"]
+    for index, state in optimizers[0]["state"].items():
+        torch.testing.assert_close(optimizers[1]["state"][index]["exp_avg"], state["exp_avg"], atol=1e-6, rtol=0)
+
+    # final/ is a plain transformers model
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "fsdp" / "final").state_dict()
+    for key in sharded:
+        assert torch.equal(loaded[key], sharded[key]), key
+
+    # stopped after step 3 (checkpoint 2 kept), resumed: the uninterrupted run's weights, bit for bit
+    resumed = tmp_path / "resumed"
+    launch(private_cache, home, INTERRUPTED, "3", *args, "--fsdp", "--output-dir", str(resumed))
+    assert not (resumed / "final").exists() and (resumed / "checkpoint-000002").exists()
+    launch(private_cache, home, "--resume", str(resumed))
+    again = weights(resumed)
+    assert again.keys() == sharded.keys()
+    for key in sharded:
+        assert torch.equal(again[key], sharded[key]), key
+
+
+@pytest.mark.slow
+def test_lora_trains_sharded_as_unsharded(tiny_model_dir, prefs_file, private_cache, tmp_path):
+    """LoRA's randomly initialised adapters start from process 0's in both runs, so the adapters end the same."""
+    args = ["--objective", "dpo", "--model", tiny_model_dir, "--dataset", prefs_file, "--steps", "2", "--batch-size", "2", "--lr", "1e-2",
+            "--seed", "0", "--device", "cpu", "--max-length", "64", "--lora", "--lora-option", "target_modules=q_proj,v_proj"]
+    home = tmp_path / "hf-home"
+    launch(private_cache, home, *args, "--output-dir", str(tmp_path / "ddp"))
+    launch(private_cache, home, *args, "--fsdp", "--output-dir", str(tmp_path / "fsdp"))
+    ddp, sharded = weights(tmp_path / "ddp", "adapter_model.safetensors"), weights(tmp_path / "fsdp", "adapter_model.safetensors")
+    assert sharded.keys() == ddp.keys() and any(float(v.abs().max()) > 0 for k, v in ddp.items() if "lora_B" in k)
+    for key in ddp:
+        torch.testing.assert_close(sharded[key], ddp[key], atol=2e-5, rtol=0, msg=lambda m: f"{key}: {m}")
