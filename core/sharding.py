@@ -19,20 +19,28 @@ import torch
 from pref.errors import PrefError
 
 
-def refuse_unsupported(config: Any, world: int, accelerate_fsdp: bool, online: bool, moves_reference: bool) -> None:
-    """A `PrefError` for an `--fsdp` run that cannot work, or that pref has not tested sharded."""
-    if not config.fsdp:
+def refuse_unsupported(config: Any, world: int, distributed_type: str, online: bool, moves_reference: bool) -> None:
+    """A `PrefError` for a sharded run (`--fsdp`, or accelerate's FSDP) that cannot work, or that pref has not tested sharded.
+
+    `distributed_type`: accelerate's (`accelerator.distributed_type`: "FSDP", "DEEPSPEED", "MULTI_GPU", ...).
+    """
+    if distributed_type == "DEEPSPEED":  # its partitioned weights would reach checkpoints and final/ empty
+        raise PrefError("DeepSpeed is not supported: pref's checkpoints do not gather its partitioned weights and optimizer "
+                        "state; shard with --fsdp instead (accelerate launch without a DeepSpeed config)")
+    by_accelerate = distributed_type == "FSDP"
+    if not (config.fsdp or by_accelerate):
         return
-    if world < 2:
+    if config.fsdp and world < 2:
         raise PrefError("--fsdp shards the model over several processes: start it with accelerate launch --num_processes N (N >= 2), "
                         "or drop --fsdp")
-    if accelerate_fsdp:
+    if config.fsdp and by_accelerate:
         raise PrefError("--fsdp and an accelerate config with FSDP both shard the model: drop one of them")
+    sharding = "--fsdp" if config.fsdp else "accelerate's FSDP"
     untested = [name for name, used in [("online objectives", online), ("--validation-split, --validation-dataset and --test-prompts",
                 config.validation_split or config.validation_dataset or config.test_prompts), ("--merge-lora", config.merge_lora),
                 ("a moving reference (sync_ref_model)", moves_reference)] if used]
     if untested:
-        raise PrefError(f"--fsdp does not support {untested[0]} yet: run it without --fsdp (DDP), or drop it")
+        raise PrefError(f"{sharding} does not support {untested[0]} yet: run it unsharded (DDP), or drop it")
 
 
 def shard(model: torch.nn.Module, dtype: torch.dtype) -> None:

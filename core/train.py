@@ -245,7 +245,7 @@ def train_policy(config: RunConfig, registry: Registry) -> tuple[str, HFPolicy]:
     # -- the plan: every plugin built, every open setting resolved, before the slow model load --
     plan = resolve_plan(config, registry, processes)
     objective, out_dir = plan.objective, plan.output_dir
-    refuse_unsupported(config, world, accelerator.distributed_type == "FSDP", plan.needs.online, plan.needs.moves_reference)
+    refuse_unsupported(config, world, accelerator.distributed_type, plan.needs.online, plan.needs.moves_reference)
     if config.save_every and config.save_every * config.grad_accum % plan.batches_per_rollout:
         # a checkpoint inside a rollout would resume from a rollout sampled again by a later policy
         raise PrefError(f"--save-every must be a multiple of {plan.batches_per_rollout // math.gcd(plan.batches_per_rollout, config.grad_accum)} "

@@ -180,10 +180,21 @@ def test_fsdp_refuses_what_it_does_not_support(setting, named):
 
     config = build_config(flags={"fsdp": True, **setting})
     with pytest.raises(PrefError, match=f"--fsdp does not support .*{named}"):
-        refuse_unsupported(config, world=2, accelerate_fsdp=False, online=False, moves_reference=False)
+        refuse_unsupported(config, world=2, distributed_type="MULTI_CPU", online=False, moves_reference=False)
     for online, moves in ((True, False), (False, True)):
         with pytest.raises(PrefError, match="--fsdp does not support"):
-            refuse_unsupported(build_config(flags={"fsdp": True}), world=2, accelerate_fsdp=False, online=online, moves_reference=moves)
+            refuse_unsupported(build_config(flags={"fsdp": True}), world=2, distributed_type="MULTI_CPU", online=online, moves_reference=moves)
     with pytest.raises(PrefError, match="both shard the model"):
-        refuse_unsupported(build_config(flags={"fsdp": True}), world=2, accelerate_fsdp=True, online=False, moves_reference=False)
-    refuse_unsupported(build_config(flags={"fsdp": True}), world=2, accelerate_fsdp=False, online=False, moves_reference=False)
+        refuse_unsupported(build_config(flags={"fsdp": True}), world=2, distributed_type="FSDP", online=False, moves_reference=False)
+    refuse_unsupported(build_config(flags={"fsdp": True}), world=2, distributed_type="MULTI_CPU", online=False, moves_reference=False)
+    # accelerate's own FSDP shards the model just the same: the same combinations are refused
+    with pytest.raises(PrefError, match="accelerate's FSDP does not support online objectives"):
+        refuse_unsupported(build_config(flags={}), world=2, distributed_type="FSDP", online=True, moves_reference=False)
+    refuse_unsupported(build_config(flags={}), world=2, distributed_type="FSDP", online=False, moves_reference=False)
+
+
+def test_deepspeed_is_refused_before_it_can_save_empty_weights():
+    from pref.sharding import refuse_unsupported
+
+    with pytest.raises(PrefError, match="DeepSpeed is not supported: .*--fsdp"):
+        refuse_unsupported(build_config(flags={}), world=2, distributed_type="DEEPSPEED", online=False, moves_reference=False)
