@@ -17,14 +17,18 @@ def main(stop: int, args: list[str]) -> None:
     import pref.train as train_module
     from pref.cli.main import cli
 
-    original = train_module.TrainingProgress.update
+    # every process averages each step's metrics once, after the update (a collective): the
+    # STOP-th call is step STOP's, on every process (the progress bar runs on process 0 only)
+    original, calls = train_module.mean_across_processes, []
 
-    def update(self, step, metrics):
-        original(self, step, metrics)
-        if step == stop:
+    def mean_across_processes(processes, totals):
+        averaged = original(processes, totals)
+        calls.append(1)
+        if len(calls) == stop:
             raise Interrupted()
+        return averaged
 
-    train_module.TrainingProgress.update = update
+    train_module.mean_across_processes = mean_across_processes
     try:
         cli(["run", *args], standalone_mode=False)
     except Interrupted:
