@@ -386,7 +386,7 @@ def training_threads() -> int:
 
     The weights do not depend on it (tests/test_default_model.py: torch splits these
     small matrix products by rows, not by sums); the speed does: 1.4x faster on 2 idle
-    cores, but several times slower on 2 cores another process keeps busy.
+    cores, but 2.7x slower than one thread beside another busy process.
     """
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
