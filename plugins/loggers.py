@@ -76,7 +76,7 @@ class ProgressBar(MetricsLogger):
         self.progress.start()
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
-        """Nothing: a logged step was shown already."""
+        """Nothing: `show` displays every step, logged or not."""
 
     def show(self, step: int, metrics: dict[str, float]) -> None:
         text = "  ".join(f"{key.split('/')[-1]} {metrics[key]:.3g}" for key in SHOWN if key in metrics)
