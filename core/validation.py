@@ -29,6 +29,7 @@ from pref.checkpoint import write_atomically
 from pref.errors import PrefError
 from pref.examples import LabeledExample, PreferenceExample, Prompt, TextExample
 from pref.interfaces import SamplingConfig
+from pref.sharding import is_sharded, whole_state_dict
 
 BEST_DIR = "best"
 BEST_FILE = "best.json"
@@ -120,11 +121,17 @@ class Evaluation:
         metrics = {}
         if self.records:
             loss = self.validation_loss()
+            if self.accelerator.num_processes > 1:  # one value on every process, so that all decide alike below
+                loss = self.accelerator.reduce(torch.tensor(loss, device=self.accelerator.device), reduction="mean").item()
             metrics["validation/loss"] = loss
             if loss < self.best:
+                from pref.policy import unwrap
+
                 self.best = loss
+                model = unwrap(self.policy.model)
+                weights = whole_state_dict(model) if is_sharded(model) else None  # a collective: every process gathers
                 if self.accelerator.is_main_process:
-                    self.save_best(step, loss)
+                    self.save_best(step, loss, weights)
         if self.config.test_prompts and self.accelerator.is_main_process:
             self.write_generations(step)
         self.accelerator.wait_for_everyone()
@@ -151,8 +158,9 @@ class Evaluation:
         finally:
             model.train(was_training)
 
-    def save_best(self, step: int, loss: float) -> None:
-        write_atomically(os.path.join(self.out_dir, BEST_DIR), self.policy.save)
+    def save_best(self, step: int, loss: float, weights: dict[str, torch.Tensor] | None = None) -> None:
+        """The policy into best/ (`weights`: a sharded model's, gathered whole) and its step and loss into best.json."""
+        write_atomically(os.path.join(self.out_dir, BEST_DIR), lambda path: self.policy.save(path, weights))
         measure = "per-token nll" if self.online else "objective loss"
         record = {"step": step, "validation_loss": loss, "measure": measure}
 

@@ -171,7 +171,6 @@ def test_fsdp_needs_several_processes(prefs_file):
 
 
 @pytest.mark.parametrize("setting, named", [
-    ({"validation_split": 0.2, "dataset": ["prefs.jsonl"]}, "--validation-split"),
     ({"test_prompts": ["Hi"]}, "--test-prompts"),
     ({"merge_lora": True, "adapter": "lora"}, "--merge-lora"),
 ])

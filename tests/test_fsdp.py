@@ -7,6 +7,7 @@ same run trains unsharded (DDP), a sharded run stopped between checkpoints resum
 the same weights, `final/` is a plain `transformers` model, and LoRA trains sharded too.
 """
 
+import json
 import os
 
 import pytest
@@ -40,8 +41,10 @@ def test_sharded_run_matches_ddp_resumes_exactly_and_saves_a_plain_model(tiny_mo
     from transformers import AutoModelForCausalLM
 
     # batch 1 x 2 accumulated micro-batches: the first micro-batch's gradients are kept unsynchronised
+    # 2 of the 6 pairs held out and evaluated every 2 steps: the best model is gathered whole too
     args = ["--objective", "dpo", "--model", tiny_model_dir, "--dataset", prefs_file, "--steps", "4", "--batch-size", "1",
-            "--grad-accum", "2", "--save-every", "2", "--lr", "1e-3", "--seed", "0", "--device", "cpu", "--max-length", "64"]
+            "--grad-accum", "2", "--save-every", "2", "--lr", "1e-3", "--seed", "0", "--device", "cpu", "--max-length", "64",
+            "--validation-split", "0.34", "--eval-every", "2"]
     home = tmp_path / "hf-home"
     launch(private_cache, home, *args, "--output-dir", str(tmp_path / "ddp"))
     launch(private_cache, home, *args, "--fsdp", "--output-dir", str(tmp_path / "fsdp"))
@@ -59,6 +62,18 @@ def test_sharded_run_matches_ddp_resumes_exactly_and_saves_a_plain_model(tiny_mo
     assert optimizers[0]["param_groups"] == optimizers[1]["param_groups"]
     for index, state in optimizers[0]["state"].items():
         torch.testing.assert_close(optimizers[1]["state"][index]["exp_avg"], state["exp_avg"], atol=1e-6, rtol=0)
+
+    # the same validation losses, and the same best model, saved whole
+    def validation_losses(run):
+        lines = [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+        return [line["validation/loss"] for line in lines if "validation/loss" in line]
+
+    assert len(validation_losses("fsdp")) == 2
+    assert validation_losses("fsdp") == pytest.approx(validation_losses("ddp"), abs=1e-5)
+    best = {run: load_file(tmp_path / run / "best" / "model.safetensors") for run in ("ddp", "fsdp")}
+    assert best["fsdp"].keys() == best["ddp"].keys()
+    for key in best["ddp"]:
+        torch.testing.assert_close(best["fsdp"][key], best["ddp"][key], atol=2e-5, rtol=0, msg=lambda m: f"{key}: {m}")
 
     # final/ is a plain transformers model
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "fsdp" / "final").state_dict()
