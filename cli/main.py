@@ -129,6 +129,8 @@ def load_registry() -> Any:
 @click.option("--validation-split", type=float, help="Share of each dataset held out for the validation loss, e.g. 0.1.")
 @click.option("--validation-dataset", multiple=True, help="Held-out data for the validation loss instead of a split; repeatable.")
 @click.option("--test-prompt", "test_prompts", multiple=True, help="Prompt answered at each evaluation into generations.jsonl; repeatable.")
+@click.option("--evaluator", help="Evaluator run at each evaluation besides pref's own (see `pref list-plugins --kind evaluator`).")
+@click.option("--evaluator-option", multiple=True, help="Evaluator option KEY=VALUE; repeatable.")
 @click.option("--curriculum/--no-curriculum", default=None, help="Sample the datasets by an automatic, difficulty-driven curriculum.")
 @click.option("--curriculum-option", multiple=True, help="Curriculum option KEY=VALUE (eta, every, refresh, sample_size, variance_weight); repeatable.")
 @click.option("--sampler", help="Sampler choosing which records come next (see `pref list-plugins --kind sampler`); default: length-buckets offline, shuffled online.")
@@ -138,7 +140,7 @@ def load_registry() -> Any:
 @click.option("--dataset-option", multiple=True, help="Dataset builder option KEY=VALUE; repeatable.")
 @click.option("--selector-option", multiple=True, help="Pair selector option KEY=VALUE; repeatable.")
 def run(config_file: str | None, beta: float | None, objective_option, reward_option, dataset_option, selector_option, curriculum_option, sampler_option,
-        lora_option, adapter_option, **flags: Any) -> None:
+        lora_option, adapter_option, evaluator_option, **flags: Any) -> None:
     """Train a model with a preference objective."""
     from pref.config import build_config, read_config_file
     from pref.run_folder import RUN_FILE, moved_data
@@ -158,6 +160,7 @@ def run(config_file: str | None, beta: float | None, objective_option, reward_op
         "sampler_options": parse_options(sampler_option, "--sampler-option"),
         "lora_options": parse_options(lora_option, "--lora-option"),
         "adapter_options": parse_options(adapter_option, "--adapter-option"),
+        "evaluator_options": parse_options(evaluator_option, "--evaluator-option"),
     }
     if beta is not None:
         options["objective_options"]["beta"] = beta
@@ -195,9 +198,10 @@ def run(config_file: str | None, beta: float | None, objective_option, reward_op
 
 @cli.command("list-plugins")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-@click.option("--kind", type=click.Choice(["objective", "reward", "pair-selector", "dataset", "embedder", "logger", "sampler", "adapter"]), help="Only this kind.")
+@click.option("--kind", type=click.Choice(["objective", "reward", "pair-selector", "dataset", "embedder", "logger", "sampler", "adapter",
+                                                   "evaluator"]), help="Only this kind.")
 def list_plugins(as_json: bool, kind: str | None) -> None:
-    """List objectives, rewards, selectors, dataset builders, embedders, loggers, samplers and adapters."""
+    """List objectives, rewards, selectors, dataset builders, embedders, loggers, samplers, adapters and evaluators."""
     registry = load_registry()
     items = registry.items(kind)
     if as_json:

@@ -6,6 +6,7 @@ from pref.interfaces import (
     Adapter,
     CandidatePool,
     Embedder,
+    Evaluator,
     LabeledBatch,
     MetricsLogger,
     Minibatch,
@@ -29,7 +30,7 @@ from pref.sequences import Logps, Sequences
 __version__ = "0.1.0"
 
 __all__ = [
-    "Adapter", "CandidatePool", "Embedder", "LabeledBatch", "LabeledExample", "Logps", "MetricsLogger", "Minibatch", "Objective", "ObjectiveNeeds", "PairBatch",
+    "Adapter", "CandidatePool", "Embedder", "Evaluator", "LabeledBatch", "LabeledExample", "Logps", "MetricsLogger", "Minibatch", "Objective", "ObjectiveNeeds", "PairBatch",
     "PairSelector", "Policy", "Processes", "PrefError", "PreferenceExample", "Prompt", "Reference",
     "RewardSource", "Rollout", "SamplingConfig", "ScoredBatch", "SecondModel", "Selection", "Sequences", "TextExample", "hookimpl",
 ]

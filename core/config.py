@@ -67,7 +67,9 @@ class RunConfig:
     eval_every: int = 0  # 0: evaluate at the last step only (when there is something to evaluate)
     validation_split: float = 0.0  # share of each dataset held out for the validation loss
     validation_dataset: list[str] = field(default_factory=list)  # held-out data instead of a split
-    test_prompts: list[str] = field(default_factory=list)  # answered at each evaluation, in generations.jsonl
+    test_prompts: list[str] = field(default_factory=list)  # answered at each evaluation, in generations.jsonl (the evaluator test-prompts)
+    evaluator: str | None = None  # a registered evaluator (register_evaluators) run at each evaluation, besides pref's own
+    evaluator_options: dict[str, Any] = field(default_factory=dict)
     curriculum: bool = False  # sample the datasets by the automatic curriculum: the sampler "curriculum" (pref.plugins.curriculum)
     curriculum_options: dict[str, Any] = field(default_factory=dict)
     sampler: str | None = None  # a registered sampler (register_samplers) choosing which records come next; None: shuffled
@@ -258,5 +260,7 @@ def validate(config: RunConfig) -> None:
         raise PrefError("--curriculum is --sampler curriculum: give one of --curriculum or --sampler, not both")
     if config.sampler_options and not config.sampler:
         raise PrefError("sampler options were given without --sampler; add --sampler NAME")
+    if config.evaluator_options and not config.evaluator:
+        raise PrefError("evaluator options were given without --evaluator; add --evaluator NAME")
     if config.curriculum and len(config.dataset) < 2:
         raise PrefError("--curriculum needs two or more --dataset entries to choose between")

@@ -180,3 +180,18 @@ def dataset_names(entries: Sequence[str]) -> list[str]:
             name, n = f"{base}-{n}", n + 1
         names.append(name)
     return names
+
+
+def hold_out(example_sets: list[list[Any]], fraction: float, seed: int) -> tuple[list[list[Any]], list[Any]]:
+    """Hold out `fraction` of each dataset (at least one record, seeded): (training sets, held-out records)."""
+    if not fraction:
+        return example_sets, []
+    kept, held = [], []
+    for index, examples in enumerate(example_sets):
+        count = max(1, round(fraction * len(examples)))
+        if count >= len(examples):
+            raise PrefError(f"--validation-split {fraction}: dataset {index + 1} has {len(examples)} records, too few to hold some out")
+        order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed * 7_919 + index)).tolist()
+        held.extend(examples[i] for i in sorted(order[:count]))
+        kept.append([examples[i] for i in sorted(order[count:])])
+    return kept, held

@@ -50,3 +50,8 @@ def register_loggers(register):
 @hookspec
 def register_adapters(register):
     """Register adapters (`pref.Adapter` factories: `wrap(model, kind)` adds the few weights a run trains, as LoRA does)."""
+
+
+@hookspec
+def register_evaluators(register):
+    """Register evaluators (`pref.Evaluator` factories: `evaluate(step, policy, reference, records)` -> figures to log)."""

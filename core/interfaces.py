@@ -446,6 +446,19 @@ class Objective(ABC):
         return None
 
 
+class Evaluator(ABC):
+    """Measures the policy during training: every `--eval-every` steps and at the last step (`--evaluator NAME`).
+
+    Every process calls `evaluate` at the same step, under the run's autocast, and must return
+    the same figures on each (reduce with `processes.mean`). A figure named `validation/loss`
+    decides the model the run keeps in `best/`: the one with the lowest so far.
+    """
+
+    @abstractmethod
+    def evaluate(self, step: int, policy: Policy, reference: Reference | None, records: list[Any]) -> dict[str, float]:
+        """Figures to log at `step`; `records` are the run's held-out records (--validation-split/-dataset), maybe none."""
+
+
 class Adapter(ABC):
     """Trains a few added weights on a frozen model instead of every weight (`--adapter NAME`, `--lora`).
 

@@ -8,7 +8,8 @@ below writes back into the config or into a plugin.
 
 Plugin factories get the values of the run they ask for by parameter name, the
 same way for every kind (`Registry.create(..., **context)`, see docs/plugins.md):
-`registry` (every kind), `processes` (objectives), `embedder` and `reward` (pair selectors).
+`registry` (every kind), `processes` (objectives, evaluators), `embedder` and `reward` (pair selectors),
+`objective`, `output_dir`, `batch_size` and `sampling` (evaluators).
 A sampler is built here with its options; its `build(...)` is called once the records are read.
 Offline objectives get `length-buckets` by default (`--bucket-window`; 0: none).
 """
@@ -23,7 +24,7 @@ from typing import Any
 from pref.config import DEFAULT_MAX_NEW_TOKENS, RunConfig
 from pref.errors import PrefError
 from pref.interfaces import (
-    NO_REFERENCE, REFERENCE_DISTRIBUTIONS, Adapter, Embedder, Objective, ObjectiveNeeds, PairSelector, Processes, RewardSource, SamplingConfig,
+    NO_REFERENCE, REFERENCE_DISTRIBUTIONS, Adapter, Embedder, Evaluator, Objective, ObjectiveNeeds, PairSelector, Processes, RewardSource, SamplingConfig,
 )
 from pref.registry import Registry
 
@@ -35,6 +36,9 @@ PROGRESS = "progress"
 
 #: The default sampler of offline objectives (`plugins/length_buckets.py`).
 LENGTH_BUCKETS = "length-buckets"
+
+#: The evaluators on with held-out records and with --test-prompt (`plugins/evaluators.py`).
+VALIDATION_LOSS, TEST_PROMPTS = "validation-loss", "test-prompts"
 
 DATA_FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".txt")
 
@@ -55,6 +59,7 @@ class RunPlan:
     sampling: how online samples and test-prompt answers are drawn.
     output_dir: the run folder.
     loggers: the names of the loggers: `--logger`'s, and "progress" unless `--no-progress`.
+    evaluators: "validation-loss" when records are held out, "test-prompts" with `--test-prompt`, and `--evaluator`.
     """
 
     objective: Objective
@@ -71,6 +76,7 @@ class RunPlan:
     output_dir: str
     adapter: Adapter | None = None
     loggers: tuple[str, ...] = ()
+    evaluators: tuple[Evaluator, ...] = ()
 
     @property
     def batches_per_rollout(self) -> int:
@@ -91,7 +97,8 @@ def resolve_plan(config: RunConfig, registry: Registry, processes: Processes | N
         registry.get("logger", name)
 
     adapter = registry.create("adapter", config.adapter, config.adapter_options) if config.adapter else None
-    objective = registry.create("objective", config.objective, config.objective_options, processes=processes or Processes())
+    processes = processes or Processes()
+    objective = registry.create("objective", config.objective, config.objective_options, processes=processes)
     needs = objective.needs
     datasets = dataset_builders(config.dataset, config, registry, needs)
     validation_datasets = dataset_builders(config.validation_dataset, config, registry, needs)
@@ -121,6 +128,15 @@ def resolve_plan(config: RunConfig, registry: Registry, processes: Processes | N
 
     # the reward knows how long its answers are; offline, only answers to --test-prompt are sampled
     max_new_tokens = config.max_new_tokens or (reward.max_new_tokens if reward is not None else None) or DEFAULT_MAX_NEW_TOKENS
+    sampling = SamplingConfig(max_new_tokens, config.temperature, config.top_p, config.top_k)
+    output_dir = config.output_dir or os.path.join("runs", f"{config.objective}-{time.strftime('%Y%m%d-%H%M%S')}")
+    evaluators = {VALIDATION_LOSS: {}} if config.validation_split or config.validation_dataset else {}
+    if config.test_prompts:
+        evaluators[TEST_PROMPTS] = {"prompts": list(config.test_prompts)}
+    if config.evaluator:
+        evaluators[config.evaluator] = {**evaluators.get(config.evaluator, {}), **config.evaluator_options}
+    context = {"objective": objective, "processes": processes, "output_dir": output_dir, "batch_size": config.batch_size,
+               "sampling": sampling}
     return RunPlan(
         objective=objective,
         needs=needs,
@@ -132,10 +148,11 @@ def resolve_plan(config: RunConfig, registry: Registry, processes: Processes | N
         validation_datasets=validation_datasets,
         reference=reference_kind(config.reference, needs),
         samples_per_prompt=(config.samples_per_prompt if needs.online and config.samples_per_prompt else needs.samples_per_prompt),
-        sampling=SamplingConfig(max_new_tokens, config.temperature, config.top_p, config.top_k),
-        output_dir=config.output_dir or os.path.join("runs", f"{config.objective}-{time.strftime('%Y%m%d-%H%M%S')}"),
+        sampling=sampling,
+        output_dir=output_dir,
         adapter=adapter,
         loggers=loggers,
+        evaluators=tuple(registry.create("evaluator", name, options, **context) for name, options in evaluators.items()),
     )
 
 

@@ -35,6 +35,7 @@ KINDS = {
     "logger": "register_loggers",
     "sampler": "register_samplers",
     "adapter": "register_adapters",
+    "evaluator": "register_evaluators",
 }
 
 

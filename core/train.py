@@ -23,7 +23,7 @@ import torch
 from pref.agreement import next_batch_together, same_decision
 from pref.checkpoint import Trained, load_checkpoint, read_state, rng_state, save_checkpoint, write_atomically
 from pref.config import RunConfig
-from pref.data import OfflineBatches, collate, dataset_names
+from pref.data import OfflineBatches, collate, dataset_names, hold_out
 from pref.divergence import check_step, check_weights, refuse_non_finite_settings, sampling_diverged
 from pref.errors import NoUsablePairs, PrefError
 from pref.examples import prompt_of
@@ -38,11 +38,11 @@ from pref.reporting.card import write_model_card
 from pref.run_folder import FINAL_DIR, RUN_FILE, absolute_paths, claim_output_dir, cut_logs, release_locks, resume_checkpoint
 from pref.sequences import count_tokens
 from pref.sharding import is_sharded, no_gradient_sync, refuse_unsupported, shard, whole_state_dict
-from pref.validation import Evaluation, hold_out
 
 log = logging.getLogger(__name__)
 
 MERGED_DIR = "merged"  # in final/: an adapter run's full weights, with --merge-lora
+BEST_DIR, BEST_FILE = "best", "best.json"  # the model of the lowest validation/loss, and its step and value
 
 
 def make_accelerator(config: RunConfig, dtype: torch.dtype = torch.float32) -> Any:
@@ -152,6 +152,30 @@ def run_record(config: RunConfig, plan: RunPlan, registry: Registry) -> dict[str
     ]
     resolved = {"output_dir": plan.output_dir, "max_new_tokens": plan.sampling.max_new_tokens}
     return {"config": {**config.to_dict(), **resolved}, "versions": versions, "plugins": plugins}
+
+
+def read_best(out_dir: str) -> float:
+    """The lowest validation loss of the run so far: a resumed run keeps its best/ unless it does better."""
+    path = os.path.join(out_dir, BEST_FILE)
+    if not os.path.exists(path):
+        return math.inf
+    with open(path) as f:
+        return json.load(f)["validation_loss"]
+
+
+def keep_best(policy: HFPolicy, out_dir: str, step: int, loss: float, measure: str, write: bool) -> None:
+    """The policy into best/ and its step and loss into best.json, atomically; every process calls it (a sharded model is gathered)."""
+    model = unwrap(policy.model)
+    weights = whole_state_dict(model) if is_sharded(model) else None
+    if not write:
+        return
+    write_atomically(os.path.join(out_dir, BEST_DIR), lambda path: policy.save(path, weights))
+
+    def write_record(path: str) -> None:
+        with open(path, "w") as f:
+            json.dump({"step": step, "validation_loss": loss, "measure": measure}, f, indent=2)
+
+    write_atomically(os.path.join(out_dir, BEST_FILE), write_record)
 
 
 class AcceleratedProcesses(Processes):
@@ -325,7 +349,7 @@ def train_policy(config: RunConfig, registry: Registry) -> tuple[str, HFPolicy]:
         with open(os.path.join(out_dir, RUN_FILE), "w") as f:
             json.dump(record, f, indent=2, default=str)
         loggers = [registry.create("logger", name, output_dir=out_dir, config=record["config"]) for name in plan.loggers]
-    evaluation = Evaluation(config, accelerator, policy, objective, reference, validation, out_dir, plan.needs.online, plan.sampling.max_new_tokens)
+    best = read_best(out_dir)
 
     # -- the loop -------------------------------------------------------------------
     stopped = ""
@@ -378,9 +402,15 @@ def train_policy(config: RunConfig, registry: Registry) -> tuple[str, HFPolicy]:
             totals["tokens/per_second"] = real_tokens / (time.perf_counter() - t_start)  # real tokens, data included
 
             # evaluate and keep the best model (every process gets the same figures)
-            evaluated = evaluation.due(step)
+            evaluated = bool(plan.evaluators) and (step == config.steps or bool(config.eval_every and step % config.eval_every == 0))
             if evaluated:
-                totals.update(evaluation.run(step))
+                with accelerator.autocast():
+                    for evaluator in plan.evaluators:
+                        totals.update(evaluator.evaluate(step, policy, reference, validation))
+                if totals.get("validation/loss", math.inf) < best:
+                    best = totals["validation/loss"]
+                    keep_best(policy, out_dir, step, best, "per-token nll" if plan.needs.online else "objective loss", accelerator.is_main_process)
+                accelerator.wait_for_everyone()
 
             # log
             totals = mean_across_processes(processes, totals)

@@ -31,7 +31,7 @@ from pref.data import ShuffledBatches
 from pref.errors import PrefError, unknown_name
 from pref.hookspecs import hookimpl
 from pref.policy import unwrap
-from pref.validation import text_nll
+from pref.plugins.evaluators import text_nll
 
 
 @dataclass

@@ -10,7 +10,7 @@ from typing import Any
 
 from pref.errors import PrefError
 
-RUN_FILE = "run.json"  # the same names pref.train, pref.validation and the jsonl logger write
+RUN_FILE = "run.json"  # the same names pref.train, pref.plugins.evaluators and the jsonl logger write
 METRICS_FILE = "metrics.jsonl"
 BEST_FILE = "best.json"
 GENERATIONS_FILE = "generations.jsonl"

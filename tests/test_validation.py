@@ -1,15 +1,18 @@
-"""Evaluation during training: held-out splits, validation loss (offline and online), the best model, test prompts."""
+"""Evaluation during training: held-out splits, the evaluators validation-loss (offline and online) and test-prompts,
+third-party evaluators, the best model."""
 
 import json
 import os
+import sys
 
 import pytest
 import torch
 from torch.testing import assert_close
 from transformers import AutoModelForCausalLM
 
+from pref import Evaluator
 from pref.config import build_config
-from pref.data import collate
+from pref.data import collate, hold_out
 from pref.errors import PrefError
 from pref.examples import LabeledExample, PreferenceExample, TextExample
 from pref.hookspecs import hookimpl
@@ -17,9 +20,10 @@ from pref.interfaces import RewardSource
 from pref.plugins.preference_data import load_preferences
 from pref.policy import HFPolicy
 from pref.reference import FrozenReference
+from pref.plan import resolve_plan
+from pref.plugins.evaluators import GENERATIONS_FILE, scored_text, text_nll
 from pref.registry import Registry, get_plugin_manager, load_registry
-from pref.train import train
-from pref.validation import BEST_DIR, BEST_FILE, GENERATIONS_FILE, Evaluation, hold_out, scored_text, text_nll
+from pref.train import BEST_DIR, BEST_FILE, train
 
 
 def test_what_a_likelihood_measure_scores():
@@ -64,23 +68,24 @@ def test_validation_options_are_checked():
         build_config(flags={"eval_every": -1})
 
 
-class FakeAccelerator:
-    is_main_process = True
+def test_the_plan_turns_on_the_evaluators_the_run_asks_for(tmp_path, prefs_file):
+    registry = load_registry()
 
-    def wait_for_everyone(self):
-        pass
+    def evaluators(**flags):
+        config = build_config(flags={"objective": "dpo", "dataset": [prefs_file], "output_dir": str(tmp_path / "run"), **flags})
+        return [type(e).__name__ for e in resolve_plan(config, registry).evaluators]
 
-
-def test_when_evaluation_is_due_and_a_resumed_run_keeps_its_best(tmp_path):
-    config = build_config(flags={"steps": 10, "eval_every": 4, "test_prompts": ["Hi."]})
-    evaluation = Evaluation(config, FakeAccelerator(), None, None, None, [], str(tmp_path))
-    assert [s for s in range(1, 11) if evaluation.due(s)] == [4, 8, 10]  # and the last step
-    config = build_config(flags={"steps": 10})
-    assert not any(Evaluation(config, FakeAccelerator(), None, None, None, [], str(tmp_path)).due(s) for s in range(1, 11))
-    config = build_config(flags={"steps": 10, "test_prompts": "Hi."})
-    assert [s for s in range(1, 11) if Evaluation(config, FakeAccelerator(), None, None, None, [], str(tmp_path)).due(s)] == [10]
-    (tmp_path / BEST_FILE).write_text(json.dumps({"step": 3, "validation_loss": 0.25}))
-    assert Evaluation(config, FakeAccelerator(), None, None, None, [], str(tmp_path)).best == 0.25
+    assert evaluators() == []
+    assert evaluators(validation_split=0.1) == ["ValidationLoss"]
+    assert evaluators(validation_dataset=prefs_file, test_prompts="Hi.") == ["ValidationLoss", "TestPrompts"]
+    plan = resolve_plan(build_config(flags={"objective": "dpo", "dataset": [prefs_file], "test_prompts": ["Hi.", "Yo."],
+                                            "max_new_tokens": 5, "output_dir": str(tmp_path)}), registry)
+    (test_prompts,) = plan.evaluators
+    assert test_prompts.prompts == ["Hi.", "Yo."] and test_prompts.sampling.max_new_tokens == 5 and test_prompts.sampling.temperature == 0
+    with pytest.raises(PrefError, match="unknown evaluator 'validation-los'"):
+        evaluators(evaluator="validation-los")
+    with pytest.raises(PrefError, match="evaluator options were given without --evaluator"):
+        evaluators(evaluator_options={"x": 1})
 
 
 def metrics(out):
@@ -152,3 +157,42 @@ def test_online_run_logs_the_policys_nll_on_a_validation_dataset(tmp_path, tiny_
     records = load_registry().create("dataset", "text", {"path": str(held)}).build()
     assert last["validation/loss"] == pytest.approx(text_nll(final.model, final, records).mean().item(), abs=1e-4)
     assert json.load(open(os.path.join(out, BEST_FILE)))["measure"] == "per-token nll"
+
+
+class Calls(Evaluator):
+    """Counts its calls and reports the held-out records it was given; a third party's evaluator."""
+
+    def __init__(self, scale: float = 1.0):
+        self.scale, self.steps = scale, []
+
+    def evaluate(self, step, policy, reference, records):
+        self.steps.append(step)
+        return {"calls/records": self.scale * len(records), "calls/training": float(policy.model.training)}
+
+
+made: list[Calls] = []
+
+
+def calls(scale: float = 1.0) -> Calls:
+    made.append(Calls(scale))
+    return made[-1]
+
+
+@hookimpl
+def register_evaluators(register):
+    register("calls", calls)
+
+
+def test_a_plugin_evaluator_runs_at_each_evaluation_with_the_held_out_records(tmp_path, tiny_model_dir, prefs_file):
+    pm, failures, sources = get_plugin_manager()
+    pm.register(sys.modules[__name__], name="test-calls")
+    config = build_config(flags={
+        "objective": "dpo", "model": tiny_model_dir, "dataset": [prefs_file], "validation_split": 0.34, "eval_every": 2,
+        "evaluator": "calls", "evaluator_options": {"scale": 10}, "steps": 3, "batch_size": 2, "device": "cpu",
+        "output_dir": str(tmp_path / "run"),
+    })
+    out = train(config, Registry(pm, failures, sources))
+    assert made[-1].steps == [2, 3]  # every --eval-every steps and at the last
+    logged = {m["step"]: m for m in metrics(out)}
+    assert logged[2]["calls/records"] == 20.0 and logged[3]["calls/records"] == 20.0  # 2 held-out pairs, scaled
+    assert logged[2]["calls/training"] == 1.0 and "validation/loss" in logged[2]  # pref's own evaluator ran beside it
