@@ -168,10 +168,10 @@ def resolve_reward(config: RunConfig, registry: Registry, objective: Objective) 
         raise PrefError(f"objective {config.objective!r} samples online and needs a reward: pass --reward NAME (see `pref list-plugins`)")
     if len(names) == 1:
         return registry.create("reward", names[0], config.reward_options)
-    # several: the `weighted` reward's sum, whose parts' scores are logged as NAME/SCORE (rewards/NAME/mean)
+    # several: the `weighted` reward's sum, whose parts' scores are logged as NAME/SCORE (rewards/NAME/mean);
+    # each option names its reward (`NAME.key`), and the weighted reward hands it on
     weights = config.reward_weights or [1.0] * len(names)
-    options = options_by_reward(names, config.reward_options)
-    return registry.create("reward", WEIGHTED_REWARD, {"rewards": dict(zip(names, weights)), "options": options})
+    return registry.create("reward", WEIGHTED_REWARD, {"rewards": dict(zip(names, weights)), "options": config.reward_options})
 
 
 #: The reward plugin that sums several rewards (`plugins/weighted_reward.py`).
@@ -183,28 +183,6 @@ def reward_names(config: RunConfig) -> list[str]:
     if not config.reward:
         return []
     return [config.reward] if isinstance(config.reward, str) else list(config.reward)
-
-
-def options_by_reward(names: list[str], options: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """With several rewards every option names its reward: `NAME.key` -> value, or NAME -> {key: value}
-    (a config file's `[reward_options.NAME]` table). Returns NAME -> that reward's options.
-
-    `--reward-option` keys have their dashes turned into underscores, so `noun_diversity.n` is
-    `noun-diversity`'s `n`.
-    """
-    by_key = {name.replace("-", "_"): name for name in names}
-    parts: dict[str, dict[str, Any]] = {}
-    for key, value in options.items():
-        prefix, dot, option = key.partition(".")
-        name = by_key.get(prefix.replace("-", "_"))
-        if name is not None and dot and option:
-            parts.setdefault(name, {})[option] = value
-        elif name is not None and not dot and isinstance(value, dict):
-            parts.setdefault(name, {}).update(value)
-        else:
-            raise PrefError(f"--reward-option {key}: with several rewards, name the reward an option is for, "
-                            f"e.g. --reward-option {names[0]}.{option or prefix}=VALUE (rewards: {', '.join(names)})")
-    return parts
 
 
 def reference_kind(asked: str, needs: ObjectiveNeeds) -> str:

@@ -19,7 +19,8 @@ class WeightedReward(RewardSource):
 
     Options:
         rewards: reward name -> weight (at least one).
-        options: reward name -> that reward's own options, e.g. `{repetition: {n: 3}}`.
+        options: reward name -> that reward's own options, e.g. `{repetition: {n: 3}}`, or `NAME.key` -> value
+            (`--reward repetition --reward noun-diversity --reward-option repetition.n=3`).
 
     Scores: `reward`, and each part's scores as `NAME/SCORE` (`repetition/reward`, ...).
     Its default prompts are the parts' default prompts, in order. The parts are built
@@ -29,10 +30,7 @@ class WeightedReward(RewardSource):
     def __init__(self, rewards: dict[str, float], options: dict[str, dict[str, Any]] | None = None, registry: Any = None):
         if not isinstance(rewards, dict) or not rewards:
             raise PrefError("weighted: give the rewards to combine as a mapping of name to weight, e.g. rewards='{repetition: 1.0}'")
-        options = options or {}
-        unknown = sorted(set(options) - set(rewards))
-        if unknown:
-            raise PrefError(f"weighted: options given for {', '.join(unknown)}, which is not among the rewards ({', '.join(rewards)})")
+        options = options_by_reward(list(rewards), options or {})
         if registry is None:
             raise PrefError("weighted: build it through the plugin registry (registry.create), which passes registry=")
         self.weights: dict[str, float] = {}
@@ -56,6 +54,28 @@ class WeightedReward(RewardSource):
                 scores[f"{name}/{key}"] = values.detach().float().cpu()
             total = total + self.weights[name] * scores[f"{name}/reward"]
         return {"reward": total, **scores}
+
+
+def options_by_reward(names: list[str], options: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """NAME -> that reward's options, from `NAME.key` -> value or NAME -> {key: value} (a config file's
+    `[reward_options.NAME]` table). Dashes and underscores in NAME are alike: `--reward-option` turns
+    dashes into underscores, so `noun_diversity.n` is `noun-diversity`'s `n`.
+    """
+    by_key = {name.replace("-", "_"): name for name in names}
+    parts: dict[str, dict[str, Any]] = {}
+    for key, value in options.items():
+        prefix, dot, option = key.partition(".")
+        name = by_key.get(prefix.replace("-", "_"))
+        if name is not None and dot and option:
+            parts.setdefault(name, {})[option] = value
+        elif name is not None and not dot and isinstance(value, dict):
+            parts.setdefault(name, {}).update(value)
+        elif not dot and isinstance(value, dict):
+            raise PrefError(f"weighted: options given for {key}, which is not among the rewards ({', '.join(names)})")
+        else:
+            raise PrefError(f"--reward-option {key}: with several rewards, name the reward an option is for, "
+                            f"e.g. --reward-option {names[0]}.{option or prefix}=VALUE (rewards: {', '.join(names)})")
+    return parts
 
 
 @hookimpl
