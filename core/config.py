@@ -103,6 +103,8 @@ CHOICES = {
 }
 POSITIVE = ("steps", "batch_size", "grad_accum", "max_length", "max_prompt_length", "log_every", "keep_checkpoints")
 POSITIVE_OR_NONE = ("max_new_tokens", "threads")  # None: resolved later (see RunConfig)
+ZERO_OR_MORE = ("save_every", "eval_every", "warmup_steps", "bucket_window", "top_k")  # 0: off
+TRUE_OR_FALSE = ("fsdp", "packing")
 
 
 def read_config_file(path: str) -> dict[str, Any]:
@@ -214,20 +216,21 @@ def validate(config: RunConfig) -> None:
         value = getattr(config, key)
         if value not in choices:
             raise PrefError(f"{key} must be one of {', '.join(choices)}, not {value!r}")
-    for key in POSITIVE + POSITIVE_OR_NONE:
-        value = getattr(config, key)
-        if value is None and key in POSITIVE_OR_NONE:
-            continue
-        if not isinstance(value, int) or value < 1:
-            raise PrefError(f"{key} must be a positive whole number, not {value!r}")
+    for key in POSITIVE + POSITIVE_OR_NONE + ZERO_OR_MORE:
+        value, least = getattr(config, key), 0 if key in ZERO_OR_MORE else 1
+        if value is not None or key not in POSITIVE_OR_NONE:
+            if not isinstance(value, int) or isinstance(value, bool) or value < least:
+                what = "zero or positive (a whole number; 0 is off)" if least == 0 else "a positive whole number"
+                raise PrefError(f"{key} must be {what}, not {value!r}")
+    for key in TRUE_OR_FALSE:
+        if not isinstance(getattr(config, key), bool):
+            raise PrefError(f"{key} must be true or false, not {getattr(config, key)!r}")
     if config.samples_per_prompt is not None and (not isinstance(config.samples_per_prompt, int) or config.samples_per_prompt < 2):
         raise PrefError(f"samples_per_prompt must be 2 or more, not {config.samples_per_prompt!r}")
     if not 0 <= config.temperature or isinstance(config.temperature, bool):
         raise PrefError(f"temperature must be zero (greedy) or positive, not {config.temperature!r}")
     if not 0 < config.top_p <= 1:
         raise PrefError(f"top_p must be above 0 and at most 1, not {config.top_p!r}")
-    if not isinstance(config.top_k, int) or config.top_k < 0:
-        raise PrefError(f"top_k must be a whole number, 0 (off) or more, not {config.top_k!r}")
     if not config.weight_decay >= 0:
         raise PrefError(f"weight_decay must be zero or positive, not {config.weight_decay!r}")
     if config.reward_weights is not None:
@@ -242,14 +245,6 @@ def validate(config: RunConfig) -> None:
         raise PrefError("--merge-lora needs --lora (or --adapter NAME)")
     if not config.lr > 0:
         raise PrefError(f"lr must be positive, not {config.lr!r}")
-    if config.save_every < 0 or config.warmup_steps < 0 or config.eval_every < 0:
-        raise PrefError("save_every, eval_every and warmup_steps must be zero or positive")
-    if not isinstance(config.bucket_window, int) or config.bucket_window < 0:
-        raise PrefError(f"bucket_window must be a whole number, 0 (off) or more, not {config.bucket_window!r}")
-    if not isinstance(config.fsdp, bool):
-        raise PrefError(f"fsdp must be true or false, not {config.fsdp!r}")
-    if not isinstance(config.packing, bool):
-        raise PrefError(f"packing must be true or false, not {config.packing!r}")
     if not 0 <= config.validation_split < 1:
         raise PrefError(f"validation_split must be a share from 0 to below 1, not {config.validation_split!r}")
     if config.validation_split and config.validation_dataset:

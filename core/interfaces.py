@@ -287,45 +287,22 @@ NO_REFERENCE, REFERENCE_LOGPS, REFERENCE_DISTRIBUTIONS = "none", "logps", "distr
 
 @dataclass(frozen=True)
 class ObjectiveNeeds:
-    """Everything an objective asks of the run, read by the host in one place (`pref.plan`).
+    """Everything an objective asks of the run, read by the host in one place (`pref.plan`); docs/plugins.md has the table."""
 
-    reference: NO_REFERENCE, REFERENCE_LOGPS or REFERENCE_DISTRIBUTIONS.
-    data: PAIRS (batches are `PairBatch`), SETS (`LabeledBatch`), or SAMPLES (online
-        only: every sample with its scores, served as `Minibatch`es of a `ScoredBatch`
-        rollout; no pair selector).
-    online: samples from the current policy at every step instead of reading a dataset.
-    samples_per_prompt: K when online (`--samples-per-prompt` overrides it).
-    scores_new_rows: the objective scores rows outside the dataset (its own samples,
-        rewritten rows), so a cache of the dataset's reference log-probs cannot serve
-        it and a frozen reference model is chosen. Online objectives always do.
-    epochs_per_rollout, minibatches_per_rollout: with SAMPLES, passes over each rollout
-        and mini-batches per pass; each mini-batch is one optimizer step (PPO's).
-    dataset_builder: the builder that reads a `--dataset PATH`.
-    reward: the reward used when the run names none (online objectives).
-    own_reward: the objective brings its reward itself (`Objective.own_reward()`).
-    trainable_modules: the objective trains modules along with the policy
-        (`Objective.trainable_modules()`, a value head, ...).
-    second_model: the objective trains a second model on data of its own
-        (`Objective.second_model()`, D2PO's discriminator).
-    model_kind: what the trained model is: "causal-lm", or "sequence-classifier".
-    moves_reference: the objective changes the frozen reference model's weights in
-        `after_step` (TR-DPO), so checkpoints keep them and a resume goes on from them.
-    """
-
-    reference: str = REFERENCE_LOGPS
-    data: str = PAIRS
-    online: bool = False
-    samples_per_prompt: int = 1
-    scores_new_rows: bool = False
-    epochs_per_rollout: int = 1
-    minibatches_per_rollout: int = 1
-    dataset_builder: str = "preferences"
-    reward: str | None = None
-    own_reward: bool = False
-    trainable_modules: bool = False
-    second_model: bool = False
-    model_kind: str = "causal-lm"
-    moves_reference: bool = False
+    reference: str = REFERENCE_LOGPS  # NO_REFERENCE, REFERENCE_LOGPS (a frozen model or a cache) or REFERENCE_DISTRIBUTIONS (a frozen model)
+    data: str = PAIRS  # PAIRS (`PairBatch`), SETS (`LabeledBatch`), SAMPLES (online: `Minibatch`es of a `ScoredBatch` rollout, no selector)
+    online: bool = False  # samples from the current policy at every step instead of reading a dataset
+    samples_per_prompt: int = 1  # K when online (`--samples-per-prompt` overrides it)
+    scores_new_rows: bool = False  # scores rows outside the dataset (own samples, rewritten rows): no cached reference, a frozen one
+    epochs_per_rollout: int = 1  # with SAMPLES: passes over each rollout...
+    minibatches_per_rollout: int = 1  # ...and mini-batches per pass, each one optimizer step (PPO's)
+    dataset_builder: str = "preferences"  # the builder that reads a `--dataset PATH`
+    reward: str | None = None  # the reward of an online run that names none
+    own_reward: bool = False  # the objective brings its reward itself (`Objective.own_reward()`, D2PO's discriminator)
+    trainable_modules: bool = False  # it trains modules along with the policy (`Objective.trainable_modules()`, a value head)
+    second_model: bool = False  # it trains a second model on data of its own (`Objective.second_model()`, D2PO's discriminator)
+    model_kind: str = "causal-lm"  # the trained model: "causal-lm" or "sequence-classifier"
+    moves_reference: bool = False  # `after_step` changes the frozen reference's weights (TR-DPO): checkpoints keep them
 
     def __post_init__(self) -> None:
         # a plugin author's mistake, caught when the objective is built

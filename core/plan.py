@@ -6,12 +6,9 @@ the objective's `needs` are read here, and every value the config leaves open
 (K, `max_new_tokens`, the reference, the output folder) is settled here. Nothing
 below writes back into the config or into a plugin.
 
-Plugin factories get the values of the run they ask for by parameter name, the
-same way for every kind (`Registry.create(..., **context)`, see docs/plugins.md):
-`registry` (every kind), `processes` (objectives, evaluators), `embedder` and `reward` (pair selectors),
-`objective`, `output_dir`, `batch_size` and `sampling` (evaluators).
-A sampler is built here with its options; its `build(...)` is called once the records are read.
-Offline objectives get `length-buckets` by default (`--bucket-window`; 0: none).
+Plugin factories get the values of the run they ask for by parameter name, the same way
+for every kind (`Registry.create(..., **context)`; the table in docs/plugins.md). A sampler
+is built here with its options; its `build(...)` is called once the records are read.
 """
 
 from __future__ import annotations
@@ -45,38 +42,23 @@ DATA_FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".txt")
 
 @dataclass(frozen=True)
 class RunPlan:
-    """Everything a run uses besides the model and the data it reads.
-
-    objective, needs: the objective and what it declared.
-    reward, selector, embedder: online runs only (None otherwise; `selector` None also
-        for objectives that learn from every sample).
-    sampler: the `--sampler` (`--curriculum`: "curriculum") that orders the records; offline without one,
-        "length-buckets" (window `--bucket-window`); None: shuffled.
-    adapter: the `--adapter` (`--lora`: "lora") that the model trains instead of every weight, or None.
-    datasets, validation_datasets: one builder per `--dataset` / `--validation-dataset` entry.
-    reference: NO_MODEL, FROZEN_MODEL or CACHED_LOGPS.
-    samples_per_prompt: K (online).
-    sampling: how online samples and test-prompt answers are drawn.
-    output_dir: the run folder.
-    loggers: the names of the loggers: `--logger`'s, and "progress" unless `--no-progress`.
-    evaluators: "validation-loss" when records are held out, "test-prompts" with `--test-prompt`, and `--evaluator`.
-    """
+    """Everything a run uses besides the model and the data it reads."""
 
     objective: Objective
-    needs: ObjectiveNeeds
-    reward: RewardSource | None
-    selector: PairSelector | None
-    embedder: Embedder | None
-    sampler: Any
-    datasets: list[Any]
-    validation_datasets: list[Any]
-    reference: str
-    samples_per_prompt: int
-    sampling: SamplingConfig
+    needs: ObjectiveNeeds  # what the objective declared
+    reward: RewardSource | None  # online only
+    selector: PairSelector | None  # online pairs or sets only
+    embedder: Embedder | None  # online only
+    sampler: Any  # orders the records: `--sampler` (`--curriculum`), offline "length-buckets"; None: shuffled
+    datasets: list[Any]  # a builder per `--dataset` entry
+    validation_datasets: list[Any]  # a builder per `--validation-dataset` entry
+    reference: str  # NO_MODEL, FROZEN_MODEL or CACHED_LOGPS
+    samples_per_prompt: int  # K (online)
+    sampling: SamplingConfig  # how online samples and test-prompt answers are drawn
     output_dir: str
-    adapter: Adapter | None = None
-    loggers: tuple[str, ...] = ()
-    evaluators: tuple[Evaluator, ...] = ()
+    adapter: Adapter | None = None  # `--adapter` (`--lora`), trained instead of every weight
+    loggers: tuple[str, ...] = ()  # `--logger`'s names, and "progress" unless `--no-progress`
+    evaluators: tuple[Evaluator, ...] = ()  # "validation-loss" with held-out records, "test-prompts" with `--test-prompt`, `--evaluator`
 
     @property
     def batches_per_rollout(self) -> int:
