@@ -31,9 +31,7 @@ def checkpoint_dtype(path: str) -> torch.dtype | None:
     except (OSError, ValueError):
         return None
     dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
-    if isinstance(dtype, str):
-        dtype = DTYPES.get(dtype)
-    return dtype
+    return DTYPES.get(dtype) if isinstance(dtype, str) else dtype
 
 
 def resolve_dtype(name: str, device: str, model_path: str | None) -> torch.dtype:
