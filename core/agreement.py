@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 
+from pref.divergence import sampled_non_finite
 from pref.errors import NoUsablePairs, PrefError
 
 OK, NO_PAIRS, ERROR = 0, 1, 2
@@ -27,8 +28,6 @@ def next_batch_together(data: Any, accelerator: Any, on_non_finite: Any) -> tupl
     or fail), as is a `PrefError`; torch refusing to sample from non-finite
     probabilities becomes the `PrefError` `on_non_finite()` (a message).
     """
-    from pref.divergence import sampled_non_finite
-
     result, code, message = None, OK, None
     try:
         result = data.next()

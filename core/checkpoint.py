@@ -14,8 +14,6 @@ import pickle
 import random
 import re
 import shutil
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -61,14 +59,46 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def write_atomically(path: str, write: Any) -> None:
-    """Call `write(tmp_path)`, then rename the result to `path` (a file or a folder)."""
+    """Call `write(tmp_path)`, then rename the result to `path` (a file or a folder), replacing an earlier one.
+
+    If `write` fails, its temporary copy is removed and a full or read-only disk becomes a one-line
+    `PrefError`. torch and safetensors report a full disk in their own words, so a disk left (nearly)
+    without space is taken as the cause whatever the exception.
+    """
     tmp = os.path.join(os.path.dirname(path), f".tmp-{os.path.basename(path)}")
-    _remove(tmp)
-    with removed_on_failure(tmp, path):
+    remove(tmp)
+    try:
         write(tmp)
+    except Exception as exc:
+        try:
+            stats = os.statvfs(os.path.dirname(tmp) or ".")
+            full = stats.f_bavail * stats.f_frsize < 1 << 20
+        except OSError:
+            full = False
+        remove(tmp)  # a half-written copy must not go on filling the disk
+        if isinstance(exc, OSError) and exc.errno:
+            raise disk_error(f"cannot write {path}", exc) from None
+        if full or "os error 28" in str(exc):
+            raise disk_error(f"cannot write {path}", OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))) from None
+        raise
     if os.path.isdir(path):
         shutil.rmtree(path)
     os.replace(tmp, path)
+
+
+def disk_error(action: str, exc: OSError) -> PrefError:
+    """A one-line error for a failed write: `action` ("cannot write to runs/x") and the errno's name and text."""
+    code = errno.errorcode.get(exc.errno or 0, "")
+    hint = "free some space or choose another --output-dir" if code in ("ENOSPC", "EDQUOT") else "choose a writable --output-dir"
+    return PrefError(f"{action}: {exc.strerror or exc} ({code or type(exc).__name__}); {hint}")
+
+
+def remove(path: str) -> None:
+    """Remove the file or folder `path` if it is there: only ever pref's own temporary copies."""
+    if os.path.isdir(path):
+        shutil.rmtree(path, ignore_errors=True)
+    elif os.path.lexists(path):
+        os.remove(path)
 
 
 def trained_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -113,21 +143,8 @@ class Trained:
     reference: torch.nn.Module | None = None  # only where the objective moves the reference (`needs.moves_reference`)
 
 
-def reference_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Every parameter of a frozen reference (tied ones once): what TR-DPO's updates change."""
-    return {name: p.detach().contiguous() for name, p in model.named_parameters()}
-
-
-def save_checkpoint(
-    run_dir: str,
-    step: int,
-    trained: Trained,
-    state: dict[str, Any],
-    rng_states: list[dict[str, Any]],
-    objective_states: list[dict[str, Any]] | None = None,
-    keep: int = 2,
-    write: bool = True,
-) -> str:
+def save_checkpoint(run_dir: str, step: int, trained: Trained, state: dict[str, Any], rng_states: list[dict[str, Any]],
+                    objective_states: list[dict[str, Any]] | None = None, keep: int = 2, write: bool = True) -> str:
     """Write checkpoint `step` atomically and delete all but the newest `keep`.
 
     `state` is JSON (seed, world, data position); `rng_states` and `objective_states`
@@ -138,30 +155,30 @@ def save_checkpoint(
     weights, optimizer_state = trained_weights(trained.model), whole_optimizer_state(trained.optimizer, keep=write)
     if not write:
         return final
-    tmp = os.path.join(run_dir, f".tmp-checkpoint-{step:06d}")
-    _remove(tmp)
-    extra = {
-        MODULES: {name: module.state_dict() for name, module in trained.modules.items()},
-        SECOND_MODEL: trained.second_model.state_dict() if trained.second_model is not None else None,
-        SECOND_OPTIMIZER: trained.second_optimizer.state_dict() if trained.second_optimizer is not None else None,
-        OBJECTIVE: list(objective_states or []),
+    files = {
+        OPTIMIZER_FILE: optimizer_state,
+        SCHEDULER_FILE: trained.scheduler.state_dict(),
+        **{RNG_FILE.format(rank=rank): rng for rank, rng in enumerate(rng_states)},
+        EXTRA_FILE: {
+            MODULES: {name: module.state_dict() for name, module in trained.modules.items()},
+            SECOND_MODEL: trained.second_model.state_dict() if trained.second_model is not None else None,
+            SECOND_OPTIMIZER: trained.second_optimizer.state_dict() if trained.second_optimizer is not None else None,
+            OBJECTIVE: list(objective_states or []),
+        },
     }
-    with removed_on_failure(tmp, final):
+
+    def write_files(tmp: str) -> None:
         os.makedirs(tmp)
         save_file(weights, os.path.join(tmp, MODEL_FILE))
-        if trained.reference is not None:
-            save_file(reference_weights(trained.reference), os.path.join(tmp, REFERENCE_FILE))
-        torch.save(optimizer_state, os.path.join(tmp, OPTIMIZER_FILE))
-        torch.save(trained.scheduler.state_dict(), os.path.join(tmp, SCHEDULER_FILE))
-        for rank, rng in enumerate(rng_states):
-            torch.save(rng, os.path.join(tmp, RNG_FILE.format(rank=rank)))
-        torch.save(extra, os.path.join(tmp, EXTRA_FILE))
+        if trained.reference is not None:  # every parameter (tied ones once): what TR-DPO's updates change
+            save_file({name: p.detach().contiguous() for name, p in trained.reference.named_parameters()}, os.path.join(tmp, REFERENCE_FILE))
+        for name, contents in files.items():
+            torch.save(contents, os.path.join(tmp, name))
         with open(os.path.join(tmp, STATE_FILE), "w") as f:
             json.dump({**state, "step": step}, f, indent=2)
         _fsync_dir(tmp)
-    if os.path.exists(final):  # the same step saved again: replace it
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+
+    write_atomically(final, write_files)
     _fsync_dir(run_dir)
     for old in list_checkpoints(run_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
@@ -170,12 +187,7 @@ def save_checkpoint(
 
 def read_state(checkpoint_dir: str) -> dict[str, Any]:
     """The JSON state of a checkpoint (step, seed, world, data position), to check before loading it."""
-    state_path = os.path.join(checkpoint_dir, STATE_FILE)
-    try:
-        with open(state_path) as f:
-            return json.load(f)
-    except (OSError, ValueError) as exc:
-        raise _unloadable(state_path, exc) from None
+    return _load_safely(checkpoint_dir, STATE_FILE)
 
 
 def load_checkpoint(checkpoint_dir: str, trained: Trained, rank: int = 0) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -185,18 +197,13 @@ def load_checkpoint(checkpoint_dir: str, trained: Trained, rank: int = 0) -> tup
     beyond tensors and plain data (`weights_only=True`), so a checkpoint someone shared
     cannot run code; a file that does not load that way is a one-line `PrefError` naming it.
     """
-    model_path = os.path.join(checkpoint_dir, MODEL_FILE)
-    try:
-        weights = load_file(model_path)
-    except Exception as exc:  # safetensors raises its own error types; none of them may run code
-        raise _unloadable(model_path, exc) from None
-    load_trained_weights(trained.model, weights)
+    load_trained_weights(trained.model, _load_safely(checkpoint_dir, MODEL_FILE))
     if trained.reference is not None:
-        load_reference_weights(trained.reference, os.path.join(checkpoint_dir, REFERENCE_FILE))
-    load_optimizer_state(trained.optimizer, _load_safely(os.path.join(checkpoint_dir, OPTIMIZER_FILE)))
-    trained.scheduler.load_state_dict(_load_safely(os.path.join(checkpoint_dir, SCHEDULER_FILE)))
-    set_rng_state(_load_safely(os.path.join(checkpoint_dir, RNG_FILE.format(rank=rank))))
-    extra = _load_safely(os.path.join(checkpoint_dir, EXTRA_FILE))
+        load_reference_weights(trained.reference, checkpoint_dir)
+    load_optimizer_state(trained.optimizer, _load_safely(checkpoint_dir, OPTIMIZER_FILE))
+    trained.scheduler.load_state_dict(_load_safely(checkpoint_dir, SCHEDULER_FILE))
+    set_rng_state(_load_safely(checkpoint_dir, RNG_FILE.format(rank=rank)))
+    extra = _load_safely(checkpoint_dir, EXTRA_FILE)
     for name, module in trained.modules.items():
         module.load_state_dict(extra[MODULES][name])
     if trained.second_model is not None:
@@ -207,71 +214,32 @@ def load_checkpoint(checkpoint_dir: str, trained: Trained, rank: int = 0) -> tup
     return read_state(checkpoint_dir), objective_states[rank] if rank < len(objective_states) else {}
 
 
-def load_reference_weights(model: torch.nn.Module, path: str) -> None:
+def load_reference_weights(model: torch.nn.Module, checkpoint_dir: str) -> None:
     """Put the moved reference's weights back; a checkpoint saved without them cannot resume this run exactly."""
+    path = os.path.join(checkpoint_dir, REFERENCE_FILE)
     if not os.path.exists(path):
-        raise PrefError(f"{os.path.dirname(path)} holds no reference weights ({REFERENCE_FILE}), but this run moves its reference "
+        raise PrefError(f"{checkpoint_dir} holds no reference weights ({REFERENCE_FILE}), but this run moves its reference "
                         "(sync_ref_model); resume with the options it was saved with, or start afresh")
-    try:
-        weights = load_file(path)
-    except Exception as exc:  # safetensors raises its own error types; none of them may run code
-        raise _unloadable(path, exc) from None
-    if set(weights) != set(reference_weights(model)):
+    weights = _load_safely(checkpoint_dir, REFERENCE_FILE)
+    if set(weights) != {name for name, _ in model.named_parameters()}:
         raise PrefError(f"{path} holds another model's weights than this run's reference; resume with the model it was saved with")
     model.load_state_dict(weights, strict=False)
 
 
-def _load_safely(path: str) -> Any:
+def _load_safely(checkpoint_dir: str, name: str) -> Any:
+    path = os.path.join(checkpoint_dir, name)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # UnpicklingError for foreign objects, RuntimeError or OSError for broken files
-        raise _unloadable(path, exc) from None
-
-
-def _unloadable(path: str, exc: BaseException) -> PrefError:
-    if isinstance(exc, pickle.UnpicklingError):
-        reason = "it holds Python objects other than tensors and plain data"
-    else:
-        reason = f"{type(exc).__name__}: " + (str(exc).strip().splitlines() or ["no details"])[0][:200]
-    return PrefError(f"cannot load checkpoint file {path} safely ({reason}); "
-                     "it is damaged, tampered with or from another program: resume from another checkpoint or start afresh")
-
-
-def disk_error(action: str, exc: OSError) -> PrefError:
-    """A one-line error for a failed write: `action` ("cannot write to runs/x") and the errno's name and text."""
-    code = errno.errorcode.get(exc.errno or 0, "")
-    hint = "free some space or choose another --output-dir" if code in ("ENOSPC", "EDQUOT") else "choose a writable --output-dir"
-    return PrefError(f"{action}: {exc.strerror or exc} ({code or type(exc).__name__}); {hint}")
-
-
-@contextmanager
-def removed_on_failure(tmp: str, target: str) -> Iterator[None]:
-    """Remove our temporary `tmp` if writing it fails; a full or read-only disk becomes a one-line `PrefError`.
-
-    torch and safetensors report a full disk in their own words, so a disk left
-    (nearly) without space is taken as the cause whatever the exception.
-    """
-    try:
-        yield
-    except Exception as exc:
-        try:
-            stats = os.statvfs(os.path.dirname(tmp) or ".")
-            full = stats.f_bavail * stats.f_frsize < 1 << 20
-        except OSError:
-            full = False
-        _remove(tmp)  # a half-written copy must not go on filling the disk
-        if isinstance(exc, OSError) and exc.errno:
-            raise disk_error(f"cannot write {target}", exc) from None
-        if full or "os error 28" in str(exc):
-            raise disk_error(f"cannot write {target}", OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))) from None
-        raise
-
-
-def _remove(path: str) -> None:
-    if os.path.isdir(path):
-        shutil.rmtree(path, ignore_errors=True)
-    elif os.path.lexists(path):
-        os.remove(path)
+        if name.endswith(".json"):
+            with open(path) as f:
+                return json.load(f)
+        return load_file(path) if name.endswith(".safetensors") else torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # UnpicklingError for foreign objects; OSError, ValueError, RuntimeError or safetensors' own for broken files
+        if isinstance(exc, pickle.UnpicklingError):
+            reason = "it holds Python objects other than tensors and plain data"
+        else:
+            reason = f"{type(exc).__name__}: " + (str(exc).strip().splitlines() or ["no details"])[0][:200]
+        raise PrefError(f"cannot load checkpoint file {path} safely ({reason}); "
+                        "it is damaged, tampered with or from another program: resume from another checkpoint or start afresh") from None
 
 
 def _fsync_dir(path: str) -> None:

@@ -1,14 +1,7 @@
 """A run that diverges stops at once, with the model it had before: nothing non-finite is trained on or saved.
 
-- `refuse_non_finite_settings(config)`: `inf`/`nan` in any setting or plugin option
-  (--lr, --beta, ...) is refused before anything loads: such a run cannot train.
-- `check_step(step, loss, grad_norm, config)`: the error message when this step's
-  loss or gradient norm is not finite (None otherwise); the loop checks it before
-  the optimizer step, so the weights stay those of the last good step.
-- `check_weights(parameters, step, config)`: raises before a checkpoint or the
-  final model is written from non-finite weights.
-- `sampled_non_finite(exc)`: whether an error from sampling is torch refusing
-  NaN/inf probabilities, the sign of a policy that already diverged.
+A setting that is `inf`/`nan` is refused before anything loads; each step's loss and gradient norm
+are checked before the optimizer step, and the weights before a checkpoint or the final model is written.
 """
 
 from __future__ import annotations
@@ -23,7 +16,7 @@ from pref.errors import PrefError
 
 
 def refuse_non_finite_settings(config: Any) -> None:
-    """A `PrefError` naming the first setting or option of `config` that is `inf` or `nan`."""
+    """A `PrefError` naming the first setting or plugin option of `config` (--lr, --beta, ...) that is `inf` or `nan`."""
     for name, value in _numbers(config.to_dict()):
         if not math.isfinite(value):
             section, _, key = name.rpartition(".")
@@ -45,7 +38,10 @@ def likely_causes(config: Any) -> str:
 
 
 def check_step(step: int, loss: float, grad_norm: float, config: Any) -> str | None:
-    """The one-line message if `loss` or `grad_norm` of `step` is not finite, else None."""
+    """The one-line message if `loss` or `grad_norm` of `step` is not finite, else None.
+
+    The loop checks it before the optimizer step, so the weights stay those of the last good step.
+    """
     if math.isfinite(loss) and math.isfinite(grad_norm):
         return None
     return (f"training diverged at step {step}: loss {loss:g}, gradient norm {grad_norm:g}; stopped before updating the weights, "
@@ -61,7 +57,7 @@ def check_weights(parameters: Iterable[torch.Tensor], step: int, config: Any) ->
 
 
 def sampled_non_finite(exc: BaseException) -> bool:
-    """True for torch's refusal to sample from probabilities holding inf, nan or negative values."""
+    """True for torch's refusal to sample from probabilities holding inf, nan or negative values: a policy that already diverged."""
     return isinstance(exc, RuntimeError) and "probability tensor contains either `inf`, `nan` or element < 0" in str(exc)
 
 

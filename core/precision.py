@@ -22,15 +22,6 @@ DTYPE_CHOICES = ("auto", *DTYPES)
 AUTOCAST = {torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
-def device_type(device: str) -> str:
-    """The device a `--device` choice ends up on: cuda, mps or cpu."""
-    if device == "auto":
-        if torch.cuda.is_available():
-            return "cuda"
-        return "mps" if torch.backends.mps.is_available() else "cpu"
-    return device
-
-
 def checkpoint_dtype(path: str) -> torch.dtype | None:
     """The `torch_dtype` a saved model declares, or None."""
     from transformers import AutoConfig
@@ -40,16 +31,16 @@ def checkpoint_dtype(path: str) -> torch.dtype | None:
     except (OSError, ValueError):
         return None
     dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
-    if isinstance(dtype, str):
-        dtype = DTYPES.get(dtype)
-    return dtype
+    return DTYPES.get(dtype) if isinstance(dtype, str) else dtype
 
 
 def resolve_dtype(name: str, device: str, model_path: str | None) -> torch.dtype:
     """The weights' dtype for `--dtype NAME` on `device` (auto, cpu, cuda, mps); PrefError where the device cannot do it."""
     if name not in DTYPE_CHOICES:
         raise PrefError(f"--dtype must be one of {', '.join(DTYPE_CHOICES)}, not {name!r}")
-    kind = device_type(device)
+    kind = device  # where the weights end up: cuda, mps or cpu
+    if device == "auto":
+        kind = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     if name == "auto":
         stored = checkpoint_dtype(model_path) if model_path else None
         bf16_gpu = kind == "cuda" and torch.cuda.is_bf16_supported()
@@ -62,15 +53,9 @@ def resolve_dtype(name: str, device: str, model_path: str | None) -> torch.dtype
     return dtype
 
 
-def keep_trainable_in_float32(*modules: torch.nn.Module) -> int:
-    """Cast every parameter that requires grad to float32 in place; return how many were cast.
-
-    Frozen parameters keep their (possibly low-precision) dtype.
-    """
-    cast = 0
+def keep_trainable_in_float32(*modules: torch.nn.Module) -> None:
+    """Cast every parameter that requires grad to float32 in place; frozen ones keep their (possibly low-precision) dtype."""
     for module in modules:
         for param in module.parameters():
             if param.requires_grad and param.dtype != torch.float32:
                 param.data = param.data.float()
-                cast += 1
-    return cast

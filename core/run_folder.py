@@ -17,14 +17,14 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import socket
 import time
 from collections.abc import Iterable
+from contextlib import suppress
 from typing import Any
 
 from pref.agreement import same_decision
-from pref.checkpoint import STATE_FILE, disk_error, list_checkpoints
+from pref.checkpoint import STATE_FILE, disk_error, list_checkpoints, remove
 from pref.errors import PrefError
 
 log = logging.getLogger(__name__)
@@ -74,11 +74,7 @@ def _claim(out_dir: str, resuming: bool) -> "RunLock":
     lock.acquire()
     for name in os.listdir(out_dir):
         if name.startswith(".tmp-"):  # our own half-written copies from a run that was killed
-            path = os.path.join(out_dir, name)
-            if os.path.isdir(path):
-                shutil.rmtree(path, ignore_errors=True)
-            else:
-                os.remove(path)
+            remove(os.path.join(out_dir, name))
     return lock
 
 
@@ -113,12 +109,9 @@ class RunLock:
                 raise PrefError(f"--output-dir {os.path.dirname(self.path)} is in use by another pref run ({self.holder()}); "
                                 "wait for it to finish or choose another --output-dir") from None
             # the file may have been removed by its holder between our open and our lock: start again
-            try:
-                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
-            except FileNotFoundError:
-                same = False
-            if same:
-                break
+            with suppress(FileNotFoundError):
+                if os.fstat(fd).st_ino == os.stat(self.path).st_ino:
+                    break
             os.close(fd)
         stale = self.holder()
         if stale != "unknown holder":
@@ -146,10 +139,8 @@ class RunLock:
         """Remove the lock file and unlock; a no-op when not held."""
         if self.fd is None:
             return
-        try:
+        with suppress(OSError):
             os.remove(self.path)  # while still locked, so no one else's lock file is removed
-        except OSError:
-            pass
         os.close(self.fd)
         self.fd = None
         if _held.get(self.path) is self:

@@ -116,16 +116,14 @@ def whole_optimizer_state(optimizer: torch.optim.Optimizer, keep: bool = True) -
     Where not `keep` (a process that does not write) each gathered tensor is dropped at once.
     """
     state = optimizer.state_dict()
-    state["state"] = {index: {key: whole(v, keep) if isinstance(v, torch.Tensor) else v for key, v in values.items()}
-                      for index, values in state["state"].items()}
-    return state
+    return {**state, "state": {index: {key: whole(v, keep) if isinstance(v, torch.Tensor) else v for key, v in values.items()}
+                               for index, values in state["state"].items()}}
 
 
 def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
     """Load a whole optimizer state (an unsharded run's), cutting each tensor as its parameter is sharded."""
     params = [p for group in optimizer.param_groups for p in group["params"]]
     by_index = dict(zip([index for group in state["param_groups"] for index in group["params"]], params))
-    state = dict(state)
-    state["state"] = {index: {key: sharded_like(v, by_index[index]) if isinstance(v, torch.Tensor) and v.dim() else v
-                              for key, v in values.items()} for index, values in state["state"].items()}
-    optimizer.load_state_dict(state)
+    pieces = {index: {key: sharded_like(v, by_index[index]) if isinstance(v, torch.Tensor) and v.dim() else v for key, v in values.items()}
+              for index, values in state["state"].items()}
+    optimizer.load_state_dict({**state, "state": pieces})
