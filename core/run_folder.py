@@ -31,7 +31,6 @@ log = logging.getLogger(__name__)
 
 RUN_FILE = "run.json"
 FINAL_DIR = "final"
-LOG_FILES = ("metrics.jsonl", "generations.jsonl")  # JSON lines with a "step"
 LOCK_FILE = ".pref-run.lock"
 _held: dict[str, "RunLock"] = {}  # locks this process holds, by path
 
@@ -161,28 +160,6 @@ def resume_checkpoint(path: str) -> str | None:
         log.info(f"{path} has no checkpoint yet (stopped before the first): starting it again from step 0")
         return None
     raise PrefError(f"no checkpoint in {path}; pass a run folder that has checkpoint-* folders (save them with --save-every N)")
-
-
-def cut_logs(out_dir: str, step: int) -> None:
-    """Drop the lines after `step` from the run's step logs: a resumed run logs those steps again."""
-    for name in LOG_FILES:
-        path = os.path.join(out_dir, name)
-        if not os.path.exists(path):
-            continue
-        with open(path, encoding="utf-8") as f:
-            lines = f.readlines()
-        kept = [line for line in lines if _step_of(line) <= step]
-        if len(kept) < len(lines):
-            with open(path + ".tmp", "w", encoding="utf-8") as f:
-                f.writelines(kept)
-            os.replace(path + ".tmp", path)
-
-
-def _step_of(line: str) -> float:
-    try:
-        return json.loads(line)["step"]
-    except (ValueError, KeyError, TypeError):
-        return float("inf")  # a half-written last line of a killed run goes too
 
 
 def absolute_paths(config: Any, builders: Iterable[str] = ()) -> None:

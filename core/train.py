@@ -15,6 +15,7 @@ import platform
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
+from functools import partial
 from importlib import metadata
 from typing import Any
 
@@ -35,7 +36,7 @@ from pref.precision import AUTOCAST, keep_trainable_in_float32, resolve_dtype
 from pref.reference import AdaptersOffReference, CachedReference, FrozenReference, cache_dir
 from pref.registry import Registry
 from pref.reporting.card import write_model_card
-from pref.run_folder import FINAL_DIR, RUN_FILE, absolute_paths, claim_output_dir, cut_logs, release_locks, resume_checkpoint
+from pref.run_folder import FINAL_DIR, RUN_FILE, absolute_paths, claim_output_dir, release_locks, resume_checkpoint
 from pref.sequences import count_tokens
 from pref.sharding import is_sharded, no_gradient_sync, refuse_unsupported, shard, whole_state_dict
 
@@ -286,7 +287,7 @@ def train_policy(config: RunConfig, registry: Registry) -> tuple[str, HFPolicy]:
     for module in modules.values():
         module.to(accelerator.device).train()
     second = objective.second_model() if plan.needs.second_model else None
-    second_optimizer, train_second = None, None
+    second_optimizer = train_second = None
     if second is not None:
         second.model.to(accelerator.device)
         if world > 1:  # every process starts from the first one's weights, as DDP does for the policy
@@ -297,9 +298,7 @@ def train_policy(config: RunConfig, registry: Registry) -> tuple[str, HFPolicy]:
         keep_trainable_in_float32(second.model)  # a bf16 run's discriminator keeps float32 optimizer state too
         # AdamW's defaults, as D2PO's own optimizer had
         second_optimizer = torch.optim.AdamW([p for p in second.model.parameters() if p.requires_grad], lr=second.lr)
-
-        def train_second() -> dict[str, float]:
-            return train_second_model(second, second_optimizer, processes, accelerator.autocast)
+        train_second = partial(train_second_model, second, second_optimizer, processes, accelerator.autocast)
     example_sets, validation = hold_out([builder.build(policy) for builder in plan.datasets], config.validation_split, config.seed)
     validation += [example for builder in plan.validation_datasets for example in builder.build(policy)]
     examples = [example for examples in example_sets for example in examples]
@@ -344,7 +343,6 @@ def train_policy(config: RunConfig, registry: Registry) -> tuple[str, HFPolicy]:
         objective.load_state_dict(objective_state)
     loggers = []
     if accelerator.is_main_process:
-        cut_logs(out_dir, start_step)  # the steps after the checkpoint are logged again
         record = run_record(config, plan, registry)
         with open(os.path.join(out_dir, RUN_FILE), "w") as f:
             json.dump(record, f, indent=2, default=str)

@@ -10,7 +10,7 @@
     their prompt (`text_nll`): how well it still models the data.
 - `test-prompts`, on with `--test-prompt`: each prompt answered greedily (no random
   numbers are drawn, so a resumed run stays identical), appended to `generations.jsonl`
-  as `{"step", "prompt", "text"}` lines.
+  as `{"step", "prompt", "text"}` lines (a resumed run first drops the lines it answers again).
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import torch
 from pref import Evaluator, Objective, Policy, Processes, Prompt, Reference, SamplingConfig, hookimpl
 from pref.data import collate
 from pref.errors import PrefError
+from pref.plugins.loggers import keep_steps_up_to
 from pref.examples import LabeledExample, PreferenceExample, TextExample
 from pref.policy import unwrap
 from pref.reference import FrozenReference
@@ -99,13 +100,17 @@ class TestPrompts(Evaluator):
     def __init__(self, prompts: list[str], output_dir: str, processes: Processes, sampling: SamplingConfig = SamplingConfig()):
         if isinstance(prompts, str) or not prompts:
             raise PrefError("the evaluator test-prompts needs a list of prompts: pass --test-prompt TEXT")
-        self.prompts, self.output_dir, self.rank = list(prompts), output_dir, processes.rank
+        self.prompts, self.path, self.rank = list(prompts), os.path.join(output_dir, GENERATIONS_FILE), processes.rank
         self.sampling = SamplingConfig(max_new_tokens=sampling.max_new_tokens, temperature=0.0)
+        self.first = True
 
     def evaluate(self, step: int, policy: Policy, reference: Reference | None, records: list[Any]) -> dict[str, float]:
         if self.rank == 0:  # one process answers and writes
+            if self.first:  # a resumed run answers the steps after its checkpoint again
+                keep_steps_up_to(self.path, step - 1)
+                self.first = False
             answers = policy.generate(self.prompts, 1, self.sampling)
-            with open(os.path.join(self.output_dir, GENERATIONS_FILE), "a", encoding="utf-8") as f:
+            with open(self.path, "a", encoding="utf-8") as f:
                 for prompt, (text,) in zip(self.prompts, answers):
                     f.write(json.dumps({"step": step, "prompt": prompt, "text": text}) + "\n")
         return {}

@@ -20,11 +20,37 @@ SHOWN = ("loss", "rewards/accuracies", "rewards/margins", "reward/mean", "sample
 TOKENS_PER_SECOND = "tokens/per_second"
 
 
+def keep_steps_up_to(path: str, step: int) -> None:
+    """Drop the lines of the step log `path` (JSON lines with a "step") after `step`: a resumed run logs those steps again."""
+    if not os.path.exists(path):
+        return
+    with open(path, encoding="utf-8") as f:
+        lines = f.readlines()
+    kept = [line for line in lines if _step_of(line) <= step]
+    if len(kept) < len(lines):
+        with open(path + ".tmp", "w", encoding="utf-8") as f:
+            f.writelines(kept)
+        os.replace(path + ".tmp", path)
+
+
+def _step_of(line: str) -> float:
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return float("inf")  # a half-written last line of a killed run goes too
+
+
 class JsonlLogger(MetricsLogger):
     """One JSON object per logged step, appended to `metrics.jsonl` in the run folder."""
 
     def __init__(self, output_dir: str):
-        self.file = open(os.path.join(output_dir, METRICS_FILE), "a")
+        self.path = os.path.join(output_dir, METRICS_FILE)
+        self.file = open(self.path, "a")
+
+    def start(self, total_steps: int, start_step: int) -> None:
+        self.file.close()
+        keep_steps_up_to(self.path, start_step)
+        self.file = open(self.path, "a")
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         self.file.write(json.dumps({"step": step, **metrics}) + "\n")
