@@ -206,12 +206,11 @@ def lean_logps(hidden: torch.Tensor, model: torch.nn.Module, sequences: Sequence
     """
     bare = _inside_ddp(model)
     head, softcap = bare.get_output_embeddings(), getattr(config_of(bare), "final_logit_softcapping", None)
-    ids = sequences.input_ids
     mask = sequences.completion_mask.clone()
     mask[:, 0] = 0
-    where = mask[:, 1:].bool()  # [B, T-1]: position t predicts token t + 1
-    rows = hidden[:, :-1][where]  # [N, H]
-    targets = ids[:, 1:][where]  # [N]
+    where = mask.bool()  # [B, T]: token t is predicted at position t - 1
+    rows = hidden[:, :-1][where[:, 1:]]  # [N, H]
+    targets = sequences.input_ids[where]  # [N]
     chunk = max(1, LOGIT_CHUNK_ELEMENTS // head.weight.shape[0])
 
     def chunk_logps(h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -227,5 +226,4 @@ def lean_logps(hidden: torch.Tensor, model: torch.nn.Module, sequences: Sequence
         parts.append(checkpoint(chunk_logps, h, t, use_reentrant=False) if grad else chunk_logps(h, t))
     picked = torch.cat(parts) if parts else rows.new_zeros(0, dtype=torch.float32)
     token_logps = torch.zeros(where.shape, dtype=picked.dtype, device=picked.device).masked_scatter(where, picked)
-    token_logps = torch.nn.functional.pad(token_logps, (1, 0), value=0.0) * mask
     return Logps(token_logps, mask, token_logps.sum(-1))
