@@ -66,10 +66,9 @@ def model_fingerprint(model: torch.nn.Module, name: str) -> str:
     config = getattr(model, "config", None)
     if config is not None:
         digest.update(config.to_json_string(use_diff=False).encode())
-    with torch.no_grad():
-        for key, tensor in sorted(model.state_dict().items()):
-            digest.update(key.encode())
-            digest.update(tensor.detach().float().cpu().numpy().tobytes()[:: max(1, tensor.numel() // 4096)])
+    for key, tensor in sorted(model.state_dict().items()):
+        digest.update(key.encode())
+        digest.update(tensor.detach().float().cpu().numpy().tobytes()[:: max(1, tensor.numel() // 4096)])
     return digest.hexdigest()[:16]
 
 

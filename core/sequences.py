@@ -37,11 +37,9 @@ class Sequences:
 
     def keys(self) -> list[str]:
         """A content hash per row (the real tokens and which are completion), for caches."""
-        out = []
-        for ids, att, comp in zip(self.input_ids.tolist(), self.attention_mask.tolist(), self.completion_mask.tolist()):
-            real = [(i, c) for i, a, c in zip(ids, att, comp) if a]
-            out.append(hashlib.sha1(repr(real).encode()).hexdigest())
-        return out
+        rows = zip(self.input_ids.tolist(), self.attention_mask.tolist(), self.completion_mask.tolist())
+        real = ([(i, c) for i, a, c in zip(ids, att, comp) if a] for ids, att, comp in rows)
+        return [hashlib.sha1(repr(r).encode()).hexdigest() for r in real]
 
     @staticmethod
     def concat(parts: list["Sequences"], pad_id: int = 0) -> "Sequences":
