@@ -48,9 +48,6 @@ def load_tokenizer(name: str | None) -> Any:
     return tokenizer
 
 
-MODEL_KINDS = ("causal-lm", "sequence-classifier")
-
-
 def load_model(name: str | None, dtype: torch.dtype | None = None, kind: str = "causal-lm") -> torch.nn.Module:
     """A causal LM, or with `kind="sequence-classifier"` the same backbone with a one-score head.
 
@@ -60,21 +57,20 @@ def load_model(name: str | None, dtype: torch.dtype | None = None, kind: str = "
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     quiet_transformers()
-    path = resolve_model_path(name)
+    path, dtype = resolve_model_path(name), dtype or torch.float32
+    classifier = kind == "sequence-classifier"
     try:
         if os.path.isfile(os.path.join(path, ADAPTER_CONFIG)):
             import peft
 
-            auto = peft.AutoPeftModelForSequenceClassification if kind == "sequence-classifier" else peft.AutoPeftModelForCausalLM
+            auto = peft.AutoPeftModelForSequenceClassification if classifier else peft.AutoPeftModelForCausalLM
             with quiet_peft():
-                return auto.from_pretrained(path, dtype=dtype or torch.float32)
-        if kind == "sequence-classifier":
-            model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=dtype or torch.float32)
-        else:
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32)
+                return auto.from_pretrained(path, dtype=dtype)
+        if classifier:
+            return AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=dtype)
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     except (OSError, ValueError) as exc:
         raise _load_error(name, path, exc) from None
-    return model
 
 
 @contextmanager
@@ -124,10 +120,7 @@ def completion_token_ids(tokenizer: Any, completion: str) -> list[int]:
 
 
 def prepare_for_training(model: torch.nn.Module, config: Any, kind: str = "causal-lm", adapter: Adapter | None = None) -> torch.nn.Module:
-    """The loaded model as `config` trains it: with the plan's adapter (LoRA, ...) and gradient checkpointing.
-
-    Returns the model to train (a `peft` model for a run with an adapter).
-    """
+    """The model to train as `config` says: with the plan's adapter (LoRA, ...; then a `peft` model) and gradient checkpointing."""
     if adapter is not None:
         with quiet_peft():
             model = adapter.wrap(model, kind)

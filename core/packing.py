@@ -88,31 +88,25 @@ def pack(input_ids: torch.Tensor, lengths: list[int], plan: list[list[int]]) -> 
     """Lay the rows of `input_ids` [B, T] out as `plan` says, in rows as wide as the longest length."""
     rows, width = input_ids.shape
     packed_width = max(lengths)
-    device = input_ids.device
-    positions = []
-    source, target = [], []
+    positions, source, target = [], [], []
     for r, members in enumerate(plan):
         offset = 0
-        row_positions = []
         for i in members:
-            n = lengths[i]
-            row_positions.append(torch.arange(n))
-            source.append(torch.arange(n) + r * packed_width + offset)
-            target.append(torch.arange(n) + i * width)
-            offset += n
-        row_positions.append(torch.arange(packed_width - offset))  # the padding restarts too: it is a block of its own
-        positions.append(torch.cat(row_positions))
-    source_index = torch.cat(source).to(device)
-    target_index = torch.cat(target).to(device)
+            positions.append(torch.arange(lengths[i]))
+            source.append(torch.arange(lengths[i]) + r * packed_width + offset)
+            target.append(torch.arange(lengths[i]) + i * width)
+            offset += lengths[i]
+        positions.append(torch.arange(packed_width - offset))  # the padding restarts too: it is a block of its own
+    source_index = torch.cat(source).to(input_ids.device)
+    target_index = torch.cat(target).to(input_ids.device)
     packed_ids = input_ids.new_zeros(len(plan) * packed_width)
     packed_ids[source_index] = input_ids.reshape(-1)[target_index]
-    return Packed(packed_ids.reshape(len(plan), packed_width), torch.stack(positions).to(device), source_index, target_index, rows, width)
+    position_ids = torch.cat(positions).reshape(len(plan), packed_width).to(input_ids.device)
+    return Packed(packed_ids.reshape(len(plan), packed_width), position_ids, source_index, target_index, rows, width)
 
 
 def config_of(model: torch.nn.Module):
-    """The (text) config of a model, through DDP and PEFT wrappers; None if it has none."""
-    while hasattr(model, "module") and not hasattr(model, "config"):
-        model = model.module
+    """The (text) config of a model or its PEFT wrapper; None if it has none."""
     config = getattr(model, "config", None)
     return config.get_text_config() if hasattr(config, "get_text_config") else config
 
@@ -130,14 +124,25 @@ def may_pack(model: torch.nn.Module) -> bool:
     return True
 
 
-def fits_window(model: torch.nn.Module, width: int) -> bool:
-    """False where attention is limited to a window (sliding or chunked) shorter than `width`."""
+def packed_layout(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Packed | None:
+    """Right-padded rows `input_ids` [B, T] packed for `model`; None where that saves no row or may be wrong.
+
+    `model` is the bare model or its PEFT wrapper, as for `packs_correctly`, whose probe runs
+    before the rows are looked at. Rows are not packed when attention is limited to a window
+    (sliding or chunked) shorter than the longest row.
+    """
+    if not may_pack(model) or not packs_correctly(model):
+        return None
+    lengths = right_padded_lengths(attention_mask)
+    if lengths is None or max(lengths) == 0:
+        return None
     config = config_of(model)
     for key in ("sliding_window", "attention_chunk_size"):
         window = getattr(config, key, None)
-        if isinstance(window, int) and window < width:
-            return False
-    return True
+        if isinstance(window, int) and window < max(lengths):
+            return None
+    plan = packing_plan(lengths, max(lengths))
+    return pack(input_ids, lengths, plan) if len(plan) < len(lengths) else None
 
 
 def packs_correctly(model: torch.nn.Module) -> bool:
@@ -167,13 +172,9 @@ def _probe(model: torch.nn.Module) -> bool:
     Requiring the packed error to be both within `PROBE_TOLERANCE` and under a quarter of the
     plain forward's error keeps a model out even when, with random weights, context barely matters.
     """
-    config = config_of(model)
-    vocab = config.vocab_size
-    lengths = list(PROBE_LENGTHS)
-    width = max(lengths)
+    lengths, width = list(PROBE_LENGTHS), max(PROBE_LENGTHS)
     # fixed, spread-out token ids: no random numbers drawn, so a run's random stream is untouched
-    ids = (torch.arange(len(lengths) * width) * 7919 + 13) % vocab
-    ids = ids.reshape(len(lengths), width)
+    ids = ((torch.arange(len(lengths) * width) * 7919 + 13) % config_of(model).vocab_size).reshape(len(lengths), width)
     mask = (torch.arange(width) < torch.tensor(lengths)[:, None]).long()
     parameter = next(model.parameters())
     ids, mask = (ids * mask).to(parameter.device), mask.to(parameter.device)

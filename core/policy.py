@@ -19,6 +19,12 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+def _padded(rows: list[list[int]], value: int, left: bool = False) -> torch.Tensor:
+    """[len(rows), longest row] token rows, filled out with `value` on the right (or the left)."""
+    width = max(len(r) for r in rows)
+    return torch.tensor([[value] * (width - len(r)) + r if left else r + [value] * (width - len(r)) for r in rows])
+
+
 class HFPolicy(Policy):
     """A `transformers` causal LM and its tokenizer.
 
@@ -47,21 +53,13 @@ class HFPolicy(Policy):
     def device(self) -> torch.device:
         return next(unwrap(self.model).parameters()).device
 
-    # -- sampling --------------------------------------------------------------
-
-    def _left_padded_prompts(self, prompts: list[Prompt]) -> tuple[torch.Tensor, torch.Tensor]:
-        rows = [prompt_token_ids(self.tokenizer, p)[-self.max_prompt_length :] for p in prompts]
-        width = max(len(r) for r in rows)
-        pad = self.tokenizer.pad_token_id
-        ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=self.device)
-        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=self.device)
-        return ids, mask
-
     @torch.no_grad()
     def generate(self, prompts: list[Prompt], k: int, sampling: SamplingConfig) -> list[list[str]]:
         """All P x K samples in one batched, KV-cached `generate` call."""
         model = unwrap(self.model)
-        ids, mask = self._left_padded_prompts(prompts)
+        rows = [prompt_token_ids(self.tokenizer, p)[-self.max_prompt_length :] for p in prompts]
+        ids = _padded(rows, self.tokenizer.pad_token_id, left=True).to(self.device)
+        mask = _padded([[1] * len(r) for r in rows], 0, left=True).to(self.device)
         was_training = model.training
         model.eval()
         do_sample = sampling.temperature > 0
@@ -83,8 +81,6 @@ class HFPolicy(Policy):
         texts = [t.strip() for t in texts]
         return [texts[i * k : (i + 1) * k] for i in range(len(prompts))]
 
-    # -- scoring ---------------------------------------------------------------
-
     def encode(self, prompts: list[Prompt], completions: list[str]) -> Sequences:
         """Right-padded prompt+completion rows; the completion mask covers the answer and its EOS."""
         rows, masks = [], []
@@ -93,13 +89,7 @@ class HFPolicy(Policy):
             c = completion_token_ids(self.tokenizer, completion)[: max(1, self.max_length - len(p))]
             rows.append(p + c)
             masks.append([0] * len(p) + [1] * len(c))
-        width = max(len(r) for r in rows)
-        pad = self.tokenizer.pad_token_id
-        return Sequences(
-            input_ids=torch.tensor([r + [pad] * (width - len(r)) for r in rows]),
-            attention_mask=torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows]),
-            completion_mask=torch.tensor([m + [0] * (width - len(m)) for m in masks]),
-        )
+        return Sequences(_padded(rows, self.tokenizer.pad_token_id), _padded([[1] * len(r) for r in rows], 0), _padded(masks, 0))
 
     def logps(self, sequences: Sequences, with_logits: bool = False, with_hidden: bool = False) -> Logps:
         return model_logps(self.model, sequences.to(self.device), with_logits, with_hidden, packing=self.packing)

@@ -36,8 +36,7 @@ class FrozenReference(Reference):
 
     @torch.no_grad()
     def logps(self, sequences: Sequences, with_logits: bool = False) -> Logps:
-        device = next(self.model.parameters()).device
-        sequences = sequences.to(device)
+        sequences = sequences.to(next(self.model.parameters()).device)
         was_training = self.model.training
         self.model.eval()  # no dropout in the reference's numbers
         logps = model_logps(self.model, sequences, with_logits=with_logits, packing=self.packing)
@@ -67,10 +66,9 @@ def model_fingerprint(model: torch.nn.Module, name: str) -> str:
     config = getattr(model, "config", None)
     if config is not None:
         digest.update(config.to_json_string(use_diff=False).encode())
-    with torch.no_grad():
-        for key, tensor in sorted(model.state_dict().items()):
-            digest.update(key.encode())
-            digest.update(tensor.detach().float().cpu().numpy().tobytes()[:: max(1, tensor.numel() // 4096)])
+    for key, tensor in sorted(model.state_dict().items()):
+        digest.update(key.encode())
+        digest.update(tensor.detach().float().cpu().numpy().tobytes()[:: max(1, tensor.numel() // 4096)])
     return digest.hexdigest()[:16]
 
 
@@ -86,8 +84,7 @@ def rows_by_length(batches: list[Sequences], rows_per_batch: int) -> Iterator[tu
         ends = (batch.attention_mask.cumsum(-1).argmax(-1) + 1).tolist()  # one past the last real token
         for i, key in enumerate(batch.keys()):
             if key not in rows:
-                row = slice(i, i + 1), slice(0, ends[i])
-                rows[key] = Sequences(batch.input_ids[row], batch.attention_mask[row], batch.completion_mask[row])
+                rows[key] = Sequences(*(t[i : i + 1, : ends[i]] for t in vars(batch).values()))
     ordered = sorted(rows, key=lambda k: rows[k].input_ids.shape[1])
     for start in range(0, len(ordered), rows_per_batch):
         keys = ordered[start : start + rows_per_batch]
@@ -105,32 +102,22 @@ class CachedReference(Reference):
         self.table = table
 
     @classmethod
-    def build(
-        cls,
-        model: torch.nn.Module,
-        model_name: str,
-        batches: Iterable[Sequences],
-        cache_dir: str,
-        batch_size_hint: int = 0,
-        packing: bool = False,
-    ) -> "CachedReference":
+    def build(cls, model: torch.nn.Module, model_name: str, batches: Iterable[Sequences], cache_dir: str,
+              packing: bool = False) -> "CachedReference":
         """Load the cache for (model, data) from `cache_dir`, or compute and write it (`packing`: as `model_logps`)."""
         batches = list(batches)
         keys = sorted({k for b in batches for k in b.keys()})
         data_fp = hashlib.sha1("\n".join(keys).encode()).hexdigest()[:16]
         path = os.path.join(cache_dir, f"reference-{model_fingerprint(model, model_name)}-{data_fp}.safetensors")
         if os.path.exists(path):
-            tensors = load_file(path)
             with open(path + ".keys.json") as f:
-                stored_keys = json.load(f)
-            return cls(dict(zip(stored_keys, tensors["logps"].tolist())))
+                return cls(dict(zip(json.load(f), load_file(path)["logps"].tolist())))
         frozen = FrozenReference(model, packing)
         table: dict[str, float] = {}
         # as many rows per forward as a training step's chosen + rejected batch: no more memory than training
         rows_per_batch = 2 * max((len(b) for b in batches), default=1)
         for keys, batch in rows_by_length(batches, rows_per_batch):
-            out = frozen.logps(batch)
-            table.update(zip(keys, out.sequence.tolist()))
+            table.update(zip(keys, frozen.logps(batch).sequence.tolist()))
         os.makedirs(cache_dir, exist_ok=True)
         ordered = sorted(table)
         tmp = f"{path}.tmp-{os.getpid()}"

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from pref.packing import fits_window, may_pack, pack, packing_plan, packs_correctly, right_padded_lengths
+from pref.packing import config_of, packed_layout
 
 
 @dataclass
@@ -29,19 +29,17 @@ class Sequences:
         return self.input_ids.shape[0]
 
     def to(self, device: torch.device | str) -> "Sequences":
-        return Sequences(self.input_ids.to(device), self.attention_mask.to(device), self.completion_mask.to(device))
+        return Sequences(*(t.to(device) for t in vars(self).values()))
 
     def select(self, index: torch.Tensor | list[int]) -> "Sequences":
         index = torch.as_tensor(index, dtype=torch.long, device=self.input_ids.device)
-        return Sequences(self.input_ids[index], self.attention_mask[index], self.completion_mask[index])
+        return Sequences(*(t[index] for t in vars(self).values()))
 
     def keys(self) -> list[str]:
         """A content hash per row (the real tokens and which are completion), for caches."""
-        out = []
-        for ids, att, comp in zip(self.input_ids.tolist(), self.attention_mask.tolist(), self.completion_mask.tolist()):
-            real = [(i, c) for i, a, c in zip(ids, att, comp) if a]
-            out.append(hashlib.sha1(repr(real).encode()).hexdigest())
-        return out
+        rows = zip(self.input_ids.tolist(), self.attention_mask.tolist(), self.completion_mask.tolist())
+        real = ([(i, c) for i, a, c in zip(ids, att, comp) if a] for ids, att, comp in rows)
+        return [hashlib.sha1(repr(r).encode()).hexdigest() for r in real]
 
     @staticmethod
     def concat(parts: list["Sequences"], pad_id: int = 0) -> "Sequences":
@@ -81,13 +79,7 @@ class Logps:
         return self.sequence / self.mask.sum(-1).clamp(min=1)
 
     def select(self, index: torch.Tensor | slice) -> "Logps":
-        return Logps(
-            self.tokens[index],
-            self.mask[index],
-            self.sequence[index],
-            None if self.logits is None else self.logits[index],
-            None if self.hidden is None else self.hidden[index],
-        )
+        return Logps(*(None if t is None else t[index] for t in vars(self).values()))
 
 
 def count_tokens(batch: Any) -> tuple[int, int]:
@@ -126,9 +118,7 @@ def logps_from_logits(logits: torch.Tensor, sequences: Sequences, keep_logits: b
     picked = torch.gather(shifted, 2, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
     token_logps = picked - torch.logsumexp(shifted, dim=-1)
     token_logps = torch.nn.functional.pad(token_logps, (1, 0), value=0.0) * mask
-    aligned_logits = None
-    if keep_logits:
-        aligned_logits = torch.nn.functional.pad(logits[:, :-1], (0, 0, 1, 0))
+    aligned_logits = torch.nn.functional.pad(logits[:, :-1], (0, 0, 1, 0)) if keep_logits else None
     return Logps(token_logps, mask, token_logps.sum(-1), aligned_logits)
 
 
@@ -137,11 +127,11 @@ def logps_from_logits(logits: torch.Tensor, sequences: Sequences, keep_logits: b
 LOGIT_CHUNK_ELEMENTS = 2**24
 
 
-def output_head(model: torch.nn.Module) -> torch.nn.Module:
-    """The module mapping last hidden states to logits (the LM head), through DDP and PEFT wrappers."""
+def _inside_ddp(model: torch.nn.Module) -> torch.nn.Module:
+    """`model` out of DDP-like wrappers (their forward synchronises); PEFT and FSDP wrappers pass the LM through and stay."""
     while hasattr(model, "module") and not hasattr(model, "get_output_embeddings"):
         model = model.module
-    return model.get_output_embeddings()
+    return model
 
 
 def model_logps(model: torch.nn.Module, sequences: Sequences, with_logits: bool = False, with_hidden: bool = False,
@@ -159,14 +149,10 @@ def model_logps(model: torch.nn.Module, sequences: Sequences, with_logits: bool 
         packed = packed_logps(model, sequences)
         if packed is not None:
             return packed
-    if with_logits:
-        out, hidden = forward_with_head_input(model, output_head(model) if with_hidden else None, shrink=False,
-                                              input_ids=sequences.input_ids, attention_mask=sequences.attention_mask)
-        logps = logps_from_logits(out.logits, sequences, keep_logits=True)
-    else:
-        head = output_head(model)
-        _, hidden = forward_with_head_input(model, head, shrink=True, input_ids=sequences.input_ids, attention_mask=sequences.attention_mask)
-        logps = lean_logps(hidden, head, sequences, softcap=_softcap(model))
+    head = _inside_ddp(model).get_output_embeddings() if with_hidden or not with_logits else None
+    out, hidden = forward_with_head_input(model, head, shrink=not with_logits, input_ids=sequences.input_ids,
+                                          attention_mask=sequences.attention_mask)
+    logps = logps_from_logits(out.logits, sequences, keep_logits=True) if with_logits else lean_logps(hidden, model, sequences)
     if with_hidden:
         logps.hidden = hidden
     return logps
@@ -195,49 +181,35 @@ def forward_with_head_input(model: torch.nn.Module, head: torch.nn.Module | None
 
 def packed_logps(model: torch.nn.Module, sequences: Sequences) -> Logps | None:
     """`model_logps`' lean path through one packed forward; None where packing saves no row or may be wrong."""
-    bare = model
-    while hasattr(bare, "module") and not hasattr(bare, "get_output_embeddings"):
-        bare = bare.module  # the probe runs on the model inside DDP: it must not synchronise anything
-    if not may_pack(bare) or not packs_correctly(bare):
+    bare = _inside_ddp(model)  # the probe runs on the model inside DDP: it must not synchronise anything
+    layout = packed_layout(bare, sequences.input_ids, sequences.attention_mask)
+    if layout is None:
         return None
-    lengths = right_padded_lengths(sequences.attention_mask)
-    if lengths is None or max(lengths) == 0 or not fits_window(bare, max(lengths)):
-        return None
-    plan = packing_plan(lengths, max(lengths))
-    if len(plan) >= len(lengths):
-        return None
-    layout = pack(sequences.input_ids, lengths, plan)
-    head = output_head(model)
     # no attention mask: transformers then reads the sequence starts from position_ids
-    _, hidden = forward_with_head_input(model, head, shrink=True, input_ids=layout.input_ids, position_ids=layout.position_ids, use_cache=False)
-    return lean_logps(layout.unpack(hidden), head, sequences, softcap=_softcap(model))
+    _, hidden = forward_with_head_input(model, bare.get_output_embeddings(), shrink=True, input_ids=layout.input_ids,
+                                        position_ids=layout.position_ids, use_cache=False)
+    return lean_logps(layout.unpack(hidden), model, sequences)
 
 
-def _softcap(model: torch.nn.Module) -> float | None:
-    """The final logit soft-capping some architectures (Gemma 2) apply after the LM head."""
-    while hasattr(model, "module") and not hasattr(model, "config"):
-        model = model.module
-    return getattr(getattr(model, "config", None), "final_logit_softcapping", None)
-
-
-def lean_logps(hidden: torch.Tensor, head: torch.nn.Module, sequences: Sequences, softcap: float | None = None) -> Logps:
+def lean_logps(hidden: torch.Tensor, model: torch.nn.Module, sequences: Sequences) -> Logps:
     """Log-probs of the completion tokens from the last hidden states, without the full logits.
 
-    hidden: [B, T, H], where `head(hidden[:, t])` predicts token t + 1.
-    Only the N completion positions go through `head`, in chunks of
+    hidden: [B, T, H], where `model`'s LM head on `hidden[:, t]` predicts token t + 1 (after
+    the final logit soft-capping some architectures, Gemma 2, apply).
+    Only the N completion positions go through the head, in chunks of
     `LOGIT_CHUNK_ELEMENTS // V` rows; with grad enabled each chunk is recomputed in
     the backward pass instead of being kept, so a step holds one chunk's logits
     [rows, V] at a time instead of [B, T, V]. Returns the same `Logps` as
     `logps_from_logits` (logits=None).
     """
-    ids = sequences.input_ids
+    bare = _inside_ddp(model)
+    head, softcap = bare.get_output_embeddings(), getattr(config_of(bare), "final_logit_softcapping", None)
     mask = sequences.completion_mask.clone()
     mask[:, 0] = 0
-    where = mask[:, 1:].bool()  # [B, T-1]: position t predicts token t + 1
-    rows = hidden[:, :-1][where]  # [N, H]
-    targets = ids[:, 1:][where]  # [N]
-    vocab = head.weight.shape[0]
-    chunk = max(1, LOGIT_CHUNK_ELEMENTS // vocab)
+    where = mask.bool()  # [B, T]: token t is predicted at position t - 1
+    rows = hidden[:, :-1][where[:, 1:]]  # [N, H]
+    targets = sequences.input_ids[where]  # [N]
+    chunk = max(1, LOGIT_CHUNK_ELEMENTS // head.weight.shape[0])
 
     def chunk_logps(h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         logits = head(h).float()
@@ -252,5 +224,4 @@ def lean_logps(hidden: torch.Tensor, head: torch.nn.Module, sequences: Sequences
         parts.append(checkpoint(chunk_logps, h, t, use_reentrant=False) if grad else chunk_logps(h, t))
     picked = torch.cat(parts) if parts else rows.new_zeros(0, dtype=torch.float32)
     token_logps = torch.zeros(where.shape, dtype=picked.dtype, device=picked.device).masked_scatter(where, picked)
-    token_logps = torch.nn.functional.pad(token_logps, (1, 0), value=0.0) * mask
     return Logps(token_logps, mask, token_logps.sum(-1))
