@@ -8,9 +8,9 @@ from typing import Any
 
 import torch
 
-from pref.data import RolloutSteps, ShuffledBatches
+from pref.data import RolloutSteps, ShuffledBatches, collate
 from pref.errors import NoUsablePairs, PrefError
-from pref.examples import Prompt, prompt_of
+from pref.examples import LabeledExample, PreferenceExample, Prompt, prompt_of
 from pref.reporting.diversity import distinct_ratio, entropy_bits
 from pref.interfaces import (
     SAMPLES, SETS, CandidatePool, LabeledBatch, ObjectiveNeeds, PairBatch, PairSelector, Policy, Processes, RewardSource, SamplingConfig,
@@ -121,22 +121,13 @@ class OnlineBatches:
         return batch, {**metrics, **self.order.metrics()}
 
     def _batch(self, prompts: list[Prompt], completions: list[list[str]], selection: Selection) -> PairBatch | LabeledBatch | None:
-        """The selected rows encoded, or None when the selector picked none."""
+        """The selected samples as records, batched as a dataset's would be; None when the selector picked none."""
         if self.data == SETS:
-            rows = [(p, k, True) for p, k in selection.accepted] + [(p, k, False) for p, k in selection.rejected]
-            if not rows:
-                return None
-            return LabeledBatch(
-                sequences=self.policy.encode([prompts[p] for p, _, _ in rows], [completions[p][k] for p, k, _ in rows]),
-                labels=torch.tensor([label for _, _, label in rows]),
-            )
-        if not selection.pairs:
-            return None
-        chosen_prompts = [prompts[p] for p, _, _ in selection.pairs]
-        return PairBatch(
-            chosen=self.policy.encode(chosen_prompts, [completions[p][c] for p, c, _ in selection.pairs]),
-            rejected=self.policy.encode(chosen_prompts, [completions[p][r] for p, _, r in selection.pairs]),
-        )
+            records = [LabeledExample(prompts[p], completions[p][k], True) for p, k in selection.accepted]
+            records += [LabeledExample(prompts[p], completions[p][k], False) for p, k in selection.rejected]
+        else:
+            records = [PreferenceExample(prompts[p], completions[p][c], completions[p][r]) for p, c, r in selection.pairs]
+        return collate(self.policy, records) if records else None
 
     def state(self) -> dict[str, int]:
         return (self.steps or self.order).state()
