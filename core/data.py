@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -49,9 +48,7 @@ class ShuffledBatches:
         self.seed = seed
         self.rank = rank
         self.world = world
-        self.epoch = 0
-        self.position = 0
-        self._order = self._shuffle(0)
+        self.load_state({"epoch": 0, "position": 0})
 
     def _shuffle(self, epoch: int) -> list[int]:
         generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
@@ -63,9 +60,7 @@ class ShuffledBatches:
         picked = []
         for offset in range(global_size):
             if self.position >= len(self._order):
-                self.epoch += 1
-                self.position = 0
-                self._order = self._shuffle(self.epoch)
+                self.load_state({"epoch": self.epoch + 1, "position": 0})
             if offset // self.batch_size == self.rank:
                 picked.append(self.items[self._order[self.position]])
             self.position += 1
@@ -83,11 +78,6 @@ class ShuffledBatches:
         self._order = self._shuffle(self.epoch)
 
 
-def order_metrics(order: Any) -> dict[str, float]:
-    """What an order reports about itself (a curriculum: its weights); a `ShuffledBatches` reports nothing."""
-    return order.metrics()
-
-
 class OfflineBatches:
     """Batches from a fixed dataset.
 
@@ -101,7 +91,7 @@ class OfflineBatches:
         self.order = order if order is not None else ShuffledBatches(examples, batch_size, seed, rank, world)
 
     def next(self) -> tuple[Any, dict[str, float]]:
-        return collate(self.policy, self.order.next()), order_metrics(self.order)
+        return collate(self.policy, self.order.next()), self.order.metrics()
 
     def state(self) -> dict[str, int]:
         return self.order.state()
@@ -135,11 +125,11 @@ class RolloutSteps:
         self.rollouts = 0  # rollouts drawn so far
         self._queue: list[Minibatch] = []
         self._metrics: dict[str, float] = {}
-        self._order_before: dict[str, Any] = {}
+        self._state_before: dict[str, Any] = {}  # state() while part-way through a rollout
 
     def next(self) -> tuple[Minibatch, dict[str, float]]:
         if not self._queue:
-            self._order_before = self.order.state()
+            self._state_before = self.state()
             batch, metrics = self.draw()
             self._queue = self._split(Rollout(batch), len(batch))
             self.rollouts += 1
@@ -159,15 +149,12 @@ class RolloutSteps:
         return steps
 
     def state(self) -> dict[str, Any]:
-        if self._queue:  # part-way through a rollout: resume from before it
-            return {**self._order_before, "rollouts": self.rollouts - 1}
-        return {**self.order.state(), "rollouts": self.rollouts}
+        return dict(self._state_before) if self._queue else {**self.order.state(), "rollouts": self.rollouts}
 
     def load_state(self, state: dict[str, Any]) -> None:
-        state = dict(state)
-        self.rollouts = state.pop("rollouts", 0)
+        self.rollouts = state.get("rollouts", 0)
         self._queue = []
-        self.order.load_state(state)
+        self.order.load_state({key: value for key, value in state.items() if key != "rollouts"})
 
 
 def dataset_names(entries: Sequence[str]) -> list[str]:

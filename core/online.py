@@ -8,62 +8,48 @@ from typing import Any
 
 import torch
 
-from pref.data import RolloutSteps, ShuffledBatches, order_metrics
+from pref.data import RolloutSteps, ShuffledBatches, collate
 from pref.errors import NoUsablePairs, PrefError
-from pref.examples import Prompt, prompt_of
+from pref.examples import LabeledExample, PreferenceExample, Prompt, prompt_of
 from pref.reporting.diversity import distinct_ratio, entropy_bits
 from pref.interfaces import (
     SAMPLES, SETS, CandidatePool, LabeledBatch, ObjectiveNeeds, PairBatch, PairSelector, Policy, Processes, RewardSource, SamplingConfig,
-    ScoredBatch,
+    ScoredBatch, Selection,
 )
 
 
 class OnlineBatches:
-    """Each `next()` samples from the current policy and returns a training batch.
+    """Each `next()` samples from the current policy and returns a training batch and its metrics.
 
-    All P x K samples of a step come from one batched `generate` call. Rows
-    the selector did not use are dropped; when no prompt of a draw gives a
-    usable pair, the next prompts are drawn (up to `MAX_DRAWS` times).
+    All P x K samples of a step come from one batched `generate` call. For objectives that
+    learn from SAMPLES nothing is selected: all P x K samples and their scores form a
+    `ScoredBatch` rollout, served as the objective's epochs x mini-batches `Minibatch` steps
+    (see `RolloutSteps`). Other objectives get a `PairBatch` (PAIRS) or a `LabeledBatch` (SETS)
+    of what the selector picked; the other rows are dropped, and when no prompt of a draw gives
+    a usable pair, the next prompts are drawn (up to `MAX_DRAWS` times).
 
-    For objectives that learn from SAMPLES nothing is selected: all P x K samples
-    and their scores form a `ScoredBatch` rollout, served as the objective's
-    epochs x mini-batches `Minibatch` steps (see `RolloutSteps`). Other objectives
-    get a `PairBatch` (PAIRS) or a `LabeledBatch` (SETS) of what the selector picked.
+    `order`: any object with next()/state()/load_state()/metrics() may replace the shuffled
+    prompts (a curriculum over records). `after_draw` is called after each draw (a second model
+    trained as soon as a selection asks for it) and returns metrics.
     """
 
     MAX_DRAWS = 10
 
-    def __init__(
-        self,
-        policy: Policy,
-        prompts: Sequence[Prompt],
-        reward: RewardSource,
-        selector: PairSelector | None,
-        needs: ObjectiveNeeds,
-        samples_per_prompt: int,
-        sampling: SamplingConfig,
-        prompts_per_step: int,
-        seed: int,
-        rank: int = 0,
-        world: int = 1,
-        order: Any = None,
-        after_draw: Callable[[], dict[str, float]] | None = None,
-        processes: Processes | None = None,
-    ):
+    def __init__(self, policy: Policy, prompts: Sequence[Prompt], reward: RewardSource, selector: PairSelector | None, needs: ObjectiveNeeds,
+                 samples_per_prompt: int, sampling: SamplingConfig, prompts_per_step: int, seed: int, rank: int = 0, world: int = 1,
+                 order: Any = None, after_draw: Callable[[], dict[str, float]] | None = None, processes: Processes | None = None):
         self.policy = policy
         self.reward = reward
         self.selector = selector
         self.data = needs.data
         self.k = samples_per_prompt
         self.sampling = sampling
-        # called after each draw (a second model trained as soon as a selection asks for it); it returns metrics
         self.after_draw = after_draw
         self.processes = processes or Processes()
-        # any order with next()/state()/load_state() may replace the shuffled prompts (a curriculum over records)
         self.order = order if order is not None else ShuffledBatches(list(prompts), prompts_per_step, seed, rank, world)
         self.steps = None
         if needs.data == SAMPLES:
-            self.steps = RolloutSteps(self._samples, self.order, needs.epochs_per_rollout, needs.minibatches_per_rollout, seed)
+            self.steps = RolloutSteps(self._rollout, self.order, needs.epochs_per_rollout, needs.minibatches_per_rollout, seed)
 
     def next(self) -> tuple[Any, dict[str, float]]:
         if self.steps is not None:
@@ -86,93 +72,70 @@ class OnlineBatches:
         )
 
     def _sample(self) -> tuple[list[Prompt], list[list[str]], dict[str, torch.Tensor], dict[str, float]]:
-        """The next prompts, K completions each from one generate call, and their flat [P * K] scores."""
-        prompts = self._next_prompts()
-        k = self.k
-        t0 = time.perf_counter()
-        completions = self.policy.generate(prompts, k, self.sampling)
-        t1 = time.perf_counter()
-        flat_prompts = [p for p in prompts for _ in range(k)]
-        flat_completions = [c for row in completions for c in row]
-        scores = self._score(flat_prompts, flat_completions)
-        metrics = {**sample_metrics(scores["reward"], flat_completions), "time/sampling": t1 - t0, "time/scoring": time.perf_counter() - t1}
+        """The order's next prompts, K completions each from one generate call, and their flat [P * K] scores."""
+        prompts = [prompt_of(item) for item in self.order.next()]  # a record (with a `prompt`) gives its prompt
+        start = time.perf_counter()
+        completions = self.policy.generate(prompts, self.k, self.sampling)
+        sampled = time.perf_counter()
+        flat_prompts, flat_completions = flatten(prompts, completions)
+        # on the CPU whatever device the reward computed them on
+        scores = {name: values.detach().float().cpu() for name, values in self.reward.score(flat_prompts, flat_completions).items()}
+        if "reward" not in scores:
+            raise PrefError(f"reward {type(self.reward).__name__} gave no score named 'reward' (it gave {', '.join(scores) or 'none'})")
+        rewards = scores["reward"]
+        metrics = {
+            "reward/mean": rewards.mean().item(),
+            "reward/std": rewards.std().item() if rewards.numel() > 1 else 0.0,
+            "reward/max": rewards.max().item(),
+            "samples/distinct_ratio": distinct_ratio(flat_completions),
+            "samples/entropy": entropy_bits(flat_completions),
+            "time/sampling": sampled - start,
+            "time/scoring": time.perf_counter() - sampled,
+        }
         return prompts, completions, scores, metrics
 
-    def _draw(self) -> tuple[Any, dict[str, float]]:
+    def _draw(self) -> tuple[PairBatch | LabeledBatch | None, dict[str, float]]:
         """Sample, score, and let the selector pick pairs or sets."""
         prompts, completions, flat_scores, metrics = self._sample()
-        k = self.k
-        t0 = time.perf_counter()
-        scores = {name: values.reshape(len(prompts), k) for name, values in flat_scores.items()}
+        start = time.perf_counter()
+        scores = {name: values.reshape(len(prompts), self.k) for name, values in flat_scores.items()}
         logps = None
         assert self.selector is not None
         if self.selector.needs_logps:
-            flat_prompts = [p for p in prompts for _ in range(k)]
-            flat_completions = [c for row in completions for c in row]
             with torch.no_grad():
-                logps = self.policy.logps(self.policy.encode(flat_prompts, flat_completions)).sequence.reshape(len(prompts), k).cpu()
+                logps = self.policy.logps(self.policy.encode(*flatten(prompts, completions))).sequence.reshape(len(prompts), self.k).cpu()
         selection = self.selector.select(CandidatePool(list(prompts), completions, scores, logps))
-        metrics["time/scoring"] += time.perf_counter() - t0
+        metrics["time/scoring"] += time.perf_counter() - start
         metrics.update({
             "pairs/usable_fraction": len({p for p, _, _ in selection.pairs} | {p for p, _ in selection.accepted + selection.rejected}) / len(prompts),
             **selection.metrics,
-            **order_metrics(self.order),
+            **self.order.metrics(),
         })
         return self._batch(prompts, completions, selection), metrics
 
-    def _samples(self) -> tuple[ScoredBatch, dict[str, float]]:
+    def _rollout(self) -> tuple[ScoredBatch, dict[str, float]]:
         """SAMPLES: all P x K samples of the next prompts, scored, none selected."""
         prompts, completions, scores, metrics = self._sample()
-        k = self.k
-        flat_prompts = [p for p in prompts for _ in range(k)]
-        flat_completions = [c for row in completions for c in row]
-        batch = ScoredBatch(flat_prompts, flat_completions, self.policy.encode(flat_prompts, flat_completions), scores, k)
-        return batch, {**metrics, **order_metrics(self.order)}
+        flat_prompts, flat_completions = flatten(prompts, completions)
+        batch = ScoredBatch(flat_prompts, flat_completions, self.policy.encode(flat_prompts, flat_completions), scores, self.k)
+        return batch, {**metrics, **self.order.metrics()}
 
-    def _next_prompts(self) -> list[Prompt]:
-        """The order's next items as prompts: a record (with a `prompt`) gives its prompt."""
-        return [prompt_of(item) for item in self.order.next()]
-
-    def _score(self, prompts: list[Prompt], completions: list[str]) -> dict[str, torch.Tensor]:
-        """The reward's scores, name -> float [B], on the CPU whatever device the reward computed them on."""
-        scores = {name: values.detach().float().cpu() for name, values in self.reward.score(prompts, completions).items()}
-        if "reward" not in scores:
-            raise PrefError(f"reward {type(self.reward).__name__} gave no score named 'reward' (it gave {', '.join(scores) or 'none'})")
-        return scores
-
-    def _batch(self, prompts: list[Prompt], completions: list[list[str]], selection: Any) -> Any:
+    def _batch(self, prompts: list[Prompt], completions: list[list[str]], selection: Selection) -> PairBatch | LabeledBatch | None:
+        """The selected samples as records, batched as a dataset's would be; None when the selector picked none."""
         if self.data == SETS:
-            rows = [(p, k, True) for p, k in selection.accepted] + [(p, k, False) for p, k in selection.rejected]
-            if not rows:
-                return None
-            return LabeledBatch(
-                sequences=self.policy.encode([prompts[p] for p, _, _ in rows], [completions[p][k] for p, k, _ in rows]),
-                labels=torch.tensor([label for _, _, label in rows]),
-            )
-        if not selection.pairs:
-            return None
-        chosen_prompts = [prompts[p] for p, _, _ in selection.pairs]
-        return PairBatch(
-            chosen=self.policy.encode(chosen_prompts, [completions[p][c] for p, c, _ in selection.pairs]),
-            rejected=self.policy.encode(chosen_prompts, [completions[p][r] for p, _, r in selection.pairs]),
-        )
+            records = [LabeledExample(prompts[p], completions[p][k], True) for p, k in selection.accepted]
+            records += [LabeledExample(prompts[p], completions[p][k], False) for p, k in selection.rejected]
+        else:
+            records = [PreferenceExample(prompts[p], completions[p][c], completions[p][r]) for p, c, r in selection.pairs]
+        return collate(self.policy, records) if records else None
 
     def state(self) -> dict[str, int]:
-        return self.steps.state() if self.steps is not None else self.order.state()
+        return (self.steps or self.order).state()
 
     def load_state(self, state: dict[str, int]) -> None:
-        if self.steps is not None:
-            self.steps.load_state(state)
-        else:
-            self.order.load_state(state)
+        (self.steps or self.order).load_state(state)
 
 
-def sample_metrics(rewards: torch.Tensor, completions: list[str]) -> dict[str, float]:
-    """Reward statistics and diversity of one step's samples."""
-    return {
-        "reward/mean": rewards.mean().item(),
-        "reward/std": rewards.std().item() if rewards.numel() > 1 else 0.0,
-        "reward/max": rewards.max().item(),
-        "samples/distinct_ratio": distinct_ratio(completions),
-        "samples/entropy": entropy_bits(completions),
-    }
+def flatten(prompts: list[Prompt], completions: list[list[str]]) -> tuple[list[Prompt], list[str]]:
+    """P prompts with K completions each -> the [P * K] rows, prompt by prompt: (prompts, completions)."""
+    return [p for p, row in zip(prompts, completions) for _ in row], [c for row in completions for c in row]

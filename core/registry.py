@@ -65,13 +65,6 @@ class PluginFailure:
     error: str
 
 
-def _allowed_distributions() -> set[str] | None:
-    value = os.environ.get("PREF_PLUGINS")
-    if value is None:
-        return None
-    return {part.strip() for part in value.split(",") if part.strip()}
-
-
 def get_plugin_manager(load_entrypoints: bool = True) -> tuple[pluggy.PluginManager, list[PluginFailure], dict[str, tuple[str, str]]]:
     """Build a plugin manager with pref's hook specs and, by default, every installed plugin.
 
@@ -88,7 +81,8 @@ def get_plugin_manager(load_entrypoints: bool = True) -> tuple[pluggy.PluginMana
     if not load_entrypoints:
         return pm, failures, sources
 
-    allowed = _allowed_distributions()
+    allow_list = os.environ.get("PREF_PLUGINS")
+    allowed = None if allow_list is None else {part.strip() for part in allow_list.split(",") if part.strip()}
     seen: set[tuple[str, str]] = set()
     for dist in metadata.distributions():
         dist_name = dist.metadata["Name"]
@@ -100,8 +94,7 @@ def get_plugin_manager(load_entrypoints: bool = True) -> tuple[pluggy.PluginMana
             if allowed is not None and dist_name != BUILTIN_DISTRIBUTION and dist_name not in allowed:
                 continue
             try:
-                plugin = ep.load()
-                pm.register(plugin, name=ep.name)
+                pm.register(ep.load(), name=ep.name)
             except Exception as exc:  # a broken plugin is reported, not fatal
                 failures.append(PluginFailure(ep.name, dist_name, f"{type(exc).__name__}: {exc}"))
                 continue
@@ -119,7 +112,6 @@ class Registry:
     """Everything the loaded plugins registered, by kind and name."""
 
     def __init__(self, pm: pluggy.PluginManager, failures: list[PluginFailure] | None = None, sources: dict[str, tuple[str, str]] | None = None):
-        self.pm = pm
         self.failures = list(failures or [])
         sources = sources or {}
         self._items: dict[str, dict[str, PluginItem]] = {kind: {} for kind in KINDS}
@@ -127,12 +119,10 @@ class Registry:
             for plugin_name, plugin in pm.list_name_plugin():
                 if plugin is None:
                     continue
-                others = [p for p in pm.get_plugins() if p is not plugin]
-                caller = pm.subset_hook_caller(hook_name, remove_plugins=others)
+                caller = pm.subset_hook_caller(hook_name, remove_plugins=[p for p in pm.get_plugins() if p is not plugin])
                 package, version = sources.get(plugin_name, (plugin_name, ""))
-                register = self._registrar(kind, plugin_name, package, version)
                 try:
-                    caller(register=register)
+                    caller(register=self._registrar(kind, plugin_name, package, version))
                 except PrefError:
                     raise
                 except Exception as exc:
@@ -140,9 +130,8 @@ class Registry:
 
     def _registrar(self, kind: str, plugin_name: str, package: str, version: str) -> Callable[..., None]:
         def register(name: str, factory: Callable[..., Any], description: str | None = None) -> None:
-            if description is None:
-                doc = inspect.getdoc(factory) or ""
-                description = doc.strip().splitlines()[0] if doc.strip() else ""
+            if description is None:  # the first line of the factory's docstring
+                description = ((inspect.getdoc(factory) or "").strip().splitlines() or [""])[0]
             existing = self._items[kind].get(name)
             if existing is not None:
                 raise PrefError(
@@ -178,8 +167,7 @@ class Registry:
         item = self.get(kind, name)
         options = dict(options or {})
         context = {"registry": self, **context}
-        signature = inspect.signature(item.factory)
-        params = signature.parameters
+        params = inspect.signature(item.factory).parameters
         takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
         accepted = [n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and n not in context]
         for key in options:
@@ -194,9 +182,6 @@ class Registry:
             raise PrefError(f"bad options for {kind} {name!r}: {exc}") from None
 
 
-def load_registry(pm: pluggy.PluginManager | None = None) -> Registry:
-    """The registry of every installed plugin (or of the plugins on `pm`)."""
-    if pm is not None:
-        return Registry(pm)
-    pm, failures, sources = get_plugin_manager()
-    return Registry(pm, failures, sources)
+def load_registry() -> Registry:
+    """The registry of every installed plugin."""
+    return Registry(*get_plugin_manager())
