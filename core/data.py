@@ -11,6 +11,7 @@ import torch
 from pref.errors import PrefError
 from pref.examples import LabeledExample, PreferenceExample, TextExample
 from pref.interfaces import LabeledBatch, Minibatch, PairBatch, Policy, Rollout
+from pref.sequences import Sequences
 
 
 def collate(policy: Policy, examples: Sequence[Any]) -> Any:
@@ -30,6 +31,19 @@ def collate(policy: Policy, examples: Sequence[Any]) -> Any:
     if isinstance(first, TextExample):
         return policy.encode([e.prompt for e in examples], [e.text for e in examples])
     raise TypeError(f"cannot batch records of type {type(first).__name__}")
+
+
+def count_tokens(batch: PairBatch | LabeledBatch | Minibatch | Sequences) -> tuple[int, int]:
+    """(real tokens, padded positions) over the rows of a training batch; a `Minibatch` counts its own rows of the rollout."""
+    if isinstance(batch, PairBatch):
+        found = [batch.chosen, batch.rejected]
+    elif isinstance(batch, LabeledBatch):
+        found = [batch.sequences]
+    elif isinstance(batch, Minibatch):
+        found = [batch.rollout.batch.sequences.select(batch.rows)]
+    else:
+        found = [batch]
+    return sum(int(s.attention_mask.sum()) for s in found), sum(s.attention_mask.numel() for s in found)
 
 
 class ShuffledBatches:

@@ -33,7 +33,7 @@ def _numbers(values: dict[str, Any], prefix: str = "") -> Iterable[tuple[str, fl
 
 
 def likely_causes(config: Any) -> str:
-    beta = (getattr(config, "objective_options", None) or {}).get("beta")
+    beta = config.objective_options.get("beta")
     return f"lower --lr (now {config.lr:g})" + (f" or --beta (now {beta:g})" if isinstance(beta, (int, float)) else " or the objective's beta")
 
 

@@ -82,28 +82,6 @@ class Logps:
         return Logps(*(None if t is None else t[index] for t in vars(self).values()))
 
 
-def count_tokens(batch: Any) -> tuple[int, int]:
-    """(real tokens, padded positions) over the `Sequences` a training batch holds.
-
-    Looks into the batch's fields (a `PairBatch`'s chosen and rejected, a `ScoredBatch`'s
-    sequences, ...); a mini-batch of a rollout (`rows` + `rollout`) counts its own rows only.
-    """
-    rows = getattr(batch, "rows", None)
-    if rows is not None and hasattr(batch, "rollout"):
-        found = [s.select(rows) for s in _sequences_in(batch.rollout)]
-    else:
-        found = list(_sequences_in(batch))
-    return sum(int(s.attention_mask.sum()) for s in found), sum(s.attention_mask.numel() for s in found)
-
-
-def _sequences_in(value: Any, depth: int = 2) -> list[Sequences]:
-    if isinstance(value, Sequences):
-        return [value]
-    if depth == 0 or not hasattr(value, "__dict__"):
-        return []
-    return [s for field in vars(value).values() if not isinstance(field, torch.Tensor) for s in _sequences_in(field, depth - 1)]
-
-
 def logps_from_logits(logits: torch.Tensor, sequences: Sequences, keep_logits: bool = False) -> Logps:
     """Gather the log-prob of each completion token from a model's logits.
 

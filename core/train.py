@@ -24,7 +24,7 @@ import torch
 from pref.agreement import next_batch_together, same_decision
 from pref.checkpoint import Trained, load_checkpoint, read_state, rng_state, save_checkpoint, write_atomically
 from pref.config import RunConfig
-from pref.data import OfflineBatches, collate, dataset_names, hold_out
+from pref.data import OfflineBatches, collate, count_tokens, dataset_names, hold_out
 from pref.divergence import check_step, check_weights, refuse_non_finite_settings, sampling_diverged
 from pref.errors import NoUsablePairs, PrefError
 from pref.examples import prompt_of
@@ -37,7 +37,6 @@ from pref.reference import AdaptersOffReference, CachedReference, FrozenReferenc
 from pref.registry import Registry
 from pref.reporting.card import write_model_card
 from pref.run_folder import FINAL_DIR, RUN_FILE, absolute_paths, claim_output_dir, release_locks, resume_checkpoint
-from pref.sequences import count_tokens
 from pref.sharding import is_sharded, no_gradient_sync, refuse_unsupported, shard, whole_state_dict
 
 log = logging.getLogger(__name__)

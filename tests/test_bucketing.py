@@ -118,3 +118,18 @@ def test_the_sampler_orders_every_dataset_as_one_pool(tiny_model_dir, prefs_file
     lengths = [example_length(policy.tokenizer, r) for r in records]
     expected = LengthBucketedBatches(records, lengths, 2, seed=5, window=2)
     assert draw(order, 9) == draw(expected, 9)
+
+
+def test_tokens_are_counted_over_every_kind_of_training_batch():
+    import torch
+
+    from pref import LabeledBatch, Minibatch, PairBatch, Rollout, ScoredBatch, Sequences
+    from pref.data import count_tokens
+
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])  # 3 real tokens in 6 positions
+    rows = Sequences(torch.ones(2, 3, dtype=torch.long), mask, mask)
+    assert count_tokens(rows) == (3, 6)
+    assert count_tokens(PairBatch(rows, rows)) == (6, 12)
+    assert count_tokens(LabeledBatch(rows, torch.tensor([True, False]))) == (3, 6)
+    rollout = Rollout(ScoredBatch(["p", "p"], ["a", "b"], rows, {"reward": torch.zeros(2)}, 2))
+    assert count_tokens(Minibatch(rollout, torch.tensor([1]))) == (1, 3)  # its own row of the rollout only
