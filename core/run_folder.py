@@ -14,6 +14,7 @@ and taken over.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -162,8 +163,8 @@ def resume_checkpoint(path: str) -> str | None:
     raise PrefError(f"no checkpoint in {path}; pass a run folder that has checkpoint-* folders (save them with --save-every N)")
 
 
-def absolute_paths(config: Any, builders: Iterable[str] = ()) -> None:
-    """Make the local `--dataset`, `--validation-dataset` and `--model` paths of `config` absolute.
+def absolute_paths(config: Any, builders: Iterable[str] = ()) -> Any:
+    """`config` with its local `--dataset`, `--validation-dataset` and `--model` paths made absolute (a copy).
 
     run.json records them so, and a resume from another working directory reads the same files.
     Names in `builders` (registered dataset builders) stay names even if a folder is called so.
@@ -174,11 +175,11 @@ def absolute_paths(config: Any, builders: Iterable[str] = ()) -> None:
         is_local = isinstance(entry, str) and entry not in builders and os.path.exists(os.path.expanduser(entry))
         return os.path.abspath(os.path.expanduser(entry)) if is_local else entry
 
-    config.dataset = [absolute(e) for e in config.dataset]
-    config.validation_dataset = [absolute(e) for e in config.validation_dataset]
-    config.model = absolute(config.model)
-    if isinstance(config.dataset_options.get("path"), str):
-        config.dataset_options["path"] = absolute(config.dataset_options["path"])
+    options = config.dataset_options
+    if isinstance(options.get("path"), str):
+        options = {**options, "path": absolute(options["path"])}
+    return dataclasses.replace(config, dataset=[absolute(e) for e in config.dataset], model=absolute(config.model),
+                               validation_dataset=[absolute(e) for e in config.validation_dataset], dataset_options=options)
 
 
 def moved_data(file_config: dict[str, Any]) -> str | None:

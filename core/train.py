@@ -255,7 +255,7 @@ def train_policy(config: RunConfig, registry: Registry) -> tuple[str, HFPolicy]:
     """
     # -- device, precision, seed ------------------------------------------------
     refuse_non_finite_settings(config)
-    absolute_paths(config, registry.names("dataset"))  # run.json records them, for a resume from anywhere
+    config = absolute_paths(config, registry.names("dataset"))  # run.json records them, for a resume from anywhere
     dtype = resolve_dtype(config.dtype, config.device, config.model)
     accelerator = make_accelerator(config, dtype)
     from accelerate.utils import set_seed

@@ -128,3 +128,17 @@ def test_a_second_run_on_a_locked_folder_is_refused_naming_the_holder(tmp_path, 
     lock = claim_output_dir(str(out), resuming=False)
     assert json.load(open(out / LOCK_FILE))["pid"] == os.getpid()
     lock.release()
+
+
+def test_local_paths_are_made_absolute_in_a_copy_of_the_config(tmp_path, monkeypatch):
+    from pref.config import build_config
+    from pref.run_folder import absolute_paths
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "prefs.jsonl").write_text("")
+    (tmp_path / "preferences").mkdir()  # a folder named like a builder stays the builder's name
+    config = build_config(flags={"dataset": ["prefs.jsonl", "preferences", "org/hub-name"], "dataset_options": {"path": "prefs.jsonl"}})
+    absolute = absolute_paths(config, builders=["preferences"])
+    assert absolute.dataset == [str(tmp_path / "prefs.jsonl"), "preferences", "org/hub-name"]
+    assert absolute.dataset_options == {"path": str(tmp_path / "prefs.jsonl")}
+    assert config.dataset == ["prefs.jsonl", "preferences", "org/hub-name"] and config.dataset_options == {"path": "prefs.jsonl"}
