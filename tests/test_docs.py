@@ -14,6 +14,7 @@ import inspect
 import json
 import math
 import re
+import sys
 from importlib import metadata
 from pathlib import Path
 
@@ -22,8 +23,10 @@ import torch
 from click.testing import CliRunner
 from torch.testing import assert_close
 
-from docs_examples import adapter, dataset_builder, embedder, labeled_objective, pair_selector, reinforce
-from pref import CandidatePool, LabeledBatch, Logps, PrefError, PreferenceExample, ScoredBatch, hookspecs
+from docs_examples import adapter, dataset_builder, embedder, evaluator, labeled_objective, pair_selector, reinforce
+from pref import (
+    CandidatePool, LabeledBatch, Logps, PrefError, PreferenceExample, RewardSource, SamplingConfig, ScoredBatch, TextExample, hookimpl, hookspecs,
+)
 from pref.cli.main import cli
 from pref.registry import KINDS, Registry, get_plugin_manager
 
@@ -164,6 +167,47 @@ def test_character_ngram_embedder_by_hand(registry):
     assert_close(similarity, similarity.T)
     with pytest.raises(PrefError, match="n must be at least 1"):
         registry.create("embedder", "char-ngrams", {"n": 0})
+
+
+class Length(RewardSource):
+    def score(self, prompts, completions):
+        return {"reward": torch.tensor([float(len(c)) for c in completions])}
+
+
+@hookimpl
+def register_rewards(register):
+    register("length", Length)
+
+
+class Answers:
+    """A stand-in policy: answers greedily with these texts, in order."""
+
+    def __init__(self, *answers):
+        self.answers, self.asked = list(answers), []
+
+    def generate(self, prompts, k, sampling):
+        assert k == 1 and sampling.temperature == 0 and sampling.max_new_tokens == 7
+        self.asked.extend(prompts)
+        return [[answer] for answer in self.answers[: len(prompts)]]
+
+
+def test_held_out_reward_evaluator_by_hand():
+    """Answers "ab" and "abcd" have lengths 2 and 4: mean 3; with limit 1 only the first prompt is answered: 2."""
+    pm, _, _ = get_plugin_manager(load_entrypoints=False)
+    for plugin in (evaluator, sys.modules[__name__]):
+        pm.register(plugin)
+    registry = Registry(pm)
+    records = [PreferenceExample("Say hi.", "hello", "go"), TextExample(" one", prompt="Name one.")]
+    sampling = SamplingConfig(max_new_tokens=7, temperature=1.0)
+    held_out_reward = registry.create("evaluator", "held-out-reward", {"reward": "length"}, sampling=sampling)
+    policy = Answers("ab", "abcd")
+    assert held_out_reward.evaluate(5, policy, None, records) == {"eval/length": 3.0}
+    assert policy.asked == ["Say hi.", "Name one."]
+    assert registry.create("evaluator", "held-out-reward", {"reward": "length", "limit": 1}, sampling=sampling).evaluate(
+        5, Answers("ab", "abcd"), None, records) == {"eval/length": 2.0}
+    assert held_out_reward.evaluate(5, policy, None, []) == {}
+    with pytest.raises(PrefError, match="limit must be at least 1"):
+        registry.create("evaluator", "held-out-reward", {"reward": "length", "limit": 0}, sampling=sampling)
 
 
 # -- the docs' examples of objectives that learn from labelled sets and from scored samples ------------------
