@@ -10,7 +10,7 @@ import torch
 from torch.testing import assert_close
 from transformers import AutoModelForCausalLM
 
-from pref import Evaluator
+from pref import Evaluator, Processes
 from pref.config import build_config
 from pref.data import collate, hold_out
 from pref.errors import PrefError
@@ -196,3 +196,23 @@ def test_a_plugin_evaluator_runs_at_each_evaluation_with_the_held_out_records(tm
     logged = {m["step"]: m for m in metrics(out)}
     assert logged[2]["calls/records"] == 20.0 and logged[3]["calls/records"] == 20.0  # 2 held-out pairs, scaled
     assert logged[2]["calls/training"] == 1.0 and "validation/loss" in logged[2]  # pref's own evaluator ran beside it
+
+
+class Greedy:
+    """A stand-in policy that answers every prompt with "ok"."""
+
+    def generate(self, prompts, k, sampling):
+        assert k == 1 and sampling.temperature == 0
+        return [["ok"] for _ in prompts]
+
+
+def test_test_prompts_of_a_resumed_run_replace_the_answers_after_its_checkpoint(tmp_path):
+    """The interrupted run answered at steps 2 and 4 (and was killed writing 6); resumed from step 2, it answers 4 again."""
+    path = tmp_path / GENERATIONS_FILE
+    path.write_text("".join(json.dumps({"step": s, "prompt": "Hi.", "text": f"old {s}"}) + "\n" for s in (2, 4)) + '{"step": 6, "pro')
+    evaluator = load_registry().create("evaluator", "test-prompts", {"prompts": ["Hi."]}, output_dir=str(tmp_path),
+                                       processes=Processes())
+    assert evaluator.evaluate(4, Greedy(), None, []) == {}
+    assert evaluator.evaluate(6, Greedy(), None, []) == {}
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [(r["step"], r["text"]) for r in rows] == [(2, "old 2"), (4, "ok"), (6, "ok")]
