@@ -158,11 +158,9 @@ class Registry:
     def create(self, kind: str, name: str, options: dict[str, Any] | None = None, **context: Any) -> Any:
         """Build the item `name` of `kind` with the user's `options`.
 
-        `context` holds values of the run that the host supplies (documented in
-        docs/plugins.md: `registry`, always this registry; `embedder` and `reward` for
-        pair selectors; `output_dir` for loggers); each is passed only if the factory
-        takes a parameter of that name. Unknown option keys are an error that lists
-        the accepted ones.
+        `context` holds values of the run that the host supplies (`registry`, always this
+        registry, and the others in docs/plugins.md's table); each is passed only if the factory
+        takes a parameter of that name. Unknown option keys are an error that lists the accepted ones.
         """
         item = self.get(kind, name)
         options = dict(options or {})
