@@ -33,16 +33,20 @@ def collate(policy: Policy, examples: Sequence[Any]) -> Any:
     raise TypeError(f"cannot batch records of type {type(first).__name__}")
 
 
-def count_tokens(batch: PairBatch | LabeledBatch | Minibatch | Sequences) -> tuple[int, int]:
-    """(real tokens, padded positions) over the rows of a training batch; a `Minibatch` counts its own rows of the rollout."""
+def sequences_of(batch: PairBatch | LabeledBatch | Minibatch | Sequences) -> list[Sequences]:
+    """The rows a training batch holds: a `PairBatch`'s chosen and rejected, ...; a `Minibatch` its own rows of the rollout."""
     if isinstance(batch, PairBatch):
-        found = [batch.chosen, batch.rejected]
-    elif isinstance(batch, LabeledBatch):
-        found = [batch.sequences]
-    elif isinstance(batch, Minibatch):
-        found = [batch.rollout.batch.sequences.select(batch.rows)]
-    else:
-        found = [batch]
+        return [batch.chosen, batch.rejected]
+    if isinstance(batch, LabeledBatch):
+        return [batch.sequences]
+    if isinstance(batch, Minibatch):
+        return [batch.rollout.batch.sequences.select(batch.rows)]
+    return [batch]
+
+
+def count_tokens(batch: PairBatch | LabeledBatch | Minibatch | Sequences) -> tuple[int, int]:
+    """(real tokens, padded positions) over the rows of a training batch."""
+    found = sequences_of(batch)
     return sum(int(s.attention_mask.sum()) for s in found), sum(s.attention_mask.numel() for s in found)
 
 

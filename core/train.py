@@ -24,11 +24,11 @@ import torch
 from pref.agreement import next_batch_together, same_decision
 from pref.checkpoint import Trained, load_checkpoint, read_state, rng_state, save_checkpoint, write_atomically
 from pref.config import RunConfig
-from pref.data import OfflineBatches, collate, count_tokens, dataset_names, hold_out
+from pref.data import OfflineBatches, collate, count_tokens, dataset_names, hold_out, sequences_of
 from pref.divergence import check_step, check_weights, refuse_non_finite_settings, sampling_diverged
 from pref.errors import NoUsablePairs, PrefError
 from pref.examples import prompt_of
-from pref.interfaces import Adapter, LabeledBatch, MetricsLogger, PairBatch, Processes, Reference, SecondModel
+from pref.interfaces import Adapter, MetricsLogger, Processes, Reference, SecondModel
 from pref.models import DEFAULT_MODEL, prepare_for_training
 from pref.plan import CACHED_LOGPS, NO_MODEL, RunPlan, resolve_plan
 from pref.policy import HFPolicy, unwrap
@@ -75,10 +75,8 @@ def build_reference(config: RunConfig, plan: RunPlan, policy: HFPolicy, examples
     if plan.reference == NO_MODEL:
         return None
     if plan.reference == CACHED_LOGPS:
-        batches = []
-        for start in range(0, len(examples), config.batch_size):
-            batch = collate(policy, examples[start : start + config.batch_size])
-            batches.extend([batch.chosen, batch.rejected] if isinstance(batch, PairBatch) else [batch.sequences if isinstance(batch, LabeledBatch) else batch])
+        batches = [rows for start in range(0, len(examples), config.batch_size)
+                   for rows in sequences_of(collate(policy, examples[start : start + config.batch_size]))]
         name = config.model or DEFAULT_MODEL
         with plan.adapter.disabled(unwrap(policy.model)) if plan.adapter else nullcontext():  # an adapter run's reference is its base model
             return CachedReference.build(unwrap(policy.model), name, batches, os.path.join(cache_dir(), "reference"), packing=config.packing)
