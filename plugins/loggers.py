@@ -8,6 +8,7 @@ import os
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from pref.checkpoint import write_atomically
 from pref.errors import PrefError
 from pref.hookspecs import hookimpl
 from pref.interfaces import MetricsLogger
@@ -27,10 +28,13 @@ def keep_steps_up_to(path: str, step: int) -> None:
     with open(path, encoding="utf-8") as f:
         lines = f.readlines()
     kept = [line for line in lines if _step_of(line) <= step]
-    if len(kept) < len(lines):
-        with open(path + ".tmp", "w", encoding="utf-8") as f:
-            f.writelines(kept)
-        os.replace(path + ".tmp", path)
+    if len(kept) < len(lines):  # a full disk is a one-line error; the log stays whole until the rename
+
+        def write(tmp: str) -> None:
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.writelines(kept)
+
+        write_atomically(path, write)
 
 
 def _step_of(line: str) -> float:

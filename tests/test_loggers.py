@@ -114,3 +114,28 @@ def test_an_unknown_logger_fails_before_training(tmp_path, prefs_file):
     config = build_config(flags={"objective": "dpo", "dataset": [prefs_file], "output_dir": str(tmp_path / "run"), "loggers": ["no-such-logger"]})
     with pytest.raises(PrefError, match="unknown logger 'no-such-logger'"):
         train(config, Registry(*get_plugin_manager()))
+
+
+def test_trimming_a_step_log_on_a_full_disk_is_a_one_line_error_and_keeps_the_log(tmp_path, monkeypatch):
+    import builtins
+    import errno
+
+    from pref.plugins import loggers
+
+    path = tmp_path / "metrics.jsonl"
+    original = "".join(json.dumps({"step": s}) + "\n" for s in (1, 2, 3))
+    path.write_text(original)
+
+    def full_disk_open(file, mode="r", *args, **kwargs):
+        if "w" in mode:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return builtins.open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(loggers, "open", full_disk_open, raising=False)
+    with pytest.raises(PrefError, match="No space left on device .ENOSPC.; free some space"):
+        loggers.keep_steps_up_to(str(path), 1)
+    assert path.read_text() == original
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.jsonl"]  # no half-written copy left
+    monkeypatch.undo()
+    loggers.keep_steps_up_to(str(path), 1)
+    assert path.read_text() == json.dumps({"step": 1}) + "\n"
