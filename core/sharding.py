@@ -36,7 +36,7 @@ def refuse_unsupported(config: Any, world: int, distributed_type: str, online: b
     if config.fsdp and by_accelerate:
         raise PrefError("--fsdp and an accelerate config with FSDP both shard the model: drop one of them")
     sharding = "--fsdp" if config.fsdp else "accelerate's FSDP"
-    untested = [name for name, used in [("online objectives", online), ("--test-prompts", config.test_prompts),
+    untested = [name for name, used in [("online objectives", online), ("--test-prompt", config.test_prompts),
                 ("--merge-lora", config.merge_lora), ("a moving reference (sync_ref_model)", moves_reference)] if used]
     if untested:
         raise PrefError(f"{sharding} does not support {untested[0]} yet: run it unsharded (DDP), or drop it")
