@@ -101,6 +101,10 @@ def test_every_hook_registers_a_kind():
     assert sorted(KINDS.values()) == hook_names()
 
 
+def test_the_docs_name_every_kind_list_plugins_takes():
+    assert f"`--kind {'|'.join(KINDS)}`" in DOCS.read_text(encoding="utf-8")
+
+
 @pytest.mark.parametrize("hook", hook_names())
 def test_every_hook_has_a_docstring_and_a_heading_in_the_docs(hook):
     assert inspect.getdoc(getattr(hookspecs, hook))
