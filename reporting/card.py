@@ -24,7 +24,7 @@ CARD_FILE = "README.md"
 ALWAYS_SHOWN = ("objective", "model", "steps", "seed")
 #: Settings that say where and how the run was kept, not what was trained: left out of the command.
 NOT_REPRODUCED = ("output_dir", "resume", "device", "save_every", "keep_checkpoints", "loggers")
-#: `pref run` flags of the configuration keys that have one (the rest go into a --config file).
+#: The `pref run` flags the command spells settings with (the other settings go into a --config file).
 FLAGS = {
     "objective": "--objective", "dataset": "--dataset", "reward": "--reward", "selector": "--selector", "embedder": "--embedder",
     "model": "--model", "steps": "--steps", "batch_size": "--batch-size", "grad_accum": "--grad-accum", "lr": "--lr",
@@ -49,7 +49,7 @@ def option_text(value: Any) -> str:
 
 
 def reproduce(config: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-    """The `pref run` command for `config`, and the settings it needs in a --config file (keys without a flag).
+    """The `pref run` command for `config`, and the settings it needs in a --config file (keys not in FLAGS).
 
     Only settings that differ from pref's defaults for the same model are given, besides ALWAYS_SHOWN.
     """
@@ -134,7 +134,7 @@ def model_card(record: dict[str, Any], rows: list[dict[str, Any]], pipeline_tag:
     command, extra = reproduce(config)
     lines += ["", "## Reproduce", "", "```bash", command, "```"]
     if extra:
-        lines += ["", "with `run-config.yaml` holding the settings that have no flag:", "", "```yaml", yaml.safe_dump(extra, sort_keys=False).strip(), "```"]
+        lines += ["", "with `run-config.yaml` holding the settings the command does not spell out:", "", "```yaml", yaml.safe_dump(extra, sort_keys=False).strip(), "```"]
     shown = ("pref", "torch", "transformers", "accelerate")
     lines += ["", "## Versions", "", ", ".join(f"{p} {versions[p]}" for p in shown if p in versions), ""]
     front = yaml.safe_dump(metadata, sort_keys=False, allow_unicode=True)

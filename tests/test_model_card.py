@@ -52,4 +52,7 @@ def test_the_command_spells_options_and_puts_the_rest_in_a_config_file():
     assert command == ("pref run --objective divpo -o beta=0.2 -o criterion=frequency --dataset a.jsonl --dataset b.jsonl "
                        "--reward-option min_zipf=3.5 --embedder sentence-transformers:/m/minilm --seed 0 --steps 400 "
                        "--curriculum --config run-config.yaml")
-    assert extra == {"embedder_options": {"batch_size": 4}, "temperature": 0.7}  # no flag sets them; where the run was kept is not part of it
+    assert extra == {"embedder_options": {"batch_size": 4}, "temperature": 0.7}  # the file sets them; where the run was kept is not part of it
+    # --temperature is a flag too: the card does not say the file holds settings without one
+    text = model_card({"config": config, "versions": {}}, [])
+    assert "holding the settings the command does not spell out:\n\n```yaml\nembedder_options:" in text
