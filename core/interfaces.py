@@ -123,7 +123,7 @@ class MetricsLogger(ABC):
 
     @abstractmethod
     def log(self, step: int, metrics: dict[str, float]) -> None:
-        """Record the metrics of a logged step (every `log_every` steps, and each evaluated one)."""
+        """Record the metrics of a logged step (every `log_every` steps, each evaluated one, and the last)."""
 
     def show(self, step: int, metrics: dict[str, float]) -> None:
         """Every step's metrics, logged or not, after `log` (a progress display); by default nothing."""

@@ -409,7 +409,7 @@ def train_policy(config: RunConfig, registry: Registry) -> tuple[str, HFPolicy]:
 
             # log
             totals = mean_across_processes(processes, totals)
-            if step % config.log_every == 0 or evaluated:
+            if step % config.log_every == 0 or evaluated or step == config.steps:
                 for logger in loggers:
                     logger.log(step, totals)
             for logger in loggers:

@@ -101,6 +101,16 @@ def test_a_logger_is_shown_every_step_and_stopped_when_a_step_fails(tmp_path, ti
     assert [step for step, _ in Recorder.seen] == [2]  # logged every 2 steps; not closed: the run failed
 
 
+def test_the_last_step_is_logged_whatever_log_every_says(tmp_path, tiny_model_dir, prefs_file):
+    pm, failures, sources = get_plugin_manager()
+    pm.register(RecorderPlugin, name="recorder-plugin")
+    Recorder.seen = []
+    config = build_config(flags={"objective": "dpo", "model": tiny_model_dir, "dataset": [prefs_file], "steps": 3, "batch_size": 2,
+                                 "device": "cpu", "output_dir": str(tmp_path / "run"), "loggers": ["recorder"], "log_every": 2})
+    train(config, Registry(pm, failures, sources))
+    assert [step for step, _ in Recorder.seen] == [2, 3, "closed"]  # the final model's figures are in the log
+
+
 def test_the_progress_bar_is_a_logger_on_unless_switched_off(prefs_file):
     registry = load_registry()
     flags = {"objective": "dpo", "dataset": [prefs_file]}
