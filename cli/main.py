@@ -10,7 +10,6 @@ import sys
 from typing import Any
 
 import click
-import yaml
 
 from pref.cli.new_plugin import new_plugin
 from pref.cli.report import report
@@ -60,12 +59,14 @@ class EchoHandler(logging.Handler):
 
 def parse_options(pairs: tuple[str, ...], flag: str) -> dict[str, Any]:
     """KEY=VALUE strings into a dict; values are read as YAML scalars (numbers, booleans, strings)."""
+    from pref.config import read_yaml
+
     options = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
             raise PrefError(f"{flag} expects KEY=VALUE, got {pair!r}")
-        options[key.strip().replace("-", "_")] = yaml.safe_load(value) if value else ""
+        options[key.strip().replace("-", "_")] = read_yaml(value) if value else ""
     return options
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -118,10 +119,8 @@ def read_config_file(path: str) -> dict[str, Any]:
             with open(path, "rb") as f:
                 return tomllib.load(f)
         if path.endswith((".yaml", ".yml")):
-            import yaml
-
             with open(path) as f:
-                data = yaml.safe_load(f) or {}
+                data = read_yaml(f) or {}
             if not isinstance(data, dict):
                 raise PrefError(f"config file {path} must hold a mapping of keys to values")
             return data
@@ -130,6 +129,21 @@ def read_config_file(path: str) -> dict[str, Any]:
     except Exception as exc:
         raise PrefError(f"cannot parse config file {path}: {str(exc).splitlines()[0]}") from None
     raise PrefError(f"config file {path} must end in .toml, .yaml or .yml")
+
+
+def read_yaml(stream: Any) -> Any:
+    """YAML text or a file into Python values, `1e-6` read as the number it is meant to be.
+
+    PyYAML follows YAML 1.1, where a float needs a dot: plain `safe_load` reads `lr: 1e-6` or
+    `-o beta=1e-3` as the string "1e-6".
+    """
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
+    return yaml.load(stream, Loader=Loader)
 
 
 def build_config(file_values: dict[str, Any] | None = None, flags: dict[str, Any] | None = None) -> RunConfig:

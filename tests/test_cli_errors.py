@@ -9,7 +9,7 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from pref.cli.main import cli
+from pref.cli.main import cli, parse_options
 from pref.config import build_config, read_config_file
 from pref.errors import PrefError
 from pref.policy import HFPolicy
@@ -197,3 +197,12 @@ def test_deepspeed_is_refused_before_it_can_save_empty_weights():
 
     with pytest.raises(PrefError, match="DeepSpeed is not supported: .*--fsdp"):
         refuse_unsupported(build_config(flags={}), world=2, distributed_type="DEEPSPEED", online=False, moves_reference=False)
+
+
+def test_exponent_numbers_are_numbers_in_yaml_configs_and_options(tmp_path):
+    # PyYAML alone reads 1e-6 (no dot) as the string "1e-6"
+    config = tmp_path / "run.yaml"
+    config.write_text("objective: dpo\nlr: 1e-6\nobjective_options:\n  beta: 2E-1\n")
+    built = build_config(read_config_file(str(config)))
+    assert built.lr == 1e-6 and built.objective_options == {"beta": 0.2}
+    assert parse_options(("beta=1e-3", "label_smoothing=-1.5e+0", "loss_type=e5"), "--option") == {"beta": 1e-3, "label_smoothing": -1.5, "loss_type": "e5"}
