@@ -59,6 +59,8 @@ class EchoHandler(logging.Handler):
 
 def parse_options(pairs: tuple[str, ...], flag: str) -> dict[str, Any]:
     """KEY=VALUE strings into a dict; values are read as YAML scalars (numbers, booleans, strings)."""
+    import yaml
+
     from pref.config import read_yaml
 
     options = {}
@@ -66,7 +68,10 @@ def parse_options(pairs: tuple[str, ...], flag: str) -> dict[str, Any]:
         key, sep, value = pair.partition("=")
         if not sep or not key:
             raise PrefError(f"{flag} expects KEY=VALUE, got {pair!r}")
-        options[key.strip().replace("-", "_")] = read_yaml(value) if value else ""
+        try:
+            options[key.strip().replace("-", "_")] = read_yaml(value) if value else ""
+        except yaml.YAMLError as exc:
+            raise PrefError(f"{flag} {pair!r}: the value is not valid YAML ({exc.problem}); fix it, or quote a text: {key}='\"{value}\"'") from None
     return options
 
 

@@ -206,3 +206,10 @@ def test_exponent_numbers_are_numbers_in_yaml_configs_and_options(tmp_path):
     built = build_config(read_config_file(str(config)))
     assert built.lr == 1e-6 and built.objective_options == {"beta": 0.2}
     assert parse_options(("beta=1e-3", "label_smoothing=-1.5e+0", "loss_type=e5"), "--option") == {"beta": 1e-3, "label_smoothing": -1.5, "loss_type": "e5"}
+
+
+def test_an_option_value_that_is_not_yaml_is_a_one_line_error():
+    line = error_line(run("run", "--dataset", "prefs.jsonl", "-o", "loss_type=[sigmoid"))
+    assert "--option 'loss_type=[sigmoid': the value is not valid YAML" in line
+    line = error_line(run("run", "--dataset", "prefs.jsonl", "--lora", "--lora-option", "target_modules=@q_proj"))
+    assert "--lora-option 'target_modules=@q_proj'" in line and "quote a text" in line
