@@ -6,10 +6,11 @@ import dataclasses
 import math
 import os
 import re
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-from pref.errors import PrefError, unknown_name
+from pref.errors import PrefError, expected_type, unknown_name
 
 
 @dataclass
@@ -148,23 +149,22 @@ def read_yaml(stream: Any) -> Any:
 
 def build_config(file_values: dict[str, Any] | None = None, flags: dict[str, Any] | None = None) -> RunConfig:
     """Defaults, overridden by the config file, overridden by flags. Unknown keys are errors."""
-    fields = {f.name: f for f in dataclasses.fields(RunConfig)}
+    hints = typing.get_type_hints(RunConfig)
     values: dict[str, Any] = {}
     for source in (file_values or {}, flags or {}):
         for key, value in lora_as_adapter(source).items():
-            if key not in fields:
-                raise unknown_name("config key", key, fields, hint=" (keys are `pref run` flag names)")
+            if key not in hints:
+                raise unknown_name("config key", key, hints, hint=" (keys are `pref run` flag names)")
+            if key in ("dataset", "validation_dataset", "test_prompts") and isinstance(value, str):
+                value = [value]
+            value = reward_names(value) if key == "reward" else reward_weights(value) if key == "reward_weights" else value
+            wanted = expected_type(value, hints[key])
+            if wanted:  # a config file's value or a run.json's; the flags' click has typed
+                raise PrefError(f"{key} must be {wanted}, not {value!r}")
             if key.endswith("_options"):
-                values[key] = {**values.get(key, {}), **dict(value)}
+                values[key] = {**values.get(key, {}), **value}
             else:
                 values[key] = value
-    for key in ("dataset", "validation_dataset", "test_prompts"):
-        if isinstance(values.get(key), str):
-            values[key] = [values[key]]
-    if "reward" in values:
-        values["reward"] = reward_names(values["reward"])
-    if "reward_weights" in values:
-        values["reward_weights"] = reward_weights(values["reward_weights"])
     config = RunConfig(**values)
     from pref.models import DEFAULT_MODEL  # lazily: it imports torch
 
@@ -182,6 +182,8 @@ def lora_as_adapter(source: dict[str, Any]) -> dict[str, Any]:
     `adapter = "lora"`, `lora = false` no adapter, `lora_options` and a `[lora]` table (LoRA on) are `adapter_options`."""
     source = {key.replace("-", "_"): value for key, value in source.items()}
     lora, options = source.pop("lora", None), source.pop("lora_options", None)
+    if lora is not None and not isinstance(lora, (bool, dict)):
+        raise PrefError(f"lora must be true or false (or a [lora] table of its options), not {lora!r}")
     if isinstance(lora, dict):
         lora, options = True, {**(options or {}), **lora}
     if lora and source.get("adapter") not in (None, "lora"):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import difflib
+import types
+import typing
 from collections.abc import Iterable
 
 
@@ -28,3 +30,32 @@ def unknown_name(kind: str, name: str, known: Iterable[str], hint: str = "") -> 
     else:
         fix = "choose one of: " + ", ".join(known) if known else "no plugin provides one"
     return PrefError(f"unknown {kind} {name!r}: {fix}{hint}")
+
+
+#: What a value of these types is called in an error, alone and in a list.
+TYPE_NAMES = {bool: ("true or false", "true/false values"), int: ("a whole number", "whole numbers"), float: ("a number", "numbers"),
+              str: ("a string", "strings"), dict: ("a table of names to values", "tables")}
+
+
+def expected_type(value: object, hint: object) -> str | None:
+    """What `value` should have been, said for a user, when it does not fit the type `hint`; None when it fits.
+
+    Knows bool, int, float (an int is one too), str, dict, list[...] and unions of them with None;
+    any other type (Any, a class) is not checked.
+    """
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        wanted = [expected_type(value, arg) for arg in args if arg is not type(None)]
+        if value is None and type(None) in args or None in wanted:
+            return None
+        return " or ".join(wanted)
+    if origin is list:
+        item = args[0] if args else object
+        if isinstance(value, list) and all(expected_type(v, item) is None for v in value):
+            return None
+        return f"a list of {TYPE_NAMES[item][1]}" if item in TYPE_NAMES else "a list"
+    kind = origin or hint
+    if kind not in TYPE_NAMES:
+        return None
+    fits = isinstance(value, (int, float) if kind is float else kind) and (kind is bool or not isinstance(value, bool))
+    return None if fits else TYPE_NAMES[kind][0]

@@ -213,3 +213,19 @@ def test_an_option_value_that_is_not_yaml_is_a_one_line_error():
     assert "--option 'loss_type=[sigmoid': the value is not valid YAML" in line
     line = error_line(run("run", "--dataset", "prefs.jsonl", "--lora", "--lora-option", "target_modules=@q_proj"))
     assert "--lora-option 'target_modules=@q_proj'" in line and "quote a text" in line
+
+
+@pytest.mark.parametrize("line, message", [
+    ('temperature = "hot"', "temperature must be a number, not 'hot'"),  # was a TypeError traceback
+    ('seed = "x"', "seed must be a whole number, not 'x'"),
+    ('gradient_checkpointing = "no"', "gradient_checkpointing must be true or false, not 'no'"),  # was read as on
+    ("lr = true", "lr must be a number, not True"),  # was a learning rate of 1
+    ('objective_options = "beta=0.1"', "objective_options must be a table of names to values"),
+    ('loggers = "jsonl"', "loggers must be a list of strings, not 'jsonl'"),  # was "unknown logger 'j'"
+    ("test_prompts = [1, 2]", "test_prompts must be a list of strings"),
+    ('lora = "yes"', "lora must be true or false"),
+])
+def test_config_values_of_the_wrong_type_are_named(tmp_path, prefs_file, line, message):
+    config = tmp_path / "run.toml"
+    config.write_text(f'objective = "dpo"\ndataset = "{prefs_file}"\n{line}\n')
+    assert message in error_line(run("run", "--config", str(config)))
