@@ -13,6 +13,7 @@ from __future__ import annotations
 import inspect
 import os
 import sys
+import typing
 from dataclasses import dataclass
 from importlib import metadata
 from typing import Any, Callable
@@ -20,7 +21,7 @@ from typing import Any, Callable
 import pluggy
 
 from pref import hookspecs
-from pref.errors import PrefError, unknown_name
+from pref.errors import PrefError, expected_type, unknown_name
 
 GROUP = "pref"
 BUILTIN_DISTRIBUTION = "pref"
@@ -168,9 +169,13 @@ class Registry:
         params = inspect.signature(item.factory).parameters
         takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
         accepted = [n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and n not in context]
-        for key in options:
+        hints = option_types(item.factory)
+        for key, value in options.items():
             if key not in accepted and not takes_any:
                 raise unknown_name(f"option for {kind} {name!r}:", key, accepted)
+            wanted = expected_type(value, hints.get(key))
+            if wanted:  # else "maybe" would pass as a true flag, and "abc" fail deep in the factory
+                raise PrefError(f"{name} option {key} must be {wanted}, not {value!r}")
         for key, value in context.items():
             if key in params or takes_any:
                 options.setdefault(key, value)
@@ -178,6 +183,14 @@ class Registry:
             return item.factory(**options)
         except TypeError as exc:
             raise PrefError(f"bad options for {kind} {name!r}: {exc}") from None
+
+
+def option_types(factory: Callable[..., Any]) -> dict[str, Any]:
+    """The factory's parameter annotations as types; none where a plugin's annotations cannot be resolved."""
+    try:
+        return typing.get_type_hints(factory.__init__ if inspect.isclass(factory) else factory)
+    except Exception:
+        return {}
 
 
 def load_registry() -> Registry:

@@ -192,7 +192,7 @@ class PPO(Objective):
     def __init__(
         self,
         beta: float = 0.05,
-        target_kl: float | None = 6.0,
+        target_kl: float | str | None = 6.0,  # str: none, null or fixed (a TOML file has no null)
         horizon: float = 10000,
         kl_estimator: str = "k1",
         gamma: float = 1.0,
@@ -211,7 +211,7 @@ class PPO(Objective):
             raise PrefError(f"ppo: unknown kl_estimator {kl_estimator!r}: choose one of {', '.join(KL_ESTIMATORS)}")
         if beta < 0:
             raise PrefError(f"ppo: beta must not be negative, got {beta}")
-        if target_kl is not None and target_kl <= 0:
+        if target_kl is not None and (isinstance(target_kl, str) or target_kl <= 0):
             raise PrefError(f"ppo: target_kl must be positive (or none for a fixed coefficient), got {target_kl}")
         if horizon <= 0:
             raise PrefError(f"ppo: horizon must be positive, got {horizon}")

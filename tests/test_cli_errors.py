@@ -229,3 +229,21 @@ def test_config_values_of_the_wrong_type_are_named(tmp_path, prefs_file, line, m
     config = tmp_path / "run.toml"
     config.write_text(f'objective = "dpo"\ndataset = "{prefs_file}"\n{line}\n')
     assert message in error_line(run("run", "--config", str(config)))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["-o", "beta=abc"], "dpo option beta must be a number, not 'abc'"),  # was "'<=' not supported between 'str' and 'int'"
+    (["-o", "reference_free=maybe"], "dpo option reference_free must be true or false, not 'maybe'"),  # was read as true
+    (["-o", "loss_type=5"], "dpo option loss_type must be a string or a list of strings, not 5"),
+    (["--evaluator", "test-prompts", "--evaluator-option", "prompts=5"], "test-prompts option prompts must be a list of strings, not 5"),
+])
+def test_plugin_options_of_the_wrong_type_are_named(prefs_file, args, message):
+    assert message in error_line(run("run", "--objective", "dpo", "--dataset", prefs_file, *args))
+
+
+def test_ppo_target_kl_still_takes_none_as_text_but_no_other():
+    from pref.registry import load_registry
+
+    assert load_registry().create("objective", "ppo", {"target_kl": "none"}).kl.target is None
+    with pytest.raises(PrefError, match="target_kl must be positive"):
+        load_registry().create("objective", "ppo", {"target_kl": "abc"})
