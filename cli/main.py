@@ -249,9 +249,9 @@ def sample(model: str | None, prompts: list[str], k: int, max_new_tokens: int, t
 
 sampling_options = [
     click.option("--prompt", "prompts", multiple=True, required=True, help="Prompt text; repeatable."),
-    click.option("-n", "--samples", default=1, show_default=True, help="Answers per prompt."),
-    click.option("--max-new-tokens", default=64, show_default=True),
-    click.option("--temperature", default=0.0, show_default=True, help="0 means greedy."),
+    click.option("-n", "--samples", default=1, show_default=True, type=click.IntRange(min=1), help="Answers per prompt."),
+    click.option("--max-new-tokens", default=64, show_default=True, type=click.IntRange(min=1)),
+    click.option("--temperature", default=0.0, show_default=True, type=click.FloatRange(min=0), help="0 means greedy."),
     click.option("--seed", default=0, show_default=True),
 ]
 
@@ -297,9 +297,9 @@ eval_options = [
     click.option("--reward", required=True, help="Reward plugin whose report to compute, e.g. noun-diversity."),
     click.option("--reward-option", multiple=True, help="Reward option KEY=VALUE; repeatable."),
     click.option("--prompt", "prompts", multiple=True, help="Prompt text; repeatable (default: the reward's own prompts)."),
-    click.option("--samples", default=200, show_default=True, help="Answers sampled in all."),
-    click.option("--max-new-tokens", default=8, show_default=True),
-    click.option("--temperature", default=1.0, show_default=True),
+    click.option("--samples", default=200, show_default=True, type=click.IntRange(min=1), help="Answers sampled in all."),
+    click.option("--max-new-tokens", default=8, show_default=True, type=click.IntRange(min=1)),
+    click.option("--temperature", default=1.0, show_default=True, type=click.FloatRange(min=0)),
     click.option("--seed", default=0, show_default=True),
     click.option("--json", "as_json", is_flag=True, help="Machine-readable output."),
 ]
@@ -345,9 +345,9 @@ def format_value(value: Any) -> str:
 @click.option("--reward", help="Compare reports under this reward instead of printing answers.")
 @click.option("--reward-option", multiple=True, help="Reward option KEY=VALUE; repeatable.")
 @click.option("--prompt", "prompts", multiple=True, help="Prompt text; repeatable.")
-@click.option("-n", "--samples", type=int, help="Answers per prompt (default 1), or in all with --reward (default 200).")
-@click.option("--max-new-tokens", type=int, help="Default 64, or 8 with --reward.")
-@click.option("--temperature", type=float, help="Default 0 (greedy), or 1 with --reward.")
+@click.option("-n", "--samples", type=click.IntRange(min=1), help="Answers per prompt (default 1), or in all with --reward (default 200).")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), help="Default 64, or 8 with --reward.")
+@click.option("--temperature", type=click.FloatRange(min=0), help="Default 0 (greedy), or 1 with --reward.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output (with --reward).")
 @click.option("--figure", help="With --reward: also draw the most frequent answers before and after as bars into this PNG file.")

@@ -247,3 +247,16 @@ def test_ppo_target_kl_still_takes_none_as_text_but_no_other():
     assert load_registry().create("objective", "ppo", {"target_kl": "none"}).kl.target is None
     with pytest.raises(PrefError, match="target_kl must be positive"):
         load_registry().create("objective", "ppo", {"target_kl": "abc"})
+
+
+@pytest.mark.parametrize("args", [
+    ["eval", "--reward", "noun-diversity", "--samples", "0"],  # was a report of 0 samples, valid_rate 0.0, exit 0
+    ["eval", "--reward", "noun-diversity", "--max-new-tokens", "0"],  # was a transformers traceback
+    ["generate", "--prompt", "hi", "-n", "-1"],  # printed no answers, exit 0
+    ["generate", "--prompt", "hi", "--temperature", "-1"],
+    ["compare", "--before", "a", "--after", "b", "--prompt", "hi", "-n", "0"],
+    ["compare", "--before", "a", "--after", "b", "--reward", "noun-diversity", "--max-new-tokens", "0"],
+])
+def test_sampling_counts_below_one_are_usage_errors(args):
+    result = run(*args)
+    assert result.exit_code == 2 and "is not in the range" in result.stderr
