@@ -271,6 +271,8 @@ def validate(config: RunConfig) -> None:
         raise PrefError("--curriculum is --sampler curriculum: give one of --curriculum or --sampler, not both")
     if config.sampler_options and not config.sampler:
         raise PrefError("sampler options were given without --sampler; add --sampler NAME")
+    if config.curriculum_options and not config.curriculum:
+        raise PrefError("curriculum options were given without --curriculum; add --curriculum (with --sampler curriculum, pass them as --sampler-option)")
     if config.evaluator_options and not config.evaluator:
         raise PrefError("evaluator options were given without --evaluator; add --evaluator NAME")
     if config.curriculum and len(config.dataset) < 2:

@@ -260,3 +260,9 @@ def test_ppo_target_kl_still_takes_none_as_text_but_no_other():
 def test_sampling_counts_below_one_are_usage_errors(args):
     result = run(*args)
     assert result.exit_code == 2 and "is not in the range" in result.stderr
+
+
+def test_curriculum_options_without_the_curriculum_are_an_error(prefs_file):
+    # were silently ignored
+    line = error_line(run("run", "--objective", "dpo", "--dataset", prefs_file, "--curriculum-option", "eta=1"))
+    assert "curriculum options were given without --curriculum" in line
