@@ -83,7 +83,7 @@ def resolve_plan(config: RunConfig, registry: Registry, processes: Processes | N
     objective = registry.create("objective", config.objective, config.objective_options, processes=processes)
     needs = objective.needs
     datasets = dataset_builders(config.dataset, config, registry, needs)
-    validation_datasets = dataset_builders(config.validation_dataset, config, registry, needs)
+    validation_datasets = dataset_builders(config.validation_dataset, config, registry, needs, flag="--validation-dataset")
     if not needs.online and not config.dataset:
         raise PrefError(f"objective {config.objective!r} trains on a dataset: pass --dataset FILE")
 
@@ -184,9 +184,9 @@ def reference_kind(asked: str, needs: ObjectiveNeeds) -> str:
     return CACHED_LOGPS
 
 
-def dataset_builders(entries: list[str], config: RunConfig, registry: Registry, needs: ObjectiveNeeds) -> list[Any]:
+def dataset_builders(entries: list[str], config: RunConfig, registry: Registry, needs: ObjectiveNeeds, flag: str = "--dataset") -> list[Any]:
     """A builder per dataset entry: a registered builder's name, or a path/hub name for the
-    objective's default builder (`text` for a .txt file)."""
+    objective's default builder (`text` for a .txt file). `flag` names the entries in errors."""
     builders = []
     for entry in entries:
         if entry in registry.names("dataset"):
@@ -196,7 +196,7 @@ def dataset_builders(entries: list[str], config: RunConfig, registry: Registry, 
         meant_as_file = entry.startswith((".", "/", "~")) or os.path.splitext(entry)[1].lower() in DATA_FILE_SUFFIXES
         if meant_as_file and not os.path.exists(os.path.expanduser(entry)):
             builder_names = ", ".join(registry.names("dataset"))
-            raise PrefError(f"--dataset {entry}: no such file or folder (nor a dataset builder: {builder_names})")
+            raise PrefError(f"{flag} {entry}: no such file or folder (nor a dataset builder: {builder_names})")
         builder = "text" if entry.lower().endswith(".txt") else needs.dataset_builder
         builders.append(registry.create("dataset", builder, {**config.dataset_options, "path": entry}))
     return builders

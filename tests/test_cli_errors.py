@@ -266,3 +266,8 @@ def test_curriculum_options_without_the_curriculum_are_an_error(prefs_file):
     # were silently ignored
     line = error_line(run("run", "--objective", "dpo", "--dataset", prefs_file, "--curriculum-option", "eta=1"))
     assert "curriculum options were given without --curriculum" in line
+
+
+def test_a_missing_validation_file_is_named_with_its_own_flag(prefs_file):
+    line = error_line(run("run", "--objective", "dpo", "--dataset", prefs_file, "--validation-dataset", "held_out.jsonl"))
+    assert line.startswith("Error: --validation-dataset held_out.jsonl: no such file")
