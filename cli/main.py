@@ -183,8 +183,12 @@ def run(config_file: str | None, beta: float | None, objective_option, reward_op
         record_path = os.path.join(run_dir, RUN_FILE)
         if not os.path.exists(record_path):
             raise PrefError(f"{given['resume']} is not a pref run folder (no {RUN_FILE}); pass the --output-dir of an earlier run")
-        with open(record_path) as f:
-            file_values = {k: v for k, v in json.load(f)["config"].items() if k != "resume"}
+        try:
+            with open(record_path, encoding="utf-8") as f:
+                file_values = {k: v for k, v in json.load(f)["config"].items() if k != "resume"}
+        except (ValueError, KeyError, TypeError, AttributeError):  # not JSON, or not a run's record
+            raise PrefError(f"cannot resume {run_dir}: {record_path} is not a pref run record (damaged, or another program's); "
+                            "pass the --output-dir of an earlier run") from None
         given["output_dir"] = run_dir
         moved = moved_data({**file_values, **given})
         if moved:

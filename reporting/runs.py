@@ -89,8 +89,13 @@ def load_run(path: str) -> Run:
         if os.path.isfile(os.path.join(parent, RUN_FILE)):
             return load_run(parent)
         raise PrefError(f"{path} is not a pref run folder (no {RUN_FILE}); pass the --output-dir of a `pref run`")
-    with open(record_path, encoding="utf-8") as f:
-        record = json.load(f)
+    try:
+        with open(record_path, encoding="utf-8") as f:
+            record = json.load(f)
+    except ValueError:
+        record = None
+    if not isinstance(record, dict):
+        raise PrefError(f"{record_path} is not a pref run record (damaged, or another program's); pass the --output-dir of a `pref run`")
     metrics_path = os.path.join(path, METRICS_FILE)
     rows = [row for row in read_jsonl(metrics_path) if "step" in row] if os.path.isfile(metrics_path) else []
     if not rows:

@@ -271,3 +271,12 @@ def test_curriculum_options_without_the_curriculum_are_an_error(prefs_file):
 def test_a_missing_validation_file_is_named_with_its_own_flag(prefs_file):
     line = error_line(run("run", "--objective", "dpo", "--dataset", prefs_file, "--validation-dataset", "held_out.jsonl"))
     assert line.startswith("Error: --validation-dataset held_out.jsonl: no such file")
+
+
+@pytest.mark.parametrize("record", ['{"config": {"objec', "{}", "[]"])
+def test_resuming_a_folder_whose_run_json_is_not_a_run_record_is_an_error(tmp_path, record):
+    # each was a traceback (JSONDecodeError, KeyError, TypeError)
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "run.json").write_text(record)
+    line = error_line(run("run", "--resume", str(tmp_path / "old")))
+    assert "run.json is not a pref run record" in line

@@ -172,6 +172,9 @@ def test_report_errors_are_one_line(tmp_path):
     assert result.exit_code == 2 and "no logged metrics" in result.output
     with pytest.raises(PrefError, match="--smooth"):
         make_report([empty], str(tmp_path / "r.html"), smooth=0)
+    (tmp_path / "empty" / "run.json").write_text('{"config": {"objec')  # damaged: was a JSONDecodeError traceback
+    result = runner.invoke(cli, ["report", empty])
+    assert result.exit_code == 2 and "is not a pref run record" in result.output
 
 
 def test_answers_before_and_after_as_bars():
