@@ -82,6 +82,8 @@ def quiet_peft() -> Iterator[None]:
 
 
 def _load_error(name: str | None, path: str, exc: Exception) -> PrefError:
+    if os.path.isdir(os.path.join(path, "final")) and os.path.isfile(os.path.join(path, "run.json")):
+        return PrefError(f"{path} is a pref run folder, not a model: pass its model, {os.path.join(path, 'final')}")
     if os.path.isdir(path):
         return PrefError(f"cannot load model from {path}: {str(exc).splitlines()[0]}")
     return PrefError(

@@ -280,3 +280,12 @@ def test_resuming_a_folder_whose_run_json_is_not_a_run_record_is_an_error(tmp_pa
     (tmp_path / "old" / "run.json").write_text(record)
     line = error_line(run("run", "--resume", str(tmp_path / "old")))
     assert "run.json is not a pref run record" in line
+
+
+def test_a_run_folder_given_as_a_model_points_at_its_final_model(tmp_path):
+    from pref.models import load_tokenizer
+
+    (tmp_path / "run" / "final").mkdir(parents=True)
+    (tmp_path / "run" / "run.json").write_text("{}")
+    with pytest.raises(PrefError, match="is a pref run folder, not a model: pass its model, .*final"):
+        load_tokenizer(str(tmp_path / "run"))  # was "Couldn't instantiate the backend tokenizer from one of:"
