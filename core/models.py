@@ -64,8 +64,8 @@ def load_model(name: str | None, dtype: torch.dtype | None = None, kind: str = "
             import peft
 
             auto = peft.AutoPeftModelForSequenceClassification if classifier else peft.AutoPeftModelForCausalLM
-            with quiet_peft():
-                return auto.from_pretrained(path, dtype=dtype)
+            with quiet_peft():  # a classifier's base gets the one-score head its adapter saved
+                return auto.from_pretrained(path, dtype=dtype, **({"num_labels": 1} if classifier else {}))
         if classifier:
             return AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=dtype)
         return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)

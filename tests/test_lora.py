@@ -119,6 +119,12 @@ def test_reward_model_lora_trains_adapters_and_the_score_head(tmp_path, tiny_mod
     assert any("lora_" in key for key in adapter) and any("score" in key for key in adapter)
     config = json.load(open(os.path.join(out, "final", "adapter_config.json")))
     assert config["task_type"] == "SEQ_CLS"
+    # the adapter folder scores as the README says: --reward reward-model --reward-option model=PATH
+    reward = load_registry().create("reward", "reward-model", {"model": os.path.join(out, "final"), "device": "cpu"})
+    assert reward.score(["Name a fruit."], ["apple"])["reward"].shape == (1,)
+    score = next(v for k, v in adapter.items() if "score" in k)
+    loaded = [p for name, p in reward.scorer.model.named_parameters() if "score" in name]
+    assert any(p.shape == score.shape and torch.equal(p, score) for p in loaded), "the trained score head was not loaded"
 
 
 @pytest.mark.parametrize("flags, message", [
