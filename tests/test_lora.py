@@ -109,6 +109,13 @@ def test_resuming_a_lora_run_without_lora_is_refused(tmp_path, tiny_model_dir, p
         train(config, load_registry())
 
 
+def test_a_moving_reference_is_refused_with_lora_before_training(tmp_path, tiny_model_dir, prefs_file):
+    # the reference is the base with the adapters off: TR-DPO has nothing to move
+    with pytest.raises(PrefError, match="drop --lora"):
+        run(tmp_path, tiny_model_dir, prefs_file, reference="model", objective_options={"sync_ref_model": True, "ref_model_sync_steps": 1})
+    assert not os.path.exists(tmp_path / "run" / "metrics.jsonl")
+
+
 def test_reward_model_lora_trains_adapters_and_the_score_head(tmp_path, tiny_model_dir):
     rows = [{"prompt": "Name a fruit.", "chosen": "apple", "rejected": "chair"},
             {"prompt": "Say something kind.", "chosen": "you are a good friend .", "rejected": "go away ."}] * 2
