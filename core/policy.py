@@ -63,6 +63,7 @@ class HFPolicy(Policy):
         was_training = model.training
         model.eval()
         do_sample = sampling.temperature > 0
+        copies, k = (1, k) if do_sample else (k, 1)  # greedy answers are all the same: decode one, repeat it
         out = model.generate(
             input_ids=ids,
             attention_mask=mask,
@@ -79,7 +80,7 @@ class HFPolicy(Policy):
         model.train(was_training)
         texts = self.tokenizer.batch_decode(out[:, ids.shape[1] :], skip_special_tokens=True)
         texts = [t.strip() for t in texts]
-        return [texts[i * k : (i + 1) * k] for i in range(len(prompts))]
+        return [texts[i * k : (i + 1) * k] * copies for i in range(len(prompts))]
 
     def encode(self, prompts: list[Prompt], completions: list[str]) -> Sequences:
         """Right-padded prompt+completion rows; the completion mask covers the answer and its EOS."""

@@ -87,6 +87,14 @@ def test_all_samples_of_a_draw_come_from_one_generate_call(tiny_model_dir):
     assert metrics["samples/redraws"] == 0.0 and metrics["pairs/usable_fraction"] == 1.0
 
 
+def test_greedy_generation_of_several_answers_repeats_the_one_greedy_answer(tiny_model_dir):
+    # `pref generate -n 3` at its default temperature 0: transformers refuses K greedy sequences
+    policy = HFPolicy.load(tiny_model_dir)
+    prompts = ["What is your name?", "Name a fruit."]
+    one = policy.generate(prompts, 1, SamplingConfig(max_new_tokens=6, temperature=0.0))
+    assert policy.generate(prompts, 3, SamplingConfig(max_new_tokens=6, temperature=0.0)) == [answers * 3 for answers in one]
+
+
 # -- a fake policy, throw-away rewards ------------------------------------------------------------
 
 
