@@ -92,6 +92,9 @@ def resolve_plan(config: RunConfig, registry: Registry, processes: Processes | N
 
     reward = selector = embedder = None
     if needs.online:
+        if config.temperature == 0:
+            raise PrefError(f"{config.objective} samples several answers per prompt, and at --temperature 0 (greedy) they are all the same: "
+                            "pass a temperature above 0 (1.0 is the default)")
         reward = resolve_reward(config, registry, objective)
         if not config.dataset and not reward.default_prompts:
             raise PrefError(f"the reward {type(reward).__name__} has no default prompts: pass --dataset with prompts")

@@ -18,6 +18,7 @@ from pref.train import train_policy
 
 @pytest.mark.parametrize("flags, message", [
     (["--temperature", "-1"], "temperature must be zero"),
+    (["--objective", "grpo", "--temperature", "0"], "at --temperature 0 (greedy) they are all the same"),  # K equal samples
     (["--top-p", "0"], "top_p must be above 0"),
     (["--top-p", "1.5"], "top_p must be above 0"),
     (["--top-k", "-1"], "top_k must be"),
