@@ -195,11 +195,18 @@ class AcceleratedProcesses(Processes):
 
 
 def mean_across_processes(processes: Processes, metrics: dict[str, float]) -> dict[str, float]:
-    if processes.world == 1 or not metrics:
+    """Each figure's mean over the processes that report it.
+
+    A process may lack some figures (KTO's `rewards/chosen` on a batch without a desirable
+    answer), so the keys are agreed first: a reduction over tensors of different lengths
+    would wait forever.
+    """
+    if processes.world == 1:
         return metrics
-    keys = sorted(metrics)
-    values = processes.mean(torch.tensor([metrics[k] for k in keys], dtype=torch.float64))
-    return dict(zip(keys, values.tolist()))
+    keys = sorted(set(processes.gather(list(metrics))))
+    reported = torch.tensor([[metrics.get(k, 0.0) for k in keys], [float(k in metrics) for k in keys]], dtype=torch.float64)
+    sums, counts = (processes.mean(reported) * processes.world).tolist()
+    return {k: total / count for k, total, count in zip(keys, sums, counts)}
 
 
 def train_second_model(second: SecondModel, optimizer: torch.optim.Optimizer, processes: Processes, autocast: Any = nullcontext) -> dict[str, float]:

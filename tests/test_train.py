@@ -126,3 +126,15 @@ def test_checkpoints_are_atomic_and_only_the_last_k_are_kept(tmp_path, monkeypat
     assert resume_checkpoint(str(tmp_path)) == found[-1]
     state = json.load(open(os.path.join(found[-1], checkpoint.STATE_FILE)))
     assert state["step"] == 3
+
+
+def test_processes_that_report_different_figures_average_each_over_those_that_report_it():
+    # KTO's rewards/chosen is missing on a process whose batch holds no desirable answer:
+    # a reduction over unequal tensors made two-process runs wait forever
+    from test_group_processes import in_two_processes  # tests/ is on sys.path
+
+    from pref.train import mean_across_processes
+
+    figures = [{"loss": 1.0, "rewards/chosen": 0.5}, {"loss": 3.0, "rewards/rejected": -1.0}]
+    averaged = in_two_processes(lambda processes: mean_across_processes(processes, figures[processes.rank]))
+    assert averaged[0] == averaged[1] == {"loss": 2.0, "rewards/chosen": 0.5, "rewards/rejected": -1.0}
