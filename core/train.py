@@ -209,6 +209,12 @@ def mean_across_processes(processes: Processes, metrics: dict[str, float]) -> di
     return {k: total / count for k, total, count in zip(keys, sums, counts)}
 
 
+def mean_of_reports(reports: list[dict[str, float]]) -> dict[str, float]:
+    """Each figure's mean over the reports that hold it (KTO's `rewards/chosen` needs a desirable answer in the batch)."""
+    keys = dict.fromkeys(key for report in reports for key in report)
+    return {key: sum(r[key] for r in reports if key in r) / sum(key in r for r in reports) for key in keys}
+
+
 def train_second_model(second: SecondModel, optimizer: torch.optim.Optimizer, processes: Processes, autocast: Any = nullcontext) -> dict[str, float]:
     """One optimizer step on `second.loss(batch)` for each batch `second.batches()` gives now.
 
@@ -358,7 +364,7 @@ def train_policy(config: RunConfig, registry: Registry) -> tuple[str, HFPolicy]:
     with loggers_running(loggers, config.steps, start_step):
         for step in range(start_step + 1, config.steps + 1):
             # forward and backward, accumulated over micro-batches
-            totals: dict[str, float] = {}
+            reports: list[dict[str, float]] = []  # each micro-batch's figures
             t_start, real_tokens, padded_tokens = time.perf_counter(), 0, 0
             for micro in range(config.grad_accum):
                 try:
@@ -379,11 +385,10 @@ def train_policy(config: RunConfig, registry: Registry) -> tuple[str, HFPolicy]:
                     with accelerator.autocast():
                         loss, metrics = objective.loss(policy, reference, batch)
                     accelerator.backward(loss / config.grad_accum)
-                metrics = {"loss": loss.item(), **metrics, **data_metrics, "time/update": time.perf_counter() - t_update}
-                for key, value in metrics.items():
-                    totals[key] = totals.get(key, 0.0) + value / config.grad_accum
+                reports.append({"loss": loss.item(), **metrics, **data_metrics, "time/update": time.perf_counter() - t_update})
             if stopped:
                 break
+            totals = mean_of_reports(reports)
 
             # clip and update (the objective's own modules are outside DDP: average their gradients here)
             t_step = time.perf_counter()

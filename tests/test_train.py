@@ -138,3 +138,11 @@ def test_processes_that_report_different_figures_average_each_over_those_that_re
     figures = [{"loss": 1.0, "rewards/chosen": 0.5}, {"loss": 3.0, "rewards/rejected": -1.0}]
     averaged = in_two_processes(lambda processes: mean_across_processes(processes, figures[processes.rank]))
     assert averaged[0] == averaged[1] == {"loss": 2.0, "rewards/chosen": 0.5, "rewards/rejected": -1.0}
+
+
+def test_micro_batches_that_report_different_figures_average_each_over_those_that_report_it():
+    # with --grad-accum 2, a KTO micro-batch without a desirable answer has no rewards/chosen: it must not halve it
+    from pref.train import mean_of_reports
+
+    reports = [{"loss": 1.0, "rewards/chosen": 0.5}, {"loss": 3.0, "rewards/rejected": -1.0}, {"loss": 2.0, "rewards/chosen": 1.5}]
+    assert mean_of_reports(reports) == {"loss": 2.0, "rewards/chosen": 1.0, "rewards/rejected": -1.0}
