@@ -88,7 +88,7 @@ def _load_error(name: str | None, path: str, exc: Exception) -> PrefError:
         return PrefError(f"cannot load model from {path}: {str(exc).splitlines()[0]}")
     return PrefError(
         f"cannot load model {name!r}: no such local folder and the Hugging Face hub did not provide it; "
-        "pass a local path to a saved model, or leave --model out to use the embedded default"
+        f"pass the path of a saved model (a run's final/ folder), or {DEFAULT_MODEL} for the embedded default model"
     )
 
 

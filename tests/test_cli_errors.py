@@ -289,3 +289,11 @@ def test_a_run_folder_given_as_a_model_points_at_its_final_model(tmp_path):
     (tmp_path / "run" / "run.json").write_text("{}")
     with pytest.raises(PrefError, match="is a pref run folder, not a model: pass its model, .*final"):
         load_tokenizer(str(tmp_path / "run"))  # was "Couldn't instantiate the backend tokenizer from one of:"
+
+
+def test_a_model_that_is_neither_a_folder_nor_on_the_hub_names_a_fix_every_command_has():
+    # the message is shared by run, eval, generate and compare (--before/--after): no "--model" in the fix
+    from pref.models import _load_error
+
+    message = str(_load_error("nope/final", "nope/final", OSError("404")))
+    assert "no such local folder" in message and "--model" not in message and "pref-default for the embedded default model" in message
