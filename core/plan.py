@@ -90,6 +90,12 @@ def resolve_plan(config: RunConfig, registry: Registry, processes: Processes | N
     if not needs.online and not config.dataset:
         raise PrefError(f"objective {config.objective!r} trains on a dataset: pass --dataset FILE")
 
+    unused = [flag for flag, given, used in [("--reward", config.reward, needs.online), ("--selector", config.selector, needs.uses_selector),
+                                             ("--embedder", config.embedder, needs.uses_selector)] if given and not used]
+    if unused:  # a setting that would change nothing is a mistake to point out, not to ignore
+        how = "learns from every sample it draws" if needs.online else "trains on a dataset"
+        raise PrefError(f"objective {config.objective!r} {how} and uses no {unused[0].removeprefix('--')}: drop {unused[0]}")
+
     reward = selector = embedder = None
     if needs.online:
         if config.temperature == 0:

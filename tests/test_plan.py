@@ -56,6 +56,18 @@ def test_an_offline_objective_without_data_fails_before_the_model_loads(prefs_fi
     assert plan.reward is None and plan.selector is None and plan.sampling.max_new_tokens == DEFAULT_MAX_NEW_TOKENS
 
 
+@pytest.mark.parametrize("objective, flags, message", [
+    ("dpo", {"reward": "noun-diversity"}, "objective 'dpo' trains on a dataset and uses no reward: drop --reward"),
+    ("dpo", {"selector": "best-vs-worst"}, "uses no selector: drop --selector"),
+    ("grpo", {"selector": "best-vs-worst"}, "objective 'grpo' learns from every sample it draws and uses no selector: drop --selector"),
+    ("grpo", {"embedder": "wordnet"}, "uses no embedder: drop --embedder"),
+])
+def test_a_setting_the_objective_would_not_use_is_refused(prefs_file, objective, flags, message):
+    config = build_config(flags={"objective": objective, "dataset": [prefs_file], **flags})
+    with pytest.raises(PrefError, match=message):
+        resolve_plan(config, load_registry())
+
+
 def test_a_cache_miss_names_the_cause_and_the_fix():
     row = Sequences(torch.tensor([[5, 6, 7]]), torch.ones(1, 3, dtype=torch.long), torch.tensor([[0, 1, 1]]))
     with pytest.raises(PrefError, match=r"not in the dataset; declare ObjectiveNeeds\(scores_new_rows=True\).*--reference model"):
