@@ -154,7 +154,7 @@ def run(config_file: str | None, beta: float | None, objective_option, reward_op
 
     file_values: dict[str, Any] = read_config_file(config_file) if config_file else {}
     given = {k: v for k, v in flags.items() if v is not None and v != ()}
-    for key in ("dataset", "validation_dataset", "test_prompts", "reward"):
+    for key in ("dataset", "validation_dataset", "test_prompts", "reward", "loggers"):
         if key in given:
             given[key] = list(given[key])
     options = {

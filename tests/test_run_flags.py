@@ -51,6 +51,14 @@ def test_the_flags_reach_the_run_configuration(monkeypatch, prefs_file):
     assert config.dtype == "bfloat16" and config.gradient_checkpointing and not config.progress
 
 
+def test_repeated_logger_flags_reach_the_run_configuration(monkeypatch, prefs_file):
+    seen = {}
+    monkeypatch.setattr(train_module, "train", lambda config, registry: seen.setdefault("config", config) and "out")
+    result = CliRunner().invoke(cli, ["run", "--objective", "dpo", "--dataset", prefs_file, "--logger", "jsonl", "--logger", "tensorboard"])
+    assert result.exit_code == 0, result.output
+    assert seen["config"].loggers == ["jsonl", "tensorboard"]
+
+
 def test_auto_dtype_is_float32_on_a_cpu(tiny_model_dir):
     assert resolve_dtype("auto", "cpu", tiny_model_dir) == torch.float32
     assert resolve_dtype("bfloat16", "cpu", tiny_model_dir) == torch.bfloat16
