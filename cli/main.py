@@ -153,10 +153,7 @@ def run(config_file: str | None, beta: float | None, objective_option, reward_op
     from pref.train import train
 
     file_values: dict[str, Any] = read_config_file(config_file) if config_file else {}
-    given = {k: v for k, v in flags.items() if v is not None and v != ()}
-    for key in ("dataset", "validation_dataset", "test_prompts", "reward", "loggers"):
-        if key in given:
-            given[key] = list(given[key])
+    given = {k: v for k, v in flags.items() if v is not None and v != ()}  # repeated flags' tuples: build_config takes them as lists
     options = {
         "objective_options": parse_options(objective_option, "--option"),
         "reward_options": parse_options(reward_option, "--reward-option"),

@@ -157,6 +157,7 @@ def build_config(file_values: dict[str, Any] | None = None, flags: dict[str, Any
                 raise unknown_name("config key", key, hints, hint=" (keys are `pref run` flag names)")
             if key in ("dataset", "validation_dataset", "test_prompts") and isinstance(value, str):
                 value = [value]
+            value = list(value) if isinstance(value, tuple) else value  # click's repeated flags, a library caller's tuple
             value = reward_names(value) if key == "reward" else reward_weights(value) if key == "reward_weights" else value
             wanted = expected_type(value, hints[key])
             if wanted:  # a config file's value or a run.json's; the flags' click has typed

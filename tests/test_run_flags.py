@@ -98,3 +98,8 @@ def test_gradient_checkpointing_trains_the_same_weights(tmp_path, tiny_model_dir
     a, b = load_file(os.path.join(plain, "final", name)), load_file(os.path.join(checkpointed, "final", name))
     for key in a:
         torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-4)
+
+
+def test_a_library_caller_may_give_lists_as_tuples():
+    config = build_config(flags={"dataset": ("a.jsonl", "b.jsonl"), "loggers": ("jsonl",), "test_prompts": ("Hi",)})
+    assert config.dataset == ["a.jsonl", "b.jsonl"] and config.loggers == ["jsonl"] and config.test_prompts == ["Hi"]
