@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import weakref
 from typing import Any
 
 from pref.errors import PrefError
@@ -75,7 +76,8 @@ class MlflowLogger(MetricsLogger):
     the final model's folder as the tag `final_model`.
 
     The tracking store is MLflow's own setting (MLFLOW_TRACKING_URI); the experiment is
-    MLFLOW_EXPERIMENT_NAME or `pref`.
+    MLFLOW_EXPERIMENT_NAME or `pref`. A run that fails (the loop then never calls `close`) is
+    marked FAILED when the logger is collected or the process exits, not left RUNNING.
     """
 
     def __init__(self, output_dir: str, config: dict[str, Any] | None = None):
@@ -91,6 +93,8 @@ class MlflowLogger(MetricsLogger):
             self.client.log_batch(self.run_id, params=params[start : start + 100])
         self.client.log_dict(self.run_id, config, "config.json")
         self.mlflow = mlflow
+        # unlike wandb and trackio, an MLflow client run has no exit hook of its own
+        self.failed = weakref.finalize(self, self.client.set_terminated, self.run_id, "FAILED")
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         import time
@@ -104,6 +108,7 @@ class MlflowLogger(MetricsLogger):
         self.client.set_tag(self.run_id, "final_model", os.path.abspath(final_dir))
 
     def close(self) -> None:
+        self.failed.detach()
         self.client.set_terminated(self.run_id)
 
 

@@ -108,6 +108,22 @@ def test_mlflow_logger_local_store(tmp_path, monkeypatch):
     assert run.data.tags["final_model"] == str(tmp_path / "run-b" / "final")
 
 
+@pytest.mark.skipif(importlib.util.find_spec("mlflow") is None, reason="mlflow is not installed")
+def test_an_mlflow_run_that_fails_is_not_left_running(tmp_path, monkeypatch):
+    import gc
+
+    import mlflow
+
+    local_file_store(monkeypatch, tmp_path)
+    logger = MlflowLogger(str(tmp_path / "run-f"), config=CONFIG)
+    logger.log(1, {"loss": 0.5})
+    logger.stop()  # the loop failed: no finish, no close
+    run_id = logger.run_id
+    del logger
+    gc.collect()
+    assert mlflow.MlflowClient(f"file:{tmp_path / 'mlruns'}").get_run(run_id).info.status == "FAILED"  # was RUNNING for ever
+
+
 @pytest.mark.skipif(importlib.util.find_spec("trackio") is None, reason="trackio is not installed")
 def test_trackio_logger_local(tmp_path, monkeypatch):
     monkeypatch.setenv("TRACKIO_DIR", str(tmp_path / "trackio"))
