@@ -31,6 +31,10 @@ def need(module: str, logger: str) -> Any:
         raise PrefError(f"the {logger} logger needs the {logger} package: pip install 'pref[{logger}]'") from None
 
 
+def one_line(error: Exception) -> str:
+    return " ".join(str(error).split())
+
+
 def run_name(output_dir: str) -> str:
     return os.path.basename(os.path.normpath(os.path.abspath(output_dir)))
 
@@ -54,12 +58,15 @@ class WandbLogger(MetricsLogger):
 
     def __init__(self, output_dir: str, config: dict[str, Any] | None = None):
         wandb = need("wandb", "wandb")
-        self.run = wandb.init(
-            project=os.environ.get("WANDB_PROJECT") or PROJECT,
-            name=run_name(output_dir),
-            dir=os.environ.get("WANDB_DIR") or output_dir,
-            config=config or {},
-        )
+        try:
+            self.run = wandb.init(
+                project=os.environ.get("WANDB_PROJECT") or PROJECT,
+                name=run_name(output_dir),
+                dir=os.environ.get("WANDB_DIR") or output_dir,
+                config=config or {},
+            )
+        except wandb.Error as error:  # no API key, no network, a bad setting
+            raise PrefError(f"the wandb logger could not start a run: {one_line(error)} (WANDB_MODE=offline needs no account)") from None
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         self.run.log(dict(metrics), step=step)
@@ -82,11 +89,14 @@ class MlflowLogger(MetricsLogger):
 
     def __init__(self, output_dir: str, config: dict[str, Any] | None = None):
         mlflow = need("mlflow", "mlflow")
-        self.client = mlflow.MlflowClient()
-        name = os.environ.get("MLFLOW_EXPERIMENT_NAME") or PROJECT
-        experiment = self.client.get_experiment_by_name(name)
-        experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(name)
-        self.run_id = self.client.create_run(experiment_id, run_name=run_name(output_dir)).info.run_id
+        try:
+            self.client = mlflow.MlflowClient()
+            name = os.environ.get("MLFLOW_EXPERIMENT_NAME") or PROJECT
+            experiment = self.client.get_experiment_by_name(name)
+            experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(name)
+            self.run_id = self.client.create_run(experiment_id, run_name=run_name(output_dir)).info.run_id
+        except mlflow.exceptions.MlflowException as error:  # a store it cannot use or reach
+            raise PrefError(f"the mlflow logger could not start a run in {mlflow.get_tracking_uri()} (MLFLOW_TRACKING_URI): {one_line(error)}") from None
         config = config or {}
         params = [mlflow.entities.Param(key, str(value)[:6000]) for key, value in flat(config).items()]
         for start in range(0, len(params), 100):  # MLflow takes at most 100 parameters per call

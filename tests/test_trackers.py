@@ -155,6 +155,26 @@ def test_a_missing_tracker_names_its_extra(tmp_path, monkeypatch, logger, module
         logger(str(tmp_path))
 
 
+@pytest.mark.skipif(importlib.util.find_spec("wandb") is None, reason="wandb is not installed")
+def test_a_wandb_run_that_cannot_start_is_a_one_line_error(tmp_path, monkeypatch):
+    import wandb
+
+    def no_key(**kwargs):
+        raise wandb.errors.UsageError("No API key configured. Use `wandb login` to log in.")  # wandb online, never logged in
+
+    monkeypatch.setattr(wandb, "init", no_key)
+    with pytest.raises(PrefError, match=r"^the wandb logger could not start a run: No API key configured. .* \(WANDB_MODE=offline needs no account\)$"):
+        WandbLogger(str(tmp_path / "run"), config=CONFIG)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("mlflow") is None, reason="mlflow is not installed")
+def test_an_mlflow_store_it_cannot_use_is_a_one_line_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "nosuch://store")
+    with pytest.raises(PrefError, match=r"^the mlflow logger could not start a run in nosuch://store \(MLFLOW_TRACKING_URI\): .*unsupported URI") as error:
+        MlflowLogger(str(tmp_path / "run"), config=CONFIG)
+    assert "\n" not in str(error.value)
+
+
 @pytest.mark.skipif(importlib.util.find_spec("mlflow") is None, reason="mlflow is not installed")
 def test_a_run_gives_the_tracker_its_config_metrics_and_final_model(tmp_path, monkeypatch, tiny_model_dir, prefs_file):
     import mlflow
