@@ -360,7 +360,7 @@ def train_policy(config: RunConfig, registry: Registry) -> tuple[str, HFPolicy]:
     best = read_best(out_dir)
 
     # -- the loop -------------------------------------------------------------------
-    stopped = ""
+    stopped, unlogged = "", None  # unlogged: the last step's (step, figures) when log_every skipped it
     with loggers_running(loggers, config.steps, start_step):
         for step in range(start_step + 1, config.steps + 1):
             # forward and backward, accumulated over micro-batches
@@ -387,6 +387,9 @@ def train_policy(config: RunConfig, registry: Registry) -> tuple[str, HFPolicy]:
                     accelerator.backward(loss / config.grad_accum)
                 reports.append({"loss": loss.item(), **metrics, **data_metrics, "time/update": time.perf_counter() - t_update})
             if stopped:
+                if unlogged:  # the last step done is logged whatever log_every says
+                    for logger in loggers:
+                        logger.log(*unlogged)
                 break
             totals = mean_of_reports(reports)
 
@@ -424,6 +427,9 @@ def train_policy(config: RunConfig, registry: Registry) -> tuple[str, HFPolicy]:
             if step % config.log_every == 0 or evaluated or step == config.steps:
                 for logger in loggers:
                     logger.log(step, totals)
+                unlogged = None
+            else:
+                unlogged = (step, totals)
             for logger in loggers:
                 logger.show(step, totals)
 

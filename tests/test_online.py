@@ -189,7 +189,8 @@ def test_a_reward_that_never_yields_a_pair_fails_after_max_draws(tmp_path, tiny_
     assert calls == [2, 2, 2]
 
 
-def test_a_run_whose_samples_stop_giving_pairs_stops_early_and_keeps_the_model(tmp_path, tiny_model_dir, monkeypatch):
+@pytest.mark.parametrize("log_every", [1, 2])  # 2: step 1 is logged all the same, as the last step done
+def test_a_run_whose_samples_stop_giving_pairs_stops_early_and_keeps_the_model(tmp_path, tiny_model_dir, monkeypatch, log_every):
     # the first step's samples get distinct rewards; from then on every sample earns the same,
     # as when online DPO's policy answers validly every time: nothing is left to learn
     class IndexedThenConstant(Constant):
@@ -208,9 +209,11 @@ def test_a_run_whose_samples_stop_giving_pairs_stops_early_and_keeps_the_model(t
     pm, failures, sources = get_plugin_manager()
     pm.register(Plugin(), name="test-indexed-then-constant")
     monkeypatch.setattr(OnlineBatches, "MAX_DRAWS", 2)
-    lines = online_run(tmp_path, tiny_model_dir, Registry(pm, failures, sources), objective="online-dpo", reward="indexed-then-constant", steps=3)
+    lines = online_run(tmp_path, tiny_model_dir, Registry(pm, failures, sources), objective="online-dpo", reward="indexed-then-constant", steps=3,
+                       log_every=log_every)
     assert [m["step"] for m in lines] == [1]
     assert os.path.exists(tmp_path / "run" / "final" / "config.json")
+    assert "- steps: 3 (stopped after 1)," in (tmp_path / "run" / "final" / "README.md").read_text()
 
 
 def test_a_reward_without_a_reward_score_is_an_error():
