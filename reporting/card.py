@@ -45,7 +45,12 @@ def hub_datasets(entries: list[str], builders: set[str]) -> list[str]:
 
 
 def option_text(value: Any) -> str:
-    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip() if not isinstance(value, str) else value
+    """The VALUE of a KEY=VALUE flag that `pref run` reads back (as YAML) as `value` itself."""
+    from pref.config import read_yaml
+
+    text = yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip() if not isinstance(value, str) else value
+    # a text YAML reads as something else ("yes", "1e-3", "a: b", "x #y", a line break) goes in JSON's quotes, which YAML reads
+    return text if (read_yaml(text) if text else "") == value else json.dumps(value)
 
 
 def reproduce(config: dict[str, Any]) -> tuple[str, dict[str, Any]]:

@@ -4,6 +4,7 @@ import json
 
 from huggingface_hub import ModelCard
 
+from pref.cli.main import parse_options
 from pref.config import build_config
 from pref.reporting.card import hub_datasets, model_card, reproduce, write_model_card
 
@@ -56,3 +57,15 @@ def test_the_command_spells_options_and_puts_the_rest_in_a_config_file():
     # --temperature is a flag too: the card does not say the file holds settings without one
     text = model_card({"config": config, "versions": {}}, [])
     assert "holding the settings the command does not spell out:\n\n```yaml\nembedder_options:" in text
+
+
+def test_the_command_gives_option_texts_back_as_they_were():
+    import shlex
+
+    texts = {"separator": "\n\n", "system": "Answer: one word.", "model": "runs/rm #2/final", "split": "yes", "tag": "1e-3", "words": ["a, b", "off"],
+             "plain": "sigmoid", "empty": "", "number": 3}
+    command, _ = reproduce(build_config(flags={"objective": "dpo", "dataset_options": texts}).to_dict())
+    args = shlex.split(command)
+    # each was read back as something else: "\n\n" as None, "Answer: one word." as a mapping, "runs/rm #2/final" cut at the #
+    assert parse_options(tuple(args[i + 1] for i, a in enumerate(args) if a == "--dataset-option"), "--dataset-option") == texts
+    assert "--dataset-option plain=sigmoid" in command  # plain texts stay plain
