@@ -359,6 +359,8 @@ def compare(before, after, reward, reward_option, prompts, samples, max_new_toke
 
     if figure and not reward:
         raise PrefError("--figure draws the answers sampled for --reward NAME: pass --reward too")
+    if as_json and not reward:
+        raise PrefError("--json prints the reports under --reward NAME: pass --reward too")
     if figure and not figure.lower().endswith(".png"):
         raise PrefError(f"--figure {figure}: the figure is a PNG file; give a name ending in .png")
     if reward:

@@ -252,6 +252,11 @@ def test_sampled_answers_keep_every_prompt_when_cut_to_the_count():
     assert prompts == ["a", "b", "c", "a"] and answers == ["a0", "b0", "c0", "a1"]
 
 
+def test_compare_json_needs_a_reward():
+    result = CliRunner().invoke(cli, ["compare", "--before", "a", "--after", "b", "--prompt", "hi", "--json"])
+    assert result.exit_code == 2 and "--json prints the reports under --reward NAME: pass --reward too" in result.output  # was a table, exit 0
+
+
 def test_compare_figure_needs_a_reward_and_a_png_name(tmp_path):
     result = CliRunner().invoke(cli, ["compare", "--before", "a", "--after", "b", "--prompt", "hi", "--figure", str(tmp_path / "f.png")])
     assert result.exit_code == 2 and "pass --reward too" in result.output
