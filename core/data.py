@@ -102,14 +102,18 @@ class OfflineBatches:
     `order` decides which examples come next: by default a `ShuffledBatches` over them;
     any object with `next()` (this process's examples), `state()`, `load_state()` and
     `metrics()` will do, such as a sampler (`pref.plugins.curriculum.Curriculum`).
+    `after_draw` is called after each batch (it trains the objective's second model) and returns metrics.
     """
 
-    def __init__(self, policy: Policy, examples: Sequence[Any], batch_size: int, seed: int, rank: int = 0, world: int = 1, order: Any = None):
+    def __init__(self, policy: Policy, examples: Sequence[Any], batch_size: int, seed: int, rank: int = 0, world: int = 1, order: Any = None,
+                 after_draw: Callable[[], dict[str, float]] | None = None):
         self.policy = policy
         self.order = order if order is not None else ShuffledBatches(examples, batch_size, seed, rank, world)
+        self.after_draw = after_draw
 
     def next(self) -> tuple[Any, dict[str, float]]:
-        return collate(self.policy, self.order.next()), self.order.metrics()
+        batch, metrics = collate(self.policy, self.order.next()), self.order.metrics()
+        return batch, {**metrics, **self.after_draw()} if self.after_draw is not None else metrics
 
     def state(self) -> dict[str, int]:
         return self.order.state()

@@ -29,8 +29,8 @@ class OnlineBatches:
     a usable pair, the next prompts are drawn (up to `MAX_DRAWS` times).
 
     `order`: any object with next()/state()/load_state()/metrics() may replace the shuffled
-    prompts (a curriculum over records). `after_draw` is called after each draw (a second model
-    trained as soon as a selection asks for it) and returns metrics.
+    prompts (a curriculum over records). `after_draw` is called after each draw, and with SAMPLES
+    after each step's mini-batch (a second model trained as soon as a selection asks for it), and returns metrics.
     """
 
     MAX_DRAWS = 10
@@ -53,7 +53,8 @@ class OnlineBatches:
 
     def next(self) -> tuple[Any, dict[str, float]]:
         if self.steps is not None:
-            return self.steps.next()
+            batch, metrics = self.steps.next()
+            return batch, {**metrics, **self.after_draw()} if self.after_draw is not None else metrics
         batch, metrics = None, {}
         for draw in range(self.MAX_DRAWS):
             if batch is None:

@@ -97,10 +97,10 @@ def build_data(config: RunConfig, plan: RunPlan, policy: HFPolicy, examples: lis
                after_draw: Any = None, processes: Processes | None = None) -> Any:
     """Offline or online batches; `order` (a sampler) replaces their shuffled order when given.
 
-    `after_draw` (online) is called after each draw of samples: it trains the objective's second model.
+    `after_draw` is called after each batch (online: each draw of samples): it trains the objective's second model.
     """
     if not plan.needs.online:
-        return OfflineBatches(policy, examples, config.batch_size, config.seed, rank, world, order=order)
+        return OfflineBatches(policy, examples, config.batch_size, config.seed, rank, world, order=order, after_draw=after_draw)
     from pref.online import OnlineBatches
 
     assert plan.reward is not None
