@@ -79,10 +79,7 @@ class OnlineBatches:
         completions = self.policy.generate(prompts, self.k, self.sampling)
         sampled = time.perf_counter()
         flat_prompts, flat_completions = flatten(prompts, completions)
-        # on the CPU whatever device the reward computed them on
-        scores = {name: values.detach().float().cpu() for name, values in self.reward.score(flat_prompts, flat_completions).items()}
-        if "reward" not in scores:
-            raise PrefError(f"reward {type(self.reward).__name__} gave no score named 'reward' (it gave {', '.join(scores) or 'none'})")
+        scores = checked_scores(self.reward, self.reward.score(flat_prompts, flat_completions), len(flat_completions))
         rewards = scores["reward"]
         metrics = {
             "reward/mean": rewards.mean().item(),
@@ -140,3 +137,16 @@ class OnlineBatches:
 def flatten(prompts: list[Prompt], completions: list[list[str]]) -> tuple[list[Prompt], list[str]]:
     """P prompts with K completions each -> the [P * K] rows, prompt by prompt: (prompts, completions)."""
     return [p for p, row in zip(prompts, completions) for _ in row], [c for row in completions for c in row]
+
+
+def checked_scores(reward: RewardSource, scores: Any, rows: int) -> dict[str, torch.Tensor]:
+    """The reward's scores, on the CPU as floats; a plugin's mistake (no `reward`, not a tensor [rows]) is a `PrefError` naming it."""
+    name = type(reward).__name__
+    if not isinstance(scores, dict) or "reward" not in scores:
+        given = ", ".join(scores) if isinstance(scores, dict) else f"a {type(scores).__name__}"
+        raise PrefError(f"reward {name} gave no score named 'reward' (it gave {given or 'none'}); its score() must return a dict with 'reward'")
+    for key, values in scores.items():
+        if not isinstance(values, torch.Tensor) or values.shape != (rows,):
+            what = f"a tensor of shape {list(values.shape)}" if isinstance(values, torch.Tensor) else f"a {type(values).__name__}"
+            raise PrefError(f"reward {name}'s score {key!r} is {what}; score() must give a float tensor [{rows}], one value per answer")
+    return {key: values.detach().float().cpu() for key, values in scores.items()}  # on the CPU whatever device they were computed on

@@ -7,8 +7,9 @@ import os
 import pytest
 import torch
 
-from pref import ObjectiveNeeds, SecondModel, hookimpl
+from pref import ObjectiveNeeds, PrefError, RewardSource, SecondModel, hookimpl
 from pref.config import build_config
+from pref.online import checked_scores
 from pref.plugins.dpo import DPO
 from pref.plugins.grpo import GRPO
 from pref.registry import Registry, get_plugin_manager
@@ -72,3 +73,35 @@ def test_a_second_model_is_trained_whatever_data_the_objective_learns_from(tmp_p
     out = train(config, registry_with(SecondModelPlugin))
     lines = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
     assert [line.get("second/steps") for line in lines] == [1.0, 1.0]
+
+
+class ListReward(RewardSource):
+    default_prompts = ["Hello.", "Hi."]
+
+    def score(self, prompts, completions):
+        return {"reward": [1.0] * len(completions)}
+
+
+@pytest.mark.parametrize("scores, message", [
+    ({"words": torch.ones(3)}, "gave no score named 'reward' (it gave words); its score() must return a dict with 'reward'"),
+    (None, "gave no score named 'reward' (it gave a NoneType)"),  # score() forgot its return
+    ({"reward": [1.0, 2.0, 3.0]}, "score 'reward' is a list; score() must give a float tensor [3], one value per answer"),
+    ({"reward": torch.ones(3), "words": torch.ones(3, 2)}, "score 'words' is a tensor of shape [3, 2]"),
+])
+def test_a_reward_plugins_wrong_scores_are_one_line_errors_naming_it(scores, message):
+    with pytest.raises(PrefError, match="reward ListReward") as caught:
+        checked_scores(ListReward(), scores, 3)
+    assert message in str(caught.value)
+    assert checked_scores(ListReward(), {"reward": torch.tensor([1, 0, 1])}, 3)["reward"].dtype == torch.float32
+
+
+def test_a_reward_that_gives_no_tensors_stops_an_online_run_with_a_one_line_error(tiny_model_dir, tmp_path):
+    class ListRewardPlugin:
+        @hookimpl
+        def register_rewards(register):
+            register("list-reward", ListReward)
+
+    config = build_config(flags={"objective": "grpo", "reward": "list-reward", "model": tiny_model_dir, "dataset": [], "steps": 1,
+                                 "batch_size": 2, "max_new_tokens": 4, "device": "cpu", "output_dir": str(tmp_path / "run")})
+    with pytest.raises(PrefError, match="ListReward's score 'reward' is a list"):
+        train(config, registry_with(ListRewardPlugin))
