@@ -103,6 +103,7 @@ class OnlineBatches:
             with torch.no_grad():
                 logps = self.policy.logps(self.policy.encode(*flatten(prompts, completions))).sequence.reshape(len(prompts), self.k).cpu()
         selection = self.selector.select(CandidatePool(list(prompts), completions, scores, logps))
+        check_selection(self.selector, selection, self.data, len(prompts), self.k)
         metrics["time/scoring"] += time.perf_counter() - start
         metrics.update({
             "pairs/usable_fraction": len({p for p, _, _ in selection.pairs} | {p for p, _ in selection.accepted + selection.rejected}) / len(prompts),
@@ -150,3 +151,16 @@ def checked_scores(reward: RewardSource, scores: Any, rows: int) -> dict[str, to
             what = f"a tensor of shape {list(values.shape)}" if isinstance(values, torch.Tensor) else f"a {type(values).__name__}"
             raise PrefError(f"reward {name}'s score {key!r} is {what}; score() must give a float tensor [{rows}], one value per answer")
     return {key: values.detach().float().cpu() for key, values in scores.items()}  # on the CPU whatever device they were computed on
+
+
+def check_selection(selector: PairSelector, selection: Selection, data: str, prompts: int, k: int) -> None:
+    """A plugin's mistake in a `Selection` (the other kind than the objective learns from, a row outside the pool) is a `PrefError`."""
+    name = type(selector).__name__
+    sets = selection.accepted + selection.rejected
+    wanted, given = ("sets", selection.pairs) if data == SETS else ("pairs", sets)
+    if given and not (sets if data == SETS else selection.pairs):
+        raise PrefError(f"pair selector {name} picked {'pairs' if data == SETS else 'accepted and rejected sets'}, but the objective learns "
+                        f"from {wanted}: choose a selector that picks {wanted} (`pref list-plugins --kind pair-selector`)")
+    for entry in [*selection.pairs, *sets]:
+        if not (0 <= entry[0] < prompts and all(0 <= sample < k for sample in entry[1:])):
+            raise PrefError(f"pair selector {name} picked {tuple(entry)}, outside its pool of {prompts} prompts x {k} samples")

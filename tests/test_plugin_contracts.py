@@ -7,9 +7,9 @@ import os
 import pytest
 import torch
 
-from pref import ObjectiveNeeds, PrefError, RewardSource, SecondModel, hookimpl
+from pref import ObjectiveNeeds, PairSelector, PrefError, RewardSource, SecondModel, Selection, hookimpl
 from pref.config import build_config
-from pref.online import checked_scores
+from pref.online import check_selection, checked_scores
 from pref.plugins.dpo import DPO
 from pref.plugins.grpo import GRPO
 from pref.registry import Registry, get_plugin_manager
@@ -105,3 +105,24 @@ def test_a_reward_that_gives_no_tensors_stops_an_online_run_with_a_one_line_erro
                                  "batch_size": 2, "max_new_tokens": 4, "device": "cpu", "output_dir": str(tmp_path / "run")})
     with pytest.raises(PrefError, match="ListReward's score 'reward' is a list"):
         train(config, registry_with(ListRewardPlugin))
+
+
+class PairsOnly(PairSelector):
+    def select(self, pool):
+        return Selection()
+
+
+@pytest.mark.parametrize("data, selection, message", [
+    ("pairs", Selection(accepted=[(0, 1)], rejected=[(0, 0)]),
+     "pair selector PairsOnly picked accepted and rejected sets, but the objective learns from pairs: choose a selector that picks pairs"),
+    ("sets", Selection(pairs=[(0, 1, 0)]), "picked pairs, but the objective learns from sets: choose a selector that picks sets"),
+    ("pairs", Selection(pairs=[(0, 1, 4)]), "pair selector PairsOnly picked (0, 1, 4), outside its pool of 2 prompts x 4 samples"),
+    ("sets", Selection(accepted=[(2, 0)]), "picked (2, 0), outside its pool of 2 prompts x 4 samples"),
+    ("pairs", Selection(pairs=[(0, -1, 0)]), "picked (0, -1, 0), outside"),  # would quietly index the last sample
+])
+def test_a_selection_the_objective_cannot_use_is_a_one_line_error_naming_the_selector(data, selection, message):
+    with pytest.raises(PrefError) as caught:
+        check_selection(PairsOnly(), selection, data, prompts=2, k=4)
+    assert message in str(caught.value)
+    check_selection(PairsOnly(), Selection(pairs=[(1, 3, 0)], metrics={"x": 1.0}), "pairs", prompts=2, k=4)
+    check_selection(PairsOnly(), Selection(), "sets", prompts=2, k=4)  # nothing picked: drawn again, not an error
