@@ -14,6 +14,7 @@ from typing import Any, ClassVar, Union
 
 import torch
 
+from pref.errors import PrefError
 from pref.examples import Prompt
 from pref.sequences import Logps, Sequences
 
@@ -305,15 +306,15 @@ class ObjectiveNeeds:
     moves_reference: bool = False  # `after_step` changes the frozen reference's weights (TR-DPO): checkpoints keep them
 
     def __post_init__(self) -> None:
-        # a plugin author's mistake, caught when the objective is built
+        # a plugin author's mistake, caught when the objective is built: a one-line error, not a traceback
         if self.reference not in (NO_REFERENCE, REFERENCE_LOGPS, REFERENCE_DISTRIBUTIONS):
-            raise ValueError(f"ObjectiveNeeds.reference must be none, logps or distributions, not {self.reference!r}")
+            raise PrefError(f"ObjectiveNeeds.reference must be none, logps or distributions, not {self.reference!r}")
         if self.data not in (PAIRS, SETS, SAMPLES):
-            raise ValueError(f"ObjectiveNeeds.data must be pairs, sets or samples, not {self.data!r}")
+            raise PrefError(f"ObjectiveNeeds.data must be pairs, sets or samples, not {self.data!r}")
         if self.data == SAMPLES and not self.online:
-            raise ValueError("ObjectiveNeeds: data 'samples' is online only")
+            raise PrefError("ObjectiveNeeds: data 'samples' is online only: set online=True")
         if min(self.samples_per_prompt, self.epochs_per_rollout, self.minibatches_per_rollout) < 1:
-            raise ValueError("ObjectiveNeeds: samples per prompt, epochs and mini-batches per rollout must be at least 1")
+            raise PrefError("ObjectiveNeeds: samples per prompt, epochs and mini-batches per rollout must be at least 1")
 
     @property
     def uses_selector(self) -> bool:

@@ -82,6 +82,9 @@ def resolve_plan(config: RunConfig, registry: Registry, processes: Processes | N
     processes = processes or Processes()
     objective = registry.create("objective", config.objective, config.objective_options, processes=processes)
     needs = objective.needs
+    if not isinstance(needs, ObjectiveNeeds):
+        raise PrefError(f"objective {config.objective!r} ({registry.get('objective', config.objective).package}): its needs must be "
+                        f"a pref.ObjectiveNeeds, not a {type(needs).__name__}")
     if adapter is not None and needs.moves_reference:
         raise PrefError(f"{config.objective}'s options move the reference towards the policy (sync_ref_model), but an adapter run's "
                         "reference is its base model with the adapter off, which cannot move: drop --lora (--adapter) or sync_ref_model")

@@ -31,9 +31,9 @@ def test_reference_kind(needs, asked, expected):
 
 
 def test_needs_are_checked_when_declared():
-    with pytest.raises(ValueError, match="online only"):
+    with pytest.raises(PrefError, match="online only"):
         ObjectiveNeeds(data="samples")
-    with pytest.raises(ValueError, match="reference"):
+    with pytest.raises(PrefError, match="reference"):
         ObjectiveNeeds(reference="cached")
 
 

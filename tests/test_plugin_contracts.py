@@ -6,6 +6,7 @@ import os
 
 import pytest
 import torch
+from click.testing import CliRunner
 
 from pref import ObjectiveNeeds, PairSelector, PrefError, RewardSource, SecondModel, Selection, hookimpl
 from pref.config import build_config
@@ -126,3 +127,36 @@ def test_a_selection_the_objective_cannot_use_is_a_one_line_error_naming_the_sel
     assert message in str(caught.value)
     check_selection(PairsOnly(), Selection(pairs=[(1, 3, 0)], metrics={"x": 1.0}), "pairs", prompts=2, k=4)
     check_selection(PairsOnly(), Selection(), "sets", prompts=2, k=4)  # nothing picked: drawn again, not an error
+
+
+class NeedsFromAnOption(DPO):
+    def __init__(self, reference: str = "logps"):
+        super().__init__()
+        self.needs = dataclasses.replace(self.needs, reference=reference)
+
+
+class NeedsAsADict(DPO):
+    needs = {"reference": "none"}
+
+
+class NeedsPlugin:
+    @hookimpl
+    def register_objectives(register):
+        register("needs-from-an-option", NeedsFromAnOption)
+        register("needs-as-a-dict", NeedsAsADict)
+
+
+@pytest.mark.parametrize("objective, options, message", [
+    ("needs-from-an-option", {"reference": "frozen"}, "ObjectiveNeeds.reference must be none, logps or distributions, not 'frozen'"),
+    ("needs-as-a-dict", {}, "objective 'needs-as-a-dict' (test-plugin): its needs must be a pref.ObjectiveNeeds, not a dict"),
+])
+def test_an_objectives_invalid_needs_are_a_one_line_error_at_exit_2(monkeypatch, prefs_file, objective, options, message):
+    import pref.cli.main
+    import pref.policy
+
+    monkeypatch.setattr(pref.cli.main, "load_registry", lambda: registry_with(NeedsPlugin))
+    monkeypatch.setattr(pref.policy.HFPolicy, "load", lambda *a, **k: pytest.fail("a model was loaded before the error"))
+    args = ["run", "--objective", objective, "--dataset", prefs_file, *(f"-o{key}={value}" for key, value in options.items())]
+    result = CliRunner().invoke(pref.cli.main.cli, args)
+    assert result.exit_code == 2, result.output
+    assert message in result.stderr and "Traceback" not in result.output
