@@ -215,6 +215,18 @@ def mean_of_reports(reports: list[dict[str, float]]) -> dict[str, float]:
     return {key: sum(r[key] for r in reports if key in r) / sum(key in r for r in reports) for key in keys}
 
 
+def checked_loss(name: str, result: Any) -> tuple[torch.Tensor, dict[str, float]]:
+    """An objective's `loss()` result; a plugin's mistake in it (not a scalar tensor and a dict of floats) is a `PrefError` naming it."""
+    loss, metrics = result if isinstance(result, tuple) and len(result) == 2 else (result, None)
+    if not isinstance(loss, torch.Tensor) or loss.dim() != 0 or not isinstance(metrics, dict):
+        what = f"a tensor of shape {list(loss.shape)}" if isinstance(loss, torch.Tensor) and isinstance(metrics, dict) else f"a {type(result).__name__}"
+        raise PrefError(f"objective {name}'s loss() gave {what}; it must return (the scalar loss tensor, a dict of float metrics)")
+    for key, value in metrics.items():
+        if not isinstance(value, (int, float)):  # a tensor would be kept alive with its graph, and metrics.jsonl could not hold it
+            raise PrefError(f"objective {name}'s loss() gave the metric {key!r} as a {type(value).__name__}; metrics must be floats (tensor.item())")
+    return loss, metrics
+
+
 def train_second_model(second: SecondModel, optimizer: torch.optim.Optimizer, processes: Processes, autocast: Any = nullcontext) -> dict[str, float]:
     """One optimizer step on `second.loss(batch)` for each batch `second.batches()` gives now.
 
@@ -383,7 +395,7 @@ def train_policy(config: RunConfig, registry: Registry) -> tuple[str, HFPolicy]:
                 last = micro == config.grad_accum - 1
                 with nullcontext() if last else no_gradient_sync(accelerator, model):
                     with accelerator.autocast():
-                        loss, metrics = objective.loss(policy, reference, batch)
+                        loss, metrics = checked_loss(config.objective, objective.loss(policy, reference, batch))
                     accelerator.backward(loss / config.grad_accum)
                 reports.append({"loss": loss.item(), **metrics, **data_metrics, "time/update": time.perf_counter() - t_update})
             if stopped:

@@ -14,7 +14,7 @@ from pref.online import check_selection, checked_scores
 from pref.plugins.dpo import DPO
 from pref.plugins.grpo import GRPO
 from pref.registry import Registry, get_plugin_manager
-from pref.train import train
+from pref.train import checked_loss, train
 
 
 class Counter(SecondModel):
@@ -160,3 +160,35 @@ def test_an_objectives_invalid_needs_are_a_one_line_error_at_exit_2(monkeypatch,
     result = CliRunner().invoke(pref.cli.main.cli, args)
     assert result.exit_code == 2, result.output
     assert message in result.stderr and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("result, message", [
+    ((torch.tensor(1.0), {"kl": torch.tensor(0.5)}), "gave the metric 'kl' as a Tensor; metrics must be floats (tensor.item())"),
+    ((torch.ones(3), {}), "gave a tensor of shape [3]; it must return (the scalar loss tensor, a dict of float metrics)"),
+    (torch.tensor(1.0), "gave a Tensor; it must return (the scalar loss tensor, a dict of float metrics)"),  # no metrics
+    ((torch.tensor(1.0), None), "gave a tuple; it must return"),
+])
+def test_an_objectives_wrong_loss_result_is_a_one_line_error_naming_it(result, message):
+    with pytest.raises(PrefError, match="objective mine's loss") as caught:
+        checked_loss("mine", result)
+    assert message in str(caught.value)
+    assert checked_loss("mine", (torch.tensor(1.0), {"kl": 0.5, "pairs": 2})) == (torch.tensor(1.0), {"kl": 0.5, "pairs": 2})
+
+
+class TensorMetric(DPO):
+    def loss(self, policy, reference, batch):
+        loss, metrics = super().loss(policy, reference, batch)
+        return loss, {**metrics, "loss/again": loss}
+
+
+class TensorMetricPlugin:
+    @hookimpl
+    def register_objectives(register):
+        register("tensor-metric", TensorMetric)
+
+
+def test_a_metric_left_a_tensor_stops_the_run_at_its_first_step(tmp_path, tiny_model_dir, prefs_file):
+    config = build_config(flags={"objective": "tensor-metric", "model": tiny_model_dir, "dataset": [prefs_file], "steps": 2, "batch_size": 2,
+                                 "device": "cpu", "output_dir": str(tmp_path / "run")})
+    with pytest.raises(PrefError, match="metric 'loss/again' as a Tensor"):
+        train(config, registry_with(TensorMetricPlugin))
