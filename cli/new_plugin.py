@@ -406,5 +406,10 @@ def write_skeleton(name: str, directory: str = ".", kind: str = "reward") -> str
 @click.option("--kind", type=click.Choice(list(KINDS)), default="reward", show_default=True, help="What the plugin provides.")
 def new_plugin(name: str, directory: str, kind: str) -> None:
     """Write pref-NAME/, a plugin package with one objective, reward, selector or dataset builder and its test, ready to install."""
+    from pref.registry import load_registry
+
+    registered = {item.name: item for item in load_registry().items("pair-selector" if kind == "selector" else kind)}
+    if name in registered:  # installed, the package would register the name twice, which stops every pref command
+        raise PrefError(f"{kind} {name!r} is already registered by {registered[name].package}; choose another NAME")
     root = write_skeleton(name, directory, kind)
     click.echo(f"Wrote {root}. Next: pip install -e {root} && pytest {root}")

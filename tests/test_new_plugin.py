@@ -70,6 +70,16 @@ def test_each_kind_of_skeleton_passes_its_own_test(tmp_path, kind, hook, passed)
     assert f"{passed} passed" in done.stdout, done.stdout[-3000:]
 
 
+@pytest.mark.parametrize("name, kind", [("dpo", "objective"), ("best-vs-worst", "selector"), ("repetition", "reward")])
+def test_a_name_already_registered_for_the_kind_is_refused(tmp_path, name, kind):
+    """Installed, the package would register the name twice, and every pref command would stop at that."""
+    result = new_plugin(name, "--directory", tmp_path, "--kind", kind)
+    assert result.exit_code == 2
+    assert f"{kind} {name!r} is already registered by pref; choose another NAME" in result.stderr and "Traceback" not in result.output
+    assert list(tmp_path.iterdir()) == []
+    assert new_plugin("dpo", "--directory", tmp_path, "--kind", "reward").exit_code == 0  # names are per kind
+
+
 def test_an_unknown_kind_is_refused(tmp_path):
     result = new_plugin("mine", "--directory", tmp_path, "--kind", "embedder")
     assert result.exit_code == 2 and "'embedder' is not one of" in result.output
