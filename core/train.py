@@ -176,6 +176,23 @@ def keep_best(policy: HFPolicy, out_dir: str, step: int, loss: float, measure: s
     write_atomically(os.path.join(out_dir, BEST_FILE), write_record)
 
 
+def evaluate_and_keep_best(plan: RunPlan, policy: HFPolicy, reference: Reference | None, validation: list[Any], step: int, best: float,
+                           accelerator: Any) -> tuple[dict[str, float], float]:
+    """Every evaluator's figures for the policy at `step`, and the lowest validation/loss so far; a new lowest keeps the policy in best/.
+
+    Every process calls it together (a sharded model is gathered, evaluators reduce across processes).
+    """
+    figures: dict[str, float] = {}
+    with accelerator.autocast():
+        for evaluator in plan.evaluators:
+            figures.update(evaluator.evaluate(step, policy, reference, validation))
+    if figures.get("validation/loss", math.inf) < best:
+        best = figures["validation/loss"]
+        keep_best(policy, plan.output_dir, step, best, "per-token nll" if plan.needs.online else "objective loss", accelerator.is_main_process)
+    accelerator.wait_for_everyone()
+    return figures, best
+
+
 class AcceleratedProcesses(Processes):
     """The run's processes through accelerate. Every reduction is a collective call: all processes make it together."""
 
@@ -372,7 +389,7 @@ def train_policy(config: RunConfig, registry: Registry) -> tuple[str, HFPolicy]:
     best = read_best(out_dir)
 
     # -- the loop -------------------------------------------------------------------
-    stopped, unlogged = "", None  # unlogged: the last step's (step, figures) when log_every skipped it
+    stopped, unlogged, evaluated = "", None, False  # unlogged: the last step's (step, figures) when log_every skipped it
     with loggers_running(loggers, config.steps, start_step):
         for step in range(start_step + 1, config.steps + 1):
             # forward and backward, accumulated over micro-batches
@@ -399,9 +416,15 @@ def train_policy(config: RunConfig, registry: Registry) -> tuple[str, HFPolicy]:
                     accelerator.backward(loss / config.grad_accum)
                 reports.append({"loss": loss.item(), **metrics, **data_metrics, "time/update": time.perf_counter() - t_update})
             if stopped:
-                if unlogged:  # the last step done is logged whatever log_every says
+                # the model the run ends with is evaluated (unless its step just was) and its step logged whatever log_every says:
+                # into that step's line when log_every skipped it, else as one more line for the same step
+                figures = {}
+                if plan.evaluators and not evaluated:
+                    figures, best = evaluate_and_keep_best(plan, policy, reference, validation, step - 1, best, accelerator)
+                    figures = mean_across_processes(processes, figures)
+                if unlogged or figures:
                     for logger in loggers:
-                        logger.log(*unlogged)
+                        logger.log(step - 1, {**(unlogged[1] if unlogged else {}), **figures})
                 break
             totals = mean_of_reports(reports)
 
@@ -426,13 +449,8 @@ def train_policy(config: RunConfig, registry: Registry) -> tuple[str, HFPolicy]:
             # evaluate and keep the best model (every process gets the same figures)
             evaluated = bool(plan.evaluators) and (step == config.steps or bool(config.eval_every and step % config.eval_every == 0))
             if evaluated:
-                with accelerator.autocast():
-                    for evaluator in plan.evaluators:
-                        totals.update(evaluator.evaluate(step, policy, reference, validation))
-                if totals.get("validation/loss", math.inf) < best:
-                    best = totals["validation/loss"]
-                    keep_best(policy, out_dir, step, best, "per-token nll" if plan.needs.online else "objective loss", accelerator.is_main_process)
-                accelerator.wait_for_everyone()
+                figures, best = evaluate_and_keep_best(plan, policy, reference, validation, step, best, accelerator)
+                totals.update(figures)
 
             # log
             totals = mean_across_processes(processes, totals)

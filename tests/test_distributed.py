@@ -20,6 +20,7 @@ from pref.plugins.preference_data import load_preferences
 
 SCRIPT = os.path.join(os.path.dirname(__file__), "distributed_train.py")
 D2PO_SCRIPT = os.path.join(os.path.dirname(__file__), "distributed_d2po.py")
+EARLY_STOP_SCRIPT = os.path.join(os.path.dirname(__file__), "distributed_early_stop.py")
 
 
 def free_port() -> int:
@@ -110,3 +111,24 @@ def test_d2po_trains_its_discriminator_in_two_processes(tiny_model_dir, private_
     assert weights_hash(saved) == reports[0]["discriminator"]
     extra = torch.load(run_dir / "checkpoint-000002" / "extra.pt", weights_only=True)
     assert extra["second_model"] is not None and len(extra["objective"]) == 2  # each process's own objective state
+
+
+@pytest.mark.slow
+def test_a_run_that_stops_early_is_evaluated_by_both_processes(tiny_model_dir, private_cache, tmp_path):
+    """Both processes evaluate the model the run ends with, together: best/ holds it, and step 1 gets its figures."""
+    from transformers import AutoModelForCausalLM
+
+    device = "cpu" if torch.cuda.is_available() or torch.backends.mps.is_available() else "auto"
+    held, run_dir, report_dir = tmp_path / "held.txt", tmp_path / "run", tmp_path / "report"
+    held.write_text("the sky is blue and the sea is green .\n")
+    done = launch([tiny_model_dir, str(held), device, str(run_dir), str(report_dir)], str(private_cache), str(tmp_path / "hf-home"),
+                  EARLY_STOP_SCRIPT)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert "Stopped after step 1 of 3" in done.stderr
+
+    hashes = {(report_dir / f"weights-rank{rank}.txt").read_text() for rank in (0, 1)}
+    assert hashes == {weights_hash(AutoModelForCausalLM.from_pretrained(run_dir / folder)) for folder in ("final", "best")}
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [(line["step"], "validation/loss" in line) for line in lines] == [(1, False), (1, True)]
+    assert json.loads((run_dir / "best.json").read_text())["step"] == 1
+    assert [json.loads(line)["step"] for line in (run_dir / "generations.jsonl").read_text().splitlines()] == [1]

@@ -189,17 +189,21 @@ def test_a_reward_that_never_yields_a_pair_fails_after_max_draws(tmp_path, tiny_
     assert calls == [2, 2, 2]
 
 
-@pytest.mark.parametrize("log_every", [1, 2])  # 2: step 1 is logged all the same, as the last step done
-def test_a_run_whose_samples_stop_giving_pairs_stops_early_and_keeps_the_model(tmp_path, tiny_model_dir, monkeypatch, log_every):
-    # the first step's samples get distinct rewards; from then on every sample earns the same,
-    # as when online DPO's policy answers validly every time: nothing is left to learn
-    class IndexedThenConstant(Constant):
-        def __init__(self):
-            self.calls = 0
+class IndexedThenConstant(Constant):
+    """`Indexed` on the first call, then `Constant`: the first step's samples get distinct rewards; from then
+    on every sample earns the same, as when online DPO's policy answers validly every time: nothing is left to learn."""
 
-        def score(self, prompts, completions):
-            self.calls += 1
-            return (Indexed() if self.calls == 1 else Constant()).score(prompts, completions)
+    def __init__(self):
+        self.calls = 0
+
+    def score(self, prompts, completions):
+        self.calls += 1
+        return (Indexed() if self.calls == 1 else Constant()).score(prompts, completions)
+
+
+@pytest.fixture
+def stopping_registry(monkeypatch):
+    """A registry with the reward `indexed-then-constant`: an online-dpo run on it stops early, after step 1."""
 
     class Plugin:
         @hookimpl
@@ -209,11 +213,48 @@ def test_a_run_whose_samples_stop_giving_pairs_stops_early_and_keeps_the_model(t
     pm, failures, sources = get_plugin_manager()
     pm.register(Plugin(), name="test-indexed-then-constant")
     monkeypatch.setattr(OnlineBatches, "MAX_DRAWS", 2)
-    lines = online_run(tmp_path, tiny_model_dir, Registry(pm, failures, sources), objective="online-dpo", reward="indexed-then-constant", steps=3,
+    return Registry(pm, failures, sources)
+
+
+@pytest.mark.parametrize("log_every", [1, 2])  # 2: step 1 is logged all the same, as the last step done
+def test_a_run_whose_samples_stop_giving_pairs_stops_early_and_keeps_the_model(tmp_path, tiny_model_dir, stopping_registry, log_every):
+    lines = online_run(tmp_path, tiny_model_dir, stopping_registry, objective="online-dpo", reward="indexed-then-constant", steps=3,
                        log_every=log_every)
     assert [m["step"] for m in lines] == [1]
     assert os.path.exists(tmp_path / "run" / "final" / "config.json")
     assert "- steps: 3 (stopped after 1)," in (tmp_path / "run" / "final" / "README.md").read_text()
+
+
+@pytest.mark.parametrize("log_every, eval_every", [(1, 0), (2, 0), (1, 1)])
+def test_a_run_that_stops_early_evaluates_the_model_it_ends_with(tmp_path, tiny_model_dir, stopping_registry, log_every, eval_every):
+    # log_every 1: step 1's line was logged, the figures come as one more line for step 1; 2: they join step 1's line;
+    # eval_every 1: step 1 was evaluated already, and is not again
+    held = tmp_path / "held.txt"
+    held.write_text("the sky is blue and the sea is green .\n")
+    lines = online_run(tmp_path, tiny_model_dir, stopping_registry, objective="online-dpo", reward="indexed-then-constant", steps=3,
+                       log_every=log_every, eval_every=eval_every, validation_dataset=[str(held)], test_prompts=["Name a fruit."])
+    run = tmp_path / "run"
+    assert [(m["step"], "loss" in m, "validation/loss" in m) for m in lines] == (
+        [(1, True, False), (1, False, True)] if (log_every, eval_every) == (1, 0) else [(1, True, True)])
+    assert [json.loads(line)["step"] for line in open(run / "generations.jsonl")] == [1]
+    best = json.load(open(run / "best.json"))
+    assert best["step"] == 1 and best["validation_loss"] == lines[-1]["validation/loss"]
+    assert os.path.exists(run / "best" / "config.json")
+    assert f"| `validation/loss` | {lines[-1]['validation/loss']:.4g} | 1 |" in (run / "final" / "README.md").read_text()
+
+
+def test_a_resumed_run_that_stops_early_evaluates_its_own_last_step(tmp_path, tiny_model_dir, stopping_registry):
+    # the first run stops after step 1 with a checkpoint there; the resumed one (a fresh reward: pairs once more) after step 2
+    held = tmp_path / "held.txt"
+    held.write_text("the sky is blue and the sea is green .\n")
+    flags = {"objective": "online-dpo", "reward": "indexed-then-constant", "steps": 3, "save_every": 1, "validation_dataset": [str(held)],
+             "test_prompts": ["Name a fruit."]}
+    online_run(tmp_path, tiny_model_dir, stopping_registry, **flags)
+    lines = online_run(tmp_path, tiny_model_dir, stopping_registry, resume=str(tmp_path / "run"), **flags)
+    assert [(m["step"], "validation/loss" in m) for m in lines] == [(1, False), (1, True), (2, False), (2, True)]
+    assert [json.loads(line)["step"] for line in open(tmp_path / "run" / "generations.jsonl")] == [1, 2]
+    best = json.load(open(tmp_path / "run" / "best.json"))
+    assert best["validation_loss"] == min(lines[1]["validation/loss"], lines[3]["validation/loss"])
 
 
 def test_a_reward_without_a_reward_score_is_an_error():
