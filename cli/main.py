@@ -131,7 +131,7 @@ def load_registry() -> Any:
 @click.option("--resume", help="Continue the run in this folder (or from this checkpoint).")
 @click.option("--logger", "loggers", multiple=True, help="Metrics logger (default: jsonl); repeatable, e.g. --logger jsonl --logger tensorboard.")
 @click.option("--progress/--no-progress", default=None, help="Show a progress bar on stderr (the logger progress; default: on).")
-@click.option("--eval-every", type=int, help="Evaluate every N steps (and at the last step): validation loss, best model, test prompts.")
+@click.option("--eval-every", type=int, help="Evaluate every N steps (and at the last step done, an early stop's too): validation loss, best model, test prompts.")
 @click.option("--validation-split", type=float, help="Share of each dataset held out for the validation loss, e.g. 0.1.")
 @click.option("--validation-dataset", multiple=True, help="Held-out data for the validation loss instead of a split; repeatable.")
 @click.option("--test-prompt", "test_prompts", multiple=True, help="Prompt answered at each evaluation into generations.jsonl; repeatable.")

@@ -66,7 +66,7 @@ class RunConfig:
     loggers: list[str] = field(default_factory=lambda: ["jsonl"])
     progress: bool = True  # the logger "progress" (a bar on stderr) besides --logger's
     save_every: int = 0  # 0: only the final model
-    eval_every: int = 0  # 0: evaluate at the last step only (when there is something to evaluate)
+    eval_every: int = 0  # 0: evaluate at the last step done only (when there is something to evaluate)
     validation_split: float = 0.0  # share of each dataset held out for the validation loss
     validation_dataset: list[str] = field(default_factory=list)  # held-out data instead of a split
     test_prompts: list[str] = field(default_factory=list)  # answered at each evaluation, in generations.jsonl (the evaluator test-prompts)

@@ -124,7 +124,7 @@ class MetricsLogger(ABC):
 
     @abstractmethod
     def log(self, step: int, metrics: dict[str, float]) -> None:
-        """Record the metrics of a logged step (every `log_every` steps, each evaluated one, and the last)."""
+        """Record the metrics of a logged step (every `log_every` steps, each evaluated one, and the last; an early stop's evaluation may repeat it)."""
 
     def show(self, step: int, metrics: dict[str, float]) -> None:
         """Every step's metrics, logged or not, after `log` (a progress display); by default nothing."""
@@ -425,7 +425,7 @@ class Objective(ABC):
 
 
 class Evaluator(ABC):
-    """Measures the policy during training: every `--eval-every` steps and at the last step (`--evaluator NAME`).
+    """Measures the policy during training: every `--eval-every` steps and at the last step done, an early stop's too (`--evaluator NAME`).
 
     Every process calls `evaluate` at the same step, under the run's autocast, and must return
     the same figures on each (reduce with `processes.mean`). A figure named `validation/loss`
