@@ -389,7 +389,7 @@ def train_policy(config: RunConfig, registry: Registry) -> tuple[str, HFPolicy]:
     best = read_best(out_dir)
 
     # -- the loop -------------------------------------------------------------------
-    stopped, unlogged, evaluated = "", None, False  # unlogged: the last step's (step, figures) when log_every skipped it
+    stopped, unlogged, evaluated = "", None, False  # unlogged: the last step's (step, figures) when log_every skipped it; evaluated: it was
     with loggers_running(loggers, config.steps, start_step):
         for step in range(start_step + 1, config.steps + 1):
             # forward and backward, accumulated over micro-batches
