@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import math
 import os
 import sys
 from typing import Any
@@ -148,7 +149,9 @@ def load_registry() -> Any:
 def run(config_file: str | None, beta: float | None, objective_option, reward_option, dataset_option, selector_option, curriculum_option, sampler_option,
         lora_option, adapter_option, evaluator_option, **flags: Any) -> None:
     """Train a model with a preference objective."""
+    from pref.checkpoint import STATE_FILE, read_state
     from pref.config import build_config, read_config_file
+    from pref.reporting.runs import final_config
     from pref.run_folder import RUN_FILE, moved_data
     from pref.train import train
 
@@ -180,9 +183,13 @@ def run(config_file: str | None, beta: float | None, objective_option, reward_op
         record_path = os.path.join(run_dir, RUN_FILE)
         if not os.path.exists(record_path):
             raise PrefError(f"{given['resume']} is not a pref run folder (no {RUN_FILE}); pass the --output-dir of an earlier run")
+        checkpoint = given["resume"] if os.path.exists(os.path.join(given["resume"], STATE_FILE)) else None
+        until = read_state(checkpoint)["step"] if checkpoint else math.inf  # a checkpoint given: the resumes after it are undone
         try:
             with open(record_path, encoding="utf-8") as f:
-                file_values = {k: v for k, v in json.load(f)["config"].items() if k != "resume"}
+                record = json.load(f)
+            recorded = {**record["config"], **final_config(record, until)}  # with the changes of its earlier resumes
+            file_values = {**{k: v for k, v in recorded.items() if k != "resume"}, **file_values}  # a --config file changes it too
         except (ValueError, KeyError, TypeError, AttributeError):  # not JSON, or not a run's record
             raise PrefError(f"cannot resume {run_dir}: {record_path} is not a pref run record (damaged, or another program's); "
                             "pass the --output-dir of an earlier run") from None

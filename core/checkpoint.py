@@ -200,8 +200,14 @@ def load_checkpoint(checkpoint_dir: str, trained: Trained, rank: int = 0) -> tup
     load_trained_weights(trained.model, _load_safely(checkpoint_dir, MODEL_FILE))
     if trained.reference is not None:
         load_reference_weights(trained.reference, checkpoint_dir)
+    # Adam's moments and the schedule's step come back; the peak learning rate, weight decay and schedule stay this run's
+    # own, as a resume may change them (run.json records it), instead of the checkpoint's silently winning
+    settings = [(group["initial_lr"], group["weight_decay"]) for group in trained.optimizer.param_groups]
     load_optimizer_state(trained.optimizer, _load_safely(checkpoint_dir, OPTIMIZER_FILE))
-    trained.scheduler.load_state_dict(_load_safely(checkpoint_dir, SCHEDULER_FILE))
+    scheduler = trained.scheduler
+    scheduler.load_state_dict({**_load_safely(checkpoint_dir, SCHEDULER_FILE), "base_lrs": scheduler.base_lrs})
+    for group, (peak, decay), factor in zip(trained.optimizer.param_groups, settings, scheduler.lr_lambdas):
+        group.update(initial_lr=peak, weight_decay=decay, lr=peak * factor(scheduler.last_epoch))
     set_rng_state(_load_safely(checkpoint_dir, RNG_FILE.format(rank=rank)))
     extra = _load_safely(checkpoint_dir, EXTRA_FILE)
     for name, module in trained.modules.items():

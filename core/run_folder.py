@@ -27,12 +27,18 @@ from typing import Any
 from pref.agreement import same_decision
 from pref.checkpoint import STATE_FILE, disk_error, list_checkpoints, remove
 from pref.errors import PrefError
+from pref.reporting.runs import final_config
 
 log = logging.getLogger(__name__)
 
 RUN_FILE = "run.json"
 FINAL_DIR = "final"
 LOCK_FILE = ".pref-run.lock"
+#: Settings a checkpoint is bound to (its weights' shapes, its loss, its data and its position in them): a resume cannot change them.
+FIXED_ON_RESUME = ("objective", "objective_options", "model", "adapter", "adapter_options", "dataset", "dataset_options", "validation_split",
+                   "reward", "reward_options", "reward_weights", "selector", "selector_options", "embedder", "embedder_options", "reference",
+                   "seed", "batch_size", "grad_accum", "samples_per_prompt", "max_length", "max_prompt_length", "bucket_window", "sampler",
+                   "sampler_options", "curriculum", "curriculum_options")
 _held: dict[str, "RunLock"] = {}  # locks this process holds, by path
 
 
@@ -191,3 +197,29 @@ def moved_data(file_config: dict[str, Any]) -> str | None:
             return (f"this run read {entry}, which is no longer there (moved or deleted); put it back, or pass its new "
                     "place with --dataset (or --model) along with --resume")
     return None
+
+
+def resumed_record(record: dict[str, Any], out_dir: str, step: int) -> dict[str, Any]:
+    """The run.json of a run resumed from step `step`'s checkpoint; `record` is the one today's settings alone would give.
+
+    It keeps the settings the run started with and adds {"step": step, "changed": {setting: [old, new]}} to its
+    `resumes` when a setting changed (resumes from this step on are dropped: their steps are trained again).
+    A changed FIXED_ON_RESUME setting is a PrefError, except a model or data path that is gone, given anew.
+    """
+    now = json.loads(json.dumps(record["config"], default=str))  # as run.json holds it
+    if now["steps"] < step:
+        raise PrefError(f"cannot resume {out_dir} with steps {now['steps']}: its checkpoint is at step {step}; give --steps {step} or more")
+    try:
+        with open(os.path.join(out_dir, RUN_FILE), encoding="utf-8") as f:
+            earlier = json.load(f)
+        before, resumes = final_config(earlier, step), [r for r in earlier.get("resumes", []) if r["step"] < step]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):  # no record of its own (a checkpoint copied alone): today's settings
+        return record
+    changed = {key: [before[key], value] for key, value in now.items()
+               if key in before and before[key] != value and key not in ("output_dir", "resume")}  # where it is, not how it trains
+    for key, (was, value) in changed.items():
+        if key in FIXED_ON_RESUME and not (key in ("model", "dataset", "dataset_options") and moved_data({key: was})):
+            raise PrefError(f"cannot resume {out_dir} with {key} {json.dumps(value)}: it was trained with {key} {json.dumps(was)}, which a "
+                            "resume cannot change; resume without changing it, or start a new run with --output-dir NEW")
+    resumes += [{"step": step, "changed": changed}] if changed else []
+    return {**record, "config": {**earlier["config"], "output_dir": now["output_dir"]}, "resumes": resumes}

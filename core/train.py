@@ -36,7 +36,8 @@ from pref.precision import AUTOCAST, keep_trainable_in_float32, resolve_dtype
 from pref.reference import AdaptersOffReference, CachedReference, FrozenReference, cache_dir
 from pref.registry import Registry
 from pref.reporting.card import write_model_card
-from pref.run_folder import FINAL_DIR, RUN_FILE, absolute_paths, claim_output_dir, release_locks, resume_checkpoint
+from pref.reporting.runs import final_config
+from pref.run_folder import FINAL_DIR, RUN_FILE, absolute_paths, claim_output_dir, release_locks, resume_checkpoint, resumed_record
 from pref.sharding import is_sharded, no_gradient_sync, refuse_unsupported, shard, whole_state_dict
 
 log = logging.getLogger(__name__)
@@ -314,6 +315,17 @@ def train_policy(config: RunConfig, registry: Registry) -> tuple[str, HFPolicy]:
         # a checkpoint inside a rollout would resume from a rollout sampled again by a later policy
         raise PrefError(f"--save-every must be a multiple of {plan.batches_per_rollout // math.gcd(plan.batches_per_rollout, config.grad_accum)} "
                         f"for {config.objective}: checkpoints are taken between rollouts, so a resume is exact")
+    checkpoint = resume_checkpoint(config.resume) if config.resume else None  # None: a fresh start, or stopped before the first one
+    start_step, record = 0, run_record(config, plan, registry)
+    if checkpoint:
+        state = read_state(checkpoint)
+        if state["world"] != world:
+            raise PrefError(f"{checkpoint} was trained by {state['world']} processes, not {world}; resume it with {state['world']} "
+                            f"(accelerate launch --num_processes {state['world']}), or start a new run")
+        if state["seed"] != config.seed:
+            raise PrefError(f"{checkpoint} was trained with seed {state['seed']}, not {config.seed}; resume with --seed {state['seed']}")
+        start_step = state["step"]
+        record = resumed_record(record, out_dir, start_step)  # the settings the run started with, and what this resume changed
     lock = claim_output_dir(out_dir, bool(config.resume), accelerator)  # before the model loads: fail fast
 
     # -- policy, the objective's modules, data, reference ---------------------------------
@@ -368,24 +380,15 @@ def train_policy(config: RunConfig, registry: Registry) -> tuple[str, HFPolicy]:
     trained = Trained(unwrap(model), optimizer, scheduler, modules, second.model if second else None, second_optimizer, moved_reference)
 
     # -- resume -------------------------------------------------------------------
-    start_step = 0
-    if config.resume and (checkpoint := resume_checkpoint(config.resume)):  # None: stopped before the first one
-        state = read_state(checkpoint)
-        if state["world"] != world:
-            raise PrefError(f"{checkpoint} was trained by {state['world']} processes, not {world}; resume it with {state['world']} "
-                            f"(accelerate launch --num_processes {state['world']}), or start a new run")
-        if state["seed"] != config.seed:
-            raise PrefError(f"{checkpoint} was trained with seed {state['seed']}, not {config.seed}; resume with --seed {state['seed']}")
+    if checkpoint:
         state, objective_state = load_checkpoint(checkpoint, trained, rank)
-        start_step = state["step"]
         data.load_state(state["data"])
         objective.load_state_dict(objective_state)
     loggers = []
     if accelerator.is_main_process:
-        record = run_record(config, plan, registry)
         with open(os.path.join(out_dir, RUN_FILE), "w") as f:
             json.dump(record, f, indent=2, default=str)
-        loggers = [registry.create("logger", name, output_dir=out_dir, config=record["config"]) for name in plan.loggers]
+        loggers = [registry.create("logger", name, output_dir=out_dir, config=final_config(record)) for name in plan.loggers]
     best = read_best(out_dir)
 
     # -- the loop -------------------------------------------------------------------

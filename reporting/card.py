@@ -3,7 +3,8 @@
 The metadata follows the Hub's model card fields (`base_model`, `library_name`,
 `pipeline_tag`, `tags`, `datasets`), so `huggingface_hub.ModelCard.load` and the Hub read
 it as-is. The body says how the model was trained, its last logged metrics, pref's
-version and the `pref run` command that trains it again.
+version and the `pref run` command that trains it again (a resumed run's: that command,
+then the `pref run --resume` of each resume that changed settings).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from pref.reporting.runs import METRICS_FILE, RUN_FILE, read_jsonl
+from pref.reporting.runs import METRICS_FILE, RUN_FILE, final_config, read_jsonl
 from pref.reporting.summary import FINAL_METRICS, defaults_for, format_value, model_name
 
 CARD_FILE = "README.md"
@@ -59,9 +60,25 @@ def reproduce(config: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     Only settings that differ from pref's defaults for the same model are given, besides ALWAYS_SHOWN.
     """
     defaults = defaults_for(config)
-    args, extra = ["pref", "run"], {}
-    for key, value in config.items():
-        if key in NOT_REPRODUCED or value is None or (key not in ALWAYS_SHOWN and value == defaults.get(key)):
+    given = {key: value for key, value in config.items() if key in ALWAYS_SHOWN or value != defaults.get(key)}
+    return spell(["pref", "run"], given, config, "run-config.yaml")
+
+
+def resume_command(name: str, resume: dict[str, Any], config: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """The `pref run --resume` command of one of run.json's `resumes` of the run folder `name`, and its --config file's settings.
+
+    config: the settings the run ended with (for an embedder's model).
+    """
+    checkpoint = os.path.join(name, f"checkpoint-{resume['step']:06d}")
+    changed = {key: new for key, (_, new) in resume["changed"].items()}
+    return spell(["pref", "run", "--resume", checkpoint], changed, config, f"resume-{resume['step']}.yaml")
+
+
+def spell(args: list[str], settings: dict[str, Any], config: dict[str, Any], config_file: str) -> tuple[str, dict[str, Any]]:
+    """`args` and the flags of `settings` as one shell command, and the settings no flag spells (they go in `config_file`)."""
+    args, extra = list(args), {}
+    for key, value in settings.items():
+        if key in NOT_REPRODUCED or value is None:
             continue
         if key == "embedder_options":  # its model is spelled into --embedder NAME:MODEL below; other options need the file
             rest = {k: v for k, v in value.items() if k != "model"}
@@ -81,7 +98,7 @@ def reproduce(config: dict[str, Any]) -> tuple[str, dict[str, Any]]:
         else:
             extra[key] = value
     if extra:
-        args += ["--config", "run-config.yaml"]
+        args += ["--config", config_file]
     return " ".join(shlex.quote(a) for a in args), extra
 
 
@@ -99,7 +116,7 @@ def last_values(rows: list[dict[str, Any]]) -> dict[str, tuple[float, int]]:
 def model_card(record: dict[str, Any], rows: list[dict[str, Any]], pipeline_tag: str = "text-generation", name: str = "") -> str:
     """The card's text: YAML front matter, then Markdown.
 
-    record: run.json (`config`, `versions`, `plugins`); rows: metrics.jsonl rows (may be empty).
+    record: run.json (`config`, `versions`, `plugins`, and `resumes` where a resume changed settings); rows: metrics.jsonl rows (may be empty).
     """
     config = record.get("config", {})
     versions = record.get("versions", {})
@@ -127,19 +144,31 @@ def model_card(record: dict[str, Any], rows: list[dict[str, Any]], pipeline_tag:
         weights = config.get("reward_weights")
         named = ", ".join(f"`{name}`" + (f" x {format_value(weights[i])}" if weights else "") for i, name in enumerate(rewards))
         lines.append(f"- reward: {named}" + (f", options: {', '.join(f'`{k}={format_value(v)}`' for k, v in reward_options.items())}" if reward_options else ""))
+    resumes, final = record.get("resumes") or [], final_config(record)
     last_step = int(rows[-1]["step"]) if rows else None
-    steps = f"{config.get('steps')}" + (f" (stopped after {last_step})" if last_step is not None and last_step != config.get("steps") else "")
+    steps = f"{config.get('steps')}" + (f" (stopped after {last_step})" if last_step is not None and last_step != final.get("steps") else "")
     lines += [f"- steps: {steps}, batch size {config.get('batch_size')}, gradient accumulation {config.get('grad_accum')}, "
               f"peak learning rate {format_value(config.get('lr'))} ({config.get('schedule')} schedule)",
               f"- seed: {config.get('seed')}"]
+    lines += [f"- resumed from the checkpoint of step {resume['step']} with "
+              + ", ".join(f"`{key}` {format_value(old)} -> {format_value(new)}" for key, (old, new) in resume["changed"].items()) for resume in resumes]
     finals = last_values(rows)
     if finals:
         lines += ["", "## Final metrics", "", "Last logged values (metrics.jsonl of the run):", "", "| metric | value | step |", "|---|---|---|"]
         lines += [f"| `{key}` | {format_value(value)} | {step} |" for key, (value, step) in finals.items()]
     command, extra = reproduce(config)
+    folder = name or "RUN"
+    command += f" --output-dir {shlex.quote(folder)}" if resumes else ""  # where the resumes find its checkpoints
     lines += ["", "## Reproduce", "", "```bash", command, "```"]
     if extra:
         lines += ["", "with `run-config.yaml` holding the settings the command does not spell out:", "", "```yaml", yaml.safe_dump(extra, sort_keys=False).strip(), "```"]
+    if resumes:
+        commands = [resume_command(folder, resume, final) for resume in resumes]
+        lines += ["", "The run was resumed with other settings: after that command (its `--save-every` and `--keep-checkpoints` keeping "
+                  "the checkpoints named), run these in order:", "", "```bash", *(command for command, _ in commands), "```"]
+        for resume, (_, extra) in zip(resumes, commands):
+            if extra:
+                lines += ["", f"with `resume-{resume['step']}.yaml` holding:", "", "```yaml", yaml.safe_dump(extra, sort_keys=False).strip(), "```"]
     shown = ("pref", "torch", "transformers", "accelerate")
     lines += ["", "## Versions", "", ", ".join(f"{p} {versions[p]}" for p in shown if p in versions), ""]
     front = yaml.safe_dump(metadata, sort_keys=False, allow_unicode=True)

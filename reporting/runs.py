@@ -21,7 +21,9 @@ class Run:
     """One run folder, read.
 
     name: the label of the run in legends (the folder's name).
-    config: run.json's resolved configuration; versions: its library versions.
+    config: run.json's resolved configuration, the settings the run started with; versions: its library versions.
+    resumes: run.json's resumes, each {"step": N, "changed": {setting: [old, new]}}: the settings a resume from
+        step N's checkpoint changed (empty for a run never resumed with changes, and in a run.json older than them).
     rows: metrics.jsonl, one dict per logged step (`step` and the metrics of that step).
     best: best.json (`step`, `validation_loss`, `measure`) when the run kept a best model.
     generations: generations.jsonl rows (`step`, `prompt`, `text`).
@@ -33,6 +35,7 @@ class Run:
     name: str
     config: dict[str, Any]
     versions: dict[str, str] = field(default_factory=dict)
+    resumes: list[dict[str, Any]] = field(default_factory=list)
     rows: list[dict[str, Any]] = field(default_factory=list)
     best: dict[str, Any] | None = None
     generations: list[dict[str, Any]] = field(default_factory=list)
@@ -61,8 +64,25 @@ class Run:
         return values[-1] if values else None
 
     @property
+    def final_config(self) -> dict[str, Any]:
+        """The settings the run ended with: `config` with every resume's changes."""
+        return final_config({"config": self.config, "resumes": self.resumes})
+
+    @property
     def last_step(self) -> int:
         return int(self.rows[-1]["step"]) if self.rows else 0
+
+
+def final_config(record: dict[str, Any], before_step: float = math.inf) -> dict[str, Any]:
+    """The settings a run ended with: run.json's `config` (those it started with) with each of its `resumes`' changes, in order.
+
+    before_step: only the resumes from checkpoints before it (the settings a checkpoint of that step was trained with).
+    """
+    config = dict(record.get("config") or {})
+    for resume in record.get("resumes") or []:
+        if resume["step"] < before_step:
+            config.update({key: new for key, (_, new) in resume["changed"].items()})
+    return config
 
 
 def read_jsonl(path: str) -> list[dict[str, Any]]:
@@ -112,6 +132,7 @@ def load_run(path: str) -> Run:
         name=os.path.basename(os.path.normpath(os.path.abspath(path))),
         config=record.get("config", {}),
         versions=record.get("versions", {}),
+        resumes=record.get("resumes", []),
         rows=rows,
         best=best,
         generations=generations,

@@ -50,6 +50,12 @@ def key_options(config: dict[str, Any]) -> list[str]:
     return items
 
 
+def resumed(run: Run) -> list[str]:
+    """What each resume of the run changed, `from step N: key=new`, after the settings the run started with."""
+    return [f"from step {resume['step']}: " + ", ".join(f"{key}={format_value(new)}" for key, (_, new) in resume["changed"].items())
+            for resume in run.resumes]
+
+
 def duration(seconds: float | None) -> str:
     if seconds is None:
         return "unknown"
@@ -60,13 +66,13 @@ def duration(seconds: float | None) -> str:
 
 def summary(run: Run) -> dict[str, str]:
     """Run name -> its summary fields, in display order."""
-    planned = run.config.get("steps")
+    planned = run.final_config.get("steps")
     steps = f"{run.last_step} of {planned}" if planned and planned != run.last_step else str(run.last_step)
     return {
         "run": run.name,
         "objective": str(run.config.get("objective", "?")),
         "model": model_name(run.config),
-        "options": ", ".join(key_options(run.config)) or "defaults",
+        "options": ", ".join(key_options(run.config) + resumed(run)) or "defaults",
         "steps": steps,
         "training time": duration(run.seconds),
         "pref": run.versions.get("pref", "?"),
