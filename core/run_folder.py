@@ -219,7 +219,8 @@ def resumed_record(record: dict[str, Any], out_dir: str, step: int) -> dict[str,
                if key in before and before[key] != value and key not in ("output_dir", "resume")}  # where it is, not how it trains
     for key, (was, value) in changed.items():
         if key in FIXED_ON_RESUME and not (key in ("model", "dataset", "dataset_options") and moved_data({key: was})):
-            raise PrefError(f"cannot resume {out_dir} with {key} {json.dumps(value)}: it was trained with {key} {json.dumps(was)}, which a "
-                            "resume cannot change; resume without changing it, or start a new run with --output-dir NEW")
+            was, value = ("none" if v is None else json.dumps(v) for v in (was, value))
+            raise PrefError(f"cannot resume {out_dir} with {key} {value}: it was trained with {key} {was}, which a resume cannot change; "
+                            "resume without changing it, or start a new run with --output-dir NEW")
     resumes += [{"step": step, "changed": changed}] if changed else []
     return {**record, "config": {**earlier["config"], "output_dir": now["output_dir"]}, "resumes": resumes}

@@ -105,7 +105,7 @@ def test_resuming_a_lora_run_without_lora_is_refused(tmp_path, tiny_model_dir, p
     out = run(tmp_path, tiny_model_dir, prefs_file, steps=3, save_every=2)
     config = build_config(flags={"objective": "dpo", "model": tiny_model_dir, "dataset": [prefs_file], "output_dir": out, "batch_size": 2,
                                  "steps": 3, "device": "cpu", "resume": out})
-    with pytest.raises(PrefError, match="other trained weights"):
+    with pytest.raises(PrefError, match='with adapter none: it was trained with adapter "lora", which a resume cannot change'):
         train(config, load_registry())
 
 
