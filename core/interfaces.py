@@ -113,10 +113,10 @@ class Embedder(ABC):
 class MetricsLogger(ABC):
     """Receives each logged step's metrics (JSONL, TensorBoard, a tracker, ...), and every step's for a live display.
 
-    Built with `output_dir` (the run folder), and with `config` (the run's settings as run.json
-    holds them, a resume's changes included, a dict) when its factory takes a `config` argument. The loop calls `start`, then for
-    each step `log` (when the step is logged) and `show`, then `stop`, then, when the run
-    ended well, `finish` and `close`.
+    Built with `output_dir` (the run folder), and with `config` (the run's settings as
+    run.json holds them, a resume's changes included, a dict) when its factory takes a
+    `config` argument. The loop calls `start`, then for each step `log` (when the step is
+    logged) and `show`, then `stop`, then, when the run ended well, `finish` and `close`.
     """
 
     def start(self, total_steps: int, start_step: int) -> None:

@@ -150,8 +150,9 @@ def model_card(record: dict[str, Any], rows: list[dict[str, Any]], pipeline_tag:
     lines += [f"- steps: {steps}, batch size {config.get('batch_size')}, gradient accumulation {config.get('grad_accum')}, "
               f"peak learning rate {format_value(config.get('lr'))} ({config.get('schedule')} schedule)",
               f"- seed: {config.get('seed')}"]
-    lines += [f"- resumed from the checkpoint of step {resume['step']} with "
-              + ", ".join(f"`{key}` {format_value(old)} -> {format_value(new)}" for key, (old, new) in resume["changed"].items()) for resume in resumes]
+    for resume in resumes:
+        changes = ", ".join(f"`{key}` {format_value(old)} -> {format_value(new)}" for key, (old, new) in resume["changed"].items())
+        lines.append(f"- resumed from the checkpoint of step {resume['step']} with {changes}")
     finals = last_values(rows)
     if finals:
         lines += ["", "## Final metrics", "", "Last logged values (metrics.jsonl of the run):", "", "| metric | value | step |", "|---|---|---|"]
