@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 
+from pref.errors import PrefError
 from pref.examples import Prompt
 from pref.interfaces import Policy, SamplingConfig
 from pref.models import completion_token_ids, load_model, load_tokenizer, prompt_token_ids
@@ -30,11 +31,12 @@ class HFPolicy(Policy):
 
     `model` may be replaced by a wrapped model (DDP from accelerate); training
     forward passes go through it so gradients synchronise, while generation
-    and saving use the bare model.
+    and saving use the bare model. It is None until `load_model`: a run reads
+    its datasets with the tokenizer alone, before the slow model load.
     """
 
-    def __init__(self, model: torch.nn.Module, tokenizer: Any, max_length: int = 512, max_prompt_length: int = 256, packing: bool = False):
-        self.model = model
+    def __init__(self, model: torch.nn.Module | None, tokenizer: Any, max_length: int = 512, max_prompt_length: int = 256, packing: bool = False):
+        self._model = model
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.max_prompt_length = max_prompt_length
@@ -43,11 +45,26 @@ class HFPolicy(Policy):
     @classmethod
     def load(cls, name: str | None, dtype: torch.dtype | None = None, kind: str = "causal-lm", **kwargs: Any) -> "HFPolicy":
         """Load a hub id or local path; `kind` "sequence-classifier" loads a one-score reward model."""
-        tokenizer = load_tokenizer(name)
-        model = load_model(name, dtype, kind)
-        if getattr(model.config, "pad_token_id", None) is None:
-            model.config.pad_token_id = tokenizer.pad_token_id  # sequence classifiers find the last token by it
-        return cls(model, tokenizer, **kwargs)
+        policy = cls(None, load_tokenizer(name), **kwargs)
+        policy.load_model(name, dtype, kind)
+        return policy
+
+    def load_model(self, name: str | None, dtype: torch.dtype | None = None, kind: str = "causal-lm") -> None:
+        """Load the model `name` (as `load` does) into a policy made with its tokenizer alone."""
+        self.model = load_model(name, dtype, kind)
+        if getattr(self.model.config, "pad_token_id", None) is None:
+            self.model.config.pad_token_id = self.tokenizer.pad_token_id  # sequence classifiers find the last token by it
+
+    @property
+    def model(self) -> torch.nn.Module:
+        if self._model is None:  # a dataset builder that samples from the model, built with the data read before it loads
+            raise PrefError("a dataset builder used the policy's model, which loads after the datasets are read; a builder "
+                            "that samples from the model declares it with the class attribute needs_model = True")
+        return self._model
+
+    @model.setter
+    def model(self, model: torch.nn.Module) -> None:
+        self._model = model
 
     @property
     def device(self) -> torch.device:

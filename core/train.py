@@ -24,12 +24,12 @@ import torch
 from pref.agreement import next_batch_together, same_decision
 from pref.checkpoint import Trained, load_checkpoint, read_state, rng_state, save_checkpoint, write_atomically
 from pref.config import RunConfig
-from pref.data import OfflineBatches, collate, count_tokens, dataset_names, hold_out, sequences_of
+from pref.data import OfflineBatches, build_datasets, collate, count_tokens, dataset_names, sequences_of, split_datasets
 from pref.divergence import check_step, check_weights, refuse_non_finite_settings, sampling_diverged
 from pref.errors import NoUsablePairs, PrefError
 from pref.examples import prompt_of
 from pref.interfaces import Adapter, MetricsLogger, Processes, Reference, SecondModel
-from pref.models import DEFAULT_MODEL, prepare_for_training
+from pref.models import DEFAULT_MODEL, load_tokenizer, prepare_for_training
 from pref.plan import CACHED_LOGPS, NO_MODEL, RunPlan, resolve_plan
 from pref.policy import HFPolicy, unwrap
 from pref.precision import AUTOCAST, keep_trainable_in_float32, resolve_dtype
@@ -326,11 +326,17 @@ def train_policy(config: RunConfig, registry: Registry) -> tuple[str, HFPolicy]:
             raise PrefError(f"{checkpoint} was trained with seed {state['seed']}, not {config.seed}; resume with --seed {state['seed']}")
         start_step = state["step"]
         record = resumed_record(record, out_dir, start_step)  # the settings the run started with, and what this resume changed
-    lock = claim_output_dir(out_dir, bool(config.resume), accelerator)  # before the model loads: fail fast
+    lock = claim_output_dir(out_dir, bool(config.resume), accelerator)  # before the data and the model: fail fast
 
-    # -- policy, the objective's modules, data, reference ---------------------------------
-    policy = HFPolicy.load(config.model, dtype, kind=plan.needs.model_kind, max_length=config.max_length, max_prompt_length=config.max_prompt_length,
-                           packing=config.packing)
+    # -- the data, read with the tokenizer alone and checked, before the slow model load ------
+    policy = HFPolicy(None, load_tokenizer(config.model), max_length=config.max_length, max_prompt_length=config.max_prompt_length, packing=config.packing)
+    builders = plan.datasets + plan.validation_datasets
+    records = build_datasets(builders, policy, model_loaded=False)  # a builder that samples from the model waits for it
+    if None not in records:
+        split_datasets(records, len(plan.datasets), config.validation_split, config.seed)  # a dataset too small to hold some out
+
+    # -- policy, the objective's modules, the data that samples the policy, reference ------
+    policy.load_model(config.model, dtype, plan.needs.model_kind)
     policy.model = prepare_for_training(policy.model, config, plan.needs.model_kind, plan.adapter)
     policy.model.to(accelerator.device)
     objective.setup(policy)
@@ -350,8 +356,8 @@ def train_policy(config: RunConfig, registry: Registry) -> tuple[str, HFPolicy]:
         # AdamW's defaults, as D2PO's own optimizer had
         second_optimizer = torch.optim.AdamW([p for p in second.model.parameters() if p.requires_grad], lr=second.lr)
         train_second = partial(train_second_model, second, second_optimizer, processes, accelerator.autocast)
-    example_sets, validation = hold_out([builder.build(policy) for builder in plan.datasets], config.validation_split, config.seed)
-    validation += [example for builder in plan.validation_datasets for example in builder.build(policy)]
+    records = build_datasets(builders, policy, model_loaded=True, built=records)
+    example_sets, validation = split_datasets(records, len(plan.datasets), config.validation_split, config.seed)
     examples = [example for examples in example_sets for example in examples]
     if not plan.needs.online and not examples:
         raise PrefError(f"objective {config.objective!r} trains on a dataset: pass --dataset FILE")

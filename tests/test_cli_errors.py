@@ -25,7 +25,7 @@ def no_model(monkeypatch, tmp_path):
     def refuse(*args, **kwargs):
         raise AssertionError("a model was loaded before the error was found")
 
-    monkeypatch.setattr(HFPolicy, "load", refuse)
+    monkeypatch.setattr(HFPolicy, "load_model", refuse)
     monkeypatch.delenv("PREF_PLUGINS", raising=False)
     monkeypatch.chdir(tmp_path)
 

@@ -54,7 +54,7 @@ def test_a_diverging_dpo_run_stops_and_keeps_only_finite_checkpoints(tmp_path, t
     (["-o", "beta=.inf"], "objective option 'beta' is inf: a run with it cannot train; give a finite number"),
 ])
 def test_non_finite_settings_are_refused_before_the_model_loads(tmp_path, prefs_file, monkeypatch, flags, named):
-    monkeypatch.setattr(HFPolicy, "load", lambda *a, **k: pytest.fail("the model loaded"))
+    monkeypatch.setattr(HFPolicy, "load_model", lambda *a, **k: pytest.fail("the model loaded"))
     line = error_line(pref("run", "--objective", "dpo", "--dataset", prefs_file, "--device", "cpu", "--output-dir", tmp_path / "run", *flags))
     assert line == f"Error: {named}"
 

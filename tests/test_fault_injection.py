@@ -43,7 +43,7 @@ def arm(owner, name, after):
     setattr(owner, name, wrapped)
 
 points = {
-    "setup": (HFPolicy, "load", False),                          # while the model loads
+    "setup": (HFPolicy, "load_model", False),                    # while the model loads
     "training": (ProgressBar, "show", True),                     # after a step
     "checkpoint": (pref.checkpoint.torch, "save", True),         # half way through writing a checkpoint
     "final": (HFPolicy, "save", True),                           # final/ written, not yet renamed into place

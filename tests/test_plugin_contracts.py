@@ -155,7 +155,7 @@ def test_an_objectives_invalid_needs_are_a_one_line_error_at_exit_2(monkeypatch,
     import pref.policy
 
     monkeypatch.setattr(pref.cli.main, "load_registry", lambda: registry_with(NeedsPlugin))
-    monkeypatch.setattr(pref.policy.HFPolicy, "load", lambda *a, **k: pytest.fail("a model was loaded before the error"))
+    monkeypatch.setattr(pref.policy.HFPolicy, "load_model", lambda *a, **k: pytest.fail("a model was loaded before the error"))
     args = ["run", "--objective", objective, "--dataset", prefs_file, *(f"-o{key}={value}" for key, value in options.items())]
     result = CliRunner().invoke(pref.cli.main.cli, args)
     assert result.exit_code == 2, result.output

@@ -33,7 +33,7 @@ from pref.train import train_policy
 def test_bad_values_are_one_line_errors_with_exit_2(monkeypatch, prefs_file, flags, message):
     import pref.policy
 
-    monkeypatch.setattr(pref.policy.HFPolicy, "load", lambda *a, **k: pytest.fail("a model was loaded before the error"))
+    monkeypatch.setattr(pref.policy.HFPolicy, "load_model", lambda *a, **k: pytest.fail("a model was loaded before the error"))
     result = CliRunner().invoke(cli, ["run", "--objective", "dpo", "--dataset", prefs_file, *flags])
     assert result.exit_code == 2, result.output
     assert message in result.stderr and "Traceback" not in result.output

@@ -20,7 +20,7 @@ def no_model(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("a model was loaded before the output folder was checked")
 
-    monkeypatch.setattr(HFPolicy, "load", refuse)
+    monkeypatch.setattr(HFPolicy, "load_model", refuse)
 
 
 def pref_run(out, prefs_file):

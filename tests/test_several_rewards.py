@@ -77,7 +77,7 @@ def test_several_rewards_default_to_equal_weights():
 def test_bad_rewards_and_weights_are_one_line_errors(tmp_path, monkeypatch, args, message):
     from pref.policy import HFPolicy
 
-    monkeypatch.setattr(HFPolicy, "load", lambda *a, **k: pytest.fail("a model was loaded before the error was found"))
+    monkeypatch.setattr(HFPolicy, "load_model", lambda *a, **k: pytest.fail("a model was loaded before the error was found"))
     result = CliRunner().invoke(cli, ["run", "--objective", "grpo", "--steps", "1", "--output-dir", str(tmp_path / "run"), *args])
     assert result.exit_code == 2, result.output
     errors = [line for line in result.stderr.splitlines() if line.startswith("Error:")]

@@ -23,7 +23,10 @@ class TabSeparatedPairs:
         self.limit = limit
 
     def build(self, policy: Policy | None = None) -> list[PreferenceExample]:
-        """Read the pairs. This data is fixed; a builder that samples its data uses `policy.generate`."""
+        """Read the pairs, before the model loads (`policy` has its tokenizer, no model yet).
+
+        This data is fixed; a builder that samples its data from `policy.generate` sets the class attribute `needs_model = True`.
+        """
         examples = []
         with open(self.path, encoding="utf-8") as f:
             for number, line in enumerate(f, start=1):
