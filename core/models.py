@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import logging
 import os
+import re
 import warnings
 from contextlib import contextmanager
 from typing import Any, Iterator
@@ -64,7 +67,7 @@ def load_model(name: str | None, dtype: torch.dtype | None = None, kind: str = "
             import peft
 
             auto = peft.AutoPeftModelForSequenceClassification if classifier else peft.AutoPeftModelForCausalLM
-            with quiet_peft():  # a classifier's base gets the one-score head its adapter saved
+            with quiet_peft(), heads_from_adapter(path):  # a classifier's base gets the one-score head its adapter saved
                 return auto.from_pretrained(path, dtype=dtype, **({"num_labels": 1} if classifier else {}))
         if classifier:
             return AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=dtype)
@@ -79,6 +82,26 @@ def quiet_peft() -> Iterator[None]:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         yield
+
+
+@contextmanager
+def heads_from_adapter(path: str) -> Iterator[None]:
+    """No load report from transformers when all it says is that heads the adapter at `path` saved (`modules_to_save`:
+    a reward model's `score`) are newly initialized: the adapter's copy replaces them. Any other report is kept whole."""
+    with open(os.path.join(path, ADAPTER_CONFIG)) as f:
+        heads = set(json.load(f).get("modules_to_save") or [])
+
+    def keep(record: logging.LogRecord) -> bool:
+        text = re.sub(r"\x1b\[[0-9;]*m", "", record.getMessage())  # without the terminal's colours
+        rows = [line.split("|") for line in text.splitlines()[2:] if "|" in line]  # the table under its header: key | status | ...
+        return not ("LOAD REPORT" in text and rows and all(r[1].strip() == "MISSING" and r[0].strip().split(".")[0] in heads for r in rows))
+
+    reporter = logging.getLogger("transformers.modeling_utils")
+    reporter.addFilter(keep)
+    try:
+        yield
+    finally:
+        reporter.removeFilter(keep)
 
 
 def _load_error(name: str | None, path: str, exc: Exception) -> PrefError:

@@ -1,12 +1,14 @@
 """LoRA runs through peft: adapters only, the base as reference, PEFT-format output, exact resume."""
 
 import json
+import logging
 import os
 
 import pytest
 import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
+from torch.testing import assert_close
 from transformers import AutoModelForCausalLM
 
 import pref.train as train_module
@@ -116,19 +118,42 @@ def test_a_moving_reference_is_refused_with_lora_before_training(tmp_path, tiny_
     assert not os.path.exists(tmp_path / "run" / "metrics.jsonl")
 
 
+class LoadReports(logging.Handler):
+    """The load reports transformers logs ("... LOAD REPORT ... score.weight | MISSING"), as they reach its handlers."""
+
+    def __enter__(self):
+        self.reports = []
+        logging.getLogger("transformers.modeling_utils").addHandler(self)
+        return self.reports
+
+    def __exit__(self, *exc):
+        logging.getLogger("transformers.modeling_utils").removeHandler(self)
+
+    def emit(self, record):
+        if "LOAD REPORT" in record.getMessage():
+            self.reports.append(record.getMessage())
+
+
 def test_reward_model_lora_trains_adapters_and_the_score_head(tmp_path, tiny_model_dir):
     rows = [{"prompt": "Name a fruit.", "chosen": "apple", "rejected": "chair"},
             {"prompt": "Say something kind.", "chosen": "you are a good friend .", "rejected": "go away ."}] * 2
     data = tmp_path / "prefs.jsonl"
     data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    out = run(tmp_path, tiny_model_dir, str(data), objective="reward-model", steps=2)
+    out = run(tmp_path, tiny_model_dir, str(data), objective="reward-model", steps=2, merge_lora=True)
     adapter = load_file(os.path.join(out, "final", "adapter_model.safetensors"))
     assert any("lora_" in key for key in adapter) and any("score" in key for key in adapter)
     config = json.load(open(os.path.join(out, "final", "adapter_config.json")))
     assert config["task_type"] == "SEQ_CLS"
     # the adapter folder scores as the README says: --reward reward-model --reward-option model=PATH
-    reward = load_registry().create("reward", "reward-model", {"model": os.path.join(out, "final"), "device": "cpu"})
-    assert reward.score(["Name a fruit."], ["apple"])["reward"].shape == (1,)
+    with LoadReports() as reports:  # the base model's new score head is replaced by the adapter's: transformers' notice would mislead
+        reward = load_registry().create("reward", "reward-model", {"model": os.path.join(out, "final"), "device": "cpu"})
+    assert reports == []
+    merged = load_registry().create("reward", "reward-model", {"model": os.path.join(out, "final", "merged"), "device": "cpu"})
+    prompts, answers = ["Name a fruit.", "Say something kind."], ["apple", "go away ."]
+    assert_close(reward.score(prompts, answers)["reward"], merged.score(prompts, answers)["reward"], atol=1e-5, rtol=0)
+    with LoadReports() as reports:  # only that load is quiet: a head that is really new is still reported
+        HFPolicy.load(tiny_model_dir, kind="sequence-classifier")
+    assert len(reports) == 1 and "score.weight" in reports[0] and "MISSING" in reports[0]
     score = next(v for k, v in adapter.items() if "score" in k)
     loaded = [p for name, p in reward.scorer.model.named_parameters() if "score" in name]
     assert any(p.shape == score.shape and torch.equal(p, score) for p in loaded), "the trained score head was not loaded"
