@@ -206,15 +206,12 @@ def hold_out(example_sets: list[list[Any]], fraction: float, seed: int) -> tuple
     return kept, held
 
 
-def needs_model(builder: Any) -> bool:
-    """True for a dataset builder that samples from the model (class attribute `needs_model = True`): it is built once the model has loaded."""
-    return bool(getattr(builder, "needs_model", False))  # builders have no base class: most declare nothing
-
-
 def build_datasets(builders: list[Any], policy: Policy, model_loaded: bool, built: list[list[Any] | None] | None = None) -> list[list[Any] | None]:
-    """Each builder's records, those already in `built` kept; None for a builder that needs the model while it is not loaded."""
+    """Each builder's records, those already in `built` kept; None for a builder that samples from the model (its class
+    attribute `needs_model = True`) while the model is not loaded."""
     built = built or [None] * len(builders)
-    return [b.build(policy) if records is None and (model_loaded or not needs_model(b)) else records for b, records in zip(builders, built)]
+    return [b.build(policy) if records is None and (model_loaded or not getattr(b, "needs_model", False)) else records  # most declare nothing
+            for b, records in zip(builders, built)]
 
 
 def split_datasets(records: list[list[Any]], trains: int, fraction: float, seed: int) -> tuple[list[list[Any]], list[Any]]:
