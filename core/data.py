@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from pref.errors import PrefError
+from pref.errors import ModelNotLoaded, PrefError
 from pref.examples import LabeledExample, PreferenceExample, TextExample
 from pref.interfaces import LabeledBatch, Minibatch, PairBatch, Policy, Rollout
 from pref.sequences import Sequences
@@ -206,12 +206,17 @@ def hold_out(example_sets: list[list[Any]], fraction: float, seed: int) -> tuple
     return kept, held
 
 
-def build_datasets(builders: list[Any], policy: Policy, model_loaded: bool, built: list[list[Any] | None] | None = None) -> list[list[Any] | None]:
-    """Each builder's records, those already in `built` kept; None for a builder that samples from the model (its class
-    attribute `needs_model = True`) while the model is not loaded."""
-    built = built or [None] * len(builders)
-    return [b.build(policy) if records is None and (model_loaded or not getattr(b, "needs_model", False)) else records  # most declare nothing
-            for b, records in zip(builders, built)]
+def build_datasets(builders: list[Any], policy: Policy, built: list[list[Any] | None] | None = None) -> list[list[Any] | None]:
+    """Each builder's records, those already in `built` kept; None for a builder that used the policy's model
+    before it loaded (one that samples its data: it is built again once the model has loaded)."""
+    records = list(built or [None] * len(builders))
+    for i, builder in enumerate(builders):
+        if records[i] is None:
+            try:
+                records[i] = builder.build(policy)
+            except ModelNotLoaded:
+                pass
+    return records
 
 
 def split_datasets(records: list[list[Any]], trains: int, fraction: float, seed: int) -> tuple[list[list[Any]], list[Any]]:

@@ -21,6 +21,10 @@ class NoUsablePairs(PrefError):
     """
 
 
+class ModelNotLoaded(PrefError):
+    """The policy's model was used before it loaded (a dataset builder that samples from it is built again once it has)."""
+
+
 def unknown_name(kind: str, name: str, known: Iterable[str], hint: str = "") -> PrefError:
     """An error for a name that is not registered, with close matches when there are some."""
     known = sorted(known)

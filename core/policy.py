@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from pref.errors import PrefError
+from pref.errors import ModelNotLoaded
 from pref.examples import Prompt
 from pref.interfaces import Policy, SamplingConfig
 from pref.models import completion_token_ids, load_model, load_tokenizer, prompt_token_ids
@@ -57,9 +57,8 @@ class HFPolicy(Policy):
 
     @property
     def model(self) -> torch.nn.Module:
-        if self._model is None:  # a dataset builder that samples from the model, built with the data read before it loads
-            raise PrefError("a dataset builder used the policy's model, which loads after the datasets are read; a builder "
-                            "that samples from the model declares it with the class attribute needs_model = True")
+        if self._model is None:  # the datasets are read before it loads: a builder that samples is built again after
+            raise ModelNotLoaded("the policy's model is not loaded yet; call policy.load_model(name) first")
         return self._model
 
     @model.setter

@@ -331,7 +331,7 @@ def train_policy(config: RunConfig, registry: Registry) -> tuple[str, HFPolicy]:
     # -- the data, read with the tokenizer alone and checked, before the slow model load ------
     policy = HFPolicy(None, load_tokenizer(config.model), max_length=config.max_length, max_prompt_length=config.max_prompt_length, packing=config.packing)
     builders = plan.datasets + plan.validation_datasets
-    records = build_datasets(builders, policy, model_loaded=False)  # a builder that samples from the model waits for it
+    records = build_datasets(builders, policy)  # a builder that samples from the model waits for it
     if None not in records:
         split_datasets(records, len(plan.datasets), config.validation_split, config.seed)  # a dataset too small to hold some out
 
@@ -356,7 +356,7 @@ def train_policy(config: RunConfig, registry: Registry) -> tuple[str, HFPolicy]:
         # AdamW's defaults, as D2PO's own optimizer had
         second_optimizer = torch.optim.AdamW([p for p in second.model.parameters() if p.requires_grad], lr=second.lr)
         train_second = partial(train_second_model, second, second_optimizer, processes, accelerator.autocast)
-    records = build_datasets(builders, policy, model_loaded=True, built=records)
+    records = build_datasets(builders, policy, built=records)
     example_sets, validation = split_datasets(records, len(plan.datasets), config.validation_split, config.seed)
     examples = [example for examples in example_sets for example in examples]
     if not plan.needs.online and not examples:

@@ -29,8 +29,6 @@ DEFAULT_TEMPLATE = "I am {name}, an AI assistant."
 class IdentityShift:
     """Pairs that rename the model: its own answers to identity questions, with the new name."""
 
-    needs_model = True  # build() samples from the policy: the run builds it once the model has loaded
-
     def __init__(
         self,
         original_name: str,

@@ -8,7 +8,7 @@ from click.testing import CliRunner
 
 import pref.policy
 from pref.cli.main import cli
-from pref.errors import PrefError
+from pref.errors import ModelNotLoaded
 from pref.examples import PreferenceExample
 from pref.hookspecs import hookimpl
 from pref.interfaces import SamplingConfig
@@ -68,24 +68,17 @@ def test_a_bad_validation_dataset_fails_before_the_model_loads(tmp_path, tiny_mo
 
 
 class SamplingBuilder:
-    """Pairs of the model's own answers, declaring that it samples from the model."""
-
-    needs_model = True
+    """Pairs of the model's own answers: it samples from the model, as identity-shift does, and declares nothing."""
 
     def build(self, policy):
         [[first, second]] = policy.generate(["Name a fruit."], 2, SamplingConfig(max_new_tokens=4))
         return [PreferenceExample("Name a fruit.", "apple", first + "!"), PreferenceExample("Name a fruit.", "apple", second + "?")]
 
 
-class UndeclaredSamplingBuilder(SamplingBuilder):
-    needs_model = False  # as a builder written before the data was read first
-
-
 class SamplingPlugin:
     @hookimpl
     def register_dataset_builders(register):
         register("sampled", SamplingBuilder)
-        register("sampled-undeclared", UndeclaredSamplingBuilder)
 
 
 @pytest.fixture
@@ -95,19 +88,17 @@ def sampling_plugin(monkeypatch):
     monkeypatch.setattr("pref.cli.main.load_registry", lambda: Registry(pm, failures, sources))
 
 
-def test_a_builder_that_samples_without_declaring_it_gets_a_clear_error(tmp_path, tiny_model_dir, prefs_file, model_loads, sampling_plugin):
-    line = error_of(["--objective", "dpo", "--dataset", prefs_file, "--dataset", "sampled-undeclared", "--model", tiny_model_dir,
-                     "--output-dir", tmp_path / "run"])
-    assert line == ("Error: a dataset builder used the policy's model, which loads after the datasets are read; a builder "
-                    "that samples from the model declares it with the class attribute needs_model = True")
-    assert model_loads == []
-
-
-def test_a_builder_that_declares_it_samples_from_the_loaded_model_and_others_are_read_first(tmp_path, tiny_model_dir, prefs_file,
-                                                                                             model_loads, sampling_plugin, monkeypatch):
-    built = []
+def test_a_builder_that_samples_is_built_from_the_loaded_model_and_the_others_are_read_first(tmp_path, tiny_model_dir, prefs_file,
+                                                                                              model_loads, sampling_plugin, monkeypatch):
+    built = []  # the number of model loads when each build() got its records
     build = SamplingBuilder.build
-    monkeypatch.setattr(SamplingBuilder, "build", lambda self, policy: built.append(len(model_loads)) or build(self, policy))
+
+    def counting(self, policy):
+        records = build(self, policy)
+        built.append(len(model_loads))
+        return records
+
+    monkeypatch.setattr(SamplingBuilder, "build", counting)
     bad = write(tmp_path / "bad.jsonl", [PAIR, "not json"])
     args = ["--objective", "dpo", "--dataset", "sampled", "--model", tiny_model_dir, "--batch-size", "2"]
     # a bad file next to a builder that samples still fails before the model loads
@@ -116,7 +107,7 @@ def test_a_builder_that_declares_it_samples_from_the_loaded_model_and_others_are
     result = CliRunner().invoke(cli, ["run", "--device", "cpu", "--steps", "1", *args, "--dataset", prefs_file, "--validation-split", "0.5",
                                       "--output-dir", str(tmp_path / "run")])
     assert result.exit_code == 0, result.output
-    assert len(model_loads) == 1 and built == [1]  # built once, after the model loaded
+    assert len(model_loads) == 1 and built == [1]  # its records came once, from the loaded model
     assert os.path.isfile(tmp_path / "run" / "final" / "model.safetensors")
 
 
@@ -124,7 +115,7 @@ def test_a_policy_without_its_model_says_so(tiny_model_dir):
     policy = HFPolicy(None, load_tokenizer(tiny_model_dir))
     assert policy.tokenizer("Hello")["input_ids"]
     for use in (lambda: policy.model, lambda: policy.device, lambda: policy.logps(policy.encode(["Hi"], ["there"]))):
-        with pytest.raises(PrefError, match="a dataset builder used the policy's model, which loads after the datasets are read"):
+        with pytest.raises(ModelNotLoaded, match="the policy's model is not loaded yet; call policy.load_model"):
             use()
     policy.load_model(tiny_model_dir)
     assert policy.model.config.pad_token_id == policy.tokenizer.pad_token_id

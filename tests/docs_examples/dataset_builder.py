@@ -25,7 +25,7 @@ class TabSeparatedPairs:
     def build(self, policy: Policy | None = None) -> list[PreferenceExample]:
         """Read the pairs, before the model loads (`policy` has its tokenizer, no model yet).
 
-        This data is fixed; a builder that samples its data from `policy.generate` sets the class attribute `needs_model = True`.
+        This data is fixed; a builder that samples its data from `policy.generate` is built again after the model loads.
         """
         examples = []
         with open(self.path, encoding="utf-8") as f:
