@@ -58,7 +58,7 @@ class Policy(ABC):
     def generate(self, prompts: list[Prompt], k: int, sampling: SamplingConfig) -> list[list[str]]:
         """Sample `k` completions for each prompt: a list of P lists of K strings."""
 
-    def sample(self, prompts: list[Prompt], k: int, sampling: SamplingConfig) -> "Samples":
+    def sample(self, prompts: list[Prompt], k: int, sampling: SamplingConfig) -> Samples:
         """`k` completions for each prompt, as text and as the token rows to train on (what online objectives use).
 
         By default the `generate`d texts, encoded; a policy that knows the ids it sampled returns them (`HFPolicy` does).

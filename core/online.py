@@ -75,7 +75,7 @@ class OnlineBatches:
         )
 
     def _sample(self) -> tuple[list[Prompt], Samples, dict[str, torch.Tensor], dict[str, float]]:
-        """The order's next prompts, K samples each from one generate call, and their flat [P * K] scores."""
+        """The order's next prompts, K samples each from one `policy.sample` call, and their flat [P * K] scores."""
         prompts = [prompt_of(item) for item in self.order.next()]  # a record (with a `prompt`) gives its prompt
         start = time.perf_counter()
         samples = self.policy.sample(prompts, self.k, self.sampling)
