@@ -19,6 +19,7 @@ from pref.interfaces import (
     Reference,
     RewardSource,
     Rollout,
+    Samples,
     SamplingConfig,
     ScoredBatch,
     SecondModel,
@@ -32,5 +33,5 @@ __version__ = "0.1.0"
 __all__ = [
     "Adapter", "CandidatePool", "Embedder", "Evaluator", "LabeledBatch", "LabeledExample", "Logps", "MetricsLogger", "Minibatch", "Objective", "ObjectiveNeeds", "PairBatch",
     "PairSelector", "Policy", "Processes", "PrefError", "PreferenceExample", "Prompt", "Reference",
-    "RewardSource", "Rollout", "SamplingConfig", "ScoredBatch", "SecondModel", "Selection", "Sequences", "TextExample", "hookimpl",
+    "RewardSource", "Rollout", "Samples", "SamplingConfig", "ScoredBatch", "SecondModel", "Selection", "Sequences", "TextExample", "hookimpl",
 ]

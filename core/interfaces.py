@@ -29,6 +29,20 @@ class SamplingConfig:
     top_k: int = 0
 
 
+@dataclass
+class Samples:
+    """K sampled completions for each of P prompts.
+
+    completions: P lists of K texts, what rewards and selectors read.
+    sequences:   [P * K] rows, prompt by prompt: the prompt's ids, then the completion's ids as
+                 sampled, up to and including the EOS the policy emitted (none when it stopped at
+                 `max_new_tokens`). Training on these, not on the re-encoded text, scores the very tokens sampled.
+    """
+
+    completions: list[list[str]]
+    sequences: Sequences
+
+
 class Policy(ABC):
     """The model being trained.
 
@@ -43,6 +57,14 @@ class Policy(ABC):
     @abstractmethod
     def generate(self, prompts: list[Prompt], k: int, sampling: SamplingConfig) -> list[list[str]]:
         """Sample `k` completions for each prompt: a list of P lists of K strings."""
+
+    def sample(self, prompts: list[Prompt], k: int, sampling: SamplingConfig) -> Samples:
+        """`k` completions for each prompt, as text and as the token rows to train on (what online objectives use).
+
+        By default the `generate`d texts, encoded; a policy that knows the ids it sampled returns them (`HFPolicy` does).
+        """
+        completions = self.generate(prompts, k, sampling)
+        return Samples(completions, self.encode([p for p, row in zip(prompts, completions) for _ in row], [c for row in completions for c in row]))
 
     @abstractmethod
     def encode(self, prompts: list[Prompt], completions: list[str]) -> Sequences:

@@ -8,20 +8,22 @@ from typing import Any
 
 import torch
 
-from pref.data import RolloutSteps, ShuffledBatches, collate
+from pref.data import RolloutSteps, ShuffledBatches
 from pref.errors import NoUsablePairs, PrefError
-from pref.examples import LabeledExample, PreferenceExample, Prompt, prompt_of
+from pref.examples import Prompt, prompt_of
 from pref.reporting.diversity import distinct_ratio, entropy_bits
 from pref.interfaces import (
-    SAMPLES, SETS, CandidatePool, LabeledBatch, ObjectiveNeeds, PairBatch, PairSelector, Policy, Processes, RewardSource, SamplingConfig,
-    ScoredBatch, Selection,
+    SAMPLES, SETS, CandidatePool, LabeledBatch, ObjectiveNeeds, PairBatch, PairSelector, Policy, Processes, RewardSource, Samples,
+    SamplingConfig, ScoredBatch, Selection,
 )
+from pref.sequences import Sequences
 
 
 class OnlineBatches:
     """Each `next()` samples from the current policy and returns a training batch and its metrics.
 
-    All P x K samples of a step come from one batched `generate` call. For objectives that
+    All P x K samples of a step come from one batched `policy.sample` call; rewards and selectors
+    read their text, batches hold the token ids as sampled (`Samples`). For objectives that
     learn from SAMPLES nothing is selected: all P x K samples and their scores form a
     `ScoredBatch` rollout, served as the objective's epochs x mini-batches `Minibatch` steps
     (see `RolloutSteps`). Other objectives get a `PairBatch` (PAIRS) or a `LabeledBatch` (SETS)
@@ -72,13 +74,13 @@ class OnlineBatches:
             "raise --samples-per-prompt or --temperature, or check the reward"
         )
 
-    def _sample(self) -> tuple[list[Prompt], list[list[str]], dict[str, torch.Tensor], dict[str, float]]:
-        """The order's next prompts, K completions each from one generate call, and their flat [P * K] scores."""
+    def _sample(self) -> tuple[list[Prompt], Samples, dict[str, torch.Tensor], dict[str, float]]:
+        """The order's next prompts, K samples each from one `policy.sample` call, and their flat [P * K] scores."""
         prompts = [prompt_of(item) for item in self.order.next()]  # a record (with a `prompt`) gives its prompt
         start = time.perf_counter()
-        completions = self.policy.generate(prompts, self.k, self.sampling)
+        samples = self.policy.sample(prompts, self.k, self.sampling)
         sampled = time.perf_counter()
-        flat_prompts, flat_completions = flatten(prompts, completions)
+        flat_prompts, flat_completions = flatten(prompts, samples.completions)
         scores = checked_scores(self.reward, self.reward.score(flat_prompts, flat_completions), len(flat_completions))
         rewards = scores["reward"]
         metrics = {
@@ -90,19 +92,19 @@ class OnlineBatches:
             "time/sampling": sampled - start,
             "time/scoring": time.perf_counter() - sampled,
         }
-        return prompts, completions, scores, metrics
+        return prompts, samples, scores, metrics
 
     def _draw(self) -> tuple[PairBatch | LabeledBatch | None, dict[str, float]]:
         """Sample, score, and let the selector pick pairs or sets."""
-        prompts, completions, flat_scores, metrics = self._sample()
+        prompts, samples, flat_scores, metrics = self._sample()
         start = time.perf_counter()
         scores = {name: values.reshape(len(prompts), self.k) for name, values in flat_scores.items()}
         logps = None
         assert self.selector is not None
         if self.selector.needs_logps:
             with torch.no_grad():
-                logps = self.policy.logps(self.policy.encode(*flatten(prompts, completions))).sequence.reshape(len(prompts), self.k).cpu()
-        selection = self.selector.select(CandidatePool(list(prompts), completions, scores, logps))
+                logps = self.policy.logps(samples.sequences).sequence.reshape(len(prompts), self.k).cpu()
+        selection = self.selector.select(CandidatePool(list(prompts), samples.completions, scores, logps))
         check_selection(self.selector, selection, self.data, len(prompts), self.k)
         metrics["time/scoring"] += time.perf_counter() - start
         metrics.update({
@@ -110,23 +112,23 @@ class OnlineBatches:
             **selection.metrics,
             **self.order.metrics(),
         })
-        return self._batch(prompts, completions, selection), metrics
+        return self._batch(samples.sequences, selection), metrics
 
     def _rollout(self) -> tuple[ScoredBatch, dict[str, float]]:
         """SAMPLES: all P x K samples of the next prompts, scored, none selected."""
-        prompts, completions, scores, metrics = self._sample()
-        flat_prompts, flat_completions = flatten(prompts, completions)
-        batch = ScoredBatch(flat_prompts, flat_completions, self.policy.encode(flat_prompts, flat_completions), scores, self.k)
+        prompts, samples, scores, metrics = self._sample()
+        flat_prompts, flat_completions = flatten(prompts, samples.completions)
+        batch = ScoredBatch(flat_prompts, flat_completions, samples.sequences, scores, self.k)
         return batch, {**metrics, **self.order.metrics()}
 
-    def _batch(self, prompts: list[Prompt], completions: list[list[str]], selection: Selection) -> PairBatch | LabeledBatch | None:
-        """The selected samples as records, batched as a dataset's would be; None when the selector picked none."""
+    def _batch(self, sequences: Sequences, selection: Selection) -> PairBatch | LabeledBatch | None:
+        """The selected rows of the [P * K] sampled `sequences`; None when the selector picked none."""
         if self.data == SETS:
-            records = [LabeledExample(prompts[p], completions[p][k], True) for p, k in selection.accepted]
-            records += [LabeledExample(prompts[p], completions[p][k], False) for p, k in selection.rejected]
-        else:
-            records = [PreferenceExample(prompts[p], completions[p][c], completions[p][r]) for p, c, r in selection.pairs]
-        return collate(self.policy, records) if records else None
+            sets = selection.accepted + selection.rejected
+            labels = torch.tensor([True] * len(selection.accepted) + [False] * len(selection.rejected))
+            return LabeledBatch(rows_of(sequences, [p * self.k + k for p, k in sets]), labels) if sets else None
+        chosen, rejected = [p * self.k + c for p, c, _ in selection.pairs], [p * self.k + r for p, _, r in selection.pairs]
+        return PairBatch(rows_of(sequences, chosen), rows_of(sequences, rejected)) if selection.pairs else None
 
     def state(self) -> dict[str, int]:
         return (self.steps or self.order).state()
@@ -138,6 +140,13 @@ class OnlineBatches:
 def flatten(prompts: list[Prompt], completions: list[list[str]]) -> tuple[list[Prompt], list[str]]:
     """P prompts with K completions each -> the [P * K] rows, prompt by prompt: (prompts, completions)."""
     return [p for p, row in zip(prompts, completions) for _ in row], [c for row in completions for c in row]
+
+
+def rows_of(sequences: Sequences, rows: list[int]) -> Sequences:
+    """Those rows of `sequences`, without the padding columns none of them needs."""
+    picked = sequences.select(rows)
+    width = int(picked.attention_mask.sum(-1).max())
+    return Sequences(*(t[:, :width] for t in vars(picked).values()))
 
 
 def checked_scores(reward: RewardSource, scores: Any, rows: int) -> dict[str, torch.Tensor]:

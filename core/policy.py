@@ -8,7 +8,7 @@ import torch
 
 from pref.errors import ModelNotLoaded
 from pref.examples import Prompt
-from pref.interfaces import Policy, SamplingConfig
+from pref.interfaces import Policy, Samples, SamplingConfig
 from pref.models import completion_token_ids, load_model, load_tokenizer, prompt_token_ids
 from pref.sequences import Logps, Sequences, model_logps
 
@@ -24,6 +24,11 @@ def _padded(rows: list[list[int]], value: int, left: bool = False) -> torch.Tens
     """[len(rows), longest row] token rows, filled out with `value` on the right (or the left)."""
     width = max(len(r) for r in rows)
     return torch.tensor([[value] * (width - len(r)) + r if left else r + [value] * (width - len(r)) for r in rows])
+
+
+def sampled_ids(row: list[int], eos: int | None) -> list[int]:
+    """A generated row's completion: its ids up to and including the first EOS (the padding after it dropped), else all."""
+    return row[: row.index(eos) + 1] if eos in row else row
 
 
 class HFPolicy(Policy):
@@ -69,9 +74,12 @@ class HFPolicy(Policy):
     def device(self) -> torch.device:
         return next(unwrap(self.model).parameters()).device
 
-    @torch.no_grad()
     def generate(self, prompts: list[Prompt], k: int, sampling: SamplingConfig) -> list[list[str]]:
-        """All P x K samples in one batched, KV-cached `generate` call."""
+        return self.sample(prompts, k, sampling).completions
+
+    @torch.no_grad()
+    def sample(self, prompts: list[Prompt], k: int, sampling: SamplingConfig) -> Samples:
+        """All P x K samples in one batched, KV-cached `generate` call: their text, and their rows of the ids sampled."""
         model = unwrap(self.model)
         rows = [prompt_token_ids(self.tokenizer, p)[-self.max_prompt_length :] for p in prompts]
         ids = _padded(rows, self.tokenizer.pad_token_id, left=True).to(self.device)
@@ -94,16 +102,23 @@ class HFPolicy(Policy):
             use_cache=True,
         )
         model.train(was_training)
-        texts = self.tokenizer.batch_decode(out[:, ids.shape[1] :], skip_special_tokens=True)
-        texts = [t.strip() for t in texts]
-        return [texts[i * k : (i + 1) * k] * copies for i in range(len(prompts))]
+        answers = [sampled_ids(row, self.tokenizer.eos_token_id) for row in out[:, ids.shape[1] :].tolist()]
+        texts = [t.strip() for t in self.tokenizer.batch_decode(answers, skip_special_tokens=True)]
+        order = [i * k + j % k for i in range(len(prompts)) for j in range(k * copies)]  # output row of each of the P x K samples
+        width = k * copies
+        completions = [[texts[o] for o in order[i * width : (i + 1) * width]] for i in range(len(prompts))]
+        return Samples(completions, self._sequences([rows[o // k] for o in order], [answers[o] for o in order]))
 
     def encode(self, prompts: list[Prompt], completions: list[str]) -> Sequences:
         """Right-padded prompt+completion rows; the completion mask covers the answer and its EOS."""
+        prompt_rows = [prompt_token_ids(self.tokenizer, p)[-self.max_prompt_length :] for p in prompts]
+        return self._sequences(prompt_rows, [completion_token_ids(self.tokenizer, c) for c in completions])
+
+    def _sequences(self, prompt_rows: list[list[int]], completion_rows: list[list[int]]) -> Sequences:
+        """Prompt+completion id rows, right-padded; a completion is cut to fit `max_length` but keeps one token."""
         rows, masks = [], []
-        for prompt, completion in zip(prompts, completions):
-            p = prompt_token_ids(self.tokenizer, prompt)[-self.max_prompt_length :]
-            c = completion_token_ids(self.tokenizer, completion)[: max(1, self.max_length - len(p))]
+        for p, c in zip(prompt_rows, completion_rows):
+            c = c[: max(1, self.max_length - len(p))]
             rows.append(p + c)
             masks.append([0] * len(p) + [1] * len(c))
         return Sequences(_padded(rows, self.tokenizer.pad_token_id), _padded([[1] * len(r) for r in rows], 0), _padded(masks, 0))

@@ -259,13 +259,13 @@ def test_online_run_samples_from_the_text_datasets_prefixes(tmp_path, tiny_model
     pm, failures, sources = get_plugin_manager()
     pm.register(LongerPlugin(), name="test-longer")
     prompts_seen = []
-    generate = HFPolicy.generate
+    sample = HFPolicy.sample
 
     def recording(self, prompts, k, sampling):
         prompts_seen.extend(prompts)
-        return generate(self, prompts, k, sampling)
+        return sample(self, prompts, k, sampling)
 
-    monkeypatch.setattr(HFPolicy, "generate", recording)
+    monkeypatch.setattr(HFPolicy, "sample", recording)
     config = build_config(flags={
         "objective": "online-dpo", "reward": "longer", "model": tiny_model_dir, "dataset": [str(easy), str(hard)],
         "curriculum": True, "curriculum_options": {"every": 1, "sample_size": 4}, "steps": 2, "batch_size": 2,

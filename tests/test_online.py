@@ -19,6 +19,7 @@ from pref.plugins.divpo import BestWorstSelector, DivPO, OnlineDPO
 from pref.plugins.noun_diversity import NounDiversityReward
 from pref.policy import HFPolicy
 from pref.registry import Registry, get_plugin_manager, load_registry
+from pref.sequences import Sequences
 from pref.train import train
 
 ONLINE_METRICS = {"reward/mean", "reward/std", "reward/max", "pairs/usable_fraction", "samples/distinct_ratio",
@@ -71,13 +72,13 @@ def test_online_dpo_run_with_the_noun_reward(tmp_path, tiny_model_dir):
 def test_all_samples_of_a_draw_come_from_one_generate_call(tiny_model_dir):
     policy = HFPolicy.load(tiny_model_dir)
     calls = []
-    generate = policy.generate
+    sample = policy.sample
 
     def spy(prompts, k, sampling):
         calls.append((len(prompts), k))
-        return generate(prompts, k, sampling)
+        return sample(prompts, k, sampling)
 
-    policy.generate = spy
+    policy.sample = spy
     objective = DivPO()
     data = OnlineBatches(policy, NounDiversityReward.default_prompts, Indexed(), objective.default_selector(), objective.needs, 4,
                          SamplingConfig(max_new_tokens=4), prompts_per_step=3, seed=0)
@@ -99,7 +100,7 @@ def test_greedy_generation_of_several_answers_repeats_the_one_greedy_answer(tiny
 
 
 class EchoPolicy(Policy):
-    """Answers "<prompt> #<k>"; `encode` keeps the text, so batches can be read back."""
+    """Answers "<prompt> #<k>"; `encode` gives each character's code as a token, so batches can be read back (`texts`)."""
 
     model = None
     tokenizer = None
@@ -112,13 +113,22 @@ class EchoPolicy(Policy):
         return [[f"{prompt} #{i}" for i in range(k)] for prompt in prompts]
 
     def encode(self, prompts, completions):
-        return list(zip(prompts, completions))
+        rows = [[ord(c) for c in p + a] for p, a in zip(prompts, completions)]
+        masks = [[0] * len(p) + [1] * len(a) for p, a in zip(prompts, completions)]
+        width = max(map(len, rows))
+        return Sequences(*(torch.tensor([r + [0] * (width - len(r)) for r in m]) for m in (rows, [[1] * len(r) for r in rows], masks)))
 
     def logps(self, sequences, with_logits=False):
         raise AssertionError("best-vs-worst needs no log-probs")
 
     def save(self, path):
         raise AssertionError("not saved")
+
+
+def texts(sequences):
+    """(prompt, completion) of each row `EchoPolicy.encode` made."""
+    rows = zip(sequences.input_ids.tolist(), sequences.attention_mask.tolist(), sequences.completion_mask.tolist())
+    return [("".join(chr(t) for t, a, c in zip(*row) if a and not c), "".join(chr(t) for t, _, c in zip(*row) if c)) for row in rows]
 
 
 class Indexed(RewardSource):
@@ -162,7 +172,7 @@ def test_a_draw_without_pairs_is_replaced_by_the_next_prompts():
     assert set(first).isdisjoint(second)  # the second draw moved on through the shuffled prompts
     assert metrics["samples/redraws"] == 1.0
     # reward = position: in each pool of 2 the second answer is best
-    assert batch.chosen == [(p, f"{p} #1") for p in second] and batch.rejected == [(p, f"{p} #0") for p in second]
+    assert texts(batch.chosen) == [(p, f"{p} #1") for p in second] and texts(batch.rejected) == [(p, f"{p} #0") for p in second]
 
 
 def test_a_reward_that_never_yields_a_pair_fails_after_max_draws(tmp_path, tiny_model_dir, monkeypatch):
@@ -176,13 +186,13 @@ def test_a_reward_that_never_yields_a_pair_fails_after_max_draws(tmp_path, tiny_
     registry = Registry(pm, failures, sources)
 
     calls = []
-    generate = HFPolicy.generate
+    sample = HFPolicy.sample
 
     def counting(self, prompts, k, sampling):
         calls.append(len(prompts))
-        return generate(self, prompts, k, sampling)
+        return sample(self, prompts, k, sampling)
 
-    monkeypatch.setattr(HFPolicy, "generate", counting)
+    monkeypatch.setattr(HFPolicy, "sample", counting)
     monkeypatch.setattr(OnlineBatches, "MAX_DRAWS", 3)
     with pytest.raises(PrefError, match="no usable pair in 3 draws"):
         online_run(tmp_path, tiny_model_dir, registry, objective="online-dpo", reward="constant")
