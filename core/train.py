@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from pref.agreement import next_batch_together, same_decision
-from pref.checkpoint import Trained, load_checkpoint, read_state, rng_state, save_checkpoint, write_atomically
+from pref.checkpoint import PATTERN, Trained, list_checkpoints, load_checkpoint, read_state, remove, rng_state, save_checkpoint, write_atomically
 from pref.config import RunConfig
 from pref.data import OfflineBatches, build_datasets, collate, count_tokens, dataset_names, sequences_of, split_datasets
 from pref.divergence import check_step, check_weights, refuse_non_finite_settings, sampling_diverged
@@ -153,13 +153,25 @@ def run_record(config: RunConfig, plan: RunPlan, registry: Registry) -> dict[str
     return {"config": {**config.to_dict(), **resolved}, "versions": versions, "plugins": plugins}
 
 
-def read_best(out_dir: str) -> float:
-    """The lowest validation loss of the run so far: a resumed run keeps its best/ unless it does better."""
+def read_best(out_dir: str, step: int) -> float:
+    """The lowest validation loss of the run up to `step` (its checkpoint's): a resumed run keeps its best/ unless it does better."""
     path = os.path.join(out_dir, BEST_FILE)
     if not os.path.exists(path):
         return math.inf
     with open(path) as f:
-        return json.load(f)["validation_loss"]
+        best = json.load(f)
+    return best["validation_loss"] if best["step"] <= step else math.inf
+
+
+def drop_steps_after(out_dir: str, step: int) -> None:
+    """Remove the checkpoints and best/ of steps after `step`: a run resumed from `step` trains them again (maybe with
+    other settings), so a later `--resume RUN` must not take up their checkpoints, nor best/ keep a model no longer of the run."""
+    for path in list_checkpoints(out_dir):
+        if int(PATTERN.match(os.path.basename(path)).group(1)) > step:
+            remove(path)
+    if read_best(out_dir, step) == math.inf:
+        remove(os.path.join(out_dir, BEST_FILE))
+        remove(os.path.join(out_dir, BEST_DIR))
 
 
 def keep_best(policy: HFPolicy, out_dir: str, step: int, loss: float, measure: str, write: bool) -> None:
@@ -392,10 +404,11 @@ def train_policy(config: RunConfig, registry: Registry) -> tuple[str, HFPolicy]:
         objective.load_state_dict(objective_state)
     loggers = []
     if accelerator.is_main_process:
+        drop_steps_after(out_dir, start_step)
         with open(os.path.join(out_dir, RUN_FILE), "w") as f:
             json.dump(record, f, indent=2, default=str)
         loggers = [registry.create("logger", name, output_dir=out_dir, config=final_config(record)) for name in plan.loggers]
-    best = read_best(out_dir)
+    best = read_best(out_dir, start_step)
 
     # -- the loop -------------------------------------------------------------------
     stopped, unlogged, evaluated = "", None, False  # unlogged: the last step's (step, figures) when log_every skipped it; evaluated: it was

@@ -113,3 +113,24 @@ def test_a_run_json_without_resumes_reads_as_before():
     assert final_config(resumed) == {**old["config"], "steps": 8, "lr": 0.0001}
     assert final_config(resumed, before_step=6) == {**old["config"], "steps": 8}
     assert final_config(resumed, before_step=math.inf) == final_config(resumed)
+
+
+def test_a_resume_from_an_earlier_checkpoint_drops_the_checkpoints_and_best_model_of_the_steps_it_trains_again(tmp_path, tiny_model_dir,
+                                                                                                            prefs_file):
+    out = tmp_path / "run"
+    # held-out pairs that are the training pairs: each step does better, so the best model is the last step's
+    result = pref("--objective", "dpo", "--dataset", prefs_file, "--validation-dataset", prefs_file, "--eval-every", 1, "--model", tiny_model_dir,
+                  "--steps", 3, "--save-every", 1, "--batch-size", 2, "--lr", 1e-3, "--device", "cpu", "--output-dir", out)
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "best.json").read_text())["step"] == 3
+    result = pref("--resume", out / "checkpoint-000001", "--steps", 2, "--lr", 1e-6)
+    assert result.exit_code == 0, result.output
+    # step 3 is no longer part of the run: neither its checkpoint-2 nor its best model outlive it
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-000001"]
+    best = json.loads((out / "best.json").read_text())
+    assert best["step"] == 2 and best["validation_loss"] == logged(out, "validation/loss")[2]
+    # so a later resume of the run goes on from its own checkpoint, with the settings it has
+    result = pref("--resume", out, "--steps", 3)
+    assert result.exit_code == 0, result.output
+    assert record(out)["resumes"] == [{"step": 1, "changed": {"lr": [1e-3, 1e-6]}}]
+    assert list(logged(out, "loss")) == [1, 2, 3]
