@@ -66,10 +66,11 @@ class RunPlan:
         return self.needs.epochs_per_rollout * self.needs.minibatches_per_rollout
 
 
-def resolve_plan(config: RunConfig, registry: Registry, processes: Processes | None = None) -> RunPlan:
+def resolve_plan(config: RunConfig, registry: Registry, processes: Processes | None = None, start_step: int = 0) -> RunPlan:
     """Build every plugin of the run and settle what the config leaves open.
 
-    `processes` (the loop's; one process by default) is offered to the objective's factory.
+    `processes` (the loop's; one process by default) is offered to the objective's factory;
+    `start_step` (a resumed run's checkpoint step) to the evaluators'.
     """
     for kind, name in [*(("reward", name) for name in reward_names(config)), ("pair-selector", config.selector), ("embedder", config.embedder)]:
         if name:
@@ -133,7 +134,7 @@ def resolve_plan(config: RunConfig, registry: Registry, processes: Processes | N
     if config.evaluator:
         evaluators[config.evaluator] = {**evaluators.get(config.evaluator, {}), **config.evaluator_options}
     context = {"objective": objective, "processes": processes, "output_dir": output_dir, "batch_size": config.batch_size,
-               "sampling": sampling}
+               "sampling": sampling, "start_step": start_step}
     return RunPlan(
         objective=objective,
         needs=needs,

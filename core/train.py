@@ -319,24 +319,25 @@ def train_policy(config: RunConfig, registry: Registry) -> tuple[str, HFPolicy]:
     rank, world = accelerator.process_index, accelerator.num_processes
     processes = AcceleratedProcesses(accelerator)
 
+    checkpoint = resume_checkpoint(config.resume) if config.resume else None  # None: a fresh start, or stopped before the first one
+    state = read_state(checkpoint) if checkpoint else {"step": 0}
+    start_step = state["step"]
+
     # -- the plan: every plugin built, every open setting resolved, before the slow model load --
-    plan = resolve_plan(config, registry, processes)
+    plan = resolve_plan(config, registry, processes, start_step)
     objective, out_dir = plan.objective, plan.output_dir
     refuse_unsupported(config, world, accelerator.distributed_type, plan.needs.online, plan.needs.moves_reference)
     if config.save_every and config.save_every * config.grad_accum % plan.batches_per_rollout:
         # a checkpoint inside a rollout would resume from a rollout sampled again by a later policy
         raise PrefError(f"--save-every must be a multiple of {plan.batches_per_rollout // math.gcd(plan.batches_per_rollout, config.grad_accum)} "
                         f"for {config.objective}: checkpoints are taken between rollouts, so a resume is exact")
-    checkpoint = resume_checkpoint(config.resume) if config.resume else None  # None: a fresh start, or stopped before the first one
-    start_step, record = 0, run_record(config, plan, registry)
+    record = run_record(config, plan, registry)
     if checkpoint:
-        state = read_state(checkpoint)
         if state["world"] != world:
             raise PrefError(f"{checkpoint} was trained by {state['world']} processes, not {world}; resume it with {state['world']} "
                             f"(accelerate launch --num_processes {state['world']}), or start a new run")
         if state["seed"] != config.seed:
             raise PrefError(f"{checkpoint} was trained with seed {state['seed']}, not {config.seed}; resume with --seed {state['seed']}")
-        start_step = state["step"]
         record = resumed_record(record, out_dir, start_step)  # the settings the run started with, and what this resume changed
     lock = claim_output_dir(out_dir, bool(config.resume), accelerator)  # before the data and the model: fail fast
 

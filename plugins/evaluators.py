@@ -10,7 +10,7 @@
     their prompt (`text_nll`): how well it still models the data.
 - `test-prompts`, on with `--test-prompt`: each prompt answered greedily (no random
   numbers are drawn, so a resumed run stays identical), appended to `generations.jsonl`
-  as `{"step", "prompt", "text"}` lines (a resumed run first drops the lines it answers again).
+  as `{"step", "prompt", "text"}` lines (a resumed run first drops the lines of the steps it trains again).
 """
 
 from __future__ import annotations
@@ -97,17 +97,17 @@ class ValidationLoss(Evaluator):
 class TestPrompts(Evaluator):
     """Greedy answers to `prompts`, appended to the run's generations.jsonl."""
 
-    def __init__(self, prompts: list[str], output_dir: str, processes: Processes, sampling: SamplingConfig = SamplingConfig()):
+    def __init__(self, prompts: list[str], output_dir: str, processes: Processes, sampling: SamplingConfig = SamplingConfig(), start_step: int = 0):
         if isinstance(prompts, str) or not prompts:
             raise PrefError("the evaluator test-prompts needs a list of prompts: pass --test-prompt TEXT")
         self.prompts, self.path, self.rank = list(prompts), os.path.join(output_dir, GENERATIONS_FILE), processes.rank
         self.sampling = SamplingConfig(max_new_tokens=sampling.max_new_tokens, temperature=0.0)
-        self.first = True
+        self.start_step, self.first = start_step, True
 
     def evaluate(self, step: int, policy: Policy, reference: Reference | None, records: list[Any]) -> dict[str, float]:
         if self.rank == 0:  # one process answers and writes
-            if self.first:  # a resumed run answers the steps after its checkpoint again
-                keep_steps_up_to(self.path, step - 1)
+            if self.first:  # a resumed run trains the steps after its checkpoint again, and may evaluate others of them
+                keep_steps_up_to(self.path, self.start_step)
                 self.first = False
             answers = policy.generate(self.prompts, 1, self.sampling)
             with open(self.path, "a", encoding="utf-8") as f:

@@ -134,3 +134,14 @@ def test_a_resume_from_an_earlier_checkpoint_drops_the_checkpoints_and_best_mode
     assert result.exit_code == 0, result.output
     assert record(out)["resumes"] == [{"step": 1, "changed": {"lr": [1e-3, 1e-6]}}]
     assert list(logged(out, "loss")) == [1, 2, 3]
+
+
+def test_a_resume_drops_the_answers_to_test_prompts_of_the_steps_it_trains_again(tmp_path, tiny_model_dir, prefs_file):
+    out = tmp_path / "run"
+    result = pref("--objective", "dpo", "--dataset", prefs_file, "--model", tiny_model_dir, "--steps", 2, "--save-every", 1, "--batch-size", 2,
+                  "--test-prompt", "Name a fruit.", "--device", "cpu", "--output-dir", out)
+    assert result.exit_code == 0, result.output
+    # extended from its checkpoint of step 1: step 2 is trained again, at another learning rate, and no longer evaluated
+    result = pref("--resume", out, "--steps", 3, "--lr", 1e-2)
+    assert result.exit_code == 0, result.output
+    assert [json.loads(line)["step"] for line in (out / "generations.jsonl").read_text().splitlines()] == [3]

@@ -211,7 +211,7 @@ def test_test_prompts_of_a_resumed_run_replace_the_answers_after_its_checkpoint(
     path = tmp_path / GENERATIONS_FILE
     path.write_text("".join(json.dumps({"step": s, "prompt": "Hi.", "text": f"old {s}"}) + "\n" for s in (2, 4)) + '{"step": 6, "pro')
     evaluator = load_registry().create("evaluator", "test-prompts", {"prompts": ["Hi."]}, output_dir=str(tmp_path),
-                                       processes=Processes())
+                                       processes=Processes(), start_step=2)
     assert evaluator.evaluate(4, Greedy(), None, []) == {}
     assert evaluator.evaluate(6, Greedy(), None, []) == {}
     rows = [json.loads(line) for line in path.read_text().splitlines()]
