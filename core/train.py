@@ -424,7 +424,7 @@ def train_policy(config: RunConfig, registry: Registry) -> tuple[str, HFPolicy]:
                 except NoUsablePairs:
                     # after the first step: the policy now earns one reward for every sample, nothing is
                     # left to learn, so keep the model (every process sees the same outcome and stops with it)
-                    if step == start_step + 1:
+                    if step == 1:  # a resumed run's model was trained: it stops as the uninterrupted run does
                         raise
                     stopped = (f"Stopped after step {step - 1} of {config.steps}: every pool of the policy's samples was "
                                "all-equal or unusable, so no pair is left to learn from")

@@ -107,7 +107,7 @@ class TestPrompts(Evaluator):
     def evaluate(self, step: int, policy: Policy, reference: Reference | None, records: list[Any]) -> dict[str, float]:
         if self.rank == 0:  # one process answers and writes
             if self.first:  # a resumed run trains the steps after its checkpoint again, and may evaluate others of them
-                keep_steps_up_to(self.path, self.start_step)
+                keep_steps_up_to(self.path, min(self.start_step, step - 1))  # a resume that stops at once answers its checkpoint's step
                 self.first = False
             answers = policy.generate(self.prompts, 1, self.sampling)
             with open(self.path, "a", encoding="utf-8") as f:

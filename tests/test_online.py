@@ -267,6 +267,26 @@ def test_a_resumed_run_that_stops_early_evaluates_its_own_last_step(tmp_path, ti
     assert best["validation_loss"] == min(lines[1]["validation/loss"], lines[3]["validation/loss"])
 
 
+def test_a_run_resumed_where_no_pair_is_left_stops_early_as_the_uninterrupted_run_did(tmp_path, tiny_model_dir, stopping_registry):
+    # the run stopped after step 1, its checkpoint; resumed (say, killed while it drew for step 2), step 2 has no pair
+    # again: the resumed run stops as the uninterrupted one did, rather than fail as a reward that never gives a pair
+    flags = {"objective": "online-dpo", "reward": "indexed-then-constant", "steps": 3, "save_every": 1, "test_prompts": ["Name a fruit."]}
+    online_run(tmp_path, tiny_model_dir, stopping_registry, **flags)
+    (tmp_path / "run" / "final" / "README.md").unlink()
+
+    class Plugin:
+        @hookimpl
+        def register_rewards(self, register):
+            register("indexed-then-constant", Constant)
+
+    pm, failures, sources = get_plugin_manager()
+    pm.register(Plugin(), name="test-constant-again")
+    lines = online_run(tmp_path, tiny_model_dir, Registry(pm, failures, sources), resume=str(tmp_path / "run"), **flags)
+    assert [m["step"] for m in lines] == [1]
+    assert "- steps: 3 (stopped after 1)," in (tmp_path / "run" / "final" / "README.md").read_text()
+    assert [json.loads(line)["step"] for line in open(tmp_path / "run" / "generations.jsonl")] == [1]  # its step answered once
+
+
 def test_a_reward_without_a_reward_score_is_an_error():
     class Nameless(RewardSource):
         def score(self, prompts, completions):
