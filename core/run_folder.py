@@ -175,17 +175,24 @@ def absolute_paths(config: Any, builders: Iterable[str] = ()) -> Any:
     run.json records them so, and a resume from another working directory reads the same files.
     Names in `builders` (registered dataset builders) stay names even if a folder is called so.
     """
+    return dataclasses.replace(config, **absolute_entries(dataclasses.asdict(config), builders))
+
+
+def absolute_entries(settings: dict[str, Any], builders: Iterable[str] = ()) -> dict[str, Any]:
+    """The `dataset`, `validation_dataset`, `model` and `dataset_options` of `settings` (a config as a dict) that it holds,
+    local paths made absolute; names in `builders` stay names."""
     builders = set(builders)
 
     def absolute(entry: Any) -> Any:
         is_local = isinstance(entry, str) and entry not in builders and os.path.exists(os.path.expanduser(entry))
         return os.path.abspath(os.path.expanduser(entry)) if is_local else entry
 
-    options = config.dataset_options
+    options = settings.get("dataset_options") or {}
     if isinstance(options.get("path"), str):
         options = {**options, "path": absolute(options["path"])}
-    return dataclasses.replace(config, dataset=[absolute(e) for e in config.dataset], model=absolute(config.model),
-                               validation_dataset=[absolute(e) for e in config.validation_dataset], dataset_options=options)
+    entries = {"dataset": [absolute(e) for e in settings.get("dataset") or []], "model": absolute(settings.get("model")),
+               "validation_dataset": [absolute(e) for e in settings.get("validation_dataset") or []], "dataset_options": options}
+    return {key: value for key, value in entries.items() if key in settings}
 
 
 def moved_data(file_config: dict[str, Any]) -> str | None:
@@ -199,7 +206,7 @@ def moved_data(file_config: dict[str, Any]) -> str | None:
     return None
 
 
-def resumed_record(record: dict[str, Any], out_dir: str, step: int) -> dict[str, Any]:
+def resumed_record(record: dict[str, Any], out_dir: str, step: int, builders: Iterable[str] = ()) -> dict[str, Any]:
     """The run.json of a run resumed from step `step`'s checkpoint; `record` is the one today's settings alone would give.
 
     It keeps the settings the run started with and adds {"step": step, "changed": {setting: [old, new]}} to its
@@ -213,6 +220,7 @@ def resumed_record(record: dict[str, Any], out_dir: str, step: int) -> dict[str,
         with open(os.path.join(out_dir, RUN_FILE), encoding="utf-8") as f:
             earlier = json.load(f)
         before, resumes = final_config(earlier, step), [r for r in earlier.get("resumes", []) if r["step"] < step]
+        before.update(absolute_entries(before, builders))  # a run.json from before paths were recorded absolute holds them as given
     except (OSError, ValueError, KeyError, TypeError, AttributeError):  # no record of its own (a checkpoint copied alone): today's settings
         return record
     changed = {key: [before[key], value] for key, value in now.items()

@@ -338,7 +338,7 @@ def train_policy(config: RunConfig, registry: Registry) -> tuple[str, HFPolicy]:
                             f"(accelerate launch --num_processes {state['world']}), or start a new run")
         if state["seed"] != config.seed:
             raise PrefError(f"{checkpoint} was trained with seed {state['seed']}, not {config.seed}; resume with --seed {state['seed']}")
-        record = resumed_record(record, out_dir, start_step)  # the settings the run started with, and what this resume changed
+        record = resumed_record(record, out_dir, start_step, registry.names("dataset"))  # the settings the run started with, and what this resume changed
     lock = claim_output_dir(out_dir, bool(config.resume), accelerator)  # before the data and the model: fail fast
 
     # -- the data, read with the tokenizer alone and checked, before the slow model load ------

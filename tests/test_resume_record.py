@@ -103,6 +103,17 @@ def test_a_moved_model_may_be_given_anew_and_is_recorded(stopped_run, tiny_model
     assert record(stopped_run)["resumes"] == [{"step": 1, "changed": {"model": [str(model), str(moved)]}}]
 
 
+def test_a_run_json_with_relative_paths_resumes_where_they_lead(stopped_run, monkeypatch):
+    # a run.json written before paths were recorded absolute holds them as they were given
+    monkeypatch.chdir(stopped_run.parent)
+    old = record(stopped_run)
+    old["config"]["dataset"] = ["prefs.jsonl"]
+    (stopped_run / "run.json").write_text(json.dumps(old))
+    result = pref("--resume", "run", "--steps", 3)
+    assert result.exit_code == 0, result.output
+    assert record(stopped_run)["resumes"] == [{"step": 1, "changed": {"steps": [2, 3]}}]
+
+
 def test_a_run_json_without_resumes_reads_as_before():
     old = {"config": {"objective": "dpo", "steps": 4, "lr": 0.001, "batch_size": 2, "grad_accum": 1, "schedule": "cosine", "seed": 0},
            "versions": {"pref": "0.1"}}
