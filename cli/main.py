@@ -176,6 +176,8 @@ def run(config_file: str | None, beta: float | None, objective_option, reward_op
         given["embedder"], model = embedder.split(":", 1)
         given["embedder_options"] = {"model": model}
 
+    if file_values.get("resume") and not given.get("resume"):  # it continues that run as the flag does, its settings recorded
+        given["resume"] = file_values.pop("resume")
     if given.get("resume"):
         run_dir = given["resume"]
         if not os.path.exists(os.path.join(run_dir, RUN_FILE)):

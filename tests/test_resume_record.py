@@ -103,6 +103,14 @@ def test_a_moved_model_may_be_given_anew_and_is_recorded(stopped_run, tiny_model
     assert record(stopped_run)["resumes"] == [{"step": 1, "changed": {"model": [str(model), str(moved)]}}]
 
 
+def test_resume_in_a_config_file_resumes_as_the_flag_does(stopped_run):
+    (stopped_run.parent / "more.yaml").write_text(f"resume: {stopped_run}\nsteps: 3\n")
+    result = pref("--config", stopped_run.parent / "more.yaml")
+    assert result.exit_code == 0, result.output
+    assert record(stopped_run)["resumes"] == [{"step": 1, "changed": {"steps": [2, 3]}}]
+    assert list(logged(stopped_run, "loss")) == [1, 2, 3]
+
+
 def test_a_run_json_with_relative_paths_resumes_where_they_lead(stopped_run, monkeypatch):
     # a run.json written before paths were recorded absolute holds them as they were given
     monkeypatch.chdir(stopped_run.parent)
