@@ -151,7 +151,8 @@ def model_card(record: dict[str, Any], rows: list[dict[str, Any]], pipeline_tag:
               f"peak learning rate {format_value(config.get('lr'))} ({config.get('schedule')} schedule)",
               f"- seed: {config.get('seed')}"]
     for resume in resumes:
-        changes = ", ".join(f"`{key}` {format_value(old)} -> {format_value(new)}" for key, (old, new) in resume["changed"].items())
+        shown = [(key, *("none" if value in (None, []) else format_value(value) for value in values)) for key, values in resume["changed"].items()]
+        changes = ", ".join(f"`{key}` {old} -> {new}" for key, old, new in shown)
         lines.append(f"- resumed from the checkpoint of step {resume['step']} with {changes}")
     finals = last_values(rows)
     if finals:

@@ -164,3 +164,11 @@ def test_a_resume_drops_the_answers_to_test_prompts_of_the_steps_it_trains_again
     result = pref("--resume", out, "--steps", 3, "--lr", 1e-2)
     assert result.exit_code == 0, result.output
     assert [json.loads(line)["step"] for line in (out / "generations.jsonl").read_text().splitlines()] == [3]
+
+
+def test_the_card_says_none_for_a_setting_a_resume_gave_where_there_was_none():
+    old = {"config": {"objective": "dpo", "steps": 4, "lr": 0.001, "batch_size": 2, "grad_accum": 1, "schedule": "cosine", "seed": 0},
+           "resumes": [{"step": 2, "changed": {"test_prompts": [[], ["Hi.", "Name a fruit."]], "evaluator": [None, "bleu"]}}]}
+    card = model_card(old, [{"step": 4, "loss": 0.5}])
+    assert "- resumed from the checkpoint of step 2 with `test_prompts` none -> Hi., Name a fruit., `evaluator` none -> bleu" in card
+
