@@ -31,7 +31,7 @@ class RunConfig:
 
     model: str | None = None
     reference: str = "auto"  # auto | model | cached | none
-    output_dir: str | None = None
+    output_dir: str | None = None  # None: the run folder of `resume`, else runs/OBJECTIVE-TIMESTAMP
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | mps
     mixed_precision: str = "no"  # no | fp16 | bf16

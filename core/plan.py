@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from pref.checkpoint import PATTERN as CHECKPOINT
 from pref.config import DEFAULT_MAX_NEW_TOKENS, RunConfig
 from pref.errors import PrefError
 from pref.interfaces import (
@@ -127,7 +128,9 @@ def resolve_plan(config: RunConfig, registry: Registry, processes: Processes | N
     # the reward knows how long its answers are; offline, only answers to --test-prompt are sampled
     max_new_tokens = config.max_new_tokens or (reward.max_new_tokens if reward is not None else None) or DEFAULT_MAX_NEW_TOKENS
     sampling = SamplingConfig(max_new_tokens, config.temperature, config.top_p, config.top_k)
-    output_dir = config.output_dir or os.path.join("runs", f"{config.objective}-{time.strftime('%Y%m%d-%H%M%S')}")
+    resumed = os.path.normpath(config.resume) if config.resume else None  # it goes on in its run folder, where its record is checked
+    resumed = os.path.dirname(resumed) if resumed and CHECKPOINT.match(os.path.basename(resumed)) else resumed
+    output_dir = config.output_dir or resumed or os.path.join("runs", f"{config.objective}-{time.strftime('%Y%m%d-%H%M%S')}")
     evaluators = {VALIDATION_LOSS: {}} if config.validation_split or config.validation_dataset else {}
     if config.test_prompts:
         evaluators[TEST_PROMPTS] = {"prompts": list(config.test_prompts)}

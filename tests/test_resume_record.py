@@ -111,6 +111,19 @@ def test_resume_in_a_config_file_resumes_as_the_flag_does(stopped_run):
     assert list(logged(stopped_run, "loss")) == [1, 2, 3]
 
 
+@pytest.mark.parametrize("resume", ["run", "run/checkpoint-000001"])
+def test_a_resume_through_the_library_goes_on_in_the_run_folder(stopped_run, tiny_model_dir, prefs_file, resume, monkeypatch):
+    from pref.config import build_config
+    from pref.registry import load_registry
+    from pref.train import train
+
+    monkeypatch.chdir(stopped_run.parent)
+    settings = {"objective": "dpo", "dataset": [prefs_file], "model": tiny_model_dir, "steps": 3, "batch_size": 2, "lr": 1e-3,
+                "schedule": "constant", "save_every": 1, "device": "cpu", "resume": str(stopped_run.parent / resume)}
+    assert train(build_config(flags=settings), load_registry()) == str(stopped_run)  # not a new runs/dpo-TIMESTAMP
+    assert record(stopped_run)["resumes"] == [{"step": 1, "changed": {"steps": [2, 3]}}]
+
+
 def test_a_run_json_with_relative_paths_resumes_where_they_lead(stopped_run, monkeypatch):
     # a run.json written before paths were recorded absolute holds them as they were given
     monkeypatch.chdir(stopped_run.parent)
