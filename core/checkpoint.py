@@ -94,7 +94,7 @@ def disk_error(action: str, exc: OSError) -> PrefError:
 
 
 def remove(path: str) -> None:
-    """Remove the file or folder `path` if it is there: only ever pref's own (temporary copies, steps trained again)."""
+    """Remove the file or folder `path` if it is there: only ever pref's own temporary copies."""
     if os.path.isdir(path):
         shutil.rmtree(path, ignore_errors=True)
     elif os.path.lexists(path):

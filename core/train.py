@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from pref.agreement import next_batch_together, same_decision
-from pref.checkpoint import PATTERN, Trained, list_checkpoints, load_checkpoint, read_state, remove, rng_state, save_checkpoint, write_atomically
+from pref.checkpoint import PATTERN, Trained, list_checkpoints, load_checkpoint, read_state, rng_state, save_checkpoint, write_atomically
 from pref.config import RunConfig
 from pref.data import OfflineBatches, build_datasets, collate, count_tokens, dataset_names, sequences_of, split_datasets
 from pref.divergence import check_step, check_weights, refuse_non_finite_settings, sampling_diverged
@@ -163,15 +163,17 @@ def read_best(out_dir: str, step: int) -> float:
     return best["validation_loss"] if best["step"] <= step else math.inf
 
 
-def drop_steps_after(out_dir: str, step: int) -> None:
-    """Remove the checkpoints and best/ of steps after `step`: a run resumed from `step` trains them again (maybe with
-    other settings), so a later `--resume RUN` must not take up their checkpoints, nor best/ keep a model no longer of the run."""
-    for path in list_checkpoints(out_dir):
-        if int(PATTERN.match(os.path.basename(path)).group(1)) > step:
-            remove(path)
+def set_aside_steps_after(out_dir: str, step: int) -> None:
+    """Move the checkpoints and best/ of steps after `step` into `superseded-after-NNNNNN/`: a run resumed from `step` trains
+    them again (maybe with other settings), so a later `--resume RUN` must not take up their checkpoints, nor best/ keep a
+    model no longer of the run; they stay on disk for the user to keep or delete."""
+    later = [path for path in list_checkpoints(out_dir) if int(PATTERN.match(os.path.basename(path)).group(1)) > step]
     if read_best(out_dir, step) == math.inf:
-        remove(os.path.join(out_dir, BEST_FILE))
-        remove(os.path.join(out_dir, BEST_DIR))
+        later += [path for path in (os.path.join(out_dir, BEST_DIR), os.path.join(out_dir, BEST_FILE)) if os.path.lexists(path)]
+    aside = os.path.join(out_dir, f"superseded-after-{step:06d}-{time.strftime('%Y%m%d-%H%M%S')}")
+    for path in later:
+        os.makedirs(aside, exist_ok=True)
+        os.replace(path, os.path.join(aside, os.path.basename(path)))
 
 
 def keep_best(policy: HFPolicy, out_dir: str, step: int, loss: float, measure: str, write: bool) -> None:
@@ -405,7 +407,7 @@ def train_policy(config: RunConfig, registry: Registry) -> tuple[str, HFPolicy]:
         objective.load_state_dict(objective_state)
     loggers = []
     if accelerator.is_main_process:
-        drop_steps_after(out_dir, start_step)
+        set_aside_steps_after(out_dir, start_step)
         with open(os.path.join(out_dir, RUN_FILE), "w") as f:
             json.dump(record, f, indent=2, default=str)
         loggers = [registry.create("logger", name, output_dir=out_dir, config=final_config(record)) for name in plan.loggers]

@@ -157,8 +157,11 @@ def test_a_resume_from_an_earlier_checkpoint_drops_the_checkpoints_and_best_mode
     assert json.loads((out / "best.json").read_text())["step"] == 3
     result = pref("--resume", out / "checkpoint-000001", "--steps", 2, "--lr", 1e-6)
     assert result.exit_code == 0, result.output
-    # step 3 is no longer part of the run: neither its checkpoint-2 nor its best model outlive it
+    # step 3 is no longer part of the run: its checkpoint-2 and its best model are set aside, not deleted
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-000001"]
+    [aside] = out.glob("superseded-after-000001-*")
+    assert sorted(p.name for p in aside.iterdir()) == ["best", "best.json", "checkpoint-000002"]
+    assert json.loads((aside / "best.json").read_text())["step"] == 3
     best = json.loads((out / "best.json").read_text())
     assert best["step"] == 2 and best["validation_loss"] == logged(out, "validation/loss")[2]
     # so a later resume of the run goes on from its own checkpoint, with the settings it has
