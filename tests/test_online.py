@@ -176,14 +176,7 @@ def test_a_draw_without_pairs_is_replaced_by_the_next_prompts():
 
 
 def test_a_reward_that_never_yields_a_pair_fails_after_max_draws(tmp_path, tiny_model_dir, monkeypatch):
-    class ConstantPlugin:
-        @hookimpl
-        def register_rewards(self, register):
-            register("constant", Constant)
-
-    pm, failures, sources = get_plugin_manager()
-    pm.register(ConstantPlugin(), name="test-constant")
-    registry = Registry(pm, failures, sources)
+    registry = registry_with_reward("constant", Constant)
 
     calls = []
     sample = HFPolicy.sample
@@ -211,19 +204,25 @@ class IndexedThenConstant(Constant):
         return (Indexed() if self.calls == 1 else Constant()).score(prompts, completions)
 
 
-@pytest.fixture
-def stopping_registry(monkeypatch):
-    """A registry with the reward `indexed-then-constant`: an online-dpo run on it stops early, after step 1."""
+def registry_with_reward(name, reward_class):
+    """pref's own plugins and one more reward, registered as a third-party plugin would."""
 
     class Plugin:
         @hookimpl
         def register_rewards(self, register):
-            register("indexed-then-constant", IndexedThenConstant)
+            register(name, reward_class)
 
     pm, failures, sources = get_plugin_manager()
-    pm.register(Plugin(), name="test-indexed-then-constant")
-    monkeypatch.setattr(OnlineBatches, "MAX_DRAWS", 2)
+    pm.register(Plugin(), name=f"test-{name}")
     return Registry(pm, failures, sources)
+
+
+@pytest.fixture
+def stopping_registry(monkeypatch):
+    """A registry with the reward `indexed-then-constant`: an online-dpo run on it stops early, after step 1."""
+
+    monkeypatch.setattr(OnlineBatches, "MAX_DRAWS", 2)
+    return registry_with_reward("indexed-then-constant", IndexedThenConstant)
 
 
 @pytest.mark.parametrize("log_every", [1, 2])  # 2: step 1 is logged all the same, as the last step done
@@ -274,14 +273,7 @@ def test_a_run_resumed_where_no_pair_is_left_stops_early_as_the_uninterrupted_ru
     online_run(tmp_path, tiny_model_dir, stopping_registry, **flags)
     (tmp_path / "run" / "final" / "README.md").unlink()
 
-    class Plugin:
-        @hookimpl
-        def register_rewards(self, register):
-            register("indexed-then-constant", Constant)
-
-    pm, failures, sources = get_plugin_manager()
-    pm.register(Plugin(), name="test-constant-again")
-    lines = online_run(tmp_path, tiny_model_dir, Registry(pm, failures, sources), resume=str(tmp_path / "run"), **flags)
+    lines = online_run(tmp_path, tiny_model_dir, registry_with_reward("indexed-then-constant", Constant), resume=str(tmp_path / "run"), **flags)
     assert [m["step"] for m in lines] == [1]
     assert "- steps: 3 (stopped after 1)," in (tmp_path / "run" / "final" / "README.md").read_text()
     assert [json.loads(line)["step"] for line in open(tmp_path / "run" / "generations.jsonl")] == [1]  # its step answered once
