@@ -160,14 +160,16 @@ def model_card(record: dict[str, Any], rows: list[dict[str, Any]], pipeline_tag:
         lines += [f"| `{key}` | {format_value(value)} | {step} |" for key, (value, step) in finals.items()]
     command, extra = reproduce(config)
     folder = name or "RUN"
-    command += f" --output-dir {shlex.quote(folder)}" if resumes else ""  # where the resumes find its checkpoints
+    if resumes:  # where the resumes find their checkpoints, every one of them kept
+        every, last = config.get("save_every") or 1, max(int(config.get("steps") or 1), max(int(r["step"]) for r in resumes))
+        command += f" --save-every {every} --keep-checkpoints {max(1, -(-last // every))} --output-dir {shlex.quote(folder)}"
     lines += ["", "## Reproduce", "", "```bash", command, "```"]
     if extra:
         lines += ["", "with `run-config.yaml` holding the settings the command does not spell out:", "", "```yaml", yaml.safe_dump(extra, sort_keys=False).strip(), "```"]
     if resumes:
         commands = [resume_command(folder, resume, final) for resume in resumes]
-        lines += ["", "The run was resumed with other settings: after that command (its `--save-every` and `--keep-checkpoints` keeping "
-                  "the checkpoints named), run these in order:", "", "```bash", *(command for command, _ in commands), "```"]
+        lines += ["", "The run was resumed with other settings: after that command, which keeps the checkpoints they start from, "
+                  "run these in order:", "", "```bash", *(command for command, _ in commands), "```"]
         for resume, (_, extra) in zip(resumes, commands):
             if extra:
                 lines += ["", f"with `resume-{resume['step']}.yaml` holding:", "", "```yaml", yaml.safe_dump(extra, sort_keys=False).strip(), "```"]

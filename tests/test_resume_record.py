@@ -53,7 +53,9 @@ def test_a_resume_keeps_the_settings_the_run_started_with_and_records_its_change
     assert "- steps: 2, batch size 2" in card and "stopped after" not in card
     assert "- resumed from the checkpoint of step 1 with `steps` 2 -> 3, `lr` 0.001 -> 1e-05" in card
     first = next(line for line in card.splitlines() if line.startswith("pref run --objective"))
-    assert "--steps 2" in first and "--lr 0.001" in first and first.endswith("--config run-config.yaml --output-dir run")
+    # the first command keeps the checkpoint the resume starts from (its --save-every, every checkpoint kept)
+    assert "--steps 2" in first and "--lr 0.001" in first
+    assert first.endswith("--config run-config.yaml --save-every 1 --keep-checkpoints 2 --output-dir run")
     assert f"pref run --resume {os.path.join('run', 'checkpoint-000001')} --steps 3 --lr 1e-05" in card
     assert summary(load_run(str(out)))["steps"] == "3"
     assert summary(load_run(str(out)))["options"].endswith("from step 1: steps=3, lr=1e-05")
