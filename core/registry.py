@@ -182,7 +182,17 @@ class Registry:
         try:
             return item.factory(**options)
         except TypeError as exc:
+            missing = [n for n in accepted if params[n].default is inspect.Parameter.empty and n not in options]
+            if missing:  # a required option the user did not give
+                flag = OPTION_FLAGS.get(kind, "its option flag")
+                raise PrefError(f"{kind} {name} needs the option{'s' * (len(missing) > 1)} {', '.join(missing)}: give "
+                                + " ".join(f"{flag} {n}=VALUE" for n in missing)) from None
             raise PrefError(f"bad options for {kind} {name!r}: {exc}") from None
+
+
+#: The `pref run` flag that gives a plugin of each kind its options.
+OPTION_FLAGS = {"objective": "-o", "reward": "--reward-option", "dataset": "--dataset-option", "pair-selector": "--selector-option",
+                "sampler": "--sampler-option", "adapter": "--adapter-option", "evaluator": "--evaluator-option"}
 
 
 def option_types(factory: Callable[..., Any]) -> dict[str, Any]:

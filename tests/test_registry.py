@@ -182,6 +182,18 @@ def test_create_rejects_unknown_option_listing_accepted_ones(registry):
         registry.create("objective", "scaled", {"zzz": 1})
 
 
+def test_a_required_option_left_out_is_named_with_the_flag_that_gives_it(tmp_path):
+    from pref.registry import load_registry
+
+    with pytest.raises(PrefError) as error:  # identity-shift's factory has two required options
+        load_registry().create("dataset", "identity-shift", {"new_name": "Pref"})
+    assert str(error.value) == "dataset identity-shift needs the option original_name: give --dataset-option original_name=VALUE"
+    result = CliRunner().invoke(cli, ["run", "--objective", "dpo", "--dataset", "identity-shift", "--output-dir", str(tmp_path / "run")])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert ("dataset identity-shift needs the options original_name, new_name: give --dataset-option original_name=VALUE "
+            "--dataset-option new_name=VALUE") in result.output
+
+
 def test_create_passes_context_only_to_factories_that_take_it(registry):
     reward = registry.create("reward", "needs-embedder", {"weight": 0.5}, embedder="the embedder")
     assert (reward.embedder, reward.weight) == ("the embedder", 0.5)
