@@ -170,9 +170,14 @@ def set_aside_steps_after(out_dir: str, step: int) -> None:
     later = [path for path in list_checkpoints(out_dir) if int(PATTERN.match(os.path.basename(path)).group(1)) > step]
     if read_best(out_dir, step) == math.inf:
         later += [path for path in (os.path.join(out_dir, BEST_DIR), os.path.join(out_dir, BEST_FILE)) if os.path.lexists(path)]
-    aside = os.path.join(out_dir, f"superseded-after-{step:06d}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if not later:
+        return
+    base, count = os.path.join(out_dir, f"superseded-after-{step:06d}-{time.strftime('%Y%m%d-%H%M%S')}"), 1
+    aside = base
+    while os.path.lexists(aside):  # two resumes within a second
+        aside, count = f"{base}-{count}", count + 1
+    os.makedirs(aside)
     for path in later:
-        os.makedirs(aside, exist_ok=True)
         os.replace(path, os.path.join(aside, os.path.basename(path)))
 
 

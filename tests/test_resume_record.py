@@ -5,6 +5,7 @@ import json
 import math
 import os
 import shutil
+from unittest import mock
 
 import pytest
 from click.testing import CliRunner
@@ -167,8 +168,12 @@ def test_a_resume_from_an_earlier_checkpoint_drops_the_checkpoints_and_best_mode
     best = json.loads((out / "best.json").read_text())
     assert best["step"] == 2 and best["validation_loss"] == logged(out, "validation/loss")[2]
     # so a later resume of the run goes on from its own checkpoint, with the settings it has
-    result = pref("--resume", out, "--steps", 3)
+    # (set aside within the same second as the first resume's, as on a fast machine: its own folder all the same)
+    with mock.patch("time.strftime", return_value="20261130-000000"):
+        (out / "superseded-after-000001-20261130-000000").mkdir()
+        result = pref("--resume", out, "--steps", 3)
     assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in (out / "superseded-after-000001-20261130-000000-1").iterdir()) == ["best", "best.json"]
     assert record(out)["resumes"] == [{"step": 1, "changed": {"lr": [1e-3, 1e-6]}}]
     assert list(logged(out, "loss")) == [1, 2, 3]
 
