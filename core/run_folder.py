@@ -35,10 +35,10 @@ RUN_FILE = "run.json"
 FINAL_DIR = "final"
 LOCK_FILE = ".pref-run.lock"
 #: Settings a checkpoint is bound to (its weights' shapes, its loss, its data and its position in them): a resume cannot change them.
-FIXED_ON_RESUME = ("objective", "objective_options", "model", "adapter", "adapter_options", "dataset", "dataset_options", "validation_split",
-                   "reward", "reward_options", "reward_weights", "selector", "selector_options", "embedder", "embedder_options", "reference",
-                   "seed", "batch_size", "grad_accum", "samples_per_prompt", "max_length", "max_prompt_length", "bucket_window", "sampler",
-                   "sampler_options", "curriculum", "curriculum_options")
+FIXED_ON_RESUME = ("objective", "objective_options", "model", "adapter", "adapter_options", "dataset", "dataset_options",
+                   "validation_split", "validation_dataset", "reward", "reward_options", "reward_weights", "selector", "selector_options",
+                   "embedder", "embedder_options", "reference", "seed", "batch_size", "grad_accum", "samples_per_prompt", "max_length",
+                   "max_prompt_length", "bucket_window", "sampler", "sampler_options", "curriculum", "curriculum_options")
 _held: dict[str, "RunLock"] = {}  # locks this process holds, by path
 
 
@@ -226,7 +226,7 @@ def resumed_record(record: dict[str, Any], out_dir: str, step: int, builders: It
     changed = {key: [before[key], value] for key, value in now.items()
                if key in before and before[key] != value and key not in ("output_dir", "resume")}  # where it is, not how it trains
     for key, (was, value) in changed.items():
-        if key in FIXED_ON_RESUME and not (key in ("model", "dataset", "dataset_options") and moved_data({key: was})):
+        if key in FIXED_ON_RESUME and not (key in ("model", "dataset", "dataset_options", "validation_dataset") and moved_data({key: was})):
             was, value = ("none" if v is None else json.dumps(v) for v in (was, value))
             raise PrefError(f"cannot resume {out_dir} with {key} {value}: it was trained with {key} {was}, which a resume cannot change; "
                             "resume without changing it, or start a new run with --output-dir NEW")

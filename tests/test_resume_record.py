@@ -79,12 +79,12 @@ def test_a_resume_keeps_the_settings_the_run_started_with_and_records_its_change
     assert result.stderr.splitlines()[-1] == f"Error: cannot resume {out} with steps 2: its checkpoint is at step 3; give --steps 3 or more"
 
 
-def test_a_resume_cannot_change_what_its_checkpoint_is_bound_to(stopped_run, tiny_model_dir):
+def test_a_resume_cannot_change_what_its_checkpoint_is_bound_to(stopped_run, tiny_model_dir, prefs_file):
     out = stopped_run
     another_model = shutil.copytree(tiny_model_dir, out.parent / "another-model")
     before = {path: path.read_bytes() for path in out.rglob("*") if path.is_file()}
     for setting, flags in [("objective", ["--objective", "orpo"]), ("model", ["--model", another_model]), ("batch_size", ["--batch-size", 1]),
-                           ("adapter", ["--lora"])]:
+                           ("adapter", ["--lora"]), ("validation_dataset", ["--validation-dataset", prefs_file])]:  # best.json compares losses on one held-out set
         result = pref("--resume", out, *flags)
         assert result.exit_code == 2, result.output
         assert "Traceback" not in result.output
