@@ -42,9 +42,8 @@ def resolve_dtype(name: str, device: str, model_path: str | None) -> torch.dtype
     if device == "auto":
         kind = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     if name == "auto":
-        stored = checkpoint_dtype(model_path) if model_path else None
-        bf16_gpu = kind == "cuda" and torch.cuda.is_bf16_supported()
-        return torch.bfloat16 if bf16_gpu and stored in (torch.bfloat16, torch.float16) else torch.float32
+        bf16_gpu = kind == "cuda" and torch.cuda.is_bf16_supported()  # only there does the stored dtype matter (no hub request elsewhere)
+        return torch.bfloat16 if bf16_gpu and model_path and checkpoint_dtype(model_path) in (torch.bfloat16, torch.float16) else torch.float32
     dtype = DTYPES[name]
     if dtype == torch.float16 and kind == "cpu":
         raise PrefError("--dtype float16 cannot train on a CPU (no float16 gradient scaling there); use --dtype bfloat16 or float32")

@@ -59,9 +59,12 @@ def test_repeated_logger_flags_reach_the_run_configuration(monkeypatch, prefs_fi
     assert seen["config"].loggers == ["jsonl", "tensorboard"]
 
 
-def test_auto_dtype_is_float32_on_a_cpu(tiny_model_dir):
+def test_auto_dtype_is_float32_on_a_cpu(tiny_model_dir, monkeypatch):
     assert resolve_dtype("auto", "cpu", tiny_model_dir) == torch.float32
     assert resolve_dtype("bfloat16", "cpu", tiny_model_dir) == torch.bfloat16
+    # where the stored dtype cannot matter, the model's config is not read: a hub id is not asked for before the flags are checked
+    monkeypatch.setattr("transformers.AutoConfig.from_pretrained", lambda *a, **k: pytest.fail("read the model's config"))
+    assert resolve_dtype("auto", "cpu", "some-org/some-model") == torch.float32
 
 
 def dpo(tmp_path, model, data, name, **flags):
