@@ -299,6 +299,15 @@ def loggers_running(loggers: list[MetricsLogger], total_steps: int, start_step: 
             logger.stop()
 
 
+def same_start(module: torch.nn.Module, world: int) -> None:
+    """Every process starts `module` from the first one's weights, as DDP does for the policy (each drew its own random init)."""
+    if world > 1:
+        from accelerate.utils import broadcast
+
+        for tensor in module.state_dict().values():
+            tensor.copy_(broadcast(tensor.clone(), from_process=0))
+
+
 def train(config: RunConfig, registry: Registry) -> str:
     """Run a whole training job; return the output folder."""
     try:
@@ -363,15 +372,12 @@ def train_policy(config: RunConfig, registry: Registry) -> tuple[str, HFPolicy]:
     modules = objective.trainable_modules() if plan.needs.trainable_modules else {}
     for module in modules.values():
         module.to(accelerator.device).train()
+        same_start(module, world)
     second = objective.second_model() if plan.needs.second_model else None
     second_optimizer = train_second = None
     if second is not None:
         second.model.to(accelerator.device)
-        if world > 1:  # every process starts from the first one's weights, as DDP does for the policy
-            from accelerate.utils import broadcast
-
-            for tensor in second.model.state_dict().values():
-                tensor.copy_(broadcast(tensor.clone(), from_process=0))
+        same_start(second.model, world)
         keep_trainable_in_float32(second.model)  # a bf16 run's discriminator keeps float32 optimizer state too
         # AdamW's defaults, as D2PO's own optimizer had
         second_optimizer = torch.optim.AdamW([p for p in second.model.parameters() if p.requires_grad], lr=second.lr)
