@@ -50,8 +50,12 @@ def check_step(step: int, loss: float, grad_norm: float, config: Any) -> str | N
 
 def check_weights(parameters: Iterable[torch.Tensor], step: int, config: Any) -> None:
     """Raise a `PrefError` if any of `parameters` holds a non-finite value (before saving them)."""
+    from torch.distributed.tensor import DTensor
+
     parameters = [p.detach() for p in parameters]
-    if parameters and not bool(torch.stack(torch._foreach_norm(parameters)).isfinite().all()):
+    # foreach cannot mix sharded weights with whole ones (PPO's value head in a sharded run); a sharded group's answer is agreed by all
+    groups = [[p for p in parameters if isinstance(p, DTensor)], [p for p in parameters if not isinstance(p, DTensor)]]
+    if not all(bool(torch.stack(torch._foreach_norm(group)).isfinite().all()) for group in groups if group):
         raise PrefError(f"training diverged by step {step}: the weights are no longer finite, so they were not saved; "
                         f"{likely_causes(config)}")
 

@@ -11,6 +11,7 @@ from pref.examples import Prompt
 from pref.interfaces import Policy, Samples, SamplingConfig
 from pref.models import completion_token_ids, load_model, load_tokenizer, prompt_token_ids
 from pref.sequences import Logps, Sequences, model_logps
+from pref.sharding import gathered_for_generation, is_sharded
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -79,7 +80,10 @@ class HFPolicy(Policy):
 
     @torch.no_grad()
     def sample(self, prompts: list[Prompt], k: int, sampling: SamplingConfig) -> Samples:
-        """All P x K samples in one batched, KV-cached `generate` call: their text, and their rows of the ids sampled."""
+        """All P x K samples in one batched, KV-cached `generate` call: their text, and their rows of the ids sampled.
+
+        A sharded model (FSDP) gathers its weights for the call: every process must call this together.
+        """
         model = unwrap(self.model)
         rows = [prompt_token_ids(self.tokenizer, p)[-self.max_prompt_length :] for p in prompts]
         ids = _padded(rows, self.tokenizer.pad_token_id, left=True).to(self.device)
@@ -88,19 +92,21 @@ class HFPolicy(Policy):
         model.eval()
         do_sample = sampling.temperature > 0
         copies, k = (1, k) if do_sample else (k, 1)  # greedy answers are all the same: decode one, repeat it
-        out = model.generate(
-            input_ids=ids,
-            attention_mask=mask,
-            do_sample=do_sample,
-            temperature=sampling.temperature if do_sample else None,
-            top_p=sampling.top_p if do_sample else None,
-            top_k=sampling.top_k if do_sample else None,
-            num_return_sequences=k,
-            max_new_tokens=sampling.max_new_tokens,
-            pad_token_id=self.tokenizer.pad_token_id,
-            eos_token_id=self.tokenizer.eos_token_id,
-            use_cache=True,
-        )
+        with gathered_for_generation(model):
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                do_sample=do_sample,
+                temperature=sampling.temperature if do_sample else None,
+                top_p=sampling.top_p if do_sample else None,
+                top_k=sampling.top_k if do_sample else None,
+                num_return_sequences=k,
+                max_new_tokens=sampling.max_new_tokens,
+                pad_token_id=self.tokenizer.pad_token_id,
+                eos_token_id=self.tokenizer.eos_token_id,
+                use_cache=True,
+                synced_gpus=is_sharded(model),  # sharded, every process steps until all have ended: no gather is left waiting
+            )
         model.train(was_training)
         answers = [sampled_ids(row, self.tokenizer.eos_token_id) for row in out[:, ids.shape[1] :].tolist()]
         texts = [t.strip() for t in self.tokenizer.batch_decode(answers, skip_special_tokens=True)]

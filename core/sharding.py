@@ -36,7 +36,8 @@ def refuse_unsupported(config: Any, world: int, distributed_type: str, online: b
     if config.fsdp and by_accelerate:
         raise PrefError("--fsdp and an accelerate config with FSDP both shard the model: drop one of them")
     sharding = "--fsdp" if config.fsdp else "accelerate's FSDP"
-    untested = [name for name, used in [("online objectives", online), ("--test-prompt", config.test_prompts),
+    # pref's own sharded model generates (every process together); accelerate's wraps it where pref's generation cannot reach
+    untested = [name for name, used in [("online objectives", online and by_accelerate), ("--test-prompt", config.test_prompts and by_accelerate),
                 ("--merge-lora", config.merge_lora), ("a moving reference (sync_ref_model)", moves_reference)] if used]
     if untested:
         raise PrefError(f"{sharding} does not support {untested[0]} yet: run it unsharded (DDP), or drop it")
@@ -79,6 +80,30 @@ def no_gradient_sync(accelerator: Any, model: torch.nn.Module) -> Iterator[None]
         yield
     finally:
         model.set_requires_gradient_sync(True)
+
+
+@contextmanager
+def gathered_for_generation(model: torch.nn.Module) -> Iterator[None]:
+    """A sharded model's weights gathered once for a `generate` call, instead of at every token; sharded again after.
+
+    A collective (every process enters it together); while it lasts each process holds the whole model's weights.
+    """
+    if not is_sharded(model):
+        yield
+        return
+    # FSDP2 makes its root at the first forward through it, which a PeftModel's generate skips (it calls the model inside)
+    model._get_fsdp_state()._lazy_init()
+    layers = [m for m in model.modules() if is_sharded(m) and m is not model]
+    for layer in layers:
+        layer.set_reshard_after_forward(False, recurse=False)
+    model.unshard()  # the root's own weights (embeddings, LM head), gathered before any forward asks for them
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.set_reshard_after_forward(True, recurse=False)
+            layer.reshard()  # training gathers one layer at a time again
+        model.reshard()
 
 
 def whole_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -105,11 +105,12 @@ class TestPrompts(Evaluator):
         self.start_step, self.first = start_step, True
 
     def evaluate(self, step: int, policy: Policy, reference: Reference | None, records: list[Any]) -> dict[str, float]:
-        if self.rank == 0:  # one process answers and writes
+        # every process answers (the same greedy answers): a sharded model's forward needs them all; one writes
+        answers = policy.generate(self.prompts, 1, self.sampling)
+        if self.rank == 0:
             if self.first:  # a resumed run trains the steps after its checkpoint again, and may evaluate others of them
                 keep_steps_up_to(self.path, min(self.start_step, step - 1))  # a resume that stops at once answers its checkpoint's step
                 self.first = False
-            answers = policy.generate(self.prompts, 1, self.sampling)
             with open(self.path, "a", encoding="utf-8") as f:
                 for prompt, (text,) in zip(self.prompts, answers):
                     f.write(json.dumps({"step": step, "prompt": prompt, "text": text}) + "\n")

@@ -9,6 +9,7 @@ the same weights, `final/` is a plain `transformers` model, and LoRA trains shar
 
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -92,10 +93,12 @@ def test_sharded_run_matches_ddp_resumes_exactly_and_saves_a_plain_model(tiny_mo
 
 
 @pytest.mark.slow
-def test_lora_trains_sharded_as_unsharded(tiny_model_dir, prefs_file, private_cache, tmp_path):
-    """LoRA's randomly initialised adapters start from process 0's in both runs, so the adapters end the same."""
-    args = ["--objective", "dpo", "--model", tiny_model_dir, "--dataset", prefs_file, "--steps", "2", "--batch-size", "2", "--lr", "1e-2",
-            "--seed", "0", "--device", "cpu", "--max-length", "64", "--lora", "--lora-option", "target_modules=q_proj,v_proj"]
+def test_lora_and_online_sampling_train_sharded_as_unsharded(tiny_model_dir, private_cache, tmp_path):
+    """GRPO with LoRA: both runs sample through the model (sharded: every process gathers the weights together), LoRA's randomly
+    initialised adapters start from process 0's in both, so the adapters and the test prompts' answers end the same."""
+    args = ["--objective", "grpo", "-k", "2", "--reward", "noun-diversity", "--model", tiny_model_dir, "--steps", "2", "--batch-size", "2",
+            "--lr", "1e-2", "--seed", "0", "--device", "cpu", "--max-new-tokens", "8", "--test-prompt", "Name a fruit.",
+            "--lora", "--lora-option", "target_modules=q_proj,v_proj"]
     home = tmp_path / "hf-home"
     launch(private_cache, home, *args, "--output-dir", str(tmp_path / "ddp"))
     launch(private_cache, home, *args, "--fsdp", "--output-dir", str(tmp_path / "fsdp"))
@@ -103,3 +106,25 @@ def test_lora_trains_sharded_as_unsharded(tiny_model_dir, prefs_file, private_ca
     assert sharded.keys() == ddp.keys() and any(float(v.abs().max()) > 0 for k, v in ddp.items() if "lora_B" in k)
     for key in ddp:
         torch.testing.assert_close(sharded[key], ddp[key], atol=2e-5, rtol=0, msg=lambda m: f"{key}: {m}")
+    answers = {run: (tmp_path / run / "generations.jsonl").read_text() for run in ("ddp", "fsdp")}
+    assert answers["fsdp"] == answers["ddp"] and '"step": 2' in answers["ddp"]
+
+
+@pytest.mark.slow
+def test_a_sharded_online_run_with_a_value_head_resumes_exactly(tiny_model_dir, private_cache, tmp_path):
+    """PPO sharded: the processes sample through the sharded model together (one whose samples ended keeps stepping with the
+    others, or their weight gathers would wait forever), the value head outside the shards starts from process 0's on every
+    process and is updated with the sharded weights, and a run resumed from its checkpoint ends with the same weights, bit for bit."""
+    args = ["--objective", "ppo", "-k", "2", "-o", "ppo_epochs=2", "--reward", "noun-diversity", "--model", tiny_model_dir, "--steps", "4",
+            "--batch-size", "2", "--save-every", "2", "--lr", "1e-3", "--seed", "0", "--device", "cpu", "--max-new-tokens", "8", "--fsdp"]
+    home, run = tmp_path / "hf-home", tmp_path / "run"
+    launch(private_cache, home, *args, "--output-dir", str(run))
+    whole, start = weights(run), load_file(os.path.join(tiny_model_dir, "model.safetensors"))
+    assert max(float((whole[k] - start[k]).abs().max()) for k in whole) > 1e-4
+
+    resumed = shutil.copytree(run, tmp_path / "resumed")
+    shutil.rmtree(resumed / "final")
+    launch(private_cache, home, "--resume", str(resumed))  # from checkpoint-000002
+    again = weights(resumed)
+    for key in whole:
+        assert torch.equal(again[key], whole[key]), key
