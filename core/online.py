@@ -33,13 +33,16 @@ class OnlineBatches:
     `order`: any object with next()/state()/load_state()/metrics() may replace the shuffled
     prompts (a curriculum over records). `after_draw` is called after each draw, and with SAMPLES
     after each step's mini-batch (a second model trained as soon as a selection asks for it), and returns metrics.
+    `sampling_together`: sampling is a collective (a sharded model gathers its weights for it), so every
+    process draws in every round of draws, one that already has its batch too (its extra draw is dropped).
     """
 
     MAX_DRAWS = 10
 
     def __init__(self, policy: Policy, prompts: Sequence[Prompt], reward: RewardSource, selector: PairSelector | None, needs: ObjectiveNeeds,
                  samples_per_prompt: int, sampling: SamplingConfig, prompts_per_step: int, seed: int, rank: int = 0, world: int = 1,
-                 order: Any = None, after_draw: Callable[[], dict[str, float]] | None = None, processes: Processes | None = None):
+                 order: Any = None, after_draw: Callable[[], dict[str, float]] | None = None, processes: Processes | None = None,
+                 sampling_together: bool = False):
         self.policy = policy
         self.reward = reward
         self.selector = selector
@@ -47,6 +50,8 @@ class OnlineBatches:
         self.k = samples_per_prompt
         self.sampling = sampling
         self.after_draw = after_draw
+        self.together = sampling_together or after_draw is not None  # every process goes through each round of draws
+        self.sampling_together = sampling_together
         self.processes = processes or Processes()
         self.order = order if order is not None else ShuffledBatches(list(prompts), prompts_per_step, seed, rank, world)
         self.steps = None
@@ -62,11 +67,12 @@ class OnlineBatches:
             if batch is None:
                 batch, metrics = self._draw()
                 metrics["samples/redraws"] = float(draw)
-            if self.after_draw is not None:
-                # every process asks once per round of draws, as the hook may average across them
+            elif self.sampling_together:
+                self._draw()  # its part in the others' sampling; this process keeps the batch it has
+            if self.after_draw is not None:  # every process asks once per round of draws, as the hook may average across them
                 metrics.update(self.after_draw())
-                if self.processes.mean(torch.tensor([float(batch is not None)])).item() < 1:
-                    continue  # some process draws again
+            if self.together and self.processes.mean(torch.tensor([float(batch is not None)])).item() < 1:
+                continue  # some process draws again
             if batch is not None:
                 return batch, metrics
         raise NoUsablePairs(

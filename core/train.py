@@ -107,7 +107,8 @@ def build_data(config: RunConfig, plan: RunPlan, policy: HFPolicy, examples: lis
     assert plan.reward is not None
     prompts = [prompt_of(e) for e in examples] or list(plan.reward.default_prompts)
     return OnlineBatches(policy, prompts, plan.reward, plan.selector, plan.needs, plan.samples_per_prompt, plan.sampling,
-                         config.batch_size, config.seed, rank, world, order=order, after_draw=after_draw, processes=processes)
+                         config.batch_size, config.seed, rank, world, order=order, after_draw=after_draw, processes=processes,
+                         sampling_together=config.fsdp)
 
 
 def save_final(policy: HFPolicy, path: str, adapter: Adapter | None = None, merge: bool = False,

@@ -175,6 +175,26 @@ def test_a_draw_without_pairs_is_replaced_by_the_next_prompts():
     assert texts(batch.chosen) == [(p, f"{p} #1") for p in second] and texts(batch.rejected) == [(p, f"{p} #0") for p in second]
 
 
+@pytest.mark.parametrize("together", [False, True])
+def test_sampling_together_every_process_draws_while_one_draws_again(together):
+    """A sharded model samples collectively: the process whose first draw had a pair draws along while the other draws again
+    (dropping its extra draw), or the other's weight gathers would wait forever; unsharded, it goes on alone."""
+    from test_group_processes import in_two_processes  # tests/ is on sys.path
+
+    def work(processes):
+        reward = ConstantFirst() if processes.rank == 0 else Indexed()
+        data = OnlineBatches(EchoPolicy(), PROMPTS, reward, BestWorstSelector(), OnlineDPO.needs, 2, SamplingConfig(), 2, 5,
+                             processes.rank, 2, processes=processes, sampling_together=together)
+        batch, metrics = data.next()
+        return data.policy.calls, texts(batch.chosen), metrics["samples/redraws"]
+
+    (calls0, chosen0, redraws0), (calls1, chosen1, redraws1) = in_two_processes(work)
+    assert (len(calls0), redraws0, redraws1) == (2, 1.0, 0.0)
+    assert len(calls1) == (2 if together else 1)
+    assert chosen1 == [(p, f"{p} #1") for p in calls1[0]]  # the batch of its own first draw, kept
+    assert chosen0 == [(p, f"{p} #1") for p in calls0[1]]
+
+
 def test_a_reward_that_never_yields_a_pair_fails_after_max_draws(tmp_path, tiny_model_dir, monkeypatch):
     registry = registry_with_reward("constant", Constant)
 
