@@ -1,8 +1,9 @@
 """The training loop. It knows the five interfaces, not any algorithm.
 
 `train_policy(config, registry)` reads top to bottom: set up the device, build the
-plugins, the policy, the reference and the data, then loop: get a batch,
-forward and backward (accumulated), clip and update, log, checkpoint.
+plugins (the plan), read the datasets with the tokenizer alone, load the policy,
+build the reference and the batches, then loop: get a batch, forward and backward
+(accumulated), clip and update, evaluate, log, checkpoint. docs/architecture.md follows it.
 """
 
 from __future__ import annotations

@@ -94,6 +94,30 @@ def test_list_plugins_json_example_has_the_real_keys(tmp_path, monkeypatch):
     assert {row["name"]: row["builtin"] for row in real["plugins"]}["dpo"] is True
 
 
+def architecture_names(text: str) -> tuple[list[str], list[str]]:
+    """The source paths (`core/x.py`) and code names (`resolve_plan`, `HFPolicy(None, tokenizer)`, `needs.moves_reference`)
+    in backticks in `text`; plain words (`none`, `model`) are left out, as they are values, not names."""
+    spans = re.findall(r"`([^`\n]+)`", text)
+    paths = [span for span in spans if re.fullmatch(r"(core|plugins|cli)/\w+\.py", span)]
+    names = []
+    for span in spans:
+        match = re.fullmatch(r"(?:[a-z_]+(?:\(\))?\.)*([A-Za-z_]\w*)(?:\(.*\))?", span)
+        if match and ("_" in match[1] or match[1][0].isupper() or span.endswith(")")):
+            names.append(match[1])
+    return paths, names
+
+
+def test_architecture_names_only_files_and_code_that_exist():
+    """docs/architecture.md is written from the code: a renamed function, class, field or file fails here, not in a reader's search."""
+    paths, names = architecture_names((ROOT / "docs" / "architecture.md").read_text(encoding="utf-8"))
+    assert len(paths) >= 20 and len(names) >= 60  # the pattern still finds what the page names
+    assert [path for path in paths if not (ROOT / path).is_file()] == []
+    source = "\n".join(path.read_text(encoding="utf-8") for folder in ("core", "plugins", "cli") for path in (ROOT / folder).rglob("*.py"))
+    elsewhere = {"set_seed", "RUN", "None"}  # accelerate's; a placeholder; Python's
+    defined = [name for name in set(names) - elsewhere if not re.search(rf"^\s*(def|class) {name}\b|^\s*{name}\s*[:=]|\.{name}\b", source, re.M)]
+    assert defined == [], f"docs/architecture.md names what the code does not define: {sorted(defined)}"
+
+
 # -- registry meta-tests: every hook is known, documented and tested ------------------------------------
 
 
