@@ -296,3 +296,30 @@ def test_a_model_that_is_neither_a_folder_nor_on_the_hub_names_a_fix_every_comma
 
     message = str(_load_error("nope/final", "nope/final", OSError("404")))
     assert "no such local folder" in message and "--model" not in message and "pref-default for the embedded default model" in message
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda p: p.mkdir(), "holds no model (no config.json): pass a folder holding a saved model"),
+    (lambda p: p.write_text("{}"), "is a file, not a model: pass a folder holding a saved model"),
+    (lambda p: (p.mkdir(), (p / "state.json").write_text("{}"), (p / "model.safetensors").write_bytes(b"")),
+     "is a checkpoint of a pref run (for `pref run --resume`), not a model: pass the run's final/"),
+])
+def test_a_folder_or_file_that_is_no_model_says_what_it_is(tmp_path, make, message):
+    # each was "Couldn't instantiate the backend tokenizer from one of:" or "no such local folder"
+    make(tmp_path / "thing")
+    line = error_line(run("generate", "--model", str(tmp_path / "thing"), "--prompt", "hi"))
+    assert message in line
+
+
+def test_an_adapter_whose_base_model_is_gone_names_the_base_and_the_file_to_edit(tmp_path):
+    from pref.models import load_model
+
+    (tmp_path / "final").mkdir()
+    (tmp_path / "final" / "adapter_config.json").write_text(
+        json.dumps({"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": str(tmp_path / "moved-base")}))
+    with pytest.raises(PrefError, match=r"its base model .*moved-base is not there; put that model back, or write where it is now "
+                                        r"into base_model_name_or_path in .*adapter_config.json"):
+        load_model(str(tmp_path / "final"))  # was "Repo id must be in the form 'repo_name' or 'namespace/repo_name'"
+    (tmp_path / "final" / "adapter_config.json").write_text("{")
+    with pytest.raises(PrefError, match="adapter_config.json is damaged"):
+        load_model(str(tmp_path / "final"))
