@@ -267,6 +267,26 @@ def test_curriculum_options_without_the_curriculum_are_an_error(prefs_file):
     assert "curriculum options were given without --curriculum" in line
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--objective", "dpo", "--reward-option", "min_zipf=3"], "objective 'dpo' trains on a dataset and uses no reward: drop --reward-option"),
+    (["--objective", "d2po", "--reward", "repetition"], "objective 'd2po' brings its own reward, set by its options (-o KEY=VALUE): drop --reward"),
+    (["--objective", "d2po", "--reward-option", "n=3"], "brings its own reward, set by its options (-o KEY=VALUE): drop --reward-option"),
+    (["--objective", "divpo", "--selector-option", "rho=0.5"], "selector options were given without --selector; add --selector NAME, "
+                                                                "or give the objective's own selector its options with -o KEY=VALUE"),
+])
+def test_options_of_a_plugin_the_run_does_not_use_are_an_error(prefs_file, args, message):
+    # were silently ignored: an offline objective's reward options, D2PO's --reward, selector options without --selector
+    line = error_line(run("run", "--dataset", prefs_file, *args))
+    assert message in line
+
+
+def test_a_config_files_option_tables_for_unused_plugins_are_an_error(tmp_path, prefs_file):
+    (tmp_path / "run.toml").write_text(f'objective = "dpo"\ndataset = ["{prefs_file}"]\n[reward_options]\nmin_zipf = 3\n')
+    assert "uses no reward: drop --reward-option" in error_line(run("run", "--config", str(tmp_path / "run.toml")))
+    (tmp_path / "run.yaml").write_text(f"objective: dpo\ndataset: {prefs_file}\nembedder_options:\n  model: minilm\n")
+    assert "embedder options were given without --embedder" in error_line(run("run", "--config", str(tmp_path / "run.yaml")))
+
+
 def test_a_missing_validation_file_is_named_with_its_own_flag(prefs_file):
     line = error_line(run("run", "--objective", "dpo", "--dataset", prefs_file, "--validation-dataset", "held_out.jsonl"))
     assert line.startswith("Error: --validation-dataset held_out.jsonl: no such file")
