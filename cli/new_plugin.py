@@ -367,7 +367,7 @@ def test_hook_registers_the_builder(tmp_path):
 #: kind -> (module template, test template, class-name suffix, README usage line)
 KINDS = {
     "reward": (MODULE, TEST, "Reward", "pref run --objective online-dpo --reward $name --reward-option keyword=thanks"),
-    "objective": (OBJECTIVE_MODULE, OBJECTIVE_TEST, "", "pref run --objective $name --dataset prefs.jsonl -o weight=0.1"),
+    "objective": (OBJECTIVE_MODULE, OBJECTIVE_TEST, "Objective", "pref run --objective $name --dataset prefs.jsonl -o weight=0.1"),
     "selector": (SELECTOR_MODULE, SELECTOR_TEST, "Selector", "pref run --objective online-dpo --reward noun-diversity --selector $name"),
     "dataset": (DATASET_MODULE, DATASET_TEST, "Data", "pref run --objective dpo --dataset $name --dataset-option path=pairs.tsv"),
 }
@@ -392,6 +392,10 @@ def write_skeleton(name: str, directory: str = ".", kind: str = "reward") -> str
         os.path.join(module, "__init__.py"): module_template,
         os.path.join("tests", f"test_{module}.py"): test_template,
     }
+    try:
+        os.makedirs(root)
+    except OSError as exc:
+        raise PrefError(f"cannot make {root}: {exc.strerror}; give --directory a folder you can write to") from None
     for relative, template in files.items():
         path = os.path.join(root, relative)
         os.makedirs(os.path.dirname(path), exist_ok=True)

@@ -76,6 +76,17 @@ def load_model(name: str | None, dtype: torch.dtype | None = None, kind: str = "
         raise _load_error(name, path, exc) from None
 
 
+def adapter_base(path: str) -> str | None:
+    """The base model an adapter folder in PEFT's format names (its `base_model_name_or_path`), if it can be read."""
+    try:
+        with open(os.path.join(path, ADAPTER_CONFIG), encoding="utf-8") as f:
+            record = json.load(f)
+    except (OSError, ValueError):
+        return None
+    base = record.get("base_model_name_or_path") if isinstance(record, dict) else None
+    return base if isinstance(base, str) and base else None
+
+
 @contextmanager
 def quiet_peft() -> Iterator[None]:
     """No FutureWarning from peft asking transformers 5 for a renamed attribute (`is_gradient_checkpointing`)."""
@@ -105,10 +116,28 @@ def heads_from_adapter(path: str) -> Iterator[None]:
 
 
 def _load_error(name: str | None, path: str, exc: Exception) -> PrefError:
+    from pref.checkpoint import STATE_FILE  # lazily, as the loaders' own imports
+
+    reason = (str(exc).splitlines() or [type(exc).__name__])[0]
     if os.path.isdir(os.path.join(path, "final")) and os.path.isfile(os.path.join(path, "run.json")):
         return PrefError(f"{path} is a pref run folder, not a model: pass its model, {os.path.join(path, 'final')}")
+    if os.path.isfile(os.path.join(path, STATE_FILE)):
+        return PrefError(f"{path} is a checkpoint of a pref run (for `pref run --resume`), not a model: pass the run's final/ "
+                         f"(or best/) folder, or resume the run to get one")
+    base = adapter_base(path) if os.path.isfile(os.path.join(path, ADAPTER_CONFIG)) else ""
+    if base is None:
+        return PrefError(f"{os.path.join(path, ADAPTER_CONFIG)} is damaged ({reason}): it must say which base model the adapter in {path} "
+                         "is for; save the adapter again")
+    if base and os.path.isabs(os.path.expanduser(base)) and not os.path.exists(os.path.expanduser(base)):
+        return PrefError(f"cannot load the adapter in {path}: its base model {base} is not there; put that model back, or write where "
+                         f"it is now into base_model_name_or_path in {os.path.join(path, ADAPTER_CONFIG)}")
+    if os.path.isfile(path):
+        return PrefError(f"{path} is a file, not a model: pass a folder holding a saved model (a run's final/ folder)")
+    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):
+        return PrefError(f"{path} holds no model (no config.json): pass a folder holding a saved model (a run's final/ folder), "
+                         f"or {DEFAULT_MODEL} for the embedded default model")
     if os.path.isdir(path):
-        return PrefError(f"cannot load model from {path}: {str(exc).splitlines()[0]}")
+        return PrefError(f"cannot load model from {path}: {reason}")
     return PrefError(
         f"cannot load model {name!r}: no such local folder and the Hugging Face hub did not provide it; "
         f"pass the path of a saved model (a run's final/ folder), or {DEFAULT_MODEL} for the embedded default model"

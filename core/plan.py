@@ -95,11 +95,16 @@ def resolve_plan(config: RunConfig, registry: Registry, processes: Processes | N
     if not needs.online and not config.dataset:
         raise PrefError(f"objective {config.objective!r} trains on a dataset: pass --dataset FILE")
 
-    unused = [flag for flag, given, used in [("--reward", config.reward, needs.online), ("--selector", config.selector, needs.uses_selector),
+    takes_reward = needs.online and not needs.own_reward
+    unused = [flag for flag, given, used in [("--reward", config.reward, takes_reward), ("--reward-option", config.reward_options, takes_reward),
+                                             ("--selector", config.selector, needs.uses_selector),
                                              ("--embedder", config.embedder, needs.uses_selector)] if given and not used]
     if unused:  # a setting that would change nothing is a mistake to point out, not to ignore
+        if needs.own_reward and unused[0].startswith("--reward"):
+            raise PrefError(f"objective {config.objective!r} brings its own reward, set by its options (-o KEY=VALUE): drop {unused[0]}")
         how = "learns from every sample it draws" if needs.online else "trains on a dataset"
-        raise PrefError(f"objective {config.objective!r} {how} and uses no {unused[0].removeprefix('--')}: drop {unused[0]}")
+        what = unused[0].removeprefix("--").removesuffix("-option")
+        raise PrefError(f"objective {config.objective!r} {how} and uses no {what}: drop {unused[0]}")
 
     reward = selector = embedder = None
     if needs.online:

@@ -10,9 +10,11 @@ from datetime import datetime, timezone
 
 from matplotlib.figure import Figure
 
+from pref.errors import PrefError
 from pref.reporting.runs import Run
 from pref.reporting.summary import final_values, summary
 
+TITLE = "pref report"  # the start of every report's <title>: how pref knows a report it may replace
 STYLE = """
 body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2em auto; max-width: 1300px; color: #222; padding: 0 1em; }
 h1 { font-size: 1.5em; } h2 { font-size: 1.15em; margin-top: 1.6em; }
@@ -50,27 +52,51 @@ def generations_section(runs: list[Run]) -> str:
     return "<h2>Test prompts</h2>" + "".join(parts) if parts else ""
 
 
+def is_report(path: str) -> bool:
+    """Whether the file at `path` is an HTML report pref wrote (its title says so)."""
+    with open(path, "rb") as f:
+        return f"<title>{TITLE}".encode() in f.read(4096)
+
+
+def check_output(output: str, names: list[str]) -> list[str]:
+    """The PNG paths beside `output` for the panels `names`; PrefError when writing them or `output` would replace
+    something pref did not write: a folder, a file that is not a pref report, or PNGs beside a report that is not there."""
+    if os.path.isdir(output):
+        raise PrefError(f"--output {output} is a folder; give the report's file name, e.g. {os.path.join(output, 'report.html')}")
+    if os.path.exists(output) and not is_report(output):
+        raise PrefError(f"--output {output} exists and is not a pref report; give another name (pref replaces only reports it wrote)")
+    folder, stem = os.path.dirname(os.path.abspath(output)), os.path.splitext(os.path.basename(output))[0]
+    existing = folder
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise PrefError(f"--output {output}: {existing} is a file, not a folder; give a path in a folder")
+    pngs = [os.path.join(folder, f"{stem}-{name}.png") for name in names]
+    if not os.path.exists(output):  # a report's own PNGs lie beside it; without it, a file of that name is someone else's
+        taken = [path for path in pngs if os.path.exists(path)]
+        if taken:
+            raise PrefError(f"{taken[0]} exists and would be replaced by a figure of the report; give --output another name")
+    return pngs
+
+
 def write_report(runs: list[Run], figures: list[tuple[str, str, Figure]], output: str) -> list[str]:
     """Write `output` (HTML) and one PNG per figure beside it, named OUTPUT-STEM-NAME.png.
 
     figures: (name, title, figure) in display order. Returns the paths written, the HTML first.
+    The HTML is written first, so that a report cut short leaves its own PNGs beside it (see check_output).
     """
-    folder = os.path.dirname(os.path.abspath(output))
-    os.makedirs(folder, exist_ok=True)
-    stem = os.path.splitext(os.path.basename(output))[0]
-    sections, written = [], []
+    pngs = check_output(output, [name for name, _, _ in figures])
+    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    sections, images = [], []
     for name, title, figure in figures:
         data = png_bytes(figure)
-        png_path = os.path.join(folder, f"{stem}-{name}.png")
-        with open(png_path, "wb") as f:
-            f.write(data)
-        written.append(png_path)
+        images.append(data)
         encoded = base64.b64encode(data).decode("ascii")
         sections.append(f'<h2 id="{name}">{html.escape(title)}</h2>\n<img alt="{html.escape(title)}" src="data:image/png;base64,{encoded}">')
     finals = [{"run": run.name, **final_values(run)} for run in runs]
     created = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     page = f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>pref report: {html.escape(", ".join(run.name for run in runs))}</title>
+<html lang="en"><head><meta charset="utf-8"><title>{TITLE}: {html.escape(", ".join(run.name for run in runs))}</title>
 <style>{STYLE}</style></head>
 <body>
 <h1>pref report</h1>
@@ -85,4 +111,7 @@ def write_report(runs: list[Run], figures: list[tuple[str, str, Figure]], output
 """
     with open(output, "w", encoding="utf-8") as f:
         f.write(page)
-    return [output, *written]
+    for path, data in zip(pngs, images):
+        with open(path, "wb") as f:
+            f.write(data)
+    return [output, *pngs]

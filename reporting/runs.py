@@ -88,7 +88,7 @@ def final_config(record: dict[str, Any], before_step: float = math.inf) -> dict[
 def read_jsonl(path: str) -> list[dict[str, Any]]:
     """The JSON objects of a JSON-lines file; a torn last line (a run still writing) is skipped."""
     rows = []
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8", errors="replace") as f:  # damaged bytes spoil their line only
         for line in f:
             line = line.strip()
             if not line:
@@ -100,32 +100,56 @@ def read_jsonl(path: str) -> list[dict[str, Any]]:
     return rows
 
 
+def read_json(path: str) -> Any:
+    """The JSON value in the file at `path`, or None when it is not JSON."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except ValueError:  # not JSON, or not text
+        return None
+
+
+def is_step(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def valid_resumes(resumes: Any) -> bool:
+    """Whether run.json's `resumes` has the shape pref writes: a list of {"step": N, "changed": {setting: [old, new]}}."""
+    return isinstance(resumes, list) and all(
+        isinstance(r, dict) and is_step(r.get("step")) and isinstance(r.get("changed"), dict)
+        and all(isinstance(change, list) and len(change) == 2 for change in r["changed"].values())
+        for r in resumes)
+
+
 def load_run(path: str) -> Run:
     """Read the run folder at `path`; PrefError when it is not one or logged no metrics."""
     record_path = os.path.join(path, RUN_FILE)
     if not os.path.isfile(record_path):
-        # the final model's folder is a natural thing to pass; its parent is the run
+        # the final model's folder (or a checkpoint's) is a natural thing to pass; its parent is the run. A path that is not
+        # there is a mistake, not the run above it.
         parent = os.path.dirname(os.path.normpath(path))
-        if os.path.isfile(os.path.join(parent, RUN_FILE)):
+        if os.path.isdir(path) and os.path.isfile(os.path.join(parent, RUN_FILE)):
             return load_run(parent)
+        if not os.path.exists(path):
+            raise PrefError(f"{path} does not exist; pass the --output-dir of a `pref run`")
         raise PrefError(f"{path} is not a pref run folder (no {RUN_FILE}); pass the --output-dir of a `pref run`")
-    try:
-        with open(record_path, encoding="utf-8") as f:
-            record = json.load(f)
-    except ValueError:
-        record = None
-    if not isinstance(record, dict):
+    record = read_json(record_path)
+    if not (isinstance(record, dict) and isinstance(record.get("config", {}), dict)
+            and isinstance(record.get("versions", {}), dict) and valid_resumes(record.get("resumes", []))):
         raise PrefError(f"{record_path} is not a pref run record (damaged, or another program's); pass the --output-dir of a `pref run`")
     metrics_path = os.path.join(path, METRICS_FILE)
-    rows = [row for row in read_jsonl(metrics_path) if "step" in row] if os.path.isfile(metrics_path) else []
+    # a row without a whole-number step is not one the jsonl logger wrote: skipped, as a torn line is
+    rows = [row for row in read_jsonl(metrics_path) if isinstance(row, dict) and is_step(row.get("step"))] if os.path.isfile(metrics_path) else []
     if not rows:
         raise PrefError(f"{path} has no logged metrics ({METRICS_FILE} is missing or empty); runs log them with the default --logger jsonl")
-    best = None
-    if os.path.isfile(os.path.join(path, BEST_FILE)):
-        with open(os.path.join(path, BEST_FILE), encoding="utf-8") as f:
-            best = json.load(f)
+    best_path = os.path.join(path, BEST_FILE)
+    best = read_json(best_path) if os.path.isfile(best_path) else None
+    if os.path.isfile(best_path) and not (isinstance(best, dict) and is_step(best.get("step"))):
+        raise PrefError(f"{best_path} is not a pref best-model record (damaged, or another program's): "
+                        f"move it out of {path} to report the run without it")
     generations_path = os.path.join(path, GENERATIONS_FILE)
-    generations = read_jsonl(generations_path) if os.path.isfile(generations_path) else []
+    generations = [row for row in read_jsonl(generations_path) if isinstance(row, dict) and is_step(row.get("step"))
+                   and isinstance(row.get("prompt"), str) and isinstance(row.get("text"), str)] if os.path.isfile(generations_path) else []
     seconds = os.path.getmtime(metrics_path) - os.path.getmtime(record_path)
     return Run(
         path=path,

@@ -9,7 +9,7 @@ from pref.reporting.runs import Run
 #: Configuration keys shown whenever set, besides the objective and model.
 KEY_SETTINGS = ("dataset", "reward", "lr", "batch_size", "seed")
 #: Keys about where and how a run was kept or run, not what it trained: never shown.
-HOUSEKEEPING = ("output_dir", "resume", "device", "save_every", "keep_checkpoints", "loggers", "threads", "log_every")
+HOUSEKEEPING = ("output_dir", "resume", "device", "save_every", "keep_checkpoints", "loggers", "progress", "threads", "log_every")
 #: Metrics whose last value the summary shows, when logged.
 FINAL_METRICS = ("loss", "rewards/accuracies", "rewards/margins", "reward/mean", "samples/distinct_ratio", "samples/entropy",
                  "validation/loss", "eval/gold_reward", "gold/labels_spent")

@@ -267,6 +267,26 @@ def test_curriculum_options_without_the_curriculum_are_an_error(prefs_file):
     assert "curriculum options were given without --curriculum" in line
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--objective", "dpo", "--reward-option", "min_zipf=3"], "objective 'dpo' trains on a dataset and uses no reward: drop --reward-option"),
+    (["--objective", "d2po", "--reward", "repetition"], "objective 'd2po' brings its own reward, set by its options (-o KEY=VALUE): drop --reward"),
+    (["--objective", "d2po", "--reward-option", "n=3"], "brings its own reward, set by its options (-o KEY=VALUE): drop --reward-option"),
+    (["--objective", "divpo", "--selector-option", "rho=0.5"], "selector options were given without --selector; add --selector NAME, "
+                                                                "or give the objective's own selector its options with -o KEY=VALUE"),
+])
+def test_options_of_a_plugin_the_run_does_not_use_are_an_error(prefs_file, args, message):
+    # were silently ignored: an offline objective's reward options, D2PO's --reward, selector options without --selector
+    line = error_line(run("run", "--dataset", prefs_file, *args))
+    assert message in line
+
+
+def test_a_config_files_option_tables_for_unused_plugins_are_an_error(tmp_path, prefs_file):
+    (tmp_path / "run.toml").write_text(f'objective = "dpo"\ndataset = ["{prefs_file}"]\n[reward_options]\nmin_zipf = 3\n')
+    assert "uses no reward: drop --reward-option" in error_line(run("run", "--config", str(tmp_path / "run.toml")))
+    (tmp_path / "run.yaml").write_text(f"objective: dpo\ndataset: {prefs_file}\nembedder_options:\n  model: minilm\n")
+    assert "embedder options were given without --embedder" in error_line(run("run", "--config", str(tmp_path / "run.yaml")))
+
+
 def test_a_missing_validation_file_is_named_with_its_own_flag(prefs_file):
     line = error_line(run("run", "--objective", "dpo", "--dataset", prefs_file, "--validation-dataset", "held_out.jsonl"))
     assert line.startswith("Error: --validation-dataset held_out.jsonl: no such file")
@@ -296,3 +316,30 @@ def test_a_model_that_is_neither_a_folder_nor_on_the_hub_names_a_fix_every_comma
 
     message = str(_load_error("nope/final", "nope/final", OSError("404")))
     assert "no such local folder" in message and "--model" not in message and "pref-default for the embedded default model" in message
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda p: p.mkdir(), "holds no model (no config.json): pass a folder holding a saved model"),
+    (lambda p: p.write_text("{}"), "is a file, not a model: pass a folder holding a saved model"),
+    (lambda p: (p.mkdir(), (p / "state.json").write_text("{}"), (p / "model.safetensors").write_bytes(b"")),
+     "is a checkpoint of a pref run (for `pref run --resume`), not a model: pass the run's final/"),
+])
+def test_a_folder_or_file_that_is_no_model_says_what_it_is(tmp_path, make, message):
+    # each was "Couldn't instantiate the backend tokenizer from one of:" or "no such local folder"
+    make(tmp_path / "thing")
+    line = error_line(run("generate", "--model", str(tmp_path / "thing"), "--prompt", "hi"))
+    assert message in line
+
+
+def test_an_adapter_whose_base_model_is_gone_names_the_base_and_the_file_to_edit(tmp_path):
+    from pref.models import load_model
+
+    (tmp_path / "final").mkdir()
+    (tmp_path / "final" / "adapter_config.json").write_text(
+        json.dumps({"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": str(tmp_path / "moved-base")}))
+    with pytest.raises(PrefError, match=r"its base model .*moved-base is not there; put that model back, or write where it is now "
+                                        r"into base_model_name_or_path in .*adapter_config.json"):
+        load_model(str(tmp_path / "final"))  # was "Repo id must be in the form 'repo_name' or 'namespace/repo_name'"
+    (tmp_path / "final" / "adapter_config.json").write_text("{")
+    with pytest.raises(PrefError, match="adapter_config.json is damaged"):
+        load_model(str(tmp_path / "final"))

@@ -80,6 +80,32 @@ def test_a_name_already_registered_for_the_kind_is_refused(tmp_path, name, kind)
     assert new_plugin("dpo", "--directory", tmp_path, "--kind", "reward").exit_code == 0  # names are per kind
 
 
+@pytest.mark.parametrize("name, kind", [("none", "objective"), ("true", "objective"), ("pref-error", "objective"), ("pair", "selector")])
+def test_a_name_that_spells_a_python_name_still_makes_a_working_module(tmp_path, name, kind, monkeypatch):
+    """An objective's class was the bare name: `none` gave `class None(Objective)`, a SyntaxError, and `pref-error`
+    a class PrefError that hid pref's, so the skeleton's `raise PrefError(...)` raised a TypeError."""
+    import importlib
+
+    import pref
+
+    assert new_plugin(name, "--directory", tmp_path, "--kind", kind).exit_code == 0
+    monkeypatch.syspath_prepend(str(tmp_path / f"pref-{name}"))
+    module = importlib.import_module("pref_" + name.replace("-", "_"))
+    [made] = [value for value in vars(module).values() if isinstance(value, type) and value.__module__ == module.__name__]
+    assert getattr(module, "PrefError", pref.PrefError) is pref.PrefError
+    if kind == "objective":
+        with pytest.raises(pref.PrefError, match="weight must not be negative"):
+            made(weight=-1)
+
+
+def test_a_directory_that_cannot_hold_the_package_is_a_one_line_error(tmp_path):
+    (tmp_path / "file").write_text("mine")
+    for directory in (tmp_path / "file", tmp_path / "file" / "below"):  # were NotADirectoryError tracebacks
+        result = new_plugin("mine", "--directory", directory)
+        assert result.exit_code == 2 and "give --directory a folder you can write to" in result.stderr, result.output
+    assert (tmp_path / "file").read_text() == "mine"
+
+
 def test_an_unknown_kind_is_refused(tmp_path):
     result = new_plugin("mine", "--directory", tmp_path, "--kind", "embedder")
     assert result.exit_code == 2 and "'embedder' is not one of" in result.output

@@ -177,6 +177,59 @@ def test_report_errors_are_one_line(tmp_path):
     assert result.exit_code == 2 and "is not a pref run record" in result.output
 
 
+def test_a_report_replaces_only_its_own_files(tmp_path):
+    run_dir = write_run(tmp_path / "divpo", online_rows(3, 0))
+    runner = CliRunner()
+    (tmp_path / "folder.html").mkdir()
+    (tmp_path / "notes.html").write_text("<html>my notes</html>")
+    (tmp_path / "lonely-loss.png").write_bytes(b"my figure")
+    for output, message in [("folder.html", "is a folder; give the report's file name"),  # was an IsADirectoryError traceback
+                            ("notes.html", "exists and is not a pref report; give another name"),
+                            ("lonely.html", "lonely-loss.png exists and would be replaced by a figure of the report"),
+                            ("divpo/run.json/r.html", "is a file, not a folder")]:
+        result = runner.invoke(cli, ["report", run_dir, "--output", str(tmp_path / output)])
+        assert result.exit_code == 2 and message in result.stderr and "Traceback" not in result.output, result.output
+    assert (tmp_path / "notes.html").read_text() == "<html>my notes</html>" and (tmp_path / "lonely-loss.png").read_bytes() == b"my figure"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["divpo", "folder.html", "lonely-loss.png", "notes.html"]  # nothing written
+    first = make_report([run_dir], str(tmp_path / "r.html"))
+    assert make_report([run_dir], str(tmp_path / "r.html")) == first  # a report of pref's, and its PNGs, are replaced
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("best.json", "{bad", "best.json is not a pref best-model record"),  # was a JSONDecodeError traceback
+    ("best.json", '"a string"', "best.json is not a pref best-model record"),  # was a TypeError
+    ("run.json", '{"config": [1]}', "run.json is not a pref run record"),
+    ("run.json", '{"config": {}, "resumes": [{"step": 1}]}', "run.json is not a pref run record"),  # was a KeyError
+])
+def test_damaged_run_files_are_one_line_errors(tmp_path, name, content, message):
+    run_dir = write_run(tmp_path / "run", online_rows(3, 0))
+    (tmp_path / "run" / name).write_text(content)
+    result = CliRunner().invoke(cli, ["report", run_dir, "--output", str(tmp_path / "r.html")])
+    assert result.exit_code == 2 and message in result.stderr and "Traceback" not in result.output, result.output
+
+
+def test_odd_metric_and_generation_rows_are_skipped_and_a_missing_path_is_not_its_parent(tmp_path):
+    rows = online_rows(3, 0)
+    run_dir = write_run(tmp_path / "run", [*rows, {"step": "x", "loss": 1.0}, {"loss": 2.0}])
+    with open(os.path.join(run_dir, "metrics.jsonl"), "ab") as f:
+        f.write(b'\xff\xfe{"step": 9}\n[1]\n')
+    (tmp_path / "run" / "generations.jsonl").write_text('{"step": 3, "prompt": "Hi", "text": "Hello"}\n{"step": 4}\n')
+    run = load_run(run_dir)
+    assert [row["step"] for row in run.rows] == [1, 2, 3] and run.generations == [{"step": 3, "prompt": "Hi", "text": "Hello"}]
+    assert "<td>Hello</td>" in open(make_report([run_dir], str(tmp_path / "r.html"))[0]).read()
+    (tmp_path / "run" / "final").mkdir()
+    assert load_run(str(tmp_path / "run" / "final")).path == run_dir  # a folder in a run: the run
+    with pytest.raises(PrefError, match="fnial does not exist"):  # was the run above it
+        load_run(str(tmp_path / "run" / "fnial"))
+
+
+def test_the_progress_bar_is_not_among_a_runs_options(tmp_path):
+    from pref.reporting.summary import summary
+
+    run = load_run(write_run(tmp_path / "run", online_rows(3, 0), config={"progress": False, "lr": 0.01}))
+    assert "progress" not in summary(run)["options"] and "lr=0.01" in summary(run)["options"]
+
+
 def test_answers_before_and_after_as_bars():
     before = ["cat"] * 6 + ["dog"] * 3 + ["Cat "]
     after = ["cat", "dog", "tree", "lamp", "cup", "cat", "door", "rock", "book", "pen"]
