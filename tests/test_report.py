@@ -324,3 +324,17 @@ def test_throughput_is_drawn_for_any_run_and_the_time_split_only_for_online_ones
     assert list(time["tokens per second"].get_lines()[0].get_ydata()) == [1001.0, 1002.0, 1003.0]
     online = load_run(write_run(tmp_path / "online", online_rows(3, 0)))
     assert set(axes_by_title(figures_by_name([online])["time"])) == {"seconds per step (log scale)", "median seconds per step"}
+
+
+def test_sampling_commands_load_the_model_on_the_device_and_in_the_dtype_asked_for(tiny_model_dir):
+    import torch
+
+    from pref.cli.main import load_policy
+
+    policy = load_policy(tiny_model_dir, "cpu", "bfloat16")
+    assert {p.dtype for p in policy.model.parameters()} == {torch.bfloat16} and policy.device.type == "cpu"
+    assert {p.dtype for p in load_policy(tiny_model_dir).model.parameters()} == {torch.float32}  # auto on a CPU
+    result = CliRunner().invoke(cli, ["generate", "--model", tiny_model_dir, "--prompt", "Name a fruit.", "--max-new-tokens", "3",
+                                      "--device", "cpu", "--dtype", "bfloat16"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith("> Name a fruit.\n")
