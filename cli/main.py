@@ -396,6 +396,10 @@ def compare(before, after, reward, reward_option, prompts, samples, max_new_toke
         raise PrefError("--json prints the reports under --reward NAME: pass --reward too")
     if figure and not figure.lower().endswith(".png"):
         raise PrefError(f"--figure {figure}: the figure is a PNG file; give a name ending in .png")
+    from pref.models import load_tokenizer
+
+    for model in (before, after):  # a wrong --after fails before --before is sampled
+        load_tokenizer(model)
     if reward:
         args = (reward, parse_options(reward_option, "--reward-option"), list(prompts), samples or 200, max_new_tokens or 8,
                 1.0 if temperature is None else temperature, seed, device, dtype)

@@ -353,3 +353,9 @@ def test_sampling_commands_on_a_gpu_that_is_not_there(command):
     line = error_line(run(*command, "--device", "cuda"))
     assert line == "Error: --device cuda was asked for but no CUDA GPU is visible; use --device cpu or auto"
 
+
+
+def test_compare_finds_a_wrong_after_before_it_samples_the_before_model(tiny_model_dir, tmp_path):
+    # the no_model fixture fails the test if --before's model loads first
+    line = error_line(run("compare", "--before", tiny_model_dir, "--after", str(tmp_path / "typo"), "--reward", "noun-diversity"))
+    assert "typo" in line
