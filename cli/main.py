@@ -372,6 +372,20 @@ def format_value(value: Any) -> str:
     return str(value)
 
 
+COMPARE_FIGURE = "pref compare"  # in the PNG's Software field: how pref knows a figure it may replace
+
+
+def drawn_by_compare(path: str) -> bool:
+    """True if `path` is a PNG that `pref compare --figure` drew."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            return image.info.get("Software") == COMPARE_FIGURE
+    except (OSError, ValueError):  # a folder, not an image, unreadable
+        return False
+
+
 @cli.command()
 @click.option("--before", required=True, help="The model before training (hub id, path, or pref-default).")
 @click.option("--after", required=True, help="The model after training.")
@@ -396,6 +410,9 @@ def compare(before, after, reward, reward_option, prompts, samples, max_new_toke
         raise PrefError("--json prints the reports under --reward NAME: pass --reward too")
     if figure and not figure.lower().endswith(".png"):
         raise PrefError(f"--figure {figure}: the figure is a PNG file; give a name ending in .png")
+    if figure and os.path.lexists(figure) and not drawn_by_compare(figure):
+        raise PrefError(f"--figure {figure} exists and is not a figure pref compare drew; give another name "
+                        "(pref replaces only figures it drew)")
     from pref.models import load_tokenizer
 
     for model in (before, after):  # a wrong --after fails before --before is sampled
@@ -409,7 +426,8 @@ def compare(before, after, reward, reward_option, prompts, samples, max_new_toke
 
             title = f"Most frequent answers under {reward}, {len(first_answers)} samples each"
             os.makedirs(os.path.dirname(os.path.abspath(figure)), exist_ok=True)
-            answers_figure(first_answers, second_answers, (f"before: {before}", f"after: {after}"), title=title).savefig(figure, dpi=110)
+            answers_figure(first_answers, second_answers, (f"before: {before}", f"after: {after}"), title=title).savefig(
+                figure, dpi=110, metadata={"Software": COMPARE_FIGURE})
             click.echo(f"Wrote {figure}", err=True)
         diff = {k: second[k] - first[k] for k in first if isinstance(first[k], (int, float)) and isinstance(second.get(k), (int, float))}
         if as_json:

@@ -287,6 +287,16 @@ def test_compare_draws_the_answers_before_and_after(tmp_path, tiny_model_dir):
     assert result.exit_code == 0, result.output
     assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads(result.stdout)["before"] == json.loads(result.stdout)["after"]  # the same model, the same seed
+    assert CliRunner().invoke(cli, args).exit_code == 0  # its own figure, drawn again
+
+    # a PNG pref did not draw is not replaced, and the error comes before any sampling
+    mine = tmp_path / "mine.png"
+    answers_figure(["a"], ["b"], ("x", "y")).savefig(mine)
+    before = mine.read_bytes()
+    result = CliRunner().invoke(cli, [*args[:-1], str(mine)])
+    assert result.exit_code == 2 and mine.read_bytes() == before
+    assert result.stderr.splitlines()[-1] == (f"Error: --figure {mine} exists and is not a figure pref compare drew; give another name "
+                                              "(pref replaces only figures it drew)")
 
 
 def test_eval_reports_the_reward_over_the_samples_asked_for(tiny_model_dir):
