@@ -246,15 +246,40 @@ cli.add_command(report)
 # -- pref generate / pref compare ---------------------------------------------------------
 
 
-def sample(model: str | None, prompts: list[str], k: int, max_new_tokens: int, temperature: float, seed: int) -> list[list[str]]:
+def load_policy(model: str | None, device: str = "auto", dtype: str = "auto") -> Any:
+    """The model to sample, on `--device` (auto: a GPU if there is one) with its weights in `--dtype`."""
+    from pref.policy import HFPolicy
+    from pref.precision import resolve_device, resolve_dtype
+
+    where = resolve_device(device)
+    policy = HFPolicy.load(model, resolve_dtype(dtype, where, model))
+    policy.model.to(where)
+    return policy
+
+
+def sample(model: str | None, prompts: list[str], k: int, max_new_tokens: int, temperature: float, seed: int, device: str = "auto",
+           dtype: str = "auto") -> list[list[str]]:
     import torch
 
     from pref.interfaces import SamplingConfig
-    from pref.policy import HFPolicy
 
+    policy = load_policy(model, device, dtype)
     torch.manual_seed(seed)
-    policy = HFPolicy.load(model)
     return policy.generate(prompts, k, SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature))
+
+
+device_options = [
+    click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda", "mps"]),
+                 help="Where the model runs (auto: a CUDA GPU, else MPS, else the CPU)."),
+    click.option("--dtype", default="auto", show_default=True, type=click.Choice(["auto", "bfloat16", "float16", "float32"]),
+                 help="Weights as loaded (auto: bf16 on a bf16-capable GPU for a bf16/fp16 checkpoint, else float32)."),
+]
+
+
+def with_device_options(func: Any) -> Any:
+    for option in reversed(device_options):
+        func = option(func)
+    return func
 
 
 sampling_options = [
@@ -275,31 +300,27 @@ def with_sampling_options(func: Any) -> Any:
 @cli.command()
 @click.option("--model", help="Hub id or local path (default: the embedded default model).")
 @with_sampling_options
-def generate(model, prompts, samples, max_new_tokens, temperature, seed) -> None:
+@with_device_options
+def generate(model, prompts, samples, max_new_tokens, temperature, seed, device, dtype) -> None:
     """Print a model's answers to prompts."""
-    answers = sample(model, list(prompts), samples, max_new_tokens, temperature, seed)
+    answers = sample(model, list(prompts), samples, max_new_tokens, temperature, seed, device, dtype)
     for prompt, outs in zip(prompts, answers):
         click.echo(f"> {prompt}")
         for answer in outs:
             click.echo(answer)
 
 
-def report_for(model: str | None, reward_name: str, reward_options: dict, prompts: list[str], samples: int, max_new_tokens: int, temperature: float, seed: int) -> dict[str, float]:
-    return report_and_answers(model, reward_name, reward_options, prompts, samples, max_new_tokens, temperature, seed)[0]
-
-
 def report_and_answers(model: str | None, reward_name: str, reward_options: dict, prompts: list[str], samples: int, max_new_tokens: int,
-                       temperature: float, seed: int) -> tuple[dict[str, float], list[str]]:
+                       temperature: float, seed: int, device: str = "auto", dtype: str = "auto") -> tuple[dict[str, float], list[str]]:
     """The reward's report on a model's sampled answers, and those answers."""
     from pref.reporting.evaluate import evaluate_with_answers
     from pref.interfaces import SamplingConfig
-    from pref.policy import HFPolicy
 
     reward = load_registry().create("reward", reward_name, reward_options)
     prompts = prompts or list(reward.default_prompts)
     if not prompts:
         raise PrefError(f"reward {reward_name!r} has no default prompts: pass --prompt")
-    policy = HFPolicy.load(model)
+    policy = load_policy(model, device, dtype)
     return evaluate_with_answers(policy, reward, prompts, samples, SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature), seed)
 
 
@@ -324,9 +345,11 @@ def with_eval_options(func: Any) -> Any:
 @cli.command("eval")
 @click.option("--model", help="Hub id or local path (default: the embedded default model).")
 @with_eval_options
-def eval_command(model, reward, reward_option, prompts, samples, max_new_tokens, temperature, seed, as_json) -> None:
+@with_device_options
+def eval_command(model, reward, reward_option, prompts, samples, max_new_tokens, temperature, seed, as_json, device, dtype) -> None:
     """Sample a model and report quality and diversity under a reward."""
-    report = report_for(model, reward, parse_options(reward_option, "--reward-option"), list(prompts), samples, max_new_tokens, temperature, seed)
+    report, _ = report_and_answers(model, reward, parse_options(reward_option, "--reward-option"), list(prompts), samples, max_new_tokens,
+                                   temperature, seed, device, dtype)
     if as_json:
         click.echo(json.dumps(report, indent=2))
         return
@@ -349,6 +372,20 @@ def format_value(value: Any) -> str:
     return str(value)
 
 
+COMPARE_FIGURE = "pref compare"  # in the PNG's Software field: how pref knows a figure it may replace
+
+
+def drawn_by_compare(path: str) -> bool:
+    """True if `path` is a PNG that `pref compare --figure` drew."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            return image.info.get("Software") == COMPARE_FIGURE
+    except (OSError, ValueError):  # a folder, not an image, unreadable
+        return False
+
+
 @cli.command()
 @click.option("--before", required=True, help="The model before training (hub id, path, or pref-default).")
 @click.option("--after", required=True, help="The model after training.")
@@ -361,7 +398,8 @@ def format_value(value: Any) -> str:
 @click.option("--seed", default=0, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output (with --reward).")
 @click.option("--figure", help="With --reward: also draw the most frequent answers before and after as bars into this PNG file.")
-def compare(before, after, reward, reward_option, prompts, samples, max_new_tokens, temperature, seed, as_json, figure) -> None:
+@with_device_options
+def compare(before, after, reward, reward_option, prompts, samples, max_new_tokens, temperature, seed, as_json, figure, device, dtype) -> None:
     """Two models side by side: their answers, or their reports under a reward."""
     from rich.console import Console
     from rich.table import Table
@@ -372,16 +410,24 @@ def compare(before, after, reward, reward_option, prompts, samples, max_new_toke
         raise PrefError("--json prints the reports under --reward NAME: pass --reward too")
     if figure and not figure.lower().endswith(".png"):
         raise PrefError(f"--figure {figure}: the figure is a PNG file; give a name ending in .png")
+    if figure and os.path.lexists(figure) and not drawn_by_compare(figure):
+        raise PrefError(f"--figure {figure} exists and is not a figure pref compare drew; give another name "
+                        "(pref replaces only figures it drew)")
+    from pref.models import load_tokenizer
+
+    for model in (before, after):  # a wrong --after fails before --before is sampled
+        load_tokenizer(model)
     if reward:
         args = (reward, parse_options(reward_option, "--reward-option"), list(prompts), samples or 200, max_new_tokens or 8,
-                1.0 if temperature is None else temperature, seed)
+                1.0 if temperature is None else temperature, seed, device, dtype)
         (first, first_answers), (second, second_answers) = report_and_answers(before, *args), report_and_answers(after, *args)
         if figure:
             from pref.reporting.figures import answers_figure
 
             title = f"Most frequent answers under {reward}, {len(first_answers)} samples each"
             os.makedirs(os.path.dirname(os.path.abspath(figure)), exist_ok=True)
-            answers_figure(first_answers, second_answers, (f"before: {before}", f"after: {after}"), title=title).savefig(figure, dpi=110)
+            answers_figure(first_answers, second_answers, (f"before: {before}", f"after: {after}"), title=title).savefig(
+                figure, dpi=110, metadata={"Software": COMPARE_FIGURE})
             click.echo(f"Wrote {figure}", err=True)
         diff = {k: second[k] - first[k] for k in first if isinstance(first[k], (int, float)) and isinstance(second.get(k), (int, float))}
         if as_json:
@@ -394,7 +440,7 @@ def compare(before, after, reward, reward_option, prompts, samples, max_new_toke
         return
     if not prompts:
         raise PrefError("pass --prompt TEXT (repeatable), or --reward NAME to compare reports")
-    args = (list(prompts), samples or 1, max_new_tokens or 64, 0.0 if temperature is None else temperature, seed)
+    args = (list(prompts), samples or 1, max_new_tokens or 64, 0.0 if temperature is None else temperature, seed, device, dtype)
     first, second = sample(before, *args), sample(after, *args)
     table = Table("prompt", f"before: {before}", f"after: {after}", show_lines=True)
     for prompt, a, b in zip(prompts, first, second):

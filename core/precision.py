@@ -34,13 +34,25 @@ def checkpoint_dtype(path: str) -> torch.dtype | None:
     return DTYPES.get(dtype) if isinstance(dtype, str) else dtype
 
 
+def resolve_device(name: str) -> str:
+    """`--device NAME` (auto, cpu, cuda, mps) as the device the weights go to: auto takes a CUDA GPU, else MPS, else the CPU.
+
+    A PrefError for a device that is not here.
+    """
+    if name == "cuda" and not torch.cuda.is_available():
+        raise PrefError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu or auto")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise PrefError("--device mps was asked for but MPS is not available; use --device cpu or auto")
+    if name != "auto":
+        return name
+    return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+
+
 def resolve_dtype(name: str, device: str, model_path: str | None) -> torch.dtype:
     """The weights' dtype for `--dtype NAME` on `device` (auto, cpu, cuda, mps); PrefError where the device cannot do it."""
     if name not in DTYPE_CHOICES:
         raise PrefError(f"--dtype must be one of {', '.join(DTYPE_CHOICES)}, not {name!r}")
-    kind = device  # where the weights end up: cuda, mps or cpu
-    if device == "auto":
-        kind = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    kind = resolve_device(device)  # where the weights end up: cuda, mps or cpu
     if name == "auto":
         bf16_gpu = kind == "cuda" and torch.cuda.is_bf16_supported()  # only there does the stored dtype matter (no hub request elsewhere)
         return torch.bfloat16 if bf16_gpu and model_path and checkpoint_dtype(model_path) in (torch.bfloat16, torch.float16) else torch.float32

@@ -33,7 +33,7 @@ from pref.interfaces import Adapter, MetricsLogger, Processes, Reference, Second
 from pref.models import DEFAULT_MODEL, load_tokenizer, prepare_for_training
 from pref.plan import CACHED_LOGPS, NO_MODEL, RunPlan, resolve_plan
 from pref.policy import HFPolicy, unwrap
-from pref.precision import AUTOCAST, keep_trainable_in_float32, resolve_dtype
+from pref.precision import AUTOCAST, keep_trainable_in_float32, resolve_device, resolve_dtype
 from pref.reference import AdaptersOffReference, CachedReference, FrozenReference, cache_dir
 from pref.registry import Registry
 from pref.reporting.card import write_model_card
@@ -55,13 +55,9 @@ def make_accelerator(config: RunConfig, dtype: torch.dtype = torch.float32) -> A
     """
     from accelerate import Accelerator
 
-    if config.device == "cuda" and not torch.cuda.is_available():
-        raise PrefError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu or auto")
-    if config.device == "mps" and not torch.backends.mps.is_available():
-        raise PrefError("--device mps was asked for but MPS is not available; use --device cpu or auto")
     # accelerate runs several CPU processes as one job only when told cpu=True; "auto"
     # on a machine without a GPU must say so, or each launched process trains alone
-    cpu = config.device == "cpu" or (config.device == "auto" and not torch.cuda.is_available() and not torch.backends.mps.is_available())
+    cpu = resolve_device(config.device) == "cpu"
     from accelerate.state import AcceleratorState
 
     mixed_precision = AUTOCAST.get(dtype, "no") if config.mixed_precision == "no" else config.mixed_precision

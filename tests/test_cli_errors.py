@@ -7,6 +7,7 @@ of the registry that error messages point users to.
 import json
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 from pref.cli.main import cli, parse_options
@@ -343,3 +344,18 @@ def test_an_adapter_whose_base_model_is_gone_names_the_base_and_the_file_to_edit
     (tmp_path / "final" / "adapter_config.json").write_text("{")
     with pytest.raises(PrefError, match="adapter_config.json is damaged"):
         load_model(str(tmp_path / "final"))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA GPU")
+@pytest.mark.parametrize("command", [["generate", "--prompt", "hi"], ["eval", "--reward", "noun-diversity"],
+                                     ["compare", "--before", "pref-default", "--after", "pref-default", "--prompt", "hi"]])
+def test_sampling_commands_on_a_gpu_that_is_not_there(command):
+    line = error_line(run(*command, "--device", "cuda"))
+    assert line == "Error: --device cuda was asked for but no CUDA GPU is visible; use --device cpu or auto"
+
+
+
+def test_compare_finds_a_wrong_after_before_it_samples_the_before_model(tiny_model_dir, tmp_path):
+    # the no_model fixture fails the test if --before's model loads first
+    line = error_line(run("compare", "--before", tiny_model_dir, "--after", str(tmp_path / "typo"), "--reward", "noun-diversity"))
+    assert "typo" in line

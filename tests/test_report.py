@@ -287,6 +287,16 @@ def test_compare_draws_the_answers_before_and_after(tmp_path, tiny_model_dir):
     assert result.exit_code == 0, result.output
     assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads(result.stdout)["before"] == json.loads(result.stdout)["after"]  # the same model, the same seed
+    assert CliRunner().invoke(cli, args).exit_code == 0  # its own figure, drawn again
+
+    # a PNG pref did not draw is not replaced, and the error comes before any sampling
+    mine = tmp_path / "mine.png"
+    answers_figure(["a"], ["b"], ("x", "y")).savefig(mine)
+    before = mine.read_bytes()
+    result = CliRunner().invoke(cli, [*args[:-1], str(mine)])
+    assert result.exit_code == 2 and mine.read_bytes() == before
+    assert result.stderr.splitlines()[-1] == (f"Error: --figure {mine} exists and is not a figure pref compare drew; give another name "
+                                              "(pref replaces only figures it drew)")
 
 
 def test_eval_reports_the_reward_over_the_samples_asked_for(tiny_model_dir):
@@ -324,3 +334,17 @@ def test_throughput_is_drawn_for_any_run_and_the_time_split_only_for_online_ones
     assert list(time["tokens per second"].get_lines()[0].get_ydata()) == [1001.0, 1002.0, 1003.0]
     online = load_run(write_run(tmp_path / "online", online_rows(3, 0)))
     assert set(axes_by_title(figures_by_name([online])["time"])) == {"seconds per step (log scale)", "median seconds per step"}
+
+
+def test_sampling_commands_load_the_model_on_the_device_and_in_the_dtype_asked_for(tiny_model_dir):
+    import torch
+
+    from pref.cli.main import load_policy
+
+    policy = load_policy(tiny_model_dir, "cpu", "bfloat16")
+    assert {p.dtype for p in policy.model.parameters()} == {torch.bfloat16} and policy.device.type == "cpu"
+    assert {p.dtype for p in load_policy(tiny_model_dir).model.parameters()} == {torch.float32}  # auto on a CPU
+    result = CliRunner().invoke(cli, ["generate", "--model", tiny_model_dir, "--prompt", "Name a fruit.", "--max-new-tokens", "3",
+                                      "--device", "cpu", "--dtype", "bfloat16"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith("> Name a fruit.\n")
