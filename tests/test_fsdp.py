@@ -44,7 +44,7 @@ def test_sharded_run_matches_ddp_resumes_exactly_and_saves_a_plain_model(tiny_mo
     # 2 of the 6 pairs held out and evaluated every 2 steps: the best model is gathered whole too
     args = ["--objective", "dpo", "--model", tiny_model_dir, "--dataset", prefs_file, "--steps", "4", "--batch-size", "1",
             "--grad-accum", "2", "--save-every", "2", "--lr", "1e-3", "--seed", "0", "--device", "cpu", "--max-length", "64",
-            "--validation-split", "0.34", "--eval-every", "2"]
+            "--validation-split", "0.34", "--eval-every", "2", "--test-prompt", "Name a fruit."]
     home = tmp_path / "hf-home"
     launch(private_cache, home, *args, "--output-dir", str(tmp_path / "ddp"))
     launch(private_cache, home, *args, "--fsdp", "--output-dir", str(tmp_path / "fsdp"))
@@ -75,6 +75,10 @@ def test_sharded_run_matches_ddp_resumes_exactly_and_saves_a_plain_model(tiny_mo
     for key in best["ddp"]:
         torch.testing.assert_close(best["fsdp"][key], best["ddp"][key], atol=2e-5, rtol=0, msg=lambda m: f"{key}: {m}")
 
+    # the test prompts are answered through the sharded model as through the whole one
+    answers = {run: (tmp_path / run / "generations.jsonl").read_text() for run in ("ddp", "fsdp")}
+    assert answers["fsdp"] == answers["ddp"] and answers["ddp"].count('"step"') == 2
+
     # final/ is a plain transformers model
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "fsdp" / "final").state_dict()
     for key in sharded:
@@ -92,12 +96,14 @@ def test_sharded_run_matches_ddp_resumes_exactly_and_saves_a_plain_model(tiny_mo
 
 
 @pytest.mark.slow
-def test_lora_and_online_sampling_train_sharded_as_unsharded(tiny_model_dir, private_cache, tmp_path):
-    """GRPO with LoRA: both runs sample through the model (sharded: every process gathers the weights together), LoRA's randomly
-    initialised adapters start from process 0's in both, so the adapters and the test prompts' answers end the same."""
-    args = ["--objective", "grpo", "-k", "2", "--reward", "noun-diversity", "--model", tiny_model_dir, "--steps", "2", "--batch-size", "2",
-            "--lr", "1e-2", "--seed", "0", "--device", "cpu", "--max-new-tokens", "8", "--test-prompt", "Name a fruit.",
-            "--lora", "--lora-option", "target_modules=q_proj,v_proj"]
+def test_lora_ppo_trains_sharded_as_unsharded_and_resumes_exactly(tiny_model_dir, private_cache, tmp_path):
+    """PPO with LoRA: both runs sample through the model (sharded: the processes gather the weights together, and one whose
+    samples ended keeps stepping with the others, or their gathers would wait forever). LoRA's random adapters and the value
+    head outside the shards start from process 0's, so the adapters and the test prompts' answers end as the DDP run's,
+    and the sharded run resumed from its checkpoint ends with the same adapters, bit for bit."""
+    args = ["--objective", "ppo", "-k", "2", "-o", "ppo_epochs=2", "--reward", "noun-diversity", "--model", tiny_model_dir, "--steps", "4",
+            "--batch-size", "2", "--save-every", "2", "--lr", "1e-2", "--seed", "0", "--device", "cpu", "--max-new-tokens", "8",
+            "--test-prompt", "Name a fruit.", "--lora", "--lora-option", "target_modules=q_proj,v_proj"]
     home = tmp_path / "hf-home"
     launch(private_cache, home, *args, "--output-dir", str(tmp_path / "ddp"))
     launch(private_cache, home, *args, "--fsdp", "--output-dir", str(tmp_path / "fsdp"))
@@ -106,24 +112,11 @@ def test_lora_and_online_sampling_train_sharded_as_unsharded(tiny_model_dir, pri
     for key in ddp:
         torch.testing.assert_close(sharded[key], ddp[key], atol=2e-5, rtol=0, msg=lambda m: f"{key}: {m}")
     answers = {run: (tmp_path / run / "generations.jsonl").read_text() for run in ("ddp", "fsdp")}
-    assert answers["fsdp"] == answers["ddp"] and '"step": 2' in answers["ddp"]
+    assert answers["fsdp"] == answers["ddp"] and '"step": 4' in answers["ddp"]
 
-
-@pytest.mark.slow
-def test_a_sharded_online_run_with_a_value_head_resumes_exactly(tiny_model_dir, private_cache, tmp_path):
-    """PPO sharded: the processes sample through the sharded model together (one whose samples ended keeps stepping with the
-    others, or their weight gathers would wait forever), the value head outside the shards starts from process 0's on every
-    process and is updated with the sharded weights, and a run resumed from its checkpoint ends with the same weights, bit for bit."""
-    args = ["--objective", "ppo", "-k", "2", "-o", "ppo_epochs=2", "--reward", "noun-diversity", "--model", tiny_model_dir, "--steps", "4",
-            "--batch-size", "2", "--save-every", "2", "--lr", "1e-3", "--seed", "0", "--device", "cpu", "--max-new-tokens", "8", "--fsdp"]
-    home, run = tmp_path / "hf-home", tmp_path / "run"
-    launch(private_cache, home, *args, "--output-dir", str(run))
-    whole, start = weights(run), load_file(os.path.join(tiny_model_dir, "model.safetensors"))
-    assert max(float((whole[k] - start[k]).abs().max()) for k in whole) > 1e-4
-
-    resumed = shutil.copytree(run, tmp_path / "resumed")
+    resumed = shutil.copytree(tmp_path / "fsdp", tmp_path / "resumed")
     shutil.rmtree(resumed / "final")
     launch(private_cache, home, "--resume", str(resumed))  # from checkpoint-000002
-    again = weights(resumed)
-    for key in whole:
-        assert torch.equal(again[key], whole[key]), key
+    again = weights(resumed, "adapter_model.safetensors")
+    for key in sharded:
+        assert torch.equal(again[key], sharded[key]), key
