@@ -414,7 +414,9 @@ def compare(before, after, reward, reward_option, prompts, samples, max_new_toke
         raise PrefError(f"--figure {figure} exists and is not a figure pref compare drew; give another name "
                         "(pref replaces only figures it drew)")
     from pref.models import load_tokenizer
+    from pref.precision import resolve_device
 
+    resolve_device(device)  # a device that is not here fails before the default model is built or a tokenizer fetched
     for model in (before, after):  # a wrong --after fails before --before is sampled
         load_tokenizer(model)
     if reward:

@@ -349,7 +349,11 @@ def test_an_adapter_whose_base_model_is_gone_names_the_base_and_the_file_to_edit
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA GPU")
 @pytest.mark.parametrize("command", [["generate", "--prompt", "hi"], ["eval", "--reward", "noun-diversity"],
                                      ["compare", "--before", "pref-default", "--after", "pref-default", "--prompt", "hi"]])
-def test_sampling_commands_on_a_gpu_that_is_not_there(command):
+def test_sampling_commands_on_a_gpu_that_is_not_there(command, monkeypatch):
+    def refuse(*args, **kwargs):  # compare once built the default model (30 s) before it looked at --device
+        raise AssertionError("a tokenizer was loaded before the error was found")
+
+    monkeypatch.setattr("pref.models.load_tokenizer", refuse)
     line = error_line(run(*command, "--device", "cuda"))
     assert line == "Error: --device cuda was asked for but no CUDA GPU is visible; use --device cpu or auto"
 
