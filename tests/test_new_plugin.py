@@ -21,6 +21,14 @@ def test_skeleton_installs_passes_its_test_and_is_listed(tmp_path, fresh_venv):
         "README.md", "pref_word_count/__init__.py", "pyproject.toml", "tests/test_pref_word_count.py",
     ]
 
+    # plugin packages are installed next to this pref, with the build backend the test extra installed, not whatever the
+    # base interpreter has
+    import setuptools
+
+    import pref
+
+    seen = fresh_venv.run("-c", "import pref, setuptools; print(pref.__file__); print(setuptools.__version__)").stdout.split()
+    assert seen == [pref.__file__, setuptools.__version__]
     fresh_venv.install(root)
     tests = fresh_venv.run("-m", "pytest", "-q", "-p", "no:cacheprovider", cwd=root)
     assert "3 passed" in tests.stdout, tests.stdout
@@ -52,22 +60,27 @@ def test_an_existing_folder_is_not_overwritten(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind, hook, passed", [("objective", "register_objectives", 3), ("selector", "register_pair_selectors", 2),
-                                                ("dataset", "register_dataset_builders", 2)])
-def test_each_kind_of_skeleton_passes_its_own_test(tmp_path, kind, hook, passed):
-    """Without installing: the generated test imports the module from the skeleton's folder."""
+def test_each_kind_of_skeleton_passes_its_own_test(tmp_path):
+    """Without installing: the generated tests import each module from its skeleton's folder (one pytest for all kinds)."""
     import os
     import subprocess
     import sys
 
-    result = new_plugin(f"my-{kind}", "--directory", tmp_path, "--kind", kind)
-    assert result.exit_code == 0, result.output
-    root = tmp_path / f"pref-my-{kind}"
-    assert f"def {hook}(register)" in (root / f"pref_my_{kind}" / "__init__.py").read_text()
-    assert f"A pref plugin: the my-{kind} {kind}." in (root / "pyproject.toml").read_text()
-    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests"], cwd=root,
-                          env={**os.environ, "PYTHONPATH": str(root)}, capture_output=True, text=True, timeout=300)
-    assert f"{passed} passed" in done.stdout, done.stdout[-3000:]
+    kinds = {"objective": ("register_objectives", 3), "selector": ("register_pair_selectors", 2), "dataset": ("register_dataset_builders", 2)}
+    roots = []
+    for kind, (hook, _) in kinds.items():
+        result = new_plugin(f"my-{kind}", "--directory", tmp_path, "--kind", kind)
+        assert result.exit_code == 0, result.output
+        root = tmp_path / f"pref-my-{kind}"
+        assert f"def {hook}(register)" in (root / f"pref_my_{kind}" / "__init__.py").read_text()
+        assert f"A pref plugin: the my-{kind} {kind}." in (root / "pyproject.toml").read_text()
+        roots.append(root)
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rA", *(str(r / "tests") for r in roots)],
+                          cwd=tmp_path, env={**os.environ, "PYTHONPATH": os.pathsep.join(map(str, roots))}, capture_output=True,
+                          text=True, timeout=300)
+    assert f"{sum(passed for _, passed in kinds.values())} passed" in done.stdout, done.stdout[-3000:]
+    for kind, (_, passed) in kinds.items():  # each skeleton's own tests ran and passed
+        assert done.stdout.count(f"test_pref_my_{kind}.py::") == passed, done.stdout[-3000:]
 
 
 @pytest.mark.parametrize("name, kind", [("dpo", "objective"), ("best-vs-worst", "selector"), ("repetition", "reward")])
@@ -110,14 +123,3 @@ def test_an_unknown_kind_is_refused(tmp_path):
     result = new_plugin("mine", "--directory", tmp_path, "--kind", "embedder")
     assert result.exit_code == 2 and "'embedder' is not one of" in result.output
     assert list(tmp_path.iterdir()) == []
-
-
-def test_fresh_environments_see_the_pref_under_test(fresh_venv):
-    """Plugin packages are installed next to this pref, not next to whatever the base interpreter has."""
-    import pref
-
-    seen = fresh_venv.run("-c", "import pref, setuptools; print(pref.__file__); print(setuptools.__version__)").stdout.split()
-    assert seen[0] == pref.__file__
-    import setuptools
-
-    assert seen[1] == setuptools.__version__  # the build backend too: the one the test extra installed
