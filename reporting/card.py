@@ -33,7 +33,7 @@ FLAGS = {
     "reference": "--reference", "eval_every": "--eval-every", "validation_split": "--validation-split",
     "validation_dataset": "--validation-dataset", "test_prompts": "--test-prompt", "objective_options": "-o",
     "reward_options": "--reward-option", "dataset_options": "--dataset-option", "selector_options": "--selector-option",
-    "curriculum_options": "--curriculum-option",
+    "curriculum_options": "--curriculum-option", "adapter": "--adapter", "adapter_options": "--adapter-option",
 }
 HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".txt", ".tsv")
@@ -125,9 +125,10 @@ def model_card(record: dict[str, Any], rows: list[dict[str, Any]], pipeline_tag:
     datasets = hub_datasets(list(config.get("dataset") or []), builders)
     metadata: dict[str, Any] = {
         "base_model": model_name(config),
-        "library_name": "transformers",
+        # final/ of an adapter run holds the adapter alone, in peft's format: the Hub loads it with peft, onto base_model
+        "library_name": "peft" if config.get("adapter") else "transformers",
         "pipeline_tag": pipeline_tag,
-        "tags": list(dict.fromkeys(["pref", objective, "preference-optimization"])),
+        "tags": list(dict.fromkeys(["pref", objective, "preference-optimization", *([config["adapter"]] if config.get("adapter") else [])])),
     }
     if datasets:
         metadata["datasets"] = datasets

@@ -38,6 +38,13 @@ def test_hub_datasets_are_named_and_local_data_is_not(tmp_path):
     assert "## Final metrics" not in text  # nothing was logged
 
 
+def test_an_adapter_runs_card_is_a_peft_card_and_its_command_names_the_adapter():
+    text = model_card(record(objective="dpo", dataset=["prefs.jsonl"], adapter="lora", adapter_options={"r": 4}), [])
+    card = ModelCard(text)
+    assert card.data.library_name == "peft" and card.data.tags == ["pref", "dpo", "preference-optimization", "lora"]
+    assert "pref run --objective dpo --dataset prefs.jsonl --seed 0 --adapter lora --adapter-option r=4 --steps 400" in text
+
+
 def test_reward_model_card_is_a_text_classifier():
     text = model_card(record(objective="reward-model", dataset=["prefs.jsonl"]), [], pipeline_tag="text-classification")
     assert ModelCard(text).data.pipeline_tag == "text-classification"
