@@ -66,9 +66,15 @@ def load_model(name: str | None, dtype: torch.dtype | None = None, kind: str = "
         if os.path.isfile(os.path.join(path, ADAPTER_CONFIG)):
             import peft
 
+            from pref.plugins.default_model import base_built_again
+
             auto = peft.AutoPeftModelForSequenceClassification if classifier else peft.AutoPeftModelForCausalLM
+            base, labels = base_built_again(path), {"num_labels": 1} if classifier else {}
             with quiet_peft(), heads_from_adapter(path):  # a classifier's base gets the one-score head its adapter saved
-                return auto.from_pretrained(path, dtype=dtype, **({"num_labels": 1} if classifier else {}))
+                if base:  # the default model, whose recorded cache folder is gone: the adapter goes on the one built here
+                    base_class = AutoModelForSequenceClassification if classifier else AutoModelForCausalLM
+                    return peft.PeftModel.from_pretrained(base_class.from_pretrained(base, dtype=dtype, **labels), path)
+                return auto.from_pretrained(path, dtype=dtype, **labels)
         if classifier:
             return AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=dtype)
         return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
