@@ -19,6 +19,8 @@ from pref.interfaces import Adapter
 DEFAULT_MODEL = "pref-default"
 #: The file that marks a folder as an adapter in PEFT's format (an adapter run's `final/`).
 ADAPTER_CONFIG = "adapter_config.json"
+#: The one-score head a causal LM gets as a sequence classifier (a reward model's): new until trained.
+SCORE_HEAD = "score"
 
 
 def quiet_transformers() -> None:
@@ -66,9 +68,15 @@ def load_model(name: str | None, dtype: torch.dtype | None = None, kind: str = "
         if os.path.isfile(os.path.join(path, ADAPTER_CONFIG)):
             import peft
 
+            from pref.plugins.default_model import base_built_again
+
             auto = peft.AutoPeftModelForSequenceClassification if classifier else peft.AutoPeftModelForCausalLM
+            base, labels = base_built_again(path), {"num_labels": 1} if classifier else {}
             with quiet_peft(), heads_from_adapter(path):  # a classifier's base gets the one-score head its adapter saved
-                return auto.from_pretrained(path, dtype=dtype, **({"num_labels": 1} if classifier else {}))
+                if base:  # the default model, whose recorded cache folder is gone: the adapter goes on the one built here
+                    base_class = AutoModelForSequenceClassification if classifier else AutoModelForCausalLM
+                    return peft.PeftModel.from_pretrained(base_class.from_pretrained(base, dtype=dtype, **labels), path)
+                return auto.from_pretrained(path, dtype=dtype, **labels)
         if classifier:
             return AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=dtype)
         return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
@@ -98,9 +106,17 @@ def quiet_peft() -> Iterator[None]:
 @contextmanager
 def heads_from_adapter(path: str) -> Iterator[None]:
     """No load report from transformers when all it says is that heads the adapter at `path` saved (`modules_to_save`:
-    a reward model's `score`) are newly initialized: the adapter's copy replaces them. Any other report is kept whole."""
+    a reward model's `score`) are newly initialized: the adapter's copy replaces them."""
     with open(os.path.join(path, ADAPTER_CONFIG)) as f:
         heads = set(json.load(f).get("modules_to_save") or [])
+    with quiet_new_heads(heads):
+        yield
+
+
+@contextmanager
+def quiet_new_heads(heads: set[str]) -> Iterator[None]:
+    """No load report from transformers when all it says is that the modules `heads` (top-level names) are newly
+    initialized (MISSING from the checkpoint). Any other report is kept whole."""
 
     def keep(record: logging.LogRecord) -> bool:
         text = re.sub(r"\x1b\[[0-9;]*m", "", record.getMessage())  # without the terminal's colours

@@ -30,7 +30,7 @@ from pref.divergence import check_step, check_weights, refuse_non_finite_setting
 from pref.errors import NoUsablePairs, PrefError
 from pref.examples import prompt_of
 from pref.interfaces import Adapter, MetricsLogger, Processes, Reference, SecondModel
-from pref.models import DEFAULT_MODEL, load_tokenizer, prepare_for_training
+from pref.models import DEFAULT_MODEL, SCORE_HEAD, load_tokenizer, prepare_for_training, quiet_new_heads
 from pref.plan import CACHED_LOGPS, NO_MODEL, RunPlan, resolve_plan
 from pref.policy import HFPolicy, unwrap
 from pref.precision import AUTOCAST, keep_trainable_in_float32, resolve_device, resolve_dtype
@@ -363,7 +363,8 @@ def train_policy(config: RunConfig, registry: Registry) -> tuple[str, HFPolicy]:
         split_datasets(records, len(plan.datasets), config.validation_split, config.seed)  # a dataset too small to hold some out
 
     # -- policy, the objective's modules, the data that samples the policy, reference ------
-    policy.load_model(config.model, dtype, plan.needs.model_kind)
+    with quiet_new_heads({SCORE_HEAD}):  # a reward model's score head is new because it is trained from scratch here
+        policy.load_model(config.model, dtype, plan.needs.model_kind)
     policy.model = prepare_for_training(policy.model, config, plan.needs.model_kind, plan.adapter)
     policy.model.to(accelerator.device)
     objective.setup(policy)

@@ -25,6 +25,9 @@ cache; later calls return the cached folder, which loads like any hub model:
 
 The cache folder is `$PREF_CACHE`, else `$XDG_CACHE_HOME/pref`, else `~/.cache/pref`.
 The model's subfolder name holds a hash of this file, so changing the recipe rebuilds it.
+An adapter trained on the default model names that subfolder as its base; when the folder
+is gone (the cache was cleared, or the run was copied to another machine),
+`base_built_again` builds the model again, as the first `pref run` did.
 The same seed gives the same weights on the same kind of CPU with the same library versions.
 """
 
@@ -35,13 +38,15 @@ import logging
 import math
 import os
 import random
+import re
 import shutil
 import tempfile
 from pathlib import Path
 
 import torch
 
-from pref.models import DEFAULT_MODEL
+from pref.errors import PrefError
+from pref.models import DEFAULT_MODEL, adapter_base
 
 log = logging.getLogger(__name__)
 
@@ -455,3 +460,23 @@ def default_model_path(cache_dir: str | os.PathLike | None = None) -> str:
     finally:
         shutil.rmtree(building, ignore_errors=True)
     return str(target)
+
+
+def base_built_again(adapter: str) -> str | None:
+    """Where to load the base of the adapter in folder `adapter` from when its recorded base, a default model's cache folder, is gone.
+
+    Returns None when the adapter's `base_model_name_or_path` is not a default model's cache folder
+    (`pref-default-<recipe hash>`) or that folder is there: peft loads the base as recorded. Otherwise the
+    default model's folder in this machine's cache, built first if need be (the recorded folder itself
+    when the cache was only cleared); the adapter's record is left as it is. A PrefError when the recorded
+    folder is another recipe's (another version of pref built it): this version cannot build that model.
+    """
+    recorded = adapter_base(adapter)
+    match = re.fullmatch(rf"{re.escape(DEFAULT_MODEL)}-([0-9a-f]{{12}})", os.path.basename(os.path.normpath(recorded or "")))
+    if not match or os.path.exists(recorded):
+        return None
+    if match.group(1) != recipe_hash():
+        raise PrefError(f"cannot load the adapter in {adapter}: its base is {DEFAULT_MODEL} as another version of pref built it "
+                        f"({recorded}, which is not there) and this version builds another model; load the adapter with the pref "
+                        f"version that trained it, or train it again with this one")
+    return default_model_path()

@@ -14,6 +14,7 @@ import torch
 from pref.errors import PrefError
 from pref.hookspecs import hookimpl
 from pref.interfaces import Adapter
+from pref.models import SCORE_HEAD
 
 
 class Lora(Adapter):
@@ -42,7 +43,7 @@ class Lora(Adapter):
             task_type="SEQ_CLS" if classifier else "CAUSAL_LM", r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout,
             target_modules=self.target_modules,
             # the score head of a reward model is new: it trains in full and is saved with the adapter
-            modules_to_save=["score"] if classifier else None,
+            modules_to_save=[SCORE_HEAD] if classifier else None,
         )
         try:
             return peft.get_peft_model(model, config)

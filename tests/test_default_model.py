@@ -8,18 +8,25 @@ import collections
 import json
 import os
 import random
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from click.testing import CliRunner
+from huggingface_hub import ModelCard
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from pref.models import DEFAULT_MODEL, completion_token_ids
+from pref.cli.main import cli
+from pref.config import build_config
+from pref.models import DEFAULT_MODEL, adapter_base, completion_token_ids, load_model
 from pref.plugins import default_model
 from pref.plugins.default_model import NOUN_HEAD, NOUN_PROMPTS, VOCAB_SIZE, build_default_model, default_model_path
 from pref.plugins.identity_shift import IdentityShift
 from pref.policy import HFPolicy
+from pref.registry import load_registry
+from pref.train import train
 
 
 @pytest.fixture(scope="session")
@@ -250,3 +257,43 @@ def test_training_threads_do_not_change_the_weights(loaded):
     for key, value in weights[0].items():
         assert torch.equal(value, weights[1][key]), key
     assert default_model.training_threads() in (1, 2)
+
+
+def test_an_adapter_on_the_default_model_loads_after_its_cache_folder_is_gone(tmp_path, tiny_model_dir, prefs_file, monkeypatch):
+    """A LoRA run on the default model records the cache folder as its base (peft loads it while it is there); with the
+    folder removed, or the run copied to a machine whose cache is elsewhere, pref builds the default model again."""
+    monkeypatch.setenv("PREF_CACHE", str(tmp_path / "cache"))
+    builds = []
+
+    def build_tiny(path, seed=0, steps=0):  # the default model's stand-in: the few-step model every test shares
+        builds.append(path)
+        shutil.copytree(tiny_model_dir, path, dirs_exist_ok=True)
+        return str(path)
+
+    monkeypatch.setattr(default_model, "build_default_model", build_tiny)
+    config = build_config(flags={"objective": "dpo", "dataset": [prefs_file], "output_dir": str(tmp_path / "run"), "steps": 1,
+                                 "batch_size": 2, "lr": 1e-2, "device": "cpu", "lora": True})
+    final = os.path.join(train(config, load_registry()), "final")
+    base = adapter_base(final)
+    assert base == default_model_path() and len(builds) == 1
+    assert ModelCard.load(os.path.join(final, "README.md")).data.base_model == DEFAULT_MODEL  # not the cache folder
+    ids = torch.tensor([[5, 9, 13, 2]])
+    with torch.no_grad():
+        trained = load_model(final)(ids).logits
+
+    shutil.rmtree(base)
+    with torch.no_grad():
+        torch.testing.assert_close(load_model(final)(ids).logits, trained)
+    assert len(builds) == 2 and os.path.isdir(base) and adapter_base(final) == base  # built again where the adapter says
+
+    shutil.rmtree(base)
+    monkeypatch.setenv("PREF_CACHE", str(tmp_path / "elsewhere"))
+    with torch.no_grad():
+        torch.testing.assert_close(load_model(final)(ids).logits, trained)
+    assert len(builds) == 3 and not os.path.exists(base) and Path(builds[-1]).parent == tmp_path / "elsewhere"
+
+    monkeypatch.setattr(default_model, "recipe_hash", lambda: "0123456789ab")  # a later pref, whose default model is another
+    result = CliRunner().invoke(cli, ["generate", "--model", final, "--prompt", "hi"])
+    assert result.exit_code == 2 and len(builds) == 3
+    assert result.output.startswith("Error: ") and result.output.count("\n") == 1
+    assert Path(base).name in result.output and "another version of pref" in result.output

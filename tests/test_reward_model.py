@@ -2,19 +2,23 @@
 
 import json
 import os
+import shutil
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from torch.testing import assert_close
 from transformers import AutoModelForSequenceClassification
 
 from pref.config import build_config
 from pref.errors import PrefError
 from pref.interfaces import PairBatch
+from pref.models import SCORE_HEAD, quiet_new_heads
 from pref.plugins.reward_model import RewardModelReward, bradley_terry_loss, pair_scores, sequence_scores
 from pref.policy import HFPolicy
 from pref.registry import load_registry
 from pref.train import train
+from test_lora import LoadReports  # tests/ is on sys.path
 
 
 def test_bradley_terry_loss_by_hand():
@@ -48,7 +52,9 @@ def test_pair_scores_equal_scoring_each_side_alone(tiny_model_dir):
 def test_reward_model_run_and_the_reward_that_loads_it(tmp_path, tiny_model_dir, prefs_file):
     config = build_config(flags={"objective": "reward-model", "model": tiny_model_dir, "dataset": [prefs_file], "steps": 6,
                                  "batch_size": 3, "lr": 1e-3, "device": "cpu", "output_dir": str(tmp_path / "rm")})
-    out = train(config, load_registry())
+    with LoadReports() as reports:
+        out = train(config, load_registry())
+    assert reports == []  # the score head is new because it is trained from scratch: transformers' notice would alarm
     lines = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
     assert {"loss", "accuracy", "margin", "rewards/chosen", "rewards/rejected", "mean_reward"} <= set(lines[0])
     assert lines[-1]["loss"] < lines[0]["loss"]
@@ -66,6 +72,18 @@ def test_reward_model_run_and_the_reward_that_loads_it(tmp_path, tiny_model_dir,
     with torch.no_grad():
         assert_close(chosen, sequence_scores(classifier.model.eval(), classifier.encode(prompts, [r["chosen"] for r in rows])), atol=1e-5, rtol=0)
     assert (chosen > rejected).float().mean() >= 0.5  # it learned something of its 6 pairs
+
+
+def test_a_load_report_about_more_than_the_new_head_is_kept_whole(tmp_path, tiny_model_dir):
+    for name in os.listdir(tiny_model_dir):
+        shutil.copy(os.path.join(tiny_model_dir, name), tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    del weights["model.norm.weight"]  # a checkpoint that lacks more than the head the reward model adds
+    save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with LoadReports() as reports, quiet_new_heads({SCORE_HEAD}):
+        HFPolicy.load(str(tmp_path), kind="sequence-classifier")
+        HFPolicy.load(tiny_model_dir, kind="sequence-classifier")  # only the head is new: no report
+    assert len(reports) == 1 and "model.norm.weight" in reports[0] and "score.weight" in reports[0] and "MISSING" in reports[0]
 
 
 def test_reward_model_reward_needs_a_model():
