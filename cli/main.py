@@ -103,7 +103,7 @@ def load_registry() -> Any:
 @click.option("--beta", type=float, help="KL strength beta of the objective.")
 @click.option("--samples-per-prompt", "-k", type=int, help="Samples per prompt when online (K).")
 @click.option("--output-dir", help="Where the run goes (default: runs/OBJECTIVE-TIMESTAMP).")
-@click.option("--config", "config_file", help="A TOML or YAML file of the same settings; flags override it.")
+@click.option("--config", "config_file", help="A TOML, YAML or JSON file of the same settings; flags override it.")
 @click.option("--seed", type=int, help="Random seed.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), help="Force a device.")
 @click.option("--mixed-precision", type=click.Choice(["no", "fp16", "bf16"]), help="Autocast precision.")
