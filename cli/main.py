@@ -12,9 +12,11 @@ from typing import Any
 
 import click
 
+from pref.cli.kinds import KindChoice
 from pref.cli.new_plugin import new_plugin
 from pref.cli.report import report
 from pref.errors import PrefError
+from pref.registry import KINDS
 
 
 DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES}
@@ -103,7 +105,7 @@ def load_registry() -> Any:
 @click.option("--beta", type=float, help="KL strength beta of the objective.")
 @click.option("--samples-per-prompt", "-k", type=int, help="Samples per prompt when online (K).")
 @click.option("--output-dir", help="Where the run goes (default: runs/OBJECTIVE-TIMESTAMP).")
-@click.option("--config", "config_file", help="A TOML or YAML file of the same settings; flags override it.")
+@click.option("--config", "config_file", help="A TOML, YAML or JSON file of the same settings; flags override it.")
 @click.option("--seed", type=int, help="Random seed.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), help="Force a device.")
 @click.option("--mixed-precision", type=click.Choice(["no", "fp16", "bf16"]), help="Autocast precision.")
@@ -214,8 +216,7 @@ def run(config_file: str | None, beta: float | None, objective_option, reward_op
 
 @cli.command("list-plugins")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-@click.option("--kind", type=click.Choice(["objective", "reward", "pair-selector", "dataset", "embedder", "logger", "sampler", "adapter",
-                                                   "evaluator"]), help="Only this kind.")
+@click.option("--kind", type=KindChoice(list(KINDS)), help="Only this kind.")
 def list_plugins(as_json: bool, kind: str | None) -> None:
     """List objectives, rewards, selectors, dataset builders, embedders, loggers, samplers, adapters and evaluators."""
     registry = load_registry()

@@ -15,7 +15,9 @@ from string import Template
 
 import click
 
+from pref.cli.kinds import KindChoice
 from pref.errors import PrefError
+from pref.registry import KIND_ALIASES
 
 NAME_PATTERN = re.compile(r"[a-z][a-z0-9]*(-[a-z0-9]+)*")
 
@@ -364,27 +366,29 @@ def test_hook_registers_the_builder(tmp_path):
         Registry(pm).create("dataset", "$name", {"path": str(tmp_path / "missing.tsv")})
 '''
 
-#: kind -> (module template, test template, class-name suffix, README usage line)
-KINDS = {
+#: kind (as pref.registry.KINDS names it) -> (module template, test template, class-name suffix, README usage line)
+SKELETONS = {
     "reward": (MODULE, TEST, "Reward", "pref run --objective online-dpo --reward $name --reward-option keyword=thanks"),
     "objective": (OBJECTIVE_MODULE, OBJECTIVE_TEST, "Objective", "pref run --objective $name --dataset prefs.jsonl -o weight=0.1"),
-    "selector": (SELECTOR_MODULE, SELECTOR_TEST, "Selector", "pref run --objective online-dpo --reward noun-diversity --selector $name"),
+    "pair-selector": (SELECTOR_MODULE, SELECTOR_TEST, "Selector", "pref run --objective online-dpo --reward noun-diversity --selector $name"),
     "dataset": (DATASET_MODULE, DATASET_TEST, "Data", "pref run --objective dpo --dataset $name --dataset-option path=pairs.tsv"),
 }
 
 
 def write_skeleton(name: str, directory: str = ".", kind: str = "reward") -> str:
-    """Write `pref-NAME/` with one plugin of `kind` (see `KINDS`) under `directory`; return its path. Never overwrites."""
+    """Write `pref-NAME/` with one plugin of `kind` (see `SKELETONS`; an alias such as `selector` too) under `directory`;
+    return its path. Never overwrites."""
+    kind = KIND_ALIASES.get(kind, kind)
     if not NAME_PATTERN.fullmatch(name):
         raise PrefError(f"bad plugin name {name!r}: use lowercase letters, digits and single dashes, starting with a letter, e.g. word-count")
     root = os.path.join(directory, f"pref-{name}")
     if os.path.exists(root):
         raise PrefError(f"{root} already exists; choose another NAME or --directory")
     module = "pref_" + name.replace("-", "_")
-    if kind not in KINDS:
-        raise PrefError(f"unknown plugin kind {kind!r}: choose one of {', '.join(KINDS)}")
-    module_template, test_template, suffix, usage = KINDS[kind]
-    values = {"name": name, "module": module, "kind": kind, "cls": "".join(part.capitalize() for part in name.split("-")) + suffix}
+    if kind not in SKELETONS:
+        raise PrefError(f"unknown plugin kind {kind!r}: choose one of {', '.join(SKELETONS)}")
+    module_template, test_template, suffix, usage = SKELETONS[kind]
+    values = {"name": name, "module": module, "kind": kind.replace("-", " "), "cls": "".join(part.capitalize() for part in name.split("-")) + suffix}
     values["usage"] = Template(usage).substitute(values)
     files = {
         "pyproject.toml": PYPROJECT,
@@ -407,12 +411,12 @@ def write_skeleton(name: str, directory: str = ".", kind: str = "reward") -> str
 @click.command("new-plugin")
 @click.argument("name")
 @click.option("--directory", default=".", show_default=True, help="Where to write the pref-NAME folder.")
-@click.option("--kind", type=click.Choice(list(KINDS)), default="reward", show_default=True, help="What the plugin provides.")
+@click.option("--kind", type=KindChoice(list(SKELETONS)), default="reward", show_default=True, help="What the plugin provides.")
 def new_plugin(name: str, directory: str, kind: str) -> None:
-    """Write pref-NAME/, a plugin package with one objective, reward, selector or dataset builder and its test, ready to install."""
+    """Write pref-NAME/, a plugin package with one objective, reward, pair selector or dataset builder and its test, ready to install."""
     from pref.registry import load_registry
 
-    registered = {item.name: item for item in load_registry().items("pair-selector" if kind == "selector" else kind)}
+    registered = {item.name: item for item in load_registry().items(kind)}
     if name in registered:  # installed, the package would register the name twice, which stops every pref command
         raise PrefError(f"{kind} {name!r} is already registered by {registered[name].package}; choose another NAME")
     root = write_skeleton(name, directory, kind)

@@ -29,7 +29,7 @@ MODEL_FILE = "model.safetensors"  # the policy's trained weights (all of a full 
 OPTIMIZER_FILE = "optimizer.pt"  # the policy's optimizer (and the objective's modules')
 SCHEDULER_FILE = "scheduler.pt"
 REFERENCE_FILE = "reference.safetensors"  # a reference model the objective moves (TR-DPO): all its parameters
-STATE_FILE = "state.json"  # step, seed, number of processes, data position
+STATE_FILE = "state.json"  # step, seed, number of processes, data position, whether the step was evaluated
 RNG_FILE = "rng-{rank}.pt"  # each process's random state
 EXTRA_FILE = "extra.pt"  # the keys below
 MODULES = "modules"  # name -> state dict of each of the objective's trainable modules
@@ -188,6 +188,23 @@ def save_checkpoint(run_dir: str, step: int, trained: Trained, state: dict[str, 
 def read_state(checkpoint_dir: str) -> dict[str, Any]:
     """The JSON state of a checkpoint (step, seed, world, data position), to check before loading it."""
     return _load_safely(checkpoint_dir, STATE_FILE)
+
+
+def mark_evaluated(run_dir: str, step: int, write: bool = True) -> None:
+    """Note in checkpoint `step`'s state, when the run has one, that its step has been evaluated since it was written.
+
+    A run that stops early evaluates its last step then; a resume from that checkpoint stops at once too and must not
+    evaluate (and log) the step a second time. Only the process with `write` writes.
+    """
+    path = os.path.join(run_dir, f"checkpoint-{step:06d}", STATE_FILE)
+    if write and os.path.isfile(path):
+        state = {**read_state(os.path.dirname(path)), "evaluated": True}
+
+        def write_state(tmp: str) -> None:
+            with open(tmp, "w") as f:
+                json.dump(state, f, indent=2)
+
+        write_atomically(path, write_state)
 
 
 def load_checkpoint(checkpoint_dir: str, trained: Trained, rank: int = 0) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -1,8 +1,9 @@
-"""The run configuration: defaults, a TOML or YAML file, then command-line flags."""
+"""The run configuration: defaults, a TOML, YAML or JSON file, then command-line flags."""
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import re
@@ -110,18 +111,18 @@ TRUE_OR_FALSE = ("fsdp", "packing")
 
 
 def read_config_file(path: str) -> dict[str, Any]:
-    """Parse a TOML (.toml) or YAML (.yaml/.yml) file into a dict."""
+    """Parse a TOML (.toml), YAML (.yaml/.yml) or JSON (.json) file into a dict."""
     if not os.path.exists(path):
-        raise PrefError(f"config file {path} does not exist; pass the path of a .toml or .yaml file")
+        raise PrefError(f"config file {path} does not exist; pass the path of a .toml, .yaml or .json file")
     try:
         if path.endswith(".toml"):
             import tomllib
 
             with open(path, "rb") as f:
                 return tomllib.load(f)
-        if path.endswith((".yaml", ".yml")):
-            with open(path) as f:
-                data = read_yaml(f) or {}
+        if path.endswith((".yaml", ".yml", ".json")):
+            with open(path, encoding="utf-8-sig") as f:
+                data = json.load(f) if path.endswith(".json") else read_yaml(f) or {}  # an empty YAML file sets nothing
             if not isinstance(data, dict):
                 raise PrefError(f"config file {path} must hold a mapping of keys to values")
             return data
@@ -129,7 +130,7 @@ def read_config_file(path: str) -> dict[str, Any]:
         raise
     except Exception as exc:
         raise PrefError(f"cannot parse config file {path}: {str(exc).splitlines()[0]}") from None
-    raise PrefError(f"config file {path} must end in .toml, .yaml or .yml")
+    raise PrefError(f"config file {path} must end in .toml, .yaml, .yml or .json")
 
 
 def read_yaml(stream: Any) -> Any:
@@ -155,7 +156,7 @@ def build_config(file_values: dict[str, Any] | None = None, flags: dict[str, Any
         for key, value in lora_as_adapter(source).items():
             if key not in hints:
                 raise unknown_name("config key", key, hints, hint=" (keys are `pref run` flag names)")
-            if key in ("dataset", "validation_dataset", "test_prompts") and isinstance(value, str):
+            if isinstance(value, str) and hints[key] == list[str]:  # one name or text where a list of them goes: `loggers = "jsonl"`
                 value = [value]
             value = list(value) if isinstance(value, tuple) else value  # click's repeated flags, a library caller's tuple
             value = reward_names(value) if key == "reward" else reward_weights(value) if key == "reward_weights" else value

@@ -38,6 +38,8 @@ KINDS = {
     "adapter": "register_adapters",
     "evaluator": "register_evaluators",
 }
+#: other spellings of a kind that `--kind` takes: `selector`, as `pref run --selector` names a pair selector
+KIND_ALIASES = {"selector": "pair-selector"}
 
 
 @dataclass

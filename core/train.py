@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from pref.agreement import next_batch_together, same_decision
-from pref.checkpoint import PATTERN, Trained, list_checkpoints, load_checkpoint, read_state, rng_state, save_checkpoint, write_atomically
+from pref.checkpoint import PATTERN, Trained, list_checkpoints, load_checkpoint, mark_evaluated, read_state, rng_state, save_checkpoint, write_atomically
 from pref.config import RunConfig
 from pref.data import OfflineBatches, build_datasets, collate, count_tokens, dataset_names, sequences_of, split_datasets
 from pref.divergence import check_step, check_weights, refuse_non_finite_settings, sampling_diverged
@@ -426,7 +426,7 @@ def train_policy(config: RunConfig, registry: Registry) -> tuple[str, HFPolicy]:
     best = read_best(out_dir, start_step)
 
     # -- the loop -------------------------------------------------------------------
-    stopped, unlogged, evaluated = "", None, False  # unlogged: the last step's (step, figures) when log_every skipped it; evaluated: it was
+    stopped, unlogged, evaluated = "", None, state.get("evaluated", False)  # unlogged: the last step's (step, figures) when log_every skipped it; evaluated: it was
     with loggers_running(loggers, config.steps, start_step):
         for step in range(start_step + 1, config.steps + 1):
             # forward and backward, accumulated over micro-batches
@@ -459,6 +459,7 @@ def train_policy(config: RunConfig, registry: Registry) -> tuple[str, HFPolicy]:
                 if plan.evaluators and not evaluated:
                     figures, best = evaluate_and_keep_best(plan, policy, reference, validation, step - 1, best, accelerator)
                     figures = mean_across_processes(processes, figures)
+                    mark_evaluated(out_dir, step - 1, write=accelerator.is_main_process)  # a resume from there stops at once, as this did
                 if unlogged or figures:
                     for logger in loggers:
                         logger.log(step - 1, {**(unlogged[1] if unlogged else {}), **figures})
@@ -503,7 +504,7 @@ def train_policy(config: RunConfig, registry: Registry) -> tuple[str, HFPolicy]:
             # checkpoint
             if config.save_every and step % config.save_every == 0 and step < config.steps:
                 check_weights(params, step, config)
-                save_state = {"seed": config.seed, "data": data.state(), "world": world}
+                save_state = {"seed": config.seed, "data": data.state(), "world": world, "evaluated": evaluated}
                 rng_states, objective_states = processes.gather([rng_state()]), processes.gather([objective.state_dict()])
                 save_checkpoint(out_dir, step, trained, save_state, rng_states, objective_states, config.keep_checkpoints,
                                 write=accelerator.is_main_process)  # every process: a sharded model is gathered first

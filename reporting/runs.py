@@ -165,8 +165,12 @@ def load_run(path: str) -> Run:
 
 
 def load_runs(paths: list[str]) -> list[Run]:
-    """Several runs; runs with the same folder name get their parent's name too, so legends tell them apart."""
-    runs = [load_run(path) for path in paths]
+    """Several runs, each once in the order first given (`RUN`, `RUN/`, `RUN/final` and a link to it are one run); runs with the
+    same folder name get their parent's name too, so legends tell them apart."""
+    unique: dict[str, Run] = {}
+    for run in map(load_run, paths):
+        unique.setdefault(os.path.realpath(run.path), run)
+    runs = list(unique.values())
     names = [run.name for run in runs]
     for run in runs:
         if names.count(run.name) > 1:

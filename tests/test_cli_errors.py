@@ -99,12 +99,27 @@ def test_yaml_config_is_read_and_flags_override_it(tmp_path):
     assert built.objective_options == {"beta": 0.5, "loss_type": "ipo"}  # options merge key by key
 
 
-def test_toml_and_yaml_configs_agree(tmp_path):
+def test_toml_yaml_and_json_configs_agree(tmp_path):
+    # one string where a list of names goes is a list of one (`loggers = "jsonl"` was refused)
     toml = tmp_path / "run.toml"
-    toml.write_text('steps = 7\nbatch-size = 2\n[objective_options]\nbeta = 0.3\n')
+    toml.write_text('steps = 7\nbatch-size = 2\nloggers = "tensorboard"\n[objective_options]\nbeta = 0.3\n')
     yaml = tmp_path / "run.yml"
-    yaml.write_text("steps: 7\nbatch-size: 2\nobjective_options:\n  beta: 0.3\n")
-    assert build_config(read_config_file(str(toml))) == build_config(read_config_file(str(yaml)))
+    yaml.write_text("steps: 7\nbatch-size: 2\nloggers: tensorboard\nobjective_options:\n  beta: 0.3\n")
+    json_file = tmp_path / "run.json"
+    json_file.write_text('{"steps": 7, "batch-size": 2, "loggers": ["tensorboard"], "objective_options": {"beta": 0.3}}')
+    built = build_config(read_config_file(str(toml)))
+    assert built == build_config(read_config_file(str(yaml))) == build_config(read_config_file(str(json_file)))
+    assert (built.steps, built.batch_size, built.loggers, built.objective_options) == (7, 2, ["tensorboard"], {"beta": 0.3})
+
+
+@pytest.mark.parametrize("text, message", [
+    ('{"steps": 7,}', "cannot parse config file run.json: Expecting property name"),
+    ('["steps", 7]', "config file run.json must hold a mapping of keys to values"),
+    ('{"steps": "x"}', "steps must be a whole number, not 'x'"),
+])
+def test_a_bad_json_config_is_a_one_line_error(tmp_path, text, message):
+    (tmp_path / "run.json").write_text(text)
+    assert message in error_line(run("run", "--config", "run.json"))
 
 
 def test_the_embedded_default_model_trains_on_one_thread():
@@ -221,7 +236,8 @@ def test_an_option_value_that_is_not_yaml_is_a_one_line_error():
     ('gradient_checkpointing = "no"', "gradient_checkpointing must be true or false, not 'no'"),  # was read as on
     ("lr = true", "lr must be a number, not True"),  # was a learning rate of 1
     ('objective_options = "beta=0.1"', "objective_options must be a table of names to values"),
-    ('loggers = "jsonl"', "loggers must be a list of strings, not 'jsonl'"),  # was "unknown logger 'j'"
+    ('loggers = ["jsonl", 5]', "loggers must be a list of strings, not ['jsonl', 5]"),
+    ("loggers = 5", "loggers must be a list of strings, not 5"),  # one string is a list of one, one number is not
     ("test_prompts = [1, 2]", "test_prompts must be a list of strings"),
     ('lora = "yes"', "lora must be true or false"),
 ])

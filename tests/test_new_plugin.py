@@ -6,6 +6,8 @@ import pytest
 from click.testing import CliRunner
 
 from pref.cli.main import cli
+from pref.cli.new_plugin import SKELETONS
+from pref.registry import KIND_ALIASES, KINDS
 
 
 def new_plugin(*args):
@@ -66,20 +68,21 @@ def test_each_kind_of_skeleton_passes_its_own_test(tmp_path):
     import subprocess
     import sys
 
-    kinds = {"objective": ("register_objectives", 3), "selector": ("register_pair_selectors", 2), "dataset": ("register_dataset_builders", 2)}
+    kinds = {"objective": ("register_objectives", 3, "objective"), "selector": ("register_pair_selectors", 2, "pair selector"),
+             "dataset": ("register_dataset_builders", 2, "dataset")}
     roots = []
-    for kind, (hook, _) in kinds.items():
+    for kind, (hook, _, what) in kinds.items():
         result = new_plugin(f"my-{kind}", "--directory", tmp_path, "--kind", kind)
         assert result.exit_code == 0, result.output
         root = tmp_path / f"pref-my-{kind}"
         assert f"def {hook}(register)" in (root / f"pref_my_{kind}" / "__init__.py").read_text()
-        assert f"A pref plugin: the my-{kind} {kind}." in (root / "pyproject.toml").read_text()
+        assert f"A pref plugin: the my-{kind} {what}." in (root / "pyproject.toml").read_text()
         roots.append(root)
     done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rA", *(str(r / "tests") for r in roots)],
                           cwd=tmp_path, env={**os.environ, "PYTHONPATH": os.pathsep.join(map(str, roots))}, capture_output=True,
                           text=True, timeout=300)
-    assert f"{sum(passed for _, passed in kinds.values())} passed" in done.stdout, done.stdout[-3000:]
-    for kind, (_, passed) in kinds.items():  # each skeleton's own tests ran and passed
+    assert f"{sum(passed for _, passed, _ in kinds.values())} passed" in done.stdout, done.stdout[-3000:]
+    for kind, (_, passed, _) in kinds.items():  # each skeleton's own tests ran and passed
         assert done.stdout.count(f"test_pref_my_{kind}.py::") == passed, done.stdout[-3000:]
 
 
@@ -88,7 +91,8 @@ def test_a_name_already_registered_for_the_kind_is_refused(tmp_path, name, kind)
     """Installed, the package would register the name twice, and every pref command would stop at that."""
     result = new_plugin(name, "--directory", tmp_path, "--kind", kind)
     assert result.exit_code == 2
-    assert f"{kind} {name!r} is already registered by pref; choose another NAME" in result.stderr and "Traceback" not in result.output
+    shown = KIND_ALIASES.get(kind, kind)  # the kind as pref list-plugins shows it
+    assert f"{shown} {name!r} is already registered by pref; choose another NAME" in result.stderr and "Traceback" not in result.output
     assert list(tmp_path.iterdir()) == []
     assert new_plugin("dpo", "--directory", tmp_path, "--kind", "reward").exit_code == 0  # names are per kind
 
@@ -122,4 +126,22 @@ def test_a_directory_that_cannot_hold_the_package_is_a_one_line_error(tmp_path):
 def test_an_unknown_kind_is_refused(tmp_path):
     result = new_plugin("mine", "--directory", tmp_path, "--kind", "embedder")
     assert result.exit_code == 2 and "'embedder' is not one of" in result.output
+    assert "'pair-selector'" in result.output and "'selector'" not in result.output  # each kind named one way
     assert list(tmp_path.iterdir()) == []
+
+
+def test_both_commands_take_both_spellings_of_the_pair_selector_kind(tmp_path):
+    """`pref new-plugin --kind selector` and `pref list-plugins --kind pair-selector` named one kind two ways; both take either,
+    and their help shows the registry's name only."""
+    listed = [CliRunner().invoke(cli, ["list-plugins", "--json", "--kind", kind]) for kind in ("pair-selector", "selector")]
+    assert listed[0].exit_code == listed[1].exit_code == 0 and listed[0].stdout == listed[1].stdout
+    assert {row["kind"] for row in json.loads(listed[0].stdout)["plugins"]} == {"pair-selector"}
+    for kind in ("pair-selector", "selector"):
+        assert new_plugin(f"my-{kind}", "--directory", tmp_path, "--kind", kind).exit_code == 0
+        module = tmp_path / f"pref-my-{kind}" / f"pref_my_{kind.replace('-', '_')}" / "__init__.py"
+        assert "def register_pair_selectors(register)" in module.read_text()
+    for command in ("list-plugins", "new-plugin"):
+        shown = CliRunner().invoke(cli, [command, "--help"]).stdout
+        assert "|pair-selector|" in shown and "|selector|" not in shown
+    assert set(SKELETONS) <= set(KINDS)  # new-plugin's kinds are the registry's
+

@@ -286,17 +286,33 @@ def test_a_resumed_run_that_stops_early_evaluates_its_own_last_step(tmp_path, ti
     assert best["validation_loss"] == min(lines[1]["validation/loss"], lines[3]["validation/loss"])
 
 
-def test_a_run_resumed_where_no_pair_is_left_stops_early_as_the_uninterrupted_run_did(tmp_path, tiny_model_dir, stopping_registry):
-    # the run stopped after step 1, its checkpoint; resumed (say, killed while it drew for step 2), step 2 has no pair
-    # again: the resumed run stops as the uninterrupted one did, rather than fail as a reward that never gives a pair
-    flags = {"objective": "online-dpo", "reward": "indexed-then-constant", "steps": 3, "save_every": 1, "test_prompts": ["Name a fruit."]}
-    online_run(tmp_path, tiny_model_dir, stopping_registry, **flags)
-    (tmp_path / "run" / "final" / "README.md").unlink()
+@pytest.mark.parametrize("eval_every, killed", [(1, False), (0, True)])
+def test_a_run_resumed_where_no_pair_is_left_stops_early_as_the_uninterrupted_run_did(tmp_path, tiny_model_dir, stopping_registry, eval_every,
+                                                                                       killed):
+    # the run stopped after step 1, its checkpoint; resumed, step 2 has no pair again: the resumed run stops as the uninterrupted
+    # one did, rather than fail as a reward that never gives a pair, and step 1 is evaluated once. eval_every 1: it was evaluated
+    # before its checkpoint was written; 0: when the run stopped, after it, and `killed` makes it as if the run had been killed
+    # while it drew for step 2, before that evaluation, which the resumed run then makes
+    held = tmp_path / "held.txt"
+    held.write_text("the sky is blue and the sea is green .\n")
+    flags = {"objective": "online-dpo", "reward": "indexed-then-constant", "steps": 3, "save_every": 1, "eval_every": eval_every,
+             "validation_dataset": [str(held)], "test_prompts": ["Name a fruit."]}
+    first = online_run(tmp_path, tiny_model_dir, stopping_registry, **flags)
+    run, evaluated = tmp_path / "run", [(1, False), (1, True)] if eval_every == 0 else [(1, True)]
+    assert [(m["step"], "validation/loss" in m) for m in first] == evaluated
+    (run / "final" / "README.md").unlink()
+    state = run / "checkpoint-000001" / "state.json"
+    assert json.loads(state.read_text())["evaluated"]  # before the checkpoint was written, or noted in it when the run stopped
+    if killed:
+        state.write_text(json.dumps({**json.loads(state.read_text()), "evaluated": False}))
+        (run / "metrics.jsonl").write_text(json.dumps(first[0]) + "\n")  # the evaluation's line and answer were not written yet
+        (run / "generations.jsonl").unlink()
 
-    lines = online_run(tmp_path, tiny_model_dir, registry_with_reward("indexed-then-constant", Constant), resume=str(tmp_path / "run"), **flags)
-    assert [m["step"] for m in lines] == [1]
-    assert "- steps: 3 (stopped after 1)," in (tmp_path / "run" / "final" / "README.md").read_text()
-    assert [json.loads(line)["step"] for line in open(tmp_path / "run" / "generations.jsonl")] == [1]  # its step answered once
+    lines = online_run(tmp_path, tiny_model_dir, registry_with_reward("indexed-then-constant", Constant), resume=str(run), **flags)
+    assert [(m["step"], "validation/loss" in m) for m in lines] == evaluated  # each evaluation logged once
+    assert lines[-1]["validation/loss"] == pytest.approx(first[-1]["validation/loss"])
+    assert "- steps: 3 (stopped after 1)," in (run / "final" / "README.md").read_text()
+    assert [json.loads(line)["step"] for line in open(run / "generations.jsonl")] == [1]  # its step answered once
 
 
 def test_a_reward_without_a_reward_score_is_an_error():

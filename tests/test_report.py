@@ -111,6 +111,14 @@ def test_runs_with_the_same_folder_name_are_told_apart(tmp_path):
     assert [run.name for run in runs] == ["a/run", "b/run"]
 
 
+def test_a_run_given_twice_is_reported_once_in_the_order_given(tmp_path):
+    first, second = write_run(tmp_path / "a", online_rows(3, 0)), write_run(tmp_path / "b", online_rows(3, 1))
+    os.makedirs(os.path.join(first, "final"))
+    os.symlink(first, tmp_path / "link")
+    runs = load_runs([second, first, first + os.sep, os.path.join(first, "final"), str(tmp_path / "link"), second])
+    assert [run.name for run in runs] == ["b", "a"]
+
+
 def test_smoothing_is_a_trailing_mean():
     assert smoothed([1.0, 3.0, 5.0, 7.0], 2) == [1.0, 2.0, 4.0, 6.0]
     assert smoothed([1.0, 3.0], 1) == [1.0, 3.0]
