@@ -232,10 +232,17 @@ def list_plugins(as_json: bool, kind: str | None) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table("kind", "name", "package", "version", "built in", "description")
-    for i in items:
-        table.add_row(i.kind, i.name, i.package, i.version, "yes" if i.builtin else "", i.description)
-    Console().print(table)
+    # a table per kind, the name whole and the package beside its version: in 80 columns the description keeps half the width
+    console = Console()
+    for name in dict.fromkeys(i.kind for i in items):
+        table = Table(title=f"{name} plugins", title_justify="left", title_style="bold")
+        table.add_column("name", no_wrap=True)
+        table.add_column("package", no_wrap=True)
+        table.add_column("description")
+        for i in items:
+            if i.kind == name:
+                table.add_row(i.name, f"{i.package} {i.version}", i.description)
+        console.print(table)
 
 
 # -- pref new-plugin ------------------------------------------------------------------

@@ -167,6 +167,19 @@ def test_list_plugins_json():
     assert {"dataset", "objective"} <= {row["kind"] for row in listing["plugins"]}
 
 
+def test_list_plugins_shows_a_table_per_kind_with_whole_names_in_80_columns(monkeypatch):
+    # one table of six columns squeezed descriptions to a dozen characters a line
+    monkeypatch.setenv("COLUMNS", "80")
+    listing = json.loads(run("list-plugins", "--json").stdout)["plugins"]
+    text = run("list-plugins").stdout
+    lines = text.splitlines()
+    assert max(map(len, lines)) <= 80
+    for kind in {row["kind"] for row in listing}:
+        assert f"{kind} plugins" in [line.strip() for line in lines]
+    for row in listing:
+        assert any(line.startswith(f"│ {row['name']} ") and f" {row['package']} {row['version']} " in line for line in lines), row["name"]
+
+
 def test_list_plugins_kind_filters():
     result = run("list-plugins", "--json", "--kind", "objective")
     assert result.exit_code == 0, result.output
