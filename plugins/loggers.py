@@ -7,6 +7,7 @@ import os
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Column
 
 from pref.checkpoint import write_atomically
 from pref.errors import PrefError
@@ -88,21 +89,27 @@ class ProgressBar(MetricsLogger):
     It shows every step (`show`), logged or not; it writes no file.
     """
 
+    BAR_WIDTH = 20
+
     def __init__(self) -> None:
+        # the metrics are cut short (…) to the width left: too long, they squeezed the step count and times to "1…"
+        self.metrics = TextColumn("{task.fields[metrics]}", table_column=Column(no_wrap=True, overflow="ellipsis"))
         self.progress = Progress(
             TextColumn("[bold]train"),
-            BarColumn(),
+            BarColumn(bar_width=self.BAR_WIDTH),
             MofNCompleteColumn(),
             TimeElapsedColumn(),
             TextColumn("eta"),
             TimeRemainingColumn(),
-            TextColumn("{task.fields[metrics]}"),
+            self.metrics,
             console=Console(stderr=True),
         )
         self.task = self.progress.add_task("train", total=None, metrics="")
+        self.total = 0
 
     def start(self, total_steps: int, start_step: int) -> None:
         self.progress.update(self.task, total=total_steps, completed=start_step)
+        self.total = total_steps
         self.progress.start()
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
@@ -112,6 +119,9 @@ class ProgressBar(MetricsLogger):
         text = "  ".join(f"{key.split('/')[-1]} {metrics[key]:.3g}" for key in SHOWN if key in metrics)
         if TOKENS_PER_SECOND in metrics:
             text += f"  {tokens_per_second(metrics[TOKENS_PER_SECOND])}"
+        # "train ", the bar, "N/TOTAL ", the elapsed time, "eta ", the time left (each with its space), at this terminal's width
+        others = 6 + self.BAR_WIDTH + 1 + 2 * len(str(self.total)) + 2 + 8 + 4 + 8
+        self.metrics.get_table_column().max_width = max(10, self.progress.console.width - others - 1)
         self.progress.update(self.task, completed=step, metrics=text)
 
     def stop(self) -> None:
