@@ -90,22 +90,6 @@ def test_a_plugin_logger_gets_every_step(tmp_path, tiny_model_dir, prefs_file, c
     assert "3/3" in bar and "loss" in bar and "tok/s" in bar
 
 
-@pytest.mark.parametrize("columns", [60, 80, 200])
-def test_the_progress_bar_keeps_its_step_count_and_times_whole_and_cuts_the_metrics_to_the_width(columns, monkeypatch, capsys):
-    # the metrics once took the width they wanted, and rich squeezed the step count and the times to "1…"
-    from pref.plugins.loggers import ProgressBar
-
-    monkeypatch.setenv("COLUMNS", str(columns))
-    bar = ProgressBar()
-    bar.start(400, 0)
-    bar.show(37, {"loss": 0.018, "rewards/accuracies": 0.714, "rewards/margins": 0.206, "reward/mean": 0.609,
-                  "reward/distinct_ratio": 0.453, "tokens/per_second": 4012.0})
-    bar.stop()
-    last = capsys.readouterr().err.rstrip("\n").splitlines()[-1]
-    assert len(last) <= columns and "train" in last and " 37/400 " in last and " eta " in last and "loss 0.01" in last
-    assert last.endswith("4.0k tok/s") if columns == 200 else last.endswith("…")
-
-
 def test_a_logger_is_shown_every_step_and_stopped_when_a_step_fails(tmp_path, tiny_model_dir, prefs_file, interrupted_after):
     pm, failures, sources = get_plugin_manager()
     pm.register(RecorderPlugin, name="recorder-plugin")

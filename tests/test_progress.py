@@ -1,5 +1,6 @@
 """The progress bar (the logger `progress`): an ETA, the shown metrics and tokens/s when the step measured them."""
 
+import pytest
 from rich.console import Console
 from rich.progress import TimeRemainingColumn
 
@@ -12,7 +13,8 @@ def rendered(bar):
     return console.export_text()
 
 
-def test_bar_shows_an_eta_and_tokens_per_second():
+def test_bar_shows_an_eta_and_tokens_per_second(monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")  # the metrics are cut to the terminal's width
     bar = ProgressBar()
     assert any(isinstance(column, TimeRemainingColumn) for column in bar.progress.columns)
     bar.start(10, 0)
@@ -23,6 +25,20 @@ def test_bar_shows_an_eta_and_tokens_per_second():
         bar.stop()
     assert "3/10" in line and "eta" in line
     assert "loss 0.5  margins 0.25  12.3k tok/s" in line and "grad_norm" not in line
+
+
+@pytest.mark.parametrize("columns", [60, 80, 200])
+def test_the_progress_bar_keeps_its_step_count_and_times_whole_and_cuts_the_metrics_to_the_width(columns, monkeypatch, capsys):
+    # the metrics once took the width they wanted, and rich squeezed the step count and the times to "1…"
+    monkeypatch.setenv("COLUMNS", str(columns))
+    bar = ProgressBar()
+    bar.start(400, 0)
+    bar.show(37, {"loss": 0.018, "rewards/accuracies": 0.714, "rewards/margins": 0.206, "reward/mean": 0.609,
+                  "reward/distinct_ratio": 0.453, "tokens/per_second": 4012.0})
+    bar.stop()
+    last = capsys.readouterr().err.rstrip("\n").splitlines()[-1]
+    assert len(last) <= columns and "train" in last and " 37/400 " in last and " eta " in last and "loss 0.01" in last
+    assert last.endswith("4.0k tok/s") if columns == 200 else last.endswith("…")
 
 
 def test_bar_without_a_throughput_metric_shows_none():
