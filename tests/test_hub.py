@@ -13,7 +13,7 @@ from huggingface_hub import constants
 from pref.cli.main import cli
 from pref.errors import PrefError
 from pref.hub import _ask_hub, cache_only
-from pref.models import load_model, load_tokenizer
+from pref.models import load_model, load_tokenizer, quiet_peft
 from pref.precision import checkpoint_dtype
 
 httpx2 = pytest.importorskip("httpx2")  # huggingface_hub's HTTP library since 1.x
@@ -37,6 +37,7 @@ def test_a_hub_id_the_hub_cannot_be_asked_about_fails_at_once_in_one_line(unreac
     assert unreachable_hub.requests == 2  # offline: not asked
 
 
+@pytest.mark.filterwarnings("ignore:.*pref-test/tiny:UserWarning")  # peft's saving, looking for the base model on the hub
 def test_a_cached_hub_model_and_an_adapter_on_it_load_from_the_cache_when_the_hub_cannot_be_reached(unreachable_hub, tiny_model_dir,
                                                                                                      tmp_path, monkeypatch):
     hub = unreachable_hub
@@ -48,7 +49,8 @@ def test_a_cached_hub_model_and_an_adapter_on_it_load_from_the_cache_when_the_hu
     torch.testing.assert_close(model.state_dict(), load_model(tiny_model_dir).state_dict())
 
     # an adapter trained on it names its hub id as its base (not the cache folder), and loads from the cache too
-    adapted = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["q_proj"]))
+    with quiet_peft():
+        adapted = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["q_proj"]))
     adapted.save_pretrained(tmp_path / "adapter")
     tokenizer.save_pretrained(tmp_path / "adapter")
     assert peft.PeftConfig.from_pretrained(tmp_path / "adapter").base_model_name_or_path == MODEL
