@@ -2,7 +2,8 @@
 
 Without this, a hub that cannot be reached costs 23 s of waits per file: huggingface_hub retries each
 file it has no copy of five times (waiting 1, 2, 4, 8 and 8 s) before the load fails, and a cached
-model is retried for every optional file it lacks (a chat template, added tokens) before it loads.
+model is retried for every optional file it lacks (a chat template, added tokens) that the cache
+has not recorded as missing, before it loads.
 """
 
 from __future__ import annotations
