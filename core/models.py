@@ -14,6 +14,7 @@ import torch
 
 from pref.errors import PrefError
 from pref.examples import Prompt
+from pref.hub import FROM_CACHE, cache_only
 from pref.interfaces import Adapter
 
 DEFAULT_MODEL = "pref-default"
@@ -44,10 +45,11 @@ def load_tokenizer(name: str | None) -> Any:
     from transformers import AutoTokenizer
 
     path = resolve_model_path(name)
+    local = cache_only(path)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local)
     except (OSError, ValueError) as exc:
-        raise _load_error(name, path, exc) from None
+        raise _load_error(name, path, exc, local) from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -63,9 +65,11 @@ def load_model(name: str | None, dtype: torch.dtype | None = None, kind: str = "
 
     quiet_transformers()
     path, dtype = resolve_model_path(name), dtype or torch.float32
-    classifier = kind == "sequence-classifier"
+    classifier, adapter = kind == "sequence-classifier", os.path.isfile(os.path.join(path, ADAPTER_CONFIG))
+    local = cache_only((adapter and adapter_base(path)) or path)  # an adapter's base model may be a hub id
+    hub = FROM_CACHE if local else {}
     try:
-        if os.path.isfile(os.path.join(path, ADAPTER_CONFIG)):
+        if adapter:
             import peft
 
             from pref.plugins.default_model import base_built_again
@@ -76,12 +80,12 @@ def load_model(name: str | None, dtype: torch.dtype | None = None, kind: str = "
                 if base:  # the default model, whose recorded cache folder is gone: the adapter goes on the one built here
                     base_class = AutoModelForSequenceClassification if classifier else AutoModelForCausalLM
                     return peft.PeftModel.from_pretrained(base_class.from_pretrained(base, dtype=dtype, **labels), path)
-                return auto.from_pretrained(path, dtype=dtype, **labels)
+                return auto.from_pretrained(path, dtype=dtype, **hub, **labels)
         if classifier:
-            return AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=dtype)
-        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+            return AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=dtype, **hub)
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **hub)
     except (OSError, ValueError) as exc:
-        raise _load_error(name, path, exc) from None
+        raise _load_error(name, path, exc, local) from None
 
 
 def adapter_base(path: str) -> str | None:
@@ -131,7 +135,9 @@ def quiet_new_heads(heads: set[str]) -> Iterator[None]:
         reporter.removeFilter(keep)
 
 
-def _load_error(name: str | None, path: str, exc: Exception) -> PrefError:
+def _load_error(name: str | None, path: str, exc: Exception, from_cache: bool = False) -> PrefError:
+    """The one-line error for a model that failed to load; `from_cache`: it (or an adapter's base model) was read from the local
+    Hugging Face cache alone, the hub being out of reach."""
     from pref.checkpoint import STATE_FILE  # lazily, as the loaders' own imports
 
     reason = (str(exc).splitlines() or [type(exc).__name__])[0]
@@ -147,6 +153,9 @@ def _load_error(name: str | None, path: str, exc: Exception) -> PrefError:
     if base and os.path.isabs(os.path.expanduser(base)) and not os.path.exists(os.path.expanduser(base)):
         return PrefError(f"cannot load the adapter in {path}: its base model {base} is not there; put that model back, or write where "
                          f"it is now into base_model_name_or_path in {os.path.join(path, ADAPTER_CONFIG)}")
+    if from_cache:
+        return PrefError(f"cannot load {base or name!r} from the local Hugging Face cache, and the hub cannot be asked for what is missing "
+                         f"(it cannot be reached, or HF_HUB_OFFLINE is set): {reason}")
     if os.path.isfile(path):
         return PrefError(f"{path} is a file, not a model: pass a folder holding a saved model (a run's final/ folder)")
     if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):

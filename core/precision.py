@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from pref.errors import PrefError
+from pref.hub import cache_only
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 DTYPE_CHOICES = ("auto", *DTYPES)
@@ -23,11 +24,14 @@ AUTOCAST = {torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
 def checkpoint_dtype(path: str) -> torch.dtype | None:
-    """The `torch_dtype` a saved model declares, or None."""
+    """The `torch_dtype` a saved model declares (a hub id, a local folder or `pref-default`), or None."""
     from transformers import AutoConfig
 
+    from pref.models import resolve_model_path
+
+    path = resolve_model_path(path)
     try:
-        config = AutoConfig.from_pretrained(path)
+        config = AutoConfig.from_pretrained(path, local_files_only=cache_only(path))
     except (OSError, ValueError):
         return None
     dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)

@@ -13,6 +13,7 @@ import os
 import torch
 
 from pref.errors import PrefError
+from pref.hub import FROM_CACHE, cache_only
 from pref.hookspecs import hookimpl
 from pref.interfaces import Embedder
 from pref.plugins.noun_quality import trim
@@ -85,9 +86,10 @@ class SentenceTransformerEmbedder(Embedder):
             raise PrefError(f"sentence-transformers model folder {model!r} does not exist")
         from sentence_transformers import SentenceTransformer  # slow to import: only when used
 
-        self.model_name = model
+        self.model_name, path = model, os.path.expanduser(model)
+        hub = {"local_files_only": True, "model_kwargs": FROM_CACHE} if cache_only(path) else {}
         try:
-            self.model = SentenceTransformer(os.path.expanduser(model), device=device)
+            self.model = SentenceTransformer(path, device=device, **hub)
         except Exception as exc:  # hub unreachable, no such model, not a model folder
             reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
             raise PrefError(

@@ -3,6 +3,7 @@
 import contextlib
 import json
 import os
+import shutil
 import site
 import subprocess
 import sys
@@ -48,6 +49,50 @@ def prefs_file(tmp_path):
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     return str(path)
 
+
+
+@pytest.fixture
+def unreachable_hub(monkeypatch, tmp_path):
+    """The Hugging Face hub out of reach, and an empty local cache, through huggingface_hub's own hook for its HTTP client.
+
+    Every request huggingface_hub makes (for pref, transformers, peft or sentence-transformers) goes to
+    `hub.answer(request)`, which fails to connect unless a test replaces it with one answering as the hub would;
+    `hub.requests` counts the requests for test models (ids `pref-test/NAME`); `hub.cache_model(id, folder)` puts
+    a saved model (but the file `leave_out`) into the local cache as the main revision of `id`.
+    """
+    httpx2 = pytest.importorskip("httpx2")  # huggingface_hub's HTTP library since 1.x: its client is what set_client_factory takes
+    import huggingface_hub
+    from huggingface_hub import constants
+    from huggingface_hub.utils._http import default_client_factory
+
+    from pref.hub import _ask_hub
+
+    class Hub:
+        requests = 0
+        cache = tmp_path / "hf-cache"
+        commit = "0123456789abcdef0123456789abcdef01234567"
+
+        def answer(self, request):
+            raise httpx2.ConnectError("[Errno -2] Name or service not known", request=request)
+
+        def handle(self, request):
+            self.requests += "/pref-test/" in request.url.path  # not huggingface_hub's own once-a-process requests
+            return self.answer(request)
+
+        def cache_model(self, repo_id, folder, leave_out=None):
+            repo = self.cache / ("models--" + repo_id.replace("/", "--"))
+            (repo / "refs").mkdir(parents=True)
+            (repo / "refs" / "main").write_text(self.commit)
+            shutil.copytree(folder, repo / "snapshots" / self.commit, ignore=shutil.ignore_patterns(leave_out) if leave_out else None)
+
+    hub = Hub()
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hub.cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    _ask_hub.cache_clear()
+    huggingface_hub.set_client_factory(lambda: httpx2.Client(transport=httpx2.MockTransport(hub.handle)))
+    yield hub
+    huggingface_hub.set_client_factory(default_client_factory)
+    _ask_hub.cache_clear()
 
 class Venv:
     """A fresh virtual environment that sees this interpreter's packages (torch, pref itself, pytest, pip, setuptools).

@@ -86,6 +86,19 @@ def test_sentence_transformers_loads_a_local_folder(tiny_sentence_model):
 
 
 @pytest.mark.slow
+def test_sentence_transformers_loads_a_cached_hub_id_when_the_hub_cannot_be_reached(tiny_sentence_model, unreachable_hub):
+    unreachable_hub.cache_model("pref-test/sentence", tiny_sentence_model)
+    texts = ["dog", "the house", "democracy"]
+    cached = SentenceTransformerEmbedder(model="pref-test/sentence", device="cpu").similarity(texts)
+    torch.testing.assert_close(cached, SentenceTransformerEmbedder(model=tiny_sentence_model, device="cpu").similarity(texts))
+    assert unreachable_hub.requests == 1  # asked once, not retried
+    with pytest.raises(PrefError, match="cannot load model 'pref-test/other': no such local folder, and the Hugging Face hub .* cannot be "
+                                        "reached to download it"):
+        SentenceTransformerEmbedder(model="pref-test/other")
+    assert unreachable_hub.requests == 2
+
+
+@pytest.mark.slow
 def test_sentence_transformers_bad_model_is_a_one_line_user_error(tmp_path):
     with pytest.raises(PrefError, match="pass a local folder") as caught:
         SentenceTransformerEmbedder(model=str(tmp_path))  # an empty folder, not a model
