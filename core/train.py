@@ -61,6 +61,8 @@ def make_accelerator(config: RunConfig, dtype: torch.dtype = torch.float32) -> A
     from accelerate.state import AcceleratorState
 
     mixed_precision = AUTOCAST.get(dtype, "no") if config.mixed_precision == "no" else config.mixed_precision
+    if mixed_precision == "fp16" and cpu:  # accelerate would quietly compute in float32: the flag would change nothing
+        raise PrefError("--mixed-precision fp16 does nothing on a CPU (accelerate autocasts fp16 on GPUs only); use --mixed-precision bf16 or no")
     AcceleratorState._reset_state()  # a second run in this process may compute in another precision
     try:
         return Accelerator(cpu=cpu, mixed_precision=mixed_precision)
