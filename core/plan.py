@@ -110,8 +110,8 @@ def resolve_plan(config: RunConfig, registry: Registry, processes: Processes | N
         raise PrefError(f"objective {config.objective!r} uses no reference: drop --reference {config.reference}")
     if config.reference == "cached" and (needs.online or needs.scores_new_rows or needs.reference == REFERENCE_DISTRIBUTIONS):
         # found only at the first loss otherwise, after the model load and the cache's precompute
-        raise PrefError(f"objective {config.objective!r} scores rows the dataset does not hold (its own samples, other pairings) or full "
-                        "distributions, which cached log-probs cannot give: use --reference model (or auto)")
+        raise PrefError(f"--reference cached keeps only the summed log-probs of the dataset's rows, and objective {config.objective!r} with "
+                        "these options needs more (its own samples, other pairings, per-token log-probs or a moving reference): use --reference model (or auto)")
 
     reward = selector = embedder = None
     if needs.online:
