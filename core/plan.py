@@ -98,13 +98,20 @@ def resolve_plan(config: RunConfig, registry: Registry, processes: Processes | N
     takes_reward = needs.online and not needs.own_reward
     unused = [flag for flag, given, used in [("--reward", config.reward, takes_reward), ("--reward-option", config.reward_options, takes_reward),
                                              ("--selector", config.selector, needs.uses_selector),
-                                             ("--embedder", config.embedder, needs.uses_selector)] if given and not used]
+                                             ("--embedder", config.embedder, needs.uses_selector),
+                                             ("--samples-per-prompt", config.samples_per_prompt, needs.online)] if given and not used]
     if unused:  # a setting that would change nothing is a mistake to point out, not to ignore
         if needs.own_reward and unused[0].startswith("--reward"):
             raise PrefError(f"objective {config.objective!r} brings its own reward, set by its options (-o KEY=VALUE): drop {unused[0]}")
         how = "learns from every sample it draws" if needs.online else "trains on a dataset"
-        what = unused[0].removeprefix("--").removesuffix("-option")
-        raise PrefError(f"objective {config.objective!r} {how} and uses no {what}: drop {unused[0]}")
+        what = "samples nothing" if unused[0] == "--samples-per-prompt" else f"uses no {unused[0].removeprefix('--').removesuffix('-option')}"
+        raise PrefError(f"objective {config.objective!r} {how} and {what}: drop {unused[0]}")
+    if needs.reference == NO_REFERENCE and config.reference in ("model", "cached"):
+        raise PrefError(f"objective {config.objective!r} uses no reference: drop --reference {config.reference}")
+    if config.reference == "cached" and (needs.online or needs.scores_new_rows or needs.reference == REFERENCE_DISTRIBUTIONS):
+        # found only at the first loss otherwise, after the model load and the cache's precompute
+        raise PrefError(f"--reference cached keeps only the summed log-probs of the dataset's rows, and objective {config.objective!r} with "
+                        "these options needs more (its own samples, other pairings, per-token log-probs or a moving reference): use --reference model (or auto)")
 
     reward = selector = embedder = None
     if needs.online:

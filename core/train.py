@@ -61,6 +61,8 @@ def make_accelerator(config: RunConfig, dtype: torch.dtype = torch.float32) -> A
     from accelerate.state import AcceleratorState
 
     mixed_precision = AUTOCAST.get(dtype, "no") if config.mixed_precision == "no" else config.mixed_precision
+    if mixed_precision == "fp16" and cpu:  # accelerate would quietly compute in float32: the flag would change nothing
+        raise PrefError("--mixed-precision fp16 does nothing on a CPU (accelerate autocasts fp16 on GPUs only); use --mixed-precision bf16 or no")
     AcceleratorState._reset_state()  # a second run in this process may compute in another precision
     try:
         return Accelerator(cpu=cpu, mixed_precision=mixed_precision)
@@ -353,6 +355,8 @@ def train_policy(config: RunConfig, registry: Registry) -> tuple[str, HFPolicy]:
         if state["seed"] != config.seed:
             raise PrefError(f"{checkpoint} was trained with seed {state['seed']}, not {config.seed}; resume with --seed {state['seed']}")
         record = resumed_record(record, out_dir, start_step, registry.names("dataset"))  # the settings the run started with, and what this resume changed
+        if accelerator.is_main_process:  # a finished run's last step has no checkpoint: say which steps are trained again
+            log.info(f"resuming {out_dir} from {os.path.basename(checkpoint)} (step {start_step} of {config.steps})")
     lock = claim_output_dir(out_dir, bool(config.resume), accelerator)  # before the data and the model: fail fast
 
     # -- the data, read with the tokenizer alone and checked, before the slow model load ------

@@ -16,8 +16,9 @@ from pref.interfaces import MetricsLogger
 from pref.plan import PROGRESS
 
 METRICS_FILE = "metrics.jsonl"
-#: Shown in the bar when present, in this order.
-SHOWN = ("loss", "rewards/accuracies", "rewards/margins", "reward/mean", "samples/distinct_ratio", "pairs/usable_fraction")
+#: The metrics the bar shows when present, in this order, and their labels there (the samples' `reward/mean` is "reward": a bare "mean" said nothing).
+SHOWN = {"loss": "loss", "rewards/accuracies": "accuracies", "rewards/margins": "margins", "reward/mean": "reward",
+         "samples/distinct_ratio": "distinct_ratio", "pairs/usable_fraction": "usable_fraction"}
 #: Tokens the step processed per second, when the loop measures it; shown after the metrics.
 TOKENS_PER_SECOND = "tokens/per_second"
 
@@ -116,7 +117,7 @@ class ProgressBar(MetricsLogger):
         """Nothing: `show` displays every step, logged or not."""
 
     def show(self, step: int, metrics: dict[str, float]) -> None:
-        text = "  ".join(f"{key.split('/')[-1]} {metrics[key]:.3g}" for key in SHOWN if key in metrics)
+        text = "  ".join(f"{label} {metrics[key]:.3g}" for key, label in SHOWN.items() if key in metrics)
         if TOKENS_PER_SECOND in metrics:
             text += f"  {tokens_per_second(metrics[TOKENS_PER_SECOND])}"
         # "train ", the bar, "N/TOTAL ", the elapsed time, "eta ", the time left (each with its space), at this terminal's width

@@ -180,6 +180,19 @@ def model_card(record: dict[str, Any], rows: list[dict[str, Any]], pipeline_tag:
     return f"---\n{front}---\n\n" + "\n".join(lines)
 
 
+def is_classifier(folder: str) -> bool:
+    """Whether the model in `folder` is a sequence classifier: its config.json's architecture, or an adapter's peft task type."""
+    for name, says in [("config.json", lambda c: any(a.endswith("ForSequenceClassification") for a in c.get("architectures") or [])),
+                       ("adapter_config.json", lambda c: c.get("task_type") == "SEQ_CLS")]:  # an adapter run's final/ has no config.json
+        try:
+            with open(os.path.join(folder, name), encoding="utf-8") as f:
+                if says(json.load(f)):
+                    return True
+        except (OSError, ValueError, AttributeError):
+            pass
+    return False
+
+
 def write_model_card(run_dir: str, model_dir: str = "final") -> str:
     """Write RUN_DIR/MODEL_DIR/README.md from the run's run.json and metrics.jsonl; returns its path."""
     with open(os.path.join(run_dir, RUN_FILE), encoding="utf-8") as f:
@@ -187,14 +200,7 @@ def write_model_card(run_dir: str, model_dir: str = "final") -> str:
     metrics_path = os.path.join(run_dir, METRICS_FILE)
     rows = [row for row in read_jsonl(metrics_path) if "step" in row] if os.path.exists(metrics_path) else []
     folder = os.path.join(run_dir, model_dir)
-    pipeline_tag = "text-generation"
-    try:
-        with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
-            architectures = json.load(f).get("architectures") or []
-        if any(a.endswith("ForSequenceClassification") for a in architectures):
-            pipeline_tag = "text-classification"  # a reward model
-    except (OSError, ValueError):
-        pass
+    pipeline_tag = "text-classification" if is_classifier(folder) else "text-generation"  # a reward model, or a policy
     path = os.path.join(folder, CARD_FILE)
     with open(path, "w", encoding="utf-8") as f:
         f.write(model_card(record, rows, pipeline_tag, os.path.basename(os.path.normpath(os.path.abspath(run_dir)))))

@@ -50,6 +50,16 @@ def test_reward_model_card_is_a_text_classifier():
     assert ModelCard(text).data.pipeline_tag == "text-classification"
 
 
+def test_a_lora_reward_models_card_is_a_text_classifier(tmp_path):
+    """final/ of an adapter run has no config.json: peft's task type says what the model is."""
+    (tmp_path / "final").mkdir()
+    (tmp_path / "run.json").write_text(json.dumps(record(objective="reward-model", dataset=["prefs.jsonl"], adapter="lora")))
+    (tmp_path / "final" / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "task_type": "SEQ_CLS"}))
+    assert ModelCard.load(write_model_card(str(tmp_path))).data.pipeline_tag == "text-classification"
+    (tmp_path / "final" / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "task_type": "CAUSAL_LM"}))
+    assert ModelCard.load(write_model_card(str(tmp_path))).data.pipeline_tag == "text-generation"
+
+
 def test_the_command_spells_options_and_puts_the_rest_in_a_config_file():
     config = build_config(flags={
         "objective": "divpo", "embedder": "sentence-transformers", "embedder_options": {"model": "/m/minilm", "batch_size": 4}, "curriculum": True,

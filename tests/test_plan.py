@@ -23,7 +23,6 @@ from pref.sequences import Sequences
         (ObjectiveNeeds(reference="none"), "model", NO_MODEL),
         (ObjectiveNeeds(), "none", NO_MODEL),
         (ObjectiveNeeds(), "model", FROZEN_MODEL),
-        (ObjectiveNeeds(online=True), "cached", CACHED_LOGPS),
     ],
 )
 def test_reference_kind(needs, asked, expected):
@@ -61,6 +60,11 @@ def test_an_offline_objective_without_data_fails_before_the_model_loads(prefs_fi
     ("dpo", {"selector": "best-vs-worst"}, "uses no selector: drop --selector"),
     ("grpo", {"selector": "best-vs-worst"}, "objective 'grpo' learns from every sample it draws and uses no selector: drop --selector"),
     ("grpo", {"embedder": "wordnet"}, "uses no embedder: drop --embedder"),
+    ("dpo", {"samples_per_prompt": 4}, "objective 'dpo' trains on a dataset and samples nothing: drop --samples-per-prompt"),
+    ("orpo", {"reference": "model"}, "objective 'orpo' uses no reference: drop --reference model"),
+    ("online-dpo", {"reference": "cached", "reward": "noun-diversity"}, "objective 'online-dpo' with these options needs more .* use --reference model"),
+    ("kto", {"reference": "cached"}, "objective 'kto' with these options needs more .* use --reference model"),
+    ("dpo", {"reference": "cached", "objective_options": {"sync_ref_model": True}}, "needs more .*a moving reference.*--reference model"),
 ])
 def test_a_setting_the_objective_would_not_use_is_refused(prefs_file, objective, flags, message):
     config = build_config(flags={"objective": objective, "dataset": [prefs_file], **flags})

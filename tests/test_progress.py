@@ -41,6 +41,15 @@ def test_the_progress_bar_keeps_its_step_count_and_times_whole_and_cuts_the_metr
     assert last.endswith("4.0k tok/s") if columns == 200 else last.endswith("…")
 
 
+def test_bar_calls_the_samples_reward_reward(monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")
+    bar = ProgressBar()
+    bar.start(10, 0)
+    bar.show(1, {"loss": 0.5, "reward/mean": 0.75})
+    bar.stop()
+    assert "loss 0.5  reward 0.75" in rendered(bar)  # not a bare "mean 0.75"
+
+
 def test_bar_without_a_throughput_metric_shows_none():
     bar = ProgressBar()
     bar.start(10, 0)

@@ -69,6 +69,7 @@ def test_resume_cuts_the_log_back_and_works_from_another_directory(tmp_path, tin
     monkeypatch.chdir(elsewhere)
     result = CliRunner().invoke(cli, ["run", "--resume", str(tmp_path / "run")])
     assert result.exit_code == 0, result.output
+    assert f"resuming {tmp_path / 'run'} from checkpoint-000002 (step 2 of 4)" in result.stderr  # where it goes on from, said
     assert steps_logged(tmp_path / "run") == [1, 2, 3, 4]  # step 3 logged once, not again after the resume
 
 

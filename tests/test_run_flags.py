@@ -29,6 +29,7 @@ from pref.train import train_policy
     (["--max-prompt-length", "0"], "max_prompt_length must be a positive"),
     (["--dtype", "float16", "--device", "cpu"], "--dtype float16 cannot train on a CPU"),
     (["--dtype", "int8"], "Invalid value for '--dtype'"),
+    (["--mixed-precision", "fp16", "--device", "cpu"], "--mixed-precision fp16 does nothing on a CPU"),  # accelerate would compute in fp32
 ])
 def test_bad_values_are_one_line_errors_with_exit_2(monkeypatch, prefs_file, flags, message):
     import pref.policy
