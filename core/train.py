@@ -231,25 +231,21 @@ class AcceleratedProcesses(Processes):
         return list(items) if self.world == 1 else gather_object(list(items))
 
 
-def mean_across_processes(processes: Processes, metrics: dict[str, float]) -> dict[str, float]:
-    """Each figure's mean over the processes that report it.
-
-    A process may lack some figures (KTO's `rewards/chosen` on a batch without a desirable
-    answer), so the keys are agreed first: a reduction over tensors of different lengths
-    would wait forever.
-    """
-    if processes.world == 1:
-        return metrics
-    keys = sorted(set(processes.gather(list(metrics))))
-    reported = torch.tensor([[metrics.get(k, 0.0) for k in keys], [float(k in metrics) for k in keys]], dtype=torch.float64)
-    sums, counts = (processes.mean(reported) * processes.world).tolist()
-    return {k: total / count for k, total, count in zip(keys, sums, counts)}
+def combine_reports(reports: list[dict[str, float]]) -> dict[str, float]:
+    """Each figure over the reports that hold it (KTO's `rewards/chosen` needs a desirable answer in the batch): the largest for a
+    figure named as a maximum (a `max` word in its last part: `reward/max`, `completions/max_length`, `clip_ratio/high_max`), the
+    smallest for a minimum, else the mean."""
+    combined = {}
+    for key in dict.fromkeys(key for report in reports for key in report):
+        values = [r[key] for r in reports if key in r]
+        words = key.rsplit("/", 1)[-1].split("_")
+        combined[key] = max(values) if "max" in words else min(values) if "min" in words else sum(values) / len(values)
+    return combined
 
 
-def mean_of_reports(reports: list[dict[str, float]]) -> dict[str, float]:
-    """Each figure's mean over the reports that hold it (KTO's `rewards/chosen` needs a desirable answer in the batch)."""
-    keys = dict.fromkeys(key for report in reports for key in report)
-    return {key: sum(r[key] for r in reports if key in r) / sum(key in r for r in reports) for key in keys}
+def combine_across_processes(processes: Processes, metrics: dict[str, float]) -> dict[str, float]:
+    """`combine_reports` of every process's `metrics` (a collective call: all processes make it, and get the same figures)."""
+    return metrics if processes.world == 1 else combine_reports(processes.gather([metrics]))
 
 
 def checked_loss(name: str, result: Any) -> tuple[torch.Tensor, dict[str, float]]:
@@ -462,13 +458,13 @@ def train_policy(config: RunConfig, registry: Registry) -> tuple[str, HFPolicy]:
                 figures = {}
                 if plan.evaluators and not evaluated:
                     figures, best = evaluate_and_keep_best(plan, policy, reference, validation, step - 1, best, accelerator)
-                    figures = mean_across_processes(processes, figures)
+                    figures = combine_across_processes(processes, figures)
                     mark_evaluated(out_dir, step - 1, write=accelerator.is_main_process)  # a resume from there stops at once, as this did
                 if unlogged or figures:
                     for logger in loggers:
                         logger.log(step - 1, {**(unlogged[1] if unlogged else {}), **figures})
                 break
-            totals = mean_of_reports(reports)
+            totals = combine_reports(reports)
 
             # clip and update (the objective's own modules are outside DDP: average their gradients here)
             t_step = time.perf_counter()
@@ -495,7 +491,7 @@ def train_policy(config: RunConfig, registry: Registry) -> tuple[str, HFPolicy]:
                 totals.update(figures)
 
             # log
-            totals = mean_across_processes(processes, totals)
+            totals = combine_across_processes(processes, totals)
             if step % config.log_every == 0 or evaluated or step == config.steps:
                 for logger in loggers:
                     logger.log(step, totals)

@@ -133,16 +133,31 @@ def test_processes_that_report_different_figures_average_each_over_those_that_re
     # a reduction over unequal tensors made two-process runs wait forever
     from test_group_processes import in_two_processes  # tests/ is on sys.path
 
-    from pref.train import mean_across_processes
+    from pref.train import combine_across_processes
 
-    figures = [{"loss": 1.0, "rewards/chosen": 0.5}, {"loss": 3.0, "rewards/rejected": -1.0}]
-    averaged = in_two_processes(lambda processes: mean_across_processes(processes, figures[processes.rank]))
-    assert averaged[0] == averaged[1] == {"loss": 2.0, "rewards/chosen": 0.5, "rewards/rejected": -1.0}
+    figures = [{"loss": 1.0, "rewards/chosen": 0.5, "completions/max_length": 5.0, "clip_ratio/low_min": 0.25},
+               {"loss": 3.0, "rewards/rejected": -1.0, "completions/max_length": 6.0, "clip_ratio/low_min": 0.0}]
+    combined = in_two_processes(lambda processes: combine_across_processes(processes, figures[processes.rank]))
+    # a maximum is the largest over the processes (it was averaged to 5.5), a minimum the smallest
+    assert combined[0] == combined[1] == {"loss": 2.0, "rewards/chosen": 0.5, "completions/max_length": 6.0, "clip_ratio/low_min": 0.0,
+                                          "rewards/rejected": -1.0}
 
 
 def test_micro_batches_that_report_different_figures_average_each_over_those_that_report_it():
     # with --grad-accum 2, a KTO micro-batch without a desirable answer has no rewards/chosen: it must not halve it
-    from pref.train import mean_of_reports
+    from pref.train import combine_reports
 
     reports = [{"loss": 1.0, "rewards/chosen": 0.5}, {"loss": 3.0, "rewards/rejected": -1.0}, {"loss": 2.0, "rewards/chosen": 1.5}]
-    assert mean_of_reports(reports) == {"loss": 2.0, "rewards/chosen": 1.0, "rewards/rejected": -1.0}
+    assert combine_reports(reports) == {"loss": 2.0, "rewards/chosen": 1.0, "rewards/rejected": -1.0}
+
+
+def test_maxima_and_minima_are_combined_as_such_and_other_figures_averaged():
+    # rloo --grad-accum 2 logged completions/max_length 5.5 for micro-batches whose longest answers had 5 and 6 tokens
+    from pref.train import combine_reports
+
+    reports = [{"reward/max": 1.0, "max_reward": 0.5, "min_reward": -2.0, "similarity/min": 0.25, "completions/max_length": 5.0,
+                "clip_ratio/high_max": 0.0, "maximum_weight": 1.0, "admin": 1.0},
+               {"reward/max": 0.0, "max_reward": 1.5, "min_reward": -1.0, "similarity/min": 0.75, "completions/max_length": 6.0,
+                "clip_ratio/high_max": 0.5, "maximum_weight": 3.0, "admin": 3.0}]
+    assert combine_reports(reports) == {"reward/max": 1.0, "max_reward": 1.5, "min_reward": -2.0, "similarity/min": 0.25,
+                                        "completions/max_length": 6.0, "clip_ratio/high_max": 0.5, "maximum_weight": 2.0, "admin": 2.0}
