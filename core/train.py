@@ -150,6 +150,8 @@ def run_record(config: RunConfig, plan: RunPlan, registry: Registry) -> dict[str
         for i in registry.items()
     ]
     resolved = {"output_dir": plan.output_dir, "max_new_tokens": plan.sampling.max_new_tokens}
+    if plan.reward is not None and not config.reward and plan.needs.reward:  # the objective's default reward, named in the card and report
+        resolved["reward"] = plan.needs.reward
     return {"config": {**config.to_dict(), **resolved}, "versions": versions, "plugins": plugins}
 
 

@@ -58,6 +58,9 @@ def test_online_sampling_takes_the_rewards_answer_length_and_the_runs_thread_cou
     online_run(tmp_path, tiny_model_dir, name="run's", objective="divpo", max_new_tokens=6)
     lengths = [json.load(open(tmp_path / name / "run.json"))["config"]["max_new_tokens"] for name in ("reward's", "run's")]
     assert lengths == [NounDiversityReward.max_new_tokens, 6] == [8, 6]
+    # the objective's default reward is recorded by name, and the model card names it (it was `reward: null`)
+    assert json.load(open(tmp_path / "run's" / "run.json"))["config"]["reward"] == "noun-diversity"
+    assert "- reward: `noun-diversity`" in (tmp_path / "run's" / "final" / "README.md").read_text()
 
 
 def test_online_dpo_run_with_the_noun_reward(tmp_path, tiny_model_dir):
