@@ -52,7 +52,7 @@ def _is_hub_id(name: str) -> bool:
 
 
 @functools.lru_cache(maxsize=None)  # the tokenizer, the model and the dtype check each ask: a hub that times out makes each wait
-def _ask_hub(name: str, repo_type: str = "model") -> bool:
+def _ask_hub(name: str, repo_type: str) -> bool:
     from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url
     from huggingface_hub.errors import HfHubHTTPError
 
