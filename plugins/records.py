@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import ast
 import codecs
+import contextlib
 import json
 import logging
 import os
@@ -61,7 +62,7 @@ def read_records(path: str, split: str = "train") -> Iterable[Any]:
     # "data/prefs.jsonl" or "./prefs" is clearly meant as a file; "org/name" may be a hub dataset
     if kind is not None or path.startswith((".", "/", "~")):
         raise PrefError(f"{path}: no such file or folder; use {SOURCES}")
-    return _load_dataset(path, path, split=split)
+    return _load_hub_dataset(path, split)
 
 
 def text_encoding(path: str) -> str:
@@ -235,6 +236,39 @@ def _load_dataset(path: str, *args: Any, **kwargs: Any) -> Iterable[dict]:
         if os.path.exists(os.path.expanduser(path)):
             raise PrefError(f"{path}: could not read it ({reason})") from None
         raise PrefError(f"{path}: no such file or folder, and no hub dataset of that name could be loaded ({reason}); use {SOURCES}") from None
+
+
+def _load_hub_dataset(name: str, split: str) -> Iterable[dict]:
+    """A hub dataset's split, from `datasets`' own cache alone when it is there and the hub cannot be reached (or offline mode is set)."""
+    from pref.hub import cache_only
+
+    if not cache_only(name, "dataset"):  # the hub answers: `datasets` asks it as usual
+        return _load_dataset(name, name, split=split)
+    import datasets
+
+    with _datasets_offline():
+        try:
+            return datasets.load_dataset(name, split=split)
+        except Exception as exc:
+            raise PrefError(f"{name}: could not load it from the local datasets cache ({type(exc).__name__}: {first_line(exc)}), and the "
+                            "hub cannot be asked (it cannot be reached, or offline mode is set)") from None
+
+
+@contextlib.contextmanager
+def _datasets_offline() -> Iterator[None]:
+    """`datasets` in offline mode, which reads a hub dataset from its cache without asking the hub for its card (and
+    retrying for 23 s), and without its warnings that it does ("Using the latest cached version of the dataset ...")."""
+    import datasets
+
+    offline, verbosity = datasets.config.HF_HUB_OFFLINE, datasets.logging.get_verbosity()
+    # set after `datasets` read HF_HUB_OFFLINE and HF_DATASETS_OFFLINE when imported: its loaders read this at each call
+    datasets.config.HF_HUB_OFFLINE = True
+    datasets.logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        datasets.config.HF_HUB_OFFLINE = offline
+        datasets.logging.set_verbosity(verbosity)
 
 
 def _read_saved_dataset(path: str, local: str, split: str) -> Iterable[dict]:

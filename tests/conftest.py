@@ -53,14 +53,16 @@ def prefs_file(tmp_path):
 
 @pytest.fixture
 def unreachable_hub(monkeypatch, tmp_path):
-    """The Hugging Face hub out of reach, and an empty local cache, through huggingface_hub's own hook for its HTTP client.
+    """The Hugging Face hub out of reach, and empty local caches, through huggingface_hub's own hook for its HTTP client.
 
-    Every request huggingface_hub makes (for pref, transformers, peft or sentence-transformers) goes to
+    Every request huggingface_hub makes (for pref, transformers, peft, sentence-transformers or datasets) goes to
     `hub.answer(request)`, which fails to connect unless a test replaces it with one answering as the hub would;
-    `hub.requests` counts the requests for test models (ids `pref-test/NAME`); `hub.cache_model(id, folder)` puts
-    a saved model (but the file `leave_out`) into the local cache as the main revision of `id`.
+    `hub.requests` counts the requests for test models and datasets (ids `pref-test/NAME`); `hub.cache_model(id, folder)`
+    puts a saved model (but the file `leave_out`) into the local cache as the main revision of `id`;
+    `hub.cache_dataset(id, file)` puts a JSONL file's rows into `datasets`' cache as the train split of hub dataset `id`.
     """
     httpx2 = pytest.importorskip("httpx2")  # huggingface_hub's HTTP library since 1.x: its client is what set_client_factory takes
+    import datasets
     import huggingface_hub
     from huggingface_hub import constants
     from huggingface_hub.utils._http import default_client_factory
@@ -70,6 +72,7 @@ def unreachable_hub(monkeypatch, tmp_path):
     class Hub:
         requests = 0
         cache = tmp_path / "hf-cache"
+        datasets_cache = tmp_path / "datasets-cache"
         commit = "0123456789abcdef0123456789abcdef01234567"
 
         def answer(self, request):
@@ -85,9 +88,21 @@ def unreachable_hub(monkeypatch, tmp_path):
             (repo / "refs" / "main").write_text(self.commit)
             shutil.copytree(folder, repo / "snapshots" / self.commit, ignore=shutil.ignore_patterns(leave_out) if leave_out else None)
 
+        def cache_dataset(self, repo_id, data_file):
+            # `datasets` prepares a folder of data files as it does a downloaded hub dataset, under NAME/default/0.0.0/HASH/:
+            # a hub dataset's is ORG___NAME/..., where it looks for one it cannot download
+            org, name = repo_id.split("/")
+            folder = tmp_path / "hub-datasets" / name
+            folder.mkdir(parents=True)
+            shutil.copy(data_file, folder / "train.jsonl")
+            datasets.load_dataset_builder(str(folder)).download_and_prepare()
+            (self.datasets_cache / name).rename(self.datasets_cache / f"{org}___{name}")
+
     hub = Hub()
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hub.cache))
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(hub.datasets_cache))
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
     _ask_hub.cache_clear()
     huggingface_hub.set_client_factory(lambda: httpx2.Client(transport=httpx2.MockTransport(hub.handle)))
     yield hub

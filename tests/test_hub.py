@@ -1,9 +1,10 @@
-"""Hub ids when the hub cannot be reached: one request and a one-line error, or the local cache, with no retries.
+"""Hub ids of models and datasets when the hub cannot be reached: one request and a one-line error, or the local cache, with no retries.
 
 The hub is the `unreachable_hub` fixture (conftest.py): every request huggingface_hub makes is counted and
 fails to connect, or gets the answer a test gives.
 """
 
+import datasets
 import peft
 import pytest
 import torch
@@ -14,6 +15,7 @@ from pref.cli.main import cli
 from pref.errors import PrefError
 from pref.hub import _ask_hub, cache_only
 from pref.models import load_model, load_tokenizer, quiet_peft
+from pref.plugins.records import read_records
 from pref.precision import checkpoint_dtype
 
 httpx2 = pytest.importorskip("httpx2")  # huggingface_hub's HTTP library since 1.x
@@ -82,3 +84,45 @@ def test_a_wrong_hub_id_while_the_hub_answers_is_still_no_such_model(unreachable
     with pytest.raises(PrefError, match=f"cannot load model {MODEL!r}: no such local folder and the Hugging Face hub did not provide it; "
                                         "pass the path of a saved model"):
         load_tokenizer(MODEL)
+
+
+# Datasets: `--dataset org/name` and `--validation-dataset org/name`, read by read_records
+
+DATASET = "pref-test/prefs"
+
+
+def test_a_hub_dataset_the_hub_cannot_be_asked_about_fails_at_once_in_one_line(unreachable_hub, monkeypatch, capfd):
+    with pytest.raises(PrefError) as error:
+        read_records(DATASET)
+    assert str(error.value) == (
+        f"cannot load dataset {DATASET!r}: no such local file or folder, and the Hugging Face hub ({constants.ENDPOINT}) cannot be "
+        f"reached to download it ([Errno -2] Name or service not known) nor is it in the local cache ({unreachable_hub.datasets_cache}); "
+        "give a local data file (JSONL, JSON, CSV or Parquet) or a folder saved with datasets' save_to_disk, or check the network or "
+        "proxy (HF_ENDPOINT, HTTPS_PROXY)")
+    assert unreachable_hub.requests == 1  # not retried: datasets alone retried its card 5 times, waiting 23 s
+    assert capfd.readouterr().err == ""  # nor printed each retry
+
+    _ask_hub.cache_clear()
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)  # HF_DATASETS_OFFLINE=1 as datasets reads it
+    with pytest.raises(PrefError, match=r"not in the local datasets cache .* while HF_HUB_OFFLINE is set; give .* or unset HF_HUB_OFFLINE"):
+        read_records(DATASET)
+    assert unreachable_hub.requests == 1  # offline: not asked
+
+
+def test_a_hub_dataset_datasets_has_cached_loads_from_its_cache_when_the_hub_cannot_be_reached(unreachable_hub, prefs_file, capfd):
+    unreachable_hub.cache_dataset(DATASET, prefs_file)
+    capfd.readouterr()
+    assert list(read_records(DATASET)) == list(read_records(prefs_file))
+    assert unreachable_hub.requests == 1 and not datasets.config.HF_HUB_OFFLINE  # offline for that load alone
+    assert capfd.readouterr().err == ""  # not datasets' "Using the latest cached version of the dataset since ..."
+    with pytest.raises(PrefError, match=fr"^{DATASET}: could not load it from the local datasets cache \(ValueError: Unknown split "
+                                        r"\"test\"\. Should be one of \['train'\]\.\), and the hub cannot be asked"):
+        read_records(DATASET, split="test")
+    assert unreachable_hub.requests == 1
+
+
+def test_a_wrong_hub_dataset_name_while_the_hub_answers_is_still_no_such_dataset(unreachable_hub):
+    unreachable_hub.answer = lambda request: httpx2.Response(404, headers={"X-Error-Code": "RepoNotFound"}, request=request)
+    with pytest.raises(PrefError, match=f"^{DATASET}: no such file or folder, and no hub dataset of that name could be loaded "
+                                        rf"\(DatasetNotFoundError: Dataset '{DATASET}' doesn't exist on the Hub or cannot be accessed\.\)"):
+        read_records(DATASET)

@@ -259,12 +259,15 @@ def test_no_usable_turn_is_an_error(tmp_path):
         LmsysChat(path).build()
 
 
-def test_the_gated_hub_dataset_fails_with_a_clear_message(monkeypatch):
+def test_the_gated_hub_dataset_fails_with_a_clear_message(monkeypatch, unreachable_hub):
     import datasets
+    import httpx2
 
     def gated(*args, **kwargs):
         raise ConnectionError("Dataset 'lmsys/lmsys-chat-1m' is a gated dataset on the Hub.\nVisit its page.")
 
+    # the hub answers pref's one question (gated), and `datasets` then says so
+    unreachable_hub.answer = lambda request: httpx2.Response(401, headers={"X-Error-Code": "GatedRepo"}, request=request)
     monkeypatch.setattr(datasets, "load_dataset", gated)
     with pytest.raises(PrefError, match="lmsys/lmsys-chat-1m: no such file or folder, and no hub dataset .* gated on the hub: .* local") as info:
         LmsysChat("lmsys/lmsys-chat-1m").build()

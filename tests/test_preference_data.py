@@ -229,7 +229,8 @@ def test_unknown_hub_name_is_a_clean_error(monkeypatch):
     with pytest.raises(PrefError) as info:
         load_preferences("nobody-here/no-such-preferences")
     message = str(info.value)
-    assert message.startswith("nobody-here/no-such-preferences: no such file or folder, and no hub dataset")
+    assert message.startswith("cannot load dataset 'nobody-here/no-such-preferences': no such local file or folder, and it is not in "
+                              "the local datasets cache")
     assert "\n" not in message
 
 
