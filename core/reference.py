@@ -7,8 +7,11 @@ import hashlib
 import json
 import os
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from typing import Any
 
 import torch
+from rich.console import Console
 from safetensors.torch import load_file, save_file
 
 from pref.errors import PrefError
@@ -72,6 +75,19 @@ def model_fingerprint(model: torch.nn.Module, name: str) -> str:
     return digest.hexdigest()[:16]
 
 
+@contextmanager
+def precompute_progress(rows: int) -> Iterator[Any]:
+    """A bar on stderr, on the main process, while the reference's log-probs of `rows` rows are computed; yields `advance(n)`."""
+    from accelerate import PartialState
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    bar = Progress(TextColumn("reference log-probs (once, then cached)"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                   console=Console(stderr=True), transient=True, disable=not PartialState().is_main_process)
+    task = bar.add_task("reference", total=rows)
+    with bar:
+        yield lambda n: bar.advance(task, n)
+
+
 def rows_by_length(batches: list[Sequences], rows_per_batch: int) -> Iterator[tuple[list[str], Sequences]]:
     """The distinct rows of `batches`, cut at their last real token and regrouped shortest first.
 
@@ -116,8 +132,10 @@ class CachedReference(Reference):
         table: dict[str, float] = {}
         # as many rows per forward as a training step's chosen + rejected batch: no more memory than training
         rows_per_batch = 2 * max((len(b) for b in batches), default=1)
-        for keys, batch in rows_by_length(batches, rows_per_batch):
-            table.update(zip(keys, frozen.logps(batch).sequence.tolist()))
+        with precompute_progress(len(keys)) as advance:  # minutes for a large model and dataset: say what is going on
+            for keys, batch in rows_by_length(batches, rows_per_batch):
+                table.update(zip(keys, frozen.logps(batch).sequence.tolist()))
+                advance(len(keys))
         os.makedirs(cache_dir, exist_ok=True)
         ordered = sorted(table)
         tmp = f"{path}.tmp-{os.getpid()}"

@@ -54,8 +54,24 @@ def test_reference_cache_is_reused(tmp_path, tiny_model_dir, prefs_file, private
     assert sorted(os.listdir(private_cache / "reference")) == files
 
 
-def test_cached_and_model_reference_train_the_same(tmp_path, tiny_model_dir, prefs_file):
+def test_cached_and_model_reference_train_the_same(tmp_path, tiny_model_dir, prefs_file, monkeypatch):
+    import contextlib
+
+    from pref import reference
+
+    monkeypatch.setenv("PREF_CACHE", str(tmp_path / "cache"))  # no cache another test made
+    shown = []  # (rows, rows done) of each precompute's progress bar
+
+    @contextlib.contextmanager
+    def progress(rows):
+        shown.append([rows, 0])
+        yield lambda n: shown[-1].__setitem__(1, shown[-1][1] + n)
+
+    monkeypatch.setattr(reference, "precompute_progress", progress)
     a = run(tmp_path, tiny_model_dir, prefs_file, name="cached", reference="cached")
+    assert len(shown) == 1 and shown[0][0] == shown[0][1] > 0  # the precompute said how far it was, to the end
+    run(tmp_path, tiny_model_dir, prefs_file, name="cached-again", reference="cached")
+    assert len(shown) == 1  # found in the cache: nothing to compute, no bar
     b = run(tmp_path, tiny_model_dir, prefs_file, name="model", reference="model")
     for key, value in weights(os.path.join(a, "final")).items():
         torch.testing.assert_close(value, weights(os.path.join(b, "final"))[key], atol=1e-5, rtol=1e-4)
