@@ -10,7 +10,6 @@ from safetensors.torch import load_file
 import pref.train as train_module
 from pref.cli.main import cli
 from pref.config import build_config
-from pref.errors import PrefError
 from pref.precision import resolve_dtype
 from pref.registry import load_registry
 from pref.train import train_policy
@@ -46,6 +45,7 @@ def test_the_flags_reach_the_run_configuration(monkeypatch, prefs_file):
     result = CliRunner().invoke(cli, ["run", "--objective", "dpo", "--dataset", prefs_file, "--max-length", "128", "--max-prompt-length", "64",
                                       "--max-new-tokens", "16", "--temperature", "0.7", "--top-p", "0.9", "--top-k", "50", "--warmup-steps", "3",
                                       "--weight-decay", "0.01", "--dtype", "bfloat16", "--gradient-checkpointing", "--no-progress"])
+    assert result.exit_code == 0, result.output
     config = seen["config"]
     assert (config.max_length, config.max_prompt_length, config.max_new_tokens) == (128, 64, 16)
     assert (config.temperature, config.top_p, config.top_k, config.warmup_steps, config.weight_decay) == (0.7, 0.9, 50, 3, 0.01)
