@@ -128,8 +128,8 @@ class RolloutSteps:
     `draw()` returns a fresh (batch, metrics); `order` is what decides which data the next
     draw takes (it has `state()` and `load_state()`). Each pass over a rollout shuffles its
     rows, seeded by the seed and the rollout's number, and cuts them into `minibatches`
-    near-equal `Minibatch`es. Every step reports its rollout's metrics; timings (`time/...`)
-    only with the first step, which did the work.
+    near-equal `Minibatch`es. Every step reports its rollout's metrics, its timings (`time/...`)
+    divided by the steps the rollout serves.
 
     `state()` describes the data position before the current rollout when it is partly
     trained on: a resumed run draws that rollout again (the same prompts, sampled afresh)
@@ -155,8 +155,8 @@ class RolloutSteps:
             batch, metrics = self.draw()
             self._queue = self._split(Rollout(batch), len(batch))
             self.rollouts += 1
-            self._metrics = {key: 0.0 if key.startswith("time/") else value for key, value in metrics.items()}
-            return self._queue.pop(0), metrics
+            # the rollout's time shared by the steps it serves: their sum is the time taken, and each step shows its part
+            self._metrics = {key: value / len(self._queue) if key.startswith("time/") else value for key, value in metrics.items()}
         return self._queue.pop(0), dict(self._metrics)
 
     def _split(self, rollout: Rollout, rows: int) -> list[Minibatch]:
