@@ -145,6 +145,8 @@ class DPO(Objective):
     def loss(self, policy: Policy, reference: Reference | None, batch: PairBatch) -> tuple[torch.Tensor, dict[str, float]]:
         """The mean DPO loss over the pairs (plus the weighted SFT term) and TRL-named metrics.
 
+        With `sft_weight`, the two terms are logged too: `loss/dpo` and `nll_loss` (the chosen answers' NLL).
+
         Works on any `PairBatch`, so online objectives can build pairs and call it.
         Without a reference (`reference_free`, or the run's `reference: none`)
         the reference log-probs count as 0.
@@ -207,10 +209,10 @@ class DPO(Objective):
         if not self.sft_weight:
             return preference_loss, metrics
 
-        sft_loss = -chosen.mean.mean()
+        nll_loss = -chosen.mean.mean()
         metrics["loss/dpo"] = preference_loss.item()
-        metrics["loss/sft"] = sft_loss.item()
-        return preference_loss + self.sft_weight * sft_loss, metrics
+        metrics["nll_loss"] = nll_loss.item()  # TRL's name for CPO's and ORPO's NLL term, which cpo and orpo log too
+        return preference_loss + self.sft_weight * nll_loss, metrics
 
 
 @hookimpl

@@ -85,15 +85,19 @@ class RewardModel(Objective):
         self.center_rewards_coefficient = float(center_rewards_coefficient)
 
     def loss(self, policy: Policy, reference: Reference | None, batch: PairBatch) -> tuple[torch.Tensor, dict[str, float]]:
-        """The mean Bradley-Terry loss and TRL RewardTrainer's metric names (accuracy, margin, ...)."""
+        """The mean Bradley-Terry loss and TRL RewardTrainer's metrics (accuracy, margin, min/mean/max_reward).
+
+        The mean scores of the chosen and of the rejected answers are logged as `chosen_reward` and `rejected_reward`,
+        after TRL's `mean_reward`: `rewards/chosen` is DPO's implicit reward, another quantity.
+        """
         chosen, rejected = pair_scores(policy.model, batch, policy.tokenizer.pad_token_id)
         losses = bradley_terry_loss(chosen, rejected, self.margin, self.center_rewards_coefficient)
         rewards = torch.cat([chosen, rejected]).detach()
         metrics = {
             "accuracy": (chosen > rejected).float().mean().item(),
             "margin": (chosen - rejected).detach().mean().item(),
-            "rewards/chosen": chosen.detach().mean().item(),
-            "rewards/rejected": rejected.detach().mean().item(),
+            "chosen_reward": chosen.detach().mean().item(),
+            "rejected_reward": rejected.detach().mean().item(),
             "mean_reward": rewards.mean().item(),
             "min_reward": rewards.min().item(),
             "max_reward": rewards.max().item(),

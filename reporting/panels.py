@@ -3,7 +3,8 @@
 A `Panel` is one figure (one PNG), made of `Plot`s side by side (one axes each).
 `panels_for(runs)` keeps the panels and plots that at least one run has data for.
 Metric names are the ones pref logs into metrics.jsonl: TRL's names for DPO-style
-rewards (`rewards/margins`, ...), `reward/*` and `samples/*` for online samples,
+rewards (`rewards/margins`, ...) and a reward model's scores (`margin`, `mean_reward`, ...),
+`reward/*` and `samples/*` for online samples,
 `time/*` for the step's time split, `curriculum/weight/NAME`, `validation/loss`,
 and D2PO's `gold/labels_spent` and `eval/gold_reward`.
 """
@@ -68,8 +69,8 @@ def keys_of(runs: list[Run]) -> list[str]:
 
 
 def loss_panel(runs: list[Run]) -> Panel:
-    # objectives that add terms log them as loss/NAME (loss/dpo, loss/sft, loss/policy, ...)
-    parts = [Line(key, key) for key in keys_of(runs) if key.startswith("loss/")]
+    # objectives that add terms log them as loss/NAME (loss/dpo, loss/policy, ...); an NLL term under TRL's name, nll_loss
+    parts = [Line(key, key) for key in keys_of(runs) if key.startswith("loss/") or key == "nll_loss"]
     return Panel("loss", "Loss", (Plot("training loss", (Line("loss", "loss"), *parts), "loss"),))
 
 
@@ -78,6 +79,16 @@ def rewards_panel(runs: list[Run]) -> Panel:
         Plot("rewards/margins", (Line("rewards/margins", "margin"),), "chosen - rejected"),
         Plot("rewards/accuracies", (Line("rewards/accuracies", "accuracy"),), "share of pairs", ylim=UNIT),
         Plot("rewards/chosen and rewards/rejected", (Line("rewards/chosen", "chosen"), Line("rewards/rejected", "rejected")), "reward"),
+    ))
+
+
+def reward_model_panel(runs: list[Run]) -> Panel:
+    """A trained reward model's scores (TRL RewardTrainer's names): a score head's outputs, not the policy's implicit rewards."""
+    return Panel("reward-model", "Reward model: scores of the answers (TRL names)", (
+        Plot("accuracy", (Line("accuracy", "accuracy"),), "share of pairs", ylim=UNIT),
+        Plot("margin", (Line("margin", "margin"),), "chosen - rejected"),
+        Plot("chosen_reward and rejected_reward", (Line("chosen_reward", "chosen"), Line("rejected_reward", "rejected")), "score"),
+        Plot("min, mean and max reward", (Line("min_reward", "min"), Line("mean_reward", "mean"), Line("max_reward", "max")), "score"),
     ))
 
 
@@ -139,7 +150,7 @@ def gold_panel(runs: list[Run]) -> Panel:
 
 #: Report order: what training optimizes first, then what it produces, then how it ran.
 PANELS: tuple[Callable[[list[Run]], Panel], ...] = (
-    loss_panel, rewards_panel, samples_panel, gold_panel,
+    loss_panel, rewards_panel, reward_model_panel, samples_panel, gold_panel,
     validation_panel, curriculum_panel, optimizer_panel, time_panel,
 )
 

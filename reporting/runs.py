@@ -14,6 +14,13 @@ RUN_FILE = "run.json"  # the same names pref.train, pref.plugins.evaluators and 
 METRICS_FILE = "metrics.jsonl"
 BEST_FILE = "best.json"
 GENERATIONS_FILE = "generations.jsonl"
+#: Metrics that earlier versions of pref logged under another name, {objective ("*": any): {old name: today's name}}: a run is
+#: read with today's names, so the runs a user logged before a rename still plot beside new ones.
+RENAMED = {
+    "*": {"loss/sft": "nll_loss"},  # the DPO family's NLL term, now under TRL's name (CPO's and ORPO's)
+    # a reward model's scores: not DPO's implicit rewards, which the report draws under the old names
+    "reward-model": {"rewards/chosen": "chosen_reward", "rewards/rejected": "rejected_reward"},
+}
 
 
 @dataclass
@@ -24,7 +31,7 @@ class Run:
     config: run.json's resolved configuration, the settings the run started with; versions: its library versions.
     resumes: run.json's resumes, each {"step": N, "changed": {setting: [old, new]}}: the settings a resume from
         step N's checkpoint changed (empty for a run never resumed with changes, and in a run.json older than them).
-    rows: metrics.jsonl, one dict per logged step (`step` and the metrics of that step).
+    rows: metrics.jsonl, one dict per logged step (`step` and the metrics of that step), metrics under today's names (RENAMED).
     best: best.json (`step`, `validation_loss`, `measure`) when the run kept a best model.
     generations: generations.jsonl rows (`step`, `prompt`, `text`).
     seconds: wall time from the run record (written once the model is loaded) to the last logged step,
@@ -83,6 +90,12 @@ def final_config(record: dict[str, Any], before_step: float = math.inf) -> dict[
         if resume["step"] < before_step:
             config.update({key: new for key, (_, new) in resume["changed"].items()})
     return config
+
+
+def with_todays_names(rows: list[dict[str, Any]], objective: Any) -> list[dict[str, Any]]:
+    """`rows` with each metric RENAMED since the run logged it (for `objective`, the run's) under today's name."""
+    names = {**RENAMED["*"], **RENAMED.get(objective, {})} if isinstance(objective, str) else RENAMED["*"]
+    return [{names.get(key, key): value for key, value in row.items()} for row in rows]
 
 
 def read_jsonl(path: str) -> list[dict[str, Any]]:
@@ -157,7 +170,7 @@ def load_run(path: str) -> Run:
         config=record.get("config", {}),
         versions=record.get("versions", {}),
         resumes=record.get("resumes", []),
-        rows=rows,
+        rows=with_todays_names(rows, record.get("config", {}).get("objective")),
         best=best,
         generations=generations,
         seconds=seconds if seconds > 0 else None,

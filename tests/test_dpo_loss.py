@@ -439,7 +439,7 @@ def test_objective_sft_term():
     plain, _ = DPO().loss(IdPolicy(), IdReference(), id_batch())
     loss, metrics = DPO(sft_weight=0.5).loss(IdPolicy(), IdReference(), id_batch())
     assert loss.item() == pytest.approx(plain.item() + 0.225, abs=1e-6)
-    assert metrics["loss/sft"] == pytest.approx(0.45, abs=1e-6)
+    assert metrics["nll_loss"] == pytest.approx(0.45, abs=1e-6)  # TRL's name for CPO's and ORPO's NLL term
     assert metrics["loss/dpo"] == pytest.approx(plain.item(), abs=1e-6)
 
 

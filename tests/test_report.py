@@ -30,7 +30,7 @@ def online_rows(steps, seed):
     rows = []
     for step in range(1, steps + 1):
         rows.append({
-            "step": step, "loss": 3.0 - 0.01 * step - 0.1 * seed, "loss/dpo": 0.69 - 0.001 * step, "loss/sft": 2.3,
+            "step": step, "loss": 3.0 - 0.01 * step - 0.1 * seed, "loss/dpo": 0.69 - 0.001 * step, "nll_loss": 2.3,
             "rewards/chosen": 0.01 * step, "rewards/rejected": -0.005 * step, "rewards/accuracies": min(1.0, 0.5 + 0.02 * step),
             "rewards/margins": 0.015 * step, "reward/mean": 0.5 + 0.01 * step, "reward/std": 0.3, "reward/max": 1.0,
             "samples/distinct_ratio": 0.4 + 0.005 * step + 0.01 * seed, "samples/entropy": 3.0 + 0.02 * step,
@@ -67,7 +67,7 @@ def test_one_online_run_draws_its_panels_and_no_others(tmp_path):
     assert list(figures) == ["loss", "rewards", "samples", "optimizer", "time"]  # no validation, curriculum, gold
 
     loss = axes_by_title(figures["loss"])["training loss"]
-    assert [line.get_label() for line in loss.get_lines()] == ["loss", "loss/dpo", "loss/sft"]
+    assert [line.get_label() for line in loss.get_lines()] == ["loss", "loss/dpo", "nll_loss"]
     assert list(loss.get_lines()[0].get_xdata()) == list(range(1, 21))
     assert loss.get_lines()[0].get_ydata()[0] == pytest.approx(2.99)
     assert loss.get_xlabel() == "step" and loss.get_legend() is not None
@@ -104,6 +104,34 @@ def test_two_runs_share_the_axes_with_a_legend(tmp_path):
     assert len(loss.get_lines()) == 6 and loss.get_lines()[1].get_label() == "seed0: loss/dpo"
     assert loss.get_lines()[0].get_linestyle() != loss.get_lines()[1].get_linestyle()  # colour per run, style per metric
     assert [tick.get_text() for tick in axes_by_title(figures["time"])["median seconds per step"].get_xticklabels()] == ["seed0", "seed1"]
+
+
+def reward_model_rows(steps, old_names=False):
+    """metrics.jsonl rows of a reward-model run; `old_names`: as pref logged its scores before they were renamed."""
+    chosen, rejected = ("rewards/chosen", "rewards/rejected") if old_names else ("chosen_reward", "rejected_reward")
+    return [{"step": step, "loss": 0.7 - 0.01 * step, "accuracy": 0.6, "margin": 0.1 * step, chosen: 0.05 * step, rejected: -0.05 * step,
+             "mean_reward": 0.0, "min_reward": -1.0, "max_reward": 1.0} for step in range(1, steps + 1)]
+
+
+def test_reward_model_scores_have_their_own_panel_not_the_implicit_rewards(tmp_path):
+    old = write_run(tmp_path / "old", reward_model_rows(3, old_names=True), config={"objective": "reward-model"})
+    new = write_run(tmp_path / "new", reward_model_rows(4), config={"objective": "reward-model"})
+    figures = figures_by_name(load_runs([old, new]))
+    assert "rewards" not in figures  # a score head's outputs are not DPO's implicit rewards
+    plots = axes_by_title(figures["reward-model"])
+    assert set(plots) == {"accuracy", "margin", "chosen_reward and rejected_reward", "min, mean and max reward"}
+    scores = plots["chosen_reward and rejected_reward"].get_lines()
+    assert [line.get_label() for line in scores] == ["old: chosen", "old: rejected", "new: chosen", "new: rejected"]
+    assert list(scores[0].get_ydata()) == pytest.approx([0.05, 0.1, 0.15])  # the old run's rewards/chosen, under today's name
+
+
+def test_a_run_logged_before_the_nll_term_was_renamed_plots_beside_a_new_one(tmp_path):
+    old_rows = [{("loss/sft" if key == "nll_loss" else key): value for key, value in row.items()} for row in online_rows(3, 0)]
+    runs = load_runs([write_run(tmp_path / "old", old_rows), write_run(tmp_path / "new", online_rows(3, 1))])
+    assert [run.keys().count("nll_loss") for run in runs] == [1, 1] and not runs[0].has("loss/sft")
+    loss = axes_by_title(figures_by_name(runs)["loss"])["training loss"]
+    labels = [line.get_label() for line in loss.get_lines()]
+    assert labels.count("old: nll_loss") == labels.count("new: nll_loss") == 1 and "old: loss/sft" not in labels
 
 
 def test_runs_with_the_same_folder_name_are_told_apart(tmp_path):

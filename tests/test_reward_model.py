@@ -56,7 +56,8 @@ def test_reward_model_run_and_the_reward_that_loads_it(tmp_path, tiny_model_dir,
         out = train(config, load_registry())
     assert reports == []  # the score head is new because it is trained from scratch: transformers' notice would alarm
     lines = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
-    assert {"loss", "accuracy", "margin", "rewards/chosen", "rewards/rejected", "mean_reward"} <= set(lines[0])
+    assert {"loss", "accuracy", "margin", "chosen_reward", "rejected_reward", "mean_reward"} <= set(lines[0])
+    assert not {"rewards/chosen", "rewards/rejected"} & set(lines[0])  # DPO's implicit rewards' names: the report drew them as such
     assert lines[-1]["loss"] < lines[0]["loss"]
     final = os.path.join(out, "final")
     assert AutoModelForSequenceClassification.from_pretrained(final).config.num_labels == 1
