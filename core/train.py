@@ -428,6 +428,9 @@ def train_policy(config: RunConfig, registry: Registry) -> tuple[str, HFPolicy]:
     best = read_best(out_dir, start_step)
 
     # -- the loop -------------------------------------------------------------------
+    # TRL's num_tokens: the real tokens (prompts and answers, every process's) trained on since the run began, so the count goes on
+    # across a resume; None, and not logged, after a resume from a checkpoint written before pref kept it
+    tokens_seen = state.get("num_tokens", None if checkpoint else 0)
     stopped, unlogged, evaluated = "", None, state.get("evaluated", False)  # unlogged: the last step's (step, figures) when log_every skipped it; evaluated: it was
     with loggers_running(loggers, config.steps, start_step):
         for step in range(start_step + 1, config.steps + 1):
@@ -485,6 +488,9 @@ def train_policy(config: RunConfig, registry: Registry) -> tuple[str, HFPolicy]:
             totals["lr"] = scheduler.get_last_lr()[0]
             totals["tokens/padding_fraction"] = 1 - real_tokens / max(1, padded_tokens)
             totals["tokens/per_second"] = real_tokens / (time.perf_counter() - t_start)  # real tokens, data included
+            if tokens_seen is not None:
+                tokens_seen += sum(processes.gather([real_tokens]))
+                totals["num_tokens"] = float(tokens_seen)
 
             # evaluate and keep the best model (every process gets the same figures)
             evaluated = bool(plan.evaluators) and (step == config.steps or bool(config.eval_every and step % config.eval_every == 0))
@@ -506,7 +512,7 @@ def train_policy(config: RunConfig, registry: Registry) -> tuple[str, HFPolicy]:
             # checkpoint
             if config.save_every and step % config.save_every == 0 and step < config.steps:
                 check_weights(params, step, config)
-                save_state = {"seed": config.seed, "data": data.state(), "world": world, "evaluated": evaluated}
+                save_state = {"seed": config.seed, "data": data.state(), "world": world, "evaluated": evaluated, "num_tokens": tokens_seen}
                 rng_states, objective_states = processes.gather([rng_state()]), processes.gather([objective.state_dict()])
                 save_checkpoint(out_dir, step, trained, save_state, rng_states, objective_states, config.keep_checkpoints,
                                 write=accelerator.is_main_process)  # every process: a sharded model is gathered first

@@ -107,15 +107,14 @@ class SFT(Objective):
         self.loss_type = loss_type
 
     def loss(self, policy: Policy, reference: Reference | None, batch: LabeledBatch) -> tuple[torch.Tensor, dict[str, float]]:
-        """Mean token NLL over the accepted rows' completions; metrics: the token count and mean token log-prob."""
+        """Mean token NLL over the accepted rows' completions; metric: the mean token log-prob (the loop logs TRL's `num_tokens`)."""
         keep = batch.labels.bool()
         sequences = batch.sequences if bool(keep.all()) else batch.sequences.select(torch.nonzero(keep).flatten())
         if len(sequences) == 0:
             raise PrefError("sft: a batch held no accepted answer to learn; the data has rows labelled rejected only")
         out = policy.logps(sequences)
         loss = sft_loss(out.tokens, out.mask, self.loss_type)
-        tokens = out.mask.sum()
-        return loss, {"num_tokens": float(tokens), "logps/mean": (out.tokens.detach().sum() / tokens.clamp(min=1)).item()}
+        return loss, {"logps/mean": (out.tokens.detach().sum() / out.mask.sum().clamp(min=1)).item()}
 
 
 @hookimpl

@@ -4,7 +4,7 @@ Usage: distributed_train.py MODEL PREFS DEVICE OUT_DIR REPORT_DIR
 
 Each process writes to REPORT_DIR:
 - `weights-rank<k>.txt`: `weights_hash` of the model it holds after training;
-- `seen-rank<k>.json`: per step, the chosen completions it trained on and its own loss.
+- `seen-rank<k>.json`: per step, the chosen completions it trained on, its own loss and its batch's real tokens.
 """
 
 import hashlib
@@ -39,7 +39,8 @@ def recording_plugin(seen: list[dict]) -> object:
             chosen = batch.chosen
             rows = [ids[mask.bool()].tolist() for ids, mask in zip(chosen.input_ids, chosen.completion_mask)]
             texts = policy.tokenizer.batch_decode(rows, skip_special_tokens=True)
-            seen.append({"chosen": [t.strip() for t in texts], "loss": loss.item()})
+            tokens = int(chosen.attention_mask.sum() + batch.rejected.attention_mask.sum())
+            seen.append({"chosen": [t.strip() for t in texts], "loss": loss.item(), "tokens": tokens})
             return loss, metrics
 
     class Plugin:

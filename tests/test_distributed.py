@@ -4,6 +4,7 @@
 weights it ends with and the rows it trained on.
 """
 
+import itertools
 import json
 import os
 import socket
@@ -82,6 +83,8 @@ def test_two_processes_train_as_one_job(tiny_model_dir, prefs_file, private_cach
     assert [line["step"] for line in lines] == list(range(1, STEPS + 1))
     for step, line in enumerate(lines):
         assert line["loss"] == pytest.approx((seen[0][step]["loss"] + seen[1][step]["loss"]) / 2, rel=1e-5)
+    # TRL's num_tokens: the tokens of both processes' batches, summed over the run
+    assert [line["num_tokens"] for line in lines] == list(itertools.accumulate(a["tokens"] + b["tokens"] for a, b in zip(*seen)))
 
     # a checkpoint keeps the random state of every process
     checkpoint = run_dir / f"checkpoint-{SAVE_EVERY:06d}"

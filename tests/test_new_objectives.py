@@ -68,6 +68,7 @@ def test_sft_trains_from_the_cli_on_prompt_completion_and_messages(tmp_path, tin
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     lines = pref_run(tmp_path, tiny_model_dir, "--objective", "sft", "--dataset", str(data), "--steps", "3", "--batch-size", "2")
     assert lines[0]["loss"] == pytest.approx(-lines[0]["logps/mean"], abs=1e-5)
+    assert 0 < lines[0]["num_tokens"] < lines[1]["num_tokens"] < lines[2]["num_tokens"]  # TRL's: the tokens trained on so far, not per batch
 
     from pref.plugins.sft import CompletionData
 

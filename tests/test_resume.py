@@ -64,6 +64,12 @@ def test_resume_cuts_the_log_back_and_works_from_another_directory(tmp_path, tin
     record = json.load(open(tmp_path / "run" / "run.json"))
     assert record["config"]["dataset"] == [str(data / "prefs.jsonl")]  # absolute, not as typed
 
+    # a checkpoint from before pref kept the count of tokens trained on: the run goes on without logging a wrong num_tokens
+    state_file = tmp_path / "run" / "checkpoint-000002" / "state.json"
+    state = json.loads(state_file.read_text())
+    assert state.pop("num_tokens") > 0
+    state_file.write_text(json.dumps(state))
+
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
@@ -71,6 +77,8 @@ def test_resume_cuts_the_log_back_and_works_from_another_directory(tmp_path, tin
     assert result.exit_code == 0, result.output
     assert f"resuming {tmp_path / 'run'} from checkpoint-000002 (step 2 of 4)" in result.stderr  # where it goes on from, said
     assert steps_logged(tmp_path / "run") == [1, 2, 3, 4]  # step 3 logged once, not again after the resume
+    lines = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    assert ["num_tokens" in line for line in lines] == [True, True, False, False]
 
 
 def test_resume_says_when_the_data_moved(tmp_path, tiny_model_dir, prefs_file):

@@ -1,5 +1,6 @@
 """End-to-end offline DPO runs, resume equivalence, and atomic checkpoints."""
 
+import itertools
 import json
 import os
 
@@ -93,8 +94,11 @@ def test_interrupted_and_resumed_run_ends_with_the_same_weights(tmp_path, tiny_m
     assert expected.keys() == got.keys()
     for key in expected:
         assert torch.equal(expected[key], got[key]), key
-    steps = [json.loads(line)["step"] for line in open(os.path.join(broken, "metrics.jsonl"))]
-    assert steps == [1, 2, 3, 4, 5, 6]  # step 3's line from before the crash was cut when resuming from step 2
+    lines = [[json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))] for run in (whole, broken)]
+    assert [line["step"] for line in lines[1]] == [1, 2, 3, 4, 5, 6]  # step 3's line from before the crash was cut when resuming from step 2
+    # TRL's num_tokens counts the tokens trained on since the run began, across the resume
+    tokens = [[line["num_tokens"] for line in run_lines] for run_lines in lines]
+    assert tokens[0] == tokens[1] and all(a < b for a, b in itertools.pairwise(tokens[0]))
 
 
 def test_resume_with_another_seed_is_refused(tmp_path, tiny_model_dir, prefs_file):
