@@ -13,6 +13,9 @@ is built here with its options; its `build(...)` is called once the records are 
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import logging
 import os
 import time
 from dataclasses import dataclass
@@ -25,6 +28,8 @@ from pref.interfaces import (
     NO_REFERENCE, REFERENCE_DISTRIBUTIONS, Adapter, Embedder, Evaluator, Objective, ObjectiveNeeds, PairSelector, Processes, RewardSource, SamplingConfig,
 )
 from pref.registry import Registry
+
+log = logging.getLogger(__name__)
 
 #: Reference kinds a plan resolves to.
 NO_MODEL, FROZEN_MODEL, CACHED_LOGPS = "none", "model", "cached"
@@ -67,11 +72,16 @@ class RunPlan:
         return self.needs.epochs_per_rollout * self.needs.minibatches_per_rollout
 
 
-def resolve_plan(config: RunConfig, registry: Registry, processes: Processes | None = None, start_step: int = 0) -> RunPlan:
+def resolve_plan(config: RunConfig, registry: Registry, processes: Processes | None = None, start_step: int = 0,
+                 recorded: dict[str, Any] | None = None) -> RunPlan:
     """Build every plugin of the run and settle what the config leaves open.
 
     `processes` (the loop's; one process by default) is offered to the objective's factory;
-    `start_step` (a resumed run's checkpoint step) to the evaluators'.
+    `start_step` (a resumed run's checkpoint step) to the evaluators'. `recorded`: a resumed
+    run's settings as its run.json holds them (`recorded_settings`). A setting the plan refuses
+    that holds its recorded value was accepted by the earlier pref that wrote the record: one
+    that pref ignored is left out with a warning; one it used makes the run one this version
+    cannot resume.
     """
     for kind, name in [*(("reward", name) for name in reward_names(config)), ("pair-selector", config.selector), ("embedder", config.embedder)]:
         if name:
@@ -87,31 +97,25 @@ def resolve_plan(config: RunConfig, registry: Registry, processes: Processes | N
     if not isinstance(needs, ObjectiveNeeds):
         raise PrefError(f"objective {config.objective!r} ({registry.get('objective', config.objective).package}): its needs must be "
                         f"a pref.ObjectiveNeeds, not a {type(needs).__name__}")
-    if adapter is not None and needs.moves_reference:
-        raise PrefError(f"{config.objective}'s options move the reference towards the policy (sync_ref_model), but an adapter run's "
-                        "reference is its base model with the adapter off, which cannot move: drop --lora (--adapter) or sync_ref_model")
     datasets = dataset_builders(config.dataset, config, registry, needs)
     validation_datasets = dataset_builders(config.validation_dataset, config, registry, needs, flag="--validation-dataset")
     if not needs.online and not config.dataset:
         raise PrefError(f"objective {config.objective!r} trains on a dataset: pass --dataset FILE")
 
-    takes_reward = needs.online and not needs.own_reward
-    unused = [flag for flag, given, used in [("--reward", config.reward, takes_reward), ("--reward-option", config.reward_options, takes_reward),
-                                             ("--selector", config.selector, needs.uses_selector),
-                                             ("--embedder", config.embedder, needs.uses_selector),
-                                             ("--samples-per-prompt", config.samples_per_prompt, needs.online)] if given and not used]
-    if unused:  # a setting that would change nothing is a mistake to point out, not to ignore
-        if needs.own_reward and unused[0].startswith("--reward"):
-            raise PrefError(f"objective {config.objective!r} brings its own reward, set by its options (-o KEY=VALUE): drop {unused[0]}")
-        how = "learns from every sample it draws" if needs.online else "trains on a dataset"
-        what = "samples nothing" if unused[0] == "--samples-per-prompt" else f"uses no {unused[0].removeprefix('--').removesuffix('-option')}"
-        raise PrefError(f"objective {config.objective!r} {how} and {what}: drop {unused[0]}")
-    if needs.reference == NO_REFERENCE and config.reference in ("model", "cached"):
-        raise PrefError(f"objective {config.objective!r} uses no reference: drop --reference {config.reference}")
-    if config.reference == "cached" and (needs.online or needs.scores_new_rows or needs.reference == REFERENCE_DISTRIBUTIONS):
-        # found only at the first loss otherwise, after the model load and the cache's precompute
-        raise PrefError(f"--reference cached keeps only the summed log-probs of the dataset's rows, and objective {config.objective!r} with "
-                        "these options needs more (its own samples, other pairings, per-token log-probs or a moving reference): use --reference model (or auto)")
+    output_dir = output_folder(config)
+    for refusal in refusals(config, needs, adapter):
+        settings = {key: as_recorded(getattr(config, key)) for key in refusal.settings}
+        if recorded is None or any(key not in recorded or as_recorded(recorded[key]) != value for key, value in settings.items()):
+            raise PrefError(f"{refusal.why}: {refusal.fix}")
+        # the run's own record holds it: an earlier pref accepted it, and the run cannot drop it now as its user could
+        held = ", ".join(f"{key} {json.dumps(value)}" for key, value in settings.items())
+        if refusal.back_then is not None:
+            raise PrefError(f"cannot resume {output_dir} with this version of pref: its run.json records {held}, which this version "
+                            f"refuses ({refusal.why}; earlier versions {refusal.back_then}); start a new run with --output-dir NEW")
+        if processes.rank == 0:
+            log.warning(f"{os.path.join(output_dir, 'run.json')} records {held}, which the earlier pref that wrote it ignored and this "
+                        f"one refuses ({refusal.why}): resuming without it")
+        config = dataclasses.replace(config, **{key: getattr(RunConfig(), key) for key in settings})
 
     reward = selector = embedder = None
     if needs.online:
@@ -140,9 +144,6 @@ def resolve_plan(config: RunConfig, registry: Registry, processes: Processes | N
     # the reward knows how long its answers are; offline, only answers to --test-prompt are sampled
     max_new_tokens = config.max_new_tokens or (reward.max_new_tokens if reward is not None else None) or DEFAULT_MAX_NEW_TOKENS
     sampling = SamplingConfig(max_new_tokens, config.temperature, config.top_p, config.top_k)
-    resumed = os.path.normpath(config.resume) if config.resume else None  # it goes on in its run folder, where its record is checked
-    resumed = os.path.dirname(resumed) if resumed and CHECKPOINT.match(os.path.basename(resumed)) else resumed
-    output_dir = config.output_dir or resumed or os.path.join("runs", f"{config.objective}-{time.strftime('%Y%m%d-%H%M%S')}")
     evaluators = {VALIDATION_LOSS: {}} if config.validation_split or config.validation_dataset else {}
     if config.test_prompts:
         evaluators[TEST_PROMPTS] = {"prompts": list(config.test_prompts)}
@@ -167,6 +168,63 @@ def resolve_plan(config: RunConfig, registry: Registry, processes: Processes | N
         loggers=loggers,
         evaluators=tuple(registry.create("evaluator", name, options, **context) for name, options in evaluators.items()),
     )
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """A setting (or a combination) the plan refuses for this objective: `why: fix` is the error for a user who gave it.
+
+    For a run recorded by an earlier pref, which accepted it: `back_then` says what it did there,
+    or is None where that pref ignored it (the run trained as if it were not there)."""
+
+    settings: tuple[str, ...]  # the RunConfig fields it is about
+    why: str
+    fix: str
+    back_then: str | None = None
+
+
+def refusals(config: RunConfig, needs: ObjectiveNeeds, adapter: Adapter | None) -> list[Refusal]:
+    """The settings of `config` that objective `config.objective`, with these `needs`, refuses (the first is the error)."""
+    name, found = config.objective, []
+    if adapter is not None and needs.moves_reference:
+        found.append(Refusal(("adapter", "objective_options"),
+                             f"{name}'s options move the reference towards the policy (sync_ref_model), but an adapter run's reference is "
+                             "its base model with the adapter off, which cannot move", "drop --lora (--adapter) or sync_ref_model",
+                             back_then="failed at the reference's first sync"))
+    takes_reward = needs.online and not needs.own_reward
+    how = "learns from every sample it draws" if needs.online else "trains on a dataset"
+    # a setting that would change nothing is a mistake to point out, not to ignore (earlier versions ignored these)
+    for flag, setting, used in [("--reward", "reward", takes_reward), ("--reward-option", "reward_options", takes_reward),
+                                ("--selector", "selector", needs.uses_selector), ("--embedder", "embedder", needs.uses_selector),
+                                ("--samples-per-prompt", "samples_per_prompt", needs.online)]:
+        if getattr(config, setting) and not used:
+            if needs.own_reward and setting.startswith("reward"):
+                why = f"objective {name!r} brings its own reward, set by its options (-o KEY=VALUE)"
+            else:
+                what = "samples nothing" if flag == "--samples-per-prompt" else f"uses no {flag.removeprefix('--').removesuffix('-option')}"
+                why = f"objective {name!r} {how} and {what}"
+            found.append(Refusal((setting,), why, f"drop {flag}"))
+    if needs.reference == NO_REFERENCE and config.reference in ("model", "cached"):
+        found.append(Refusal(("reference",), f"objective {name!r} uses no reference", f"drop --reference {config.reference}"))
+    elif config.reference == "cached" and (needs.online or needs.scores_new_rows or needs.reference == REFERENCE_DISTRIBUTIONS):
+        # found only at the first loss otherwise, after the model load and the cache's precompute
+        found.append(Refusal(("reference",),
+                             f"--reference cached keeps only the summed log-probs of the dataset's rows, and objective {name!r} with these options "
+                             "needs more (its own samples, other pairings, per-token log-probs or a moving reference)",
+                             "use --reference model (or auto)", back_then="failed at the run's first loss"))
+    return found
+
+
+def output_folder(config: RunConfig) -> str:
+    """Where the run writes: `--output-dir`, a resumed run's own folder, or runs/OBJECTIVE-TIMESTAMP."""
+    resumed = os.path.normpath(config.resume) if config.resume else None  # it goes on in its run folder, where its record is checked
+    resumed = os.path.dirname(resumed) if resumed and CHECKPOINT.match(os.path.basename(resumed)) else resumed
+    return config.output_dir or resumed or os.path.join("runs", f"{config.objective}-{time.strftime('%Y%m%d-%H%M%S')}")
+
+
+def as_recorded(value: Any) -> Any:
+    """`value` as run.json holds it (tuples as lists, paths as strings)."""
+    return json.loads(json.dumps(value, default=str))
 
 
 def resolve_reward(config: RunConfig, registry: Registry, objective: Objective) -> RewardSource:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 import socket
 import time
@@ -206,12 +207,24 @@ def moved_data(file_config: dict[str, Any]) -> str | None:
     return None
 
 
-def resumed_record(record: dict[str, Any], out_dir: str, step: int, builders: Iterable[str] = ()) -> dict[str, Any]:
+def recorded_settings(out_dir: str, step: float = math.inf) -> dict[str, Any] | None:
+    """The settings run.json in `out_dir` records for a checkpoint of step `step`: those the run started with and its
+    earlier resumes' changes. None where there is no readable record (a checkpoint copied alone)."""
+    try:
+        with open(os.path.join(out_dir, RUN_FILE), encoding="utf-8") as f:
+            return final_config(json.load(f), step)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
+def resumed_record(record: dict[str, Any], out_dir: str, step: int, builders: Iterable[str] = (),
+                   default_reward: str | None = None) -> dict[str, Any]:
     """The run.json of a run resumed from step `step`'s checkpoint; `record` is the one today's settings alone would give.
 
     It keeps the settings the run started with and adds {"step": step, "changed": {setting: [old, new]}} to its
     `resumes` when a setting changed (resumes from this step on are dropped: their steps are trained again).
     A changed FIXED_ON_RESUME setting is a PrefError, except a model or data path that is gone, given anew.
+    `default_reward`: the reward the run uses when it names none (its objective's), which an earlier pref recorded as none.
     """
     now = json.loads(json.dumps(record["config"], default=str))  # as run.json holds it
     if now["steps"] < step:
@@ -221,6 +234,8 @@ def resumed_record(record: dict[str, Any], out_dir: str, step: int, builders: It
             earlier = json.load(f)
         before, resumes = final_config(earlier, step), [r for r in earlier.get("resumes", []) if r["step"] < step]
         before.update(absolute_entries(before, builders))  # a run.json from before paths were recorded absolute holds them as given
+        if before.get("reward") is None and default_reward:  # today's pref records the default it resolved
+            before["reward"] = default_reward
     except (OSError, ValueError, KeyError, TypeError, AttributeError):  # no record of its own (a checkpoint copied alone): today's settings
         return record
     changed = {key: [before[key], value] for key, value in now.items()

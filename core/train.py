@@ -31,14 +31,16 @@ from pref.errors import NoUsablePairs, PrefError
 from pref.examples import prompt_of
 from pref.interfaces import Adapter, MetricsLogger, Processes, Reference, SecondModel
 from pref.models import DEFAULT_MODEL, SCORE_HEAD, load_tokenizer, prepare_for_training, quiet_new_heads
-from pref.plan import CACHED_LOGPS, NO_MODEL, RunPlan, resolve_plan
+from pref.plan import CACHED_LOGPS, NO_MODEL, RunPlan, output_folder, resolve_plan
 from pref.policy import HFPolicy, unwrap
 from pref.precision import AUTOCAST, keep_trainable_in_float32, resolve_device, resolve_dtype
 from pref.reference import AdaptersOffReference, CachedReference, FrozenReference, cache_dir
 from pref.registry import Registry
 from pref.reporting.card import write_model_card
 from pref.reporting.runs import final_config
-from pref.run_folder import FINAL_DIR, RUN_FILE, absolute_paths, claim_output_dir, release_locks, resume_checkpoint, resumed_record
+from pref.run_folder import (
+    FINAL_DIR, RUN_FILE, absolute_paths, claim_output_dir, recorded_settings, release_locks, resume_checkpoint, resumed_record,
+)
 from pref.sharding import is_sharded, no_gradient_sync, refuse_unsupported, shard, whole_state_dict
 
 log = logging.getLogger(__name__)
@@ -150,9 +152,14 @@ def run_record(config: RunConfig, plan: RunPlan, registry: Registry) -> dict[str
         for i in registry.items()
     ]
     resolved = {"output_dir": plan.output_dir, "max_new_tokens": plan.sampling.max_new_tokens}
-    if plan.reward is not None and not config.reward and plan.needs.reward:  # the objective's default reward, named in the card and report
-        resolved["reward"] = plan.needs.reward
+    if not config.reward and default_reward(plan):  # named in the card and report
+        resolved["reward"] = default_reward(plan)
     return {"config": {**config.to_dict(), **resolved}, "versions": versions, "plugins": plugins}
+
+
+def default_reward(plan: RunPlan) -> str | None:
+    """The reward an online run uses when it names none: its objective's default (None where it brings its own, or is offline)."""
+    return plan.needs.reward if plan.reward is not None and not plan.needs.own_reward else None
 
 
 def read_best(out_dir: str, step: int) -> float:
@@ -338,7 +345,8 @@ def train_policy(config: RunConfig, registry: Registry) -> tuple[str, HFPolicy]:
     start_step = state["step"]
 
     # -- the plan: every plugin built, every open setting resolved, before the slow model load --
-    plan = resolve_plan(config, registry, processes, start_step)
+    recorded = recorded_settings(output_folder(config), start_step) if config.resume else None  # what an earlier pref may have accepted
+    plan = resolve_plan(config, registry, processes, start_step, recorded)
     objective, out_dir = plan.objective, plan.output_dir
     refuse_unsupported(config, world, accelerator.distributed_type, plan.needs.online, plan.needs.moves_reference)
     if config.save_every and config.save_every * config.grad_accum % plan.batches_per_rollout:
@@ -352,7 +360,7 @@ def train_policy(config: RunConfig, registry: Registry) -> tuple[str, HFPolicy]:
                             f"(accelerate launch --num_processes {state['world']}), or start a new run")
         if state["seed"] != config.seed:
             raise PrefError(f"{checkpoint} was trained with seed {state['seed']}, not {config.seed}; resume with --seed {state['seed']}")
-        record = resumed_record(record, out_dir, start_step, registry.names("dataset"))  # the settings the run started with, and what this resume changed
+        record = resumed_record(record, out_dir, start_step, registry.names("dataset"), default_reward(plan))  # the settings the run started with, and what this resume changed
         if accelerator.is_main_process:  # a finished run's last step has no checkpoint: say which steps are trained again
             log.info(f"resuming {out_dir} from {os.path.basename(checkpoint)} (step {start_step} of {config.steps})")
     lock = claim_output_dir(out_dir, bool(config.resume), accelerator)  # before the data and the model: fail fast

@@ -41,6 +41,7 @@ from pref.errors import PrefError
 from pref.examples import Prompt
 from pref.hookspecs import hookimpl
 from pref.interfaces import CandidatePool, Embedder, PairBatch, PairSelector, Policy, Processes, RewardSource, SecondModel, Selection
+from pref.models import SCORE_HEAD, quiet_new_heads
 from pref.plugins.dpo import DPO
 from pref.plugins.reward_model import SequenceScorer, bradley_terry_loss, pair_scores
 from pref.policy import HFPolicy, unwrap
@@ -374,8 +375,9 @@ class D2PO(DPO):
         """Build the discriminator from the policy (or load it); the loop places and trains it."""
         assert isinstance(policy, HFPolicy)
         if self.discriminator_path:
-            classifier = HFPolicy.load(self.discriminator_path, kind="sequence-classifier",
-                                       max_length=policy.max_length, max_prompt_length=policy.max_prompt_length)
+            with quiet_new_heads({SCORE_HEAD}):  # a causal LM gets a new score head, which the run trains: no notice of it
+                classifier = HFPolicy.load(self.discriminator_path, kind="sequence-classifier",
+                                           max_length=policy.max_length, max_prompt_length=policy.max_prompt_length)
         else:
             classifier = HFPolicy(classifier_from(unwrap(policy.model), policy.tokenizer.pad_token_id), policy.tokenizer,
                                   policy.max_length, policy.max_prompt_length)

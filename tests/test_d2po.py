@@ -15,6 +15,7 @@ from pref.plugins.gold_rewards import BagOfWords
 from pref.policy import HFPolicy
 from pref.registry import load_registry
 from pref.train import train, train_second_model
+from test_lora import LoadReports  # tests/ is on sys.path
 
 
 def candidates(gaps):
@@ -167,6 +168,15 @@ def test_state_dict_round_trip(tiny_model_dir):
     assert restored.relabeler.round == candidates([0.5])
     assert restored.discriminator.gold_pairs == GOLD_PAIRS[:2]
     assert "model" not in state  # the discriminator's weights and optimizer are the loop's to checkpoint
+
+
+def test_a_discriminator_started_from_a_causal_lm_loads_without_a_notice_of_its_new_score_head(tiny_model_dir):
+    policy = HFPolicy.load(tiny_model_dir)
+    objective = D2PO(gold=BagOfWords(words=["sea"]), discriminator=tiny_model_dir)  # a causal LM, not a sequence classifier
+    with LoadReports() as reports:  # transformers' "score.weight | MISSING" report: the run trains that head from scratch
+        objective.setup(policy)
+    assert reports == []
+    assert objective.discriminator.model.config.num_labels == 1
 
 
 def test_d2po_run_writes_discriminator_and_gold_metrics(tmp_path, tiny_model_dir):

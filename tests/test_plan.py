@@ -1,6 +1,8 @@
 """The run plan: the reference each objective's needs and `--reference` give, K and max_new_tokens
 resolved once without touching the config, and a reference-cache miss that names cause and fix."""
 
+import os
+
 import pytest
 import torch
 
@@ -70,6 +72,41 @@ def test_a_setting_the_objective_would_not_use_is_refused(prefs_file, objective,
     config = build_config(flags={"objective": objective, "dataset": [prefs_file], **flags})
     with pytest.raises(PrefError, match=message):
         resolve_plan(config, load_registry())
+
+
+def test_a_resumed_run_recorded_with_a_setting_an_earlier_pref_ignored_resumes_without_it(prefs_file, caplog):
+    registry = load_registry()
+    old = {"objective": "dpo", "dataset": [prefs_file], "samples_per_prompt": 4, "reward_options": {"min_zipf": 3}, "resume": "runs/old"}
+    config = build_config(flags=old)
+    plan = resolve_plan(config, registry, recorded=config.to_dict())
+    assert plan.samples_per_prompt == plan.needs.samples_per_prompt and plan.reward is None
+    assert config.samples_per_prompt == 4  # the record keeps what the run was started with
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warnings == [f"{os.path.join('runs', 'old', 'run.json')} records {key}, which the earlier pref that wrote it ignored and this one "
+                        f"refuses (objective 'dpo' trains on a dataset and {what}): resuming without it"
+                        for key, what in [('reward_options {"min_zipf": 3}', "uses no reward"), ("samples_per_prompt 4", "samples nothing")]]
+    # given anew (not the recorded value), it is the user's to drop
+    with pytest.raises(PrefError, match="samples nothing: drop --samples-per-prompt"):
+        resolve_plan(build_config(flags={**old, "samples_per_prompt": 2}), registry, recorded=config.to_dict())
+    # online without a reference: the recorded --reference cached and --embedder were ignored too; nothing is built for them
+    config = build_config(flags={"objective": "grpo", "reward": "repetition", "reference": "cached", "embedder": "wordnet",
+                                 "resume": "runs/old"})
+    plan = resolve_plan(config, registry, recorded=config.to_dict())
+    assert plan.reference == NO_MODEL and plan.embedder is None
+
+
+@pytest.mark.parametrize("flags, message", [
+    ({"objective": "online-dpo", "reward": "noun-diversity", "reference": "cached"},
+     r'records reference "cached", which this version refuses \(--reference cached keeps only the summed log-probs of the dataset\'s rows, '
+     r"and objective 'online-dpo' .*; earlier versions failed at the run's first loss\); start a new run with --output-dir NEW$"),
+    ({"objective": "dpo", "adapter": "lora", "objective_options": {"sync_ref_model": True}},
+     r'records adapter "lora", objective_options \{"sync_ref_model": true\}, which this version refuses \(.*cannot move; earlier versions '
+     r"failed at the reference's first sync\); start a new run with --output-dir NEW$"),
+])
+def test_a_resumed_run_recorded_with_a_setting_an_earlier_pref_used_is_one_it_cannot_resume(prefs_file, flags, message):
+    config = build_config(flags={"dataset": [prefs_file], **flags, "resume": "runs/old/checkpoint-000002"})
+    with pytest.raises(PrefError, match=f"^cannot resume {os.path.join('runs', 'old')} with this version of pref: its run.json {message}"):
+        resolve_plan(config, load_registry(), recorded=config.to_dict())
 
 
 def test_a_cache_miss_names_the_cause_and_the_fix():

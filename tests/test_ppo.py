@@ -290,9 +290,18 @@ def test_ppo_run_trains_policy_and_value_head_and_checkpoints_both(tmp_path, tin
     assert state["data"]["rollouts"] == 1  # checkpoints fall between rollouts: a resume draws the second one
     assert load_file(os.path.join(out, "final", "model.safetensors"))  # the policy itself is saved as usual
 
+    # an earlier pref recorded the objective's default reward (repetition) as none: the run is resumed without naming it,
+    # and only another reward is a change a resume cannot make
+    record = json.load(open(os.path.join(out, "run.json")))
+    record["config"]["reward"] = None
+    json.dump(record, open(os.path.join(out, "run.json"), "w"))
+    with pytest.raises(PrefError, match=r'^cannot resume .* with reward "bag-of-words": it was trained with reward "repetition"'):
+        ppo_run(tmp_path, tiny_model_dir, reward="bag-of-words", resume=out, objective_options={"ppo_epochs": 2, "beta": 0.1})
     # resuming from step 2 restores the value head and the KL coefficient and finishes the run
-    _, resumed = ppo_run(tmp_path, tiny_model_dir, resume=out, objective_options={"ppo_epochs": 2, "beta": 0.1})
+    _, resumed = ppo_run(tmp_path, tiny_model_dir, reward=None, resume=out, objective_options={"ppo_epochs": 2, "beta": 0.1})
     assert resumed[-1]["step"] == 4
+    record = json.load(open(os.path.join(out, "run.json")))
+    assert record["config"]["reward"] is None and record["resumes"] == [{"step": 2, "changed": {"save_every": [2, 0]}}]  # not the reward
 
 
 def test_ppo_with_minibatches_fixed_kl_and_k3(tmp_path, tiny_model_dir):

@@ -127,14 +127,24 @@ def test_a_resume_through_the_library_goes_on_in_the_run_folder(stopped_run, tin
     assert record(stopped_run)["resumes"] == [{"step": 1, "changed": {"steps": [2, 3]}}]
 
 
-def test_a_run_json_with_relative_paths_resumes_where_they_lead(stopped_run, monkeypatch):
-    # a run.json written before paths were recorded absolute holds them as they were given
+def test_a_run_json_of_an_earlier_pref_resumes_with_its_relative_paths_and_the_settings_it_ignored(stopped_run, monkeypatch):
     monkeypatch.chdir(stopped_run.parent)
     old = record(stopped_run)
-    old["config"]["dataset"] = ["prefs.jsonl"]
+    # one that used a setting this pref refuses (the reference cache of a TR-DPO run failed at its first loss) cannot go on
+    refused = {**old["config"], "reference": "cached", "objective_options": {"sync_ref_model": True}}
+    (stopped_run / "run.json").write_text(json.dumps({**old, "config": refused}))
+    result = pref("--resume", "run", "--steps", 3)
+    assert result.exit_code == 2, result.output
+    assert result.stderr.splitlines()[-1].startswith('Error: cannot resume run with this version of pref: its run.json records reference "cached", '
+                                                     "which this version refuses (--reference cached keeps only")
+    # a run.json written before paths were recorded absolute holds them as they were given; -k and --reward-option
+    # on an offline objective were accepted and ignored, as this pref would not have them: left out, with a note
+    old["config"].update({"dataset": ["prefs.jsonl"], "samples_per_prompt": 4, "reward_options": {"min_zipf": 3}})
     (stopped_run / "run.json").write_text(json.dumps(old))
     result = pref("--resume", "run", "--steps", 3)
     assert result.exit_code == 0, result.output
+    assert (f"{os.path.join('run', 'run.json')} records samples_per_prompt 4, which the earlier pref that wrote it ignored and this one refuses "
+            "(objective 'dpo' trains on a dataset and samples nothing): resuming without it") in result.stderr.splitlines()
     assert record(stopped_run)["resumes"] == [{"step": 1, "changed": {"steps": [2, 3]}}]
 
 
