@@ -3,7 +3,8 @@
 https://arxiv.org/abs/2403.07691. The loss is the NLL of the chosen answers plus lambda
 (TRL's `beta`) times -log sigmoid of the log odds ratio between the chosen and the
 rejected answer, with odds(y) = P(y) / (1 - P(y)) over per-token average log-probs.
-Matches TRL 1.16's `trl.experimental.orpo.ORPOTrainer`.
+Matches TRL 1.16's `trl.experimental.orpo.ORPOTrainer`, except that the NLL is over the chosen
+answer's tokens, as in the paper, where TRL's counts the prompt's tokens too.
 """
 
 from __future__ import annotations
