@@ -1,9 +1,11 @@
 """The hooks a pref plugin can implement.
 
-Each hook receives a `register(name, factory, description=None)` callback, so
-one plugin module can register several items. The host, not the plugin,
+Each hook receives a `register(name, factory, description=None, requires=None)` callback,
+so one plugin module can register several items. The host, not the plugin,
 handles duplicate names. `factory` is called with the user's options as
 keyword arguments and returns the item (usually it is the class itself).
+`requires` names the modules the item imports (a list, or a dict of module ->
+what `pip install` takes): a run that lacks one stops before the model loads.
 """
 
 import pluggy

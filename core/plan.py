@@ -87,8 +87,8 @@ def resolve_plan(config: RunConfig, registry: Registry, processes: Processes | N
         if name:
             registry.get(kind, name)  # a misspelled name fails even where the run would not use it
     loggers = (*config.loggers, *([PROGRESS] if config.progress and PROGRESS not in config.loggers else []))
-    for name in loggers:
-        registry.get("logger", name)
+    for name in loggers:  # built after the model load: a missing package (pip install 'pref[wandb]') fails now
+        registry.get("logger", name).check_requires()
 
     adapter = registry.create("adapter", config.adapter, config.adapter_options) if config.adapter else None
     processes = processes or Processes()

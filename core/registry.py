@@ -10,11 +10,13 @@ entry-point group. Environment variables:
 
 from __future__ import annotations
 
+import importlib.util
 import inspect
 import os
+import shlex
 import sys
 import typing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import metadata
 from typing import Any, Callable
 
@@ -53,10 +55,21 @@ class PluginItem:
     plugin: str
     package: str
     version: str
+    requires: dict[str, str] = field(default_factory=dict)  # a module it imports -> what `pip install` takes to get it
 
     @property
     def builtin(self) -> bool:
         return self.package == BUILTIN_DISTRIBUTION
+
+    def check_requires(self) -> None:
+        """A one-line error naming the first module of `requires` that cannot be imported, and the install that gives it."""
+        for module, install in self.requires.items():
+            try:
+                found = importlib.util.find_spec(module) is not None
+            except (ImportError, ValueError):  # a dotted name whose parent is missing
+                found = False
+            if not found:
+                raise PrefError(f"the {self.name} {self.kind} needs the {module} package: pip install {shlex.quote(install)}")
 
 
 @dataclass
@@ -132,7 +145,8 @@ class Registry:
                     self.failures.append(PluginFailure(plugin_name, package, f"{type(exc).__name__}: {exc}"))
 
     def _registrar(self, kind: str, plugin_name: str, package: str, version: str) -> Callable[..., None]:
-        def register(name: str, factory: Callable[..., Any], description: str | None = None) -> None:
+        def register(name: str, factory: Callable[..., Any], description: str | None = None,
+                     requires: dict[str, str] | list[str] | None = None) -> None:
             if description is None:  # the first line of the factory's docstring
                 description = ((inspect.getdoc(factory) or "").strip().splitlines() or [""])[0]
             existing = self._items[kind].get(name)
@@ -141,7 +155,8 @@ class Registry:
                     f"{kind} {name!r} is registered twice: by {existing.plugin} ({existing.package}) "
                     f"and by {plugin_name} ({package}); uninstall one of them or limit loading with PREF_PLUGINS"
                 )
-            self._items[kind][name] = PluginItem(kind, name, factory, description, plugin_name, package, version)
+            needed = {module: module.split(".")[0] for module in requires} if isinstance(requires, (list, tuple)) else dict(requires or {})
+            self._items[kind][name] = PluginItem(kind, name, factory, description, plugin_name, package, version, needed)
 
         return register
 
@@ -166,6 +181,7 @@ class Registry:
         takes a parameter of that name. Unknown option keys are an error that lists the accepted ones.
         """
         item = self.get(kind, name)
+        item.check_requires()
         options = dict(options or {})
         context = {"registry": self, **context}
         params = inspect.signature(item.factory).parameters

@@ -137,5 +137,5 @@ def tokens_per_second(value: float) -> str:
 @hookimpl
 def register_loggers(register):
     register("jsonl", JsonlLogger)
-    register("tensorboard", TensorBoardLogger)
+    register("tensorboard", TensorBoardLogger, requires=["tensorboard"])
     register(PROGRESS, ProgressBar, "progress bar on stderr: steps, ETA, loss, tokens/s; on unless --no-progress")

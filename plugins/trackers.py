@@ -144,6 +144,8 @@ class TrackioLogger(MetricsLogger):
 @hookimpl
 def register_loggers(register):
     # no square brackets in descriptions: `pref list-plugins` prints them through rich, which reads [..] as markup
-    register("wandb", WandbLogger, "Weights & Biases run; needs the wandb extra of pref; WANDB_MODE=offline works without a network")
-    register("mlflow", MlflowLogger, "MLflow run in MLFLOW_TRACKING_URI's store; needs the mlflow extra of pref")
-    register("trackio", TrackioLogger, "Trackio run, local by default; needs the trackio extra of pref")
+    # the packages are checked when the run is planned: the loggers are built after the model load
+    register("wandb", WandbLogger, "Weights & Biases run; needs the wandb extra of pref; WANDB_MODE=offline works without a network",
+             requires={"wandb": "pref[wandb]"})
+    register("mlflow", MlflowLogger, "MLflow run in MLFLOW_TRACKING_URI's store; needs the mlflow extra of pref", requires={"mlflow": "pref[mlflow]"})
+    register("trackio", TrackioLogger, "Trackio run, local by default; needs the trackio extra of pref", requires={"trackio": "pref[trackio]"})

@@ -116,7 +116,7 @@ def test_the_progress_bar_is_a_logger_on_unless_switched_off(prefs_file):
     registry = load_registry()
     flags = {"objective": "dpo", "dataset": [prefs_file]}
     assert resolve_plan(build_config(flags=flags), registry).loggers == ("jsonl", "progress")
-    assert resolve_plan(build_config(flags={**flags, "loggers": ["tensorboard"]}), registry).loggers == ("tensorboard", "progress")
+    assert resolve_plan(build_config(flags={**flags, "loggers": ["wandb"]}), registry).loggers == ("wandb", "progress")
     assert resolve_plan(build_config(flags={**flags, "progress": False}), registry).loggers == ("jsonl",)
     assert resolve_plan(build_config(flags={**flags, "loggers": ["progress", "jsonl"]}), registry).loggers == ("progress", "jsonl")
 

@@ -201,6 +201,28 @@ def test_create_passes_context_only_to_factories_that_take_it(registry):
     assert isinstance(objective, Scaled)
 
 
+def test_a_plugin_names_the_packages_it_needs_and_a_run_without_them_stops_when_planned(prefs_file):
+    from pref.config import build_config
+    from pref.plan import resolve_plan
+
+    class Trackers:
+        @hookimpl
+        def register_loggers(register):
+            register("absent-tracker", Scaled, requires={"pref_test_absent_module": "pref-test-absent[extra]"})
+            register("absent-listed", Scaled, requires=["json", "pref_test_absent.sub"])
+            register("present", Scaled, requires=["json"])
+
+    pm, failures, sources = get_plugin_manager()
+    pm.register(Trackers, name="trackers-of-a-third-party")
+    registry = Registry(pm, failures, sources)
+    config = {"objective": "dpo", "dataset": [prefs_file]}
+    with pytest.raises(PrefError, match=r"^the absent-tracker logger needs the pref_test_absent_module package: pip install 'pref-test-absent\[extra\]'$"):
+        resolve_plan(build_config(flags={**config, "loggers": ["jsonl", "absent-tracker"]}), registry)
+    with pytest.raises(PrefError, match=r"^the absent-listed logger needs the pref_test_absent.sub package: pip install pref_test_absent$"):
+        resolve_plan(build_config(flags={**config, "loggers": ["absent-listed"]}), registry)
+    assert resolve_plan(build_config(flags={**config, "loggers": ["present"]}), registry).loggers == ("present", "progress")
+
+
 def test_same_name_from_two_plugins_is_an_error_naming_both():
     class First:
         @hookimpl

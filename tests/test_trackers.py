@@ -155,6 +155,16 @@ def test_a_missing_tracker_names_its_extra(tmp_path, monkeypatch, logger, module
         logger(str(tmp_path))
 
 
+@pytest.mark.parametrize("module", ["wandb", "mlflow", "trackio"])
+def test_a_missing_tracker_stops_the_run_before_the_model_loads_or_anything_is_written(tmp_path, monkeypatch, prefs_file, module):
+    monkeypatch.setitem(sys.modules, module, None)
+    out = tmp_path / "run"
+    config = build_config(flags={**CONFIG, "dataset": [prefs_file], "loggers": ["jsonl", module], "output_dir": str(out)})
+    with pytest.raises(PrefError, match=rf"^the {module} logger needs the {module} package: pip install 'pref\[{module}\]'$"):
+        train(config, load_registry())  # the plan refuses it: no model is loaded (none is given, the default would be built)
+    assert not out.exists()
+
+
 @pytest.mark.skipif(importlib.util.find_spec("wandb") is None, reason="wandb is not installed")
 def test_a_wandb_run_that_cannot_start_is_a_one_line_error(tmp_path, monkeypatch):
     import wandb
