@@ -54,14 +54,15 @@ class RunConfig:
     max_grad_norm: float = 1.0
     max_length: int = 512
     max_prompt_length: int = 256
-    bucket_window: int = 50  # offline: the sampler "length-buckets" with this window (pref.plugins.length_buckets); 0: plain shuffle
+    bucket_window: int | None = None  # offline: the sampler "length-buckets" with this window; None: 50 (pref.plan.PLAN_DEFAULTS); 0: plain shuffle
     packing: bool = True  # lean log-prob forwards pack rows back to back without padding (pref.packing)
 
     samples_per_prompt: int | None = None  # None: the objective's own K
     max_new_tokens: int | None = None  # None: the reward's own (RewardSource.max_new_tokens), else DEFAULT_MAX_NEW_TOKENS
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
+    # None: 1.0, 1.0, 0 (pref.plan.PLAN_DEFAULTS); a run that samples nothing refuses them given
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
 
     log_every: int = 1
     loggers: list[str] = field(default_factory=lambda: ["jsonl"])
@@ -107,6 +108,7 @@ CHOICES = {
 POSITIVE = ("steps", "batch_size", "grad_accum", "max_length", "max_prompt_length", "log_every", "keep_checkpoints")
 POSITIVE_OR_NONE = ("max_new_tokens", "threads")  # None: resolved later (see RunConfig)
 ZERO_OR_MORE = ("save_every", "eval_every", "warmup_steps", "bucket_window", "top_k")  # 0: off
+RESOLVED_LATER = (*POSITIVE_OR_NONE, "bucket_window", "top_k")  # None: resolved by the plan (see RunConfig)
 TRUE_OR_FALSE = ("fsdp", "packing")
 
 
@@ -236,7 +238,7 @@ def validate(config: RunConfig) -> None:
             raise PrefError(f"{key} must be one of {', '.join(choices)}, not {value!r}")
     for key in POSITIVE + POSITIVE_OR_NONE + ZERO_OR_MORE:
         value, least = getattr(config, key), 0 if key in ZERO_OR_MORE else 1
-        if value is not None or key not in POSITIVE_OR_NONE:
+        if value is not None or key not in RESOLVED_LATER:
             if not isinstance(value, int) or isinstance(value, bool) or value < least:
                 what = "zero or positive (a whole number; 0 is off)" if least == 0 else "a positive whole number"
                 raise PrefError(f"{key} must be {what}, not {value!r}")
@@ -245,9 +247,9 @@ def validate(config: RunConfig) -> None:
             raise PrefError(f"{key} must be true or false, not {getattr(config, key)!r}")
     if config.samples_per_prompt is not None and (not isinstance(config.samples_per_prompt, int) or config.samples_per_prompt < 2):
         raise PrefError(f"samples_per_prompt must be 2 or more, not {config.samples_per_prompt!r}")
-    if not 0 <= config.temperature or isinstance(config.temperature, bool):
+    if config.temperature is not None and (not 0 <= config.temperature or isinstance(config.temperature, bool)):
         raise PrefError(f"temperature must be zero (greedy) or positive, not {config.temperature!r}")
-    if not 0 < config.top_p <= 1:
+    if config.top_p is not None and not 0 < config.top_p <= 1:
         raise PrefError(f"top_p must be above 0 and at most 1, not {config.top_p!r}")
     if not config.weight_decay >= 0:
         raise PrefError(f"weight_decay must be zero or positive, not {config.weight_decay!r}")

@@ -60,7 +60,7 @@ class RunPlan:
     validation_datasets: list[Any]  # a builder per `--validation-dataset` entry
     reference: str  # NO_MODEL, FROZEN_MODEL or CACHED_LOGPS
     samples_per_prompt: int  # K (online)
-    sampling: SamplingConfig  # how online samples and test-prompt answers are drawn
+    sampling: SamplingConfig | None  # how online samples and evaluators' answers (--test-prompt) are drawn; None: the run samples nothing
     output_dir: str
     adapter: Adapter | None = None  # `--adapter` (`--lora`), trained instead of every weight
     loggers: tuple[str, ...] = ()  # `--logger`'s names, and "progress" unless `--no-progress`
@@ -137,13 +137,13 @@ def resolve_plan(config: RunConfig, registry: Registry, processes: Processes | N
                 raise PrefError(f"objective {config.objective!r} has no pair selector of its own: pass --selector NAME (see `pref list-plugins`)")
 
     sampler_name, sampler_options = ("curriculum", config.curriculum_options) if config.curriculum else (config.sampler, config.sampler_options)
-    if not sampler_name and not needs.online and config.bucket_window:  # rows of similar length share a batch: less padding
-        sampler_name, sampler_options = LENGTH_BUCKETS, {"window": config.bucket_window}
+    if not sampler_name and not needs.online and config.bucket_window != 0:  # rows of similar length share a batch: less padding
+        sampler_name, sampler_options = LENGTH_BUCKETS, {"window": setting(config, "bucket_window")}
     sampler = registry.create("sampler", sampler_name, sampler_options) if sampler_name else None
 
-    # the reward knows how long its answers are; offline, only answers to --test-prompt are sampled
+    # the reward knows how long its answers are; offline, only evaluators' answers are sampled
     max_new_tokens = config.max_new_tokens or (reward.max_new_tokens if reward is not None else None) or DEFAULT_MAX_NEW_TOKENS
-    sampling = SamplingConfig(max_new_tokens, config.temperature, config.top_p, config.top_k)
+    sampling = SamplingConfig(max_new_tokens, *(setting(config, key) for key in ("temperature", "top_p", "top_k"))) if draws_answers(config, needs) else None
     evaluators = {VALIDATION_LOSS: {}} if config.validation_split or config.validation_dataset else {}
     if config.test_prompts:
         evaluators[TEST_PROMPTS] = {"prompts": list(config.test_prompts)}
@@ -193,15 +193,26 @@ def refusals(config: RunConfig, needs: ObjectiveNeeds, adapter: Adapter | None) 
                              back_then="failed at the reference's first sync"))
     takes_reward = needs.online and not needs.own_reward
     how = "learns from every sample it draws" if needs.online else "trains on a dataset"
+    answers_drawn = draws_answers(config, needs)
+    answers_sampled = needs.online or bool(config.evaluator)  # --test-prompt's answers are greedy: only their length is set
     # a setting that would change nothing is a mistake to point out, not to ignore (earlier versions ignored these)
     for flag, setting, used in [("--reward", "reward", takes_reward), ("--reward-option", "reward_options", takes_reward),
                                 ("--selector", "selector", needs.uses_selector), ("--embedder", "embedder", needs.uses_selector),
-                                ("--samples-per-prompt", "samples_per_prompt", needs.online)]:
-        if getattr(config, setting) and not used:
+                                ("--samples-per-prompt", "samples_per_prompt", needs.online), ("--max-new-tokens", "max_new_tokens", answers_drawn),
+                                ("--temperature", "temperature", answers_sampled), ("--top-p", "top_p", answers_sampled),
+                                ("--top-k", "top_k", answers_sampled),
+                                ("--bucket-window", "bucket_window", not (needs.online or config.curriculum or config.sampler))]:
+        if (was_given(config, setting) if setting in PLAN_DEFAULTS else getattr(config, setting)) and not used:
             if needs.own_reward and setting.startswith("reward"):
                 why = f"objective {name!r} brings its own reward, set by its options (-o KEY=VALUE)"
+            elif setting == "bucket_window" and not needs.online:
+                why = f"{'--curriculum' if config.curriculum else f'--sampler {config.sampler}'} orders the records instead of the length buckets"
             else:
-                what = "samples nothing" if flag == "--samples-per-prompt" else f"uses no {flag.removeprefix('--').removesuffix('-option')}"
+                what = f"uses no {flag.removeprefix('--').removesuffix('-option')}"
+                if flag in SAMPLING_FLAGS:
+                    what = "answers --test-prompt greedily" if config.test_prompts else "samples nothing"
+                elif setting == "bucket_window":
+                    what = "batches no dataset rows by length"
                 why = f"objective {name!r} {how} and {what}"
             found.append(Refusal((setting,), why, f"drop {flag}"))
     if needs.reference == NO_REFERENCE and config.reference in ("model", "cached"):
@@ -225,6 +236,30 @@ def output_folder(config: RunConfig) -> str:
 def as_recorded(value: Any) -> Any:
     """`value` as run.json holds it (tuples as lists, paths as strings)."""
     return json.loads(json.dumps(value, default=str))
+
+
+#: The flags of sampling, refused by a run that samples nothing (an offline one without evaluators).
+SAMPLING_FLAGS = ("--samples-per-prompt", "--max-new-tokens", "--temperature", "--top-p", "--top-k")
+#: What the plan makes of these settings left at None (bucket_window offline; max_new_tokens where the reward has no length of
+#: its own). run.json recorded these values until the settings defaulted to None: a resume of such a run carries them unasked.
+PLAN_DEFAULTS = {"max_new_tokens": DEFAULT_MAX_NEW_TOKENS, "temperature": 1.0, "top_p": 1.0, "top_k": 0, "bucket_window": 50}
+
+
+def draws_answers(config: RunConfig, needs: ObjectiveNeeds) -> bool:
+    """Whether the run draws answers from the policy: online, or offline only for its evaluators (--test-prompt, --evaluator)."""
+    return needs.online or bool(config.test_prompts or config.evaluator)
+
+
+def was_given(config: RunConfig, key: str) -> bool:
+    """Whether the user set `key`, not counting a value an older run.json recorded by default."""
+    value = getattr(config, key)
+    return value is not None and not (config.resume and value == PLAN_DEFAULTS[key])
+
+
+def setting(config: RunConfig, key: str) -> Any:
+    """The value of `key` the run uses: the config's, or the plan's default."""
+    value = getattr(config, key)
+    return PLAN_DEFAULTS[key] if value is None else value
 
 
 def resolve_reward(config: RunConfig, registry: Registry, objective: Objective) -> RewardSource:

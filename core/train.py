@@ -151,7 +151,9 @@ def run_record(config: RunConfig, plan: RunPlan, registry: Registry) -> dict[str
         {"kind": i.kind, "name": i.name, "package": i.package, "version": i.version}
         for i in registry.items()
     ]
-    resolved = {"output_dir": plan.output_dir, "max_new_tokens": plan.sampling.max_new_tokens}
+    resolved = {"output_dir": plan.output_dir}
+    if plan.sampling is not None:  # a run that samples nothing (offline, no evaluator) names no answer length in its record or card
+        resolved["max_new_tokens"] = plan.sampling.max_new_tokens
     if not config.reward and default_reward(plan):  # named in the card and report
         resolved["reward"] = default_reward(plan)
     return {"config": {**config.to_dict(), **resolved}, "versions": versions, "plugins": plugins}

@@ -29,10 +29,12 @@ def format_value(value: Any) -> str:
 
 
 def defaults_for(config: dict[str, Any]) -> dict[str, Any]:
-    """pref's defaults for a run on the same model (learning rate and threads depend on it)."""
+    """pref's defaults for a run on the same model (learning rate and threads depend on it), those the plan resolves (temperature,
+    ...) as it does: a run.json that recorded them (as older ones did) shows and reproduces them as defaults."""
     from pref.config import build_config
+    from pref.plan import PLAN_DEFAULTS
 
-    return build_config(flags={"model": config.get("model")}).to_dict()
+    return {**build_config(flags={"model": config.get("model")}).to_dict(), **PLAN_DEFAULTS}
 
 
 def key_options(config: dict[str, Any]) -> list[str]:
@@ -41,7 +43,7 @@ def key_options(config: dict[str, Any]) -> list[str]:
     defaults = defaults_for(config)
     items = [f"{key}={format_value(config[key])}" for key in KEY_SETTINGS if config.get(key) not in (None, [], {})]
     for key, value in config.items():
-        if key in KEY_SETTINGS or key in HOUSEKEEPING or key in ("objective", "model") or key.endswith("_options") or value == defaults.get(key):
+        if key in KEY_SETTINGS or key in HOUSEKEEPING or key in ("objective", "model") or key.endswith("_options") or value in (None, defaults.get(key)):
             continue
         items.append(f"{key}={format_value(value)}")
     for group in ("objective", "reward", "dataset", "selector", "embedder", "curriculum"):

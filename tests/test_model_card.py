@@ -76,6 +76,26 @@ def test_the_command_spells_options_and_puts_the_rest_in_a_config_file():
     assert "holding the settings the command does not spell out:\n\n```yaml\nembedder_options:" in text
 
 
+def test_a_run_that_samples_nothing_records_and_spells_no_sampling_settings(prefs_file):
+    from pref.plan import PLAN_DEFAULTS, resolve_plan
+    from pref.registry import load_registry
+    from pref.train import run_record
+
+    registry = load_registry()
+
+    def recorded(**flags):
+        config = build_config(flags=flags)
+        return run_record(config, resolve_plan(config, registry), registry)["config"]
+
+    offline = recorded(objective="dpo", dataset=[prefs_file])
+    assert offline["max_new_tokens"] is None and offline["temperature"] is None
+    assert reproduce(offline)[1] == {}  # no run-config.yaml: it held max_new_tokens 32, though nothing was sampled
+    assert recorded(objective="dpo", dataset=[prefs_file], test_prompts=["Hi."])["max_new_tokens"] == 32  # their answers' length
+    online = recorded(objective="divpo")
+    assert online["max_new_tokens"] == 8 and reproduce(online)[1] == {"max_new_tokens": 8}  # the noun reward's, as it sampled
+    assert reproduce({**offline, **PLAN_DEFAULTS})[1] == {}  # an older run.json recorded the defaults: the card spells none
+
+
 def test_the_command_gives_option_texts_back_as_they_were():
     import shlex
 

@@ -8,8 +8,8 @@ import torch
 
 from pref.config import DEFAULT_MAX_NEW_TOKENS, build_config
 from pref.errors import PrefError
-from pref.interfaces import ObjectiveNeeds
-from pref.plan import CACHED_LOGPS, FROZEN_MODEL, NO_MODEL, reference_kind, resolve_plan
+from pref.interfaces import ObjectiveNeeds, SamplingConfig
+from pref.plan import CACHED_LOGPS, FROZEN_MODEL, NO_MODEL, PLAN_DEFAULTS, reference_kind, resolve_plan
 from pref.reference import CachedReference
 from pref.registry import load_registry
 from pref.sequences import Sequences
@@ -54,7 +54,9 @@ def test_an_offline_objective_without_data_fails_before_the_model_loads(prefs_fi
     with pytest.raises(PrefError, match="pass --dataset FILE"):
         resolve_plan(build_config(flags={"objective": "dpo"}), load_registry())
     plan = resolve_plan(build_config(flags={"objective": "dpo", "dataset": [prefs_file]}), load_registry())
-    assert plan.reward is None and plan.selector is None and plan.sampling.max_new_tokens == DEFAULT_MAX_NEW_TOKENS
+    assert plan.reward is None and plan.selector is None and plan.sampling is None  # nothing is sampled
+    plan = resolve_plan(build_config(flags={"objective": "dpo", "dataset": [prefs_file], "test_prompts": ["Hi."]}), load_registry())
+    assert plan.sampling.max_new_tokens == DEFAULT_MAX_NEW_TOKENS  # the test prompts' answers
 
 
 @pytest.mark.parametrize("objective, flags, message", [
@@ -63,6 +65,12 @@ def test_an_offline_objective_without_data_fails_before_the_model_loads(prefs_fi
     ("grpo", {"selector": "best-vs-worst"}, "objective 'grpo' learns from every sample it draws and uses no selector: drop --selector"),
     ("grpo", {"embedder": "wordnet"}, "uses no embedder: drop --embedder"),
     ("dpo", {"samples_per_prompt": 4}, "objective 'dpo' trains on a dataset and samples nothing: drop --samples-per-prompt"),
+    ("dpo", {"temperature": 0.7}, "objective 'dpo' trains on a dataset and samples nothing: drop --temperature"),
+    ("dpo", {"top_k": 5}, "objective 'dpo' trains on a dataset and samples nothing: drop --top-k"),
+    ("dpo", {"max_new_tokens": 16}, "objective 'dpo' trains on a dataset and samples nothing: drop --max-new-tokens"),
+    ("dpo", {"top_p": 0.9, "test_prompts": ["Hi."]}, "objective 'dpo' trains on a dataset and answers --test-prompt greedily: drop --top-p"),
+    ("grpo", {"bucket_window": 10}, "objective 'grpo' learns from every sample it draws and batches no dataset rows by length: drop --bucket-window"),
+    ("dpo", {"bucket_window": 0, "sampler": "length-buckets"}, "^--sampler length-buckets orders the records instead of the length buckets: drop"),
     ("orpo", {"reference": "model"}, "objective 'orpo' uses no reference: drop --reference model"),
     ("online-dpo", {"reference": "cached", "reward": "noun-diversity"}, "objective 'online-dpo' with these options needs more .* use --reference model"),
     ("kto", {"reference": "cached"}, "objective 'kto' with these options needs more .* use --reference model"),
@@ -107,6 +115,47 @@ def test_a_resumed_run_recorded_with_a_setting_an_earlier_pref_used_is_one_it_ca
     config = build_config(flags={"dataset": [prefs_file], **flags, "resume": "runs/old/checkpoint-000002"})
     with pytest.raises(PrefError, match=f"^cannot resume {os.path.join('runs', 'old')} with this version of pref: its run.json {message}"):
         resolve_plan(config, load_registry(), recorded=config.to_dict())
+
+
+def test_sampling_and_bucketing_settings_are_taken_where_used_and_a_resume_may_carry_their_old_recorded_defaults(prefs_file):
+    registry, dpo = load_registry(), {"objective": "dpo", "dataset": [prefs_file]}
+    plan = resolve_plan(build_config(flags={**dpo, "test_prompts": ["Hi."], "max_new_tokens": 16, "bucket_window": 7}), registry)
+    assert plan.sampling == SamplingConfig(16, 1.0, 1.0, 0) and plan.sampler.window == 7
+    plan = resolve_plan(build_config(flags={"objective": "divpo", "temperature": 0.7, "top_p": 0.9, "top_k": 5}), registry)
+    assert plan.sampling == SamplingConfig(plan.reward.max_new_tokens, 0.7, 0.9, 5)
+    # run.json recorded these defaults before they were None: a resume of such a run brings them back unasked
+    assert resolve_plan(build_config(flags={**dpo, **PLAN_DEFAULTS, "resume": "runs/old"}), registry).sampling is None
+    assert resolve_plan(build_config(flags={"objective": "divpo", **PLAN_DEFAULTS, "resume": "runs/old"}), registry).sampler is None
+    with pytest.raises(PrefError, match="drop --temperature"):  # a value the user gave is still refused on a resume
+        resolve_plan(build_config(flags={**dpo, "temperature": 0.7, "resume": "runs/old"}), registry)
+    config = build_config(flags={**dpo, "temperature": 0.7, "resume": "runs/old"})  # unless its record holds it: an earlier pref ignored it
+    assert resolve_plan(config, registry, recorded=config.to_dict()).sampling is None
+    with pytest.raises(PrefError, match="drop --bucket-window"):  # a default recorded is one only on a resume
+        resolve_plan(build_config(flags={"objective": "divpo", "bucket_window": 50}), registry)
+
+
+def test_a_config_file_gives_settings_as_flags_do_and_an_old_run_json_resumes(tmp_path, monkeypatch, prefs_file):
+    import json
+
+    from click.testing import CliRunner
+
+    import pref.train as train_module
+    from pref.cli.main import cli
+
+    planned = []
+    monkeypatch.setattr(train_module, "train", lambda config, registry: planned.append(resolve_plan(config, registry)) or str(tmp_path))
+    (tmp_path / "run.toml").write_text(f'objective = "dpo"\ndataset = [{json.dumps(prefs_file)}]\ntemperature = 0.7\n')
+    result = CliRunner().invoke(cli, ["run", "--config", str(tmp_path / "run.toml")])
+    assert result.exit_code == 2 and "trains on a dataset and samples nothing: drop --temperature" in result.stderr
+    run = tmp_path / "old-run"  # its run.json as pref wrote it while these settings had fixed defaults
+    run.mkdir()
+    recorded = {**build_config(flags={"objective": "dpo", "dataset": [prefs_file]}).to_dict(), **PLAN_DEFAULTS, "output_dir": str(run)}
+    (run / "run.json").write_text(json.dumps({"config": recorded, "versions": {}, "plugins": []}))
+    result = CliRunner().invoke(cli, ["run", "--resume", str(run)])
+    assert result.exit_code == 0, result.output
+    assert planned[-1].sampling is None and planned[-1].output_dir == str(run)
+    result = CliRunner().invoke(cli, ["run", "--resume", str(run), "--temperature", "0.5"])
+    assert result.exit_code == 2 and "drop --temperature" in result.stderr
 
 
 def test_a_cache_miss_names_the_cause_and_the_fix():
