@@ -96,6 +96,14 @@ class ShuffledBatches:
         self._order = self._shuffle(self.epoch)
 
 
+def rows_per_batch(rows: int, batch_size: int, world: int) -> int:
+    """Rows of an offline dataset each of `world` processes takes per batch: `batch_size`, or fewer when the dataset holds fewer
+    than `batch_size * world` rows: then a batch holds them all (as a DataLoader gives a batch of every row), never one twice."""
+    if rows < world:
+        raise PrefError(f"the dataset has {rows} training rows for {world} processes: each needs one; give more data or run fewer processes")
+    return min(batch_size, rows // world)
+
+
 class OfflineBatches:
     """Batches from a fixed dataset.
 

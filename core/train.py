@@ -25,7 +25,7 @@ import torch
 from pref.agreement import next_batch_together, same_decision
 from pref.checkpoint import PATTERN, Trained, list_checkpoints, load_checkpoint, mark_evaluated, read_state, rng_state, save_checkpoint, write_atomically
 from pref.config import RunConfig
-from pref.data import OfflineBatches, build_datasets, collate, count_tokens, dataset_names, sequences_of, split_datasets
+from pref.data import OfflineBatches, build_datasets, collate, count_tokens, dataset_names, rows_per_batch, sequences_of, split_datasets
 from pref.divergence import check_step, check_weights, refuse_non_finite_settings, sampling_diverged
 from pref.errors import NoUsablePairs, PrefError
 from pref.examples import prompt_of
@@ -87,28 +87,28 @@ def build_reference(config: RunConfig, plan: RunPlan, policy: HFPolicy, examples
     return FrozenReference.copy_of(unwrap(policy.model), config.packing)
 
 
-def build_sampler(config: RunConfig, plan: RunPlan, policy: HFPolicy, example_sets: list[list[Any]], rank: int, world: int) -> Any:
-    """The plan's sampler over the `--dataset` entries (name -> records), its schedule counted in optimizer steps."""
+def build_sampler(config: RunConfig, plan: RunPlan, policy: HFPolicy, example_sets: list[list[Any]], rank: int, world: int, batch_size: int) -> Any:
+    """The plan's sampler over the `--dataset` entries (name -> records), `batch_size` per process, its schedule counted in optimizer steps."""
     batches_per_step = float(config.grad_accum) / plan.batches_per_rollout  # a rollout serves several steps
     datasets = dict(zip(dataset_names(config.dataset), example_sets))
-    return plan.sampler.build(datasets=datasets, policy=policy, batch_size=config.batch_size, seed=config.seed, rank=rank, world=world,
+    return plan.sampler.build(datasets=datasets, policy=policy, batch_size=batch_size, seed=config.seed, rank=rank, world=world,
                               batches_per_step=batches_per_step)
 
 
-def build_data(config: RunConfig, plan: RunPlan, policy: HFPolicy, examples: list[Any], rank: int, world: int, order: Any = None,
+def build_data(config: RunConfig, plan: RunPlan, policy: HFPolicy, examples: list[Any], rank: int, world: int, batch_size: int, order: Any = None,
                after_draw: Any = None, processes: Processes | None = None) -> Any:
-    """Offline or online batches; `order` (a sampler) replaces their shuffled order when given.
+    """Offline or online batches of `batch_size` rows or prompts per process; `order` (a sampler) replaces their shuffled order when given.
 
     `after_draw` is called after each batch (online: each draw of samples): it trains the objective's second model.
     """
     if not plan.needs.online:
-        return OfflineBatches(policy, examples, config.batch_size, config.seed, rank, world, order=order, after_draw=after_draw)
+        return OfflineBatches(policy, examples, batch_size, config.seed, rank, world, order=order, after_draw=after_draw)
     from pref.online import OnlineBatches
 
     assert plan.reward is not None
     prompts = [prompt_of(e) for e in examples] or list(plan.reward.default_prompts)
     return OnlineBatches(policy, prompts, plan.reward, plan.selector, plan.needs, plan.samples_per_prompt, plan.sampling,
-                         config.batch_size, config.seed, rank, world, order=order, after_draw=after_draw, processes=processes,
+                         batch_size, config.seed, rank, world, order=order, after_draw=after_draw, processes=processes,
                          sampling_together=config.fsdp)
 
 
@@ -402,8 +402,13 @@ def train_policy(config: RunConfig, registry: Registry) -> tuple[str, HFPolicy]:
     keep_trainable_in_float32(policy.model, *modules.values())  # after the reference took its copy
     if config.fsdp:  # after the reference: a frozen copy or the cached log-probs come from the whole model
         shard(policy.model, dtype)
-    order = build_sampler(config, plan, policy, example_sets, rank, world) if plan.sampler else None
-    data = build_data(config, plan, policy, examples, rank, world, order, train_second, processes)
+    # a batch larger than the dataset would hold a row twice: it holds every row once instead (online, a prompt may come twice: more samples of it)
+    batch_size = config.batch_size if plan.needs.online else rows_per_batch(len(examples), config.batch_size, world)
+    if batch_size < config.batch_size and accelerator.is_main_process:
+        per = f" x {world} processes" if world > 1 else ""
+        log.info(f"the dataset's {len(examples)} training rows are fewer than --batch-size {config.batch_size}{per}: a batch holds {batch_size * world}, each row once")
+    order = build_sampler(config, plan, policy, example_sets, rank, world, batch_size) if plan.sampler else None
+    data = build_data(config, plan, policy, examples, rank, world, batch_size, order, train_second, processes)
 
     # -- optimizer and schedule -------------------------------------------------
     module_params = [p for m in modules.values() for p in m.parameters() if p.requires_grad]

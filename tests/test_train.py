@@ -42,8 +42,20 @@ def test_dpo_run_writes_a_loadable_model_metrics_and_record(tmp_path, tiny_model
     assert any(p["name"] == "dpo" and p["package"] == "pref" for p in record["plugins"])
 
 
-def test_an_existing_run_is_not_overwritten(tmp_path, tiny_model_dir, prefs_file):
-    run(tmp_path, tiny_model_dir, prefs_file, steps=1)
+def test_a_batch_larger_than_the_dataset_holds_every_row_once_and_a_run_is_not_overwritten(tmp_path, tiny_model_dir, prefs_file, monkeypatch, caplog):
+    import pref.data
+    from pref.data import rows_per_batch
+
+    drawn, collate = [], pref.data.collate
+    monkeypatch.setattr(pref.data, "collate", lambda policy, examples: drawn.append([e.prompt for e in examples]) or collate(policy, examples))
+    with caplog.at_level("INFO", logger="pref"):
+        run(tmp_path, tiny_model_dir, prefs_file, steps=1, grad_accum=2, batch_size=8)  # 6 rows: a pair came twice in a batch of 8
+    assert [len(prompts) for prompts in drawn] == [6, 6] and all(len(set(prompts)) == 6 for prompts in drawn)
+    assert "the dataset's 6 training rows are fewer than --batch-size 8: a batch holds 6, each row once" in caplog.text
+    assert (rows_per_batch(6, 8, 2), rows_per_batch(20, 8, 2)) == (3, 8)
+    with pytest.raises(PrefError, match="the dataset has 1 training rows for 2 processes: each needs one"):
+        rows_per_batch(1, 8, 2)
+    # the same folder again (one launch serves both checks: the suite's time is short)
     with pytest.raises(PrefError, match="already holds a run"):
         run(tmp_path, tiny_model_dir, prefs_file, steps=1)
 
