@@ -95,8 +95,8 @@ def build_sampler(config: RunConfig, plan: RunPlan, policy: HFPolicy, example_se
                               batches_per_step=batches_per_step)
 
 
-def build_data(config: RunConfig, plan: RunPlan, policy: HFPolicy, examples: list[Any], rank: int, world: int, batch_size: int, order: Any = None,
-               after_draw: Any = None, processes: Processes | None = None) -> Any:
+def build_data(config: RunConfig, plan: RunPlan, policy: HFPolicy, examples: list[Any], rank: int, world: int, order: Any = None,
+               after_draw: Any = None, processes: Processes | None = None, *, batch_size: int) -> Any:
     """Offline or online batches of `batch_size` rows or prompts per process; `order` (a sampler) replaces their shuffled order when given.
 
     `after_draw` is called after each batch (online: each draw of samples): it trains the objective's second model.
@@ -408,7 +408,7 @@ def train_policy(config: RunConfig, registry: Registry) -> tuple[str, HFPolicy]:
         per = f" x {world} processes" if world > 1 else ""
         log.info(f"the dataset's {len(examples)} training rows are fewer than --batch-size {config.batch_size}{per}: a batch holds {batch_size * world}, each row once")
     order = build_sampler(config, plan, policy, example_sets, rank, world, batch_size) if plan.sampler else None
-    data = build_data(config, plan, policy, examples, rank, world, batch_size, order, train_second, processes)
+    data = build_data(config, plan, policy, examples, rank, world, order, train_second, processes, batch_size=batch_size)
 
     # -- optimizer and schedule -------------------------------------------------
     module_params = [p for m in modules.values() for p in m.parameters() if p.requires_grad]
