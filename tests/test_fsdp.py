@@ -10,7 +10,6 @@ online objectives sample through the sharded model.
 
 import json
 import os
-import shutil
 
 import pytest
 import torch
@@ -19,16 +18,20 @@ from safetensors.torch import load_file
 from test_distributed import free_port  # tests/ is on sys.path
 
 
-def launch(cache, home, *args: str) -> None:
-    """`accelerate launch` two CPU processes of `python -m pref run ARGS`."""
+RUNS_SCRIPT = os.path.join(os.path.dirname(__file__), "distributed_runs.py")
+
+
+def launch(cache, home, plan: list) -> None:
+    """`accelerate launch` two CPU processes that take the steps of `plan` (see distributed_runs.py): `pref run`s in a row."""
     import subprocess
     import sys
 
-    target = ["-m", "pref", "run", *args]
+    plan_file = home.parent / "plan.json"
+    plan_file.write_text(json.dumps(plan))
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()), *target]
+               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()), RUNS_SCRIPT, str(plan_file)]
     env = {**os.environ, "PREF_CACHE": str(cache), "HF_HOME": str(home), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
 
 
@@ -45,9 +48,12 @@ def test_sharded_run_matches_ddp_resumes_exactly_and_saves_a_plain_model(tiny_mo
     args = ["--objective", "dpo", "--model", tiny_model_dir, "--dataset", prefs_file, "--steps", "4", "--batch-size", "1",
             "--grad-accum", "2", "--save-every", "2", "--lr", "1e-3", "--seed", "0", "--device", "cpu", "--max-length", "64",
             "--validation-split", "0.34", "--eval-every", "2", "--test-prompt", "Name a fruit."]
-    home = tmp_path / "hf-home"
-    launch(private_cache, home, *args, "--output-dir", str(tmp_path / "ddp"))
-    launch(private_cache, home, *args, "--fsdp", "--output-dir", str(tmp_path / "fsdp"))
+    # one launch: the DDP run, the sharded run, a copy of it stopped after step 3 (final/ gone), and the copy resumed
+    resumed = tmp_path / "resumed"
+    launch(private_cache, tmp_path / "hf-home", [["run", *args, "--output-dir", str(tmp_path / "ddp")],
+                                                 ["run", *args, "--fsdp", "--output-dir", str(tmp_path / "fsdp")],
+                                                 {"copy": str(tmp_path / "fsdp"), "to": str(resumed)},
+                                                 ["run", "--resume", str(resumed / "checkpoint-000002")]])
     ddp, sharded, start = weights(tmp_path / "ddp"), weights(tmp_path / "fsdp"), load_file(os.path.join(tiny_model_dir, "model.safetensors"))
 
     # the same weights up to the rounding of another reduction order: Adam turns rounding into
@@ -86,9 +92,6 @@ def test_sharded_run_matches_ddp_resumes_exactly_and_saves_a_plain_model(tiny_mo
 
     # resumed from checkpoint 2 (its final/ gone, as if stopped after step 3): the uninterrupted run's weights, bit for bit
     # (stopping a run at any point and resuming it is tested in tests/test_fault_injection.py)
-    resumed = shutil.copytree(tmp_path / "fsdp", tmp_path / "resumed")
-    shutil.rmtree(resumed / "final")
-    launch(private_cache, home, "--resume", str(resumed / "checkpoint-000002"))
     again = weights(resumed)
     assert again.keys() == sharded.keys()
     for key in sharded:
@@ -104,9 +107,11 @@ def test_lora_ppo_trains_sharded_as_unsharded_and_resumes_exactly(tiny_model_dir
     args = ["--objective", "ppo", "-k", "2", "-o", "ppo_epochs=2", "--reward", "noun-diversity", "--model", tiny_model_dir, "--steps", "4",
             "--batch-size", "2", "--save-every", "2", "--lr", "1e-2", "--seed", "0", "--device", "cpu", "--max-new-tokens", "8",
             "--test-prompt", "Name a fruit.", "--lora", "--lora-option", "target_modules=q_proj,v_proj"]
-    home = tmp_path / "hf-home"
-    launch(private_cache, home, *args, "--output-dir", str(tmp_path / "ddp"))
-    launch(private_cache, home, *args, "--fsdp", "--output-dir", str(tmp_path / "fsdp"))
+    resumed = tmp_path / "resumed"  # one launch, as in the test above
+    launch(private_cache, tmp_path / "hf-home", [["run", *args, "--output-dir", str(tmp_path / "ddp")],
+                                                 ["run", *args, "--fsdp", "--output-dir", str(tmp_path / "fsdp")],
+                                                 {"copy": str(tmp_path / "fsdp"), "to": str(resumed)},
+                                                 ["run", "--resume", str(resumed)]])  # from checkpoint-000002
     ddp, sharded = weights(tmp_path / "ddp", "adapter_model.safetensors"), weights(tmp_path / "fsdp", "adapter_model.safetensors")
     assert sharded.keys() == ddp.keys() and any(float(v.abs().max()) > 0 for k, v in ddp.items() if "lora_B" in k)
     for key in ddp:
@@ -114,9 +119,6 @@ def test_lora_ppo_trains_sharded_as_unsharded_and_resumes_exactly(tiny_model_dir
     answers = {run: (tmp_path / run / "generations.jsonl").read_text() for run in ("ddp", "fsdp")}
     assert answers["fsdp"] == answers["ddp"] and '"step": 4' in answers["ddp"]
 
-    resumed = shutil.copytree(tmp_path / "fsdp", tmp_path / "resumed")
-    shutil.rmtree(resumed / "final")
-    launch(private_cache, home, "--resume", str(resumed))  # from checkpoint-000002
     again = weights(resumed, "adapter_model.safetensors")
     for key in sharded:
         assert torch.equal(again[key], sharded[key]), key
