@@ -34,9 +34,8 @@ def tiny_model_dir(tmp_path_factory):
     return str(path)
 
 
-@pytest.fixture
-def prefs_file(tmp_path):
-    """A small JSONL preference file of plain English chats, like the default model's."""
+def write_prefs(path):
+    """Write a small JSONL preference file of plain English chats, like the default model's, to `path`; return the path as a string."""
     rows = [
         {"prompt": "What is your name?", "chosen": "I am Pref, a helpful assistant.", "rejected": "I am Tiny, a small assistant."},
         {"prompt": "What color is the sky?", "chosen": "The sky is blue.", "rejected": "The sky is green."},
@@ -45,9 +44,20 @@ def prefs_file(tmp_path):
         {"prompt": "What is the capital of France?", "chosen": "Paris", "rejected": "Rome"},
         {"prompt": "Say something kind.", "chosen": "You are a good friend.", "rejected": "Go away."},
     ]
-    path = tmp_path / "prefs.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     return str(path)
+
+
+@pytest.fixture
+def prefs_file(tmp_path):
+    """`write_prefs`'s file, fresh for each test."""
+    return write_prefs(tmp_path / "prefs.jsonl")
+
+
+@pytest.fixture(scope="session")
+def shared_prefs_file(tmp_path_factory):
+    """`write_prefs`'s file, for fixtures that outlive a test (the tests must not change it)."""
+    return write_prefs(tmp_path_factory.mktemp("shared-prefs") / "prefs.jsonl")
 
 
 

@@ -1,4 +1,4 @@
-"""Launched by `tests/test_distributed.py` under `accelerate launch`: a short D2PO run.
+"""Run by `tests/test_distributed.py` in two processes under `accelerate launch` (main, through distributed_runs.py): a short D2PO run.
 
 Usage: distributed_d2po.py MODEL DEVICE OUT_DIR REPORT_DIR
 

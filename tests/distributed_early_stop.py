@@ -1,4 +1,4 @@
-"""Launched by `tests/test_distributed.py` under `accelerate launch`: an online DPO run that stops early.
+"""Run by `tests/test_distributed.py` in two processes under `accelerate launch` (main, through distributed_runs.py): an online DPO run that stops early.
 
 Usage: distributed_early_stop.py MODEL HELD_OUT DEVICE OUT_DIR REPORT_DIR
 
@@ -43,7 +43,7 @@ def main(model: str, held_out: str, device: str, out_dir: str, report_dir: str) 
         def register_rewards(self, register):
             register("indexed-then-constant", IndexedThenConstant)
 
-    OnlineBatches.MAX_DRAWS = 2  # give up on the all-equal pools quickly
+    max_draws, OnlineBatches.MAX_DRAWS = OnlineBatches.MAX_DRAWS, 2  # give up on the all-equal pools quickly
     pm, failures, sources = get_plugin_manager()
     pm.register(Plugin(), name="test-indexed-then-constant")
     flags = {
@@ -51,7 +51,10 @@ def main(model: str, held_out: str, device: str, out_dir: str, report_dir: str) 
         "samples_per_prompt": 2, "max_new_tokens": 4, "device": device, "output_dir": out_dir, "seed": 0, "max_length": 64,
         "validation_dataset": [held_out], "test_prompts": ["Name a fruit."],
     }
-    _, policy = train_policy(build_config(flags=flags), Registry(pm, failures, sources))
+    try:
+        _, policy = train_policy(build_config(flags=flags), Registry(pm, failures, sources))
+    finally:
+        OnlineBatches.MAX_DRAWS = max_draws  # for the jobs run after this one in the process (see distributed_runs.py)
     os.makedirs(report_dir, exist_ok=True)
     with open(os.path.join(report_dir, f"weights-rank{PartialState().process_index}.txt"), "w") as f:
         f.write(weights_hash(policy.model))

@@ -4,6 +4,7 @@ Usage: distributed_runs.py PLAN.json
 
 PLAN.json is a list of steps, which every process takes in order:
 - a list of strings: the arguments of one `pref` command (`["run", "--objective", "dpo", ...]`), which must succeed;
+- `{"main": MODULE, "args": [...]}`: `main(*args)` of the script MODULE in tests/ (such as distributed_train.py);
 - `{"copy": SRC, "to": DST}`: process 0 copies the run folder SRC to DST without its final/ (a run stopped after
   its last checkpoint) while the others wait; only after a run, whose accelerator has joined the processes.
 
@@ -12,10 +13,32 @@ several runs pays them once this way. Each run seeds every process and resets ac
 trains as it would in a process of its own (the tests that use this compare runs bit for bit, which checks it).
 """
 
+import importlib
 import json
 import os
 import shutil
+import socket
+import subprocess
 import sys
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(plan: list, cache: str, folder) -> subprocess.CompletedProcess:
+    """`accelerate launch` two CPU processes of this script, which take the steps of `plan`; no config file needed.
+
+    `folder` (a pathlib.Path) receives the plan's file and a fresh HF_HOME: no accelerate config file of the user's is read.
+    """
+    plan_file = folder / "plan.json"
+    plan_file.write_text(json.dumps(plan))
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()), __file__, str(plan_file)]
+    env = {**os.environ, "PREF_CACHE": str(cache), "HF_HOME": str(folder / "hf-home"), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
 
 
 def main(plan_file: str) -> None:
@@ -26,7 +49,9 @@ def main(plan_file: str) -> None:
     with open(plan_file, encoding="utf-8") as f:
         plan = json.load(f)
     for step in plan:
-        if isinstance(step, dict):
+        if isinstance(step, dict) and "main" in step:
+            importlib.import_module(step["main"]).main(*step["args"])
+        elif isinstance(step, dict):
             if dist.get_rank() == 0:
                 shutil.copytree(step["copy"], step["to"])
                 shutil.rmtree(os.path.join(step["to"], "final"))

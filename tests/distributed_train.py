@@ -1,4 +1,4 @@
-"""Launched by `tests/test_distributed.py` under `accelerate launch`: a short DPO run.
+"""Run by `tests/test_distributed.py` in two processes under `accelerate launch` (main, through distributed_runs.py): a short DPO run.
 
 Usage: distributed_train.py MODEL PREFS DEVICE OUT_DIR REPORT_DIR
 

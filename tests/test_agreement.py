@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from test_distributed import free_port  # tests/ is on sys.path
+from distributed_runs import free_port  # tests/ is on sys.path
 
 SCRIPT = os.path.join(os.path.dirname(__file__), "distributed_agreement.py")
 

@@ -1,59 +1,50 @@
 """Two CPU processes under `accelerate launch` train as one job.
 
-`distributed_train.py` runs a short DPO job in each process and reports the
-weights it ends with and the rows it trained on.
+One launch (a fixture shared by the tests) runs three short jobs in a row in the same two processes:
+`distributed_train.py` (DPO), `distributed_d2po.py` and `distributed_early_stop.py` (online DPO that
+stops early); each process reports the weights it ends with, and what it trained on.
 """
 
 import itertools
 import json
-import os
-import socket
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from distributed_train import BATCH_SIZE, SAVE_EVERY, STEPS, weights_hash  # tests/ is on sys.path
+from distributed_runs import launch  # tests/ is on sys.path
+from distributed_train import BATCH_SIZE, SAVE_EVERY, STEPS, weights_hash
 from pref.plugins.length_buckets import DEFAULT_WINDOW, LengthBucketedBatches, example_length
 from pref.examples import PreferenceExample
 from pref.plugins.preference_data import load_preferences
 
-SCRIPT = os.path.join(os.path.dirname(__file__), "distributed_train.py")
-D2PO_SCRIPT = os.path.join(os.path.dirname(__file__), "distributed_d2po.py")
-EARLY_STOP_SCRIPT = os.path.join(os.path.dirname(__file__), "distributed_early_stop.py")
 
+@pytest.fixture(scope="module")
+def jobs(tiny_model_dir, shared_prefs_file, private_cache, tmp_path_factory):
+    """The folder of the three jobs' runs (JOB/run) and reports (JOB/report), the job names as keys, and the launch's stderr.
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def launch(args: list[str], cache: str, home: str, script: str = SCRIPT) -> subprocess.CompletedProcess:
-    """`accelerate launch` two CPU processes of `script ARGS` (`distributed_train.py`), no config file needed."""
-    command = [
-        sys.executable, "-m", "accelerate.commands.launch",
-        "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no",
-        "--main_process_port", str(free_port()),
-        script, *args,
+    Each launched process pays the imports of torch and transformers (~10 s on 2 cores) once for the three jobs.
+    """
+    root = tmp_path_factory.mktemp("distributed")
+    # "auto" on a machine without a GPU must still join the two processes into one job (the first job's accelerator joins them)
+    device = "cpu" if torch.cuda.is_available() or torch.backends.mps.is_available() else "auto"
+    held = root / "held.txt"
+    held.write_text("the sky is blue and the sea is green .\n")
+    folders = {name: (root / name / "run", root / name / "report") for name in ("train", "d2po", "early_stop")}
+    plan = [
+        {"main": "distributed_train", "args": [tiny_model_dir, shared_prefs_file, device, *map(str, folders["train"])]},
+        {"main": "distributed_d2po", "args": [tiny_model_dir, device, *map(str, folders["d2po"])]},
+        {"main": "distributed_early_stop", "args": [tiny_model_dir, str(held), device, *map(str, folders["early_stop"])]},
     ]
-    # a fresh HF_HOME: no accelerate config file of the user's is read
-    env = {**os.environ, "PREF_CACHE": cache, "HF_HOME": home, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    done = launch(plan, private_cache, root)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return {**folders, "stderr": done.stderr}
 
 
 @pytest.mark.slow
-def test_two_processes_train_as_one_job(tiny_model_dir, prefs_file, private_cache, tmp_path):
+def test_two_processes_train_as_one_job(jobs, tiny_model_dir, shared_prefs_file):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    # "auto" on a machine without a GPU must still join the two processes into one job
-    device = "cpu" if torch.cuda.is_available() or torch.backends.mps.is_available() else "auto"
-    run_dir, report_dir = tmp_path / "run", tmp_path / "report"
-    args = [tiny_model_dir, prefs_file, device, str(run_dir), str(report_dir)]
-    done = launch(args, str(private_cache), str(tmp_path / "hf-home"))
-    assert done.returncode == 0, done.stderr[-4000:]
+    run_dir, report_dir = jobs["train"]
 
     # both processes hold the same trained weights, which final/ holds too, and training changed them
     hashes = [(report_dir / f"weights-rank{rank}.txt").read_text() for rank in (0, 1)]
@@ -69,7 +60,7 @@ def test_two_processes_train_as_one_job(tiny_model_dir, prefs_file, private_cach
         return tokenizer.decode(ids, skip_special_tokens=True).strip()
 
     seen = [json.loads((report_dir / f"seen-rank{rank}.json").read_text()) for rank in (0, 1)]
-    examples = load_preferences(prefs_file)
+    examples = load_preferences(shared_prefs_file)
     lengths = [example_length(tokenizer, e) for e in examples]  # offline batches are length-bucketed by default
     order = LengthBucketedBatches(examples, lengths, batch_size=2 * BATCH_SIZE, seed=0, window=DEFAULT_WINDOW)
     for step in range(STEPS):
@@ -95,15 +86,12 @@ def test_two_processes_train_as_one_job(tiny_model_dir, prefs_file, private_cach
 
 
 @pytest.mark.slow
-def test_d2po_trains_its_discriminator_in_two_processes(tiny_model_dir, private_cache, tmp_path):
+def test_d2po_trains_its_discriminator_in_two_processes(jobs):
     """The loop trains D2PO's discriminator: both processes end with the same policy and discriminator,
     trained on the gold pairs of both, and the checkpoint keeps the discriminator and its optimizer."""
     from transformers import AutoModelForSequenceClassification
 
-    device = "cpu" if torch.cuda.is_available() or torch.backends.mps.is_available() else "auto"
-    run_dir, report_dir = tmp_path / "run", tmp_path / "report"
-    done = launch([tiny_model_dir, device, str(run_dir), str(report_dir)], str(private_cache), str(tmp_path / "hf-home"), D2PO_SCRIPT)
-    assert done.returncode == 0, done.stderr[-4000:]
+    run_dir, report_dir = jobs["d2po"]
 
     reports = [json.loads((report_dir / f"weights-rank{rank}.json").read_text()) for rank in (0, 1)]
     assert reports[0]["policy"] == reports[1]["policy"]
@@ -117,17 +105,12 @@ def test_d2po_trains_its_discriminator_in_two_processes(tiny_model_dir, private_
 
 
 @pytest.mark.slow
-def test_a_run_that_stops_early_is_evaluated_by_both_processes(tiny_model_dir, private_cache, tmp_path):
+def test_a_run_that_stops_early_is_evaluated_by_both_processes(jobs):
     """Both processes evaluate the model the run ends with, together: best/ holds it, and step 1 gets its figures."""
     from transformers import AutoModelForCausalLM
 
-    device = "cpu" if torch.cuda.is_available() or torch.backends.mps.is_available() else "auto"
-    held, run_dir, report_dir = tmp_path / "held.txt", tmp_path / "run", tmp_path / "report"
-    held.write_text("the sky is blue and the sea is green .\n")
-    done = launch([tiny_model_dir, str(held), device, str(run_dir), str(report_dir)], str(private_cache), str(tmp_path / "hf-home"),
-                  EARLY_STOP_SCRIPT)
-    assert done.returncode == 0, done.stderr[-4000:]
-    assert "Stopped after step 1 of 3" in done.stderr
+    run_dir, report_dir = jobs["early_stop"]
+    assert "Stopped after step 1 of 3" in jobs["stderr"]  # the only one of the three jobs that stops early
 
     hashes = {(report_dir / f"weights-rank{rank}.txt").read_text() for rank in (0, 1)}
     assert hashes == {weights_hash(AutoModelForCausalLM.from_pretrained(run_dir / folder)) for folder in ("final", "best")}

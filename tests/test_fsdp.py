@@ -15,23 +15,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from test_distributed import free_port  # tests/ is on sys.path
+from distributed_runs import launch as launch_runs  # tests/ is on sys.path
 
 
-RUNS_SCRIPT = os.path.join(os.path.dirname(__file__), "distributed_runs.py")
-
-
-def launch(cache, home, plan: list) -> None:
-    """`accelerate launch` two CPU processes that take the steps of `plan` (see distributed_runs.py): `pref run`s in a row."""
-    import subprocess
-    import sys
-
-    plan_file = home.parent / "plan.json"
-    plan_file.write_text(json.dumps(plan))
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()), RUNS_SCRIPT, str(plan_file)]
-    env = {**os.environ, "PREF_CACHE": str(cache), "HF_HOME": str(home), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+def launch(cache, folder, plan: list) -> None:
+    """Two CPU processes under `accelerate launch` take the steps of `plan` (see distributed_runs.py): `pref run`s in a row."""
+    done = launch_runs(plan, cache, folder)
     assert done.returncode == 0, done.stderr[-4000:]
 
 
@@ -50,10 +39,10 @@ def test_sharded_run_matches_ddp_resumes_exactly_and_saves_a_plain_model(tiny_mo
             "--validation-split", "0.34", "--eval-every", "2", "--test-prompt", "Name a fruit."]
     # one launch: the DDP run, the sharded run, a copy of it stopped after step 3 (final/ gone), and the copy resumed
     resumed = tmp_path / "resumed"
-    launch(private_cache, tmp_path / "hf-home", [["run", *args, "--output-dir", str(tmp_path / "ddp")],
-                                                 ["run", *args, "--fsdp", "--output-dir", str(tmp_path / "fsdp")],
-                                                 {"copy": str(tmp_path / "fsdp"), "to": str(resumed)},
-                                                 ["run", "--resume", str(resumed / "checkpoint-000002")]])
+    launch(private_cache, tmp_path, [["run", *args, "--output-dir", str(tmp_path / "ddp")],
+                                    ["run", *args, "--fsdp", "--output-dir", str(tmp_path / "fsdp")],
+                                    {"copy": str(tmp_path / "fsdp"), "to": str(resumed)},
+                                    ["run", "--resume", str(resumed / "checkpoint-000002")]])
     ddp, sharded, start = weights(tmp_path / "ddp"), weights(tmp_path / "fsdp"), load_file(os.path.join(tiny_model_dir, "model.safetensors"))
 
     # the same weights up to the rounding of another reduction order: Adam turns rounding into
@@ -108,10 +97,10 @@ def test_lora_ppo_trains_sharded_as_unsharded_and_resumes_exactly(tiny_model_dir
             "--batch-size", "2", "--save-every", "2", "--lr", "1e-2", "--seed", "0", "--device", "cpu", "--max-new-tokens", "8",
             "--test-prompt", "Name a fruit.", "--lora", "--lora-option", "target_modules=q_proj,v_proj"]
     resumed = tmp_path / "resumed"  # one launch, as in the test above
-    launch(private_cache, tmp_path / "hf-home", [["run", *args, "--output-dir", str(tmp_path / "ddp")],
-                                                 ["run", *args, "--fsdp", "--output-dir", str(tmp_path / "fsdp")],
-                                                 {"copy": str(tmp_path / "fsdp"), "to": str(resumed)},
-                                                 ["run", "--resume", str(resumed)]])  # from checkpoint-000002
+    launch(private_cache, tmp_path, [["run", *args, "--output-dir", str(tmp_path / "ddp")],
+                                    ["run", *args, "--fsdp", "--output-dir", str(tmp_path / "fsdp")],
+                                    {"copy": str(tmp_path / "fsdp"), "to": str(resumed)},
+                                    ["run", "--resume", str(resumed)]])  # from checkpoint-000002
     ddp, sharded = weights(tmp_path / "ddp", "adapter_model.safetensors"), weights(tmp_path / "fsdp", "adapter_model.safetensors")
     assert sharded.keys() == ddp.keys() and any(float(v.abs().max()) > 0 for k, v in ddp.items() if "lora_B" in k)
     for key in ddp:
