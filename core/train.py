@@ -31,6 +31,7 @@ from pref.errors import NoUsablePairs, PrefError
 from pref.examples import prompt_of
 from pref.interfaces import Adapter, MetricsLogger, Processes, Reference, SecondModel
 from pref.models import DEFAULT_MODEL, SCORE_HEAD, load_tokenizer, prepare_for_training, quiet_new_heads
+from pref.packing import may_pack, packs_correctly
 from pref.plan import CACHED_LOGPS, NO_MODEL, RunPlan, output_folder, resolve_plan
 from pref.policy import HFPolicy, unwrap
 from pref.precision import AUTOCAST, keep_trainable_in_float32, resolve_device, resolve_dtype
@@ -401,6 +402,8 @@ def train_policy(config: RunConfig, registry: Registry) -> tuple[str, HFPolicy]:
     reference = build_reference(config, plan, policy, examples + validation)
     keep_trainable_in_float32(policy.model, *modules.values())  # after the reference took its copy
     if config.fsdp:  # after the reference: a frozen copy or the cached log-probs come from the whole model
+        if config.packing and may_pack(policy.model):  # sharded, the probe is a collective: every process runs it now, before a
+            packs_correctly(policy.model)             # process that found the log-probs cached (and so skipped it) probes alone
         shard(policy.model, dtype)
     # a batch larger than the dataset would hold a row twice: it holds every row once instead (online, a prompt may come twice: more samples of it)
     batch_size = config.batch_size if plan.needs.online else rows_per_batch(len(examples), config.batch_size, world)

@@ -5,6 +5,8 @@ Usage: distributed_runs.py PLAN.json
 PLAN.json is a list of steps, which every process takes in order:
 - a list of strings: the arguments of one `pref` command (`["run", "--objective", "dpo", ...]`), which must succeed;
 - `{"main": MODULE, "args": [...]}`: `main(*args)` of the script MODULE in tests/ (such as distributed_train.py);
+- `{"cache": [DIR0, DIR1]}`: each process's PREF_CACHE from now on (process 0's first): one can find the reference's
+  log-probs cached where the other computes them;
 - `{"copy": SRC, "to": DST}`: process 0 copies the run folder SRC to DST without its final/ (a run stopped after
   its last checkpoint) while the others wait; only after a run, whose accelerator has joined the processes.
 
@@ -38,7 +40,7 @@ def launch(plan: list, cache: str, folder) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
                "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()), __file__, str(plan_file)]
     env = {**os.environ, "PREF_CACHE": str(cache), "HF_HOME": str(folder / "hf-home"), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
 
 
 def main(plan_file: str) -> None:
@@ -51,6 +53,8 @@ def main(plan_file: str) -> None:
     for step in plan:
         if isinstance(step, dict) and "main" in step:
             importlib.import_module(step["main"]).main(*step["args"])
+        elif isinstance(step, dict) and "cache" in step:
+            os.environ["PREF_CACHE"] = step["cache"][dist.get_rank()]
         elif isinstance(step, dict):
             if dist.get_rank() == 0:
                 shutil.copytree(step["copy"], step["to"])

@@ -37,9 +37,12 @@ def test_sharded_run_matches_ddp_resumes_exactly_and_saves_a_plain_model(tiny_mo
     args = ["--objective", "dpo", "--model", tiny_model_dir, "--dataset", prefs_file, "--steps", "4", "--batch-size", "1",
             "--grad-accum", "2", "--save-every", "2", "--lr", "1e-3", "--seed", "0", "--device", "cpu", "--max-length", "64",
             "--validation-split", "0.34", "--eval-every", "2", "--test-prompt", "Name a fruit."]
-    # one launch: the DDP run, the sharded run, a copy of it stopped after step 3 (final/ gone), and the copy resumed
+    # one launch: the DDP run, the sharded run, a copy of it stopped after step 3 (final/ gone), and the copy resumed;
+    # the sharded run's process 0 computes the reference's log-probs where process 1 finds them cached (by the DDP run):
+    # only one of them has run the packing probe on the whole model, and the other's probe, sharded, must not wait on it
     resumed = tmp_path / "resumed"
     launch(private_cache, tmp_path, [["run", *args, "--output-dir", str(tmp_path / "ddp")],
+                                    {"cache": [str(tmp_path / "cold-cache"), str(private_cache)]},
                                     ["run", *args, "--fsdp", "--output-dir", str(tmp_path / "fsdp")],
                                     {"copy": str(tmp_path / "fsdp"), "to": str(resumed)},
                                     ["run", "--resume", str(resumed / "checkpoint-000002")]])
