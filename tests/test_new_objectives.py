@@ -9,8 +9,8 @@ import torch
 from click.testing import CliRunner
 
 from pref.cli.main import cli
-from pref.interfaces import LabeledBatch, Minibatch, Rollout, ScoredBatch
-from pref.plugins.kto import KTO, swap_completions
+from pref.interfaces import Minibatch, Rollout, ScoredBatch
+from pref.plugins.kto import swap_completions
 from pref.registry import load_registry
 from pref.sequences import Sequences
 
