@@ -15,7 +15,7 @@ from rich.console import Console
 from safetensors.torch import load_file, save_file
 
 from pref.errors import PrefError
-from pref.interfaces import Adapter, Reference
+from pref.interfaces import Adapter, Processes, Reference
 from pref.sequences import Logps, Sequences, model_logps
 
 
@@ -107,6 +107,18 @@ def rows_by_length(batches: list[Sequences], rows_per_batch: int) -> Iterator[tu
         yield keys, Sequences.concat([rows[k] for k in keys])
 
 
+def write_table(table: dict[str, float], path: str) -> None:
+    """The cached log-probs `table` (row key -> summed log-prob) as PATH (float64 safetensors) and PATH.keys.json, atomically."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    ordered = sorted(table)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    save_file({"logps": torch.tensor([table[k] for k in ordered], dtype=torch.float64)}, tmp)
+    with open(tmp + ".keys.json", "w") as f:
+        json.dump(ordered, f)
+    os.replace(tmp + ".keys.json", path + ".keys.json")
+    os.replace(tmp, path)
+
+
 class CachedReference(Reference):
     """Sequence log-probs computed once by a reference model and stored on disk.
 
@@ -119,31 +131,34 @@ class CachedReference(Reference):
 
     @classmethod
     def build(cls, model: torch.nn.Module, model_name: str, batches: Iterable[Sequences], cache_dir: str,
-              packing: bool = False) -> "CachedReference":
-        """Load the cache for (model, data) from `cache_dir`, or compute and write it (`packing`: as `model_logps`)."""
+              packing: bool = False, processes: Processes | None = None) -> "CachedReference":
+        """Load the cache for (model, data) from `cache_dir`, or compute and write it (`packing`: as `model_logps`).
+
+        Every one of `processes` makes this call with the same `batches`: they share the work (each computes
+        every world-th forward) and all get the whole table; process 0 writes it.
+        """
+        processes = processes or Processes()
         batches = list(batches)
         keys = sorted({k for b in batches for k in b.keys()})
         data_fp = hashlib.sha1("\n".join(keys).encode()).hexdigest()[:16]
         path = os.path.join(cache_dir, f"reference-{model_fingerprint(model, model_name)}-{data_fp}.safetensors")
-        if os.path.exists(path):
+        if all(processes.gather([os.path.exists(path)])):  # all load it, or all compute it together (a process may see it written first)
             with open(path + ".keys.json") as f:
                 return cls(dict(zip(json.load(f), load_file(path)["logps"].tolist())))
         frozen = FrozenReference(model, packing)
         table: dict[str, float] = {}
         # as many rows per forward as a training step's chosen + rejected batch: no more memory than training
         rows_per_batch = 2 * max((len(b) for b in batches), default=1)
-        with precompute_progress(len(keys)) as advance:  # minutes for a large model and dataset: say what is going on
-            for keys, batch in rows_by_length(batches, rows_per_batch):
-                table.update(zip(keys, frozen.logps(batch).sequence.tolist()))
-                advance(len(keys))
-        os.makedirs(cache_dir, exist_ok=True)
-        ordered = sorted(table)
-        tmp = f"{path}.tmp-{os.getpid()}"
-        save_file({"logps": torch.tensor([table[k] for k in ordered], dtype=torch.float64)}, tmp)
-        with open(tmp + ".keys.json", "w") as f:
-            json.dump(ordered, f)
-        os.replace(tmp + ".keys.json", path + ".keys.json")
-        os.replace(tmp, path)
+        starts = range(processes.rank * rows_per_batch, len(keys), processes.world * rows_per_batch)  # this process's forwards
+        with precompute_progress(sum(min(rows_per_batch, len(keys) - start) for start in starts)) as advance:  # minutes at real sizes
+            for index, (rows, batch) in enumerate(rows_by_length(batches, rows_per_batch)):
+                if index % processes.world == processes.rank:
+                    table.update(zip(rows, frozen.logps(batch).sequence.tolist()))
+                    advance(len(rows))
+        if processes.world > 1:
+            table = {key: value for part in processes.gather([table]) for key, value in part.items()}
+        if processes.rank == 0:
+            write_table(table, path)
         return cls(table)
 
     def logps(self, sequences: Sequences, with_logits: bool = False) -> Logps:

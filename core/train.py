@@ -73,8 +73,8 @@ def make_accelerator(config: RunConfig, dtype: torch.dtype = torch.float32) -> A
         raise PrefError(f"cannot use mixed precision {mixed_precision!r} here: {exc}; use --mixed-precision no and --dtype float32") from None
 
 
-def build_reference(config: RunConfig, plan: RunPlan, policy: HFPolicy, examples: list[Any]) -> Reference | None:
-    """Nothing, log-probs cached on disk, or a frozen copy of the starting policy (`plan.reference`)."""
+def build_reference(config: RunConfig, plan: RunPlan, policy: HFPolicy, examples: list[Any], processes: Processes) -> Reference | None:
+    """Nothing, log-probs cached on disk (the `processes` compute them together), or a frozen copy of the starting policy (`plan.reference`)."""
     if plan.reference == NO_MODEL:
         return None
     if plan.reference == CACHED_LOGPS:
@@ -82,7 +82,8 @@ def build_reference(config: RunConfig, plan: RunPlan, policy: HFPolicy, examples
                    for rows in sequences_of(collate(policy, examples[start : start + config.batch_size]))]
         name = config.model or DEFAULT_MODEL
         with plan.adapter.disabled(unwrap(policy.model)) if plan.adapter else nullcontext():  # an adapter run's reference is its base model
-            return CachedReference.build(unwrap(policy.model), name, batches, os.path.join(cache_dir(), "reference"), packing=config.packing)
+            return CachedReference.build(unwrap(policy.model), name, batches, os.path.join(cache_dir(), "reference"), packing=config.packing,
+                                         processes=processes)
     if plan.adapter:
         return AdaptersOffReference(unwrap(policy.model), plan.adapter, config.packing)
     return FrozenReference.copy_of(unwrap(policy.model), config.packing)
@@ -399,7 +400,7 @@ def train_policy(config: RunConfig, registry: Registry) -> tuple[str, HFPolicy]:
     examples = [example for examples in example_sets for example in examples]
     if not plan.needs.online and not examples:
         raise PrefError(f"objective {config.objective!r} trains on a dataset: pass --dataset FILE")
-    reference = build_reference(config, plan, policy, examples + validation)
+    reference = build_reference(config, plan, policy, examples + validation, processes)
     keep_trainable_in_float32(policy.model, *modules.values())  # after the reference took its copy
     if config.fsdp:  # after the reference: a frozen copy or the cached log-probs come from the whole model
         if config.packing and may_pack(policy.model):  # sharded, the probe is a collective: every process runs it now, before a

@@ -193,3 +193,31 @@ def test_maxima_and_minima_are_combined_as_such_and_other_figures_averaged():
                 "clip_ratio/high_max": 0.5, "maximum_weight": 3.0, "admin": 3.0}]
     assert combine_reports(reports) == {"reward/max": 1.0, "max_reward": 1.5, "min_reward": -2.0, "similarity/min": 0.25,
                                         "completions/max_length": 6.0, "clip_ratio/high_max": 0.5, "maximum_weight": 2.0, "admin": 2.0}
+
+
+def test_processes_share_the_reference_precompute(tmp_path, tiny_model_dir, prefs_file):
+    """Each of two processes computes every other forward of the cached reference; together they give one process's table."""
+    from pref.data import collate, sequences_of
+    from pref.examples import PreferenceExample
+    from pref.interfaces import Processes
+    from pref.policy import HFPolicy
+    from pref.reference import CachedReference
+
+    class OneOfTwo(Processes):  # process `rank` of two, seen alone: the other's share of the gather is left out
+        world = 2
+
+        def __init__(self, rank):
+            self.rank = rank
+
+        def gather(self, items):
+            return [False, False] if isinstance(items[0], bool) else list(items)
+
+    policy = HFPolicy.load(tiny_model_dir)
+    examples = [PreferenceExample(**json.loads(line)) for line in open(prefs_file)]
+    rows = [rows for start in range(0, len(examples), 2) for rows in sequences_of(collate(policy, examples[start : start + 2]))]
+    whole = CachedReference.build(policy.model, "tiny", rows, str(tmp_path / "one")).table
+    parts = [CachedReference.build(policy.model, "tiny", rows, str(tmp_path / f"rank{rank}"), processes=OneOfTwo(rank)).table
+             for rank in (0, 1)]
+    assert parts[0] and parts[1] and not parts[0].keys() & parts[1].keys()
+    assert {**parts[0], **parts[1]} == whole
+    assert os.listdir(tmp_path / "rank0") and not (tmp_path / "rank1").exists()  # process 0 writes the file
