@@ -19,6 +19,7 @@ import importlib
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -40,7 +41,21 @@ def launch(plan: list, cache: str, folder) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
                "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()), __file__, str(plan_file)]
     env = {**os.environ, "PREF_CACHE": str(cache), "HF_HOME": str(folder / "hf-home"), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    return run_whole_group(command, env, timeout=300)
+
+
+def run_whole_group(command: list[str], env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
+    """`subprocess.run(command, capture_output=True, text=True)`, but a command that overruns `timeout` seconds (a hang) is
+    killed with every process it started, its own process group (`accelerate launch`'s workers would outlive the launcher
+    and hold its output open), and fails the test with the end of its stderr."""
+    with subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True) as process:
+        try:
+            stdout, stderr = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            stderr = process.communicate()[1]
+            raise AssertionError(f"{command[-1]} ran over {timeout} s (a hang?) and was killed; its stderr ended with:\n{stderr[-3000:]}") from None
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
 
 
 def main(plan_file: str) -> None:
