@@ -277,11 +277,6 @@ def validate(config: RunConfig) -> None:
         raise PrefError("sampler options were given without --sampler; add --sampler NAME")
     if config.curriculum_options and not config.curriculum:
         raise PrefError("curriculum options were given without --curriculum; add --curriculum (with --sampler curriculum, pass them as --sampler-option)")
-    if config.selector_options and not config.selector:  # an objective's own selector takes its options as the objective's
-        raise PrefError("selector options were given without --selector; add --selector NAME, or give the objective's own selector "
-                        "its options with -o KEY=VALUE")
-    if config.embedder_options and not config.embedder:
-        raise PrefError("embedder options were given without --embedder; add --embedder NAME")
     if config.evaluator_options and not config.evaluator:
         raise PrefError("evaluator options were given without --evaluator; add --evaluator NAME")
     if config.curriculum and len(config.dataset) < 2:

@@ -215,6 +215,11 @@ def refusals(config: RunConfig, needs: ObjectiveNeeds, adapter: Adapter | None) 
                     what = "batches no dataset rows by length"
                 why = f"objective {name!r} {how} and {what}"
             found.append(Refusal((setting,), why, f"drop {flag}"))
+    # a plugin's options without the plugin (an objective's own selector takes its options as the objective's)
+    for plugin, fix in [("selector", "add --selector NAME, or give the objective's own selector its options with -o KEY=VALUE"),
+                        ("embedder", "add --embedder NAME")]:
+        if getattr(config, f"{plugin}_options") and not getattr(config, plugin):
+            found.append(Refusal((f"{plugin}_options",), f"{plugin} options were given without --{plugin}", fix))
     if needs.reference == NO_REFERENCE and config.reference in ("model", "cached"):
         found.append(Refusal(("reference",), f"objective {name!r} uses no reference", f"drop --reference {config.reference}"))
     elif config.reference == "cached" and (needs.online or needs.scores_new_rows or needs.reference == REFERENCE_DISTRIBUTIONS):

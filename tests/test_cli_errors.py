@@ -301,7 +301,7 @@ def test_curriculum_options_without_the_curriculum_are_an_error(prefs_file):
     (["--objective", "dpo", "--reward-option", "min_zipf=3"], "objective 'dpo' trains on a dataset and uses no reward: drop --reward-option"),
     (["--objective", "d2po", "--reward", "repetition"], "objective 'd2po' brings its own reward, set by its options (-o KEY=VALUE): drop --reward"),
     (["--objective", "d2po", "--reward-option", "n=3"], "brings its own reward, set by its options (-o KEY=VALUE): drop --reward-option"),
-    (["--objective", "divpo", "--selector-option", "rho=0.5"], "selector options were given without --selector; add --selector NAME, "
+    (["--objective", "divpo", "--selector-option", "rho=0.5"], "selector options were given without --selector: add --selector NAME, "
                                                                 "or give the objective's own selector its options with -o KEY=VALUE"),
 ])
 def test_options_of_a_plugin_the_run_does_not_use_are_an_error(prefs_file, args, message):

@@ -138,13 +138,16 @@ def test_a_run_json_of_an_earlier_pref_resumes_with_its_relative_paths_and_the_s
     assert result.stderr.splitlines()[-1].startswith('Error: cannot resume run with this version of pref: its run.json records reference "cached", '
                                                      "which this version refuses (--reference cached keeps only")
     # a run.json written before paths were recorded absolute holds them as they were given; -k and --reward-option
-    # on an offline objective were accepted and ignored, as this pref would not have them: left out, with a note
-    old["config"].update({"dataset": ["prefs.jsonl"], "samples_per_prompt": 4, "reward_options": {"min_zipf": 3}})
+    # on an offline objective, and selector options without a selector, were accepted and ignored, as this pref would
+    # not have them: left out, with a note
+    old["config"].update({"dataset": ["prefs.jsonl"], "samples_per_prompt": 4, "reward_options": {"min_zipf": 3}, "selector_options": {"rho": 0.5}})
     (stopped_run / "run.json").write_text(json.dumps(old))
     result = pref("--resume", "run", "--steps", 3)
     assert result.exit_code == 0, result.output
     assert (f"{os.path.join('run', 'run.json')} records samples_per_prompt 4, which the earlier pref that wrote it ignored and this one refuses "
             "(objective 'dpo' trains on a dataset and samples nothing): resuming without it") in result.stderr.splitlines()
+    assert (f"{os.path.join('run', 'run.json')} records selector_options {{\"rho\": 0.5}}, which the earlier pref that wrote it ignored and "
+            "this one refuses (selector options were given without --selector): resuming without it") in result.stderr.splitlines()
     assert record(stopped_run)["resumes"] == [{"step": 1, "changed": {"steps": [2, 3]}}]
 
 
