@@ -476,10 +476,23 @@ class Adapter(ABC):
         """A context manager inside which the wrapped `model` computes as the base model: the run's reference."""
         return model.disable_adapter()
 
-    def save_merged(self, model: torch.nn.Module, tokenizer: Any, path: str) -> None:
+    def save_merged(self, model: torch.nn.Module, tokenizer: Any, path: str, weights: dict[str, torch.Tensor] | None = None) -> None:
         """Write full weights with the adapter folded in, which plain `transformers` loads, and the
-        tokenizer into `path` (`--merge-lora`). The merge runs on a copy: `model` keeps its adapter."""
+        tokenizer into `path` (`--merge-lora`). The merge runs on a copy: `model` keeps its adapter.
+
+        `weights`: where `model` is sharded (`--fsdp`), its state dict gathered whole; the copy is
+        then built on the meta device and takes these tensors, so it costs no memory of its own."""
         import copy
 
-        copy.deepcopy(model).merge_and_unload().save_pretrained(path, safe_serialization=True)
+        import peft
+
+        if weights is None:
+            model = copy.deepcopy(model)
+        else:
+            base = model.get_base_model()
+            with torch.device("meta"):
+                model = peft.get_peft_model(type(base)(base.config), model.peft_config[model.active_adapter])
+            model.load_state_dict(weights, assign=True)
+            model.get_base_model().tie_weights()
+        model.merge_and_unload().save_pretrained(path, safe_serialization=True)
         tokenizer.save_pretrained(path)

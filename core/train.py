@@ -122,7 +122,7 @@ def save_final(policy: HFPolicy, path: str, adapter: Adapter | None = None, merg
     """
     policy.save(path, state_dict)
     if adapter and merge:
-        adapter.save_merged(unwrap(policy.model), policy.tokenizer, os.path.join(path, MERGED_DIR))
+        adapter.save_merged(unwrap(policy.model), policy.tokenizer, os.path.join(path, MERGED_DIR), state_dict)
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, config: RunConfig) -> torch.optim.lr_scheduler.LambdaLR:

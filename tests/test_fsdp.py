@@ -98,7 +98,7 @@ def test_lora_ppo_trains_sharded_as_unsharded_and_resumes_exactly(tiny_model_dir
     and the sharded run resumed from its checkpoint ends with the same adapters, bit for bit."""
     args = ["--objective", "ppo", "-k", "2", "-o", "ppo_epochs=2", "--reward", "noun-diversity", "--model", tiny_model_dir, "--steps", "4",
             "--batch-size", "2", "--save-every", "2", "--lr", "1e-2", "--seed", "0", "--device", "cpu", "--max-new-tokens", "8",
-            "--test-prompt", "Name a fruit.", "--lora", "--lora-option", "target_modules=q_proj,v_proj"]
+            "--test-prompt", "Name a fruit.", "--lora", "--lora-option", "target_modules=q_proj,v_proj", "--merge-lora"]
     resumed = tmp_path / "resumed"  # one launch, as in the test above
     launch(private_cache, tmp_path, [["run", *args, "--output-dir", str(tmp_path / "ddp")],
                                     ["run", *args, "--fsdp", "--output-dir", str(tmp_path / "fsdp")],
@@ -110,6 +110,13 @@ def test_lora_ppo_trains_sharded_as_unsharded_and_resumes_exactly(tiny_model_dir
         torch.testing.assert_close(sharded[key], ddp[key], atol=2e-5, rtol=0, msg=lambda m: f"{key}: {m}")
     answers = {run: (tmp_path / run / "generations.jsonl").read_text() for run in ("ddp", "fsdp")}
     assert answers["fsdp"] == answers["ddp"] and '"step": 4' in answers["ddp"]
+    # --merge-lora: the sharded run folds its gathered adapters into a copy built from the gathered weights
+    merged = {run: weights(tmp_path / run, os.path.join("merged", "model.safetensors")) for run in ("ddp", "fsdp")}
+    base = load_file(os.path.join(tiny_model_dir, "model.safetensors"))
+    assert merged["fsdp"].keys() == merged["ddp"].keys() == base.keys()
+    assert not torch.equal(merged["ddp"]["model.layers.0.self_attn.q_proj.weight"], base["model.layers.0.self_attn.q_proj.weight"])
+    for key in base:
+        torch.testing.assert_close(merged["fsdp"][key], merged["ddp"][key], atol=2e-5, rtol=0, msg=lambda m: f"{key}: {m}")
 
     again = weights(resumed, "adapter_model.safetensors")
     for key in sharded:

@@ -194,3 +194,25 @@ def test_lora_flags_and_keys_are_the_adapter_lora(monkeypatch, prefs_file):
     assert (build_config(old_record).adapter, build_config(old_record).adapter_options) == ("lora", {"r": 4})
     assert build_config({"lora": False, "lora_options": {}}).adapter is None
     assert build_config({"adapter": "lora"}, {"lora": False}).adapter is None  # --no-lora turns it off
+
+
+@pytest.mark.parametrize("kind", ["causal-lm", "sequence-classifier"])
+def test_a_merge_from_weights_gathered_whole_is_the_merge_of_the_model(tmp_path, tiny_model_dir, kind):
+    # a sharded run (--fsdp) has only its state dict gathered whole: the merge is of a copy built from it on the meta device
+    from safetensors.torch import load_file
+
+    policy = HFPolicy.load(tiny_model_dir, kind=kind)
+    with quiet_peft():
+        model = Lora(**LORA).wrap(policy.model, kind)
+    torch.manual_seed(0)
+    for name, param in model.named_parameters():
+        if "lora_B" in name or "score" in name:
+            param.data.normal_()
+    gathered = {key: value.clone() for key, value in model.state_dict().items()}
+    Lora(**LORA).save_merged(model, policy.tokenizer, str(tmp_path / "model"))
+    Lora(**LORA).save_merged(model, policy.tokenizer, str(tmp_path / "gathered"), weights=gathered)
+    from_model, from_gathered = (load_file(str(tmp_path / name / "model.safetensors")) for name in ("model", "gathered"))
+    assert from_gathered.keys() == from_model.keys() and not any("lora" in key for key in from_model)
+    for key in from_model:
+        assert torch.equal(from_gathered[key], from_model[key]), key
+    assert any("lora_A" in key for key in model.state_dict())  # the model keeps its adapter
