@@ -112,6 +112,8 @@ def load_registry() -> Any:
 @click.option("--dtype", type=click.Choice(["auto", "bfloat16", "float16", "float32"]), help="Weights as loaded (auto: bf16 on a bf16-capable GPU for a bf16/fp16 checkpoint, else float32).")
 @click.option("--gradient-checkpointing/--no-gradient-checkpointing", default=None, help="Recompute activations in the backward pass: less memory, ~30% more time.")
 @click.option("--fsdp/--no-fsdp", default=None, help="Shard weights, gradients and optimizer state over the processes (torch FSDP2; needs 2+ processes).")
+@click.option("--sample-sharded/--no-sample-sharded", default=None,
+              help="With --fsdp: sample gathering one layer at a time (slower), never the whole model.")
 @click.option("--lora/--no-lora", default=None, help="Train LoRA adapters (peft) on a frozen base instead of every weight: --adapter lora.")
 @click.option("--lora-option", multiple=True, help="LoRA option KEY=VALUE (r, alpha, dropout, target_modules); repeatable.")
 @click.option("--adapter", help="Adapter plugin trained on a frozen base instead of every weight (see `pref list-plugins --kind adapter`).")

@@ -39,6 +39,7 @@ class RunConfig:
     dtype: str = "auto"  # auto | bfloat16 | float16 | float32: the weights as loaded (pref.precision)
     gradient_checkpointing: bool = False
     fsdp: bool = False  # shard the model over the processes with torch's FSDP2 (pref.sharding)
+    sample_sharded: bool = False  # --fsdp: sample gathering one layer at a time, not the whole model for each generate call
     adapter: str | None = None  # a registered adapter (register_adapters) trained instead of every weight; `lora` (--lora) is pref's own
     adapter_options: dict[str, Any] = field(default_factory=dict)
     merge_lora: bool = False  # also write final/merged/: full weights with the adapter folded in
@@ -109,7 +110,7 @@ POSITIVE = ("steps", "batch_size", "grad_accum", "max_length", "max_prompt_lengt
 POSITIVE_OR_NONE = ("max_new_tokens", "threads")  # None: resolved later (see RunConfig)
 ZERO_OR_MORE = ("save_every", "eval_every", "warmup_steps", "bucket_window", "top_k")  # 0: off
 RESOLVED_LATER = (*POSITIVE_OR_NONE, "bucket_window", "top_k")  # None: resolved by the plan (see RunConfig)
-TRUE_OR_FALSE = ("fsdp", "packing")
+TRUE_OR_FALSE = ("fsdp", "sample_sharded", "packing")
 
 
 def read_config_file(path: str) -> dict[str, Any]:

@@ -200,7 +200,7 @@ def refusals(config: RunConfig, needs: ObjectiveNeeds, adapter: Adapter | None) 
                                 ("--selector", "selector", needs.uses_selector), ("--embedder", "embedder", needs.uses_selector),
                                 ("--samples-per-prompt", "samples_per_prompt", needs.online), ("--max-new-tokens", "max_new_tokens", answers_drawn),
                                 ("--temperature", "temperature", answers_sampled), ("--top-p", "top_p", answers_sampled),
-                                ("--top-k", "top_k", answers_sampled),
+                                ("--top-k", "top_k", answers_sampled), ("--sample-sharded", "sample_sharded", answers_drawn),
                                 ("--bucket-window", "bucket_window", not (needs.online or config.curriculum or config.sampler))]:
         if (was_given(config, setting) if setting in PLAN_DEFAULTS else getattr(config, setting)) and not used:
             if needs.own_reward and setting.startswith("reward"):
@@ -220,6 +220,9 @@ def refusals(config: RunConfig, needs: ObjectiveNeeds, adapter: Adapter | None) 
                         ("embedder", "add --embedder NAME")]:
         if getattr(config, f"{plugin}_options") and not getattr(config, plugin):
             found.append(Refusal((f"{plugin}_options",), f"{plugin} options were given without --{plugin}", fix))
+    if config.sample_sharded and not config.fsdp:
+        found.append(Refusal(("sample_sharded",), "--sample-sharded samples through the model --fsdp shards, and this run shards none",
+                             "add --fsdp, or drop --sample-sharded"))
     if needs.reference == NO_REFERENCE and config.reference in ("model", "cached"):
         found.append(Refusal(("reference",), f"objective {name!r} uses no reference", f"drop --reference {config.reference}"))
     elif config.reference == "cached" and (needs.online or needs.scores_new_rows or needs.reference == REFERENCE_DISTRIBUTIONS):
@@ -244,7 +247,7 @@ def as_recorded(value: Any) -> Any:
 
 
 #: The flags of sampling, refused by a run that samples nothing (an offline one without evaluators).
-SAMPLING_FLAGS = ("--samples-per-prompt", "--max-new-tokens", "--temperature", "--top-p", "--top-k")
+SAMPLING_FLAGS = ("--samples-per-prompt", "--max-new-tokens", "--temperature", "--top-p", "--top-k", "--sample-sharded")
 #: What the plan makes of these settings left at None (bucket_window offline; max_new_tokens where the reward has no length of
 #: its own). run.json recorded these values until the settings defaulted to None: a resume of such a run carries them unasked.
 PLAN_DEFAULTS = {"max_new_tokens": DEFAULT_MAX_NEW_TOKENS, "temperature": 1.0, "top_p": 1.0, "top_k": 0, "bucket_window": 50}

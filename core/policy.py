@@ -41,12 +41,14 @@ class HFPolicy(Policy):
     its datasets with the tokenizer alone, before the slow model load.
     """
 
-    def __init__(self, model: torch.nn.Module | None, tokenizer: Any, max_length: int = 512, max_prompt_length: int = 256, packing: bool = False):
+    def __init__(self, model: torch.nn.Module | None, tokenizer: Any, max_length: int = 512, max_prompt_length: int = 256, packing: bool = False,
+                 sample_sharded: bool = False):
         self._model = model
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.max_prompt_length = max_prompt_length
         self.packing = packing  # lean log-probs through packed forwards (pref.packing)
+        self.sample_sharded = sample_sharded  # a sharded model samples gathering one layer at a time (pref.sharding.gathered_for_generation)
 
     @classmethod
     def load(cls, name: str | None, dtype: torch.dtype | None = None, kind: str = "causal-lm", **kwargs: Any) -> "HFPolicy":
@@ -82,7 +84,8 @@ class HFPolicy(Policy):
     def sample(self, prompts: list[Prompt], k: int, sampling: SamplingConfig) -> Samples:
         """All P x K samples in one batched, KV-cached `generate` call: their text, and their rows of the ids sampled.
 
-        A sharded model (FSDP) gathers its weights for the call: every process must call this together.
+        A sharded model (FSDP) gathers its weights for the call (one layer at a time, each forward, with `sample_sharded`):
+        every process must call this together.
         """
         model = unwrap(self.model)
         rows = [prompt_token_ids(self.tokenizer, p)[-self.max_prompt_length :] for p in prompts]
@@ -92,7 +95,7 @@ class HFPolicy(Policy):
         model.eval()
         do_sample = sampling.temperature > 0
         copies, k = (1, k) if do_sample else (k, 1)  # greedy answers are all the same: decode one, repeat it
-        with gathered_for_generation(model):
+        with gathered_for_generation(model, whole=not self.sample_sharded):
             out = model.generate(
                 input_ids=ids,
                 attention_mask=mask,

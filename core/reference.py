@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from pref.errors import PrefError
 from pref.interfaces import Adapter, Processes, Reference
 from pref.sequences import Logps, Sequences, model_logps
+from pref.sharding import shard
 
 
 def cache_dir() -> str:
@@ -25,17 +26,27 @@ def cache_dir() -> str:
 
 
 class FrozenReference(Reference):
-    """A frozen copy of a model, kept in memory and evaluated without grad; `packing` as `model_logps`'."""
+    """A frozen copy of a model, kept in memory and evaluated without grad; `packing` as `model_logps`'.
+
+    Under `--fsdp` the copy is sharded like the policy (`shard`): each process holds 1/N of its weights,
+    and each `logps` call is a collective that every process makes together.
+    """
 
     has_logits = True
 
     def __init__(self, model: torch.nn.Module, packing: bool = False):
         self.model = model
         self.packing = packing
+        self.sharded = False  # the model is its own, sharded by `shard`
 
     @classmethod
     def copy_of(cls, model: torch.nn.Module, packing: bool = False) -> "FrozenReference":
         return cls(copy.deepcopy(model).eval().requires_grad_(False), packing)
+
+    def shard(self, dtype: torch.dtype) -> None:
+        """Shard the frozen copy over the processes as the policy is (FSDP2, `pref.sharding.shard`): a collective."""
+        shard(self.model, dtype)
+        self.sharded = True
 
     @torch.no_grad()
     def logps(self, sequences: Sequences, with_logits: bool = False) -> Logps:
@@ -44,6 +55,8 @@ class FrozenReference(Reference):
         self.model.eval()  # no dropout in the reference's numbers
         logps = model_logps(self.model, sequences, with_logits=with_logits, packing=self.packing)
         self.model.train(was_training)
+        if self.sharded:  # FSDP2 keeps a root's own weights (embeddings, LM head) gathered after a forward, for a backward that never comes
+            self.model.reshard()
         return logps
 
 

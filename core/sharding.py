@@ -2,7 +2,8 @@
 
 accelerate 1.15 turns its own FSDP on only for GPU-like devices, never for CPU processes,
 so `--fsdp` shards here, on CPU (gloo) and GPU (NCCL) processes alike: each decoder layer,
-then the whole model, after the reference was taken from the whole model. accelerate then
+then the whole model, after the reference was taken from the whole model (a frozen copy of it is
+sharded the same way, `FrozenReference.shard`). accelerate then
 does not wrap the model in DDP: FSDP2 averages the gradients itself. Weights and optimizer
 state go into checkpoints whole (`whole`) and come back sharded (`sharded_like`), so the
 files are those of an unsharded run. These also serve a model accelerate sharded itself.
@@ -48,6 +49,7 @@ def shard(model: torch.nn.Module, dtype: torch.dtype) -> None:
 
     Weights in a low-precision `dtype` compute in it; the sharded weights the optimizer
     updates stay float32 (`keep_trainable_in_float32` ran before) and gradients average in float32.
+    A frozen model (the reference's copy) is sharded the same way and keeps the dtype it was loaded in.
     """
     import torch.distributed as dist
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -83,17 +85,20 @@ def no_gradient_sync(accelerator: Any, model: torch.nn.Module) -> Iterator[None]
 
 
 @contextmanager
-def gathered_for_generation(model: torch.nn.Module) -> Iterator[None]:
-    """A sharded model's weights gathered once for a `generate` call, instead of at every token; sharded again after.
+def gathered_for_generation(model: torch.nn.Module, whole: bool = True) -> Iterator[None]:
+    """A sharded model ready for a `generate` call; sharded again after. A collective (every process enters it together).
 
-    A collective (every process enters it together); while it lasts each process holds the whole model's weights.
+    `whole`: each layer's weights are gathered once for the call, instead of at every token, so each process holds
+    the whole model's weights while it samples. Otherwise (`--sample-sharded`) each layer is gathered at each forward
+    and freed after it, FSDP2's default: slower, but a process holds only the root's own weights (embeddings,
+    LM head) and one layer's whole at a time.
     """
     if not is_sharded(model):
         yield
         return
     # FSDP2 makes its root at the first forward through it, which a PeftModel's generate skips (it calls the model inside)
     model._get_fsdp_state()._lazy_init()
-    layers = [m for m in model.modules() if is_sharded(m) and m is not model]
+    layers = [m for m in model.modules() if is_sharded(m) and m is not model] if whole else []
     for layer in layers:
         layer.set_reshard_after_forward(False, recurse=False)
     model.unshard()  # the root's own weights (embeddings, LM head), gathered before any forward asks for them

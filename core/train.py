@@ -370,7 +370,8 @@ def train_policy(config: RunConfig, registry: Registry) -> tuple[str, HFPolicy]:
     lock = claim_output_dir(out_dir, bool(config.resume), accelerator)  # before the data and the model: fail fast
 
     # -- the data, read with the tokenizer alone and checked, before the slow model load ------
-    policy = HFPolicy(None, load_tokenizer(config.model), max_length=config.max_length, max_prompt_length=config.max_prompt_length, packing=config.packing)
+    policy = HFPolicy(None, load_tokenizer(config.model), max_length=config.max_length, max_prompt_length=config.max_prompt_length, packing=config.packing,
+                      sample_sharded=config.sample_sharded)
     builders = plan.datasets + plan.validation_datasets
     records = build_datasets(builders, policy)  # a builder that samples from the model waits for it
     if None not in records:
@@ -403,9 +404,15 @@ def train_policy(config: RunConfig, registry: Registry) -> tuple[str, HFPolicy]:
     reference = build_reference(config, plan, policy, examples + validation, processes)
     keep_trainable_in_float32(policy.model, *modules.values())  # after the reference took its copy
     if config.fsdp:  # after the reference: a frozen copy or the cached log-probs come from the whole model
-        if config.packing and may_pack(policy.model):  # sharded, the probe is a collective: every process runs it now, before a
-            packs_correctly(policy.model)             # process that found the log-probs cached (and so skipped it) probes alone
+        # a frozen copy is sharded too (each process holds 1/N of it); its forwards are then collectives, which every process
+        # makes together: each objective's loss and each evaluation calls the reference the same number of times on each
+        frozen = [reference.model] if isinstance(reference, FrozenReference) else []
+        for model in [policy.model, *frozen]:
+            if config.packing and may_pack(model):  # sharded, the probe is a collective: every process runs it now, before a
+                packs_correctly(model)             # process that found the log-probs cached (and so skipped it) probes alone
         shard(policy.model, dtype)
+        if frozen:
+            reference.shard(dtype)
     # a batch larger than the dataset would hold a row twice: it holds every row once instead (online, a prompt may come twice: more samples of it)
     batch_size = config.batch_size if plan.needs.online else rows_per_batch(len(examples), config.batch_size, world)
     if batch_size < config.batch_size and accelerator.is_main_process:

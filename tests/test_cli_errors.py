@@ -199,6 +199,11 @@ def test_fsdp_needs_several_processes(prefs_file):
     assert "--fsdp shards the model over several processes" in line and "--num_processes" in line
 
 
+def test_sample_sharded_needs_fsdp(prefs_file):
+    line = error_line(run("run", "--dataset", prefs_file, "--steps", "1", "--test-prompt", "Hi.", "--sample-sharded"))
+    assert line == "Error: --sample-sharded samples through the model --fsdp shards, and this run shards none: add --fsdp, or drop --sample-sharded"
+
+
 def test_fsdp_refuses_what_it_does_not_support():
     from pref.sharding import refuse_unsupported
 

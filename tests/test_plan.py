@@ -71,6 +71,8 @@ def test_an_offline_objective_without_data_fails_before_the_model_loads(prefs_fi
     ("dpo", {"top_p": 0.9, "test_prompts": ["Hi."]}, "objective 'dpo' trains on a dataset and answers --test-prompt greedily: drop --top-p"),
     ("grpo", {"bucket_window": 10}, "objective 'grpo' learns from every sample it draws and batches no dataset rows by length: drop --bucket-window"),
     ("dpo", {"bucket_window": 0, "sampler": "length-buckets"}, "^--sampler length-buckets orders the records instead of the length buckets: drop"),
+    ("dpo", {"sample_sharded": True, "fsdp": True}, "objective 'dpo' trains on a dataset and samples nothing: drop --sample-sharded"),
+    ("grpo", {"sample_sharded": True}, "^--sample-sharded samples through the model --fsdp shards, and this run shards none: add --fsdp"),
     ("orpo", {"reference": "model"}, "objective 'orpo' uses no reference: drop --reference model"),
     ("online-dpo", {"reference": "cached", "reward": "noun-diversity"}, "objective 'online-dpo' with these options needs more .* use --reference model"),
     ("kto", {"reference": "cached"}, "objective 'kto' with these options needs more .* use --reference model"),
