@@ -40,12 +40,20 @@ def test_sharded_run_matches_ddp_resumes_exactly_and_saves_a_plain_model(tiny_mo
     # one launch: the DDP run, the sharded run, a copy of it stopped after step 3 (final/ gone), and the copy resumed;
     # the sharded run's process 0 computes the reference's log-probs where process 1 finds them cached (by the DDP run):
     # only one of them has run the packing probe on the whole model, and the other's probe, sharded, must not wait on it
+    # the copy resumes sampling its test prompts layer by layer (--sample-sharded), which changes no answer and no weight;
+    # then a frozen-copy reference (--reference model, 2 steps, evaluated at the last), unsharded and sharded
     resumed = tmp_path / "resumed"
+    frozen = ["--objective", "dpo", "--model", tiny_model_dir, "--dataset", prefs_file, "--steps", "2", "--batch-size", "1", "--lr", "1e-3",
+              "--seed", "0", "--device", "cpu", "--max-length", "64", "--validation-split", "0.34", "--reference", "model"]
+    report = tmp_path / "reference"
     launch(private_cache, tmp_path, [["run", *args, "--output-dir", str(tmp_path / "ddp")],
                                     {"cache": [str(tmp_path / "cold-cache"), str(private_cache)]},
                                     ["run", *args, "--fsdp", "--output-dir", str(tmp_path / "fsdp")],
                                     {"copy": str(tmp_path / "fsdp"), "to": str(resumed)},
-                                    ["run", "--resume", str(resumed / "checkpoint-000002")]])
+                                    ["run", "--resume", str(resumed / "checkpoint-000002"), "--sample-sharded"],
+                                    ["run", *frozen, "--output-dir", str(tmp_path / "ddp-frozen")],
+                                    {"main": "reference_shards", "args": [str(report), "run", *frozen, "--fsdp", "--output-dir",
+                                                                          str(tmp_path / "fsdp-frozen")]}])
     ddp, sharded, start = weights(tmp_path / "ddp"), weights(tmp_path / "fsdp"), load_file(os.path.join(tiny_model_dir, "model.safetensors"))
 
     # the same weights up to the rounding of another reduction order: Adam turns rounding into
@@ -83,11 +91,28 @@ def test_sharded_run_matches_ddp_resumes_exactly_and_saves_a_plain_model(tiny_mo
         assert torch.equal(loaded[key], sharded[key]), key
 
     # resumed from checkpoint 2 (its final/ gone, as if stopped after step 3): the uninterrupted run's weights, bit for bit
-    # (stopping a run at any point and resuming it is tested in tests/test_fault_injection.py)
+    # (stopping a run at any point and resuming it is tested in tests/test_fault_injection.py); sampling layer by layer,
+    # it answers the test prompts as the run that gathered the whole model, and its record says what the resume changed
     again = weights(resumed)
     assert again.keys() == sharded.keys()
     for key in sharded:
         assert torch.equal(again[key], sharded[key]), key
+    assert (resumed / "generations.jsonl").read_text() == answers["fsdp"]
+    record = json.loads((resumed / "run.json").read_text())
+    assert record["resumes"] == [{"step": 2, "changed": {"sample_sharded": [False, True]}}]
+
+    # a frozen-copy reference sharded too: each process held half of it at each of its forwards (the same number on both),
+    # with nothing left gathered after them, and the run trained the weights of the same run with a whole copy on each process
+    forwards = [json.loads((tmp_path / f"reference.{rank}.json").read_text()) for rank in (0, 1)]
+    assert len(forwards[0]) == len(forwards[1]) > 2  # the training steps' and the validation's
+    for first, second in zip(*forwards):
+        assert first["held"] + second["held"] == first["whole"] and max(first["held"], second["held"]) < 0.55 * first["whole"]
+        assert first["gathered_after"] == second["gathered_after"] == 0
+    ddp, sharded = weights(tmp_path / "ddp-frozen"), weights(tmp_path / "fsdp-frozen")
+    assert max(float((ddp[k] - start[k]).abs().max()) for k in ddp) > 1e-4
+    for key in ddp:
+        torch.testing.assert_close(sharded[key], ddp[key], atol=2e-6, rtol=0, msg=lambda m: f"{key}: {m}")
+    assert validation_losses("fsdp-frozen") == pytest.approx(validation_losses("ddp-frozen"), abs=1e-6)
 
 
 @pytest.mark.slow

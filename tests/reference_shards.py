@@ -1,0 +1,43 @@
+"""A step of distributed_runs.py: `{"main": "reference_shards", "args": [REPORT, *PREF_ARGS]}` runs `pref PREF_ARGS`
+and writes REPORT.RANK.json: what this process's frozen reference held at each of its forwards.
+
+For each `FrozenReference.logps` call: the parameter bytes the process held (a sharded model's local pieces),
+the bytes of the whole model, and the bytes left gathered whole after the call.
+"""
+
+import json
+
+import torch
+import torch.distributed as dist
+
+
+def held_bytes(model: torch.nn.Module) -> tuple[int, int, int]:
+    """(bytes this process holds, bytes of the whole model, bytes gathered whole right now) of `model`'s parameters."""
+    from torch.distributed.tensor import DTensor
+
+    params = list(model.parameters())
+    held = sum((p.to_local() if isinstance(p, DTensor) else p).nbytes for p in params)
+    whole = sum(p.numel() * p.element_size() for p in params)
+    return held, whole, sum(p.nbytes for p in params if not isinstance(p, DTensor))
+
+
+def main(report: str, *args: str) -> None:
+    from pref.cli.main import cli
+    from pref.reference import FrozenReference
+
+    forwards = []
+    logps = FrozenReference.logps
+
+    def noted(self, sequences, with_logits=False):
+        out = logps(self, sequences, with_logits)
+        held, whole, _ = held_bytes(self.model)
+        forwards.append({"held": held, "whole": whole, "gathered_after": held_bytes(self.model)[2]})
+        return out
+
+    FrozenReference.logps = noted
+    try:
+        cli(list(args), prog_name="pref", standalone_mode=False)
+    finally:
+        FrozenReference.logps = logps
+    with open(f"{report}.{dist.get_rank()}.json", "w") as f:
+        json.dump(forwards, f)
