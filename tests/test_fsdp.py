@@ -116,19 +116,26 @@ def test_sharded_run_matches_ddp_resumes_exactly_and_saves_a_plain_model(tiny_mo
 
 
 @pytest.mark.slow
-def test_lora_ppo_trains_sharded_as_unsharded_and_resumes_exactly(tiny_model_dir, private_cache, tmp_path):
+def test_lora_ppo_and_grpo_with_a_frozen_reference_train_sharded_as_unsharded(tiny_model_dir, private_cache, tmp_path):
     """PPO with LoRA: both runs sample through the model (sharded: the processes gather the weights together, and one whose
     samples ended keeps stepping with the others, or their gathers would wait forever). LoRA's random adapters and the value
     head outside the shards start from process 0's, so the adapters and the test prompts' answers end as the DDP run's,
-    and the sharded run resumed from its checkpoint ends with the same adapters, bit for bit."""
+    and the sharded run resumed from its checkpoint ends with the same adapters, bit for bit. Then GRPO with a KL term to a
+    frozen-copy reference, which --fsdp shards too."""
     args = ["--objective", "ppo", "-k", "2", "-o", "ppo_epochs=2", "--reward", "noun-diversity", "--model", tiny_model_dir, "--steps", "4",
             "--batch-size", "2", "--save-every", "2", "--lr", "1e-2", "--seed", "0", "--device", "cpu", "--max-new-tokens", "8",
             "--test-prompt", "Name a fruit.", "--lora", "--lora-option", "target_modules=q_proj,v_proj", "--merge-lora"]
-    resumed = tmp_path / "resumed"  # one launch, as in the test above
+    # then GRPO with a KL term to a frozen-copy reference (2 steps), unsharded and sharded (the reference too, sampling layer by layer)
+    grpo = ["--objective", "grpo", "-k", "2", "--beta", "0.1", "--reward", "noun-diversity", "--model", tiny_model_dir, "--steps", "2",
+            "--batch-size", "2", "--lr", "1e-2", "--seed", "0", "--device", "cpu", "--max-new-tokens", "8", "--test-prompt", "Name a fruit."]
+    resumed, report = tmp_path / "resumed", tmp_path / "reference"  # one launch, as in the test above
     launch(private_cache, tmp_path, [["run", *args, "--output-dir", str(tmp_path / "ddp")],
                                     ["run", *args, "--fsdp", "--output-dir", str(tmp_path / "fsdp")],
                                     {"copy": str(tmp_path / "fsdp"), "to": str(resumed)},
-                                    ["run", "--resume", str(resumed)]])  # from checkpoint-000002
+                                    ["run", "--resume", str(resumed)],  # from checkpoint-000002
+                                    ["run", *grpo, "--output-dir", str(tmp_path / "ddp-grpo")],
+                                    {"main": "reference_shards", "args": [str(report), "run", *grpo, "--fsdp", "--sample-sharded",
+                                                                          "--output-dir", str(tmp_path / "fsdp-grpo")]}])
     ddp, sharded = weights(tmp_path / "ddp", "adapter_model.safetensors"), weights(tmp_path / "fsdp", "adapter_model.safetensors")
     assert sharded.keys() == ddp.keys() and any(float(v.abs().max()) > 0 for k, v in ddp.items() if "lora_B" in k)
     for key in ddp:
@@ -146,3 +153,15 @@ def test_lora_ppo_trains_sharded_as_unsharded_and_resumes_exactly(tiny_model_dir
     again = weights(resumed, "adapter_model.safetensors")
     for key in sharded:
         assert torch.equal(again[key], sharded[key]), key
+
+    # GRPO's frozen reference, sharded, held half of its weights on each process at each forward; sampled layer by layer,
+    # the run drew the DDP run's samples and ends with its weights and answers
+    forwards = [json.loads((tmp_path / f"reference.{rank}.json").read_text()) for rank in (0, 1)]
+    assert len(forwards[0]) == len(forwards[1]) == 2  # one per rollout
+    for first, second in zip(*forwards):
+        assert first["held"] + second["held"] == first["whole"] and max(first["held"], second["held"]) < 0.55 * first["whole"]
+    ddp, sharded, start = weights(tmp_path / "ddp-grpo"), weights(tmp_path / "fsdp-grpo"), load_file(os.path.join(tiny_model_dir, "model.safetensors"))
+    assert max(float((ddp[k] - start[k]).abs().max()) for k in ddp) > 1e-3
+    for key in ddp:
+        torch.testing.assert_close(sharded[key], ddp[key], atol=2e-5, rtol=0, msg=lambda m: f"{key}: {m}")
+    assert (tmp_path / "fsdp-grpo" / "generations.jsonl").read_text() == (tmp_path / "ddp-grpo" / "generations.jsonl").read_text()
