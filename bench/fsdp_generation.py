@@ -71,6 +71,7 @@ def main() -> None:
     vocab = {f"t{i}": i for i in range(args.vocab)}
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="t3")), bos_token="t1", eos_token="t2",
                                         pad_token="t0", unk_token="t3")
+    layers = [m for m in model.modules() if type(m).__name__ in model._no_split_modules]  # before FSDP2 renames their classes
     whole_reference = FrozenReference.copy_of(model)
     reference = FrozenReference.copy_of(model)
     reference_bytes = {"whole": parameter_bytes(reference.model)}
@@ -99,7 +100,6 @@ def main() -> None:
     def note_held(module, inputs):
         held["peak"] = max(held["peak"], shards + gathered_bytes(model))
 
-    layers = [m for m in model.modules() if type(m).__name__ in model._no_split_modules]
     for module in [*layers, model.get_output_embeddings()]:
         module.register_forward_pre_hook(note_held)
     results = {}
