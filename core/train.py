@@ -407,9 +407,9 @@ def train_policy(config: RunConfig, registry: Registry) -> tuple[str, HFPolicy]:
         # a frozen copy is sharded too (each process holds 1/N of it); its forwards are then collectives, which every process
         # makes together: each objective's loss and each evaluation calls the reference the same number of times on each
         frozen = [reference.model] if isinstance(reference, FrozenReference) else []
-        for model in [policy.model, *frozen]:
-            if config.packing and may_pack(model):  # sharded, the probe is a collective: every process runs it now, before a
-                packs_correctly(model)             # process that found the log-probs cached (and so skipped it) probes alone
+        for whole in [policy.model, *frozen]:
+            if config.packing and may_pack(whole):  # sharded, the probe is a collective: every process runs it now, before a
+                packs_correctly(whole)             # process that found the log-probs cached (and so skipped it) probes alone
         shard(policy.model, dtype)
         if frozen:
             reference.shard(dtype)
