@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pref.errors import PrefError
-from pref.sharding import is_sharded, load_optimizer_state, sharded_like, whole_optimizer_state, whole_state_dict
+from pref.sharding import is_sharded, load_optimizer_state, sharded_like, whole, whole_optimizer_state, whole_state_dict
 
 # what a checkpoint folder holds; `save_checkpoint` and `load_checkpoint` write and read exactly these
 MODEL_FILE = "model.safetensors"  # the policy's trained weights (all of a full run's, a LoRA run's adapters)
@@ -153,6 +153,8 @@ def save_checkpoint(run_dir: str, step: int, trained: Trained, state: dict[str, 
     """
     final = os.path.join(run_dir, f"checkpoint-{step:06d}")
     weights, optimizer_state = trained_weights(trained.model), whole_optimizer_state(trained.optimizer, keep=write)
+    # a moved reference: every parameter (tied ones once), what TR-DPO's updates change; gathered whole where sharded
+    reference = {name: whole(p, keep=write) for name, p in trained.reference.named_parameters()} if trained.reference is not None else None
     if not write:
         return final
     files = {
@@ -170,8 +172,8 @@ def save_checkpoint(run_dir: str, step: int, trained: Trained, state: dict[str, 
     def write_files(tmp: str) -> None:
         os.makedirs(tmp)
         save_file(weights, os.path.join(tmp, MODEL_FILE))
-        if trained.reference is not None:  # every parameter (tied ones once): what TR-DPO's updates change
-            save_file({name: p.detach().contiguous() for name, p in trained.reference.named_parameters()}, os.path.join(tmp, REFERENCE_FILE))
+        if reference is not None:
+            save_file({name: tensor.contiguous() for name, tensor in reference.items()}, os.path.join(tmp, REFERENCE_FILE))
         for name, contents in files.items():
             torch.save(contents, os.path.join(tmp, name))
         with open(os.path.join(tmp, STATE_FILE), "w") as f:
@@ -243,10 +245,10 @@ def load_reference_weights(model: torch.nn.Module, checkpoint_dir: str) -> None:
     if not os.path.exists(path):
         raise PrefError(f"{checkpoint_dir} holds no reference weights ({REFERENCE_FILE}), but this run moves its reference "
                         "(sync_ref_model); resume with the options it was saved with, or start afresh")
-    weights = _load_safely(checkpoint_dir, REFERENCE_FILE)
-    if set(weights) != {name for name, _ in model.named_parameters()}:
+    weights, params = _load_safely(checkpoint_dir, REFERENCE_FILE), dict(model.named_parameters())
+    if set(weights) != set(params):
         raise PrefError(f"{path} holds another model's weights than this run's reference; resume with the model it was saved with")
-    model.load_state_dict(weights, strict=False)
+    model.load_state_dict({name: sharded_like(tensor, params[name]) for name, tensor in weights.items()}, strict=False)
 
 
 def _load_safely(checkpoint_dir: str, name: str) -> Any:

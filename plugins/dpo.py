@@ -55,7 +55,8 @@ def mix_into_reference(reference_model: torch.nn.Module, policy_model: torch.nn.
     """TR-DPO's reference update (Gorbatovski et al. 2024, https://arxiv.org/abs/2404.09656, Eq. 6), in place.
 
     Every reference parameter becomes alpha * policy + (1 - alpha) * reference, as TRL's
-    `SyncRefModelCallback` does; alpha = 1 copies the policy.
+    `SyncRefModelCallback` does; alpha = 1 copies the policy. Under `--fsdp` both models are
+    sharded alike, so each process mixes its own pieces.
     """
     for target, source in zip(reference_model.parameters(), policy_model.parameters(), strict=True):
         target.mul_(1.0 - alpha).add_(source.to(target.device, target.dtype), alpha=alpha)

@@ -41,10 +41,12 @@ def test_sharded_run_matches_ddp_resumes_exactly_and_saves_a_plain_model(tiny_mo
     # the sharded run's process 0 computes the reference's log-probs where process 1 finds them cached (by the DDP run):
     # only one of them has run the packing probe on the whole model, and the other's probe, sharded, must not wait on it
     # the copy resumes sampling its test prompts layer by layer (--sample-sharded), which changes no answer and no weight;
-    # then a frozen-copy reference (--reference model, 2 steps, evaluated at the last), unsharded and sharded
+    # then a frozen-copy reference (--reference model, 2 steps, evaluated at the last), unsharded and sharded, which TR-DPO
+    # moves towards the policy after each step (checkpointed after the first); and the sharded run resumed from that checkpoint
     resumed = tmp_path / "resumed"
     frozen = ["--objective", "dpo", "--model", tiny_model_dir, "--dataset", prefs_file, "--steps", "2", "--batch-size", "1", "--lr", "1e-3",
-              "--seed", "0", "--device", "cpu", "--max-length", "64", "--validation-split", "0.34", "--reference", "model"]
+              "--seed", "0", "--device", "cpu", "--max-length", "64", "--validation-split", "0.34", "--reference", "model",
+              "-o", "sync_ref_model=true", "-o", "ref_model_sync_steps=1", "-o", "ref_model_mixup_alpha=0.5", "--save-every", "1"]
     report = tmp_path / "reference"
     launch(private_cache, tmp_path, [["run", *args, "--output-dir", str(tmp_path / "ddp")],
                                     {"cache": [str(tmp_path / "cold-cache"), str(private_cache)]},
@@ -53,7 +55,9 @@ def test_sharded_run_matches_ddp_resumes_exactly_and_saves_a_plain_model(tiny_mo
                                     ["run", "--resume", str(resumed / "checkpoint-000002"), "--sample-sharded"],
                                     ["run", *frozen, "--output-dir", str(tmp_path / "ddp-frozen")],
                                     {"main": "reference_shards", "args": [str(report), "run", *frozen, "--fsdp", "--output-dir",
-                                                                          str(tmp_path / "fsdp-frozen")]}])
+                                                                          str(tmp_path / "fsdp-frozen")]},
+                                    {"copy": str(tmp_path / "fsdp-frozen"), "to": str(tmp_path / "resumed-frozen")},
+                                    ["run", "--resume", str(tmp_path / "resumed-frozen" / "checkpoint-000001")]])
     ddp, sharded, start = weights(tmp_path / "ddp"), weights(tmp_path / "fsdp"), load_file(os.path.join(tiny_model_dir, "model.safetensors"))
 
     # the same weights up to the rounding of another reduction order: Adam turns rounding into
@@ -113,6 +117,16 @@ def test_sharded_run_matches_ddp_resumes_exactly_and_saves_a_plain_model(tiny_mo
     for key in ddp:
         torch.testing.assert_close(sharded[key], ddp[key], atol=2e-6, rtol=0, msg=lambda m: f"{key}: {m}")
     assert validation_losses("fsdp-frozen") == pytest.approx(validation_losses("ddp-frozen"), abs=1e-6)
+    # TR-DPO moved the sharded reference as the whole one (each process mixing its own pieces), its checkpoint holds it
+    # gathered whole, and the run resumed from there loads it back into the shards: the uninterrupted run's weights, bit for bit
+    moved = {run: load_file(tmp_path / run / "checkpoint-000001" / "reference.safetensors") for run in ("ddp-frozen", "fsdp-frozen")}
+    assert moved["fsdp-frozen"].keys() == moved["ddp-frozen"].keys()
+    assert max(float((moved["ddp-frozen"][k] - start[k]).abs().max()) for k in start) > 1e-4
+    for key in moved["ddp-frozen"]:
+        torch.testing.assert_close(moved["fsdp-frozen"][key], moved["ddp-frozen"][key], atol=2e-6, rtol=0, msg=lambda m: f"{key}: {m}")
+    again = weights(tmp_path / "resumed-frozen")
+    for key in sharded:
+        assert torch.equal(again[key], sharded[key]), key
 
 
 @pytest.mark.slow
