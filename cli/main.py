@@ -111,6 +111,7 @@ def load_registry() -> Any:
 @click.option("--mixed-precision", type=click.Choice(["no", "fp16", "bf16"]), help="Autocast precision.")
 @click.option("--dtype", type=click.Choice(["auto", "bfloat16", "float16", "float32"]), help="Weights as loaded (auto: bf16 on a bf16-capable GPU for a bf16/fp16 checkpoint, else float32).")
 @click.option("--gradient-checkpointing/--no-gradient-checkpointing", default=None, help="Recompute activations in the backward pass: less memory, ~30% more time.")
+@click.option("--attn-implementation", help="transformers' attention kernel for the trained model: sdpa (its default), eager, flash_attention_2, ...")
 @click.option("--fsdp/--no-fsdp", default=None, help="Shard weights, gradients and optimizer state over the processes (torch FSDP2; needs 2+ processes).")
 @click.option("--sample-sharded/--no-sample-sharded", default=None,
               help="With --fsdp: sample gathering one layer at a time (slower), never the whole model.")

@@ -38,6 +38,7 @@ class RunConfig:
     mixed_precision: str = "no"  # no | fp16 | bf16
     dtype: str = "auto"  # auto | bfloat16 | float16 | float32: the weights as loaded (pref.precision)
     gradient_checkpointing: bool = False
+    attn_implementation: str | None = None  # transformers' attention kernel: sdpa (its default), eager, flash_attention_2, ...
     fsdp: bool = False  # shard the model over the processes with torch's FSDP2 (pref.sharding)
     sample_sharded: bool = False  # --fsdp: sample gathering one layer at a time, not the whole model for each generate call
     adapter: str | None = None  # a registered adapter (register_adapters) trained instead of every weight; `lora` (--lora) is pref's own
@@ -252,6 +253,9 @@ def validate(config: RunConfig) -> None:
         raise PrefError(f"temperature must be zero (greedy) or positive, not {config.temperature!r}")
     if config.top_p is not None and not 0 < config.top_p <= 1:
         raise PrefError(f"top_p must be above 0 and at most 1, not {config.top_p!r}")
+    if config.attn_implementation is not None and not (isinstance(config.attn_implementation, str) and config.attn_implementation):
+        raise PrefError(f"attn_implementation must name one of transformers' attention implementations (sdpa, eager, flash_attention_2, ...), "
+                        f"not {config.attn_implementation!r}")
     if not config.weight_decay >= 0:
         raise PrefError(f"weight_decay must be zero or positive, not {config.weight_decay!r}")
     if config.reward_weights is not None:

@@ -55,11 +55,12 @@ def load_tokenizer(name: str | None) -> Any:
     return tokenizer
 
 
-def load_model(name: str | None, dtype: torch.dtype | None = None, kind: str = "causal-lm") -> torch.nn.Module:
+def load_model(name: str | None, dtype: torch.dtype | None = None, kind: str = "causal-lm", attention: str | None = None) -> torch.nn.Module:
     """A causal LM, or with `kind="sequence-classifier"` the same backbone with a one-score head.
 
     `name` may also be a folder holding an adapter in PEFT's format (an adapter run's `final/`,
     any peft adapter type); its base model is loaded with the adapter on it. `dtype` None means float32.
+    `attention`: transformers' attention implementation (`sdpa`, `eager`, `flash_attention_2`, ...); None: its default.
     """
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
@@ -67,7 +68,7 @@ def load_model(name: str | None, dtype: torch.dtype | None = None, kind: str = "
     path, dtype = resolve_model_path(name), dtype or torch.float32
     classifier, adapter = kind == "sequence-classifier", os.path.isfile(os.path.join(path, ADAPTER_CONFIG))
     local = cache_only((adapter and adapter_base(path)) or path)  # an adapter's base model may be a hub id
-    hub = FROM_CACHE if local else {}
+    hub = {**(FROM_CACHE if local else {}), **({"attn_implementation": attention} if attention else {})}
     try:
         if adapter:
             import peft
@@ -79,12 +80,17 @@ def load_model(name: str | None, dtype: torch.dtype | None = None, kind: str = "
             with quiet_peft(), heads_from_adapter(path):  # a classifier's base gets the one-score head its adapter saved
                 if base:  # the default model, whose recorded cache folder is gone: the adapter goes on the one built here
                     base_class = AutoModelForSequenceClassification if classifier else AutoModelForCausalLM
-                    return peft.PeftModel.from_pretrained(base_class.from_pretrained(base, dtype=dtype, **labels), path)
+                    return peft.PeftModel.from_pretrained(base_class.from_pretrained(base, dtype=dtype, **hub, **labels), path)
                 return auto.from_pretrained(path, dtype=dtype, **hub, **labels)
         if classifier:
             return AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=dtype, **hub)
         return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **hub)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, ImportError) as exc:
+        if attention and (isinstance(exc, ImportError) or "attn_implementation" in str(exc)):  # flash-attn not installed, a CPU, a typo
+            raise PrefError(f"--attn-implementation {attention} cannot be used here: {str(exc).splitlines()[0]}; use sdpa (the default) "
+                            "or eager, or install what it needs") from None
+        if isinstance(exc, ImportError):
+            raise
         raise _load_error(name, path, exc, local) from None
 
 

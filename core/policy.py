@@ -57,9 +57,9 @@ class HFPolicy(Policy):
         policy.load_model(name, dtype, kind)
         return policy
 
-    def load_model(self, name: str | None, dtype: torch.dtype | None = None, kind: str = "causal-lm") -> None:
-        """Load the model `name` (as `load` does) into a policy made with its tokenizer alone."""
-        self.model = load_model(name, dtype, kind)
+    def load_model(self, name: str | None, dtype: torch.dtype | None = None, kind: str = "causal-lm", attention: str | None = None) -> None:
+        """Load the model `name` (as `load` does, with transformers' `attention` implementation) into a policy made with its tokenizer alone."""
+        self.model = load_model(name, dtype, kind, attention)
         if getattr(self.model.config, "pad_token_id", None) is None:
             self.model.config.pad_token_id = self.tokenizer.pad_token_id  # sequence classifiers find the last token by it
 

@@ -379,7 +379,7 @@ def train_policy(config: RunConfig, registry: Registry) -> tuple[str, HFPolicy]:
 
     # -- policy, the objective's modules, the data that samples the policy, reference ------
     with quiet_new_heads({SCORE_HEAD}):  # a reward model's score head is new because it is trained from scratch here
-        policy.load_model(config.model, dtype, plan.needs.model_kind)
+        policy.load_model(config.model, dtype, plan.needs.model_kind, config.attn_implementation)
     policy.model = prepare_for_training(policy.model, config, plan.needs.model_kind, plan.adapter)
     policy.model.to(accelerator.device)
     objective.setup(policy)

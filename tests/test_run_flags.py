@@ -29,6 +29,7 @@ from pref.train import train_policy
     (["--dtype", "float16", "--device", "cpu"], "--dtype float16 cannot train on a CPU"),
     (["--dtype", "int8"], "Invalid value for '--dtype'"),
     (["--mixed-precision", "fp16", "--device", "cpu"], "--mixed-precision fp16 does nothing on a CPU"),  # accelerate would compute in fp32
+    (["--attn-implementation", ""], "attn_implementation must name one of transformers' attention implementations"),
 ])
 def test_bad_values_are_one_line_errors_with_exit_2(monkeypatch, prefs_file, flags, message):
     import pref.policy
@@ -102,6 +103,24 @@ def test_gradient_checkpointing_trains_the_same_weights(tmp_path, tiny_model_dir
     a, b = load_file(os.path.join(plain, "final", name)), load_file(os.path.join(checkpointed, "final", name))
     for key in a:
         torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-4)
+
+
+def test_the_attention_implementation_trains_the_same_weights_and_one_that_cannot_run_is_a_one_line_error(tmp_path, tiny_model_dir, prefs_file):
+    sdpa, _ = dpo(tmp_path, tiny_model_dir, prefs_file, "sdpa")
+    eager, policy = dpo(tmp_path, tiny_model_dir, prefs_file, "eager", attn_implementation="eager")
+    assert policy.model.config._attn_implementation == "eager"
+    a, b = load_file(os.path.join(sdpa, "final", "model.safetensors")), load_file(os.path.join(eager, "final", "model.safetensors"))
+    start = load_file(os.path.join(tiny_model_dir, "model.safetensors"))
+    assert max(float((a[key] - start[key]).abs().max()) for key in a) > 1e-3
+    for key in a:  # the kernels round differently, which Adam's first steps magnify to ~2e-5 (the steps move the weights ~3e-3)
+        torch.testing.assert_close(a[key], b[key], atol=1e-4, rtol=0)
+    for name, reason in [("flash_attention_2", "FlashAttention2 has been toggled on"), ("bogus", 'attn_implementation="bogus"')]:
+        result = CliRunner().invoke(cli, ["run", "--objective", "dpo", "--dataset", prefs_file, "--model", tiny_model_dir, "--steps", "1",
+                                          "--device", "cpu", "--output-dir", str(tmp_path / name), "--attn-implementation", name])
+        assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+        line = result.stderr.strip().splitlines()[-1]
+        assert line.startswith(f"Error: --attn-implementation {name} cannot be used here: ") and reason in line, line
+        assert line.endswith("use sdpa (the default) or eager, or install what it needs")
 
 
 def test_a_library_caller_may_give_lists_as_tuples():
