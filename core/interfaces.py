@@ -427,6 +427,15 @@ class Objective(ABC):
         """With `needs.own_reward`: the reward the objective brings (D2PO's discriminator)."""
         return None
 
+    def loss_items(self, batch: Batch) -> int | None:
+        """For a `loss` that is a mean over items (SFT: its answer tokens), how many `batch` holds; None (the default) otherwise.
+
+        With counts, the loop weighs each micro-batch's loss by its share of all the items of the optimizer
+        step, over every micro-batch and process (TRL's `num_items_in_batch`): the update is that of one
+        batch holding them all, however they were split. Without, each micro-batch's loss counts alike.
+        """
+        return None
+
     def after_step(self, step: int, policy: Policy, reference: Reference | None) -> None:
         """Called after each optimizer step (`step` counts from 1): the place to move a reference (TR-DPO)."""
 

@@ -462,7 +462,11 @@ def train_policy(config: RunConfig, registry: Registry) -> tuple[str, HFPolicy]:
         for step in range(start_step + 1, config.steps + 1):
             # forward and backward, accumulated over micro-batches
             reports: list[dict[str, float]] = []  # each micro-batch's figures
-            t_start, real_tokens, padded_tokens = time.perf_counter(), 0, 0
+            t_start, real_tokens, padded_tokens, items = time.perf_counter(), 0, 0, 0
+            # a loss that is a mean over items (SFT's tokens), over several micro-batches or processes, weighs each micro-batch by
+            # its items, at a scale common to every process; the step's gradients are then divided by all processes' items
+            # (TRL's num_items_in_batch)
+            items_scale = config.batch_size * config.max_length * config.grad_accum if config.grad_accum > 1 or world > 1 else None
             for micro in range(config.grad_accum):
                 try:
                     batch, data_metrics = next_batch_together(data, accelerator, lambda: sampling_diverged(step, config))
@@ -476,12 +480,14 @@ def train_policy(config: RunConfig, registry: Registry) -> tuple[str, HFPolicy]:
                     break
                 real, padded = count_tokens(batch)
                 real_tokens, padded_tokens = real_tokens + real, padded_tokens + padded
+                count = objective.loss_items(batch) if items_scale else None
+                items += count or 0
                 t_update = time.perf_counter()
                 last = micro == config.grad_accum - 1
                 with nullcontext() if last else no_gradient_sync(accelerator, model):
                     with accelerator.autocast():
                         loss, metrics = checked_loss(config.objective, objective.loss(policy, reference, batch))
-                    accelerator.backward(loss / config.grad_accum)
+                    accelerator.backward(loss / config.grad_accum if count is None else loss * (count / items_scale))
                 reports.append({"loss": loss.item(), **metrics, **data_metrics, "time/update": time.perf_counter() - t_update})
             if stopped:
                 # the model the run ends with is evaluated (unless its step just was) and its step logged whatever log_every says:
@@ -503,6 +509,12 @@ def train_policy(config: RunConfig, registry: Registry) -> tuple[str, HFPolicy]:
                 for p in module_params:
                     if p.grad is not None:
                         p.grad = accelerator.reduce(p.grad, reduction="mean")
+            counts = processes.gather([(real_tokens, items)])  # every process's: TRL's num_tokens, and the step's loss items
+            all_items = sum(c[1] for c in counts)
+            if all_items:  # the gradients, averaged over processes, of each loss's sum over its items: now their mean over all items
+                for p in params:
+                    if p.grad is not None:
+                        p.grad.mul_(world * items_scale / all_items)
             grad_norm = accelerator.clip_grad_norm_(params, config.max_grad_norm)
             same_decision(accelerator, check_step(step, totals["loss"], float(grad_norm), config))  # NaN: stop before the update
             optimizer.step()
@@ -515,7 +527,7 @@ def train_policy(config: RunConfig, registry: Registry) -> tuple[str, HFPolicy]:
             totals["tokens/padding_fraction"] = 1 - real_tokens / max(1, padded_tokens)
             totals["tokens/per_second"] = real_tokens / (time.perf_counter() - t_start)  # real tokens, data included
             if tokens_seen is not None:
-                tokens_seen += sum(processes.gather([real_tokens]))
+                tokens_seen += sum(c[0] for c in counts)
                 totals["num_tokens"] = float(tokens_seen)
 
             # evaluate and keep the best model (every process gets the same figures)

@@ -106,6 +106,10 @@ class SFT(Objective):
             raise PrefError(f"unknown SFT loss_type {loss_type!r}: choose one of {', '.join(LOSS_TYPES)}")
         self.loss_type = loss_type
 
+    def loss_items(self, batch: LabeledBatch) -> int:
+        """The answer tokens the loss averages over: the accepted rows' completion tokens after the first position."""
+        return int(batch.sequences.completion_mask[batch.labels.bool(), 1:].sum())
+
     def loss(self, policy: Policy, reference: Reference | None, batch: LabeledBatch) -> tuple[torch.Tensor, dict[str, float]]:
         """Mean token NLL over the accepted rows' completions; metric: the mean token log-prob (the loop logs TRL's `num_tokens`)."""
         keep = batch.labels.bool()

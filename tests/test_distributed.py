@@ -30,14 +30,26 @@ def jobs(tiny_model_dir, shared_prefs_file, private_cache, tmp_path_factory):
     held = root / "held.txt"
     held.write_text("the sky is blue and the sea is green .\n")
     folders = {name: (root / name / "run", root / name / "report") for name in ("train", "d2po", "early_stop")}
+    sft_data = root / "sft.jsonl"
+    sft_data.write_text("".join(json.dumps({"prompt": f"Say something {i}.", "completion": answer}) + "\n" for i, answer in enumerate(SFT_ANSWERS)))
     plan = [
         {"main": "distributed_train", "args": [tiny_model_dir, shared_prefs_file, device, *map(str, folders["train"])]},
         {"main": "distributed_d2po", "args": [tiny_model_dir, device, *map(str, folders["d2po"])]},
         {"main": "distributed_early_stop", "args": [tiny_model_dir, str(held), device, *map(str, folders["early_stop"])]},
+        ["run", *sft_args(tiny_model_dir, sft_data), "--batch-size", "1", "--grad-accum", "2", "--output-dir", str(root / "sft")],
     ]
     done = launch(plan, private_cache, root)
     assert done.returncode == 0, done.stderr[-4000:]
-    return {**folders, "stderr": done.stderr}
+    return {**folders, "sft": (root / "sft", sft_data), "stderr": done.stderr}
+
+
+#: SFT answers of very different lengths: a mean over each process's tokens, averaged, would weigh a short answer's tokens more
+SFT_ANSWERS = ["yes", "the sky is blue and the sea is green and the grass is green too .", "apple", "a dog , a cat , a bird and a fish ."] * 2
+
+
+def sft_args(model, data) -> list[str]:
+    return ["--objective", "sft", "--model", model, "--dataset", str(data), "--steps", "2", "--lr", "1e-2", "--bucket-window", "0",
+            "--seed", "3", "--device", "cpu", "--no-progress"]
 
 
 @pytest.mark.slow
@@ -118,3 +130,19 @@ def test_a_run_that_stops_early_is_evaluated_by_both_processes(jobs):
     assert [(line["step"], "validation/loss" in line) for line in lines] == [(1, False), (1, True)]
     assert json.loads((run_dir / "best.json").read_text())["step"] == 1
     assert [json.loads(line)["step"] for line in (run_dir / "generations.jsonl").read_text().splitlines()] == [1]
+
+
+@pytest.mark.slow
+def test_sft_in_two_processes_averages_over_every_token_of_the_step(jobs, tiny_model_dir, tmp_path):
+    """2 processes x batch 1 x 2 micro-batches train as one process's batch of 4 (TRL's num_items_in_batch across processes)."""
+    from click.testing import CliRunner
+    from safetensors.torch import load_file
+
+    from pref.cli.main import cli
+
+    run_dir, data = jobs["sft"]
+    result = CliRunner().invoke(cli, ["run", *sft_args(tiny_model_dir, data), "--batch-size", "4", "--output-dir", str(tmp_path / "one")])
+    assert result.exit_code == 0, result.output
+    two, one = load_file(run_dir / "final" / "model.safetensors"), load_file(tmp_path / "one" / "final" / "model.safetensors")
+    for key in one:
+        torch.testing.assert_close(two[key], one[key], atol=1e-4, rtol=0, msg=lambda m: f"{key}: {m}")

@@ -77,6 +77,25 @@ def test_sft_trains_from_the_cli_on_prompt_completion_and_messages(tmp_path, tin
     assert examples[1].prompt == [{"role": "user", "content": "What color is the sky?"}]
 
 
+def test_sft_over_micro_batches_is_one_batch_holding_them_all(tmp_path, tiny_model_dir):
+    # answers of very different lengths: the mean over each micro-batch's tokens, averaged, would weigh a short answer's
+    # tokens more; TRL's num_items_in_batch averages over all the step's tokens, as one batch of 4 does
+    from safetensors.torch import load_file
+
+    data = tmp_path / "sft.jsonl"
+    answers = ["yes", "the sky is blue and the sea is green and the grass is green too .", "apple", "a dog , a cat , a bird and a fish ."] * 2
+    data.write_text("".join(json.dumps({"prompt": f"Say something {i}.", "completion": a}) + "\n" for i, a in enumerate(answers)))
+    common = ["--objective", "sft", "--dataset", str(data), "--steps", "2", "--lr", "1e-2", "--bucket-window", "0", "--seed", "3"]
+    final = {}
+    for name, split in [("whole", ["--batch-size", "4"]), ("accumulated", ["--batch-size", "2", "--grad-accum", "2"])]:
+        pref_run(tmp_path / name, tiny_model_dir, *common, *split)
+        final[name] = load_file(os.path.join(tmp_path / name / "run", "final", "model.safetensors"))
+    start = load_file(os.path.join(tiny_model_dir, "model.safetensors"))
+    assert max(float((final["whole"][k] - start[k]).abs().max()) for k in start) > 1e-2
+    for key in start:  # Adam's steps of lr 1e-2 turn rounding into ~1e-5; each micro-batch's mean, averaged, ends ~3e-2 away
+        torch.testing.assert_close(final["accumulated"][key], final["whole"][key], atol=1e-4, rtol=0, msg=lambda m: f"{key}: {m}")
+
+
 GROUP_METRICS = {"reward", "reward_std", "frac_reward_zero_std", "completions/mean_length", "num_iteration"}
 
 
