@@ -4,7 +4,8 @@ https://arxiv.org/abs/2402.01306. Each answer is labelled desirable or undesirab
 its own; the policy's implicit reward beta * log(pi / pi_ref) of a desirable answer is
 pushed above a reference point z, an undesirable one's below it. z is an estimate of
 KL(pi || pi_ref), taken as TRL 1.16's `KTOTrainer` does: from mismatched rows of the
-same batch (each prompt with the previous row's answer), without grad, clamped at 0.
+same batch (each prompt with the previous row's answer), without grad, averaged over
+the processes' batches, clamped at 0.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import torch
 
 from pref.errors import PrefError
 from pref.hookspecs import hookimpl
-from pref.interfaces import REFERENCE_LOGPS, SETS, LabeledBatch, Objective, ObjectiveNeeds, Policy, Reference
+from pref.interfaces import REFERENCE_LOGPS, SETS, LabeledBatch, Objective, ObjectiveNeeds, Policy, Processes, Reference
 from pref.reference import CachedReference
 from pref.sequences import Sequences
 
@@ -51,6 +52,7 @@ def kto_loss(
     desirable_weight: float = 1.0,
     undesirable_weight: float = 1.0,
     loss_type: str = "kto",
+    processes: Processes | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-answer KTO losses, implicit rewards and the KL reference point.
 
@@ -66,12 +68,15 @@ def kto_loss(
         desirable_weight, undesirable_weight: the paper's lambda_D and lambda_U.
         loss_type: "kto" (Eq. 7 of the paper), or "apo_zero_unpaired" (APO-zero on unpaired
             answers, D'Oosterlinck et al. 2024, https://arxiv.org/abs/2408.06266: no KL point).
+        processes: the run's; each one's mean log-ratio of its mismatched rows is averaged over
+            them before the clamp, as TRL gathers it (one process by default).
 
     Returns:
         losses: [C + R] desirable rows first, weighted; TRL's loss is their mean.
         chosen_rewards: [C] beta * log-ratio of the desirable answers, detached.
         rejected_rewards: [R] the same for the undesirable answers.
-        kl: [] the reference point z = max(0, mean(policy_kl_logps - reference_kl_logps)), detached (0 without KL).
+        kl: [] the reference point z = max(0, mean over processes of mean(policy_kl_logps - reference_kl_logps)),
+            detached (0 without KL).
     """
     check_options(beta, desirable_weight, undesirable_weight, loss_type)
     chosen_logratios = policy_chosen_logps - reference_chosen_logps
@@ -79,7 +84,9 @@ def kto_loss(
     if loss_type == "kto":
         if policy_kl_logps is None or reference_kl_logps is None:
             raise PrefError("loss_type kto needs the mismatched rows' log-probs (policy_kl_logps, reference_kl_logps)")
-        kl = (policy_kl_logps - reference_kl_logps).mean().detach().clamp(min=0)
+        kl = (policy_kl_logps - reference_kl_logps).mean().detach()
+        # one reference point for the whole step's batch, however many processes share it (TRL's gather, then mean)
+        kl = (processes or Processes()).mean(kl.reshape(1)).reshape(()).to(kl.device).clamp(min=0)
         chosen_losses = 1 - torch.sigmoid(beta * (chosen_logratios - kl))
         rejected_losses = 1 - torch.sigmoid(beta * (kl - rejected_logratios))
     else:
@@ -131,15 +138,18 @@ class KTO(Objective):
         desirable_weight, undesirable_weight: weights of the two kinds of answer (1.0 each); with
             unequal counts the paper advises desirable_weight x #desirable ~ undesirable_weight x #undesirable.
         loss_type: "kto" (default) or "apo_zero_unpaired" (no KL point, no mismatched rows).
-    The KL point is estimated on each batch's prompts paired with the previous row's answer;
+    The KL point is estimated on each batch's prompts paired with the previous row's answer
+    (with several processes, averaged over their batches, as TRL does);
     the reference must score those rows too, so "kto" keeps a frozen reference model
     (`--reference auto` chooses it) instead of cached log-probs.
     """
 
     needs = ObjectiveNeeds(reference=REFERENCE_LOGPS, data=SETS, dataset_builder="labeled", scores_new_rows=True)
 
-    def __init__(self, beta: float = 0.1, desirable_weight: float = 1.0, undesirable_weight: float = 1.0, loss_type: str = "kto"):
+    def __init__(self, beta: float = 0.1, desirable_weight: float = 1.0, undesirable_weight: float = 1.0, loss_type: str = "kto",
+                 processes: Processes | None = None):
         check_options(beta, desirable_weight, undesirable_weight, loss_type)
+        self.processes = processes or Processes()
         self.beta, self.loss_type = beta, loss_type
         self.desirable_weight, self.undesirable_weight = desirable_weight, undesirable_weight
         if loss_type != "kto":  # no mismatched rows: the dataset's cached log-probs serve
@@ -170,6 +180,7 @@ class KTO(Objective):
             logps[labels], logps[~labels], reference_logps[labels], reference_logps[~labels],
             policy_kl_logps, reference_kl_logps,
             beta=self.beta, desirable_weight=self.desirable_weight, undesirable_weight=self.undesirable_weight, loss_type=self.loss_type,
+            processes=self.processes,
         )
         metrics = {"kl": kl.item()}
         if labels.any():

@@ -206,3 +206,44 @@ def test_kto_objective_matches_trl_with_its_own_mismatched_rows():
         assert metrics[name] == pytest.approx(trl_metrics[name], abs=1e-6), name
     # 0.03 x mean(prompt i x answer i - 1) = 0.03 x (1 x 11 + 3 x 7 + 2 x 11 + 4 x 9) / 4 = 0.03 x 22.5
     assert metrics["kl"] == pytest.approx(0.675, abs=1e-5)
+
+
+class TwoProcesses:
+    """This process of two: the other one's value of every `mean` is `other` (what TRL's gather brings in)."""
+
+    rank, world = 0, 2
+
+    def __init__(self, other: float):
+        self.other = other
+
+    def mean(self, values):
+        return (values + self.other) / 2
+
+
+def test_kl_point_is_averaged_over_processes_before_the_clamp():
+    """TRL gathers each process's mean KL log-ratio and clamps their mean (kto_trainer.py:1443-1444): one z for the step.
+
+    This process's KL rows: policy [-3, -3], reference [-2, -2] -> mean -1 (alone: clamped to 0); the other's: 3 -> z = (-1 + 3) / 2 = 1.
+    beta 1, desirable log-ratio 0: 1 - s(0 - 1) = 0.73106; undesirable -1: 1 - s(1 + 1) = 0.11920.
+    """
+    from pref.interfaces import Processes
+
+    args = (torch.tensor([-1.0]), torch.tensor([-3.0]), torch.tensor([-1.0]), torch.tensor([-2.0]), torch.tensor([-3.0, -3.0]), torch.tensor([-2.0, -2.0]))
+    losses, _, _, kl = kto_loss(*args, beta=1.0, processes=TwoProcesses(3.0))
+    assert kl.item() == pytest.approx(1.0)
+    assert_close(losses, torch.tensor([0.73106, 0.11920]), atol=1e-5, rtol=0)
+    assert kto_loss(*args, beta=1.0, processes=Processes())[3].item() == 0.0  # one process: its own mean, clamped
+
+
+def test_kto_objective_averages_its_kl_point_over_processes():
+    """The objective hands the run's processes to the loss: the other process's 0.325 and this one's 0.675 give z = 0.5."""
+    from pref.interfaces import LabeledBatch
+    from pref.plugins.kto import KTO
+    from pref.sequences import Sequences
+
+    ids = torch.tensor([[1, 2, 3, 4, 0], [3, 5, 6, 0, 0], [2, 9, 0, 0, 0], [4, 2, 7, 8, 3]])
+    completion = torch.tensor([[0, 0, 1, 1, 0], [0, 1, 1, 0, 0], [0, 1, 0, 0, 0], [0, 0, 0, 1, 1]])
+    batch = LabeledBatch(Sequences(ids, (ids > 0).long(), completion), torch.tensor([True, False, True, False]))
+    policy, reference = PromptScaledLM(0.02, zero_first=True), PromptScaledLM(0.05, zero_first=False)
+    _, metrics = KTO(beta=0.5, processes=TwoProcesses(0.325)).loss(policy, reference, batch)
+    assert metrics["kl"] == pytest.approx(0.5, abs=1e-5)
