@@ -233,7 +233,8 @@ class ScoredBatch:
     Row i is `completions[i]`, sampled for `prompts[i]`: the K samples of each prompt are
     consecutive rows (K = `samples_per_prompt`; group-relative objectives need it, since
     one prompt may be drawn several times). `scores` maps each score name of the reward
-    to a float tensor [B].
+    to a float tensor [B]. `max_new_tokens`: the sampling limit the completions were drawn
+    under (None when unknown), a constant a length normaliser may divide by (Dr. GRPO's).
     """
 
     prompts: list[Prompt]
@@ -241,6 +242,7 @@ class ScoredBatch:
     sequences: Sequences
     scores: dict[str, torch.Tensor]
     samples_per_prompt: int = 1
+    max_new_tokens: int | None = None
 
     def __len__(self) -> int:
         return len(self.completions)
@@ -254,6 +256,7 @@ class ScoredBatch:
             self.sequences.select(rows),
             {name: values[rows.to(values.device)] for name, values in self.scores.items()},
             self.samples_per_prompt,
+            self.max_new_tokens,
         )
 
 

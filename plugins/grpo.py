@@ -274,7 +274,8 @@ class PreparedSamples:
     sequences: the B rows; advantages: [B]; old_logps: [B, T] the sampling policy's token
     log-probs, or None when every rollout serves one step (the ratio is then 1 and the current
     log-probs, detached, stand in, as TRL does); reference_logps: [B, T] or None (beta 0);
-    total_tokens: completion tokens per optimizer step of this rollout, averaged over processes (dapo's normaliser).
+    total_tokens: completion tokens per optimizer step of this rollout, averaged over processes (dapo's normaliser);
+    max_completion_length: dr_grpo's length normaliser (None: each mini-batch's longest completion).
     """
 
     sequences: Sequences
@@ -283,6 +284,7 @@ class PreparedSamples:
     reference_logps: torch.Tensor | None
     total_tokens: float
     metrics: dict[str, float]
+    max_completion_length: int | None = None
 
     def select(self, rows: torch.Tensor) -> "PreparedSamples":
         rows = rows.to(self.advantages.device)
@@ -293,6 +295,7 @@ class PreparedSamples:
             None if self.reference_logps is None else self.reference_logps[rows],
             self.total_tokens,
             self.metrics,
+            self.max_completion_length,
         )
 
 
@@ -315,7 +318,8 @@ class GRPO(Objective):
         num_iterations: passes over each rollout (default 1), each cut into `steps_per_generation`
             mini-batches, one optimizer step each (default 1).
         importance_sampling_level: "token" (default) or "sequence" (GSPO).
-        max_completion_length: dr_grpo's normaliser (default: the longest completion of the rollout).
+        max_completion_length: dr_grpo's normaliser (default: the run's sampling limit, --max-new-tokens, as TRL's
+            max_completion_length is both; a constant, so micro-batches and processes weigh each token alike).
         delta: INTELLECT-2's cap on the unclipped ratio (none by default).
         sapo_temperature_pos, sapo_temperature_neg: SAPO's gate temperatures (1.0, 1.05).
         vespo_k_pos, vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg: VESPO's gamma weights (2, 3, 3, 2).
@@ -405,7 +409,8 @@ class GRPO(Objective):
             tokens = self.processes.mean(tokens.reshape(1)).reshape(()).to(tokens.device)
         total_tokens = tokens.item() / self.needs.minibatches_per_rollout
         metrics = rollout_metrics(batch, rewards, std_is_zero, mask)
-        return PreparedSamples(sequences.to(device), advantages, old_logps, reference_logps, total_tokens, metrics)
+        max_completion_length = self.max_completion_length or batch.max_new_tokens
+        return PreparedSamples(sequences.to(device), advantages, old_logps, reference_logps, total_tokens, metrics, max_completion_length)
 
     def loss(self, policy: Policy, reference: Reference | None, batch: Minibatch) -> tuple[torch.Tensor, dict[str, float]]:
         """The GRPO loss on this step's rows of the rollout, with TRL's metrics."""
@@ -413,7 +418,8 @@ class GRPO(Objective):
         out = policy.logps(rollout.sequences)
         logps, mask = out.tokens.float(), out.mask
         old_logps = logps.detach() if rollout.old_logps is None else rollout.old_logps
-        max_length = self.max_completion_length or int(mask.sum(-1).max().clamp(min=1))
+        # a rollout that does not know its sampling limit (built by hand) falls back on this mini-batch's longest completion
+        max_length = rollout.max_completion_length or int(mask.sum(-1).max().clamp(min=1))
         loss, stats = grpo_loss(
             logps, old_logps, rollout.advantages, mask,
             reference_token_logps=rollout.reference_logps,

@@ -341,3 +341,41 @@ def test_rloo_objective_matches_trl():
     trl_loss, _ = trl_rloo(policy_tokens, policy_tokens.sum(-1), trl_rloo_advantages(rewards, 3, False), mask)
     assert loss.item() == pytest.approx(trl_loss.item(), abs=1e-5, rel=1e-5)
     assert metrics["reward_std"] == pytest.approx(rewards.std().item())
+
+
+class RowPolicy:
+    """Fixed per-token log-probs per row of a rollout, found by the row's number in its first input id (any subset of rows)."""
+
+    def __init__(self, tokens):
+        self.tokens = tokens
+
+    def logps(self, sequences, with_logits=False):
+        from pref.sequences import Logps
+
+        mask = sequences.completion_mask.clone()
+        mask[:, 0] = 0
+        tokens = self.tokens[sequences.input_ids[:, 0] - 1] * mask
+        return Logps(tokens, mask, tokens.sum(-1))
+
+
+def test_dr_grpo_divides_by_the_sampling_limit_so_mini_batches_add_up_to_the_batch():
+    """TRL's dr_grpo divides by rows x max_completion_length, its sampling limit (grpo_trainer.py:3164): a constant, so two
+    halves of a batch, each divided by 2 (--grad-accum 2), give the whole batch's loss. Each half's own longest completion would not."""
+    from pref.interfaces import Minibatch, Rollout, ScoredBatch
+    from pref.plugins.grpo import GRPO
+    from pref.sequences import Sequences
+
+    batch, tokens, completion_mask, rewards = scored_batch(k=2, prompts=2, width=6, seed=6)
+    ids = torch.arange(1, len(batch) + 1).unsqueeze(1).expand_as(completion_mask).contiguous()  # row i's ids: i + 1
+    batch = ScoredBatch(batch.prompts, batch.completions, Sequences(ids, torch.ones_like(ids), completion_mask), batch.scores, 2, max_new_tokens=8)
+    policy, objective = RowPolicy(tokens), GRPO(loss_type="dr_grpo")
+    lengths = (completion_mask[:, 1:].sum(-1)).tolist()
+    assert max(lengths[:2]) != max(lengths[2:])  # the halves' longest completions differ: the case that tells
+    whole = objective.loss(policy, None, Minibatch(Rollout(batch), torch.arange(4)))[0]
+    halves = [objective.loss(policy, None, Minibatch(Rollout(batch.select(rows)), torch.arange(2)))[0] for rows in ([0, 1], [2, 3])]
+    assert (halves[0] + halves[1]).item() / 2 == pytest.approx(whole.item(), abs=1e-6)
+    mask = completion_mask.clone()
+    mask[:, 0] = 0
+    advantages, _ = trl_advantages_group(rewards, 2, "group")
+    trl_loss, _ = trl_grpo(mask, tokens * mask, (tokens * mask).detach(), None, advantages, loss_type="dr_grpo", max_completion_length=8)
+    assert whole.item() == pytest.approx(trl_loss.item(), abs=1e-6)
