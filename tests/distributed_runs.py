@@ -19,7 +19,6 @@ import importlib
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -46,13 +45,17 @@ def launch(plan: list, cache: str, folder) -> subprocess.CompletedProcess:
 
 def run_whole_group(command: list[str], env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
     """`subprocess.run(command, capture_output=True, text=True)`, but a command that overruns `timeout` seconds (a hang) is
-    killed with every process it started, its own process group (`accelerate launch`'s workers would outlive the launcher
-    and hold its output open), and fails the test with the end of its stderr."""
-    with subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True) as process:
+    killed with every process it started (`accelerate launch`'s workers, each in a session of its own, would outlive the
+    launcher and hold its output open), and fails the test with the end of its stderr."""
+    import psutil  # accelerate's own dependency
+
+    with subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as process:
         try:
             stdout, stderr = process.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
+            launcher = psutil.Process(process.pid)
+            for started in [*launcher.children(recursive=True), launcher]:  # found before any is killed and the others move away
+                started.kill()
             stderr = process.communicate()[1]
             raise AssertionError(f"{command[-1]} ran over {timeout} s (a hang?) and was killed; its stderr ended with:\n{stderr[-3000:]}") from None
     return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)

@@ -35,11 +35,13 @@ def test_a_launch_that_overruns_its_time_is_killed_with_the_processes_it_started
     import time
 
     pid_file = tmp_path / "worker.pid"
-    # a launcher whose worker (its child) would sleep on after the launcher is killed
+    # a launcher whose worker (its child, in a session of its own as torch's elastic agent starts them) would sleep on
     worker = f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(60)"
-    launcher = f"import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', {worker!r}]); time.sleep(60)"
+    launcher = f"import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', {worker!r}], start_new_session=True); time.sleep(60)"
+    began = time.monotonic()
     with pytest.raises(AssertionError, match="ran over 3 s"):
         run_whole_group([sys.executable, "-c", launcher], dict(os.environ), timeout=3)
+    assert time.monotonic() - began < 30  # not waiting on the output pipe the worker holds until it ends (60 s)
     pid = int(pid_file.read_text())
     for _ in range(50):  # killed, it may stay a zombie until its new parent reaps it
         try:
