@@ -48,6 +48,11 @@ def test_sharded_run_matches_ddp_resumes_exactly_and_saves_a_plain_model(tiny_mo
               "--seed", "0", "--device", "cpu", "--max-length", "64", "--validation-split", "0.34", "--reference", "model",
               "-o", "sync_ref_model=true", "-o", "ref_model_sync_steps=1", "-o", "ref_model_mixup_alpha=0.5", "--save-every", "1"]
     report = tmp_path / "reference"
+    # and 2 pairs, one per process: the reference's log-probs are one forward, which process 0 computes and process 1 waits
+    # for; process 1 has run no packed forward, and its packing probe, sharded, would wait on process 0 alone (a hang)
+    (tmp_path / "two.jsonl").write_text("".join(open(prefs_file).readlines()[:2]))
+    few = ["--objective", "dpo", "--model", tiny_model_dir, "--dataset", str(tmp_path / "two.jsonl"), "--steps", "1", "--batch-size", "4",
+           "--seed", "0", "--device", "cpu"]
     launch(private_cache, tmp_path, [["run", *args, "--output-dir", str(tmp_path / "ddp")],
                                     {"cache": [str(tmp_path / "cold-cache"), str(private_cache)]},
                                     ["run", *args, "--fsdp", "--output-dir", str(tmp_path / "fsdp")],
@@ -57,7 +62,8 @@ def test_sharded_run_matches_ddp_resumes_exactly_and_saves_a_plain_model(tiny_mo
                                     {"main": "reference_shards", "args": [str(report), "run", *frozen, "--fsdp", "--output-dir",
                                                                           str(tmp_path / "fsdp-frozen")]},
                                     {"copy": str(tmp_path / "fsdp-frozen"), "to": str(tmp_path / "resumed-frozen")},
-                                    ["run", "--resume", str(tmp_path / "resumed-frozen" / "checkpoint-000001")]])
+                                    ["run", "--resume", str(tmp_path / "resumed-frozen" / "checkpoint-000001")],
+                                    ["run", *few, "--fsdp", "--output-dir", str(tmp_path / "fsdp-few")]])
     ddp, sharded, start = weights(tmp_path / "ddp"), weights(tmp_path / "fsdp"), load_file(os.path.join(tiny_model_dir, "model.safetensors"))
 
     # the same weights up to the rounding of another reduction order: Adam turns rounding into
@@ -127,6 +133,7 @@ def test_sharded_run_matches_ddp_resumes_exactly_and_saves_a_plain_model(tiny_mo
     again = weights(tmp_path / "resumed-frozen")
     for key in sharded:
         assert torch.equal(again[key], sharded[key]), key
+    assert (tmp_path / "fsdp-few" / "final" / "model.safetensors").is_file()
 
 
 @pytest.mark.slow
