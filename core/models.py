@@ -68,7 +68,7 @@ def load_model(name: str | None, dtype: torch.dtype | None = None, kind: str = "
     path, dtype = resolve_model_path(name), dtype or torch.float32
     classifier, adapter = kind == "sequence-classifier", os.path.isfile(os.path.join(path, ADAPTER_CONFIG))
     local = cache_only((adapter and adapter_base(path)) or path)  # an adapter's base model may be a hub id
-    hub = {**(FROM_CACHE if local else {}), **({"attn_implementation": attention} if attention else {})}
+    options = {**(FROM_CACHE if local else {}), **({"attn_implementation": attention} if attention else {})}  # from_pretrained's
     try:
         if adapter:
             import peft
@@ -80,11 +80,11 @@ def load_model(name: str | None, dtype: torch.dtype | None = None, kind: str = "
             with quiet_peft(), heads_from_adapter(path):  # a classifier's base gets the one-score head its adapter saved
                 if base:  # the default model, whose recorded cache folder is gone: the adapter goes on the one built here
                     base_class = AutoModelForSequenceClassification if classifier else AutoModelForCausalLM
-                    return peft.PeftModel.from_pretrained(base_class.from_pretrained(base, dtype=dtype, **hub, **labels), path)
-                return auto.from_pretrained(path, dtype=dtype, **hub, **labels)
+                    return peft.PeftModel.from_pretrained(base_class.from_pretrained(base, dtype=dtype, **options, **labels), path)
+                return auto.from_pretrained(path, dtype=dtype, **options, **labels)
         if classifier:
-            return AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=dtype, **hub)
-        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **hub)
+            return AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=dtype, **options)
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **options)
     except (OSError, ValueError, ImportError) as exc:
         if attention and (isinstance(exc, ImportError) or "attn_implementation" in str(exc)):  # flash-attn not installed, a CPU, a typo
             raise PrefError(f"--attn-implementation {attention} cannot be used here: {str(exc).splitlines()[0]}; use sdpa (the default) "
