@@ -8,6 +8,7 @@ build the reference and the batches, then loop: get a batch, forward and backwar
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import math
@@ -67,10 +68,19 @@ def make_accelerator(config: RunConfig, dtype: torch.dtype = torch.float32) -> A
     if mixed_precision == "fp16" and cpu:  # accelerate would quietly compute in float32: the flag would change nothing
         raise PrefError("--mixed-precision fp16 does nothing on a CPU (accelerate autocasts fp16 on GPUs only); use --mixed-precision bf16 or no")
     AcceleratorState._reset_state()  # a second run in this process may compute in another precision
+    joined_before = is_joined()
     try:
-        return Accelerator(cpu=cpu, mixed_precision=mixed_precision)
+        accelerator = Accelerator(cpu=cpu, mixed_precision=mixed_precision)
     except ValueError as exc:
         raise PrefError(f"cannot use mixed precision {mixed_precision!r} here: {exc}; use --mixed-precision no and --dtype float32") from None
+    if is_joined() and not joined_before:  # pref joined the launched processes: it parts them when the process ends
+        atexit.register(lambda: is_joined() and torch.distributed.destroy_process_group())
+    return accelerator
+
+
+def is_joined() -> bool:
+    """Whether this process is one of a process group (left to the interpreter's exit, gloo's threads may abort it: exit code -6)."""
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
 def build_reference(config: RunConfig, plan: RunPlan, policy: HFPolicy, examples: list[Any], processes: Processes) -> Reference | None:

@@ -48,6 +48,7 @@ def main(report_dir: str) -> None:
     os.makedirs(report_dir, exist_ok=True)
     with open(os.path.join(report_dir, f"outcome-rank{rank}.json"), "w") as f:
         json.dump(outcome, f)
+    accelerator.end_training()  # tears the process group down: left to the interpreter's exit, gloo's threads may abort it
 
 
 if __name__ == "__main__":

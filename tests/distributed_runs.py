@@ -61,10 +61,26 @@ def run_whole_group(command: list[str], env: dict[str, str], timeout: float) -> 
     return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
 
 
+def assert_trained_alike(got: dict, expected: dict, atol: float, strays: int = 10) -> None:
+    """Two runs' weights (name -> tensor) are the same up to rounding: within `atol`, but for at most `strays` weights.
+
+    Adam moves a weight by about the learning rate whatever the size of its gradient, so a gradient within rounding of 0
+    (another order of a float sum: sharded or not, one process or two, another CPU) may take a weight the other way:
+    seen, 1 weight of 1 M apart by 2e-4 after 2 steps at --lr 1e-2. A wrong gradient takes thousands apart.
+    """
+    assert got.keys() == expected.keys()
+    apart = {key: int(((got[key] - expected[key]).abs() > atol).sum()) for key in expected}
+    assert sum(apart.values()) <= strays, f"weights apart by more than {atol}: {({k: n for k, n in apart.items() if n})}"
+
+
 def main(plan_file: str) -> None:
+    import atexit
+
     import torch.distributed as dist
 
     from pref.cli.main import cli
+
+    atexit.register(parted)  # the first registered runs last: after pref's own exit handlers
 
     with open(plan_file, encoding="utf-8") as f:
         plan = json.load(f)
@@ -80,6 +96,15 @@ def main(plan_file: str) -> None:
             dist.barrier()
         else:
             cli(step, prog_name="pref", standalone_mode=False)  # a failure exits the process (a PrefError: with 2)
+
+
+def parted() -> None:
+    """Fail the process if pref left it in the process group it joined (gloo's threads may then abort the exit)."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        print("pref left the process group joined at exit", file=sys.stderr, flush=True)
+        os._exit(3)
 
 
 if __name__ == "__main__":
