@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from distributed_runs import launch as launch_runs  # tests/ is on sys.path
+from distributed_runs import assert_trained_alike, launch as launch_runs  # tests/ is on sys.path
 
 
 def launch(cache, folder, plan: list) -> None:
@@ -70,8 +70,7 @@ def test_sharded_run_matches_ddp_resumes_exactly_and_saves_a_plain_model(tiny_mo
     # differences of ~1e-7 here, while the 4 steps move the weights by up to ~4e-3
     assert sharded.keys() == ddp.keys()
     assert max(float((ddp[k] - start[k]).abs().max()) for k in ddp) > 1e-3
-    for key in ddp:
-        torch.testing.assert_close(sharded[key], ddp[key], atol=2e-5, rtol=0, msg=lambda m: f"{key}: {m}")
+    assert_trained_alike(sharded, ddp, atol=2e-5)
 
     # the checkpoints hold the same tensors: the sharded optimizer state is saved whole
     optimizers = [torch.load(tmp_path / run / "checkpoint-000002" / "optimizer.pt", weights_only=True) for run in ("ddp", "fsdp")]
@@ -88,8 +87,7 @@ def test_sharded_run_matches_ddp_resumes_exactly_and_saves_a_plain_model(tiny_mo
     assert validation_losses("fsdp") == pytest.approx(validation_losses("ddp"), abs=1e-5)
     best = {run: load_file(tmp_path / run / "best" / "model.safetensors") for run in ("ddp", "fsdp")}
     assert best["fsdp"].keys() == best["ddp"].keys()
-    for key in best["ddp"]:
-        torch.testing.assert_close(best["fsdp"][key], best["ddp"][key], atol=2e-5, rtol=0, msg=lambda m: f"{key}: {m}")
+    assert_trained_alike(best["fsdp"], best["ddp"], atol=2e-5)
 
     # the test prompts are answered through the sharded model as through the whole one
     answers = {run: (tmp_path / run / "generations.jsonl").read_text() for run in ("ddp", "fsdp")}
@@ -120,16 +118,14 @@ def test_sharded_run_matches_ddp_resumes_exactly_and_saves_a_plain_model(tiny_mo
         assert first["gathered_after"] == second["gathered_after"] == 0
     ddp, sharded = weights(tmp_path / "ddp-frozen"), weights(tmp_path / "fsdp-frozen")
     assert max(float((ddp[k] - start[k]).abs().max()) for k in ddp) > 1e-4
-    for key in ddp:
-        torch.testing.assert_close(sharded[key], ddp[key], atol=2e-6, rtol=0, msg=lambda m: f"{key}: {m}")
+    assert_trained_alike(sharded, ddp, atol=2e-6)
     assert validation_losses("fsdp-frozen") == pytest.approx(validation_losses("ddp-frozen"), abs=1e-6)
     # TR-DPO moved the sharded reference as the whole one (each process mixing its own pieces), its checkpoint holds it
     # gathered whole, and the run resumed from there loads it back into the shards: the uninterrupted run's weights, bit for bit
     moved = {run: load_file(tmp_path / run / "checkpoint-000001" / "reference.safetensors") for run in ("ddp-frozen", "fsdp-frozen")}
     assert moved["fsdp-frozen"].keys() == moved["ddp-frozen"].keys()
     assert max(float((moved["ddp-frozen"][k] - start[k]).abs().max()) for k in start) > 1e-4
-    for key in moved["ddp-frozen"]:
-        torch.testing.assert_close(moved["fsdp-frozen"][key], moved["ddp-frozen"][key], atol=2e-6, rtol=0, msg=lambda m: f"{key}: {m}")
+    assert_trained_alike(moved["fsdp-frozen"], moved["ddp-frozen"], atol=2e-6)
     again = weights(tmp_path / "resumed-frozen")
     for key in sharded:
         assert torch.equal(again[key], sharded[key]), key
@@ -159,8 +155,7 @@ def test_lora_ppo_and_grpo_with_a_frozen_reference_train_sharded_as_unsharded(ti
                                                                           "--output-dir", str(tmp_path / "fsdp-grpo")]}])
     ddp, sharded = weights(tmp_path / "ddp", "adapter_model.safetensors"), weights(tmp_path / "fsdp", "adapter_model.safetensors")
     assert sharded.keys() == ddp.keys() and any(float(v.abs().max()) > 0 for k, v in ddp.items() if "lora_B" in k)
-    for key in ddp:
-        torch.testing.assert_close(sharded[key], ddp[key], atol=2e-5, rtol=0, msg=lambda m: f"{key}: {m}")
+    assert_trained_alike(sharded, ddp, atol=2e-5)
     answers = {run: (tmp_path / run / "generations.jsonl").read_text() for run in ("ddp", "fsdp")}
     assert answers["fsdp"] == answers["ddp"] and '"step": 4' in answers["ddp"]
     # --merge-lora: the sharded run folds its gathered adapters into a copy built from the gathered weights
@@ -168,8 +163,7 @@ def test_lora_ppo_and_grpo_with_a_frozen_reference_train_sharded_as_unsharded(ti
     base = load_file(os.path.join(tiny_model_dir, "model.safetensors"))
     assert merged["fsdp"].keys() == merged["ddp"].keys() == base.keys()
     assert not torch.equal(merged["ddp"]["model.layers.0.self_attn.q_proj.weight"], base["model.layers.0.self_attn.q_proj.weight"])
-    for key in base:
-        torch.testing.assert_close(merged["fsdp"][key], merged["ddp"][key], atol=2e-5, rtol=0, msg=lambda m: f"{key}: {m}")
+    assert_trained_alike(merged["fsdp"], merged["ddp"], atol=2e-5)
 
     again = weights(resumed, "adapter_model.safetensors")
     for key in sharded:
@@ -183,6 +177,5 @@ def test_lora_ppo_and_grpo_with_a_frozen_reference_train_sharded_as_unsharded(ti
         assert first["held"] + second["held"] == first["whole"] and max(first["held"], second["held"]) < 0.55 * first["whole"]
     ddp, sharded, start = weights(tmp_path / "ddp-grpo"), weights(tmp_path / "fsdp-grpo"), load_file(os.path.join(tiny_model_dir, "model.safetensors"))
     assert max(float((ddp[k] - start[k]).abs().max()) for k in ddp) > 1e-3
-    for key in ddp:
-        torch.testing.assert_close(sharded[key], ddp[key], atol=2e-5, rtol=0, msg=lambda m: f"{key}: {m}")
+    assert_trained_alike(sharded, ddp, atol=2e-5)
     assert (tmp_path / "fsdp-grpo" / "generations.jsonl").read_text() == (tmp_path / "ddp-grpo" / "generations.jsonl").read_text()
