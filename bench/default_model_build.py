@@ -4,9 +4,9 @@
 
 Each repeat is a fresh process (as a user's first `pref run` is): it imports torch and
 transformers (every run pays that), then times `default_model_path()` into a new temporary
-cache, and prints the load average it saw, the training threads the build chose
-(`training_threads`: 2 when two cores are free, else 1), the import time and the build time.
-`--pause` waits between repeats so that one build's load does not decide the next one's threads.
+cache, and prints the load average it saw, the import time and the build time (on one thread,
+`BUILD_THREADS`, whatever the cores). `--pause` waits between repeats so that one build's load
+does not slow the next one.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import torch, transformers
 from transformers import LlamaForCausalLM
 from pref.plugins import default_model
 imported = time.perf_counter()
-load, threads = os.getloadavg()[0], default_model.training_threads()
+load, threads = os.getloadavg()[0], default_model.BUILD_THREADS
 with tempfile.TemporaryDirectory() as cache:
     begin = time.perf_counter()
     default_model.default_model_path(cache)

@@ -386,16 +386,11 @@ def train(model, tokenizer, chats: list[list[dict]], batch_size: int = BATCH_SIZ
 # Building and caching
 # ---------------------------------------------------------------------------------------
 
-def training_threads() -> int:
-    """2 when two cores are free, else 1.
-
-    The weights do not depend on it (tests/test_default_model.py: torch splits these
-    small matrix products by rows, not by sums); the speed does: 1.4x faster on 2 idle
-    cores, but 2.7x slower than one thread beside another busy process.
-    """
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-    return 2 if cores - busy >= 1.5 else 1
+#: The build trains on one thread, whatever the cores: with two, the order of a sum inside a
+#: matrix product may depend on the CPU (AVX-512 kernels split them differently), and so
+#: would every weight. One thread is 1.25x slower on 2 idle cores, and 2.7x faster than two
+#: beside another busy process.
+BUILD_THREADS = 1
 
 
 def build_default_model(path: str | os.PathLike, seed: int = 0, steps: int = TRAIN_STEPS) -> str:
@@ -407,7 +402,7 @@ def build_default_model(path: str | os.PathLike, seed: int = 0, steps: int = TRA
     chats = synthetic_chats(english_words(), count=steps * BATCH_SIZE, seed=seed)
     model = build_model(tokenizer, seed)
     threads = torch.get_num_threads()
-    torch.set_num_threads(training_threads())
+    torch.set_num_threads(BUILD_THREADS)
     try:
         train(model, tokenizer, chats)
     finally:
