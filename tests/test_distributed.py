@@ -11,11 +11,12 @@ import json
 import pytest
 import torch
 
-from distributed_runs import assert_trained_alike, launch  # tests/ is on sys.path
+from distributed_runs import launch  # tests/ is on sys.path
 from distributed_train import BATCH_SIZE, SAVE_EVERY, STEPS, weights_hash
 from pref.plugins.length_buckets import DEFAULT_WINDOW, LengthBucketedBatches, example_length
 from pref.examples import PreferenceExample
 from pref.plugins.preference_data import load_preferences
+from trained_alike import assert_trained_alike
 
 
 @pytest.fixture(scope="module")

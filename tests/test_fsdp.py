@@ -15,7 +15,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from distributed_runs import assert_trained_alike, launch as launch_runs  # tests/ is on sys.path
+from distributed_runs import launch as launch_runs  # tests/ is on sys.path
+from trained_alike import assert_trained_alike
 
 
 def launch(cache, folder, plan: list) -> None:

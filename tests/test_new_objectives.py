@@ -13,6 +13,7 @@ from pref.interfaces import Minibatch, Rollout, ScoredBatch
 from pref.plugins.kto import swap_completions
 from pref.registry import load_registry
 from pref.sequences import Sequences
+from trained_alike import assert_trained_alike  # tests/ is on sys.path
 
 
 def pref_run(tmp_path, model, *args):
@@ -92,8 +93,9 @@ def test_sft_over_micro_batches_is_one_batch_holding_them_all(tmp_path, tiny_mod
         final[name] = load_file(os.path.join(tmp_path / name / "run", "final", "model.safetensors"))
     start = load_file(os.path.join(tiny_model_dir, "model.safetensors"))
     assert max(float((final["whole"][k] - start[k]).abs().max()) for k in start) > 1e-2
-    for key in start:  # Adam's steps of lr 1e-2 turn rounding into ~1e-5; each micro-batch's mean, averaged, ends ~3e-2 away
-        torch.testing.assert_close(final["accumulated"][key], final["whole"][key], atol=1e-4, rtol=0, msg=lambda m: f"{key}: {m}")
+    # Adam's steps of lr 1e-2 turn rounding into ~1e-5 (and a few gradients near 0 into ~lr); each micro-batch's mean,
+    # averaged, ends ~3e-2 away
+    assert_trained_alike(final["accumulated"], final["whole"], atol=1e-4)
 
 
 GROUP_METRICS = {"reward", "reward_std", "frac_reward_zero_std", "completions/mean_length", "num_iteration"}
