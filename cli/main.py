@@ -257,24 +257,24 @@ cli.add_command(report)
 # -- pref generate / pref compare ---------------------------------------------------------
 
 
-def load_policy(model: str | None, device: str = "auto", dtype: str = "auto") -> Any:
-    """The model to sample, on `--device` (auto: a GPU if there is one) with its weights in `--dtype`."""
+def load_policy(model: str | None, device: str = "auto", dtype: str = "auto", attention: str | None = None) -> Any:
+    """The model to sample, on `--device` (auto: a GPU if there is one) with its weights in `--dtype`, through `attention`'s kernel."""
     from pref.policy import HFPolicy
     from pref.precision import resolve_device, resolve_dtype
 
     where = resolve_device(device)
-    policy = HFPolicy.load(model, resolve_dtype(dtype, where, model))
+    policy = HFPolicy.load(model, resolve_dtype(dtype, where, model), attention=attention)
     policy.model.to(where)
     return policy
 
 
 def sample(model: str | None, prompts: list[str], k: int, max_new_tokens: int, temperature: float, seed: int, device: str = "auto",
-           dtype: str = "auto") -> list[list[str]]:
+           dtype: str = "auto", attention: str | None = None) -> list[list[str]]:
     import torch
 
     from pref.interfaces import SamplingConfig
 
-    policy = load_policy(model, device, dtype)
+    policy = load_policy(model, device, dtype, attention)
     torch.manual_seed(seed)
     return policy.generate(prompts, k, SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature))
 
@@ -284,6 +284,7 @@ device_options = [
                  help="Where the model runs (auto: a CUDA GPU, else MPS, else the CPU)."),
     click.option("--dtype", default="auto", show_default=True, type=click.Choice(["auto", "bfloat16", "float16", "float32"]),
                  help="Weights as loaded (auto: bf16 on a bf16-capable GPU for a bf16/fp16 checkpoint, else float32)."),
+    click.option("--attn-implementation", "attention", help="transformers' attention kernel: sdpa (its default), eager, flash_attention_2, ..."),
 ]
 
 
@@ -312,9 +313,9 @@ def with_sampling_options(func: Any) -> Any:
 @click.option("--model", help="Hub id or local path (default: the embedded default model).")
 @with_sampling_options
 @with_device_options
-def generate(model, prompts, samples, max_new_tokens, temperature, seed, device, dtype) -> None:
+def generate(model, prompts, samples, max_new_tokens, temperature, seed, device, dtype, attention) -> None:
     """Print a model's answers to prompts."""
-    answers = sample(model, list(prompts), samples, max_new_tokens, temperature, seed, device, dtype)
+    answers = sample(model, list(prompts), samples, max_new_tokens, temperature, seed, device, dtype, attention)
     for prompt, outs in zip(prompts, answers):
         click.echo(f"> {prompt}")
         for answer in outs:
@@ -322,7 +323,8 @@ def generate(model, prompts, samples, max_new_tokens, temperature, seed, device,
 
 
 def report_and_answers(model: str | None, reward_name: str, reward_options: dict, prompts: list[str], samples: int, max_new_tokens: int,
-                       temperature: float, seed: int, device: str = "auto", dtype: str = "auto") -> tuple[dict[str, float], list[str]]:
+                       temperature: float, seed: int, device: str = "auto", dtype: str = "auto",
+                       attention: str | None = None) -> tuple[dict[str, float], list[str]]:
     """The reward's report on a model's sampled answers, and those answers."""
     from pref.reporting.evaluate import evaluate_with_answers
     from pref.interfaces import SamplingConfig
@@ -331,7 +333,7 @@ def report_and_answers(model: str | None, reward_name: str, reward_options: dict
     prompts = prompts or list(reward.default_prompts)
     if not prompts:
         raise PrefError(f"reward {reward_name!r} has no default prompts: pass --prompt")
-    policy = load_policy(model, device, dtype)
+    policy = load_policy(model, device, dtype, attention)
     return evaluate_with_answers(policy, reward, prompts, samples, SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature), seed)
 
 
@@ -357,10 +359,10 @@ def with_eval_options(func: Any) -> Any:
 @click.option("--model", help="Hub id or local path (default: the embedded default model).")
 @with_eval_options
 @with_device_options
-def eval_command(model, reward, reward_option, prompts, samples, max_new_tokens, temperature, seed, as_json, device, dtype) -> None:
+def eval_command(model, reward, reward_option, prompts, samples, max_new_tokens, temperature, seed, as_json, device, dtype, attention) -> None:
     """Sample a model and report quality and diversity under a reward."""
     report, _ = report_and_answers(model, reward, parse_options(reward_option, "--reward-option"), list(prompts), samples, max_new_tokens,
-                                   temperature, seed, device, dtype)
+                                   temperature, seed, device, dtype, attention)
     if as_json:
         click.echo(json.dumps(report, indent=2))
         return
@@ -410,7 +412,8 @@ def drawn_by_compare(path: str) -> bool:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output (with --reward).")
 @click.option("--figure", help="With --reward: also draw the most frequent answers before and after as bars into this PNG file.")
 @with_device_options
-def compare(before, after, reward, reward_option, prompts, samples, max_new_tokens, temperature, seed, as_json, figure, device, dtype) -> None:
+def compare(before, after, reward, reward_option, prompts, samples, max_new_tokens, temperature, seed, as_json, figure, device, dtype,
+            attention) -> None:
     """Two models side by side: their answers, or their reports under a reward."""
     from rich.console import Console
     from rich.table import Table
@@ -432,7 +435,7 @@ def compare(before, after, reward, reward_option, prompts, samples, max_new_toke
         load_tokenizer(model)
     if reward:
         args = (reward, parse_options(reward_option, "--reward-option"), list(prompts), samples or 200, max_new_tokens or 8,
-                1.0 if temperature is None else temperature, seed, device, dtype)
+                1.0 if temperature is None else temperature, seed, device, dtype, attention)
         (first, first_answers), (second, second_answers) = report_and_answers(before, *args), report_and_answers(after, *args)
         if figure:
             from pref.reporting.figures import answers_figure
@@ -453,7 +456,7 @@ def compare(before, after, reward, reward_option, prompts, samples, max_new_toke
         return
     if not prompts:
         raise PrefError("pass --prompt TEXT (repeatable), or --reward NAME to compare reports")
-    args = (list(prompts), samples or 1, max_new_tokens or 64, 0.0 if temperature is None else temperature, seed, device, dtype)
+    args = (list(prompts), samples or 1, max_new_tokens or 64, 0.0 if temperature is None else temperature, seed, device, dtype, attention)
     first, second = sample(before, *args), sample(after, *args)
     table = Table("prompt", f"before: {before}", f"after: {after}", show_lines=True)
     for prompt, a, b in zip(prompts, first, second):

@@ -51,10 +51,11 @@ class HFPolicy(Policy):
         self.sample_sharded = sample_sharded  # a sharded model samples gathering one layer at a time (pref.sharding.gathered_for_generation)
 
     @classmethod
-    def load(cls, name: str | None, dtype: torch.dtype | None = None, kind: str = "causal-lm", **kwargs: Any) -> "HFPolicy":
+    def load(cls, name: str | None, dtype: torch.dtype | None = None, kind: str = "causal-lm", attention: str | None = None,
+             **kwargs: Any) -> "HFPolicy":
         """Load a hub id or local path; `kind` "sequence-classifier" loads a one-score reward model."""
         policy = cls(None, load_tokenizer(name), **kwargs)
-        policy.load_model(name, dtype, kind)
+        policy.load_model(name, dtype, kind, attention)
         return policy
 
     def load_model(self, name: str | None, dtype: torch.dtype | None = None, kind: str = "causal-lm", attention: str | None = None) -> None:

@@ -123,6 +123,28 @@ def test_the_attention_implementation_trains_the_same_weights_and_one_that_canno
         assert line.endswith("use sdpa (the default) or eager, or install what it needs")
 
 
+def test_generate_eval_and_compare_sample_through_the_attention_implementation_asked_for(tiny_model_dir, monkeypatch):
+    from pref.policy import HFPolicy
+
+    loaded, load = [], HFPolicy.load_model
+
+    def noting(self, *args):
+        load(self, *args)
+        loaded.append(self.model.config._attn_implementation)
+
+    monkeypatch.setattr(HFPolicy, "load_model", noting)
+    commands = [["generate", "--model", tiny_model_dir, "--prompt", "Name a fruit.", "--max-new-tokens", "6"],
+                ["eval", "--model", tiny_model_dir, "--reward", "noun-diversity", "--samples", "4", "--json"],
+                ["compare", "--before", tiny_model_dir, "--after", tiny_model_dir, "--prompt", "Name a fruit.", "--max-new-tokens", "6"]]
+    for command in commands:  # greedy or seeded: the same answers through either kernel
+        outputs = [CliRunner().invoke(cli, [*command, "--device", "cpu", *kernel]) for kernel in ([], ["--attn-implementation", "eager"])]
+        assert [result.exit_code for result in outputs] == [0, 0], outputs[1].output
+        assert outputs[0].stdout == outputs[1].stdout
+        bogus = CliRunner().invoke(cli, [*command, "--device", "cpu", "--attn-implementation", "bogus"])
+        assert bogus.exit_code == 2 and bogus.stderr.strip().startswith("Error: --attn-implementation bogus cannot be used here: "), bogus.output
+    assert loaded == ["sdpa", "eager"] + ["sdpa", "eager"] + ["sdpa"] * 2 + ["eager"] * 2
+
+
 def test_a_library_caller_may_give_lists_as_tuples():
     config = build_config(flags={"dataset": ("a.jsonl", "b.jsonl"), "loggers": ("jsonl",), "test_prompts": ("Hi",)})
     assert config.dataset == ["a.jsonl", "b.jsonl"] and config.loggers == ["jsonl"] and config.test_prompts == ["Hi"]
