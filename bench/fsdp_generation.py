@@ -140,6 +140,7 @@ def main() -> None:
         for process, whole, sharded, diff, left in reference_figures:
             print(f"| {process} | {whole / mib:.1f} | {sharded / mib:.1f} | {diff:.2g} | {left} bytes |")
     dist.barrier()
+    accelerator.end_training()  # leaves the process group: left to the interpreter's exit, gloo's threads may abort it
 
 
 if __name__ == "__main__":
