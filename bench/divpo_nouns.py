@@ -1,6 +1,6 @@
 """DivPO against online DPO, GRPO and RLOO on the noun task, from the embedded default model.
 
-    python bench/divpo_nouns.py [--steps N] [--seeds N] [--workers N] [--methods LABEL,...] [--results PATH]
+    python bench/divpo_nouns.py [--steps N] [--seeds N] [--workers N] [--methods 'LABEL;...'] [--results PATH]
 
 Each run is `pref run` with its defaults on the embedded default model, the way a user
 would start it; only these differ:
@@ -245,15 +245,15 @@ def main() -> None:
     parser.add_argument("--steps", type=int, help="optimizer steps per run (default: pref run's)")
     parser.add_argument("--seeds", type=int, default=3, help="training seeds per method (default 3)")
     parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1), help="runs at a time")
-    parser.add_argument("--methods", help=f"only these rows, comma-separated (default all: {', '.join(METHODS)})")
+    parser.add_argument("--methods", help=f"only these rows, separated by ';' (labels hold commas; default all: {'; '.join(METHODS)})")
     parser.add_argument("--results", default=RESULTS, help="where the table goes (default bench/results/divpo_nouns.md)")
     args = parser.parse_args()
     if args.seeds < 1 or args.workers < 1 or (args.steps is not None and args.steps < 1):
         parser.error("--steps, --seeds and --workers must be positive")
-    labels = list(METHODS) if not args.methods else [label.strip() for label in args.methods.split(",")]
+    labels = list(METHODS) if not args.methods else [label.strip() for label in args.methods.split(";")]
     unknown = [label for label in labels if label not in METHODS]
     if unknown:
-        parser.error(f"unknown method {', '.join(unknown)}: choose from {', '.join(METHODS)}")
+        parser.error(f"unknown method {'; '.join(unknown)}: choose from {'; '.join(METHODS)} (separated by ';')")
 
     from pref.plugins.default_model import default_model_path
 
