@@ -121,7 +121,7 @@ def load_registry() -> Any:
 @click.option("--adapter-option", multiple=True, help="Adapter option KEY=VALUE; repeatable.")
 @click.option("--merge-lora/--no-merge-lora", default=None, help="Also write final/merged/: full weights with the adapter folded in.")
 @click.option("--max-length", type=int, help="Most tokens in a prompt + answer row.")
-@click.option("--max-prompt-length", type=int, help="Most prompt tokens (kept from the end).")
+@click.option("--max-prompt-length", type=int, help="Most prompt tokens (kept from the end; at most --max-length - 1).")
 @click.option("--max-new-tokens", type=int, help="Most new tokens per sampled answer.")
 @click.option("--temperature", type=float, help="Sampling temperature (0: greedy).")
 @click.option("--top-p", type=float, help="Nucleus sampling: keep the smallest token set of this probability.")

@@ -247,6 +247,8 @@ def validate(config: RunConfig) -> None:
     for key in TRUE_OR_FALSE:
         if not isinstance(getattr(config, key), bool):
             raise PrefError(f"{key} must be true or false, not {getattr(config, key)!r}")
+    if config.max_length < 2:
+        raise PrefError(f"max_length must be 2 or more (a prompt token and an answer token), not {config.max_length}")
     if config.samples_per_prompt is not None and (not isinstance(config.samples_per_prompt, int) or config.samples_per_prompt < 2):
         raise PrefError(f"samples_per_prompt must be 2 or more, not {config.samples_per_prompt!r}")
     if config.temperature is not None and (not 0 <= config.temperature or isinstance(config.temperature, bool)):

@@ -46,7 +46,7 @@ class HFPolicy(Policy):
         self._model = model
         self.tokenizer = tokenizer
         self.max_length = max_length
-        self.max_prompt_length = max_prompt_length
+        self.max_prompt_length = min(max_prompt_length, max_length - 1)  # a prompt leaves an answer token within max_length
         self.packing = packing  # lean log-probs through packed forwards (pref.packing)
         self.sample_sharded = sample_sharded  # a sharded model samples gathering one layer at a time (pref.sharding.gathered_for_generation)
 

@@ -50,3 +50,19 @@ def test_logps_equal_manual_sum_over_completion(tiny_model_dir):
     # the completion is the answer's tokens plus exactly one EOS
     assert int(seqs.completion_mask.sum()) == 3
     assert ids[-1].item() == policy.tokenizer.eos_token_id
+
+
+def test_a_row_never_exceeds_max_length_and_keeps_an_answer_token(tiny_model_dir):
+    """--max-prompt-length above --max-length: the prompt keeps its last max_length - 1 tokens, the answer its first."""
+    from pref.models import completion_token_ids, load_tokenizer, prompt_token_ids
+
+    tokenizer = load_tokenizer(tiny_model_dir)
+    policy = HFPolicy(None, tokenizer, max_length=16, max_prompt_length=256)
+    prompts, answers = [" ".join(["word"] * 40), "Hi"], ["a long answer of many words here", "yes"]
+    rows = policy.encode(prompts, answers)
+    long_prompt, answer = prompt_token_ids(tokenizer, prompts[0]), completion_token_ids(tokenizer, answers[0])
+    assert len(long_prompt) > 16
+    assert rows.attention_mask.sum(1).tolist()[0] == 16 and rows.input_ids.shape[1] == 16
+    assert rows.input_ids[0].tolist() == long_prompt[-15:] + answer[:1] and rows.completion_mask[0].tolist() == [0] * 15 + [1]
+    short = prompt_token_ids(tokenizer, prompts[1])  # a short row is cut at max_length too, its answer first
+    assert rows.input_ids[1, : rows.attention_mask[1].sum()].tolist() == (short + completion_token_ids(tokenizer, answers[1]))[:16]

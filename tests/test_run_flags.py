@@ -25,6 +25,7 @@ from trained_alike import assert_trained_alike  # tests/ is on sys.path
     (["--weight-decay", "-0.1"], "weight_decay must be zero or positive"),
     (["--warmup-steps", "-1"], "warmup_steps must be zero or positive"),
     (["--max-length", "0"], "max_length must be a positive"),
+    (["--max-length", "1"], "max_length must be 2 or more (a prompt token and an answer token), not 1"),
     (["--max-new-tokens", "0"], "max_new_tokens must be a positive"),
     (["--max-prompt-length", "0"], "max_prompt_length must be a positive"),
     (["--dtype", "float16", "--device", "cpu"], "--dtype float16 cannot train on a CPU"),
