@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import time
+from datetime import timedelta
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -87,12 +89,17 @@ class TensorBoardLogger(MetricsLogger):
 class ProgressBar(MetricsLogger):
     """A rich progress bar on stderr: steps, elapsed time, ETA, the latest loss and a few metrics, tokens/s when measured.
 
-    It shows every step (`show`), logged or not; it writes no file.
+    In a terminal (or a notebook) it shows every step (`show`), logged or not. Where stderr is a file
+    (a cluster job's log), a bar drawn in place would reach it only at the end: each logged step
+    (`log`, every --log-every) gets a plain line there instead, with the same figures, never cut
+    short. It writes no file of its own.
     """
 
     BAR_WIDTH = 20
 
     def __init__(self) -> None:
+        console = Console(stderr=True)
+        self.live = console.is_terminal or console.is_jupyter
         # the metrics are cut short (…) to the width left: too long, they squeezed the step count and times to "1…"
         self.metrics = TextColumn("{task.fields[metrics]}", table_column=Column(no_wrap=True, overflow="ellipsis"))
         self.progress = Progress(
@@ -103,30 +110,50 @@ class ProgressBar(MetricsLogger):
             TextColumn("eta"),
             TimeRemainingColumn(),
             self.metrics,
-            console=Console(stderr=True),
+            console=console,
         )
         self.task = self.progress.add_task("train", total=None, metrics="")
-        self.total = 0
+        self.total, self.start_step, self.began = 0, 0, time.monotonic()
 
     def start(self, total_steps: int, start_step: int) -> None:
         self.progress.update(self.task, total=total_steps, completed=start_step)
-        self.total = total_steps
-        self.progress.start()
+        self.total, self.start_step, self.began = total_steps, start_step, time.monotonic()
+        if self.live:
+            self.progress.start()
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
-        """Nothing: `show` displays every step, logged or not."""
+        """Not in a terminal: the step's plain line (`train 40/400  0:00:05 eta 0:00:45  loss 0.69 ...`)."""
+        if self.live:
+            return
+        elapsed, done = time.monotonic() - self.began, step - self.start_step
+        left = clock(elapsed / done * (self.total - step)) if done > 0 else "-:--:--"
+        line = f"train {step}/{self.total}  {clock(elapsed)} eta {left}  {figures(metrics)}"
+        self.progress.console.print(line, soft_wrap=True, markup=False, highlight=False)
 
     def show(self, step: int, metrics: dict[str, float]) -> None:
-        text = "  ".join(f"{label} {metrics[key]:.3g}" for key, label in SHOWN.items() if key in metrics)
-        if TOKENS_PER_SECOND in metrics:
-            text += f"  {tokens_per_second(metrics[TOKENS_PER_SECOND])}"
+        if not self.live:
+            return
         # "train ", the bar, "N/TOTAL ", the elapsed time, "eta ", the time left (each with its space), at this terminal's width
         others = 6 + self.BAR_WIDTH + 1 + 2 * len(str(self.total)) + 2 + 8 + 4 + 8
         self.metrics.get_table_column().max_width = max(10, self.progress.console.width - others - 1)
-        self.progress.update(self.task, completed=step, metrics=text)
+        self.progress.update(self.task, completed=step, metrics=figures(metrics))
 
     def stop(self) -> None:
-        self.progress.stop()
+        if self.live:
+            self.progress.stop()
+
+
+def figures(metrics: dict[str, float]) -> str:
+    """The figures the bar shows: `loss 0.693  accuracies 0.5 ...  1.1k tok/s`."""
+    text = "  ".join(f"{label} {metrics[key]:.3g}" for key, label in SHOWN.items() if key in metrics)
+    if TOKENS_PER_SECOND in metrics:
+        text += f"  {tokens_per_second(metrics[TOKENS_PER_SECOND])}"
+    return text
+
+
+def clock(seconds: float) -> str:
+    """`0:01:05`, as the bar shows times."""
+    return str(timedelta(seconds=int(seconds)))
 
 
 def tokens_per_second(value: float) -> str:

@@ -90,6 +90,24 @@ def test_a_plugin_logger_gets_every_step(tmp_path, tiny_model_dir, prefs_file, c
     assert "3/3" in bar and "loss" in bar and "tok/s" in bar
 
 
+def test_progress_is_a_plain_line_per_logged_step_in_a_log_file_and_a_bar_in_a_terminal(tmp_path, tiny_model_dir, prefs_file, capsys,
+                                                                                          monkeypatch):
+    monkeypatch.setenv("COLUMNS", "40")  # narrower than a line: a log file's lines are never cut short
+    monkeypatch.delenv("FORCE_COLOR", raising=False)
+    monkeypatch.delenv("TTY_COMPATIBLE", raising=False)
+    flags = {"objective": "dpo", "model": tiny_model_dir, "dataset": [prefs_file], "steps": 3, "batch_size": 2, "device": "cpu",
+             "log_every": 2}
+    train(build_config(flags={**flags, "output_dir": str(tmp_path / "file")}), load_registry())
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("train")]
+    assert [line.split()[1] for line in lines] == ["2/3", "3/3"]  # the logged steps, as they end
+    for line in lines:
+        assert " eta " in line and "loss " in line and "accuracies " in line and "margins " in line and line.endswith("tok/s"), line
+    monkeypatch.setenv("TTY_COMPATIBLE", "1")  # stderr as a terminal: one bar, drawn in place at every step
+    train(build_config(flags={**flags, "output_dir": str(tmp_path / "terminal")}), load_registry())
+    err = capsys.readouterr().err
+    assert "━" in err and "3/3" in err and not [line for line in err.splitlines() if line.startswith("train 2/3")]
+
+
 def test_a_logger_is_shown_every_step_and_stopped_when_a_step_fails(tmp_path, tiny_model_dir, prefs_file, interrupted_after):
     pm, failures, sources = get_plugin_manager()
     pm.register(RecorderPlugin, name="recorder-plugin")

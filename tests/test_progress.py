@@ -7,8 +7,14 @@ from rich.progress import TimeRemainingColumn
 from pref.plugins.loggers import ProgressBar, tokens_per_second
 
 
-def rendered(bar):
-    console = Console(record=True, width=200, file=open("/dev/null", "w"))
+@pytest.fixture(autouse=True)
+def stderr_a_terminal(monkeypatch):
+    """The bar is drawn where stderr is a terminal (elsewhere each logged step is a plain line: tests/test_loggers.py)."""
+    monkeypatch.setenv("TTY_COMPATIBLE", "1")
+
+
+def rendered(bar, width=200):
+    console = Console(record=True, width=width, file=open("/dev/null", "w"))
     console.print(bar.progress.make_tasks_table(bar.progress.tasks))
     return console.export_text()
 
@@ -28,7 +34,7 @@ def test_bar_shows_an_eta_and_tokens_per_second(monkeypatch):
 
 
 @pytest.mark.parametrize("columns", [60, 80, 200])
-def test_the_progress_bar_keeps_its_step_count_and_times_whole_and_cuts_the_metrics_to_the_width(columns, monkeypatch, capsys):
+def test_the_progress_bar_keeps_its_step_count_and_times_whole_and_cuts_the_metrics_to_the_width(columns, monkeypatch):
     # the metrics once took the width they wanted, and rich squeezed the step count and the times to "1…"
     monkeypatch.setenv("COLUMNS", str(columns))
     bar = ProgressBar()
@@ -36,7 +42,7 @@ def test_the_progress_bar_keeps_its_step_count_and_times_whole_and_cuts_the_metr
     bar.show(37, {"loss": 0.018, "rewards/accuracies": 0.714, "rewards/margins": 0.206, "reward/mean": 0.609,
                   "reward/distinct_ratio": 0.453, "tokens/per_second": 4012.0})
     bar.stop()
-    last = capsys.readouterr().err.rstrip("\n").splitlines()[-1]
+    last = rendered(bar, columns).rstrip("\n").splitlines()[-1]
     assert len(last) <= columns and "train" in last and " 37/400 " in last and " eta " in last and "loss 0.01" in last
     assert last.endswith("4.0k tok/s") if columns == 200 else last.endswith("…")
 
