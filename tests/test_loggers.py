@@ -120,6 +120,17 @@ def test_a_logger_is_shown_every_step_and_stopped_when_a_step_fails(tmp_path, ti
     assert [step for step, _ in Recorder.seen] == [2]  # logged every 2 steps; not closed: the run failed
 
 
+def test_log_every_from_the_command_line(tmp_path, tiny_model_dir, prefs_file):
+    from click.testing import CliRunner
+
+    from pref.cli.main import cli
+
+    result = CliRunner().invoke(cli, ["run", "--objective", "dpo", "--model", tiny_model_dir, "--dataset", prefs_file, "--steps", "3",
+                                      "--batch-size", "2", "--device", "cpu", "--log-every", "2", "--output-dir", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+    assert [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()] == [2, 3]
+
+
 def test_the_last_step_is_logged_whatever_log_every_says(tmp_path, tiny_model_dir, prefs_file):
     pm, failures, sources = get_plugin_manager()
     pm.register(RecorderPlugin, name="recorder-plugin")

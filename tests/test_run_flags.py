@@ -26,6 +26,7 @@ from trained_alike import assert_trained_alike  # tests/ is on sys.path
     (["--warmup-steps", "-1"], "warmup_steps must be zero or positive"),
     (["--max-length", "0"], "max_length must be a positive"),
     (["--max-length", "1"], "max_length must be 2 or more (a prompt token and an answer token), not 1"),
+    (["--log-every", "0"], "log_every must be a positive"),
     (["--max-new-tokens", "0"], "max_new_tokens must be a positive"),
     (["--max-prompt-length", "0"], "max_prompt_length must be a positive"),
     (["--dtype", "float16", "--device", "cpu"], "--dtype float16 cannot train on a CPU"),
