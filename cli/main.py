@@ -15,7 +15,7 @@ import click
 from pref.cli.kinds import KindChoice
 from pref.cli.new_plugin import new_plugin
 from pref.cli.report import report
-from pref.errors import PrefError
+from pref.errors import PrefError, RunInterrupted
 from pref.registry import KINDS
 
 
@@ -23,7 +23,7 @@ DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES}
 
 
 class PrefGroup(click.Group):
-    """Turns a `PrefError` into one line on stderr and exit code 2, without a traceback."""
+    """Turns a `PrefError` into one line on stderr and exit code 2, without a traceback; a run stopped by a signal exits with 128 + its number."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -31,6 +31,13 @@ class PrefGroup(click.Group):
         except PrefError as exc:
             click.echo(f"Error: {exc}", err=True)
             sys.exit(2)
+        except RunInterrupted as exc:  # stopped after a step by SIGINT or SIGTERM, with a checkpoint
+            if exc.main_process:
+                click.echo(str(exc), err=True)
+            sys.exit(exc.exit_code)
+        except KeyboardInterrupt:  # Ctrl-C outside a run's steps, or twice
+            click.echo("Interrupted.", err=True)
+            sys.exit(130)
         except OSError as exc:
             if exc.errno not in DISK_ERRORS:
                 raise

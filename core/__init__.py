@@ -25,7 +25,7 @@ from pref.interfaces import (
     SecondModel,
     Selection,
 )
-from pref.errors import PrefError
+from pref.errors import PrefError, RunInterrupted
 from pref.sequences import Logps, Sequences
 
 __version__ = "0.1.0"
@@ -33,5 +33,5 @@ __version__ = "0.1.0"
 __all__ = [
     "Adapter", "CandidatePool", "Embedder", "Evaluator", "LabeledBatch", "LabeledExample", "Logps", "MetricsLogger", "Minibatch", "Objective", "ObjectiveNeeds", "PairBatch",
     "PairSelector", "Policy", "Processes", "PrefError", "PreferenceExample", "Prompt", "Reference",
-    "RewardSource", "Rollout", "Samples", "SamplingConfig", "ScoredBatch", "SecondModel", "Selection", "Sequences", "TextExample", "hookimpl",
+    "RewardSource", "Rollout", "RunInterrupted", "Samples", "SamplingConfig", "ScoredBatch", "SecondModel", "Selection", "Sequences", "TextExample", "hookimpl",
 ]

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+import signal
+import threading
 from typing import Any
 
 import torch
@@ -9,7 +12,39 @@ import torch
 from pref.divergence import sampled_non_finite
 from pref.errors import NoUsablePairs, PrefError
 
+log = logging.getLogger(__name__)
+
 OK, NO_PAIRS, ERROR = 0, 1, 2
+
+
+class StopRequests:
+    """`with StopRequests(announce) as stop:` the loop's time, when SIGINT (Ctrl-C) or SIGTERM (a scheduler's preemption
+    or time limit, `kill`) asks the run to stop: `stop.signal` is then the first one's number, else 0.
+
+    The loop stops after a step, with a checkpoint, on every process together (each passes its `stop.signal` on with the
+    step's figures). A second Ctrl-C stops at once (KeyboardInterrupt). Outside the main thread, signals are left alone.
+    The handlers that were there before come back on exit.
+    """
+
+    def __init__(self, announce: bool):
+        self.announce, self.signal, self.previous = announce, 0, {}
+
+    def __enter__(self) -> "StopRequests":
+        if threading.current_thread() is threading.main_thread():
+            self.previous = {number: signal.signal(number, self._request) for number in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for number, handler in self.previous.items():
+            signal.signal(number, signal.SIG_DFL if handler is None else handler)  # None: a handler set outside Python
+
+    def _request(self, number: int, frame: Any) -> None:
+        if self.signal and number == signal.SIGINT:
+            raise KeyboardInterrupt
+        if not self.signal and self.announce:
+            log.warning(f"{signal.Signals(number).name}: the run stops after this step (or rollout) and saves a checkpoint to resume from"
+                        f"{' (Ctrl-C again stops at once)' if number == signal.SIGINT else ''}")
+        self.signal = self.signal or number
 
 
 def same_decision(accelerator: Any, error: str | None) -> None:

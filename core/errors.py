@@ -21,6 +21,18 @@ class NoUsablePairs(PrefError):
     """
 
 
+class RunInterrupted(Exception):
+    """A run asked to stop (SIGINT, SIGTERM) that stopped after a step, with a checkpoint to resume from.
+
+    Not a `PrefError`: the CLI prints the message and exits with 128 + the signal's number (130, 143), as a shell expects.
+    """
+
+    def __init__(self, message: str, signal_number: int, main_process: bool = True):
+        super().__init__(message)
+        self.exit_code = 128 + signal_number
+        self.main_process = main_process  # the process that prints it; each of several stops with the same code
+
+
 class ModelNotLoaded(PrefError):
     """The policy's model was used before it loaded (a dataset builder that samples from it is built again once it has)."""
 

@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import platform
+import signal
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
@@ -23,12 +24,12 @@ from typing import Any
 
 import torch
 
-from pref.agreement import next_batch_together, same_decision
+from pref.agreement import StopRequests, next_batch_together, same_decision
 from pref.checkpoint import PATTERN, Trained, list_checkpoints, load_checkpoint, mark_evaluated, read_state, rng_state, save_checkpoint, write_atomically
 from pref.config import RunConfig
 from pref.data import OfflineBatches, build_datasets, collate, count_tokens, dataset_names, rows_per_batch, sequences_of, split_datasets
 from pref.divergence import check_step, check_weights, refuse_non_finite_settings, sampling_diverged
-from pref.errors import NoUsablePairs, PrefError
+from pref.errors import NoUsablePairs, PrefError, RunInterrupted
 from pref.examples import prompt_of
 from pref.interfaces import Adapter, MetricsLogger, Processes, Reference, SecondModel
 from pref.models import DEFAULT_MODEL, SCORE_HEAD, load_tokenizer, prepare_for_training, quiet_new_heads
@@ -468,7 +469,8 @@ def train_policy(config: RunConfig, registry: Registry) -> tuple[str, HFPolicy]:
     # across a resume; None, and not logged, after a resume from a checkpoint written before pref kept it
     tokens_seen = state.get("num_tokens", None if checkpoint else 0)
     stopped, unlogged, evaluated = "", None, state.get("evaluated", False)  # unlogged: the last step's (step, figures) when log_every skipped it; evaluated: it was
-    with loggers_running(loggers, config.steps, start_step):
+    interrupted = 0  # the signal that stopped the run after a step, with a checkpoint
+    with loggers_running(loggers, config.steps, start_step), StopRequests(announce=accelerator.is_main_process) as stop_requests:
         for step in range(start_step + 1, config.steps + 1):
             # forward and backward, accumulated over micro-batches
             reports: list[dict[str, float]] = []  # each micro-batch's figures
@@ -519,7 +521,9 @@ def train_policy(config: RunConfig, registry: Registry) -> tuple[str, HFPolicy]:
                 for p in module_params:
                     if p.grad is not None:
                         p.grad = accelerator.reduce(p.grad, reduction="mean")
-            counts = processes.gather([(real_tokens, items)])  # every process's: TRL's num_tokens, and the step's loss items
+            counts = processes.gather([(real_tokens, items, stop_requests.signal)])  # every process's: TRL's num_tokens, the step's loss items, a stop asked
+            # a stop asked of any process stops all after this step, if a resume from it is exact (between rollouts)
+            interrupted = max(c[2] for c in counts) if step < config.steps and step * config.grad_accum % plan.batches_per_rollout == 0 else 0
             all_items = sum(c[1] for c in counts)
             if all_items:  # the gradients, averaged over processes, of each loss's sum over its items: now their mean over all items
                 for p in params:
@@ -548,7 +552,7 @@ def train_policy(config: RunConfig, registry: Registry) -> tuple[str, HFPolicy]:
 
             # log
             totals = combine_across_processes(processes, totals)
-            if step % config.log_every == 0 or evaluated or step == config.steps:
+            if step % config.log_every == 0 or evaluated or step == config.steps or interrupted:
                 for logger in loggers:
                     logger.log(step, totals)
                 unlogged = None
@@ -558,13 +562,23 @@ def train_policy(config: RunConfig, registry: Registry) -> tuple[str, HFPolicy]:
                 logger.show(step, totals)
 
             # checkpoint
-            if config.save_every and step % config.save_every == 0 and step < config.steps:
+            if (config.save_every and step % config.save_every == 0 or interrupted) and step < config.steps:
                 check_weights(params, step, config)
                 save_state = {"seed": config.seed, "data": data.state(), "world": world, "evaluated": evaluated, "num_tokens": tokens_seen}
                 rng_states, objective_states = processes.gather([rng_state()]), processes.gather([objective.state_dict()])
                 save_checkpoint(out_dir, step, trained, save_state, rng_states, objective_states, config.keep_checkpoints,
                                 write=accelerator.is_main_process)  # every process: a sharded model is gathered first
                 accelerator.wait_for_everyone()
+            if interrupted:
+                break
+
+    if interrupted:  # the run goes on from its checkpoint with --resume
+        for logger in loggers:
+            logger.close()
+        if lock is not None:
+            lock.release()
+        raise RunInterrupted(f"stopped by {signal.Signals(interrupted).name} after step {step} of {config.steps}, saved as checkpoint-{step:06d}; "
+                             f"go on with: pref run --resume {out_dir}", interrupted, accelerator.is_main_process)
 
     # -- the final model, in Hugging Face format ------------------------------------------
     if stopped and accelerator.is_main_process:

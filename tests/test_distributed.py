@@ -1,8 +1,9 @@
 """Two CPU processes under `accelerate launch` train as one job.
 
 One launch (a fixture shared by the tests) runs three short jobs in a row in the same two processes:
-`distributed_train.py` (DPO), `distributed_d2po.py` and `distributed_early_stop.py` (online DPO that
-stops early); each process reports the weights it ends with, and what it trained on.
+`distributed_train.py` (DPO), `distributed_d2po.py`, `distributed_early_stop.py` (online DPO that
+stops early) and `distributed_stop.py` (the DPO run stopped by a signal, and resumed); each process reports
+the weights it ends with, and what it trained on.
 """
 
 import itertools
@@ -30,13 +31,14 @@ def jobs(tiny_model_dir, shared_prefs_file, private_cache, tmp_path_factory):
     device = "cpu" if torch.cuda.is_available() or torch.backends.mps.is_available() else "auto"
     held = root / "held.txt"
     held.write_text("the sky is blue and the sea is green .\n")
-    folders = {name: (root / name / "run", root / name / "report") for name in ("train", "d2po", "early_stop")}
+    folders = {name: (root / name / "run", root / name / "report") for name in ("train", "d2po", "early_stop", "stop")}
     sft_data = root / "sft.jsonl"
     sft_data.write_text("".join(json.dumps({"prompt": f"Say something {i}.", "completion": answer}) + "\n" for i, answer in enumerate(SFT_ANSWERS)))
     plan = [
         {"main": "distributed_train", "args": [tiny_model_dir, shared_prefs_file, device, *map(str, folders["train"])]},
         {"main": "distributed_d2po", "args": [tiny_model_dir, device, *map(str, folders["d2po"])]},
         {"main": "distributed_early_stop", "args": [tiny_model_dir, str(held), device, *map(str, folders["early_stop"])]},
+        {"main": "distributed_stop", "args": [tiny_model_dir, shared_prefs_file, device, *map(str, folders["stop"])]},
         ["run", *sft_args(tiny_model_dir, sft_data), "--batch-size", "1", "--grad-accum", "2", "--output-dir", str(root / "sft")],
     ]
     done = launch(plan, private_cache, root)
@@ -149,3 +151,16 @@ def test_sft_in_two_processes_averages_over_every_token_of_the_step(jobs, tiny_m
     assert len(norms[0]) == 2 and norms[0] == pytest.approx(norms[1], rel=1e-5)
     two, one = load_file(run_dir / "final" / "model.safetensors"), load_file(tmp_path / "one" / "final" / "model.safetensors")
     assert_trained_alike(two, one, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_a_signal_to_one_process_stops_both_after_the_same_step_and_the_run_goes_on_exactly(jobs):
+    run_dir, report_dir = jobs["stop"]
+    reports = [json.loads((report_dir / f"stop-rank{rank}.json").read_text()) for rank in (0, 1)]
+    # process 1 alone was sent SIGTERM, during step 1: both stopped after it, with one checkpoint (--save-every is 2)
+    for report in reports:
+        assert report["message"] == f"stopped by SIGTERM after step 1 of {STEPS}, saved as checkpoint-000001; go on with: pref run --resume {run_dir}"
+        assert report["exit_code"] == 143
+    # resumed, the two processes end where the uninterrupted run ended
+    uninterrupted = (jobs["train"][1] / "weights-rank0.txt").read_text()
+    assert reports[0]["weights"] == reports[1]["weights"] == uninterrupted
