@@ -121,6 +121,7 @@ def train_and_evaluate(label: str, flags: dict, steps: int | None, seed: int, wo
 def resolved_settings(flags: dict, steps: int | None) -> dict[str, object]:
     """The settings a method's runs resolve to (its loss settings where it has them)."""
     from pref.config import build_config
+    from pref.plan import PLAN_DEFAULTS
     from pref.registry import load_registry
 
     config = build_config(flags={**flags, **({"steps": steps} if steps else {})})
@@ -134,7 +135,7 @@ def resolved_settings(flags: dict, steps: int | None) -> dict[str, object]:
         "beta": getattr(objective, "beta", None),
         "sft_weight": getattr(objective, "sft_weight", None),
         "loss": getattr(objective, "loss_type", None),
-        "temperature": config.temperature,
+        "temperature": PLAN_DEFAULTS["temperature"] if config.temperature is None else config.temperature,  # as the plan resolves it
         "max new tokens": config.max_new_tokens or reward.max_new_tokens,
         "threads": config.threads,
     }
