@@ -14,6 +14,8 @@ process, so its peak GPU memory (`torch.cuda.max_memory_allocated`) is its own:
   autocast), the reference log-probs cached before training (pref's default);
 - TRL 1.16 DPOTrainer: `precompute_ref_log_probs=True`, `bf16=True` (float32 weights under
   autocast: like for like), gradient checkpointing off as for pref;
+- pref DPO with QLoRA: `--lora --quantize nf4` (the decoder's linear layers in 4 bits under
+  r-16 adapters on every linear layer), otherwise as the first: what the 4-bit base saves;
 - pref DivPO online with the `unique-nouns` reward (distinct nouns per answer: it varies even
   on a random model's text, where answers are rarely a single known noun): the step time
   split into sampling, scoring and update.
@@ -110,7 +112,7 @@ def pref_config(args: argparse.Namespace, objective: str, **flags) -> object:
                                "lr": 1e-5, "max_length": 1024, "max_prompt_length": 256, **flags})
 
 
-def child_pref_dpo(args: argparse.Namespace, size: dict) -> dict:
+def child_pref_dpo(args: argparse.Namespace, size: dict, **flags) -> dict:
     import torch
 
     import pref.train
@@ -143,7 +145,7 @@ def child_pref_dpo(args: argparse.Namespace, size: dict) -> dict:
 
     ProgressBar.start, ProgressBar.show, HFPolicy.logps = timed_start, timed_show, counted
     config = pref_config(args, "dpo", dataset=[os.path.join(args.work_dir, "pairs.jsonl")], steps=size["warmup"] + size["steps"],
-                         batch_size=size["batch_size"])
+                         batch_size=size["batch_size"], **flags)
     pref.train.train(config, load_registry())
     return steps.summary(size["warmup"], args.device)  # DPO scores chosen and rejected rows in one logps call per step
 
@@ -200,7 +202,11 @@ def child_pref_divpo(args: argparse.Namespace, size: dict) -> dict:
     return {**mean, "peak_gib": peak}
 
 
-CHILDREN = {"pref-dpo": child_pref_dpo, "trl-dpo": child_trl_dpo, "pref-divpo": child_pref_divpo}
+def child_pref_dpo_qlora(args: argparse.Namespace, size: dict) -> dict:
+    return child_pref_dpo(args, size, adapter="lora", quantize="nf4", output_dir=os.path.join(args.work_dir, "dpo-qlora-run"))
+
+
+CHILDREN = {"pref-dpo": child_pref_dpo, "trl-dpo": child_trl_dpo, "pref-dpo-qlora": child_pref_dpo_qlora, "pref-divpo": child_pref_divpo}
 
 
 # ---------------------------------------------------------------------------------------
@@ -269,11 +275,13 @@ def report(results: dict, params: int, args: argparse.Namespace, size: dict, dev
         f"MFU: 6 x {params / 1e6:.0f}M parameters x real tokens per step / step time / {args.peak_tflops:.0f} TFLOP/s.", "",
         "| DPO | steps/s | tokens/s | peak GPU memory GiB | MFU |", "|---|---:|---:|---:|---:|",
     ]
-    for name, label in (("pref-dpo", "pref (cached reference log-probs)"), ("trl-dpo", "TRL 1.16 DPOTrainer (precomputed reference)")):
+    for name, label in (("pref-dpo", "pref (cached reference log-probs)"), ("trl-dpo", "TRL 1.16 DPOTrainer (precomputed reference)"),
+                        ("pref-dpo-qlora", "pref, QLoRA (--lora --quantize nf4)")):
         r = results.get(name)
         if r:
             mfu = 6 * params * r["tokens_per_s"] / (args.peak_tflops * 1e12)
-            lines.append(f"| {label} | {r['steps_per_s']:.2f} | {r['tokens_per_s']:.0f} | {r['peak_gib']:.2f} | {100 * mfu:.1f}% |")
+            mfu_text = "n/a (no weight gradients)" if "qlora" in name else f"{100 * mfu:.1f}%"
+            lines.append(f"| {label} | {r['steps_per_s']:.2f} | {r['tokens_per_s']:.0f} | {r['peak_gib']:.2f} | {mfu_text} |")
         else:
             lines.append(f"| {label} | failed | | | |")
     r = results.get("pref-divpo")

@@ -127,6 +127,8 @@ def load_registry() -> Any:
 @click.option("--adapter", help="Adapter plugin trained on a frozen base instead of every weight (see `pref list-plugins --kind adapter`).")
 @click.option("--adapter-option", multiple=True, help="Adapter option KEY=VALUE; repeatable.")
 @click.option("--merge-lora/--no-merge-lora", default=None, help="Also write final/merged/: full weights with the adapter folded in.")
+@click.option("--quantize", type=click.Choice(["nf4", "fp4"]), help="Load the base model's linear layers in 4 bits (bitsandbytes) under the "
+              "adapter: QLoRA with --lora and nf4. Needs pip install 'pref[quantize]'.")
 @click.option("--max-length", type=int, help="Most tokens in a prompt + answer row.")
 @click.option("--max-prompt-length", type=int, help="Most prompt tokens (kept from the end; at most --max-length - 1).")
 @click.option("--max-new-tokens", type=int, help="Most new tokens per sampled answer.")

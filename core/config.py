@@ -44,6 +44,7 @@ class RunConfig:
     adapter: str | None = None  # a registered adapter (register_adapters) trained instead of every weight; `lora` (--lora) is pref's own
     adapter_options: dict[str, Any] = field(default_factory=dict)
     merge_lora: bool = False  # also write final/merged/: full weights with the adapter folded in
+    quantize: str | None = None  # nf4 | fp4: the base model's linear layers loaded in 4 bits (bitsandbytes), an adapter trained on it (QLoRA)
     threads: int | None = None  # CPU threads of torch; None: EMBEDDED_MODEL_THREADS for the embedded default model, else torch's own
 
     steps: int = 400
@@ -107,6 +108,7 @@ CHOICES = {
     "dtype": ("auto", "bfloat16", "float16", "float32"),
     "schedule": ("cosine", "linear", "constant"),
 }
+QUANTIZATIONS = ("nf4", "fp4")  # --quantize: bitsandbytes' 4-bit types (nf4: QLoRA's)
 POSITIVE = ("steps", "batch_size", "grad_accum", "max_length", "max_prompt_length", "log_every", "keep_checkpoints")
 POSITIVE_OR_NONE = ("max_new_tokens", "threads")  # None: resolved later (see RunConfig)
 ZERO_OR_MORE = ("save_every", "eval_every", "warmup_steps", "bucket_window", "top_k")  # 0: off
@@ -270,6 +272,12 @@ def validate(config: RunConfig) -> None:
         raise PrefError("adapter options were given without --lora or --adapter NAME; add one (or a [lora] table in the config file)")
     if config.merge_lora and not config.adapter:
         raise PrefError("--merge-lora needs --lora (or --adapter NAME)")
+    if config.quantize is not None and config.quantize not in QUANTIZATIONS:
+        raise PrefError(f"quantize must be one of {', '.join(QUANTIZATIONS)} (4-bit types of bitsandbytes), not {config.quantize!r}")
+    if config.quantize and not config.adapter:
+        raise PrefError(f"--quantize {config.quantize} loads the base model in 4 bits, which cannot be trained in full: add --lora (or --adapter NAME)")
+    if config.quantize and config.fsdp:
+        raise PrefError("--fsdp cannot shard 4-bit weights: drop --fsdp (each process then holds the whole 4-bit base) or --quantize")
     if not config.lr > 0:
         raise PrefError(f"lr must be positive, not {config.lr!r}")
     if not 0 <= config.validation_split < 1:

@@ -55,12 +55,15 @@ def load_tokenizer(name: str | None) -> Any:
     return tokenizer
 
 
-def load_model(name: str | None, dtype: torch.dtype | None = None, kind: str = "causal-lm", attention: str | None = None) -> torch.nn.Module:
+def load_model(name: str | None, dtype: torch.dtype | None = None, kind: str = "causal-lm", attention: str | None = None,
+               quantize: str | None = None, device: Any = None) -> torch.nn.Module:
     """A causal LM, or with `kind="sequence-classifier"` the same backbone with a one-score head.
 
     `name` may also be a folder holding an adapter in PEFT's format (an adapter run's `final/`,
     any peft adapter type); its base model is loaded with the adapter on it. `dtype` None means float32.
     `attention`: transformers' attention implementation (`sdpa`, `eager`, `flash_attention_2`, ...); None: its default.
+    `quantize` ("nf4", "fp4"): the linear layers of the decoder loaded in 4 bits by bitsandbytes onto `device`,
+    computing in `dtype` (the embeddings, norms and head stay in `dtype`).
     """
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
@@ -69,6 +72,11 @@ def load_model(name: str | None, dtype: torch.dtype | None = None, kind: str = "
     classifier, adapter = kind == "sequence-classifier", os.path.isfile(os.path.join(path, ADAPTER_CONFIG))
     local = cache_only((adapter and adapter_base(path)) or path)  # an adapter's base model may be a hub id
     options = {**(FROM_CACHE if local else {}), **({"attn_implementation": attention} if attention else {})}  # from_pretrained's
+    if quantize:
+        from transformers import BitsAndBytesConfig
+
+        options["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quantize, bnb_4bit_compute_dtype=dtype)
+        options["device_map"] = {"": str(device or "cpu")}  # quantized as it is loaded, where it will compute
     try:
         if adapter:
             import peft

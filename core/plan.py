@@ -14,6 +14,7 @@ is built here with its options; its `build(...)` is called once the records are 
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import logging
 import os
@@ -90,6 +91,8 @@ def resolve_plan(config: RunConfig, registry: Registry, processes: Processes | N
     for name in loggers:  # built after the model load: a missing package (pip install 'pref[wandb]') fails now
         registry.get("logger", name).check_requires()
 
+    if config.quantize and importlib.util.find_spec("bitsandbytes") is None:  # loaded after the data: fail now
+        raise PrefError(f"--quantize {config.quantize} needs the bitsandbytes package: pip install 'pref[quantize]'")
     adapter = registry.create("adapter", config.adapter, config.adapter_options) if config.adapter else None
     processes = processes or Processes()
     objective = registry.create("objective", config.objective, config.objective_options, processes=processes)

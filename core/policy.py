@@ -58,9 +58,11 @@ class HFPolicy(Policy):
         policy.load_model(name, dtype, kind, attention)
         return policy
 
-    def load_model(self, name: str | None, dtype: torch.dtype | None = None, kind: str = "causal-lm", attention: str | None = None) -> None:
-        """Load the model `name` (as `load` does, with transformers' `attention` implementation) into a policy made with its tokenizer alone."""
-        self.model = load_model(name, dtype, kind, attention)
+    def load_model(self, name: str | None, dtype: torch.dtype | None = None, kind: str = "causal-lm", attention: str | None = None,
+                   quantize: str | None = None, device: Any = None) -> None:
+        """Load the model `name` (as `load` does, with transformers' `attention` implementation, in 4 bits on `device` with
+        `quantize`) into a policy made with its tokenizer alone."""
+        self.model = load_model(name, dtype, kind, attention, quantize, device)
         if getattr(self.model.config, "pad_token_id", None) is None:
             self.model.config.pad_token_id = self.tokenizer.pad_token_id  # sequence classifiers find the last token by it
 

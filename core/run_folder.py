@@ -36,7 +36,7 @@ RUN_FILE = "run.json"
 FINAL_DIR = "final"
 LOCK_FILE = ".pref-run.lock"
 #: Settings a checkpoint is bound to (its weights' shapes, its loss, its data and its position in them): a resume cannot change them.
-FIXED_ON_RESUME = ("objective", "objective_options", "model", "adapter", "adapter_options", "dataset", "dataset_options",
+FIXED_ON_RESUME = ("objective", "objective_options", "model", "quantize", "adapter", "adapter_options", "dataset", "dataset_options",
                    "validation_split", "validation_dataset", "reward", "reward_options", "reward_weights", "selector", "selector_options",
                    "embedder", "embedder_options", "reference", "seed", "batch_size", "grad_accum", "samples_per_prompt", "max_length",
                    "max_prompt_length", "bucket_window", "sampler", "sampler_options", "curriculum", "curriculum_options")

@@ -32,7 +32,7 @@ from pref.divergence import check_step, check_weights, refuse_non_finite_setting
 from pref.errors import NoUsablePairs, PrefError, RunInterrupted
 from pref.examples import prompt_of
 from pref.interfaces import Adapter, MetricsLogger, Processes, Reference, SecondModel
-from pref.models import DEFAULT_MODEL, SCORE_HEAD, load_tokenizer, prepare_for_training, quiet_new_heads
+from pref.models import DEFAULT_MODEL, SCORE_HEAD, load_model, load_tokenizer, prepare_for_training, quiet_new_heads, quiet_peft
 from pref.packing import may_pack, packs_correctly
 from pref.plan import CACHED_LOGPS, NO_MODEL, RunPlan, output_folder, resolve_plan
 from pref.policy import HFPolicy, unwrap
@@ -126,14 +126,21 @@ def build_data(config: RunConfig, plan: RunPlan, policy: HFPolicy, examples: lis
 
 
 def save_final(policy: HFPolicy, path: str, adapter: Adapter | None = None, merge: bool = False,
-               state_dict: dict[str, torch.Tensor] | None = None) -> None:
+               state_dict: dict[str, torch.Tensor] | None = None, unquantized: torch.dtype | None = None, kind: str = "causal-lm") -> None:
     """The trained model into `path` (with an `adapter`: the adapter, and with `merge` also `path/merged/`).
 
     `state_dict`: the weights to save instead of the model's own (a sharded model's, gathered whole).
+    `unquantized`: the base (a `kind` model) was trained in 4 bits; the merge goes into it loaded again in this dtype (4-bit weights
+    with the adapter folded in would be rounded to 4 bits again, and plain transformers could not load them).
     """
     policy.save(path, state_dict)
     if adapter and merge:
-        adapter.save_merged(unwrap(policy.model), policy.tokenizer, os.path.join(path, MERGED_DIR), state_dict)
+        model = unwrap(policy.model)
+        if unquantized is not None:
+            model = load_model(path, unquantized, kind)  # the adapter just saved, on its base
+            state_dict = model.state_dict()  # save_merged builds its copy on the meta device from these: no second copy
+        with quiet_peft():
+            adapter.save_merged(model, policy.tokenizer, os.path.join(path, MERGED_DIR), state_dict)
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, config: RunConfig) -> torch.optim.lr_scheduler.LambdaLR:
@@ -390,7 +397,7 @@ def train_policy(config: RunConfig, registry: Registry) -> tuple[str, HFPolicy]:
 
     # -- policy, the objective's modules, the data that samples the policy, reference ------
     with quiet_new_heads({SCORE_HEAD}):  # a reward model's score head is new because it is trained from scratch here
-        policy.load_model(config.model, dtype, plan.needs.model_kind, config.attn_implementation)
+        policy.load_model(config.model, dtype, plan.needs.model_kind, config.attn_implementation, config.quantize, accelerator.device)
     policy.model = prepare_for_training(policy.model, config, plan.needs.model_kind, plan.adapter)
     policy.model.to(accelerator.device)
     objective.setup(policy)
@@ -587,7 +594,8 @@ def train_policy(config: RunConfig, registry: Registry) -> tuple[str, HFPolicy]:
     weights = whole_state_dict(unwrap(model)) if is_sharded(unwrap(model)) else None  # every process takes part
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        write_atomically(os.path.join(out_dir, FINAL_DIR), lambda path: save_final(policy, path, plan.adapter, config.merge_lora, weights))
+        write_atomically(os.path.join(out_dir, FINAL_DIR), lambda path: save_final(policy, path, plan.adapter, config.merge_lora, weights,
+                                                                                   dtype if config.quantize else None, plan.needs.model_kind))
         write_model_card(out_dir)  # final/README.md
         objective.save(out_dir)
         for logger in loggers:  # trackers record where the model went

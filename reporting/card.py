@@ -34,6 +34,7 @@ FLAGS = {
     "validation_dataset": "--validation-dataset", "test_prompts": "--test-prompt", "objective_options": "-o",
     "reward_options": "--reward-option", "dataset_options": "--dataset-option", "selector_options": "--selector-option",
     "curriculum_options": "--curriculum-option", "adapter": "--adapter", "adapter_options": "--adapter-option",
+    "quantize": "--quantize",
 }
 HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".txt", ".tsv")
