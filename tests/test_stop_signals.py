@@ -113,3 +113,17 @@ def test_pref_run_stopped_by_a_signal_says_how_to_go_on_and_exits_with_its_code(
     step = int(last.split("after step ")[1].split()[0])
     assert last == f"stopped by {name} after step {step} of 100000, saved as checkpoint-{step:06d}; go on with: pref run --resume {out}"
     assert steps_logged(out)[-1] == step and (out / f"checkpoint-{step:06d}").is_dir()
+
+
+def test_ctrl_c_before_the_steps_is_one_line_and_exit_130(prefs_file, monkeypatch):
+    from click.testing import CliRunner
+
+    import pref.train
+    from pref.cli.main import cli
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pref.train, "train", interrupted)  # a Ctrl-C while the data or the model loads
+    result = CliRunner().invoke(cli, ["run", "--objective", "dpo", "--dataset", prefs_file])
+    assert result.exit_code == 130 and result.stderr == "Interrupted.\n"
