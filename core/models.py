@@ -76,7 +76,10 @@ def load_model(name: str | None, dtype: torch.dtype | None = None, kind: str = "
         from transformers import BitsAndBytesConfig
 
         options["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quantize, bnb_4bit_compute_dtype=dtype)
-        options["device_map"] = {"": str(device or "cpu")}  # quantized as it is loaded, where it will compute
+        device = torch.device(device or "cpu")
+        if device.type == "cuda" and device.index is None:  # one process's "cuda": the current GPU, named
+            device = torch.device("cuda", torch.cuda.current_device())
+        options["device_map"] = {"": str(device)}  # quantized as it is loaded, where it will compute
     try:
         if adapter:
             import peft
