@@ -18,10 +18,11 @@ def collate(policy: Policy, examples: Sequence[Any]) -> Any:
     """Tokenize a list of records of one type into the batch type objectives expect."""
     first = examples[0]
     if isinstance(first, PreferenceExample):
-        prompts = [e.prompt for e in examples]
+        prompts, golds = [e.prompt for e in examples], [e.gold for e in examples]
         return PairBatch(
             chosen=policy.encode(prompts, [e.chosen for e in examples]),
             rejected=policy.encode(prompts, [e.rejected for e in examples]),
+            gold=policy.encode(prompts, golds) if None not in golds else None,
         )
     if isinstance(first, LabeledExample):
         return LabeledBatch(
@@ -36,7 +37,7 @@ def collate(policy: Policy, examples: Sequence[Any]) -> Any:
 def sequences_of(batch: PairBatch | LabeledBatch | Minibatch | Sequences) -> list[Sequences]:
     """The rows a training batch holds: a `PairBatch`'s chosen and rejected, ...; a `Minibatch` its own rows of the rollout."""
     if isinstance(batch, PairBatch):
-        return [batch.chosen, batch.rejected]
+        return [batch.chosen, batch.rejected, *([batch.gold] if batch.gold is not None else [])]
     if isinstance(batch, LabeledBatch):
         return [batch.sequences]
     if isinstance(batch, Minibatch):

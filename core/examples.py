@@ -11,11 +11,12 @@ Prompt = Union[str, list[dict]]
 
 @dataclass
 class PreferenceExample:
-    """One prompt with a preferred (`chosen`) and a dispreferred (`rejected`) answer."""
+    """One prompt with a preferred (`chosen`) and a dispreferred (`rejected`) answer, and maybe a `gold` one (TPO's)."""
 
     prompt: Prompt
     chosen: str
     rejected: str
+    gold: str | None = None
 
 
 @dataclass

@@ -209,10 +209,11 @@ Batch = Union["PairBatch", "LabeledBatch", "Minibatch", Any]
 
 @dataclass
 class PairBatch:
-    """Chosen and rejected rows, aligned: row i of each comes from the same prompt."""
+    """Chosen and rejected rows, aligned: row i of each comes from the same prompt (and of `gold`, when the examples have one)."""
 
     chosen: Sequences
     rejected: Sequences
+    gold: Sequences | None = None
 
     def __len__(self) -> int:
         return len(self.chosen)

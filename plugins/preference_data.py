@@ -13,10 +13,15 @@ Accepted row formats, all normalized to `PreferenceExample(prompt, chosen, rejec
 - implicit prompt with strings: no `prompt`; `chosen` and `rejected` are full
   texts and their shared beginning, cut back to a word boundary, is the prompt;
 - StackExchange paired: `question`, `response_j` (preferred), `response_k`.
+
+The `triple-preferences` builder (TPO's data, TRL's `TPOTrainer` format) reads the same
+rows with a gold answer too, in a `reference` column: a string, or a message list ending in
+the assistant's answer; with an implicit prompt it starts with that prompt, which is cut off.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any
 
@@ -42,20 +47,31 @@ class PreferenceData:
         return usable_pairs(examples, policy.tokenizer, self.path) if policy is not None else examples
 
 
+class TriplePreferenceData(PreferenceData):
+    """Preference pairs with a gold answer each (a `reference` column: TPO's data), from the same sources."""
+
+    def build(self, policy=None) -> list[PreferenceExample]:
+        examples = load_preferences(self.path, self.split, self.limit, gold=True)
+        return usable_pairs(examples, policy.tokenizer, self.path) if policy is not None else examples
+
+
 @hookimpl
 def register_dataset_builders(register):
     register("preferences", PreferenceData)
+    register("triple-preferences", TriplePreferenceData)
 
 
-def load_preferences(path: str, split: str = "train", limit: int | None = None) -> list[PreferenceExample]:
-    """Read up to `limit` preference pairs from `path` (see the module docstring for what is accepted)."""
+def load_preferences(path: str, split: str = "train", limit: int | None = None, gold: bool = False) -> list[PreferenceExample]:
+    """Read up to `limit` preference pairs from `path` (see the module docstring for what is accepted); with `gold`, each
+    with its gold answer from the `reference` column."""
     if limit is not None and limit < 1:
         raise PrefError(f"limit must be a positive number of rows, not {limit}")
     examples = []
     for number, row in enumerate(read_records(path, split), start=1):
         if not isinstance(row, dict):
             raise PrefError(f"{path} row {number}: expected an object with named fields, got {type(row).__name__}")
-        examples.append(preference_example(row, f"{path} row {number}"))
+        example = preference_example(row, f"{path} row {number}")
+        examples.append(with_gold(example, row, f"{path} row {number}") if gold else example)
         if limit is not None and len(examples) >= limit:
             break
     if not examples:
@@ -81,6 +97,29 @@ def preference_example(row: dict, where: str) -> PreferenceExample:
     if prompt is None:
         return _split_text_prompt(chosen, rejected, where)
     return PreferenceExample(prompt, chosen, rejected)
+
+
+def with_gold(example: PreferenceExample, row: dict, where: str) -> PreferenceExample:
+    """`example` with the gold answer of `row`'s `reference` field, read as its `chosen` is."""
+    value = row.get("reference")
+    if value is None:
+        raise PrefError(f"{where}: missing field 'reference' (the gold answer TPO learns from besides the pair)")
+    if isinstance(value, list):
+        answer = messages(value, "reference", where)
+        if not answer or answer[-1]["role"] != "assistant":
+            raise PrefError(f"{where}: bad field 'reference': the last message must be the assistant's answer")
+        chosen = row.get("chosen")
+        if isinstance(chosen, list) and answer[:-1] != chosen[:-1]:
+            raise PrefError(f"{where}: 'reference' must differ from 'chosen' only in its last (assistant) message")
+        return dataclasses.replace(example, gold=answer[-1]["content"])
+    gold = _text(row, "reference", where)
+    if row.get("prompt") is None and isinstance(row.get("chosen"), str):  # an implicit prompt: the gold text starts with it too
+        if not gold.startswith(example.prompt):
+            raise PrefError(f"{where}: 'reference' does not start with the prompt 'chosen' and 'rejected' share; add a 'prompt' field")
+        gold = gold[len(example.prompt):]
+        if not gold.strip():
+            raise PrefError(f"{where}: empty field 'reference' after its prompt")
+    return dataclasses.replace(example, gold=gold)
 
 
 def _field(row: dict, name: str, where: str) -> Any:
