@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from pref.errors import PrefError
 from pref.hookspecs import hookimpl
 from pref.interfaces import NO_REFERENCE, PAIRS, Objective, ObjectiveNeeds, PairBatch, Policy, Reference
-from pref.plugins.dpo import pair_logps
+from pref.plugins.dpo import pair_logps, pair_metrics
 from pref.plugins.sft import sft_loss
 
 LOSS_TYPES = ("sigmoid", "hinge", "ipo", "simpo", "alphapo")
@@ -123,15 +123,7 @@ class CPO(Objective):
             chosen_logps, rejected_logps, self.beta, self.loss_type, self.label_smoothing, self.simpo_gamma, self.alpha,
         )
         nll = sft_loss(chosen.tokens, chosen.mask) if self.cpo_alpha else torch.zeros((), device=losses.device)
-        metrics = {
-            "rewards/chosen": chosen_rewards.mean().item(),
-            "rewards/rejected": rejected_rewards.mean().item(),
-            "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean().item(),
-            "rewards/margins": (chosen_rewards - rejected_rewards).mean().item(),
-            "logps/chosen": chosen_logps.detach().mean().item(),
-            "logps/rejected": rejected_logps.detach().mean().item(),
-            "nll_loss": nll.item(),
-        }
+        metrics = {**pair_metrics(chosen_rewards, rejected_rewards, chosen_logps, rejected_logps), "nll_loss": nll.item()}
         return losses.mean() + self.cpo_alpha * nll, metrics
 
 

@@ -50,6 +50,19 @@ def pair_logps(
     return chosen, rejected, reference_logps.select(slice(0, n)), reference_logps.select(slice(n, None))
 
 
+def pair_metrics(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor, chosen_logps: torch.Tensor,
+                 rejected_logps: torch.Tensor) -> dict[str, float]:
+    """TRL's figures of a pair loss: the implicit rewards' means, accuracy and margin, and the log-probs the loss scored."""
+    return {
+        "rewards/chosen": chosen_rewards.mean().item(),
+        "rewards/rejected": rejected_rewards.mean().item(),
+        "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean().item(),
+        "rewards/margins": (chosen_rewards - rejected_rewards).mean().item(),
+        "logps/chosen": chosen_logps.detach().mean().item(),
+        "logps/rejected": rejected_logps.detach().mean().item(),
+    }
+
+
 @torch.no_grad()
 def mix_into_reference(reference_model: torch.nn.Module, policy_model: torch.nn.Module, alpha: float) -> None:
     """TR-DPO's reference update (Gorbatovski et al. 2024, https://arxiv.org/abs/2404.09656, Eq. 6), in place.
@@ -199,14 +212,7 @@ class DPO(Objective):
             pair_weights=pair_weights,
         )
         preference_loss = losses.mean()
-        metrics = {
-            "rewards/chosen": chosen_rewards.mean().item(),
-            "rewards/rejected": rejected_rewards.mean().item(),
-            "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean().item(),
-            "rewards/margins": (chosen_rewards - rejected_rewards).mean().item(),
-            "logps/chosen": chosen_logps.detach().mean().item(),
-            "logps/rejected": rejected_logps.detach().mean().item(),
-        }
+        metrics = pair_metrics(chosen_rewards, rejected_rewards, chosen_logps, rejected_logps)
         if not self.sft_weight:
             return preference_loss, metrics
 

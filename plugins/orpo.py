@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from pref.errors import PrefError
 from pref.hookspecs import hookimpl
 from pref.interfaces import NO_REFERENCE, PAIRS, Objective, ObjectiveNeeds, PairBatch, Policy, Reference
-from pref.plugins.dpo import pair_logps
+from pref.plugins.dpo import pair_logps, pair_metrics
 from pref.plugins.sft import sft_loss
 
 
@@ -73,12 +73,7 @@ class ORPO(Objective):
         nll = sft_loss(chosen.tokens, chosen.mask)
         losses, chosen_rewards, rejected_rewards, log_odds = orpo_loss(chosen.mean, rejected.mean, self.beta)
         metrics = {
-            "rewards/chosen": chosen_rewards.mean().item(),
-            "rewards/rejected": rejected_rewards.mean().item(),
-            "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean().item(),
-            "rewards/margins": (chosen_rewards - rejected_rewards).mean().item(),
-            "logps/chosen": chosen.mean.detach().mean().item(),
-            "logps/rejected": rejected.mean.detach().mean().item(),
+            **pair_metrics(chosen_rewards, rejected_rewards, chosen.mean, rejected.mean),
             "nll_loss": nll.item(),
             "log_odds_ratio": F.logsigmoid(log_odds).mean().item(),
             "log_odds_chosen": log_odds.mean().item(),

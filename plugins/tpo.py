@@ -15,6 +15,7 @@ from pref.errors import PrefError
 from pref.hookspecs import hookimpl
 from pref.interfaces import NO_REFERENCE, PAIRS, Objective, ObjectiveNeeds, PairBatch, Policy, Reference
 from pref.plugins.cpo import cpo_loss
+from pref.plugins.dpo import pair_metrics
 from pref.plugins.sft import sft_loss
 from pref.sequences import Sequences
 
@@ -78,14 +79,7 @@ class TPO(Objective):
         losses, chosen_rewards, rejected_rewards = tpo_loss(chosen_logps, rejected_logps, self.beta, self.loss_type,
                                                             self.label_smoothing, self.tpo_l_gamma)
         loss = losses.mean()
-        metrics = {
-            "rewards/chosen": chosen_rewards.mean().item(),
-            "rewards/rejected": rejected_rewards.mean().item(),
-            "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean().item(),
-            "rewards/margins": (chosen_rewards - rejected_rewards).mean().item(),
-            "logps/chosen": chosen_logps.detach().mean().item(),
-            "logps/rejected": rejected_logps.detach().mean().item(),
-        }
+        metrics = pair_metrics(chosen_rewards, rejected_rewards, chosen_logps, rejected_logps)
         if self.tpo_alpha:
             gold = logps.select(slice(2 * n, None))
             nll = sft_loss(gold.tokens, gold.mask)
