@@ -201,3 +201,79 @@ def test_a_run_gives_the_tracker_its_config_metrics_and_final_model(tmp_path, mo
     assert [m.value for m in client.get_metric_history(run.info.run_id, "loss")] == pytest.approx([row["loss"] for row in logged])
     assert run.data.params["steps"] == "2" and run.data.params["model"] == tiny_model_dir
     assert run.data.tags["final_model"] == os.path.abspath(os.path.join(out, "final"))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("wandb") is None, reason="wandb is not installed")
+def test_a_wandb_run_resumed_from_a_checkpoint_goes_on_in_its_wandb_run(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.delenv("WANDB_DIR", raising=False)
+    out = tmp_path / "run-w"
+    first = WandbLogger(str(out), config=CONFIG)
+    first.close()
+    again = WandbLogger(str(out), config=CONFIG)  # no checkpoint: started again from step 0, a new W&B run
+    again.close()
+    assert again.run.id != first.run.id
+    (out / "checkpoint-000002").mkdir()
+    resumed = WandbLogger(str(out), config=CONFIG)
+    resumed.close()
+    assert resumed.run.id == again.run.id
+    assert json.loads((out / "trackers.json").read_text()) == {"wandb": again.run.id}
+
+
+@pytest.mark.skipif(importlib.util.find_spec("trackio") is None, reason="trackio is not installed")
+def test_a_trackio_run_resumed_from_a_checkpoint_goes_on_in_its_trackio_run(tmp_path, monkeypatch):
+    monkeypatch.setenv("TRACKIO_DIR", str(tmp_path / "trackio"))
+    monkeypatch.setenv("TRACKIO_PROJECT", "pref-test")
+    import trackio.sqlite_storage  # noqa: F401
+
+    for module in [m for name, m in list(sys.modules.items()) if name.startswith("trackio") and hasattr(m, "TRACKIO_DIR")]:
+        monkeypatch.setattr(module, "TRACKIO_DIR", tmp_path / "trackio")
+    out = tmp_path / "run-t"
+    first = TrackioLogger(str(out), config=CONFIG)
+    first.log(1, {"loss": 0.5})
+    first.close()
+    (out / "checkpoint-000001").mkdir()
+    resumed = TrackioLogger(str(out), config=CONFIG)
+    resumed.log(2, {"loss": 0.25})
+    resumed.close()
+    (db,) = glob.glob(str(tmp_path / "trackio" / "pref-test.db"))
+    with sqlite3.connect(db) as connection:
+        runs = {row[0] for row in connection.execute("select run_id from metrics where run_name = 'run-t'")}
+        steps = [step for (step,) in connection.execute("select step from metrics where run_name = 'run-t' order by step")]
+    assert len(runs) == 1 and steps == [1, 2]
+
+
+def test_a_run_stopped_by_a_signal_and_resumed_is_one_mlflow_run(tmp_path, monkeypatch, tiny_model_dir, prefs_file):
+    import signal
+
+    import mlflow
+
+    from pref.errors import RunInterrupted
+    from pref.plugins.loggers import ProgressBar
+
+    local_file_store(monkeypatch, tmp_path)
+    out = str(tmp_path / "run")
+    flags = {"objective": "dpo", "model": tiny_model_dir, "dataset": [prefs_file], "steps": 4, "batch_size": 2, "device": "cpu",
+             "output_dir": out, "loggers": ["jsonl", "mlflow"]}
+    show = ProgressBar.show
+
+    def signalled(self, step, metrics):
+        show(self, step, metrics)
+        if step == 1:
+            signal.raise_signal(signal.SIGTERM)
+
+    monkeypatch.setattr(ProgressBar, "show", signalled)
+    with pytest.raises(RunInterrupted):
+        train(build_config(flags=flags), load_registry())
+    monkeypatch.setattr(ProgressBar, "show", show)
+    client = mlflow.MlflowClient(f"file:{tmp_path / 'mlruns'}")
+    (stopped,) = client.search_runs([client.get_experiment_by_name("pref").experiment_id])
+    assert stopped.info.status == "FINISHED"  # closed with the checkpoint, not left RUNNING or marked FAILED
+
+    train(build_config(flags={**flags, "resume": out, "lr": 2e-6}), load_registry())  # a resume may change the learning rate
+    (run,) = client.search_runs([client.get_experiment_by_name("pref").experiment_id])
+    assert run.info.run_id == stopped.info.run_id and run.info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1, 2, 3, 4]
+    assert run.data.params["lr"] == stopped.data.params["lr"]  # MLflow's parameters cannot change; config.json has the new one
+    assert run.data.tags["final_model"] == os.path.abspath(os.path.join(out, "final"))
