@@ -124,8 +124,8 @@ def test_an_mlflow_run_that_fails_is_not_left_running(tmp_path, monkeypatch):
     assert mlflow.MlflowClient(f"file:{tmp_path / 'mlruns'}").get_run(run_id).info.status == "FAILED"  # was RUNNING for ever
 
 
-@pytest.mark.skipif(importlib.util.find_spec("trackio") is None, reason="trackio is not installed")
-def test_trackio_logger_local(tmp_path, monkeypatch):
+def local_trackio(monkeypatch, tmp_path):
+    """Trackio's local store in tmp_path, project pref-test."""
     monkeypatch.setenv("TRACKIO_DIR", str(tmp_path / "trackio"))
     monkeypatch.setenv("TRACKIO_PROJECT", "pref-test")
     import trackio.sqlite_storage  # noqa: F401  (imported here so that it is patched below)
@@ -133,6 +133,11 @@ def test_trackio_logger_local(tmp_path, monkeypatch):
     # trackio reads TRACKIO_DIR once, at import, into several modules: an earlier test may have imported it
     for module in [m for name, m in list(sys.modules.items()) if name.startswith("trackio") and hasattr(m, "TRACKIO_DIR")]:
         monkeypatch.setattr(module, "TRACKIO_DIR", tmp_path / "trackio")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("trackio") is None, reason="trackio is not installed")
+def test_trackio_logger_local(tmp_path, monkeypatch):
+    local_trackio(monkeypatch, tmp_path)
     logger = TrackioLogger(str(tmp_path / "run-c"), config=CONFIG)
     logger.log(1, {"loss": 0.5})
     logger.log(2, {"loss": 0.25})
@@ -223,12 +228,7 @@ def test_a_wandb_run_resumed_from_a_checkpoint_goes_on_in_its_wandb_run(tmp_path
 
 @pytest.mark.skipif(importlib.util.find_spec("trackio") is None, reason="trackio is not installed")
 def test_a_trackio_run_resumed_from_a_checkpoint_goes_on_in_its_trackio_run(tmp_path, monkeypatch):
-    monkeypatch.setenv("TRACKIO_DIR", str(tmp_path / "trackio"))
-    monkeypatch.setenv("TRACKIO_PROJECT", "pref-test")
-    import trackio.sqlite_storage  # noqa: F401
-
-    for module in [m for name, m in list(sys.modules.items()) if name.startswith("trackio") and hasattr(m, "TRACKIO_DIR")]:
-        monkeypatch.setattr(module, "TRACKIO_DIR", tmp_path / "trackio")
+    local_trackio(monkeypatch, tmp_path)
     out = tmp_path / "run-t"
     first = TrackioLogger(str(out), config=CONFIG)
     first.log(1, {"loss": 0.5})
