@@ -4,7 +4,8 @@ https://arxiv.org/abs/2402.03300. Each prompt's K samples are scored by the rewa
 a sample's advantage is its reward minus the group's mean (divided by a standard
 deviation per `scale_rewards`), and the policy takes a clipped policy-gradient step on
 it, token by token, as TRL 1.16's `GRPOTrainer` computes it, with each `loss_type` of
-its `GRPOConfig`. RLOO (`pref.plugins.rloo`) shares the sampling and the step.
+its `GRPOConfig`, and GMPO's (TRL's `trl.experimental.gmpo`: the geometric mean of the token
+ratios). RLOO (`pref.plugins.rloo`) shares the sampling and the step.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from pref.hookspecs import hookimpl
 from pref.interfaces import NO_REFERENCE, REFERENCE_LOGPS, SAMPLES, Minibatch, Objective, ObjectiveNeeds, Policy, Processes, Reference, ScoredBatch
 from pref.sequences import Sequences
 
-LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo", "luspo", "vespo")
+LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo", "luspo", "vespo", "gmpo")
 SCALE_REWARDS = ("group", "batch", "none")
 IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
 
@@ -126,7 +127,10 @@ def grpo_loss(
             "sapo": a smooth sigmoid gate in place of clipping (Gao et al. 2025), as grpo;
             "luspo": each sample's loss summed over its tokens, mean over samples (LUSPO; meant
                 with importance_sampling_level "sequence", which TRL does not enforce);
-            "vespo": gamma-weighted sequence ratio times advantage times log-prob, as dapo.
+            "vespo": gamma-weighted sequence ratio times advantage times log-prob, as dapo;
+            "gmpo": each sample's geometric mean of its token ratios, each clipped in log space to
+                [-epsilon, epsilon_high] on the side its advantage pushes (Zhao et al. 2025), times the
+                advantage; a mean over samples (TRL's GMPOTrainer; token level only).
         importance_sampling_level: "token" (a ratio per token) or "sequence" (GSPO: the mean
             token log-ratio of each sample).
         max_completion_length: the sampling length limit, for "dr_grpo".
@@ -163,6 +167,13 @@ def grpo_loss(
         phi = vespo_weights(advantages, log_ratio, mask, **(vespo_options or {}))
         per_token_loss = -phi * advantages * policy_token_logps
         stats["phi"] = phi
+    elif loss_type == "gmpo":  # PPO's one-sided clip in log space, then exp of the mean: the geometric mean of the ratios
+        clamped = torch.clamp(log_ratio, -epsilon, epsilon_high)
+        clipped = torch.where(advantages > 0, torch.minimum(log_ratio, clamped), torch.maximum(log_ratio, clamped))
+        weight = torch.exp((clipped * mask).sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1.0))
+        per_token_loss = (-weight * advantages).expand_as(log_ratio)  # one value per sample: the mean over its tokens keeps it
+        stats["low_clipped"] = (log_ratio < -epsilon) & (advantages < 0)
+        stats["high_clipped"] = (log_ratio > epsilon_high) & (advantages > 0)
     else:  # grpo, dr_grpo, dapo, bnpo, luspo: PPO's clipped surrogate
         clipped = torch.clamp(ratio, 1 - epsilon, 1 + epsilon_high)
         if delta is not None:  # two-sided: the unclipped ratio is capped too, and TRL's clip metrics see the capped one
@@ -179,7 +190,7 @@ def grpo_loss(
         per_token_loss = per_token_loss + beta * per_token_kl
         stats["kl"] = per_token_kl.detach()
 
-    if loss_type in ("grpo", "sapo"):
+    if loss_type in ("grpo", "sapo", "gmpo"):
         loss = ((per_token_loss * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
     elif loss_type == "bnpo":
         loss = (per_token_loss * mask).sum() / mask.sum().clamp(min=1.0)
@@ -201,6 +212,8 @@ def check_options(loss_type: str, importance_sampling_level: str = "token", epsi
         raise PrefError(f"unknown GRPO loss_type {loss_type!r}: choose one of {', '.join(LOSS_TYPES)}")
     if importance_sampling_level not in IMPORTANCE_SAMPLING_LEVELS:
         raise PrefError(f"unknown importance_sampling_level {importance_sampling_level!r}: choose token or sequence")
+    if loss_type == "gmpo" and importance_sampling_level != "token":
+        raise PrefError("grpo: loss_type gmpo takes the geometric mean of the token ratios itself: use importance_sampling_level token")
     if not 0.0 <= epsilon < 1.0:
         raise PrefError(f"epsilon must lie in [0, 1), got {epsilon}")
     if epsilon_high is not None and epsilon_high < 0:
@@ -311,9 +324,10 @@ class GRPO(Objective):
     """GRPO: K samples per prompt, advantages relative to the group, clipped policy-gradient steps (TRL's GRPOTrainer).
 
     Options (TRL's `GRPOConfig` names):
-        loss_type: "dapo" (default), "grpo", "dr_grpo", "bnpo", "cispo", "sapo", "luspo" or "vespo".
+        loss_type: "dapo" (default), "grpo", "dr_grpo", "bnpo", "cispo", "sapo", "luspo", "vespo" or "gmpo".
         scale_rewards: "group" (default), "batch" or "none".
-        epsilon, epsilon_high: the clip range [1 - epsilon, 1 + epsilon_high] (0.2; epsilon_high defaults to epsilon).
+        epsilon, epsilon_high: the clip range [1 - epsilon, 1 + epsilon_high] (0.2; epsilon_high defaults to epsilon);
+            for gmpo in log space, [exp(-epsilon), exp(epsilon_high)] (0.4, GMPO's).
         beta: weight of the per-token KL to the reference (default 0: no reference model is loaded).
         num_iterations: passes over each rollout (default 1), each cut into `steps_per_generation`
             mini-batches, one optimizer step each (default 1).
@@ -334,7 +348,7 @@ class GRPO(Objective):
         self,
         loss_type: str = "dapo",
         scale_rewards: str = "group",
-        epsilon: float = 0.2,
+        epsilon: float | None = None,
         epsilon_high: float | None = None,
         beta: float = 0.0,
         num_iterations: int = 1,
@@ -350,6 +364,8 @@ class GRPO(Objective):
         vespo_lambda_neg: float = 2.0,
         processes: Processes | None = None,
     ):
+        if epsilon is None:
+            epsilon = 0.4 if loss_type == "gmpo" else 0.2  # TRL's GMPOConfig and GRPOConfig defaults
         check_options(loss_type, importance_sampling_level, epsilon, epsilon_high, beta)
         if scale_rewards not in SCALE_REWARDS:
             raise PrefError(f"unknown scale_rewards {scale_rewards!r}: choose one of {', '.join(SCALE_REWARDS)}")

@@ -26,9 +26,9 @@ def rollout(n=8, width=6, seed=0):
     return mask, policy, old, reference, advantages
 
 
-def trl_grpo(mask, policy, old, reference, advantages, num_items_in_batch=None, **options):
+def trl_grpo(mask, policy, old, reference, advantages, num_items_in_batch=None, trainer_class=None, **options):
     trl = pytest.importorskip("trl")
-    trainer = object.__new__(trl.GRPOTrainer)
+    trainer = object.__new__(trainer_class or trl.GRPOTrainer)
     epsilon = options.pop("epsilon", 0.2)
     epsilon_high = options.pop("epsilon_high", None)
     args = SimpleNamespace(
@@ -67,7 +67,7 @@ def trl_grpo(mask, policy, old, reference, advantages, num_items_in_batch=None, 
     return loss, {name: values[-1] for name, values in trainer._metrics["train"].items()}
 
 
-GRPO_VARIANTS = [{"loss_type": t} for t in LOSS_TYPES] + [
+GRPO_VARIANTS = [{"loss_type": t} for t in LOSS_TYPES if t != "gmpo"] + [  # gmpo: TRL's GMPOTrainer, below
     {"loss_type": "luspo", "importance_sampling_level": "sequence"},
     {"loss_type": "grpo", "importance_sampling_level": "sequence"},
     {"loss_type": "dapo", "epsilon": 0.1, "epsilon_high": 0.28},
@@ -93,6 +93,41 @@ def test_grpo_loss_matches_trl(options):
     (theirs,) = torch.autograd.grad(trl_loss, policy)
     (ours,) = torch.autograd.grad(grpo_loss(policy, old, advantages, mask, reference_token_logps=reference, max_completion_length=mask.shape[1], **options)[0], policy)
     assert_close(ours, theirs, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("options", [{"epsilon": 0.4}, {"epsilon": 0.2, "epsilon_high": 0.3}, {"epsilon": 0.4, "beta": 0.05}],
+                         ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
+def test_gmpo_loss_matches_trl(options):
+    gmpo = pytest.importorskip("trl.experimental.gmpo")
+    mask, policy, old, reference, advantages = rollout(seed=3, width=8)
+    old = old + 0.6 * (torch.rand(old.shape, generator=torch.Generator().manual_seed(4)) - 0.5) * mask  # log ratios past +-0.2
+    policy = policy.clone().requires_grad_(True)
+    loss, stats = grpo_loss(policy, old, advantages, mask, reference_token_logps=reference, loss_type="gmpo", **options)
+    trl_loss, trl_metrics = trl_grpo(mask, policy, old, reference, advantages, trainer_class=gmpo.GMPOTrainer, **dict(options))
+    assert loss.item() == pytest.approx(trl_loss.item(), abs=1e-6, rel=1e-6)
+    metrics = loss_metrics(stats, mask)
+    assert set(trl_metrics) - {"entropy"} == set(metrics)
+    for name, value in metrics.items():
+        assert value == pytest.approx(trl_metrics[name], abs=1e-6), name
+    assert 0 < metrics["clip_ratio/region_mean"] < 1  # some tokens clipped, some not
+    (theirs,) = torch.autograd.grad(trl_loss, policy)
+    (ours,) = torch.autograd.grad(grpo_loss(policy, old, advantages, mask, reference_token_logps=reference, loss_type="gmpo", **options)[0], policy)
+    assert_close(ours, theirs, atol=1e-6, rtol=1e-5)
+
+
+def test_gmpo_by_hand():
+    """One sample, advantage 1, log ratios 0.1 and 0.5 clipped to 0.4: weight e^((0.1 + 0.4) / 2) = e^0.25, loss -e^0.25.
+
+    With advantage -1 the upper side is not clipped: weight e^0.3, loss e^0.3.
+    """
+    old, mask = torch.zeros(1, 2), torch.ones(1, 2)
+    policy = torch.tensor([[0.1, 0.5]])
+    loss, _ = grpo_loss(policy, old, torch.tensor([1.0]), mask, loss_type="gmpo", epsilon=0.4)
+    assert loss.item() == pytest.approx(-math.exp(0.25), abs=1e-6)
+    loss, _ = grpo_loss(policy, old, torch.tensor([-1.0]), mask, loss_type="gmpo", epsilon=0.4)
+    assert loss.item() == pytest.approx(math.exp(0.3), abs=1e-6)
+    with pytest.raises(PrefError, match="^grpo: loss_type gmpo takes the geometric mean of the token ratios itself: use importance_sampling_level token$"):
+        check_options("gmpo", "sequence")
 
 
 def test_dapo_normalises_by_the_whole_rollout_tokens():
