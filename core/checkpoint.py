@@ -28,7 +28,8 @@ from pref.sharding import is_sharded, load_optimizer_state, sharded_like, whole,
 MODEL_FILE = "model.safetensors"  # the policy's trained weights (all of a full run's, a LoRA run's adapters)
 OPTIMIZER_FILE = "optimizer.pt"  # the policy's optimizer (and the objective's modules')
 SCHEDULER_FILE = "scheduler.pt"
-REFERENCE_FILE = "reference.safetensors"  # a reference model the objective moves (TR-DPO): all its parameters
+REFERENCE_FILE = "reference.safetensors"  # a reference model the objective moves (TR-DPO, BEMA): all its parameters, and
+REFERENCE_STATE = "state/"  # under this prefix, what decides how it moves on (`Objective.reference_state`)
 STATE_FILE = "state.json"  # step, seed, number of processes, data position, whether the step was evaluated, tokens trained on
 RNG_FILE = "rng-{rank}.pt"  # each process's random state
 EXTRA_FILE = "extra.pt"  # the keys below
@@ -141,6 +142,7 @@ class Trained:
     second_model: torch.nn.Module | None = None
     second_optimizer: torch.optim.Optimizer | None = None
     reference: torch.nn.Module | None = None  # only where the objective moves the reference (`needs.moves_reference`)
+    reference_state: dict[str, torch.Tensor] = field(default_factory=dict)  # and its `Objective.reference_state`
 
 
 def save_checkpoint(run_dir: str, step: int, trained: Trained, state: dict[str, Any], rng_states: list[dict[str, Any]],
@@ -153,8 +155,10 @@ def save_checkpoint(run_dir: str, step: int, trained: Trained, state: dict[str, 
     """
     final = os.path.join(run_dir, f"checkpoint-{step:06d}")
     weights, optimizer_state = trained_weights(trained.model), whole_optimizer_state(trained.optimizer, keep=write)
-    # a moved reference: every parameter (tied ones once), what TR-DPO's updates change; gathered whole where sharded
-    reference = {name: whole(p, keep=write) for name, p in trained.reference.named_parameters()} if trained.reference is not None else None
+    # a moved reference: every parameter (tied ones once), what TR-DPO's updates change, and its state; gathered whole where sharded
+    reference = None if trained.reference is None else {
+        **{name: whole(p, keep=write) for name, p in trained.reference.named_parameters()},
+        **{REFERENCE_STATE + name: whole(t, keep=write) for name, t in trained.reference_state.items()}}
     if not write:
         return final
     files = {
@@ -218,7 +222,7 @@ def load_checkpoint(checkpoint_dir: str, trained: Trained, rank: int = 0) -> tup
     """
     load_trained_weights(trained.model, _load_safely(checkpoint_dir, MODEL_FILE))
     if trained.reference is not None:
-        load_reference_weights(trained.reference, checkpoint_dir)
+        load_reference_weights(trained.reference, checkpoint_dir, trained.reference_state)
     # Adam's moments and the schedule's step come back; the peak learning rate, weight decay and schedule stay this run's
     # own, as a resume may change them (run.json records it), instead of the checkpoint's silently winning
     settings = [(group["initial_lr"], group["weight_decay"]) for group in trained.optimizer.param_groups]
@@ -239,16 +243,19 @@ def load_checkpoint(checkpoint_dir: str, trained: Trained, rank: int = 0) -> tup
     return read_state(checkpoint_dir), objective_states[rank] if rank < len(objective_states) else {}
 
 
-def load_reference_weights(model: torch.nn.Module, checkpoint_dir: str) -> None:
-    """Put the moved reference's weights back; a checkpoint saved without them cannot resume this run exactly."""
-    path = os.path.join(checkpoint_dir, REFERENCE_FILE)
+def load_reference_weights(model: torch.nn.Module, checkpoint_dir: str, state: dict[str, torch.Tensor] | None = None) -> None:
+    """Put the moved reference's weights and `state` back; a checkpoint saved without them cannot resume this run exactly."""
+    path, state = os.path.join(checkpoint_dir, REFERENCE_FILE), state or {}
     if not os.path.exists(path):
         raise PrefError(f"{checkpoint_dir} holds no reference weights ({REFERENCE_FILE}), but this run moves its reference "
-                        "(sync_ref_model); resume with the options it was saved with, or start afresh")
+                        "(sync_ref_model, bema_reference); resume with the options it was saved with, or start afresh")
     weights, params = _load_safely(checkpoint_dir, REFERENCE_FILE), dict(model.named_parameters())
-    if set(weights) != set(params):
-        raise PrefError(f"{path} holds another model's weights than this run's reference; resume with the model it was saved with")
-    model.load_state_dict({name: sharded_like(tensor, params[name]) for name, tensor in weights.items()}, strict=False)
+    if set(weights) != set(params) | {REFERENCE_STATE + name for name in state}:
+        raise PrefError(f"{path} holds another model's weights, or another way of moving them, than this run's reference; "
+                        "resume with the model and options it was saved with")
+    model.load_state_dict({name: sharded_like(weights[name], param) for name, param in params.items()}, strict=False)
+    for name, tensor in state.items():
+        tensor.copy_(sharded_like(weights[REFERENCE_STATE + name], tensor))
 
 
 def _load_safely(checkpoint_dir: str, name: str) -> Any:

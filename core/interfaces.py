@@ -443,6 +443,11 @@ class Objective(ABC):
     def after_step(self, step: int, policy: Policy, reference: Reference | None) -> None:
         """Called after each optimizer step (`step` counts from 1): the place to move a reference (TR-DPO)."""
 
+    def reference_state(self, reference: torch.nn.Module) -> dict[str, torch.Tensor]:
+        """With `needs.moves_reference`: tensors besides the frozen `reference`'s weights that decide how it moves on (BEMA's
+        averages), by name; checkpoints keep them with its weights, whole, and copy them back in place. By default none."""
+        return {}
+
     def state_dict(self) -> dict[str, Any]:
         """State of its own that checkpoints keep (an adapted coefficient, ...); plain values only."""
         return {}

@@ -191,8 +191,8 @@ def refusals(config: RunConfig, needs: ObjectiveNeeds, adapter: Adapter | None) 
     name, found = config.objective, []
     if adapter is not None and needs.moves_reference:
         found.append(Refusal(("adapter", "objective_options"),
-                             f"{name}'s options move the reference towards the policy (sync_ref_model), but an adapter run's reference is "
-                             "its base model with the adapter off, which cannot move", "drop --lora (--adapter) or sync_ref_model",
+                             f"{name}'s options move the reference towards the policy (sync_ref_model, bema_reference), but an adapter run's "
+                             "reference is its base model with the adapter off, which cannot move", "drop --lora (--adapter) or the option",
                              back_then="failed at the reference's first sync"))
     takes_reward = needs.online and not needs.own_reward
     how = "learns from every sample it draws" if needs.online else "trains on a dataset"

@@ -456,7 +456,8 @@ def train_policy(config: RunConfig, registry: Registry) -> tuple[str, HFPolicy]:
     params = [p for p in model.parameters() if p.requires_grad] + module_params  # accelerate's own FSDP replaces them
     model.train()
     moved_reference = reference.model if plan.needs.moves_reference and isinstance(reference, FrozenReference) else None
-    trained = Trained(unwrap(model), optimizer, scheduler, modules, second.model if second else None, second_optimizer, moved_reference)
+    trained = Trained(unwrap(model), optimizer, scheduler, modules, second.model if second else None, second_optimizer, moved_reference,
+                      objective.reference_state(moved_reference) if moved_reference is not None else {})
 
     # -- resume -------------------------------------------------------------------
     if checkpoint:

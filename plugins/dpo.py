@@ -14,6 +14,7 @@ import torch
 from pref.errors import PrefError
 from pref.hookspecs import hookimpl
 from pref.interfaces import NO_REFERENCE, PAIRS, REFERENCE_DISTRIBUTIONS, REFERENCE_LOGPS, Objective, ObjectiveNeeds, PairBatch, Policy, Reference
+from pref.plugins.bema import BEMA
 from pref.plugins.dpo_losses import (  # noqa: F401  (dpo_loss and LOSS_TYPES are this plugin's public maths)
     LOSS_TYPES,
     check_options,
@@ -95,6 +96,12 @@ class DPO(Objective):
             `ref_model_sync_steps` optimizer steps the frozen reference moves towards the
             policy, reference <- alpha * policy + (1 - alpha) * reference (a frozen reference model;
             checkpoints keep the moved reference, so a resumed run goes on from it).
+        bema_reference: the reference is BEMA's bias-corrected moving average of the policy's weights
+            (TRL's `trl.experimental.bema_for_ref_model`; `pref.plugins.bema`), with `bema_update_freq`,
+            `bema_ema_power`, `bema_bias_power`, `bema_lag`, `bema_update_after`, `bema_multiplier`,
+            `bema_min_ema_multiplier`, `ref_model_update_freq` and `ref_model_update_after` (TRL's
+            defaults 400, 0.5, 0.2, 10, 0, 1.0, 0.0, 400, 0). It keeps three float32 copies of the
+            trained weights on the CPU, which checkpoints keep too.
     """
 
     needs = ObjectiveNeeds(reference=REFERENCE_LOGPS, data=PAIRS)
@@ -115,6 +122,16 @@ class DPO(Objective):
         sync_ref_model: bool = False,
         ref_model_mixup_alpha: float = 0.6,
         ref_model_sync_steps: int = 512,
+        bema_reference: bool = False,
+        bema_update_freq: int = 400,
+        bema_ema_power: float = 0.5,
+        bema_bias_power: float = 0.2,
+        bema_lag: float = 10.0,
+        bema_update_after: int = 0,
+        bema_multiplier: float = 1.0,
+        bema_min_ema_multiplier: float = 0.0,
+        ref_model_update_freq: int = 400,
+        ref_model_update_after: int = 0,
     ):
         loss_types = loss_types_of(loss_type)
         check_options(beta, loss_types, label_smoothing, loss_weights, f_divergence_type, ld_alpha, use_weighting, discopop_tau)
@@ -127,6 +144,10 @@ class DPO(Objective):
                 raise PrefError(f"ref_model_mixup_alpha must lie in (0, 1], got {ref_model_mixup_alpha}")
             if ref_model_sync_steps < 1:
                 raise PrefError(f"ref_model_sync_steps must be at least 1, got {ref_model_sync_steps}")
+        if bema_reference and (reference_free or sync_ref_model):
+            raise PrefError("bema_reference moves the reference: drop reference_free or sync_ref_model, or bema_reference")
+        self.bema = BEMA(bema_update_freq, bema_ema_power, bema_bias_power, bema_lag, bema_update_after, bema_multiplier,
+                         bema_min_ema_multiplier, ref_model_update_freq, ref_model_update_after) if bema_reference else None
         self.beta = beta
         self.loss_type = loss_type if isinstance(loss_type, str) else ",".join(loss_types)
         self.loss_types = loss_types
@@ -144,17 +165,28 @@ class DPO(Objective):
         self.ref_model_sync_steps = ref_model_sync_steps
         if reference_free:
             self.needs = replace(self.needs, reference=NO_REFERENCE)  # the loop loads no reference
-        elif ld_alpha is not None or sync_ref_model:
-            # per-token reference log-probs (LD-DPO) or a reference that moves (TR-DPO): only a frozen model will do
-            self.needs = replace(self.needs, reference=REFERENCE_DISTRIBUTIONS, moves_reference=sync_ref_model)
+        elif ld_alpha is not None or sync_ref_model or bema_reference:
+            # per-token reference log-probs (LD-DPO) or a reference that moves (TR-DPO, BEMA): only a frozen model will do
+            self.needs = replace(self.needs, reference=REFERENCE_DISTRIBUTIONS, moves_reference=sync_ref_model or bema_reference)
+
+    def setup(self, policy: Policy) -> None:
+        if self.bema is not None:
+            self.bema.trainable = {name for name, weight in policy.model.named_parameters() if weight.requires_grad}
+
+    def reference_state(self, reference: torch.nn.Module) -> dict[str, torch.Tensor]:
+        return self.bema.state(reference) if self.bema is not None else {}
 
     def after_step(self, step: int, policy: Policy, reference: Reference | None) -> None:
-        """TR-DPO: every `ref_model_sync_steps` optimizer steps, move the frozen reference towards the policy."""
-        if not self.sync_ref_model or reference is None or step % self.ref_model_sync_steps:
+        """TR-DPO: every `ref_model_sync_steps` optimizer steps, move the frozen reference towards the policy; BEMA: its schedule."""
+        if (not self.sync_ref_model and self.bema is None) or reference is None:
             return
         if not isinstance(reference, FrozenReference):
-            raise PrefError("sync_ref_model needs a frozen reference model, not cached log-probs: use --reference model")
-        mix_into_reference(reference.model, unwrap(policy.model), self.ref_model_mixup_alpha)
+            option = "sync_ref_model" if self.sync_ref_model else "bema_reference"
+            raise PrefError(f"{option} needs a frozen reference model, not cached log-probs: use --reference model")
+        if self.bema is not None:
+            self.bema.after_step(step, unwrap(policy.model), reference.model)
+        elif step % self.ref_model_sync_steps == 0:
+            mix_into_reference(reference.model, unwrap(policy.model), self.ref_model_mixup_alpha)
 
     def loss(self, policy: Policy, reference: Reference | None, batch: PairBatch) -> tuple[torch.Tensor, dict[str, float]]:
         """The mean DPO loss over the pairs (plus the weighted SFT term) and TRL-named metrics.
@@ -166,8 +198,8 @@ class DPO(Objective):
         the reference log-probs count as 0.
         """
         reference = None if self.reference_free else reference
-        if reference is not None and (self.ld_alpha is not None or self.sync_ref_model) and not reference.has_logits:
-            option = "ld_alpha" if self.ld_alpha is not None else "sync_ref_model"
+        if reference is not None and (self.ld_alpha is not None or self.needs.moves_reference) and not reference.has_logits:
+            option = "ld_alpha" if self.ld_alpha is not None else "sync_ref_model" if self.sync_ref_model else "bema_reference"
             raise PrefError(f"{option} needs a frozen reference model, not cached log-probs: use --reference model")
         chosen, rejected, reference_chosen, reference_rejected = pair_logps(policy, reference, batch, with_logits=self.use_weighting)
         chosen_logps, rejected_logps = chosen.sequence, rejected.sequence

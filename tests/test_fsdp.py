@@ -48,6 +48,9 @@ def test_sharded_run_matches_ddp_resumes_exactly_and_saves_a_plain_model(tiny_mo
     frozen = ["--objective", "dpo", "--model", tiny_model_dir, "--dataset", prefs_file, "--steps", "2", "--batch-size", "1", "--lr", "1e-3",
               "--seed", "0", "--device", "cpu", "--max-length", "64", "--validation-split", "0.34", "--reference", "model",
               "-o", "sync_ref_model=true", "-o", "ref_model_sync_steps=1", "-o", "ref_model_mixup_alpha=0.5", "--save-every", "1"]
+    # then BEMA's reference (3 steps), unsharded and sharded: averages of each weight's pieces, resumed from step 1's checkpoint
+    bema = [*frozen[:frozen.index("-o")], "-o", "bema_reference=true", "-o", "bema_update_freq=1", "-o", "ref_model_update_freq=1", "--save-every", "1"]
+    bema[bema.index("--steps") + 1] = "3"
     report = tmp_path / "reference"
     # and 2 pairs, one per process: the reference's log-probs are one forward, which process 0 computes and process 1 waits
     # for; process 1 has run no packed forward, and its packing probe, sharded, would wait on process 0 alone (a hang)
@@ -64,6 +67,10 @@ def test_sharded_run_matches_ddp_resumes_exactly_and_saves_a_plain_model(tiny_mo
                                                                           str(tmp_path / "fsdp-frozen")]},
                                     {"copy": str(tmp_path / "fsdp-frozen"), "to": str(tmp_path / "resumed-frozen")},
                                     ["run", "--resume", str(tmp_path / "resumed-frozen" / "checkpoint-000001")],
+                                    ["run", *bema, "--output-dir", str(tmp_path / "ddp-bema")],
+                                    ["run", *bema, "--fsdp", "--output-dir", str(tmp_path / "fsdp-bema")],
+                                    {"copy": str(tmp_path / "fsdp-bema"), "to": str(tmp_path / "resumed-bema")},
+                                    ["run", "--resume", str(tmp_path / "resumed-bema" / "checkpoint-000001")],
                                     ["run", *few, "--fsdp", "--output-dir", str(tmp_path / "fsdp-few")]])
     ddp, sharded, start = weights(tmp_path / "ddp"), weights(tmp_path / "fsdp"), load_file(os.path.join(tiny_model_dir, "model.safetensors"))
 
@@ -130,6 +137,13 @@ def test_sharded_run_matches_ddp_resumes_exactly_and_saves_a_plain_model(tiny_mo
     again = weights(tmp_path / "resumed-frozen")
     for key in sharded:
         assert torch.equal(again[key], sharded[key]), key
+    # BEMA's averages were kept as sharded as the weights, checkpointed whole and cut again at the resume: bit for bit
+    ddp, sharded, again = (weights(tmp_path / run) for run in ("ddp-bema", "fsdp-bema", "resumed-bema"))
+    assert_trained_alike(sharded, ddp, atol=2e-6)
+    for key in sharded:
+        assert torch.equal(again[key], sharded[key]), key
+    saved = load_file(tmp_path / "fsdp-bema" / "checkpoint-000001" / "reference.safetensors")
+    assert {key.split("/")[1] for key in saved if key.startswith("state/")} == {"theta0", "ema", "averaged"}
     assert (tmp_path / "fsdp-few" / "final" / "model.safetensors").is_file()
 
 

@@ -126,14 +126,19 @@ def test_a_full_disk_is_a_one_line_error_and_leaves_no_temporary_copy(tiny_disk,
     assert not any(p.name.startswith(".tmp") for p in out.iterdir())
 
 
-def test_tr_dpo_resumes_from_its_moved_reference(tmp_path, tiny_model_dir, prefs_file, monkeypatch, interrupted_after):
-    """TR-DPO moves the reference every step; checkpoints keep it, so a resume equals the uninterrupted run."""
-    tr_dpo = {"save_every": 2, "reference": "model",
-              "objective_options": {"sync_ref_model": True, "ref_model_sync_steps": 1, "ref_model_mixup_alpha": 0.5}}
+@pytest.mark.parametrize("options", [
+    {"sync_ref_model": True, "ref_model_sync_steps": 1, "ref_model_mixup_alpha": 0.5},
+    # BEMA's averages start at step 1, the reference takes them from step 2: step 4's comes from the averages resumed at step 2
+    {"bema_reference": True, "bema_update_freq": 1, "bema_update_after": 1, "ref_model_update_freq": 1, "ref_model_update_after": 2},
+], ids=["tr-dpo", "bema"])
+def test_a_moving_reference_resumes_from_where_it_moved(tmp_path, tiny_model_dir, prefs_file, monkeypatch, interrupted_after, options):
+    """TR-DPO and BEMA move the reference; checkpoints keep it (and BEMA's averages), so a resume equals the uninterrupted run."""
+    tr_dpo = {"save_every": 2, "reference": "model", "objective_options": options}
     whole = train(config(tmp_path / "whole", tiny_model_dir, prefs_file, **tr_dpo), load_registry())
     checkpoint = tmp_path / "whole" / "checkpoint-000002"
     moved, start = load_file(str(checkpoint / "reference.safetensors")), load_file(os.path.join(tiny_model_dir, "model.safetensors"))
     assert any(not torch.equal(moved[key], start[key]) for key in moved if key in start)  # the reference did move
+    assert any(key.startswith("state/ema/") for key in moved) == ("bema_reference" in options)
 
     def interrupted_and_resumed(out):
         with interrupted_after(3):
