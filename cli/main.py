@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import errno
+import functools
+import importlib.util
 import json
 import logging
 import math
 import os
 import sys
+from dataclasses import dataclass
 from typing import Any
 
 import click
@@ -267,24 +270,40 @@ cli.add_command(report)
 # -- pref generate / pref compare ---------------------------------------------------------
 
 
-def load_policy(model: str | None, device: str = "auto", dtype: str = "auto", attention: str | None = None) -> Any:
-    """The model to sample, on `--device` (auto: a GPU if there is one) with its weights in `--dtype`, through `attention`'s kernel."""
+@dataclass(frozen=True)
+class Loading:
+    """How `generate`, `eval` and `compare` load a model: their `--device`, `--dtype`, `--attn-implementation` and `--quantize`."""
+
+    device: str = "auto"
+    dtype: str = "auto"
+    attention: str | None = None
+    quantize: str | None = None
+
+
+def load_policy(model: str | None, loading: Loading = Loading()) -> Any:
+    """The model to sample, on `--device` (auto: a GPU if there is one) with its weights in `--dtype`, through `attention`'s
+    kernel; with `--quantize`, its linear layers in 4 bits (an adapter's base, as a QLoRA run trained it)."""
+    from pref.models import load_tokenizer
     from pref.policy import HFPolicy
     from pref.precision import resolve_device, resolve_dtype
 
-    where = resolve_device(device)
-    policy = HFPolicy.load(model, resolve_dtype(dtype, where, model), attention=attention)
-    policy.model.to(where)
+    where = resolve_device(loading.device)
+    if loading.quantize and importlib.util.find_spec("bitsandbytes") is None:
+        raise PrefError(f"--quantize {loading.quantize} needs the bitsandbytes package: pip install 'pref[quantize]'")
+    policy = HFPolicy(None, load_tokenizer(model))
+    policy.load_model(model, resolve_dtype(loading.dtype, where, model), attention=loading.attention, quantize=loading.quantize, device=where)
+    if not loading.quantize:  # a 4-bit model is loaded where it computes
+        policy.model.to(where)
     return policy
 
 
-def sample(model: str | None, prompts: list[str], k: int, max_new_tokens: int, temperature: float, seed: int, device: str = "auto",
-           dtype: str = "auto", attention: str | None = None) -> list[list[str]]:
+def sample(model: str | None, prompts: list[str], k: int, max_new_tokens: int, temperature: float, seed: int,
+           loading: Loading = Loading()) -> list[list[str]]:
     import torch
 
     from pref.interfaces import SamplingConfig
 
-    policy = load_policy(model, device, dtype, attention)
+    policy = load_policy(model, loading)
     torch.manual_seed(seed)
     return policy.generate(prompts, k, SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature))
 
@@ -295,13 +314,20 @@ device_options = [
     click.option("--dtype", default="auto", show_default=True, type=click.Choice(["auto", "bfloat16", "float16", "float32"]),
                  help="Weights as loaded (auto: bf16 on a bf16-capable GPU for a bf16/fp16 checkpoint, else float32)."),
     click.option("--attn-implementation", "attention", help="transformers' attention kernel: sdpa (its default), eager, flash_attention_2, ..."),
+    click.option("--quantize", type=click.Choice(["nf4", "fp4"]), help="Load the model's linear layers in 4 bits (bitsandbytes), as a "
+                 "QLoRA run's adapter was trained on them. Needs pip install 'pref[quantize]'."),
 ]
 
 
 def with_device_options(func: Any) -> Any:
+    """The options above, handed to `func` as one `loading` (a `Loading`)."""
+    @functools.wraps(func)
+    def command(*args: Any, device: str, dtype: str, attention: str | None, quantize: str | None, **kwargs: Any) -> Any:
+        return func(*args, loading=Loading(device, dtype, attention, quantize), **kwargs)
+
     for option in reversed(device_options):
-        func = option(func)
-    return func
+        command = option(command)
+    return command
 
 
 sampling_options = [
@@ -323,9 +349,9 @@ def with_sampling_options(func: Any) -> Any:
 @click.option("--model", help="Hub id or local path (default: the embedded default model).")
 @with_sampling_options
 @with_device_options
-def generate(model, prompts, samples, max_new_tokens, temperature, seed, device, dtype, attention) -> None:
+def generate(model, prompts, samples, max_new_tokens, temperature, seed, loading) -> None:
     """Print a model's answers to prompts."""
-    answers = sample(model, list(prompts), samples, max_new_tokens, temperature, seed, device, dtype, attention)
+    answers = sample(model, list(prompts), samples, max_new_tokens, temperature, seed, loading)
     for prompt, outs in zip(prompts, answers):
         click.echo(f"> {prompt}")
         for answer in outs:
@@ -333,8 +359,7 @@ def generate(model, prompts, samples, max_new_tokens, temperature, seed, device,
 
 
 def report_and_answers(model: str | None, reward_name: str, reward_options: dict, prompts: list[str], samples: int, max_new_tokens: int,
-                       temperature: float, seed: int, device: str = "auto", dtype: str = "auto",
-                       attention: str | None = None) -> tuple[dict[str, float], list[str]]:
+                       temperature: float, seed: int, loading: Loading = Loading()) -> tuple[dict[str, float], list[str]]:
     """The reward's report on a model's sampled answers, and those answers."""
     from pref.reporting.evaluate import evaluate_with_answers
     from pref.interfaces import SamplingConfig
@@ -343,7 +368,7 @@ def report_and_answers(model: str | None, reward_name: str, reward_options: dict
     prompts = prompts or list(reward.default_prompts)
     if not prompts:
         raise PrefError(f"reward {reward_name!r} has no default prompts: pass --prompt")
-    policy = load_policy(model, device, dtype, attention)
+    policy = load_policy(model, loading)
     return evaluate_with_answers(policy, reward, prompts, samples, SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature), seed)
 
 
@@ -369,10 +394,10 @@ def with_eval_options(func: Any) -> Any:
 @click.option("--model", help="Hub id or local path (default: the embedded default model).")
 @with_eval_options
 @with_device_options
-def eval_command(model, reward, reward_option, prompts, samples, max_new_tokens, temperature, seed, as_json, device, dtype, attention) -> None:
+def eval_command(model, reward, reward_option, prompts, samples, max_new_tokens, temperature, seed, as_json, loading) -> None:
     """Sample a model and report quality and diversity under a reward."""
     report, _ = report_and_answers(model, reward, parse_options(reward_option, "--reward-option"), list(prompts), samples, max_new_tokens,
-                                   temperature, seed, device, dtype, attention)
+                                   temperature, seed, loading)
     if as_json:
         click.echo(json.dumps(report, indent=2))
         return
@@ -422,8 +447,7 @@ def drawn_by_compare(path: str) -> bool:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output (with --reward).")
 @click.option("--figure", help="With --reward: also draw the most frequent answers before and after as bars into this PNG file.")
 @with_device_options
-def compare(before, after, reward, reward_option, prompts, samples, max_new_tokens, temperature, seed, as_json, figure, device, dtype,
-            attention) -> None:
+def compare(before, after, reward, reward_option, prompts, samples, max_new_tokens, temperature, seed, as_json, figure, loading) -> None:
     """Two models side by side: their answers, or their reports under a reward."""
     from rich.console import Console
     from rich.table import Table
@@ -440,12 +464,12 @@ def compare(before, after, reward, reward_option, prompts, samples, max_new_toke
     from pref.models import load_tokenizer
     from pref.precision import resolve_device
 
-    resolve_device(device)  # a device that is not here fails before the default model is built or a tokenizer fetched
+    resolve_device(loading.device)  # a device that is not here fails before the default model is built or a tokenizer fetched
     for model in (before, after):  # a wrong --after fails before --before is sampled
         load_tokenizer(model)
     if reward:
         args = (reward, parse_options(reward_option, "--reward-option"), list(prompts), samples or 200, max_new_tokens or 8,
-                1.0 if temperature is None else temperature, seed, device, dtype, attention)
+                1.0 if temperature is None else temperature, seed, loading)
         (first, first_answers), (second, second_answers) = report_and_answers(before, *args), report_and_answers(after, *args)
         if figure:
             from pref.reporting.figures import answers_figure
@@ -466,7 +490,7 @@ def compare(before, after, reward, reward_option, prompts, samples, max_new_toke
         return
     if not prompts:
         raise PrefError("pass --prompt TEXT (repeatable), or --reward NAME to compare reports")
-    args = (list(prompts), samples or 1, max_new_tokens or 64, 0.0 if temperature is None else temperature, seed, device, dtype, attention)
+    args = (list(prompts), samples or 1, max_new_tokens or 64, 0.0 if temperature is None else temperature, seed, loading)
     first, second = sample(before, *args), sample(after, *args)
     table = Table("prompt", f"before: {before}", f"after: {after}", show_lines=True)
     for prompt, a, b in zip(prompts, first, second):

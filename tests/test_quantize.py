@@ -50,6 +50,21 @@ def test_an_adapter_trains_on_a_4bit_base_and_merges_into_the_base_at_full_preci
         base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
         assert not torch.allclose(merged(ids).logits, base(ids).logits, atol=1e-3)
 
+    # pref generate/eval/compare --quantize: the adapter on its base in 4 bits again, the model it was trained as
+    from pref.cli.main import Loading, load_policy
+    from pref.interfaces import SamplingConfig
+
+    loaded = load_policy(final, Loading("cpu", quantize="nf4")).model
+    assert sum(isinstance(m, bitsandbytes.nn.Linear4bit) for m in loaded.modules()) == len(quantized)
+    model.eval()  # no adapter dropout
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
+    greedy = SamplingConfig(max_new_tokens=8, temperature=0.0)
+    result = CliRunner().invoke(cli, ["generate", "--model", final, "--quantize", "nf4", "--device", "cpu", "--prompt", "Name a fruit.",
+                                      "--max-new-tokens", "8"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines()[1:] == policy.generate(["Name a fruit."], 1, greedy)[0]
+
 
 def test_a_4bit_run_resumes_exactly(tmp_path, tiny_model_dir, prefs_file, interrupted_after):
     whole = train(config(tmp_path / "whole", tiny_model_dir, prefs_file), load_registry())
@@ -81,7 +96,8 @@ def test_without_bitsandbytes_quantize_says_what_to_install(tmp_path, prefs_file
 
     find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: None if name == "bitsandbytes" else find_spec(name, *args))
-    result = CliRunner().invoke(cli, ["run", "--objective", "dpo", "--dataset", prefs_file, "--lora", "--quantize", "fp4",
-                                      "--output-dir", str(tmp_path / "run")])
-    assert result.exit_code == 2
-    assert result.stderr.strip() == "Error: --quantize fp4 needs the bitsandbytes package: pip install 'pref[quantize]'"
+    for command in (["run", "--objective", "dpo", "--dataset", prefs_file, "--lora", "--output-dir", str(tmp_path / "run")],
+                    ["generate", "--prompt", "Hi"], ["eval", "--reward", "noun-diversity"]):
+        result = CliRunner().invoke(cli, [*command, "--quantize", "fp4"])
+        assert result.exit_code == 2
+        assert result.stderr.strip() == "Error: --quantize fp4 needs the bitsandbytes package: pip install 'pref[quantize]'"

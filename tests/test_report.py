@@ -374,9 +374,9 @@ def test_throughput_is_drawn_for_any_run_and_the_time_split_only_for_online_ones
 def test_sampling_commands_load_the_model_on_the_device_and_in_the_dtype_asked_for(tiny_model_dir):
     import torch
 
-    from pref.cli.main import load_policy
+    from pref.cli.main import Loading, load_policy
 
-    policy = load_policy(tiny_model_dir, "cpu", "bfloat16")
+    policy = load_policy(tiny_model_dir, Loading("cpu", "bfloat16"))
     assert {p.dtype for p in policy.model.parameters()} == {torch.bfloat16} and policy.device.type == "cpu"
     assert {p.dtype for p in load_policy(tiny_model_dir).model.parameters()} == {torch.float32}  # auto on a CPU
     result = CliRunner().invoke(cli, ["generate", "--model", tiny_model_dir, "--prompt", "Name a fruit.", "--max-new-tokens", "3",

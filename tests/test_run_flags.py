@@ -130,8 +130,8 @@ def test_generate_eval_and_compare_sample_through_the_attention_implementation_a
 
     loaded, load = [], HFPolicy.load_model
 
-    def noting(self, *args):
-        load(self, *args)
+    def noting(self, *args, **kwargs):
+        load(self, *args, **kwargs)
         loaded.append(self.model.config._attn_implementation)
 
     monkeypatch.setattr(HFPolicy, "load_model", noting)
