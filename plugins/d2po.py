@@ -374,6 +374,7 @@ class D2PO(DPO):
     def setup(self, policy: Policy) -> None:
         """Build the discriminator from the policy (or load it); the loop places and trains it."""
         assert isinstance(policy, HFPolicy)
+        super().setup(policy)
         if self.discriminator_path:
             with quiet_new_heads({SCORE_HEAD}):  # a causal LM gets a new score head, which the run trains: no notice of it
                 classifier = HFPolicy.load(self.discriminator_path, kind="sequence-classifier",

@@ -14,7 +14,7 @@ import torch
 from pref.errors import PrefError
 from pref.hookspecs import hookimpl
 from pref.interfaces import NO_REFERENCE, PAIRS, REFERENCE_DISTRIBUTIONS, REFERENCE_LOGPS, Objective, ObjectiveNeeds, PairBatch, Policy, Reference
-from pref.plugins.bema import BEMA
+from pref.plugins.moving_reference import BEMA, MovesReference, SyncReference
 from pref.plugins.dpo_losses import (  # noqa: F401  (dpo_loss and LOSS_TYPES are this plugin's public maths)
     LOSS_TYPES,
     check_options,
@@ -24,8 +24,6 @@ from pref.plugins.dpo_losses import (  # noqa: F401  (dpo_loss and LOSS_TYPES ar
     loss_weights_of,
     wpo_weights,
 )
-from pref.policy import unwrap
-from pref.reference import FrozenReference
 from pref.sequences import Logps, Sequences
 
 
@@ -64,19 +62,7 @@ def pair_metrics(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor, c
     }
 
 
-@torch.no_grad()
-def mix_into_reference(reference_model: torch.nn.Module, policy_model: torch.nn.Module, alpha: float) -> None:
-    """TR-DPO's reference update (Gorbatovski et al. 2024, https://arxiv.org/abs/2404.09656, Eq. 6), in place.
-
-    Every reference parameter becomes alpha * policy + (1 - alpha) * reference, as TRL's
-    `SyncRefModelCallback` does; alpha = 1 copies the policy. Under `--fsdp` both models are
-    sharded alike, so each process mixes its own pieces.
-    """
-    for target, source in zip(reference_model.parameters(), policy_model.parameters(), strict=True):
-        target.mul_(1.0 - alpha).add_(source.to(target.device, target.dtype), alpha=alpha)
-
-
-class DPO(Objective):
+class DPO(MovesReference, Objective):
     """Direct preference optimization on chosen/rejected pairs, with every loss type of TRL 1.16's DPOTrainer.
 
     Options (TRL's `DPOConfig` names):
@@ -97,7 +83,7 @@ class DPO(Objective):
             policy, reference <- alpha * policy + (1 - alpha) * reference (a frozen reference model;
             checkpoints keep the moved reference, so a resumed run goes on from it).
         bema_reference: the reference is BEMA's bias-corrected moving average of the policy's weights
-            (TRL's `trl.experimental.bema_for_ref_model`; `pref.plugins.bema`), with `bema_update_freq`,
+            (TRL's `trl.experimental.bema_for_ref_model`; `pref.plugins.moving_reference`), with `bema_update_freq`,
             `bema_ema_power`, `bema_bias_power`, `bema_lag`, `bema_update_after`, `bema_multiplier`,
             `bema_min_ema_multiplier`, `ref_model_update_freq` and `ref_model_update_after` (TRL's
             defaults 400, 0.5, 0.2, 10, 0, 1.0, 0.0, 400, 0). It keeps three float32 copies of the
@@ -137,17 +123,13 @@ class DPO(Objective):
         check_options(beta, loss_types, label_smoothing, loss_weights, f_divergence_type, ld_alpha, use_weighting, discopop_tau)
         if sft_weight < 0:
             raise PrefError(f"sft_weight must not be negative, got {sft_weight}")
-        if sync_ref_model:
-            if reference_free:
-                raise PrefError("sync_ref_model needs a reference to update; drop reference_free or sync_ref_model")
-            if not 0.0 < ref_model_mixup_alpha <= 1.0:
-                raise PrefError(f"ref_model_mixup_alpha must lie in (0, 1], got {ref_model_mixup_alpha}")
-            if ref_model_sync_steps < 1:
-                raise PrefError(f"ref_model_sync_steps must be at least 1, got {ref_model_sync_steps}")
-        if bema_reference and (reference_free or sync_ref_model):
-            raise PrefError("bema_reference moves the reference: drop reference_free or sync_ref_model, or bema_reference")
-        self.bema = BEMA(bema_update_freq, bema_ema_power, bema_bias_power, bema_lag, bema_update_after, bema_multiplier,
-                         bema_min_ema_multiplier, ref_model_update_freq, ref_model_update_after) if bema_reference else None
+        if (sync_ref_model or bema_reference) and reference_free:
+            raise PrefError("sync_ref_model and bema_reference move the reference: drop reference_free or them")
+        if sync_ref_model and bema_reference:
+            raise PrefError("sync_ref_model and bema_reference both move the reference: choose one")
+        self.moving = SyncReference(ref_model_mixup_alpha, ref_model_sync_steps) if sync_ref_model else BEMA(
+            bema_update_freq, bema_ema_power, bema_bias_power, bema_lag, bema_update_after, bema_multiplier, bema_min_ema_multiplier,
+            ref_model_update_freq, ref_model_update_after) if bema_reference else None
         self.beta = beta
         self.loss_type = loss_type if isinstance(loss_type, str) else ",".join(loss_types)
         self.loss_types = loss_types
@@ -160,33 +142,11 @@ class DPO(Objective):
         self.f_divergence_type = f_divergence_type
         self.f_alpha_divergence_coef = f_alpha_divergence_coef
         self.discopop_tau = discopop_tau
-        self.sync_ref_model = sync_ref_model
-        self.ref_model_mixup_alpha = ref_model_mixup_alpha
-        self.ref_model_sync_steps = ref_model_sync_steps
         if reference_free:
             self.needs = replace(self.needs, reference=NO_REFERENCE)  # the loop loads no reference
         elif ld_alpha is not None or sync_ref_model or bema_reference:
             # per-token reference log-probs (LD-DPO) or a reference that moves (TR-DPO, BEMA): only a frozen model will do
             self.needs = replace(self.needs, reference=REFERENCE_DISTRIBUTIONS, moves_reference=sync_ref_model or bema_reference)
-
-    def setup(self, policy: Policy) -> None:
-        if self.bema is not None:
-            self.bema.trainable = {name for name, weight in policy.model.named_parameters() if weight.requires_grad}
-
-    def reference_state(self, reference: torch.nn.Module) -> dict[str, torch.Tensor]:
-        return self.bema.state(reference) if self.bema is not None else {}
-
-    def after_step(self, step: int, policy: Policy, reference: Reference | None) -> None:
-        """TR-DPO: every `ref_model_sync_steps` optimizer steps, move the frozen reference towards the policy; BEMA: its schedule."""
-        if (not self.sync_ref_model and self.bema is None) or reference is None:
-            return
-        if not isinstance(reference, FrozenReference):
-            option = "sync_ref_model" if self.sync_ref_model else "bema_reference"
-            raise PrefError(f"{option} needs a frozen reference model, not cached log-probs: use --reference model")
-        if self.bema is not None:
-            self.bema.after_step(step, unwrap(policy.model), reference.model)
-        elif step % self.ref_model_sync_steps == 0:
-            mix_into_reference(reference.model, unwrap(policy.model), self.ref_model_mixup_alpha)
 
     def loss(self, policy: Policy, reference: Reference | None, batch: PairBatch) -> tuple[torch.Tensor, dict[str, float]]:
         """The mean DPO loss over the pairs (plus the weighted SFT term) and TRL-named metrics.
@@ -198,9 +158,9 @@ class DPO(Objective):
         the reference log-probs count as 0.
         """
         reference = None if self.reference_free else reference
-        if reference is not None and (self.ld_alpha is not None or self.needs.moves_reference) and not reference.has_logits:
-            option = "ld_alpha" if self.ld_alpha is not None else "sync_ref_model" if self.sync_ref_model else "bema_reference"
-            raise PrefError(f"{option} needs a frozen reference model, not cached log-probs: use --reference model")
+        frozen_only = "ld_alpha" if self.ld_alpha is not None else self.moving.option if self.moving is not None else None
+        if reference is not None and frozen_only and not reference.has_logits:
+            raise PrefError(f"{frozen_only} needs a frozen reference model, not cached log-probs: use --reference model")
         chosen, rejected, reference_chosen, reference_rejected = pair_logps(policy, reference, batch, with_logits=self.use_weighting)
         chosen_logps, rejected_logps = chosen.sequence, rejected.sequence
         if self.ld_alpha is not None:

@@ -17,7 +17,8 @@ import torch
 
 from pref.errors import PrefError
 from pref.hookspecs import hookimpl
-from pref.interfaces import NO_REFERENCE, REFERENCE_LOGPS, SAMPLES, Minibatch, Objective, ObjectiveNeeds, Policy, Processes, Reference, ScoredBatch
+from pref.interfaces import NO_REFERENCE, REFERENCE_DISTRIBUTIONS, REFERENCE_LOGPS, SAMPLES, Minibatch, Objective, ObjectiveNeeds, Policy, Processes, Reference, ScoredBatch
+from pref.plugins.moving_reference import MovesReference, SyncReference
 from pref.sequences import Sequences
 
 LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo", "luspo", "vespo", "gmpo")
@@ -320,7 +321,7 @@ def group_size(batch: ScoredBatch, objective_name: str) -> int:
     return k
 
 
-class GRPO(Objective):
+class GRPO(MovesReference, Objective):
     """GRPO: K samples per prompt, advantages relative to the group, clipped policy-gradient steps (TRL's GRPOTrainer).
 
     Options (TRL's `GRPOConfig` names):
@@ -339,6 +340,8 @@ class GRPO(Objective):
         vespo_k_pos, vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg: VESPO's gamma weights (2, 3, 3, 2).
     With several processes, scale_rewards "batch" divides by the std of every process's rewards and
     dapo (cispo, vespo) by every process's completion tokens, as TRL does, so the update equals one process's.
+        sync_ref_model, ref_model_mixup_alpha, ref_model_sync_steps: TR-DPO's moving reference, as for dpo (off; 0.6, 512;
+            needs beta > 0).
     Several rewards: `--reward a --reward b --reward-weights 1,0.5` (TRL's reward_weights), the `weighted` reward's sum.
     """
 
@@ -362,6 +365,9 @@ class GRPO(Objective):
         vespo_lambda_pos: float = 3.0,
         vespo_k_neg: float = 3.0,
         vespo_lambda_neg: float = 2.0,
+        sync_ref_model: bool = False,
+        ref_model_mixup_alpha: float = 0.6,
+        ref_model_sync_steps: int = 512,
         processes: Processes | None = None,
     ):
         if epsilon is None:
@@ -382,8 +388,12 @@ class GRPO(Objective):
         self.sapo_temperatures = (sapo_temperature_pos, sapo_temperature_neg)
         self.vespo_options = {"k_pos": vespo_k_pos, "lambda_pos": vespo_lambda_pos, "k_neg": vespo_k_neg, "lambda_neg": vespo_lambda_neg}
         self.processes = processes or Processes()
+        if sync_ref_model and beta == 0:
+            raise PrefError("grpo: sync_ref_model moves the reference of the KL term, which beta 0 leaves out: set beta > 0, or drop it")
+        self.moving = SyncReference(ref_model_mixup_alpha, ref_model_sync_steps) if sync_ref_model else None
         self.needs = ObjectiveNeeds(
-            reference=REFERENCE_LOGPS if beta > 0 else NO_REFERENCE,
+            reference=REFERENCE_DISTRIBUTIONS if sync_ref_model else REFERENCE_LOGPS if beta > 0 else NO_REFERENCE,
+            moves_reference=sync_ref_model,
             data=SAMPLES,
             online=True,
             samples_per_prompt=self.needs.samples_per_prompt,

@@ -10,11 +10,14 @@ the processes' batches, clamped at 0.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from pref.errors import PrefError
 from pref.hookspecs import hookimpl
-from pref.interfaces import REFERENCE_LOGPS, SETS, LabeledBatch, Objective, ObjectiveNeeds, Policy, Processes, Reference
+from pref.interfaces import REFERENCE_DISTRIBUTIONS, REFERENCE_LOGPS, SETS, LabeledBatch, Objective, ObjectiveNeeds, Policy, Processes, Reference
+from pref.plugins.moving_reference import MovesReference, SyncReference
 from pref.reference import CachedReference
 from pref.sequences import Sequences
 
@@ -127,7 +130,7 @@ def swap_completions(sequences: Sequences, rows: list[int], pad_id: int = 0) -> 
     )
 
 
-class KTO(Objective):
+class KTO(MovesReference, Objective):
     """KTO on answers labelled desirable or undesirable, unpaired (Ethayarajh et al. 2024; TRL's KTOTrainer).
 
     Reads `--dataset FILE` with the `labeled` builder (prompt/completion/label rows; a
@@ -138,6 +141,7 @@ class KTO(Objective):
         desirable_weight, undesirable_weight: weights of the two kinds of answer (1.0 each); with
             unequal counts the paper advises desirable_weight x #desirable ~ undesirable_weight x #undesirable.
         loss_type: "kto" (default) or "apo_zero_unpaired" (no KL point, no mismatched rows).
+        sync_ref_model, ref_model_mixup_alpha, ref_model_sync_steps: TR-DPO's moving reference, as for dpo (off; 0.6, 512).
     The KL point is estimated on each batch's prompts paired with the previous row's answer
     (with several processes, averaged over their batches, as TRL does);
     the reference must score those rows too, so "kto" keeps a frozen reference model
@@ -147,6 +151,7 @@ class KTO(Objective):
     needs = ObjectiveNeeds(reference=REFERENCE_LOGPS, data=SETS, dataset_builder="labeled", scores_new_rows=True)
 
     def __init__(self, beta: float = 0.1, desirable_weight: float = 1.0, undesirable_weight: float = 1.0, loss_type: str = "kto",
+                 sync_ref_model: bool = False, ref_model_mixup_alpha: float = 0.6, ref_model_sync_steps: int = 512,
                  processes: Processes | None = None):
         check_options(beta, desirable_weight, undesirable_weight, loss_type)
         self.processes = processes or Processes()
@@ -154,6 +159,9 @@ class KTO(Objective):
         self.desirable_weight, self.undesirable_weight = desirable_weight, undesirable_weight
         if loss_type != "kto":  # no mismatched rows: the dataset's cached log-probs serve
             self.needs = ObjectiveNeeds(reference=REFERENCE_LOGPS, data=SETS, dataset_builder="labeled")
+        if sync_ref_model:  # a reference that moves: a frozen model
+            self.moving = SyncReference(ref_model_mixup_alpha, ref_model_sync_steps)
+            self.needs = replace(self.needs, reference=REFERENCE_DISTRIBUTIONS, moves_reference=True)
 
     def loss(self, policy: Policy, reference: Reference | None, batch: LabeledBatch) -> tuple[torch.Tensor, dict[str, float]]:
         """The mean KTO loss over the batch's answers, with TRL's metrics (kl, rewards/..., logps/...)."""

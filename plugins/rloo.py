@@ -12,8 +12,9 @@ import torch
 
 from pref.errors import PrefError
 from pref.hookspecs import hookimpl
-from pref.interfaces import NO_REFERENCE, REFERENCE_LOGPS, SAMPLES, Minibatch, Objective, ObjectiveNeeds, Policy, Processes, Reference, ScoredBatch
+from pref.interfaces import NO_REFERENCE, REFERENCE_DISTRIBUTIONS, REFERENCE_LOGPS, SAMPLES, Minibatch, Objective, ObjectiveNeeds, Policy, Processes, Reference, ScoredBatch
 from pref.plugins.grpo import PreparedSamples, group_size, rollout_metrics
+from pref.plugins.moving_reference import MovesReference, SyncReference
 
 
 def leave_one_out_advantages(
@@ -87,7 +88,7 @@ def rloo_loss(
 # -- the objective ---------------------------------------------------------------------------
 
 
-class RLOO(Objective):
+class RLOO(MovesReference, Objective):
     """RLOO: K samples per prompt, leave-one-out baseline, clipped steps on whole-sequence ratios (TRL's RLOOTrainer).
 
     Options (TRL's `RLOOConfig` names):
@@ -96,6 +97,8 @@ class RLOO(Objective):
         normalize_advantages: standardise the advantages over the rollout, every process's (default false).
         num_iterations: passes over each rollout (default 1), each cut into `steps_per_generation`
             mini-batches, one optimizer step each (default 1).
+        sync_ref_model, ref_model_mixup_alpha, ref_model_sync_steps: TR-DPO's moving reference, as for dpo (off; 0.6, 512;
+            needs beta > 0).
     Several rewards: `--reward a --reward b --reward-weights 1,0.5` (TRL's reward_weights), the `weighted` reward's sum.
     """
 
@@ -109,6 +112,9 @@ class RLOO(Objective):
         normalize_advantages: bool = False,
         num_iterations: int = 1,
         steps_per_generation: int = 1,
+        sync_ref_model: bool = False,
+        ref_model_mixup_alpha: float = 0.6,
+        ref_model_sync_steps: int = 512,
         processes: Processes | None = None,
     ):
         if beta < 0:
@@ -123,8 +129,12 @@ class RLOO(Objective):
         self.beta, self.epsilon, self.epsilon_high = beta, epsilon, epsilon_high
         self.normalize_advantages = normalize_advantages
         self.processes = processes or Processes()
+        if sync_ref_model and beta == 0:
+            raise PrefError("rloo: sync_ref_model moves the reference of the KL term, which beta 0 leaves out: set beta > 0, or drop it")
+        self.moving = SyncReference(ref_model_mixup_alpha, ref_model_sync_steps) if sync_ref_model else None
         self.needs = ObjectiveNeeds(
-            reference=REFERENCE_LOGPS if beta > 0 else NO_REFERENCE,
+            reference=REFERENCE_DISTRIBUTIONS if sync_ref_model else REFERENCE_LOGPS if beta > 0 else NO_REFERENCE,
+            moves_reference=sync_ref_model,
             data=SAMPLES,
             online=True,
             samples_per_prompt=self.needs.samples_per_prompt,

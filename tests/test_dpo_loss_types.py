@@ -13,7 +13,8 @@ import torch
 from torch.testing import assert_close
 
 from pref.errors import PrefError
-from pref.plugins.dpo import DPO, mix_into_reference
+from pref.plugins.dpo import DPO
+from pref.plugins.moving_reference import mix_into_reference
 from pref.plugins.dpo_losses import (
     LOSS_TYPES,
     check_options,

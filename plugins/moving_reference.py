@@ -1,14 +1,20 @@
-"""BEMA: a bias-corrected moving average of the policy's weights, which DPO can take as its reference.
+"""A frozen reference that moves during training, as TRL's `sync_ref_model` and BEMA move it.
 
-Block and Zhang 2025, "EMA Without the Lag" (https://arxiv.org/abs/2508.00180), as TRL 1.16's
-`trl.experimental.bema_for_ref_model` applies it to DPO's reference. Every `update_freq` steps t
-(counted after `update_after`) the averaged weights become
+An objective holding a `MovingReference` in `self.moving` (and declaring `needs.moves_reference`) takes
+`MovesReference`'s methods; the loop calls them after each optimizer step and to checkpoint the state.
+
+- `SyncReference`, TR-DPO (Gorbatovski et al. 2024, https://arxiv.org/abs/2404.09656, Eq. 6): every `ref_model_sync_steps`
+  optimizer steps, reference <- alpha * policy + (1 - alpha) * reference, as TRL's `SyncRefModelCallback`, which its
+  DPO, KTO, GRPO and RLOO trainers take with `sync_ref_model`.
+- `BEMA`, Block and Zhang 2025, "EMA Without the Lag" (https://arxiv.org/abs/2508.00180), as TRL 1.16's
+  `trl.experimental.bema_for_ref_model` applies it to DPO's reference: every `update_freq` steps t (counted after
+  `update_after`) the averaged weights become
 
     ema_t     = (1 - beta_t) * ema + beta_t * theta_t,        beta_t  = max((lag + multiplier * t) ** -ema_power, min_ema_multiplier)
     averaged  = ema_t + alpha_t * (theta_t - theta_0),         alpha_t = (lag + multiplier * t) ** -bias_power
 
-where theta_t is the policy's weights and theta_0 their value at `update_after` (the start when 0), and every
-`ref_model_update_freq` steps (counted after `ref_model_update_after`) the reference takes the averaged weights.
+  where theta_t is the policy's weights and theta_0 their value at `update_after` (the start when 0), and every
+  `ref_model_update_freq` steps (counted after `ref_model_update_after`) the reference takes the averaged weights.
 """
 
 from __future__ import annotations
@@ -16,10 +22,81 @@ from __future__ import annotations
 import torch
 
 from pref.errors import PrefError
+from pref.interfaces import Policy, Reference
+from pref.policy import unwrap
+from pref.reference import FrozenReference
 
 
-class BEMA:
+class MovingReference:
+    """How a reference moves: after each optimizer step, given the policy's and the reference's models."""
+
+    option = ""  # the objective option that asked for it, for errors
+
+    def setup(self, policy_model: torch.nn.Module) -> None:
+        """Called with the policy's model once it is loaded."""
+
+    def state(self, reference: torch.nn.Module) -> dict[str, torch.Tensor]:
+        """Tensors that decide how it moves on, for checkpoints (`Objective.reference_state`); by default none."""
+        return {}
+
+    def after_step(self, step: int, policy_model: torch.nn.Module, reference: torch.nn.Module) -> None:
+        raise NotImplementedError
+
+
+@torch.no_grad()
+def mix_into_reference(reference_model: torch.nn.Module, policy_model: torch.nn.Module, alpha: float) -> None:
+    """TR-DPO's reference update, in place: every reference parameter becomes alpha * policy + (1 - alpha) * reference,
+    as TRL's `SyncRefModelCallback` does; alpha = 1 copies the policy. Under `--fsdp` both models are sharded alike, so
+    each process mixes its own pieces."""
+    for target, source in zip(reference_model.parameters(), policy_model.parameters(), strict=True):
+        target.mul_(1.0 - alpha).add_(source.to(target.device, target.dtype), alpha=alpha)
+
+
+class SyncReference(MovingReference):
+    """TRL's `sync_ref_model` with `ref_model_mixup_alpha` and `ref_model_sync_steps`."""
+
+    option = "sync_ref_model"
+
+    def __init__(self, ref_model_mixup_alpha: float = 0.6, ref_model_sync_steps: int = 512):
+        if not 0.0 < ref_model_mixup_alpha <= 1.0:
+            raise PrefError(f"ref_model_mixup_alpha must lie in (0, 1], got {ref_model_mixup_alpha}")
+        if ref_model_sync_steps < 1:
+            raise PrefError(f"ref_model_sync_steps must be at least 1, got {ref_model_sync_steps}")
+        self.alpha, self.steps = ref_model_mixup_alpha, ref_model_sync_steps
+
+    def after_step(self, step: int, policy_model: torch.nn.Module, reference: torch.nn.Module) -> None:
+        if step % self.steps == 0:
+            mix_into_reference(reference, policy_model, self.alpha)
+
+
+class MovesReference:
+    """The `Objective` methods of one whose `self.moving` (a `MovingReference`, or None) moves its frozen reference.
+
+    Put it before `Objective` among the bases, and set `needs.moves_reference` (with a frozen model,
+    `REFERENCE_DISTRIBUTIONS`) where `self.moving` is set.
+    """
+
+    moving: MovingReference | None = None
+
+    def setup(self, policy: Policy) -> None:
+        if self.moving is not None:
+            self.moving.setup(policy.model)
+
+    def reference_state(self, reference: torch.nn.Module) -> dict[str, torch.Tensor]:
+        return self.moving.state(reference) if self.moving is not None else {}
+
+    def after_step(self, step: int, policy: Policy, reference: Reference | None) -> None:
+        if self.moving is None or reference is None:
+            return
+        if not isinstance(reference, FrozenReference):
+            raise PrefError(f"{self.moving.option} needs a frozen reference model, not cached log-probs: use --reference model")
+        self.moving.after_step(step, unwrap(policy.model), reference.model)
+
+
+class BEMA(MovingReference):
     """The averages of one run's trainable weights, and when they move the reference. TRL's `BEMACallback` names."""
+
+    option = "bema_reference"
 
     def __init__(self, update_freq: int = 400, ema_power: float = 0.5, bias_power: float = 0.2, lag: float = 10.0,
                  update_after: int = 0, multiplier: float = 1.0, min_ema_multiplier: float = 0.0,
@@ -39,6 +116,9 @@ class BEMA:
         self.theta0: dict[str, torch.Tensor] = {}
         self.ema: dict[str, torch.Tensor] = {}
         self.averaged: dict[str, torch.Tensor] = {}  # what the reference takes at its next update
+
+    def setup(self, policy_model: torch.nn.Module) -> None:
+        self.trainable = {name for name, weight in policy_model.named_parameters() if weight.requires_grad}
 
     def ema_beta(self, step: int) -> float:
         return max((self.lag + self.multiplier * step) ** -self.ema_power, self.min_ema_multiplier)
