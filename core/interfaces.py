@@ -37,10 +37,12 @@ class Samples:
     sequences:   [P * K] rows, prompt by prompt: the prompt's ids, then the completion's ids as
                  sampled, up to and including the EOS the policy emitted (none when it stopped at
                  `max_new_tokens`). Training on these, not on the re-encoded text, scores the very tokens sampled.
+    truncated:   [P * K] bool, True where `max_new_tokens` cut the completion (no EOS); None when unknown.
     """
 
     completions: list[list[str]]
     sequences: Sequences
+    truncated: torch.Tensor | None = None
 
 
 class Policy(ABC):
@@ -236,6 +238,7 @@ class ScoredBatch:
     one prompt may be drawn several times). `scores` maps each score name of the reward
     to a float tensor [B]. `max_new_tokens`: the sampling limit the completions were drawn
     under (None when unknown), a constant a length normaliser may divide by (Dr. GRPO's).
+    `truncated`: [B] bool, the completions that limit cut (`Samples.truncated`), or None when unknown.
     """
 
     prompts: list[Prompt]
@@ -244,6 +247,7 @@ class ScoredBatch:
     scores: dict[str, torch.Tensor]
     samples_per_prompt: int = 1
     max_new_tokens: int | None = None
+    truncated: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.completions)
@@ -258,6 +262,7 @@ class ScoredBatch:
             {name: values[rows.to(values.device)] for name, values in self.scores.items()},
             self.samples_per_prompt,
             self.max_new_tokens,
+            None if self.truncated is None else self.truncated[rows.to(self.truncated.device)],
         )
 
 

@@ -119,7 +119,8 @@ class HFPolicy(Policy):
         order = [i * k + j % k for i in range(len(prompts)) for j in range(k * copies)]  # output row of each of the P x K samples
         width = k * copies
         completions = [[texts[o] for o in order[i * width : (i + 1) * width]] for i in range(len(prompts))]
-        return Samples(completions, self._sequences([rows[o // k] for o in order], [answers[o] for o in order]))
+        truncated = torch.tensor([self.tokenizer.eos_token_id not in answers[o] for o in order])
+        return Samples(completions, self._sequences([rows[o // k] for o in order], [answers[o] for o in order]), truncated)
 
     def encode(self, prompts: list[Prompt], completions: list[str]) -> Sequences:
         """Right-padded prompt+completion rows; the completion mask covers the answer and its EOS."""

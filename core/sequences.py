@@ -202,4 +202,7 @@ def lean_logps(hidden: torch.Tensor, model: torch.nn.Module, sequences: Sequence
         parts.append(checkpoint(chunk_logps, h, t, use_reentrant=False) if grad else chunk_logps(h, t))
     picked = torch.cat(parts) if parts else rows.new_zeros(0, dtype=torch.float32)
     token_logps = torch.zeros(where.shape, dtype=picked.dtype, device=picked.device).masked_scatter(where, picked)
+    if not parts and grad:
+        # no completion token at all (each masked out): zeros still joined to the graph, so that backward (and DDP's) runs
+        token_logps = token_logps + 0 * chunk_logps(hidden[:1, 0], sequences.input_ids[:1, 0]).sum()
     return Logps(token_logps, mask, token_logps.sum(-1))

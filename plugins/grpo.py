@@ -260,10 +260,26 @@ def loss_metrics(stats: dict[str, torch.Tensor], mask: torch.Tensor) -> dict[str
 # -- the objective ---------------------------------------------------------------------------
 
 
+def without_truncated(sequences: Sequences, truncated: torch.Tensor) -> Sequences:
+    """`sequences` with the truncated rows' completion tokens out of the mask: no loss, no token count, no KL (TRL's
+    mask_truncated_completions). Their rewards still count in their group's baseline."""
+    keep = (~truncated.to(sequences.completion_mask.device)).unsqueeze(1).to(sequences.completion_mask.dtype)
+    return Sequences(sequences.input_ids, sequences.attention_mask, sequences.completion_mask * keep)
+
+
+def truncated_of(batch: ScoredBatch, leave_out: bool) -> torch.Tensor | None:
+    """The rollout's cut completions ([B] bool, None when unknown); `leave_out` (mask_truncated_completions) needs them known."""
+    if leave_out and batch.truncated is None:
+        raise PrefError("mask_truncated_completions needs to know which completions the sampling limit cut: "
+                        "sample with a policy whose `sample` says so (Samples.truncated), as HFPolicy's does")
+    return batch.truncated
+
+
 def rollout_metrics(batch: ScoredBatch, rewards: torch.Tensor, std_is_zero: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
     """TRL's sample metrics of one rollout: reward, reward_std, frac_reward_zero_std, rewards/NAME/mean, completions/...
 
-    rewards: [B] the (weighted) rewards the advantages were built from; mask: [B, T] completion tokens.
+    rewards: [B] the (weighted) rewards the advantages were built from; mask: [B, T] completion tokens, as sampled;
+    completions/clipped_ratio where `batch.truncated` is known.
     A `weighted` reward's parts (scores named NAME/reward) are reported as rewards/NAME/mean.
     """
     lengths = mask.sum(-1).float()
@@ -278,6 +294,8 @@ def rollout_metrics(batch: ScoredBatch, rewards: torch.Tensor, std_is_zero: torc
     for name, values in batch.scores.items():
         if name.endswith("/reward"):
             metrics[f"rewards/{name[: -len('/reward')]}/mean"] = values.float().mean().item()
+    if batch.truncated is not None:
+        metrics["completions/clipped_ratio"] = batch.truncated.float().mean().item()
     return metrics
 
 
@@ -336,6 +354,8 @@ class GRPO(MovesReference, Objective):
         max_completion_length: dr_grpo's normaliser (default: the run's sampling limit, --max-new-tokens, as TRL's
             max_completion_length is both; a constant, so micro-batches and processes weigh each token alike).
         delta: INTELLECT-2's cap on the unclipped ratio (none by default).
+        mask_truncated_completions: leave the completions the sampling limit cut (no EOS) out of the loss (DAPO's
+            overlong filtering; off). Their rewards still count in their group's advantages, as TRL.
         sapo_temperature_pos, sapo_temperature_neg: SAPO's gate temperatures (1.0, 1.05).
         vespo_k_pos, vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg: VESPO's gamma weights (2, 3, 3, 2).
     With several processes, scale_rewards "batch" divides by the std of every process's rewards and
@@ -365,6 +385,7 @@ class GRPO(MovesReference, Objective):
         vespo_lambda_pos: float = 3.0,
         vespo_k_neg: float = 3.0,
         vespo_lambda_neg: float = 2.0,
+        mask_truncated_completions: bool = False,
         sync_ref_model: bool = False,
         ref_model_mixup_alpha: float = 0.6,
         ref_model_sync_steps: int = 512,
@@ -388,6 +409,7 @@ class GRPO(MovesReference, Objective):
         self.sapo_temperatures = (sapo_temperature_pos, sapo_temperature_neg)
         self.vespo_options = {"k_pos": vespo_k_pos, "lambda_pos": vespo_lambda_pos, "k_neg": vespo_k_neg, "lambda_neg": vespo_lambda_neg}
         self.processes = processes or Processes()
+        self.mask_truncated_completions = mask_truncated_completions
         if sync_ref_model and beta == 0:
             raise PrefError("grpo: sync_ref_model moves the reference of the KL term, which beta 0 leaves out: set beta > 0, or drop it")
         self.moving = SyncReference(ref_model_mixup_alpha, ref_model_sync_steps) if sync_ref_model else None
@@ -412,7 +434,9 @@ class GRPO(MovesReference, Objective):
     def prepare(self, policy: Policy, reference: Reference | None, batch: ScoredBatch) -> PreparedSamples:
         """Advantages, the sampling policy's and the reference's token log-probs, once per rollout."""
         k = group_size(batch, type(self).__name__.lower())
-        sequences = batch.sequences
+        sequences, truncated = batch.sequences, truncated_of(batch, self.mask_truncated_completions)
+        if truncated is not None and self.mask_truncated_completions:
+            sequences = without_truncated(sequences, truncated)
         steps = self.needs.epochs_per_rollout * self.needs.minibatches_per_rollout
         old_logps = None
         mask = sequences.completion_mask.clone()
@@ -434,7 +458,7 @@ class GRPO(MovesReference, Objective):
         if self.processes.world > 1:
             tokens = self.processes.mean(tokens.reshape(1)).reshape(()).to(tokens.device)
         total_tokens = tokens.item() / self.needs.minibatches_per_rollout
-        metrics = rollout_metrics(batch, rewards, std_is_zero, mask)
+        metrics = rollout_metrics(batch, rewards, std_is_zero, batch.sequences.completion_mask[:, 1:].to(device))
         max_completion_length = self.max_completion_length or batch.max_new_tokens
         return PreparedSamples(sequences.to(device), advantages, old_logps, reference_logps, total_tokens, metrics, max_completion_length)
 

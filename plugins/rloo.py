@@ -13,7 +13,7 @@ import torch
 from pref.errors import PrefError
 from pref.hookspecs import hookimpl
 from pref.interfaces import NO_REFERENCE, REFERENCE_DISTRIBUTIONS, REFERENCE_LOGPS, SAMPLES, Minibatch, Objective, ObjectiveNeeds, Policy, Processes, Reference, ScoredBatch
-from pref.plugins.grpo import PreparedSamples, group_size, rollout_metrics
+from pref.plugins.grpo import PreparedSamples, group_size, rollout_metrics, truncated_of, without_truncated
 from pref.plugins.moving_reference import MovesReference, SyncReference
 
 
@@ -97,6 +97,8 @@ class RLOO(MovesReference, Objective):
         normalize_advantages: standardise the advantages over the rollout, every process's (default false).
         num_iterations: passes over each rollout (default 1), each cut into `steps_per_generation`
             mini-batches, one optimizer step each (default 1).
+        mask_truncated_completions: leave the completions the sampling limit cut (no EOS) out of the loss and the KL
+            penalty (off), as TRL.
         sync_ref_model, ref_model_mixup_alpha, ref_model_sync_steps: TR-DPO's moving reference, as for dpo (off; 0.6, 512;
             needs beta > 0).
     Several rewards: `--reward a --reward b --reward-weights 1,0.5` (TRL's reward_weights), the `weighted` reward's sum.
@@ -112,6 +114,7 @@ class RLOO(MovesReference, Objective):
         normalize_advantages: bool = False,
         num_iterations: int = 1,
         steps_per_generation: int = 1,
+        mask_truncated_completions: bool = False,
         sync_ref_model: bool = False,
         ref_model_mixup_alpha: float = 0.6,
         ref_model_sync_steps: int = 512,
@@ -129,6 +132,7 @@ class RLOO(MovesReference, Objective):
         self.beta, self.epsilon, self.epsilon_high = beta, epsilon, epsilon_high
         self.normalize_advantages = normalize_advantages
         self.processes = processes or Processes()
+        self.mask_truncated_completions = mask_truncated_completions
         if sync_ref_model and beta == 0:
             raise PrefError("rloo: sync_ref_model moves the reference of the KL term, which beta 0 leaves out: set beta > 0, or drop it")
         self.moving = SyncReference(ref_model_mixup_alpha, ref_model_sync_steps) if sync_ref_model else None
@@ -145,7 +149,9 @@ class RLOO(MovesReference, Objective):
     def prepare(self, policy: Policy, reference: Reference | None, batch: ScoredBatch) -> PreparedSamples:
         """The sampling policy's log-probs, KL-penalised rewards and leave-one-out advantages, once per rollout."""
         k = group_size(batch, "rloo")
-        sequences = batch.sequences
+        sequences, truncated = batch.sequences, truncated_of(batch, self.mask_truncated_completions)
+        if truncated is not None and self.mask_truncated_completions:  # out of the loss and of the KL penalty, as TRL
+            sequences = without_truncated(sequences, truncated)
         out = policy.logps(sequences)  # the KL penalty needs the sampling policy's token log-probs
         old_logps, mask = out.tokens.float(), out.mask
         device = mask.device
@@ -159,7 +165,7 @@ class RLOO(MovesReference, Objective):
             metrics["kl"] = (per_token_kl.sum() / mask.sum().clamp(min=1)).item()
         advantages = leave_one_out_advantages(rewards, k, self.normalize_advantages, self.processes)
         std_is_zero = torch.isclose(rewards.view(-1, k).std(dim=1), torch.zeros(()))
-        metrics.update(rollout_metrics(batch, scores, std_is_zero, mask))  # TRL reports the rewards before the KL penalty
+        metrics.update(rollout_metrics(batch, scores, std_is_zero, batch.sequences.completion_mask[:, 1:].to(device)))  # TRL reports the rewards before the KL penalty
         return PreparedSamples(sequences.to(device), advantages, old_logps, None, 0.0, metrics)
 
     def loss(self, policy: Policy, reference: Reference | None, batch: Minibatch) -> tuple[torch.Tensor, dict[str, float]]:

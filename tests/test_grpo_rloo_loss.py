@@ -1,5 +1,6 @@
 """GRPO and RLOO: advantages and losses against TRL 1.16's GRPOTrainer/RLOOTrainer, and by hand."""
 
+import dataclasses
 import math
 from collections import defaultdict
 from types import SimpleNamespace
@@ -414,3 +415,65 @@ def test_dr_grpo_divides_by_the_sampling_limit_so_mini_batches_add_up_to_the_bat
     advantages, _ = trl_advantages_group(rewards, 2, "group")
     trl_loss, _ = trl_grpo(mask, tokens * mask, (tokens * mask).detach(), None, advantages, loss_type="dr_grpo", max_completion_length=8)
     assert whole.item() == pytest.approx(trl_loss.item(), abs=1e-6)
+
+
+# ---------------------------------------------------------------------------
+# mask_truncated_completions: the completions the sampling limit cut (no EOS) leave the loss, as in TRL.
+# ---------------------------------------------------------------------------
+
+
+def truncation_batch():
+    """Two prompts x 2 samples; rows 1 and 3 were cut by the sampling limit (no EOS)."""
+    from pref.interfaces import ScoredBatch
+    from pref.sequences import Sequences
+
+    ids = torch.tensor([[5, 1, 2, 9, 0], [5, 1, 2, 3, 4], [5, 3, 9, 0, 0], [5, 4, 4, 4, 4]])
+    completion_mask = torch.tensor([[0, 1, 1, 1, 0], [0, 1, 1, 1, 1], [0, 1, 1, 0, 0], [0, 1, 1, 1, 1]])
+    attention_mask = completion_mask.clone()
+    attention_mask[:, 0] = 1
+    rewards, truncated = torch.tensor([1.0, 0.0, 2.0, 0.5]), torch.tensor([False, True, False, True])
+    tokens = -torch.linspace(0.1, 2.0, 20).reshape(4, 5)
+    sequences = Sequences(ids, attention_mask, completion_mask)
+    return ScoredBatch(["p", "p", "q", "q"], ["a"] * 4, sequences, {"reward": rewards}, 2, truncated=truncated), tokens
+
+
+@pytest.mark.parametrize("name", ["grpo", "rloo"])
+def test_mask_truncated_completions_leaves_the_cut_answers_out_of_the_loss_as_trl(name):
+    from test_dpo_loss import TablePolicy
+
+    from pref.interfaces import Minibatch, Rollout
+    from pref.plugins.grpo import GRPO
+    from pref.plugins.rloo import RLOO
+
+    batch, tokens = truncation_batch()
+    make = (lambda **o: GRPO(**o)) if name == "grpo" else (lambda **o: RLOO(beta=0.0, **o))
+
+    def loss_and_gradient(objective, table, batch=batch):
+        table = table.clone().requires_grad_(True)
+        loss, metrics = objective.loss(TablePolicy(table), None, Minibatch(Rollout(batch), torch.arange(4)))
+        loss.backward()
+        return loss, table.grad, metrics
+
+    loss, gradient, metrics = loss_and_gradient(make(mask_truncated_completions=True), tokens)
+    kept = batch.sequences.completion_mask.clone()
+    kept[:, 0] = 0
+    lengths = kept.sum(-1).float()
+    kept[[1, 3]] = 0  # TRL zeroes the cut rows' completion mask; their rewards still make the baselines
+    rewards, theirs = batch.scores["reward"], tokens.clone().requires_grad_(True)
+    if name == "grpo":
+        advantages, _ = trl_advantages_group(rewards, 2, "group")
+        expected, _ = trl_grpo(kept, theirs * kept, (tokens * kept).detach(), None, advantages, loss_type="dapo")
+    else:
+        expected, _ = trl_rloo(theirs * kept, (tokens * kept).sum(-1), trl_rloo_advantages(rewards, 2, False), kept)
+    expected.backward()
+    assert loss.item() == pytest.approx(expected.item(), abs=1e-6)
+    assert_close(gradient, theirs.grad)
+    assert gradient[[1, 3]].abs().sum() == 0 and gradient[[0, 2]].abs().sum() > 0
+    assert metrics["completions/clipped_ratio"] == 0.5  # TRL's figure, with or without the option
+    assert metrics["completions/mean_length"] == pytest.approx(lengths.mean().item())  # the lengths as sampled
+    _, gradient, metrics = loss_and_gradient(make(), tokens)
+    assert gradient[[1, 3]].abs().sum() > 0 and metrics["completions/clipped_ratio"] == 0.5
+    unknown = dataclasses.replace(batch, truncated=None)
+    with pytest.raises(PrefError, match="mask_truncated_completions needs to know which completions the sampling limit cut"):
+        loss_and_gradient(make(mask_truncated_completions=True), tokens, unknown)
+    assert "completions/clipped_ratio" not in loss_and_gradient(make(), tokens, unknown)[2]

@@ -79,3 +79,19 @@ def test_with_logits_keeps_the_full_path(tiny_model_dir):
         lean = policy.logps(seqs)
     assert full.logits.shape == (*seqs.input_ids.shape, policy.model.config.vocab_size)
     assert_close(full.sequence, lean.sequence, atol=1e-5, rtol=0)
+
+
+def test_a_batch_without_completion_tokens_still_backpropagates_zeros(tiny_model_dir):
+    """Every completion masked out (GRPO's mask_truncated_completions when the limit cut them all): zero log-probs whose
+    backward gives every weight a zero gradient, as the full-logits path does, instead of an error (or DDP waiting)."""
+    from pref.sequences import Sequences
+
+    policy = HFPolicy.load(tiny_model_dir)
+    model = policy.model.train()
+    seqs = policy.encode(PROMPTS, ANSWERS)
+    masked = Sequences(seqs.input_ids, seqs.attention_mask, torch.zeros_like(seqs.completion_mask))
+    lean = model_logps(model, masked)
+    assert torch.equal(lean.tokens, torch.zeros_like(lean.tokens))
+    gradients = grads(model, lean.sequence.sum())
+    assert gradients.keys() == grads(model, plain_logps(model, masked).sequence.sum()).keys()
+    assert all(float(g.abs().max()) == 0 for g in gradients.values())

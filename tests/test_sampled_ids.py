@@ -72,6 +72,7 @@ def test_samples_are_the_ids_sampled_up_to_the_eos_and_the_text_rewards_read(pol
     samples = policy.sample(PROMPTS, K, SAMPLING)
     assert samples.completions == [TEXTS] * 2
     assert completion_ids(samples.sequences) == policy.answers * 2  # padding after the EOS dropped, none added to the cut one
+    assert samples.truncated.tolist() == [False, False, True, False] * 2  # max_new_tokens cut "cat sat" before its EOS
     flat_prompts = [p for p in PROMPTS for _ in range(K)]
     assert torch.equal(samples.sequences.input_ids, rows_as_sampled(policy, [(p, k) for p in range(2) for k in range(K)]).input_ids)
     # the text encoded again is other ids for all but the canonical answer: what training on it got wrong
@@ -137,6 +138,7 @@ def test_grpo_old_log_probs_are_of_the_sampled_ids(policy, packing):
     rollout: ScoredBatch = step.rollout.batch
     assert completion_ids(rollout.sequences) == policy.answers * 2
     assert rollout.completions == TEXTS * 2
+    assert rollout.truncated.tolist() == [text == "cat sat" for text in rollout.completions]
     prepared = objective.prepare(policy, None, rollout)
     with torch.no_grad():
         expected = policy.logps(rows_as_sampled(policy, [(PROMPTS.index(p), k % K) for k, p in enumerate(rollout.prompts)]))
