@@ -73,10 +73,11 @@ class Policy(ABC):
         """Tokenize B prompt/completion pairs into right-padded `Sequences`."""
 
     @abstractmethod
-    def logps(self, sequences: Sequences, with_logits: bool = False, with_hidden: bool = False) -> Logps:
+    def logps(self, sequences: Sequences, with_logits: bool = False, with_hidden: bool = False, with_entropy: bool = False) -> Logps:
         """Per-token and per-sequence log-probs of the completion tokens (with grad).
 
-        `with_logits` keeps the [B, T, V] logits, `with_hidden` the last hidden states [B, T, H].
+        `with_logits` keeps the [B, T, V] logits, `with_hidden` the last hidden states [B, T, H],
+        `with_entropy` each completion token's next-token entropy [B, T] (no grad).
         """
 
     @abstractmethod

@@ -136,8 +136,8 @@ class HFPolicy(Policy):
             masks.append([0] * len(p) + [1] * len(c))
         return Sequences(_padded(rows, self.tokenizer.pad_token_id), _padded([[1] * len(r) for r in rows], 0), _padded(masks, 0))
 
-    def logps(self, sequences: Sequences, with_logits: bool = False, with_hidden: bool = False) -> Logps:
-        return model_logps(self.model, sequences.to(self.device), with_logits, with_hidden, packing=self.packing)
+    def logps(self, sequences: Sequences, with_logits: bool = False, with_hidden: bool = False, with_entropy: bool = False) -> Logps:
+        return model_logps(self.model, sequences.to(self.device), with_logits, with_hidden, packing=self.packing, with_entropy=with_entropy)
 
     def save(self, path: str, state_dict: dict[str, torch.Tensor] | None = None) -> None:
         """The model (its weights from `state_dict` where given: a sharded model's, gathered whole) and the tokenizer."""

@@ -65,6 +65,7 @@ class Logps:
     sequence: [B]    sum of `tokens` over the completion
     logits:   [B, T, V] or None; logits[:, t] predicts token t (row 0 is unused)
     hidden:   [B, T, H] or None; the last layer's hidden state at each position
+    entropy:  [B, T] or None; the entropy of the distribution each completion token was drawn from, 0 elsewhere (no grad)
     """
 
     tokens: torch.Tensor
@@ -72,6 +73,7 @@ class Logps:
     sequence: torch.Tensor
     logits: torch.Tensor | None = None
     hidden: torch.Tensor | None = None
+    entropy: torch.Tensor | None = None
 
     @property
     def mean(self) -> torch.Tensor:
@@ -113,24 +115,31 @@ def _inside_ddp(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def model_logps(model: torch.nn.Module, sequences: Sequences, with_logits: bool = False, with_hidden: bool = False,
-                packing: bool = False) -> Logps:
+                packing: bool = False, with_entropy: bool = False) -> Logps:
     """Log-probs of `sequences`' completion tokens under a causal LM (possibly wrapped by DDP or PEFT).
 
     With `with_logits` the model computes the full [B, T, V] logits (the plain path);
     otherwise the LM head runs only at completion positions, a chunk at a time (`lean_logps`).
-    `with_hidden` adds the LM head's input [B, T, H] (the last hidden states, after the final norm).
+    `with_hidden` adds the LM head's input [B, T, H] (the last hidden states, after the final norm), `with_entropy`
+    each completion token's next-token entropy [B, T] (detached; in the lean path from the same chunks).
     With `packing` the lean path packs the rows into fewer rows without padding when that
     saves rows and the model passed its probe (`pref.packing`); the values are the same.
     The forward pass always goes through `model` itself, once, so a DDP wrapper synchronises gradients.
     """
     if packing and not with_logits and not with_hidden:
-        packed = packed_logps(model, sequences)
+        packed = packed_logps(model, sequences, with_entropy)
         if packed is not None:
             return packed
     head = _inside_ddp(model).get_output_embeddings() if with_hidden or not with_logits else None
     out, hidden = forward_with_head_input(model, head, shrink=not with_logits, input_ids=sequences.input_ids,
                                           attention_mask=sequences.attention_mask)
-    logps = logps_from_logits(out.logits, sequences, keep_logits=True) if with_logits else lean_logps(hidden, model, sequences)
+    if with_logits:
+        logps = logps_from_logits(out.logits, sequences, keep_logits=True)
+        if with_entropy:  # the distribution at position t - 1 drew token t
+            distributions = torch.log_softmax(out.logits[:, :-1].detach().float(), -1)
+            logps.entropy = torch.nn.functional.pad(-(distributions.exp() * distributions).sum(-1), (1, 0)) * logps.mask
+    else:
+        logps = lean_logps(hidden, model, sequences, with_entropy)
     if with_hidden:
         logps.hidden = hidden
     return logps
@@ -157,7 +166,7 @@ def forward_with_head_input(model: torch.nn.Module, head: torch.nn.Module | None
     return out, captured.get("hidden")
 
 
-def packed_logps(model: torch.nn.Module, sequences: Sequences) -> Logps | None:
+def packed_logps(model: torch.nn.Module, sequences: Sequences, with_entropy: bool = False) -> Logps | None:
     """`model_logps`' lean path through one packed forward; None where packing saves no row or may be wrong."""
     bare = _inside_ddp(model)  # the probe runs on the model inside DDP: it must not synchronise anything
     layout = packed_layout(bare, sequences.input_ids, sequences.attention_mask)
@@ -166,10 +175,10 @@ def packed_logps(model: torch.nn.Module, sequences: Sequences) -> Logps | None:
     # no attention mask: transformers then reads the sequence starts from position_ids
     _, hidden = forward_with_head_input(model, bare.get_output_embeddings(), shrink=True, input_ids=layout.input_ids,
                                         position_ids=layout.position_ids, use_cache=False)
-    return lean_logps(layout.unpack(hidden), model, sequences)
+    return lean_logps(layout.unpack(hidden), model, sequences, with_entropy)
 
 
-def lean_logps(hidden: torch.Tensor, model: torch.nn.Module, sequences: Sequences) -> Logps:
+def lean_logps(hidden: torch.Tensor, model: torch.nn.Module, sequences: Sequences, with_entropy: bool = False) -> Logps:
     """Log-probs of the completion tokens from the last hidden states, without the full logits.
 
     hidden: [B, T, H], where `model`'s LM head on `hidden[:, t]` predicts token t + 1 (after
@@ -178,7 +187,7 @@ def lean_logps(hidden: torch.Tensor, model: torch.nn.Module, sequences: Sequence
     `LOGIT_CHUNK_ELEMENTS // V` rows; with grad enabled each chunk is recomputed in
     the backward pass instead of being kept, so a step holds one chunk's logits
     [rows, V] at a time instead of [B, T, V]. Returns the same `Logps` as
-    `logps_from_logits` (logits=None).
+    `logps_from_logits` (logits=None), with each token's entropy from the same chunks if `with_entropy`.
     """
     bare = _inside_ddp(model)
     head, softcap = bare.get_output_embeddings(), getattr(config_of(bare), "final_logit_softcapping", None)
@@ -193,16 +202,26 @@ def lean_logps(hidden: torch.Tensor, model: torch.nn.Module, sequences: Sequence
         logits = head(h).float()
         if softcap:
             logits = torch.tanh(logits / softcap) * softcap
-        return torch.gather(logits, 1, t.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+        normaliser = torch.logsumexp(logits, dim=-1)
+        picked = torch.gather(logits, 1, t.unsqueeze(-1)).squeeze(-1) - normaliser
+        if not with_entropy:
+            return picked
+        with torch.no_grad():  # -sum p log p, from log p itself (log Z - sum p * logit cancels large numbers)
+            log_p = logits - normaliser.unsqueeze(-1)
+            entropy = -(log_p.exp() * log_p).sum(-1)
+        return torch.stack([picked, entropy.detach()])
 
     grad = torch.is_grad_enabled()
     parts = []
     for start in range(0, rows.shape[0], chunk):
         h, t = rows[start : start + chunk], targets[start : start + chunk]
         parts.append(checkpoint(chunk_logps, h, t, use_reentrant=False) if grad else chunk_logps(h, t))
-    picked = torch.cat(parts) if parts else rows.new_zeros(0, dtype=torch.float32)
+    picked = torch.cat(parts, dim=-1) if parts else rows.new_zeros((2, 0) if with_entropy else (0,), dtype=torch.float32)
+    entropy = None
+    if with_entropy:  # each chunk gave its log-probs and entropies stacked
+        picked, entropy = picked[0], torch.zeros(where.shape, device=picked.device).masked_scatter(where, picked[1].detach())
     token_logps = torch.zeros(where.shape, dtype=picked.dtype, device=picked.device).masked_scatter(where, picked)
     if not parts and grad:
         # no completion token at all (each masked out): zeros still joined to the graph, so that backward (and DDP's) runs
         token_logps = token_logps + 0 * chunk_logps(hidden[:1, 0], sequences.input_ids[:1, 0]).sum()
-    return Logps(token_logps, mask, token_logps.sum(-1))
+    return Logps(token_logps, mask, token_logps.sum(-1), entropy=entropy)

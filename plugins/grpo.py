@@ -106,6 +106,7 @@ def grpo_loss(
     sapo_temperature_pos: float = 1.0,
     sapo_temperature_neg: float = 1.05,
     vespo_options: dict[str, float] | None = None,
+    token_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The GRPO policy loss of one batch of samples, as TRL 1.16's `GRPOTrainer._compute_loss`.
 
@@ -139,6 +140,7 @@ def grpo_loss(
         delta: INTELLECT-2's upper bound on the unclipped ratio (None: off).
         sapo_temperature_pos, sapo_temperature_neg: SAPO's gate temperatures for positive and other advantages.
         vespo_options: k_pos, lambda_pos, k_neg, lambda_neg of `vespo_weights`.
+        token_weights: [B, T] multiplies each token's policy term, not its KL term (`high_entropy_mask`'s tokens; None: 1).
 
     Returns:
         loss: [] the loss of this batch.
@@ -183,6 +185,9 @@ def grpo_loss(
         stats["low_clipped"] = (ratio < 1 - epsilon) & (advantages < 0)
         stats["high_clipped"] = (ratio > 1 + epsilon_high) & (advantages > 0)
 
+    if token_weights is not None:  # TRL applies top_entropy_quantile's mask here: the normalisers still count every token
+        per_token_loss = per_token_loss * token_weights
+
     if beta != 0.0:
         if reference_token_logps is None:
             raise PrefError("grpo: beta > 0 needs the reference's per-token log-probs")
@@ -205,6 +210,19 @@ def grpo_loss(
         normaliser = mask.sum() if total_tokens is None else torch.as_tensor(total_tokens, dtype=mask.dtype)
         loss = (per_token_loss * mask).sum() / normaliser.clamp(min=1.0)
     return loss, stats
+
+
+def high_entropy_mask(entropy: torch.Tensor, mask: torch.Tensor, top_quantile: float, processes: Processes | None = None) -> torch.Tensor:
+    """[B, T] bool: the completion tokens whose entropy is at least the (1 - `top_quantile`) quantile of every process's
+    completion tokens, the forking tokens the policy term keeps (Wang et al. 2025, "Beyond the 80/20 rule"; TRL's
+    `top_entropy_quantile`, `get_high_entropy_mask`)."""
+    values = entropy[mask.bool()].float()
+    if processes is not None and processes.world > 1:  # float32 values survive the round trip through Python floats
+        values = torch.tensor(processes.gather(values.tolist()), dtype=torch.float32, device=entropy.device)
+    if values.numel() == 0:
+        return torch.zeros_like(mask, dtype=torch.bool)
+    threshold = torch.quantile(values, 1 - top_quantile)
+    return (entropy * mask >= threshold) & mask.bool()
 
 
 def check_options(loss_type: str, importance_sampling_level: str = "token", epsilon: float = 0.2, epsilon_high: float | None = None, beta: float = 0.0) -> None:
@@ -356,6 +374,9 @@ class GRPO(MovesReference, Objective):
         delta: INTELLECT-2's cap on the unclipped ratio (none by default).
         mask_truncated_completions: leave the completions the sampling limit cut (no EOS) out of the loss (DAPO's
             overlong filtering; off). Their rewards still count in their group's advantages, as TRL.
+        top_entropy_quantile: the policy term keeps only this top fraction of the completion tokens by entropy, the
+            "forking" tokens (Wang et al. 2025; 1.0, all: off); 0.2 is the paper's. The entropies come from the lean
+            log-probs' own chunks, never the full logits; the run then logs `entropy`.
         sapo_temperature_pos, sapo_temperature_neg: SAPO's gate temperatures (1.0, 1.05).
         vespo_k_pos, vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg: VESPO's gamma weights (2, 3, 3, 2).
     With several processes, scale_rewards "batch" divides by the std of every process's rewards and
@@ -386,6 +407,7 @@ class GRPO(MovesReference, Objective):
         vespo_k_neg: float = 3.0,
         vespo_lambda_neg: float = 2.0,
         mask_truncated_completions: bool = False,
+        top_entropy_quantile: float = 1.0,
         sync_ref_model: bool = False,
         ref_model_mixup_alpha: float = 0.6,
         ref_model_sync_steps: int = 512,
@@ -410,6 +432,9 @@ class GRPO(MovesReference, Objective):
         self.vespo_options = {"k_pos": vespo_k_pos, "lambda_pos": vespo_lambda_pos, "k_neg": vespo_k_neg, "lambda_neg": vespo_lambda_neg}
         self.processes = processes or Processes()
         self.mask_truncated_completions = mask_truncated_completions
+        if not 0.0 < top_entropy_quantile <= 1.0:
+            raise PrefError(f"grpo: top_entropy_quantile must lie in (0, 1], got {top_entropy_quantile}")
+        self.top_entropy_quantile = top_entropy_quantile
         if sync_ref_model and beta == 0:
             raise PrefError("grpo: sync_ref_model moves the reference of the KL term, which beta 0 leaves out: set beta > 0, or drop it")
         self.moving = SyncReference(ref_model_mixup_alpha, ref_model_sync_steps) if sync_ref_model else None
@@ -465,9 +490,15 @@ class GRPO(MovesReference, Objective):
     def loss(self, policy: Policy, reference: Reference | None, batch: Minibatch) -> tuple[torch.Tensor, dict[str, float]]:
         """The GRPO loss on this step's rows of the rollout, with TRL's metrics."""
         rollout = batch.prepared(self, policy, reference)
-        out = policy.logps(rollout.sequences)
+        forking = self.top_entropy_quantile < 1.0
+        out = policy.logps(rollout.sequences, with_entropy=True) if forking else policy.logps(rollout.sequences)
         logps, mask = out.tokens.float(), out.mask
         old_logps = logps.detach() if rollout.old_logps is None else rollout.old_logps
+        token_weights, entropy_metrics = None, {}
+        if forking:
+            assert out.entropy is not None
+            token_weights = high_entropy_mask(out.entropy, mask, self.top_entropy_quantile, self.processes).to(logps.dtype)
+            entropy_metrics = {"entropy": ((out.entropy * mask).sum() / mask.sum().clamp(min=1)).item()}
         # a rollout that does not know its sampling limit (built by hand) falls back on this mini-batch's longest completion
         max_length = rollout.max_completion_length or int(mask.sum(-1).max().clamp(min=1))
         loss, stats = grpo_loss(
@@ -484,8 +515,9 @@ class GRPO(MovesReference, Objective):
             sapo_temperature_pos=self.sapo_temperatures[0],
             sapo_temperature_neg=self.sapo_temperatures[1],
             vespo_options=self.vespo_options,
+            token_weights=token_weights,
         )
-        return loss, {**rollout.metrics, **loss_metrics(stats, mask), "num_iteration": float(batch.epoch)}
+        return loss, {**rollout.metrics, **loss_metrics(stats, mask), **entropy_metrics, "num_iteration": float(batch.epoch)}
 
 
 @hookimpl

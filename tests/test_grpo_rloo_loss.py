@@ -1,6 +1,7 @@
 """GRPO and RLOO: advantages and losses against TRL 1.16's GRPOTrainer/RLOOTrainer, and by hand."""
 
 import dataclasses
+import json
 import math
 from collections import defaultdict
 from types import SimpleNamespace
@@ -32,13 +33,15 @@ def trl_grpo(mask, policy, old, reference, advantages, num_items_in_batch=None, 
     trainer = object.__new__(trainer_class or trl.GRPOTrainer)
     epsilon = options.pop("epsilon", 0.2)
     epsilon_high = options.pop("epsilon_high", None)
+    entropies = options.pop("entropies", torch.zeros_like(policy))
     args = SimpleNamespace(
         use_bias_correction_kl=False, delta=options.pop("delta", None), sapo_temperature_pos=1.0, sapo_temperature_neg=1.05,
         vespo_k_pos=2.0, vespo_lambda_pos=3.0, vespo_k_neg=3.0, vespo_lambda_neg=2.0, steps_per_generation=1,
     )
     attributes = {
         "model": SimpleNamespace(training=True),
-        "accelerator": SimpleNamespace(num_processes=1, reduce=lambda t, reduction: t, gather=lambda t: t, gather_for_metrics=lambda t: t),
+        "accelerator": SimpleNamespace(num_processes=1, reduce=lambda t, reduction: t, gather=lambda t: t, gather_for_metrics=lambda t: t,
+                                       pad_across_processes=lambda t, dim, pad_index: t),
         "args": args,
         "_metrics": {"train": defaultdict(list), "eval": defaultdict(list)},
         "top_entropy_quantile": 1.0,
@@ -53,7 +56,7 @@ def trl_grpo(mask, policy, old, reference, advantages, num_items_in_batch=None, 
         "max_completion_length": mask.shape[1],
         "_entropy_bonus_enabled": False,
         "aux_loss_enabled": False,
-        "_get_per_token_logps_and_entropies": lambda *a, **k: (policy, torch.zeros_like(policy), None),
+        "_get_per_token_logps_and_entropies": lambda *a, **k: (policy, entropies, None),
         **options,
     }
     for name, value in attributes.items():
@@ -477,3 +480,51 @@ def test_mask_truncated_completions_leaves_the_cut_answers_out_of_the_loss_as_tr
     with pytest.raises(PrefError, match="mask_truncated_completions needs to know which completions the sampling limit cut"):
         loss_and_gradient(make(mask_truncated_completions=True), tokens, unknown)
     assert "completions/clipped_ratio" not in loss_and_gradient(make(), tokens, unknown)[2]
+
+
+# ---------------------------------------------------------------------------
+# top_entropy_quantile: the policy term on the high-entropy "forking" tokens only, as TRL.
+# ---------------------------------------------------------------------------
+
+
+def test_high_entropy_mask_by_hand():
+    """Completion entropies 0.1, 0.5, 0.9, 0.3, 0.7 (the last column is padding); the top 40%: the 0.6 quantile is
+    0.5 + 0.4 * (0.7 - 0.5) = 0.58, so the tokens of entropy 0.9 and 0.7 stay."""
+    from pref.plugins.grpo import high_entropy_mask
+
+    entropy = torch.tensor([[0.1, 0.5, 0.9], [0.3, 0.7, 5.0]])
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    assert high_entropy_mask(entropy, mask, 0.4).tolist() == [[False, False, True], [False, True, False]]
+    assert high_entropy_mask(entropy, mask, 1.0).tolist() == mask.bool().tolist()
+    assert not high_entropy_mask(entropy, torch.zeros_like(mask), 0.2).any()
+
+
+@pytest.mark.parametrize("options", [{"loss_type": "dapo"}, {"loss_type": "grpo", "beta": 0.04}, {"loss_type": "dr_grpo"}])
+def test_top_entropy_quantile_matches_trl(options):
+    from pref.plugins.grpo import high_entropy_mask
+
+    mask, policy, old, reference, advantages = rollout(seed=3)
+    entropies = torch.rand(mask.shape, generator=torch.Generator().manual_seed(4)) * 3 * mask
+    ours, stats = grpo_loss(policy, old, advantages, mask, reference_token_logps=reference, max_completion_length=mask.shape[1],
+                            token_weights=high_entropy_mask(entropies, mask, 0.2).float(), **options)
+    theirs, metrics = trl_grpo(mask, policy, old, reference, advantages, top_entropy_quantile=0.2, entropies=entropies, **options)
+    assert ours.item() == pytest.approx(theirs.item(), abs=1e-6, rel=1e-6)
+    everything, _ = grpo_loss(policy, old, advantages, mask, reference_token_logps=reference, max_completion_length=mask.shape[1], **options)
+    assert everything.item() != pytest.approx(ours.item(), abs=1e-4)
+    assert metrics["entropy"] == pytest.approx(((entropies * mask).sum() / mask.sum()).item())
+
+
+def test_top_entropy_quantile_trains_from_the_cli_and_logs_the_entropy(tmp_path, tiny_model_dir):
+    from click.testing import CliRunner
+
+    from pref.cli.main import cli
+
+    out = tmp_path / "run"
+    result = CliRunner().invoke(cli, ["run", "--objective", "grpo", "--model", tiny_model_dir, "--reward", "noun-diversity", "-k", "4",
+                                      "--steps", "2", "--batch-size", "2", "--max-new-tokens", "6", "--device", "cpu",
+                                      "-o", "top_entropy_quantile=0.2", "--output-dir", str(out)])
+    assert result.exit_code == 0, result.output
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(line["entropy"] > 0 for line in lines)
+    bad = CliRunner().invoke(cli, ["run", "--objective", "grpo", "-o", "top_entropy_quantile=0", "--output-dir", str(tmp_path / "bad")])
+    assert bad.exit_code == 2 and bad.stderr.strip() == "Error: grpo: top_entropy_quantile must lie in (0, 1], got 0"

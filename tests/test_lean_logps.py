@@ -95,3 +95,26 @@ def test_a_batch_without_completion_tokens_still_backpropagates_zeros(tiny_model
     gradients = grads(model, lean.sequence.sum())
     assert gradients.keys() == grads(model, plain_logps(model, masked).sequence.sum()).keys()
     assert all(float(g.abs().max()) == 0 for g in gradients.values())
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_entropies_from_the_lean_chunks_equal_the_full_logits(tiny_model_dir, monkeypatch, packing):
+    """GRPO's top_entropy_quantile reads each completion token's entropy: from the lean path's chunks (a few rows each
+    here), packed or not, it is the full distribution's -sum p log p, without the [B, T, V] logits."""
+    policy = HFPolicy.load(tiny_model_dir)
+    model = policy.model.double().train()
+    monkeypatch.setattr(sequences_module, "LOGIT_CHUNK_ELEMENTS", 5 * model.get_output_embeddings().weight.shape[0])
+    seqs = policy.encode(PROMPTS, ANSWERS)
+    logits = model(input_ids=seqs.input_ids, attention_mask=seqs.attention_mask).logits[:, :-1]
+    by_hand = -(torch.softmax(logits, -1) * torch.log_softmax(logits, -1)).sum(-1)  # position t - 1 drew token t
+    mask = seqs.completion_mask.clone()
+    mask[:, 0] = 0
+    expected = torch.nn.functional.pad(by_hand, (1, 0)) * mask
+    lean = model_logps(model, seqs, packing=packing, with_entropy=True)
+    full = model_logps(model, seqs, with_logits=True, with_entropy=True)
+    assert lean.logits is None and lean.entropy is not None and not lean.entropy.requires_grad
+    assert_close(lean.entropy.double(), expected.detach(), atol=5e-5, rtol=0)  # both compute in float32
+    assert_close(full.entropy.double(), expected.detach(), atol=5e-5, rtol=0)
+    assert_close(lean.tokens, model_logps(model, seqs, packing=packing).tokens)  # the log-probs as without it
+    assert model_logps(model, seqs).entropy is None
+

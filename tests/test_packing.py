@@ -182,8 +182,8 @@ def test_a_dpo_run_gives_the_same_losses_packed_and_padded(tmp_path, tiny_model_
     packed_forwards = []
     original = sequences_module.packed_logps
 
-    def counting(model, sequences):
-        out = original(model, sequences)
+    def counting(model, sequences, with_entropy=False):
+        out = original(model, sequences, with_entropy)
         packed_forwards.append(out is not None)
         return out
 
