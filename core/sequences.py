@@ -178,11 +178,25 @@ def packed_logps(model: torch.nn.Module, sequences: Sequences, with_entropy: boo
     return lean_logps(layout.unpack(hidden), model, sequences, with_entropy)
 
 
+def head_output_scale(config: Any) -> float:
+    """What a model multiplies its LM head's output by, before any soft-capping: Cohere's `logit_scale`, Falcon-H1's
+    `lm_head_multiplier`, Muse Glimmer's `output_multiplier`, HyperCLOVA X's `logits_scaling`, the Granite models'
+    1 / `logits_scaling`; 1 for the others (MiniCPM3 scales the head's input instead, which the lean path is handed)."""
+    for key in ("logit_scale", "lm_head_multiplier", "output_multiplier"):
+        value = getattr(config, key, None)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    scaling, kind = getattr(config, "logits_scaling", None), str(getattr(config, "model_type", ""))
+    if isinstance(scaling, (int, float)) and kind.startswith(("granite", "hyperclovax")):
+        return float(scaling) if kind.startswith("hyperclovax") else 1 / float(scaling)
+    return 1.0
+
+
 def lean_logps(hidden: torch.Tensor, model: torch.nn.Module, sequences: Sequences, with_entropy: bool = False) -> Logps:
     """Log-probs of the completion tokens from the last hidden states, without the full logits.
 
     hidden: [B, T, H], where `model`'s LM head on `hidden[:, t]` predicts token t + 1 (after
-    the final logit soft-capping some architectures, Gemma 2, apply).
+    the scaling (`head_output_scale`) and final soft-capping (Gemma 2) some architectures apply).
     Only the N completion positions go through the head, in chunks of
     `LOGIT_CHUNK_ELEMENTS // V` rows; with grad enabled each chunk is recomputed in
     the backward pass instead of being kept, so a step holds one chunk's logits
@@ -190,7 +204,8 @@ def lean_logps(hidden: torch.Tensor, model: torch.nn.Module, sequences: Sequence
     `logps_from_logits` (logits=None), with each token's entropy from the same chunks if `with_entropy`.
     """
     bare = _inside_ddp(model)
-    head, softcap = bare.get_output_embeddings(), getattr(config_of(bare), "final_logit_softcapping", None)
+    head, config = bare.get_output_embeddings(), config_of(bare)
+    scale, softcap = head_output_scale(config), getattr(config, "final_logit_softcapping", None)
     mask = sequences.completion_mask.clone()
     mask[:, 0] = 0
     where = mask.bool()  # [B, T]: token t is predicted at position t - 1
@@ -200,6 +215,8 @@ def lean_logps(hidden: torch.Tensor, model: torch.nn.Module, sequences: Sequence
 
     def chunk_logps(h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         logits = head(h).float()
+        if scale != 1.0:
+            logits = logits * scale
         if softcap:
             logits = torch.tanh(logits / softcap) * softcap
         normaliser = torch.logsumexp(logits, dim=-1)

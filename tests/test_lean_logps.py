@@ -118,3 +118,37 @@ def test_entropies_from_the_lean_chunks_equal_the_full_logits(tiny_model_dir, mo
     assert_close(lean.tokens, model_logps(model, seqs, packing=packing).tokens)  # the log-probs as without it
     assert model_logps(model, seqs).entropy is None
 
+
+TINY = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+
+
+@pytest.mark.parametrize("kind, settings, scale", [
+    ("cohere", {"logit_scale": 0.25}, 0.25),  # Command R: the head's output times logit_scale
+    ("granite", {"logits_scaling": 4.0}, 0.25),  # Granite: divided by logits_scaling
+    ("falcon_h1", {"lm_head_multiplier": 0.3}, 0.3),
+    ("hyperclovax", {"logits_scaling": 0.5}, 0.5),  # HyperCLOVA X: times logits_scaling
+    ("minicpm3", {"dim_model_base": 8, "qk_nope_head_dim": 8, "qk_rope_head_dim": 4, "v_head_dim": 8, "q_lora_rank": 16, "kv_lora_rank": 16,
+                  "num_key_value_heads": 4}, 1.0),  # divides the head's input by 32 / 8 = 4: the lean path is handed it so
+    ("gemma2", {"final_logit_softcapping": 3.0, "head_dim": 8}, 1.0),  # soft-capped
+])
+def test_lean_logps_scale_the_head_output_as_the_model_does(kind, settings, scale, monkeypatch):
+    """Architectures that scale or cap their LM head's output: the lean path computes their log-probs, not Llama's."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from pref.sequences import Sequences, head_output_scale
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(kind, **{**TINY, **settings})).eval()
+    with torch.no_grad():
+        for weight in model.parameters():
+            weight.mul_(8)  # logits far from 0, so that scaling them changes the log-probs
+    ids = torch.randint(1, TINY["vocab_size"], (2, 9))
+    completion = torch.zeros_like(ids)
+    completion[:, 4:] = 1
+    seqs = Sequences(ids, torch.ones_like(ids), completion)
+    assert head_output_scale(model.config.get_text_config()) == pytest.approx(scale)
+    full = model_logps(model, seqs, with_logits=True)
+    assert_close(model_logps(model, seqs).tokens, full.tokens, atol=1e-5, rtol=1e-5)
+    if scale != 1.0:  # the check can fail: without the scale the lean path gives other numbers
+        monkeypatch.setattr(sequences_module, "head_output_scale", lambda config: 1.0)
+        assert (model_logps(model, seqs).tokens - full.tokens).abs().max() > 1e-2
