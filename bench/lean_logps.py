@@ -2,6 +2,7 @@
 
     python bench/lean_logps.py [--rows 8] [--tokens 320] [--repeats 3]
     python bench/lean_logps.py --packing [--rows 8] [--batches 4] [--repeats 5]
+    python bench/lean_logps.py --entropy [--rows 8] [--tokens 320] [--repeats 3]
 
 The lean path (pref's default, `pref.sequences.model_logps`) runs the LM head only at
 completion positions, a chunk at a time, recomputing each chunk in the backward pass; the
@@ -21,6 +22,13 @@ forward + backward per batch, padded and packed interleaved (which goes first al
 the median over `--repeats` rounds of the time of all batches. The machine's load average is
 printed with it: on a shared machine only the ratio means much. Writes
 bench/results/packing.md.
+
+`--entropy` measures the log-probs together with each completion token's entropy (what GRPO's
+`top_entropy_quantile` reads), as the first mode does, for pref's lean path asked for the entropies
+(`with_entropy=True`), the same path without them, and TRL 1.16's own fused LM head
+(`trl.trainer.utils.add_fused_lm_head` with outputs log_probs and entropy, what its GRPOTrainer
+calls with `fused_lm_head=True`; on a CPU it projects every position, masking the prompt's
+afterwards, since its compact path needs Triton). Writes bench/results/entropy.md.
 """
 
 from __future__ import annotations
@@ -57,12 +65,23 @@ def child(vocab: int, mode: str, rows: int, tokens: int, repeats: int) -> dict:
     completion = torch.zeros_like(ids)
     completion[:, tokens // 4 :] = 1
     sequences = Sequences(ids, torch.ones_like(ids), completion)
+    if mode == "trl-fused":
+        from trl.trainer.utils import add_fused_lm_head
+
+        add_fused_lm_head(model, outputs=("log_probs", "entropy"))
+        labels = ids.masked_fill(completion == 0, -100)
     before = rss_mib()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        out = model_logps(model, sequences, with_logits=mode == "full")
-        out.sequence.sum().backward()
+        if mode == "trl-fused":
+            out = model(input_ids=ids, attention_mask=sequences.attention_mask, labels=labels, fused_lm_head=True)
+            assert out.entropy is not None
+            out.log_probs.sum().backward()
+        else:
+            out = model_logps(model, sequences, with_logits=mode == "full", with_entropy=mode == "lean-entropy")
+            assert (out.entropy is not None) == (mode == "lean-entropy")
+            out.sequence.sum().backward()
         model.zero_grad(set_to_none=True)
         del out
         times.append(time.perf_counter() - start)
@@ -159,6 +178,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--packing", action="store_true", help="packed against padded rows instead (vocabulary 16k)")
     parser.add_argument("--batches", type=int, default=4, help="with --packing: batches of uneven rows")
+    parser.add_argument("--entropy", action="store_true", help="log-probs with entropies: pref's lean path against TRL's fused head")
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.packing:
@@ -172,31 +192,39 @@ def main() -> None:
         print(json.dumps(child(int(args.child[0]), args.child[1], args.rows, args.tokens, args.repeats)))
         return
     env = {**os.environ, "OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2"}
+    # (peer, ours): the peer's mode first; each row compares them
+    modes, title, result, flag = (("full", "lean"), "Lean log-probs against full logits", "lean_logps.md", "")
+    if args.entropy:
+        modes, title, result, flag = (("trl-fused", "lean-entropy", "lean"), "Log-probs with entropies: pref's lean path "
+                                      "against TRL 1.16's fused LM head", "entropy.md", " --entropy")
+    names = {"full": "full logits", "lean": "lean", "trl-fused": "TRL fused head + entropy", "lean-entropy": "lean + entropy"}
+    peer = modes[0]
     lines = [
-        "# Lean log-probs against full logits: one forward + backward", "",
-        f"Machine: {machine()}, CPU, 2 threads. {args.rows} rows of {args.tokens} tokens (the last three quarters the "
-        f"completion), Llama body hidden {BODY['hidden_size']}, {BODY['num_hidden_layers']} layers, fp32. Peak RSS growth "
-        f"over the RSS before the first pass; median of {args.repeats} passes.", "",
-        "| vocabulary | full logits: peak growth MiB | lean: peak growth MiB | lean / full memory | full logits: s | lean: s | lean / full time |",
-        "|---:|---:|---:|---:|---:|---:|---:|",
+        f"# {title}: one forward + backward", "",
+        f"Machine: {machine()}, CPU, 2 threads, load average {os.getloadavg()[0]:.2f} at the start. {args.rows} rows of "
+        f"{args.tokens} tokens (the last three quarters the completion), Llama body hidden {BODY['hidden_size']}, "
+        f"{BODY['num_hidden_layers']} layers, fp32. Peak RSS growth over the RSS before the first pass; median of "
+        f"{args.repeats} passes.", "",
+        "| vocabulary | " + " | ".join(f"{names[m]}: peak growth MiB" for m in modes) + " | "
+        + " | ".join(f"{names[m]}: s" for m in modes) + " | " + " | ".join(f"{names[m]} / {names[peer]}: memory, time" for m in modes[1:]) + " |",
+        "|" + "---:|" * (1 + 2 * len(modes) + len(modes) - 1),
     ]
     for vocab in VOCABS:
         r = {}
-        for mode in ("full", "lean"):
+        for mode in modes:
             command = [sys.executable, os.path.abspath(__file__), "--child", str(vocab), mode, "--rows", str(args.rows),
                        "--tokens", str(args.tokens), "--repeats", str(args.repeats)]
             r[mode] = json.loads(subprocess.run(command, env=env, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1])
             print(f"  vocab {vocab} {mode}: {r[mode]}", file=sys.stderr, flush=True)
-        full, lean = r["full"], r["lean"]
-        lines.append(f"| {vocab:,} | {full['peak_growth_mib']:.0f} | {lean['peak_growth_mib']:.0f} | x{lean['peak_growth_mib'] / full['peak_growth_mib']:.2f} | "
-                     f"{full['median_s']:.2f} | {lean['median_s']:.2f} | x{lean['median_s'] / full['median_s']:.2f} |")
-    lines += ["", f"Command: `python bench/lean_logps.py --rows {args.rows} --tokens {args.tokens} --repeats {args.repeats}`", ""]
+        ratios = [f"x{r[m]['peak_growth_mib'] / r[peer]['peak_growth_mib']:.2f}, x{r[m]['median_s'] / r[peer]['median_s']:.2f}" for m in modes[1:]]
+        lines.append(f"| {vocab:,} | " + " | ".join(f"{r[m]['peak_growth_mib']:.0f}" for m in modes) + " | "
+                     + " | ".join(f"{r[m]['median_s']:.2f}" for m in modes) + " | " + " | ".join(ratios) + " |")
+    lines += ["", f"Command: `python bench/lean_logps.py{flag} --rows {args.rows} --tokens {args.tokens} --repeats {args.repeats}`", ""]
     text = "\n".join(lines)
     print(text)
     os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
-    with open(os.path.join(HERE, "results", "lean_logps.md"), "w") as f:
+    with open(os.path.join(HERE, "results", result), "w") as f:
         f.write(text)
-
 
 if __name__ == "__main__":
     main()
