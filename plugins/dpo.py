@@ -72,7 +72,8 @@ class DPO(MovesReference, Objective):
         loss_weights: one weight per loss type, e.g. "0.8,0.2,1.0" (default 1.0 each).
         label_smoothing: label noise for sigmoid (cDPO), robust, exo_pair and the aot losses.
         sft_weight: weight of an extra negative log-likelihood term on the chosen
-            completions (per-token average), which keeps their likelihood from falling.
+            completions (each answer's per-token average, averaged over the answers: every
+            answer weighs alike, however long), which keeps their likelihood from falling.
         reference_free: compare against no reference (the reference log-probs are 0).
         ld_alpha: LD-DPO's weight of the tokens past the shorter answer's length (None: off).
         use_weighting: WPO's weighting of each pair by how likely the policy is to produce it.
