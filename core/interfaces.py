@@ -77,7 +77,7 @@ class Policy(ABC):
         """Per-token and per-sequence log-probs of the completion tokens (with grad).
 
         `with_logits` keeps the [B, T, V] logits, `with_hidden` the last hidden states [B, T, H],
-        `with_entropy` each completion token's next-token entropy [B, T] (no grad).
+        `with_entropy` each completion token's next-token entropy [B, T] (with grad, as the log-probs).
         """
 
     @abstractmethod

@@ -65,7 +65,7 @@ class Logps:
     sequence: [B]    sum of `tokens` over the completion
     logits:   [B, T, V] or None; logits[:, t] predicts token t (row 0 is unused)
     hidden:   [B, T, H] or None; the last layer's hidden state at each position
-    entropy:  [B, T] or None; the entropy of the distribution each completion token was drawn from, 0 elsewhere (no grad)
+    entropy:  [B, T] or None; the entropy of the distribution each completion token was drawn from, 0 elsewhere
     """
 
     tokens: torch.Tensor
@@ -121,7 +121,7 @@ def model_logps(model: torch.nn.Module, sequences: Sequences, with_logits: bool 
     With `with_logits` the model computes the full [B, T, V] logits (the plain path);
     otherwise the LM head runs only at completion positions, a chunk at a time (`lean_logps`).
     `with_hidden` adds the LM head's input [B, T, H] (the last hidden states, after the final norm), `with_entropy`
-    each completion token's next-token entropy [B, T] (detached; in the lean path from the same chunks).
+    each completion token's next-token entropy [B, T] (with grad as the log-probs; in the lean path from the same chunks).
     With `packing` the lean path packs the rows into fewer rows without padding when that
     saves rows and the model passed its probe (`pref.packing`); the values are the same.
     The forward pass always goes through `model` itself, once, so a DDP wrapper synchronises gradients.
@@ -136,7 +136,7 @@ def model_logps(model: torch.nn.Module, sequences: Sequences, with_logits: bool 
     if with_logits:
         logps = logps_from_logits(out.logits, sequences, keep_logits=True)
         if with_entropy:  # the distribution at position t - 1 drew token t
-            distributions = torch.log_softmax(out.logits[:, :-1].detach().float(), -1)
+            distributions = torch.log_softmax(out.logits[:, :-1].float(), -1)
             logps.entropy = torch.nn.functional.pad(-(distributions.exp() * distributions).sum(-1), (1, 0)) * logps.mask
     else:
         logps = lean_logps(hidden, model, sequences, with_entropy)
@@ -223,10 +223,8 @@ def lean_logps(hidden: torch.Tensor, model: torch.nn.Module, sequences: Sequence
         picked = torch.gather(logits, 1, t.unsqueeze(-1)).squeeze(-1) - normaliser
         if not with_entropy:
             return picked
-        with torch.no_grad():  # -sum p log p, from log p itself (log Z - sum p * logit cancels large numbers)
-            log_p = logits - normaliser.unsqueeze(-1)
-            entropy = -(log_p.exp() * log_p).sum(-1)
-        return torch.stack([picked, entropy.detach()])
+        log_p = logits - normaliser.unsqueeze(-1)  # -sum p log p from log p itself: log Z - sum p * logit cancels large numbers
+        return torch.stack([picked, -(log_p.exp() * log_p).sum(-1)])
 
     grad = torch.is_grad_enabled()
     parts = []
@@ -236,7 +234,7 @@ def lean_logps(hidden: torch.Tensor, model: torch.nn.Module, sequences: Sequence
     picked = torch.cat(parts, dim=-1) if parts else rows.new_zeros((2, 0) if with_entropy else (0,), dtype=torch.float32)
     entropy = None
     if with_entropy:  # each chunk gave its log-probs and entropies stacked
-        picked, entropy = picked[0], torch.zeros(where.shape, device=picked.device).masked_scatter(where, picked[1].detach())
+        picked, entropy = picked[0], torch.zeros(where.shape, device=picked.device).masked_scatter(where, picked[1])
     token_logps = torch.zeros(where.shape, dtype=picked.dtype, device=picked.device).masked_scatter(where, picked)
     if not parts and grad:
         # no completion token at all (each masked out): zeros still joined to the graph, so that backward (and DDP's) runs

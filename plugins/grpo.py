@@ -225,6 +225,46 @@ def high_entropy_mask(entropy: torch.Tensor, mask: torch.Tensor, top_quantile: f
     return (entropy * mask >= threshold) & mask.bool()
 
 
+class EntropyBonus:
+    """TRL's `entropy_coef`: the loss minus coef x the mean entropy of the tokens the policy term trains, and
+    Skywork-OR1's adaptive control of coef (`use_adaptive_entropy`; He et al. 2025, https://arxiv.org/abs/2505.22312):
+    after each optimizer step coef moves by `delta` towards more bonus while the step's entropy, over every
+    process's tokens, is at most `target`, and towards less otherwise, within [`minimum`, `maximum`]; the bonus
+    applies only while the last step's entropy was at most `target` (none before the first step's is known)."""
+
+    def __init__(self, coef: float = 0.0, adaptive: bool = False, minimum: float = 0.0, maximum: float = 1.0, delta: float = 0.005,
+                 target: float = 0.2, processes: Processes | None = None):
+        if minimum > maximum or delta < 0:
+            raise PrefError(f"grpo: entropy_coef_min ({minimum}) must not exceed entropy_coef_max ({maximum}), "
+                            f"and entropy_coef_delta ({delta}) must not be negative")
+        self.coef, self.adaptive, self.minimum, self.maximum, self.delta, self.target = coef, adaptive, minimum, maximum, delta, target
+        self.processes = processes or Processes()
+        self.last_entropy = math.inf  # the last optimizer step's entropy over every process
+        self.window = torch.zeros(2, dtype=torch.float64)  # this step's entropy sum and token count, so far
+
+    @property
+    def on(self) -> bool:
+        return self.coef != 0.0 or self.adaptive
+
+    def term(self, entropy: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """coef x the mean of `entropy` over `mask` (with grad), the amount the loss goes down by."""
+        total, count = (entropy * mask).sum(), mask.sum()
+        if self.adaptive:
+            self.window += torch.stack([total.detach(), count.detach()]).double().cpu()
+        applied = self.coef if not self.adaptive or self.last_entropy <= self.target else 0.0
+        return applied * total / count.clamp(min=1.0)
+
+    def after_step(self) -> None:
+        """Adaptive: the step's entropy over every process moves coef (a collective: every process calls it)."""
+        if not self.adaptive:
+            return
+        total, count = self.processes.mean(self.window).tolist()  # means of both: the same ratio as their sums
+        self.last_entropy = total / max(count, 1e-12) if count else math.inf
+        step = self.delta if self.last_entropy <= self.target else -self.delta
+        self.coef = min(max(self.coef + step, self.minimum), self.maximum)
+        self.window = torch.zeros(2, dtype=torch.float64)
+
+
 def check_options(loss_type: str, importance_sampling_level: str = "token", epsilon: float = 0.2, epsilon_high: float | None = None, beta: float = 0.0) -> None:
     """Raise `PrefError` for a loss type, clip range or KL weight GRPO cannot use."""
     if loss_type not in LOSS_TYPES:
@@ -377,6 +417,11 @@ class GRPO(MovesReference, Objective):
         top_entropy_quantile: the policy term keeps only this top fraction of the completion tokens by entropy, the
             "forking" tokens (Wang et al. 2025; 1.0, all: off); 0.2 is the paper's. The entropies come from the lean
             log-probs' own chunks, never the full logits; the run then logs `entropy`.
+        entropy_coef: the loss minus this times the mean entropy of the tokens the policy term trains (0: off), with grad
+            through the same chunks; logs `policy_loss` (without it) and `entropy_coef` (the one this step applied; TRL
+            logs the one after its adaptive update).
+        use_adaptive_entropy, entropy_coef_min, entropy_coef_max, entropy_coef_delta, entropy_target: Skywork-OR1's
+            control of entropy_coef (`EntropyBonus`; off, 0.0, 1.0, 0.005, 0.2 nats), kept in checkpoints.
         sapo_temperature_pos, sapo_temperature_neg: SAPO's gate temperatures (1.0, 1.05).
         vespo_k_pos, vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg: VESPO's gamma weights (2, 3, 3, 2).
     With several processes, scale_rewards "batch" divides by the std of every process's rewards and
@@ -408,6 +453,12 @@ class GRPO(MovesReference, Objective):
         vespo_lambda_neg: float = 2.0,
         mask_truncated_completions: bool = False,
         top_entropy_quantile: float = 1.0,
+        entropy_coef: float = 0.0,
+        use_adaptive_entropy: bool = False,
+        entropy_coef_min: float = 0.0,
+        entropy_coef_max: float = 1.0,
+        entropy_coef_delta: float = 0.005,
+        entropy_target: float = 0.2,
         sync_ref_model: bool = False,
         ref_model_mixup_alpha: float = 0.6,
         ref_model_sync_steps: int = 512,
@@ -435,6 +486,8 @@ class GRPO(MovesReference, Objective):
         if not 0.0 < top_entropy_quantile <= 1.0:
             raise PrefError(f"grpo: top_entropy_quantile must lie in (0, 1], got {top_entropy_quantile}")
         self.top_entropy_quantile = top_entropy_quantile
+        self.entropy_bonus = EntropyBonus(entropy_coef, use_adaptive_entropy, entropy_coef_min, entropy_coef_max, entropy_coef_delta,
+                                          entropy_target, self.processes)
         if sync_ref_model and beta == 0:
             raise PrefError("grpo: sync_ref_model moves the reference of the KL term, which beta 0 leaves out: set beta > 0, or drop it")
         self.moving = SyncReference(ref_model_mixup_alpha, ref_model_sync_steps) if sync_ref_model else None
@@ -491,14 +544,16 @@ class GRPO(MovesReference, Objective):
         """The GRPO loss on this step's rows of the rollout, with TRL's metrics."""
         rollout = batch.prepared(self, policy, reference)
         forking = self.top_entropy_quantile < 1.0
-        out = policy.logps(rollout.sequences, with_entropy=True) if forking else policy.logps(rollout.sequences)
+        with_entropy = forking or self.entropy_bonus.on
+        out = policy.logps(rollout.sequences, with_entropy=True) if with_entropy else policy.logps(rollout.sequences)
         logps, mask = out.tokens.float(), out.mask
         old_logps = logps.detach() if rollout.old_logps is None else rollout.old_logps
         token_weights, entropy_metrics = None, {}
-        if forking:
+        if with_entropy:
             assert out.entropy is not None
-            token_weights = high_entropy_mask(out.entropy, mask, self.top_entropy_quantile, self.processes).to(logps.dtype)
             entropy_metrics = {"entropy": ((out.entropy * mask).sum() / mask.sum().clamp(min=1)).item()}
+        if forking:
+            token_weights = high_entropy_mask(out.entropy.detach(), mask, self.top_entropy_quantile, self.processes).to(logps.dtype)
         # a rollout that does not know its sampling limit (built by hand) falls back on this mini-batch's longest completion
         max_length = rollout.max_completion_length or int(mask.sum(-1).max().clamp(min=1))
         loss, stats = grpo_loss(
@@ -517,7 +572,23 @@ class GRPO(MovesReference, Objective):
             vespo_options=self.vespo_options,
             token_weights=token_weights,
         )
+        if self.entropy_bonus.on:  # over the tokens the policy term trains, as TRL
+            entropy_metrics.update({"policy_loss": loss.item(), "entropy_coef": self.entropy_bonus.coef})
+            loss = loss - self.entropy_bonus.term(out.entropy.float(), mask if token_weights is None else mask * token_weights)
         return loss, {**rollout.metrics, **loss_metrics(stats, mask), **entropy_metrics, "num_iteration": float(batch.epoch)}
+
+    def after_step(self, step: int, policy: Policy, reference: Reference | None) -> None:
+        super().after_step(step, policy, reference)  # a moving reference's step (sync_ref_model)
+        self.entropy_bonus.after_step()
+
+    def state_dict(self) -> dict[str, float]:
+        """The adaptive entropy coefficient and the last step's entropy: a resume goes on with them."""
+        bonus = self.entropy_bonus
+        return {"entropy_coef": bonus.coef, "last_entropy": bonus.last_entropy} if bonus.adaptive else {}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        if self.entropy_bonus.adaptive and state:
+            self.entropy_bonus.coef, self.entropy_bonus.last_entropy = state["entropy_coef"], state["last_entropy"]
 
 
 @hookimpl

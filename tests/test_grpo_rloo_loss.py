@@ -41,7 +41,7 @@ def trl_grpo(mask, policy, old, reference, advantages, num_items_in_batch=None, 
     attributes = {
         "model": SimpleNamespace(training=True),
         "accelerator": SimpleNamespace(num_processes=1, reduce=lambda t, reduction: t, gather=lambda t: t, gather_for_metrics=lambda t: t,
-                                       pad_across_processes=lambda t, dim, pad_index: t),
+                                       pad_across_processes=lambda t, dim, pad_index: t, sync_gradients=True),
         "args": args,
         "_metrics": {"train": defaultdict(list), "eval": defaultdict(list)},
         "top_entropy_quantile": 1.0,
@@ -528,3 +528,90 @@ def test_top_entropy_quantile_trains_from_the_cli_and_logs_the_entropy(tmp_path,
     assert all(line["entropy"] > 0 for line in lines)
     bad = CliRunner().invoke(cli, ["run", "--objective", "grpo", "-o", "top_entropy_quantile=0", "--output-dir", str(tmp_path / "bad")])
     assert bad.exit_code == 2 and bad.stderr.strip() == "Error: grpo: top_entropy_quantile must lie in (0, 1], got 0"
+
+
+# ---------------------------------------------------------------------------
+# entropy_coef: an entropy bonus on the trained tokens, static or adaptive (Skywork-OR1), as TRL.
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("quantile", [1.0, 0.5])
+def test_entropy_bonus_matches_trl_loss_and_gradient(quantile):
+    from test_dpo_loss import TablePolicy
+
+    from pref.interfaces import Minibatch, Rollout
+    from pref.plugins.grpo import GRPO
+
+    batch, tokens, completion_mask, rewards = scored_batch(seed=7)
+    entropies = torch.rand(tokens.shape, generator=torch.Generator().manual_seed(8)) * 2
+
+    class WithEntropies(TablePolicy):
+        def logps(self, sequences, with_logits=False, with_entropy=False):
+            out = super().logps(sequences, with_logits)
+            out.entropy = self.entropies * out.mask if with_entropy else None
+            return out
+
+    ours_entropies = entropies.clone().requires_grad_(True)
+    policy = WithEntropies(tokens)
+    policy.entropies = ours_entropies
+    objective = GRPO(entropy_coef=0.1, top_entropy_quantile=quantile)
+    loss, metrics = objective.loss(policy, None, Minibatch(Rollout(batch), torch.arange(len(batch))))
+    loss.backward()
+
+    mask = completion_mask.clone()
+    mask[:, 0] = 0
+    advantages, _ = trl_advantages_group(rewards, 3, "group")
+    theirs_entropies = entropies.clone().requires_grad_(True)
+    trl_loss, trl_metrics = trl_grpo(mask, tokens * mask, (tokens * mask).detach(), None, advantages, entropies=theirs_entropies * mask,
+                                     entropy_coef=0.1, _entropy_bonus_enabled=True, use_adaptive_entropy=False,
+                                     top_entropy_quantile=quantile)
+    trl_loss.backward()
+    assert loss.item() == pytest.approx(trl_loss.item(), abs=1e-6)
+    assert_close(ours_entropies.grad, theirs_entropies.grad)
+    assert ours_entropies.grad.abs().sum() > 0
+    assert metrics["policy_loss"] == pytest.approx(trl_metrics["policy_loss"], abs=1e-6)
+    assert metrics["entropy_coef"] == trl_metrics["entropy_coef"] == 0.1
+
+
+def test_adaptive_entropy_control_by_hand():
+    """target 0.5, coef 0.1, delta 0.05. Step 1: no entropy known yet, no bonus; its entropy 0.4 <= 0.5 raises coef to
+    0.15. Step 2: bonus 0.15 x its mean; entropy 0.7 lowers coef to 0.1. Step 3: 0.7 > 0.5, no bonus."""
+    from pref.plugins.grpo import EntropyBonus
+
+    bonus = EntropyBonus(0.1, adaptive=True, delta=0.05, target=0.5)
+    mask = torch.ones(2, 2)
+    assert bonus.term(torch.full((2, 2), 0.4), mask).item() == 0.0
+    bonus.after_step()
+    assert bonus.coef == pytest.approx(0.15) and bonus.last_entropy == pytest.approx(0.4)
+    assert bonus.term(torch.full((2, 2), 0.7), mask).item() == pytest.approx(0.15 * 0.7)
+    bonus.after_step()
+    assert bonus.coef == pytest.approx(0.1) and bonus.last_entropy == pytest.approx(0.7)
+    assert bonus.term(torch.full((2, 2), 0.7), mask).item() == 0.0
+    for _ in range(40):  # bounded by entropy_coef_min
+        bonus.term(torch.full((2, 2), 0.7), mask)
+        bonus.after_step()
+    assert bonus.coef == 0.0
+    with pytest.raises(PrefError, match="entropy_coef_min .* must not exceed entropy_coef_max"):
+        EntropyBonus(minimum=1.0, maximum=0.5)
+
+
+def test_adaptive_entropy_resumes_with_its_coefficient(tmp_path, tiny_model_dir, interrupted_after):
+    from pref.config import build_config
+    from pref.registry import load_registry
+    from pref.train import train
+
+    def config(out, **flags):
+        return build_config(flags={"objective": "grpo", "model": tiny_model_dir, "reward": ["noun-diversity"], "samples_per_prompt": 2,
+                                   "steps": 4, "batch_size": 2, "max_new_tokens": 6, "device": "cpu", "output_dir": str(out), "lr": 1e-3,
+                                   "objective_options": {"use_adaptive_entropy": True, "entropy_coef": 0.01, "entropy_target": 50.0,
+                                                         "entropy_coef_delta": 0.02}, **flags})
+
+    train(config(tmp_path / "whole"), load_registry())
+    with interrupted_after(3):
+        train(config(tmp_path / "resumed", save_every=2), load_registry())
+    train(config(tmp_path / "resumed", save_every=2, resume=str(tmp_path / "resumed")), load_registry())
+    figures = {run: [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()] for run in ("whole", "resumed")}
+    # the target is above any entropy here: the coefficient climbs by 0.02 each step, and goes on from step 2's after the resume
+    assert [line["entropy_coef"] for line in figures["whole"]] == pytest.approx([0.01, 0.03, 0.05, 0.07])
+    assert [line["entropy_coef"] for line in figures["resumed"]] == pytest.approx([0.01, 0.03, 0.05, 0.07])
+    assert figures["resumed"][3]["loss"] == pytest.approx(figures["whole"][3]["loss"], abs=1e-6)

@@ -112,9 +112,12 @@ def test_entropies_from_the_lean_chunks_equal_the_full_logits(tiny_model_dir, mo
     expected = torch.nn.functional.pad(by_hand, (1, 0)) * mask
     lean = model_logps(model, seqs, packing=packing, with_entropy=True)
     full = model_logps(model, seqs, with_logits=True, with_entropy=True)
-    assert lean.logits is None and lean.entropy is not None and not lean.entropy.requires_grad
-    assert_close(lean.entropy.double(), expected.detach(), atol=5e-5, rtol=0)  # both compute in float32
-    assert_close(full.entropy.double(), expected.detach(), atol=5e-5, rtol=0)
+    assert lean.logits is None and lean.entropy is not None and lean.entropy.requires_grad
+    assert_close(lean.entropy.double(), expected, atol=5e-5, rtol=0)  # both compute in float32
+    assert_close(full.entropy.double(), expected, atol=5e-5, rtol=0)
+    # and their gradients: the entropy bonus (entropy_coef) trains through them
+    weights = torch.rand(expected.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    assert_close(grads(model, (lean.entropy.double() * weights).sum()), grads(model, (expected * weights).sum()), atol=1e-4, rtol=1e-3)
     assert_close(lean.tokens, model_logps(model, seqs, packing=packing).tokens)  # the log-probs as without it
     assert model_logps(model, seqs).entropy is None
 
