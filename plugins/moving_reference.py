@@ -19,6 +19,8 @@ An objective holding a `MovingReference` in `self.moving` (and declaring `needs.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 import torch
 
 from pref.errors import PrefError
@@ -27,7 +29,7 @@ from pref.policy import unwrap
 from pref.reference import FrozenReference
 
 
-class MovingReference:
+class MovingReference(ABC):
     """How a reference moves: after each optimizer step, given the policy's and the reference's models."""
 
     option = ""  # the objective option that asked for it, for errors
@@ -39,8 +41,9 @@ class MovingReference:
         """Tensors that decide how it moves on, for checkpoints (`Objective.reference_state`); by default none."""
         return {}
 
+    @abstractmethod
     def after_step(self, step: int, policy_model: torch.nn.Module, reference: torch.nn.Module) -> None:
-        raise NotImplementedError
+        """Move `reference` (in place) at the end of optimizer step `step` (from 1)."""
 
 
 @torch.no_grad()
