@@ -27,9 +27,10 @@ def _padded(rows: list[list[int]], value: int, left: bool = False) -> torch.Tens
     return torch.tensor([[value] * (width - len(r)) + r if left else r + [value] * (width - len(r)) for r in rows])
 
 
-def sampled_ids(row: list[int], eos: int | None) -> list[int]:
-    """A generated row's completion: its ids up to and including the first EOS (the padding after it dropped), else all."""
-    return row[: row.index(eos) + 1] if eos in row else row
+def sampled_ids(row: list[int], stops: list[int]) -> list[int]:
+    """A generated row's completion: its ids up to and including the first stop token (the padding after it dropped), else all."""
+    end = next((i for i, token in enumerate(row) if token in stops), None)
+    return row if end is None else row[: end + 1]
 
 
 class HFPolicy(Policy):
@@ -83,6 +84,14 @@ class HFPolicy(Policy):
     def generate(self, prompts: list[Prompt], k: int, sampling: SamplingConfig) -> list[list[str]]:
         return self.sample(prompts, k, sampling).completions
 
+    @property
+    def stop_ids(self) -> list[int]:
+        """The tokens that end a sampled answer: the tokenizer's EOS and each one the model's generation config declares,
+        an end-of-turn token among them (Gemma's `<end_of_turn>`, Phi-3's `<|end|>`), as TRL's trainers stop."""
+        declared = unwrap(self.model).generation_config.eos_token_id
+        ids = [self.tokenizer.eos_token_id, *(declared if isinstance(declared, list) else [declared])]
+        return [i for i in dict.fromkeys(ids) if i is not None]
+
     @torch.no_grad()
     def sample(self, prompts: list[Prompt], k: int, sampling: SamplingConfig) -> Samples:
         """All P x K samples in one batched, KV-cached `generate` call: their text, and their rows of the ids sampled.
@@ -90,7 +99,7 @@ class HFPolicy(Policy):
         A sharded model (FSDP) gathers its weights for the call (one layer at a time, each forward, with `sample_sharded`):
         every process must call this together.
         """
-        model = unwrap(self.model)
+        model, stops = unwrap(self.model), self.stop_ids
         rows = [prompt_token_ids(self.tokenizer, p)[-self.max_prompt_length :] for p in prompts]
         ids = _padded(rows, self.tokenizer.pad_token_id, left=True).to(self.device)
         mask = _padded([[1] * len(r) for r in rows], 0, left=True).to(self.device)
@@ -109,17 +118,17 @@ class HFPolicy(Policy):
                 num_return_sequences=k,
                 max_new_tokens=sampling.max_new_tokens,
                 pad_token_id=self.tokenizer.pad_token_id,
-                eos_token_id=self.tokenizer.eos_token_id,
+                eos_token_id=stops,
                 use_cache=True,
                 synced_gpus=is_sharded(model),  # sharded, every process steps until all have ended: no gather is left waiting
             )
         model.train(was_training)
-        answers = [sampled_ids(row, self.tokenizer.eos_token_id) for row in out[:, ids.shape[1] :].tolist()]
+        answers = [sampled_ids(row, stops) for row in out[:, ids.shape[1] :].tolist()]
         texts = [t.strip() for t in self.tokenizer.batch_decode(answers, skip_special_tokens=True)]
         order = [i * k + j % k for i in range(len(prompts)) for j in range(k * copies)]  # output row of each of the P x K samples
         width = k * copies
         completions = [[texts[o] for o in order[i * width : (i + 1) * width]] for i in range(len(prompts))]
-        truncated = torch.tensor([self.tokenizer.eos_token_id not in answers[o] for o in order])
+        truncated = torch.tensor([not answers[o] or answers[o][-1] not in stops for o in order])
         return Samples(completions, self._sequences([rows[o // k] for o in order], [answers[o] for o in order]), truncated)
 
     def encode(self, prompts: list[Prompt], completions: list[str]) -> Sequences:

@@ -87,6 +87,30 @@ def test_sampled_ids_are_cut_to_max_length(policy):
     assert rows == [answer[:3] for answer in policy.answers]
 
 
+def test_an_end_of_turn_token_the_model_declares_ends_an_answer_too(tiny_model_dir):
+    """A chat model's generation config may end answers with an end-of-turn token besides the tokenizer's EOS (Gemma's
+    <end_of_turn>, Phi-3's <|end|>): sampling stops at it, the answer ends with it, and the limit did not cut it."""
+    policy = HFPolicy.load(tiny_model_dir)
+    eos, end_of_turn = policy.tokenizer.eos_token_id, policy.tokenizer.convert_tokens_to_ids("!")
+    assert end_of_turn not in (eos, policy.tokenizer.pad_token_id, policy.tokenizer.unk_token_id)
+    policy.model.generation_config.eos_token_id = [eos, end_of_turn]
+    words = policy.tokenizer("dog cat", add_special_tokens=False)["input_ids"]
+    scripted, asked = [words + [end_of_turn], words + [9, 9, 9]], []
+
+    def generate(input_ids, num_return_sequences, max_new_tokens, pad_token_id, eos_token_id, **_):
+        asked.append(eos_token_id)
+        rows = [scripted[j % num_return_sequences] for j in range(len(input_ids) * num_return_sequences)]
+        padded = [row + [pad_token_id] * (max_new_tokens - len(row)) for row in rows]
+        return torch.cat([input_ids.repeat_interleave(num_return_sequences, 0), torch.tensor(padded)], 1)
+
+    policy.model.generate = generate
+    samples = policy.sample(PROMPTS[:1], 2, SamplingConfig(max_new_tokens=len(words) + 3))
+    assert asked == [[eos, end_of_turn]]
+    assert completion_ids(samples.sequences) == [words + [end_of_turn], words + [9, 9, 9]]
+    assert samples.truncated.tolist() == [False, True]
+    assert policy.stop_ids == [eos, end_of_turn]
+
+
 class Indexed:
     """Reward = position of the completion in the call: in each pool the last sample is best, the first worst."""
 
