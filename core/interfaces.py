@@ -336,6 +336,7 @@ class ObjectiveNeeds:
     second_model: bool = False  # it trains a second model on data of its own (`Objective.second_model()`, D2PO's discriminator)
     model_kind: str = "causal-lm"  # the trained model: "causal-lm" or "sequence-classifier"
     moves_reference: bool = False  # `after_step` changes the frozen reference's weights (TR-DPO): checkpoints keep them
+    dropout: bool = False  # trains with the model's and the adapter's dropout; off as in TRL's DPO, KTO, CPO, ORPO, reward trainers
 
     def __post_init__(self) -> None:
         # a plugin author's mistake, caught when the objective is built: a one-line error, not a traceback

@@ -215,6 +215,13 @@ def completion_token_ids(tokenizer: Any, completion: str) -> list[int]:
     return ids
 
 
+def turn_off_dropout(model: torch.nn.Module) -> None:
+    """Every dropout of `model` (its own and an adapter's) to 0, as TRL's `disable_dropout`: no noise in the log-ratios."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+
+
 def prepare_for_training(model: torch.nn.Module, config: Any, kind: str = "causal-lm", adapter: Adapter | None = None) -> torch.nn.Module:
     """The model to train as `config` says: with the plan's adapter (LoRA, ...; then a `peft` model) and gradient checkpointing."""
     if adapter is not None:

@@ -32,7 +32,7 @@ from pref.divergence import check_step, check_weights, refuse_non_finite_setting
 from pref.errors import NoUsablePairs, PrefError, RunInterrupted
 from pref.examples import prompt_of
 from pref.interfaces import Adapter, MetricsLogger, Processes, Reference, SecondModel
-from pref.models import DEFAULT_MODEL, SCORE_HEAD, load_model, load_tokenizer, prepare_for_training, quiet_new_heads, quiet_peft
+from pref.models import DEFAULT_MODEL, SCORE_HEAD, load_model, load_tokenizer, prepare_for_training, quiet_new_heads, quiet_peft, turn_off_dropout
 from pref.packing import may_pack, packs_correctly
 from pref.plan import CACHED_LOGPS, NO_MODEL, RunPlan, output_folder, resolve_plan
 from pref.policy import HFPolicy, unwrap
@@ -399,6 +399,8 @@ def train_policy(config: RunConfig, registry: Registry) -> tuple[str, HFPolicy]:
     with quiet_new_heads({SCORE_HEAD}):  # a reward model's score head is new because it is trained from scratch here
         policy.load_model(config.model, dtype, plan.needs.model_kind, config.attn_implementation, config.quantize, accelerator.device)
     policy.model = prepare_for_training(policy.model, config, plan.needs.model_kind, plan.adapter)
+    if not plan.needs.dropout:
+        turn_off_dropout(policy.model)
     policy.model.to(accelerator.device)
     objective.setup(policy)
     modules = objective.trainable_modules() if plan.needs.trainable_modules else {}

@@ -431,7 +431,7 @@ class GRPO(MovesReference, Objective):
     Several rewards: `--reward a --reward b --reward-weights 1,0.5` (TRL's reward_weights), the `weighted` reward's sum.
     """
 
-    needs = ObjectiveNeeds(reference=NO_REFERENCE, data=SAMPLES, online=True, samples_per_prompt=8)
+    needs = ObjectiveNeeds(reference=NO_REFERENCE, data=SAMPLES, online=True, samples_per_prompt=8, dropout=True)
 
     def __init__(
         self,
@@ -494,6 +494,7 @@ class GRPO(MovesReference, Objective):
         self.needs = ObjectiveNeeds(
             reference=REFERENCE_DISTRIBUTIONS if sync_ref_model else REFERENCE_LOGPS if beta > 0 else NO_REFERENCE,
             moves_reference=sync_ref_model,
+            dropout=True,  # as TRL's GRPO and RLOO trainers (disable_dropout False)
             data=SAMPLES,
             online=True,
             samples_per_prompt=self.needs.samples_per_prompt,

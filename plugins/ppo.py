@@ -187,6 +187,7 @@ class PPO(Objective):
         dataset_builder="text",  # plain-text prompts for language modelling
         reward="repetition",
         trainable_modules=True,  # the value head
+        dropout=True,  # as TRL's RL trainers
     )
 
     def __init__(

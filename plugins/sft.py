@@ -99,7 +99,7 @@ class SFT(Objective):
         loss_type: "nll" (default) or "dft" (each token's NLL weighted by its probability).
     """
 
-    needs = ObjectiveNeeds(reference=NO_REFERENCE, data=SETS, dataset_builder="completions")
+    needs = ObjectiveNeeds(reference=NO_REFERENCE, data=SETS, dataset_builder="completions", dropout=True)  # TRL's SFT keeps it
 
     def __init__(self, loss_type: str = "nll"):
         if loss_type not in LOSS_TYPES:

@@ -216,3 +216,16 @@ def test_a_merge_from_weights_gathered_whole_is_the_merge_of_the_model(tmp_path,
     for key in from_model:
         assert torch.equal(from_gathered[key], from_model[key]), key
     assert any("lora_A" in key for key in model.state_dict())  # the model keeps its adapter
+
+
+@pytest.mark.parametrize("objective, kept", [("dpo", False), ("kto", False), ("grpo", True)])
+def test_dropout_is_off_for_the_preference_objectives_and_kept_for_grpo_as_in_trl(tmp_path, tiny_model_dir, prefs_file, objective, kept):
+    """TRL's DPO and KTO trainers turn every dropout off (disable_dropout, an adapter's too); its GRPO keeps it."""
+    from pref.train import train_policy
+
+    flags = {"reward": ["noun-diversity"], "samples_per_prompt": 2, "max_new_tokens": 4} if objective == "grpo" else {"dataset": [prefs_file]}
+    config = build_config(flags={"objective": objective, "model": tiny_model_dir, "output_dir": str(tmp_path / "run"), "batch_size": 2,
+                                 "steps": 1, "device": "cpu", "lora": True, "lora_options": {**LORA, "dropout": 0.2}, **flags})
+    _, policy = train_policy(config, load_registry())
+    dropouts = [m.p for m in policy.model.modules() if isinstance(m, torch.nn.Dropout)]
+    assert dropouts and all(p == (0.2 if kept else 0.0) for p in dropouts)  # LoRA's, on q_proj and v_proj of each layer
