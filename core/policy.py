@@ -27,6 +27,13 @@ def _padded(rows: list[list[int]], value: int, left: bool = False) -> torch.Tens
     return torch.tensor([[value] * (width - len(r)) + r if left else r + [value] * (width - len(r)) for r in rows])
 
 
+#: Every logits processor a model's generation config may switch on, neutral: transformers fills what a `generate` call leaves
+#: unset from that config (Qwen2.5-Instruct's repetition_penalty 1.05, for one), and samples must come from the very
+#: distribution the objectives' log-probs score.
+AS_THE_POLICY = {"num_beams": 1, "repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "min_length": 0}
+SAMPLED_AS_THE_POLICY = {**AS_THE_POLICY, "typical_p": 1.0, "min_p": 0.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0}  # sampling's own
+
+
 def sampled_ids(row: list[int], stops: list[int]) -> list[int]:
     """A generated row's completion: its ids up to and including the first stop token (the padding after it dropped), else all."""
     end = next((i for i, token in enumerate(row) if token in stops), None)
@@ -120,6 +127,7 @@ class HFPolicy(Policy):
                 pad_token_id=self.tokenizer.pad_token_id,
                 eos_token_id=stops,
                 use_cache=True,
+                **(SAMPLED_AS_THE_POLICY if do_sample else AS_THE_POLICY),
                 synced_gpus=is_sharded(model),  # sharded, every process steps until all have ended: no gather is left waiting
             )
         model.train(was_training)

@@ -111,6 +111,20 @@ def test_an_end_of_turn_token_the_model_declares_ends_an_answer_too(tiny_model_d
     assert policy.stop_ids == [eos, end_of_turn]
 
 
+def test_answers_come_from_the_policy_whatever_sampling_settings_its_generation_config_holds(tiny_model_dir):
+    """A generation config's repetition penalty, n-gram ban, typical or min-p filtering would draw answers from another
+    distribution than the log-probs the objectives score: sampling sets them neutral (transformers fills what a call
+    leaves unset from the config), so the answers are those of a model without them."""
+    plain = HFPolicy.load(tiny_model_dir)
+    tuned = HFPolicy.load(tiny_model_dir)
+    tuned.model.generation_config.update(repetition_penalty=20.0, no_repeat_ngram_size=1, typical_p=0.2, min_p=0.5, epsilon_cutoff=0.1)
+    for sampling in (SamplingConfig(max_new_tokens=12), SamplingConfig(max_new_tokens=12, temperature=1.0)):
+        torch.manual_seed(0)
+        expected = plain.sample(PROMPTS, 2, sampling)
+        torch.manual_seed(0)
+        assert completion_ids(tuned.sample(PROMPTS, 2, sampling).sequences) == completion_ids(expected.sequences)
+
+
 class Indexed:
     """Reward = position of the completion in the call: in each pool the last sample is best, the first worst."""
 
