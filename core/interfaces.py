@@ -35,9 +35,9 @@ class Samples:
 
     completions: P lists of K texts, what rewards and selectors read.
     sequences:   [P * K] rows, prompt by prompt: the prompt's ids, then the completion's ids as
-                 sampled, up to and including the EOS the policy emitted (none when it stopped at
-                 `max_new_tokens`). Training on these, not on the re-encoded text, scores the very tokens sampled.
-    truncated:   [P * K] bool, True where `max_new_tokens` cut the completion (no EOS); None when unknown.
+                 sampled, up to and including the EOS (or other end token) the policy emitted (none when it stopped
+                 at `max_new_tokens`). Training on these, not on the re-encoded text, scores the very tokens sampled.
+    truncated:   [P * K] bool, True where `max_new_tokens` cut the completion (no end token); None when unknown.
     """
 
     completions: list[list[str]]
