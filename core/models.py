@@ -206,13 +206,31 @@ def prompt_token_ids(tokenizer: Any, prompt: Prompt) -> list[int]:
     return ids
 
 
-def completion_token_ids(tokenizer: Any, completion: str) -> list[int]:
-    """Token ids of an answer, ending with exactly one EOS."""
+def completion_token_ids(tokenizer: Any, completion: str, end: int | None = None) -> list[int]:
+    """Token ids of an answer, ending with exactly one `end` (by default the EOS; `answer_end_id` for a chat model)."""
     ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
-    eos = tokenizer.eos_token_id
-    if eos is not None and (not ids or ids[-1] != eos):
-        ids = ids + [eos]
+    end = tokenizer.eos_token_id if end is None else end
+    if end is not None and (not ids or ids[-1] != end):
+        ids = ids + [end]
     return ids
+
+
+def answer_end_id(tokenizer: Any) -> int | None:
+    """The token that ends an assistant's answer: the first special token the chat template writes after an assistant
+    turn (Gemma's `<end_of_turn>`, Phi-3's `<|end|>`, Qwen's `<|im_end|>`), which the model emits and sampling stops at;
+    the EOS without a template, or where the template writes none or cannot render such a turn."""
+    eos, mark = tokenizer.eos_token_id, "PREFANSWERMARK"
+    if not getattr(tokenizer, "chat_template", None):
+        return eos
+    try:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": mark}], tokenize=False)
+    except Exception:  # a template with rules of its own (a system turn first, ...): the EOS
+        return eos
+    if mark not in text:
+        return eos
+    special = set(tokenizer.all_special_ids) | {i for i, token in tokenizer.added_tokens_decoder.items() if token.special}
+    after = tokenizer(text.split(mark, 1)[1], add_special_tokens=False)["input_ids"]
+    return next((i for i in after if i in special), eos)
 
 
 def turn_off_dropout(model: torch.nn.Module) -> None:

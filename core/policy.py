@@ -9,7 +9,7 @@ import torch
 from pref.errors import ModelNotLoaded
 from pref.examples import Prompt
 from pref.interfaces import Policy, Samples, SamplingConfig
-from pref.models import completion_token_ids, load_model, load_tokenizer, prompt_token_ids
+from pref.models import answer_end_id, completion_token_ids, load_model, load_tokenizer, prompt_token_ids
 from pref.sequences import Logps, Sequences, model_logps
 from pref.sharding import gathered_for_generation, is_sharded
 
@@ -57,6 +57,7 @@ class HFPolicy(Policy):
         self.max_prompt_length = min(max_prompt_length, max_length - 1)  # a prompt leaves an answer token within max_length
         self.packing = packing  # lean log-probs through packed forwards (pref.packing)
         self.sample_sharded = sample_sharded  # a sharded model samples gathering one layer at a time (pref.sharding.gathered_for_generation)
+        self.answer_end = answer_end_id(tokenizer)  # the token an encoded answer ends with
 
     @classmethod
     def load(cls, name: str | None, dtype: torch.dtype | None = None, kind: str = "causal-lm", attention: str | None = None,
@@ -96,7 +97,7 @@ class HFPolicy(Policy):
         """The tokens that end a sampled answer: the tokenizer's EOS and each one the model's generation config declares,
         an end-of-turn token among them (Gemma's `<end_of_turn>`, Phi-3's `<|end|>`), as TRL's trainers stop."""
         declared = unwrap(self.model).generation_config.eos_token_id
-        ids = [self.tokenizer.eos_token_id, *(declared if isinstance(declared, list) else [declared])]
+        ids = [self.tokenizer.eos_token_id, self.answer_end, *(declared if isinstance(declared, list) else [declared])]
         return [i for i in dict.fromkeys(ids) if i is not None]
 
     @torch.no_grad()
@@ -140,9 +141,9 @@ class HFPolicy(Policy):
         return Samples(completions, self._sequences([rows[o // k] for o in order], [answers[o] for o in order]), truncated)
 
     def encode(self, prompts: list[Prompt], completions: list[str]) -> Sequences:
-        """Right-padded prompt+completion rows; the completion mask covers the answer and its EOS."""
+        """Right-padded prompt+completion rows; the completion mask covers the answer and the token that ends it (`answer_end_id`)."""
         prompt_rows = [prompt_token_ids(self.tokenizer, p)[-self.max_prompt_length :] for p in prompts]
-        return self._sequences(prompt_rows, [completion_token_ids(self.tokenizer, c) for c in completions])
+        return self._sequences(prompt_rows, [completion_token_ids(self.tokenizer, c, self.answer_end) for c in completions])
 
     def _sequences(self, prompt_rows: list[list[int]], completion_rows: list[list[int]]) -> Sequences:
         """Prompt+completion id rows, right-padded; a completion is cut to fit `max_length` but keeps one token."""

@@ -44,3 +44,24 @@ def test_completion_ends_with_one_eos(tiny_model_dir):
     assert completion_token_ids(tok, "apple")[-1] == eos
     assert completion_token_ids(tok, "apple").count(eos) == 1
     assert completion_token_ids(tok, "apple " + tok.eos_token).count(eos) == 1
+
+
+def test_an_answer_ends_with_the_token_the_template_ends_an_assistant_turn_with(tiny_model_dir):
+    """Gemma's and Phi-3's templates end a turn with a token of their own, not the tokenizer's EOS: encoded answers end
+    with it (what the model emits, and what sampling stops at), once; where the turn ends with the EOS, with the EOS."""
+    from pref.policy import HFPolicy
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    assert HFPolicy(None, tok).answer_end == tok.eos_token_id  # the default model's template ends turns with its EOS
+    tok.add_special_tokens({"additional_special_tokens": ["<end_of_turn>"]})
+    end_of_turn = tok.convert_tokens_to_ids("<end_of_turn>")
+    tok.chat_template = ("{% for m in messages %}<|user|> {{ m['content'] }}<end_of_turn>\n{% endfor %}"
+                         "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    policy = HFPolicy(None, tok)
+    assert policy.answer_end == end_of_turn != tok.eos_token_id
+    rows = policy.encode(["Name a fruit.", "Name a fruit."], ["apple", "apple<end_of_turn>"])
+    for ids, mask in zip(rows.input_ids, rows.completion_mask):
+        answer = ids[mask.bool()].tolist()
+        assert answer[-1] == end_of_turn and answer.count(end_of_turn) == 1 and tok.eos_token_id not in answer
+    tok.chat_template = "{{ raise_exception('a system turn must come first') }}"
+    assert HFPolicy(None, tok).answer_end == tok.eos_token_id
