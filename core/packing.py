@@ -137,9 +137,11 @@ def packed_layout(model: torch.nn.Module, input_ids: torch.Tensor, attention_mas
     if lengths is None or max(lengths) == 0:
         return None
     config = config_of(model)
+    layers = getattr(config, "layer_types", None)  # where a config names each layer's attention, a window it leaves unused is none
+    windowed = not isinstance(layers, (list, tuple)) or any(kind in ("sliding_attention", "chunked_attention") for kind in layers)
     for key in ("sliding_window", "attention_chunk_size"):
         window = getattr(config, key, None)
-        if isinstance(window, int) and window < max(lengths):
+        if windowed and isinstance(window, int) and window < max(lengths):
             return None
     plan = packing_plan(lengths, max(lengths))
     return pack(input_ids, lengths, plan) if len(plan) < len(lengths) else None

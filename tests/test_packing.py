@@ -139,6 +139,21 @@ def test_a_sliding_window_shorter_than_the_rows_is_not_packed():
     assert_close(packed.sequence, padded.sequence, atol=1e-5, rtol=0)
 
 
+def test_a_window_only_counts_where_a_layer_attends_through_it():
+    """Qwen2-MoE sets `sliding_window` to 0 with `use_sliding_window` off (Qwen1.5-MoE's config too): its layers are all full
+    attention, and its rows pack; Qwen2 with the window on does not."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    settings = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    seqs = uneven_rows()
+    unused = Qwen2MoeForCausalLM(Qwen2MoeConfig(**settings, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, shared_expert_intermediate_size=16,
+                                                sliding_window=16, use_sliding_window=False))
+    used = Qwen2ForCausalLM(Qwen2Config(**settings, sliding_window=16, use_sliding_window=True, max_window_layers=0))
+    assert unused.config.sliding_window == 0 and set(unused.config.layer_types) == {"full_attention"}
+    assert packing.packed_layout(unused, seqs.input_ids, seqs.attention_mask) is not None
+    assert packing.packed_layout(used, seqs.input_ids, seqs.attention_mask) is None
+
+
 def test_an_encoder_decoder_config_is_never_packed():
     model = tiny_llama()
     model.config.is_encoder_decoder = True
@@ -182,8 +197,8 @@ def test_a_dpo_run_gives_the_same_losses_packed_and_padded(tmp_path, tiny_model_
     packed_forwards = []
     original = sequences_module.packed_logps
 
-    def counting(model, sequences, with_entropy=False):
-        out = original(model, sequences, with_entropy)
+    def counting(model, sequences, *args):
+        out = original(model, sequences, *args)
         packed_forwards.append(out is not None)
         return out
 
