@@ -142,6 +142,7 @@ def load_registry() -> Any:
 @click.option("--packing/--no-packing", default=None, help="Pack a forward's rows back to back without padding where the model allows it (default: on).")
 @click.option("--warmup-steps", type=int, help="Linear learning-rate warmup steps.")
 @click.option("--weight-decay", type=float, help="AdamW weight decay.")
+@click.option("--router-aux-loss-coef", type=float, help="Weight of a Mixture-of-Experts model's load-balancing loss (default: the model config's; 0: off).")
 @click.option("--threads", type=int, help="CPU threads of torch (default: 1 for the embedded default model, else one per core).")
 @click.option("--reference", type=click.Choice(["auto", "model", "cached", "none"]), help="Frozen model, cached log-probs, or none.")
 @click.option("--save-every", type=int, help="Write a checkpoint every N steps (PPO: a multiple of the steps a rollout serves, so a resume is exact).")

@@ -55,6 +55,7 @@ class RunConfig:
     warmup_steps: int = 0
     schedule: str = "cosine"  # cosine | linear | constant
     max_grad_norm: float = 1.0
+    router_aux_loss_coef: float | None = None  # a Mixture-of-Experts model's load-balancing loss weight; None: its config's (TRL's default)
     max_length: int = 512
     max_prompt_length: int = 256
     bucket_window: int | None = None  # offline: the sampler "length-buckets" with this window; None: 50 (pref.plan.PLAN_DEFAULTS); 0: plain shuffle
@@ -262,6 +263,8 @@ def validate(config: RunConfig) -> None:
                         f"not {config.attn_implementation!r}")
     if not config.weight_decay >= 0:
         raise PrefError(f"weight_decay must be zero or positive, not {config.weight_decay!r}")
+    if config.router_aux_loss_coef is not None and not config.router_aux_loss_coef >= 0:
+        raise PrefError(f"router_aux_loss_coef must be zero (off) or positive, not {config.router_aux_loss_coef!r}")
     if config.reward_weights is not None:
         names = config.reward if isinstance(config.reward, list) else [config.reward] if config.reward else []
         if len(names) < 2:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 import torch
 
@@ -58,6 +59,7 @@ class HFPolicy(Policy):
         self.packing = packing  # lean log-probs through packed forwards (pref.packing)
         self.sample_sharded = sample_sharded  # a sharded model samples gathering one layer at a time (pref.sharding.gathered_for_generation)
         self.answer_end = answer_end_id(tokenizer)  # the token an encoded answer ends with
+        self._router_losses: list[torch.Tensor] | None = None  # collected inside `router_losses()`
 
     @classmethod
     def load(cls, name: str | None, dtype: torch.dtype | None = None, kind: str = "causal-lm", attention: str | None = None,
@@ -155,7 +157,22 @@ class HFPolicy(Policy):
         return Sequences(_padded(rows, self.tokenizer.pad_token_id), _padded([[1] * len(r) for r in rows], 0), _padded(masks, 0))
 
     def logps(self, sequences: Sequences, with_logits: bool = False, with_hidden: bool = False, with_entropy: bool = False) -> Logps:
-        return model_logps(self.model, sequences.to(self.device), with_logits, with_hidden, packing=self.packing, with_entropy=with_entropy)
+        routed = self._router_losses is not None and torch.is_grad_enabled()
+        out = model_logps(self.model, sequences.to(self.device), with_logits, with_hidden, packing=self.packing, with_entropy=with_entropy,
+                          with_router_loss=routed)
+        if routed:
+            self._router_losses.append(out.router_loss)
+        return out
+
+    @contextmanager
+    def router_losses(self) -> Iterator[list[torch.Tensor]]:
+        """The load-balancing loss (`Logps.router_loss`) of each forward with grad made inside: the training loop adds their
+        mean to an objective's loss when the model is a Mixture of Experts (`pref.sequences.router_loss_coef`)."""
+        self._router_losses = collected = []
+        try:
+            yield collected
+        finally:
+            self._router_losses = None
 
     def save(self, path: str, state_dict: dict[str, torch.Tensor] | None = None) -> None:
         """The model (its weights from `state_dict` where given: a sharded model's, gathered whole) and the tokenizer."""

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import hashlib
+import sys
 from dataclasses import dataclass
-from typing import Any
+from functools import partial
+from typing import Any, Callable
 
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from pref.errors import PrefError
 from pref.packing import config_of, packed_layout
 
 
@@ -66,6 +69,7 @@ class Logps:
     logits:   [B, T, V] or None; logits[:, t] predicts token t (row 0 is unused)
     hidden:   [B, T, H] or None; the last layer's hidden state at each position
     entropy:  [B, T] or None; the entropy of the distribution each completion token was drawn from, 0 elsewhere
+    router_loss: [] or None; a Mixture-of-Experts model's load-balancing loss over the forward's real tokens (of all B rows)
     """
 
     tokens: torch.Tensor
@@ -74,6 +78,7 @@ class Logps:
     logits: torch.Tensor | None = None
     hidden: torch.Tensor | None = None
     entropy: torch.Tensor | None = None
+    router_loss: torch.Tensor | None = None
 
     @property
     def mean(self) -> torch.Tensor:
@@ -81,7 +86,9 @@ class Logps:
         return self.sequence / self.mask.sum(-1).clamp(min=1)
 
     def select(self, index: torch.Tensor | slice) -> "Logps":
-        return Logps(*(None if t is None else t[index] for t in vars(self).values()))
+        """These rows' values (without `router_loss`, which belongs to the whole forward)."""
+        rows = (self.tokens, self.mask, self.sequence, self.logits, self.hidden, self.entropy)
+        return Logps(*(None if t is None else t[index] for t in rows))
 
 
 def logps_from_logits(logits: torch.Tensor, sequences: Sequences, keep_logits: bool = False) -> Logps:
@@ -115,24 +122,26 @@ def _inside_ddp(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def model_logps(model: torch.nn.Module, sequences: Sequences, with_logits: bool = False, with_hidden: bool = False,
-                packing: bool = False, with_entropy: bool = False) -> Logps:
+                packing: bool = False, with_entropy: bool = False, with_router_loss: bool = False) -> Logps:
     """Log-probs of `sequences`' completion tokens under a causal LM (possibly wrapped by DDP or PEFT).
 
     With `with_logits` the model computes the full [B, T, V] logits (the plain path);
     otherwise the LM head runs only at completion positions, a chunk at a time (`lean_logps`).
     `with_hidden` adds the LM head's input [B, T, H] (the last hidden states, after the final norm), `with_entropy`
-    each completion token's next-token entropy [B, T] (with grad as the log-probs; in the lean path from the same chunks).
+    each completion token's next-token entropy [B, T] (with grad as the log-probs; in the lean path from the same chunks),
+    `with_router_loss` a Mixture-of-Experts model's load-balancing loss, as its own forward computes it (`router_loss`).
     With `packing` the lean path packs the rows into fewer rows without padding when that
     saves rows and the model passed its probe (`pref.packing`); the values are the same.
     The forward pass always goes through `model` itself, once, so a DDP wrapper synchronises gradients.
     """
     if packing and not with_logits and not with_hidden:
-        packed = packed_logps(model, sequences, with_entropy)
+        packed = packed_logps(model, sequences, with_entropy, with_router_loss)
         if packed is not None:
             return packed
     head = _inside_ddp(model).get_output_embeddings() if with_hidden or not with_logits else None
+    routed = {"output_router_logits": True} if with_router_loss else {}
     out, hidden = forward_with_head_input(model, head, shrink=not with_logits, input_ids=sequences.input_ids,
-                                          attention_mask=sequences.attention_mask)
+                                          attention_mask=sequences.attention_mask, **routed)
     if with_logits:
         logps = logps_from_logits(out.logits, sequences, keep_logits=True)
         if with_entropy:  # the distribution at position t - 1 drew token t
@@ -142,6 +151,8 @@ def model_logps(model: torch.nn.Module, sequences: Sequences, with_logits: bool 
         logps = lean_logps(hidden, model, sequences, with_entropy)
     if with_hidden:
         logps.hidden = hidden
+    if with_router_loss:
+        logps.router_loss = out.aux_loss  # the model's own, over the rows' real tokens (their attention mask)
     return logps
 
 
@@ -166,16 +177,46 @@ def forward_with_head_input(model: torch.nn.Module, head: torch.nn.Module | None
     return out, captured.get("hidden")
 
 
-def packed_logps(model: torch.nn.Module, sequences: Sequences, with_entropy: bool = False) -> Logps | None:
+def packed_logps(model: torch.nn.Module, sequences: Sequences, with_entropy: bool = False, with_router_loss: bool = False) -> Logps | None:
     """`model_logps`' lean path through one packed forward; None where packing saves no row or may be wrong."""
     bare = _inside_ddp(model)  # the probe runs on the model inside DDP: it must not synchronise anything
-    layout = packed_layout(bare, sequences.input_ids, sequences.attention_mask)
+    balancing = balancing_loss(bare) if with_router_loss else None
+    layout = None if with_router_loss and balancing is None else packed_layout(bare, sequences.input_ids, sequences.attention_mask)
     if layout is None:
         return None
     # no attention mask: transformers then reads the sequence starts from position_ids
-    _, hidden = forward_with_head_input(model, bare.get_output_embeddings(), shrink=True, input_ids=layout.input_ids,
-                                        position_ids=layout.position_ids, use_cache=False)
-    return lean_logps(layout.unpack(hidden), model, sequences, with_entropy)
+    routed = {"output_router_logits": True} if with_router_loss else {}
+    out, hidden = forward_with_head_input(model, bare.get_output_embeddings(), shrink=True, input_ids=layout.input_ids,
+                                          position_ids=layout.position_ids, use_cache=False, **routed)
+    logps = lean_logps(layout.unpack(hidden), model, sequences, with_entropy)
+    if balancing is not None:  # the packed rows' padding routes too: the loss is taken over the real tokens, as unpacked
+        real = torch.zeros(layout.input_ids.numel(), dtype=torch.long, device=layout.input_ids.device)
+        logps.router_loss = balancing(out.router_logits, attention_mask=real.index_fill(0, layout.source, 1).view_as(layout.input_ids))
+    return logps
+
+
+def balancing_loss(model: torch.nn.Module) -> Callable[..., torch.Tensor] | None:
+    """A Mixture-of-Experts causal LM's `load_balancing_loss_func(router_logits, attention_mask=...)`, with its own numbers of
+    experts, as its forward calls it; None where the model's module has none (a dense model, remote code)."""
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model  # a PEFT wrapper's
+    experts, top_k = getattr(lm, "num_experts", None), getattr(lm, "num_experts_per_tok", None)
+    for cls in type(lm).__mro__:  # FSDP2 makes a subclass of the model's own class
+        function = getattr(sys.modules.get(cls.__module__), "load_balancing_loss_func", None)
+        if function is not None and isinstance(experts, int) and isinstance(top_k, int):
+            return partial(function, num_experts=experts, top_k=top_k)
+    return None
+
+
+def router_loss_coef(model: torch.nn.Module, given: float | None) -> float:
+    """The weight of a Mixture-of-Experts model's load-balancing loss in each training loss, as TRL's trainers add it: `given`
+    (`--router-aux-loss-coef`), else the model config's own `router_aux_loss_coef`; 0 for a dense model, which refuses a weight."""
+    config = config_of(model)
+    if not hasattr(config, "output_router_logits") or balancing_loss(model) is None:
+        if given:
+            raise PrefError(f"--router-aux-loss-coef {given}: {type(model).__name__} is not a Mixture-of-Experts model with a "
+                            "load-balancing loss; drop --router-aux-loss-coef")
+        return 0.0
+    return float(getattr(config, "router_aux_loss_coef", 0.0) or 0.0) if given is None else given
 
 
 def head_output_scale(config: Any) -> float:

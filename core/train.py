@@ -44,6 +44,7 @@ from pref.reporting.runs import final_config
 from pref.run_folder import (
     FINAL_DIR, RUN_FILE, absolute_paths, claim_output_dir, recorded_settings, release_locks, resume_checkpoint, resumed_record,
 )
+from pref.sequences import router_loss_coef
 from pref.sharding import is_sharded, no_gradient_sync, refuse_unsupported, shard, whole_state_dict
 
 log = logging.getLogger(__name__)
@@ -401,6 +402,7 @@ def train_policy(config: RunConfig, registry: Registry) -> tuple[str, HFPolicy]:
     policy.model = prepare_for_training(policy.model, config, plan.needs.model_kind, plan.adapter)
     if not plan.needs.dropout:
         turn_off_dropout(policy.model)
+    router_coef = router_loss_coef(policy.model, config.router_aux_loss_coef)  # a Mixture of Experts' load balancing; 0: dense
     policy.model.to(accelerator.device)
     objective.setup(policy)
     modules = objective.trainable_modules() if plan.needs.trainable_modules else {}
@@ -507,8 +509,11 @@ def train_policy(config: RunConfig, registry: Registry) -> tuple[str, HFPolicy]:
                 t_update = time.perf_counter()
                 last = micro == config.grad_accum - 1
                 with nullcontext() if last else no_gradient_sync(accelerator, model):
-                    with accelerator.autocast():
+                    with accelerator.autocast(), policy.router_losses() if router_coef else nullcontext([]) as router_losses:
                         loss, metrics = checked_loss(config.objective, objective.loss(policy, reference, batch))
+                    if router_losses:  # a Mixture of Experts: its load balancing joins each loss, as in TRL
+                        router_loss = torch.stack(router_losses).mean()
+                        loss, metrics = loss + router_coef * router_loss, {**metrics, "aux_loss": router_loss.item()}
                     accelerator.backward(loss / config.grad_accum if count is None else loss * (count / items_scale))
                 reports.append({"loss": loss.item(), **metrics, **data_metrics, "time/update": time.perf_counter() - t_update})
             if stopped:
