@@ -38,6 +38,7 @@ class RunConfig:
     mixed_precision: str = "no"  # no | fp16 | bf16
     dtype: str = "auto"  # auto | bfloat16 | float16 | float32: the weights as loaded (pref.precision)
     gradient_checkpointing: bool = False
+    cast_lm_head_to_fp32: bool = False  # the LM head's weights and logits in float32 (pref.precision.head_in_float32)
     attn_implementation: str | None = None  # transformers' attention kernel: sdpa (its default), eager, flash_attention_2, ...
     fsdp: bool = False  # shard the model over the processes with torch's FSDP2 (pref.sharding)
     sample_sharded: bool = False  # --fsdp: sample gathering one layer at a time, not the whole model for each generate call
@@ -114,7 +115,7 @@ POSITIVE = ("steps", "batch_size", "grad_accum", "max_length", "max_prompt_lengt
 POSITIVE_OR_NONE = ("max_new_tokens", "threads")  # None: resolved later (see RunConfig)
 ZERO_OR_MORE = ("save_every", "eval_every", "warmup_steps", "bucket_window", "top_k")  # 0: off
 RESOLVED_LATER = (*POSITIVE_OR_NONE, "bucket_window", "top_k")  # None: resolved by the plan (see RunConfig)
-TRUE_OR_FALSE = ("fsdp", "sample_sharded", "packing")
+TRUE_OR_FALSE = ("fsdp", "sample_sharded", "packing", "cast_lm_head_to_fp32")
 
 
 def read_config_file(path: str) -> dict[str, Any]:
@@ -279,6 +280,8 @@ def validate(config: RunConfig) -> None:
         raise PrefError(f"quantize must be one of {', '.join(QUANTIZATIONS)} (4-bit types of bitsandbytes), not {config.quantize!r}")
     if config.quantize and not config.adapter:
         raise PrefError(f"--quantize {config.quantize} loads the base model in 4 bits, which cannot be trained in full: add --lora (or --adapter NAME)")
+    if config.cast_lm_head_to_fp32 and config.fsdp:  # FSDP2 gathers every weight of the root in one dtype
+        raise PrefError("--cast-lm-head-to-fp32 does not work with --fsdp, which computes the sharded LM head in the model's dtype; drop one of them")
     if config.quantize and config.fsdp:
         raise PrefError("--fsdp cannot shard 4-bit weights: drop --fsdp (each process then holds the whole 4-bit base) or --quantize")
     if not config.lr > 0:

@@ -12,6 +12,8 @@ while the forward pass computes in the low precision under autocast.
 
 from __future__ import annotations
 
+import types
+
 import torch
 
 from pref.errors import PrefError
@@ -74,3 +76,24 @@ def keep_trainable_in_float32(*modules: torch.nn.Module) -> None:
         for param in module.parameters():
             if param.requires_grad and param.dtype != torch.float32:
                 param.data = param.data.float()
+
+
+def head_in_float32(model: torch.nn.Module) -> None:
+    """`--cast-lm-head-to-fp32` (TRL's `cast_lm_head_to_fp32`, ScaleRL's recipe): the LM head's weights in float32, and its
+    projection computed in float32 outside autocast, so the log-probs and the samples of a low-precision model come from
+    float32 logits. A tied input embedding (the same weights) still gives the dtype it gave. In place, before any copy."""
+    bare = model.get_base_model() if hasattr(model, "get_base_model") else model  # a PEFT wrapper's model
+    head = bare.get_output_embeddings()
+    if type(head) is not torch.nn.Linear:
+        raise PrefError(f"--cast-lm-head-to-fp32: the LM head of {type(bare).__name__} is a {type(head).__name__}, not a plain linear "
+                        "layer (an adapter on lm_head?); take lm_head out of the adapter's target modules, or drop the flag")
+    dtype = head.weight.dtype
+
+    def float32_forward(self: torch.nn.Linear, hidden: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(hidden.device.type, enabled=False):
+            return torch.nn.functional.linear(hidden.float(), self.weight.float(), None if self.bias is None else self.bias.float())
+
+    head.float().forward = types.MethodType(float32_forward, head)  # bound to the module: a deep copy (the reference's) is bound to its own
+    embedding = bare.get_input_embeddings()
+    if embedding is not None and embedding.weight is head.weight and dtype != torch.float32:
+        embedding.register_forward_hook(lambda module, args, out: out.to(dtype))

@@ -36,7 +36,7 @@ from pref.models import DEFAULT_MODEL, SCORE_HEAD, load_model, load_tokenizer, p
 from pref.packing import may_pack, packs_correctly
 from pref.plan import CACHED_LOGPS, NO_MODEL, RunPlan, output_folder, resolve_plan
 from pref.policy import HFPolicy, unwrap
-from pref.precision import AUTOCAST, keep_trainable_in_float32, resolve_device, resolve_dtype
+from pref.precision import AUTOCAST, head_in_float32, keep_trainable_in_float32, resolve_device, resolve_dtype
 from pref.reference import AdaptersOffReference, CachedReference, FrozenReference, cache_dir
 from pref.registry import Registry
 from pref.reporting.card import write_model_card
@@ -92,7 +92,7 @@ def build_reference(config: RunConfig, plan: RunPlan, policy: HFPolicy, examples
     if plan.reference == CACHED_LOGPS:
         batches = [rows for start in range(0, len(examples), config.batch_size)
                    for rows in sequences_of(collate(policy, examples[start : start + config.batch_size]))]
-        name = config.model or DEFAULT_MODEL
+        name = (config.model or DEFAULT_MODEL) + (" with a float32 LM head" if config.cast_lm_head_to_fp32 else "")  # other log-probs
         with plan.adapter.disabled(unwrap(policy.model)) if plan.adapter else nullcontext():  # an adapter run's reference is its base model
             return CachedReference.build(unwrap(policy.model), name, batches, os.path.join(cache_dir(), "reference"), packing=config.packing,
                                          processes=processes)
@@ -400,6 +400,8 @@ def train_policy(config: RunConfig, registry: Registry) -> tuple[str, HFPolicy]:
     with quiet_new_heads({SCORE_HEAD}):  # a reward model's score head is new because it is trained from scratch here
         policy.load_model(config.model, dtype, plan.needs.model_kind, config.attn_implementation, config.quantize, accelerator.device)
     policy.model = prepare_for_training(policy.model, config, plan.needs.model_kind, plan.adapter)
+    if config.cast_lm_head_to_fp32:
+        head_in_float32(policy.model)  # before the reference's copy, which keeps it
     if not plan.needs.dropout:
         turn_off_dropout(policy.model)
     router_coef = router_loss_coef(policy.model, config.router_aux_loss_coef)  # a Mixture of Experts' load balancing; 0: dense
