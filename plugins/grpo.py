@@ -107,6 +107,8 @@ def grpo_loss(
     sapo_temperature_neg: float = 1.05,
     vespo_options: dict[str, float] | None = None,
     token_weights: torch.Tensor | None = None,
+    use_bias_correction_kl: bool = True,
+    off_policy_mask_threshold: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The GRPO policy loss of one batch of samples, as TRL 1.16's `GRPOTrainer._compute_loss`.
 
@@ -141,6 +143,10 @@ def grpo_loss(
         sapo_temperature_pos, sapo_temperature_neg: SAPO's gate temperatures for positive and other advantages.
         vespo_options: k_pos, lambda_pos, k_neg, lambda_neg of `vespo_weights`.
         token_weights: [B, T] multiplies each token's policy term, not its KL term (`high_entropy_mask`'s tokens; None: 1).
+        use_bias_correction_kl: the KL term times the importance ratio (its gradient then the unbiased reverse-KL one,
+            DeepSeek-V3.2; TRL's default); gmpo, as TRL's GMPOTrainer, never.
+        off_policy_mask_threshold: DeepSeek-V3.2's off-policy sequence masking: the policy term leaves out each sample
+            with a negative advantage whose mean token log-ratio old/new exceeds this (None: off; not gmpo).
 
     Returns:
         loss: [] the loss of this batch.
@@ -157,7 +163,7 @@ def grpo_loss(
         log_weights = log_ratio
     else:
         log_weights = ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).unsqueeze(-1)
-    ratio = torch.exp(log_weights)
+    ratio = importance = torch.exp(log_weights)
     stats: dict[str, torch.Tensor] = {"ratio": ratio.detach()}
 
     if loss_type == "cispo":
@@ -185,6 +191,10 @@ def grpo_loss(
         stats["low_clipped"] = (ratio < 1 - epsilon) & (advantages < 0)
         stats["high_clipped"] = (ratio > 1 + epsilon_high) & (advantages > 0)
 
+    if off_policy_mask_threshold is not None:  # a sample pushed down that the policy has drifted away from: left out
+        drift = ((old_token_logps - policy_token_logps.detach()) * mask).sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1.0)
+        per_token_loss = per_token_loss * ((advantages >= 0) | (drift <= off_policy_mask_threshold)).to(per_token_loss.dtype)
+
     if token_weights is not None:  # TRL applies top_entropy_quantile's mask here: the normalisers still count every token
         per_token_loss = per_token_loss * token_weights
 
@@ -193,6 +203,8 @@ def grpo_loss(
             raise PrefError("grpo: beta > 0 needs the reference's per-token log-probs")
         difference = reference_token_logps - policy_token_logps
         per_token_kl = torch.exp(difference) - difference - 1
+        if use_bias_correction_kl and loss_type != "gmpo":
+            per_token_kl = per_token_kl * importance
         per_token_loss = per_token_loss + beta * per_token_kl
         stats["kl"] = per_token_kl.detach()
 
@@ -422,6 +434,12 @@ class GRPO(MovesReference, Objective):
             logs the one after its adaptive update).
         use_adaptive_entropy, entropy_coef_min, entropy_coef_max, entropy_coef_delta, entropy_target: Skywork-OR1's
             control of entropy_coef (`EntropyBonus`; off, 0.0, 1.0, 0.005, 0.2 nats), kept in checkpoints.
+        use_bias_correction_kl: with beta > 0, the KL term times the importance ratio, the unbiased reverse-KL gradient of
+            DeepSeek-V3.2 (on, TRL's default; before 2026-12-01 pref had no correction). Not gmpo's, as TRL's GMPOTrainer.
+        off_policy_mask_threshold: DeepSeek-V3.2's off-policy sequence masking: samples with a negative advantage whose
+            mean token log-ratio of the sampling policy to the current one exceeds this are left out of the policy term
+            (off; e.g. 0.5). It matters with num_iterations or steps_per_generation above 1, where the policy moves
+            between sampling and training.
         sapo_temperature_pos, sapo_temperature_neg: SAPO's gate temperatures (1.0, 1.05).
         vespo_k_pos, vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg: VESPO's gamma weights (2, 3, 3, 2).
     With several processes, scale_rewards "batch" divides by the std of every process's rewards and
@@ -462,6 +480,8 @@ class GRPO(MovesReference, Objective):
         sync_ref_model: bool = False,
         ref_model_mixup_alpha: float = 0.6,
         ref_model_sync_steps: int = 512,
+        use_bias_correction_kl: bool = True,
+        off_policy_mask_threshold: float | None = None,
         processes: Processes | None = None,
     ):
         if epsilon is None:
@@ -483,6 +503,10 @@ class GRPO(MovesReference, Objective):
         self.vespo_options = {"k_pos": vespo_k_pos, "lambda_pos": vespo_lambda_pos, "k_neg": vespo_k_neg, "lambda_neg": vespo_lambda_neg}
         self.processes = processes or Processes()
         self.mask_truncated_completions = mask_truncated_completions
+        if off_policy_mask_threshold is not None and (not off_policy_mask_threshold >= 0 or loss_type == "gmpo"):
+            raise PrefError(f"grpo: off_policy_mask_threshold must be a number of 0 or more, and not with gmpo (TRL's GMPOTrainer has no "
+                            f"off-policy mask), got {off_policy_mask_threshold!r} with loss_type {loss_type}")
+        self.use_bias_correction_kl, self.off_policy_mask_threshold = use_bias_correction_kl, off_policy_mask_threshold
         if not 0.0 < top_entropy_quantile <= 1.0:
             raise PrefError(f"grpo: top_entropy_quantile must lie in (0, 1], got {top_entropy_quantile}")
         self.top_entropy_quantile = top_entropy_quantile
@@ -572,6 +596,8 @@ class GRPO(MovesReference, Objective):
             sapo_temperature_neg=self.sapo_temperatures[1],
             vespo_options=self.vespo_options,
             token_weights=token_weights,
+            use_bias_correction_kl=self.use_bias_correction_kl,
+            off_policy_mask_threshold=self.off_policy_mask_threshold,
         )
         if self.entropy_bonus.on:  # over the tokens the policy term trains, as TRL
             entropy_metrics.update({"policy_loss": loss.item(), "entropy_coef": self.entropy_bonus.coef})

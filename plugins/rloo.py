@@ -99,6 +99,8 @@ class RLOO(MovesReference, Objective):
             mini-batches, one optimizer step each (default 1).
         mask_truncated_completions: leave the completions the sampling limit cut (no EOS) out of the loss and the KL
             penalty (off), as TRL.
+        reward_clip_range: [lowest, highest]: each reward clipped into it before the KL penalty and the baselines (TRL's;
+            off). The logged rewards are the scores as given, as TRL's.
         sync_ref_model, ref_model_mixup_alpha, ref_model_sync_steps: TR-DPO's moving reference, as for dpo (off; 0.6, 512;
             needs beta > 0).
     Several rewards: `--reward a --reward b --reward-weights 1,0.5` (TRL's reward_weights), the `weighted` reward's sum.
@@ -115,6 +117,7 @@ class RLOO(MovesReference, Objective):
         num_iterations: int = 1,
         steps_per_generation: int = 1,
         mask_truncated_completions: bool = False,
+        reward_clip_range: list[float] | None = None,
         sync_ref_model: bool = False,
         ref_model_mixup_alpha: float = 0.6,
         ref_model_sync_steps: int = 512,
@@ -122,6 +125,12 @@ class RLOO(MovesReference, Objective):
     ):
         if beta < 0:
             raise PrefError(f"rloo: beta (the KL weight) must not be negative, got {beta}")
+        if reward_clip_range is not None and not (isinstance(reward_clip_range, (list, tuple)) and len(reward_clip_range) == 2
+                                                  and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in reward_clip_range)
+                                                  and reward_clip_range[0] <= reward_clip_range[1]):
+            raise PrefError(f"rloo: reward_clip_range must be [lowest, highest], two numbers in order (e.g. -o reward_clip_range=[-1,1]), "
+                            f"got {reward_clip_range!r}")
+        self.reward_clip_range = reward_clip_range
         if not 0.0 <= epsilon < 1.0:
             raise PrefError(f"rloo: epsilon must lie in [0, 1), got {epsilon}")
         if epsilon_high is not None and epsilon_high < 0:
@@ -158,11 +167,13 @@ class RLOO(MovesReference, Objective):
         device = mask.device
         scores = batch.scores["reward"].to(device).float()
         rewards, metrics = scores, {}
+        if self.reward_clip_range is not None:  # before the KL penalty; the logged rewards are the scores, as TRL's
+            rewards = scores.clamp(min=self.reward_clip_range[0], max=self.reward_clip_range[1])
         if self.beta > 0:
             if reference is None:
                 raise PrefError("rloo with beta > 0 needs a reference model for its KL penalty; do not pass --reference none")
             reference_logps = reference.logps(sequences).tokens.to(device).float()
-            rewards, per_token_kl = kl_penalised_rewards(scores, old_logps, reference_logps, mask, self.beta)
+            rewards, per_token_kl = kl_penalised_rewards(rewards, old_logps, reference_logps, mask, self.beta)
             metrics["kl"] = (per_token_kl.sum() / mask.sum().clamp(min=1)).item()
         advantages = leave_one_out_advantages(rewards, k, self.normalize_advantages, self.processes)
         std_is_zero = torch.isclose(rewards.view(-1, k).std(dim=1), torch.zeros(()))

@@ -11,7 +11,7 @@ import torch
 from torch.testing import assert_close
 
 from pref.errors import PrefError
-from pref.plugins.grpo import LOSS_TYPES, check_options, group_advantages, grpo_loss, loss_metrics, vespo_weights
+from pref.plugins.grpo import GRPO, LOSS_TYPES, check_options, group_advantages, grpo_loss, loss_metrics, vespo_weights
 from pref.plugins.rloo import kl_penalised_rewards, leave_one_out_advantages, rloo_loss
 
 
@@ -35,7 +35,7 @@ def trl_grpo(mask, policy, old, reference, advantages, num_items_in_batch=None, 
     epsilon_high = options.pop("epsilon_high", None)
     entropies = options.pop("entropies", torch.zeros_like(policy))
     args = SimpleNamespace(
-        use_bias_correction_kl=False, delta=options.pop("delta", None), sapo_temperature_pos=1.0, sapo_temperature_neg=1.05,
+        use_bias_correction_kl=options.pop("use_bias_correction_kl", True), delta=options.pop("delta", None), sapo_temperature_pos=1.0, sapo_temperature_neg=1.05,
         vespo_k_pos=2.0, vespo_lambda_pos=3.0, vespo_k_neg=3.0, vespo_lambda_neg=2.0, steps_per_generation=1,
     )
     attributes = {
@@ -79,6 +79,11 @@ GRPO_VARIANTS = [{"loss_type": t} for t in LOSS_TYPES if t != "gmpo"] + [  # gmp
     {"loss_type": "dapo", "beta": 0.04},
     {"loss_type": "grpo", "beta": 0.1, "delta": 1.1},
     {"loss_type": "sapo", "beta": 0.02},
+    {"loss_type": "dapo", "beta": 0.04, "use_bias_correction_kl": False},
+    {"loss_type": "grpo", "importance_sampling_level": "sequence", "beta": 0.05},
+    {"loss_type": "dapo", "off_policy_mask_threshold": 0.02},
+    {"loss_type": "cispo", "epsilon_high": 1.1, "beta": 0.02, "off_policy_mask_threshold": 0.0},
+    {"loss_type": "vespo", "off_policy_mask_threshold": 0.05},
 ]
 
 
@@ -615,3 +620,55 @@ def test_adaptive_entropy_resumes_with_its_coefficient(tmp_path, tiny_model_dir,
     assert [line["entropy_coef"] for line in figures["whole"]] == pytest.approx([0.01, 0.03, 0.05, 0.07])
     assert [line["entropy_coef"] for line in figures["resumed"]] == pytest.approx([0.01, 0.03, 0.05, 0.07])
     assert figures["resumed"][3]["loss"] == pytest.approx(figures["whole"][3]["loss"], abs=1e-6)
+
+
+def test_the_off_policy_mask_drops_a_drifted_sample_pushed_down_by_hand():
+    """Sample 0 drifted by mean(old - new) = 0.5 > 0.1 with advantage -1: dropped; sample 1 (drift -0.5) stays.
+    Sample 1: ratio e^0.5 = 1.6487, past the clip; -min(-1.6487, -1.2) = 1.6487 per token; bnpo: 2 x 1.6487 / 4 tokens."""
+    old = torch.full((2, 2), -1.0)
+    policy = torch.tensor([[-1.5, -1.5], [-0.5, -0.5]])
+    advantages, mask = torch.tensor([-1.0, -1.0]), torch.ones(2, 2)
+    masked, _ = grpo_loss(policy, old, advantages, mask, loss_type="bnpo", off_policy_mask_threshold=0.1)
+    kept, _ = grpo_loss(policy, old, advantages, mask, loss_type="bnpo")
+    assert masked.item() == pytest.approx(2 * math.exp(0.5) / 4, abs=1e-6)
+    assert kept.item() == pytest.approx((2 * 0.8 + 2 * math.exp(0.5)) / 4, abs=1e-6)  # sample 0's ratio e^-0.5 clipped up to 0.8
+    assert grpo_loss(policy, old, -advantages, mask, loss_type="bnpo", off_policy_mask_threshold=0.1)[0].item() == pytest.approx(
+        grpo_loss(policy, old, -advantages, mask, loss_type="bnpo")[0].item())  # a positive advantage is never dropped
+
+
+def test_the_bias_corrected_kl_gradient_is_the_reverse_kl_one_by_hand():
+    """One token on-policy (ratio 1), log p = -1, log ref = -0.5: k3 = e^0.5 - 1.5; d k3 / d log p = 1 - e^0.5 = -0.6487;
+    times the ratio, + k3 x d ratio / d log p (= 1): log p - log ref = -0.5, the reverse KL's gradient."""
+    policy = torch.tensor([[-1.0]], requires_grad=True)
+    for corrected, expected in ((True, -0.5), (False, 1 - math.exp(0.5))):
+        loss, stats = grpo_loss(policy, policy.detach(), torch.zeros(1), torch.ones(1, 1), reference_token_logps=torch.tensor([[-0.5]]),
+                                beta=1.0, loss_type="bnpo", use_bias_correction_kl=corrected)
+        (grad,) = torch.autograd.grad(loss, policy)
+        assert loss.item() == pytest.approx(math.exp(0.5) - 1.5) and grad.item() == pytest.approx(expected, abs=1e-6)
+
+
+def test_off_policy_masking_is_refused_for_gmpo_and_below_zero():
+    with pytest.raises(PrefError, match="off_policy_mask_threshold"):
+        GRPO(loss_type="gmpo", off_policy_mask_threshold=0.5)
+    with pytest.raises(PrefError, match="off_policy_mask_threshold"):
+        GRPO(off_policy_mask_threshold=-1.0)
+
+
+def test_rloo_clips_the_rewards_before_its_baselines_and_logs_them_unclipped_by_hand():
+    """Rewards [5, 0, -5, 1] in groups of 2, clipped into [-1, 1]: [1, 0, -1, 1]; leave-one-out advantages [1, -1, -2, 2]."""
+    from test_dpo_loss import TablePolicy
+
+    from pref.interfaces import ScoredBatch
+    from pref.plugins.rloo import RLOO
+    from pref.sequences import Sequences
+
+    ones = torch.ones(4, 3, dtype=torch.long)
+    batch = ScoredBatch(["p"] * 4, ["c"] * 4, Sequences(ones, ones, ones), {"reward": torch.tensor([5.0, 0.0, -5.0, 1.0])}, 2)
+    prepared = RLOO(beta=0.0, reward_clip_range=[-1, 1]).prepare(TablePolicy(torch.zeros(4, 3)), None, batch)
+    assert prepared.advantages.tolist() == [1.0, -1.0, -2.0, 2.0]
+    assert prepared.metrics["reward"] == pytest.approx(0.25)  # the scores' mean, unclipped
+    unclipped = RLOO(beta=0.0).prepare(TablePolicy(torch.zeros(4, 3)), None, batch)
+    assert unclipped.advantages.tolist() == [5.0, -5.0, -6.0, 6.0]
+    for bad in ([1, -1], [0], "1,2", [True, 2]):
+        with pytest.raises(PrefError, match="reward_clip_range must be"):
+            RLOO(reward_clip_range=bad)
