@@ -107,6 +107,9 @@ class RewardSource(ABC):
     #: New tokens enough for the answers this reward judges, for online sampling when
     #: the run sets no `max_new_tokens` (None: the run's default, 32).
     max_new_tokens: ClassVar[int | None] = None
+    #: A reward that sums others (`weighted`): each part's name and weight, its scores holding each part's own as
+    #: `NAME/reward` (for GRPO's normalize_then_sum); empty for a single reward.
+    weights: dict[str, float] = {}
 
     @abstractmethod
     def score(self, prompts: list[Prompt], completions: list[str]) -> dict[str, torch.Tensor]:
@@ -240,6 +243,7 @@ class ScoredBatch:
     to a float tensor [B]. `max_new_tokens`: the sampling limit the completions were drawn
     under (None when unknown), a constant a length normaliser may divide by (Dr. GRPO's).
     `truncated`: [B] bool, the completions that limit cut (`Samples.truncated`), or None when unknown.
+    `reward_weights`: the parts of a reward that sums others and their weights (`RewardSource.weights`).
     """
 
     prompts: list[Prompt]
@@ -249,6 +253,7 @@ class ScoredBatch:
     samples_per_prompt: int = 1
     max_new_tokens: int | None = None
     truncated: torch.Tensor | None = None
+    reward_weights: dict[str, float] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.completions)
@@ -264,6 +269,7 @@ class ScoredBatch:
             self.samples_per_prompt,
             self.max_new_tokens,
             None if self.truncated is None else self.truncated[rows.to(self.truncated.device)],
+            self.reward_weights,
         )
 
 

@@ -124,7 +124,8 @@ class OnlineBatches:
         """SAMPLES: all P x K samples of the next prompts, scored, none selected."""
         prompts, samples, scores, metrics = self._sample()
         flat_prompts, flat_completions = flatten(prompts, samples.completions)
-        batch = ScoredBatch(flat_prompts, flat_completions, samples.sequences, scores, self.k, self.sampling.max_new_tokens, samples.truncated)
+        batch = ScoredBatch(flat_prompts, flat_completions, samples.sequences, scores, self.k, self.sampling.max_new_tokens, samples.truncated,
+                            dict(self.reward.weights))
         return batch, {**metrics, **self.order.metrics()}
 
     def _batch(self, sequences: Sequences, selection: Selection) -> PairBatch | LabeledBatch | None:

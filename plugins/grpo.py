@@ -11,6 +11,7 @@ ratios). RLOO (`pref.plugins.rloo`) shares the sampling and the step.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +24,7 @@ from pref.sequences import Sequences
 
 LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo", "luspo", "vespo", "gmpo")
 SCALE_REWARDS = ("group", "batch", "none")
+AGGREGATIONS = ("sum_then_normalize", "normalize_then_sum")  # how several rewards make one advantage (TRL's multi_objective_aggregation)
 IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
 
 
@@ -62,6 +64,30 @@ def group_advantages(
     if scale_rewards != "none":
         advantages = advantages / (scale + 1e-4)
     return advantages, torch.isclose(scale, torch.zeros_like(scale))
+
+
+def decoupled_advantages(
+    parts: torch.Tensor, weights: torch.Tensor, samples_per_prompt: int, batch_rewards: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """GDPO's advantages (Liu et al. 2026; TRL's multi_objective_aggregation "normalize_then_sum"): each reward normalised
+    within its prompt's group, (r - mean) / (std + 1e-4), then the weighted sum, then normalised over the whole batch.
+
+    Args:
+        parts: [P * K, F] each reward's scores, the K samples of each prompt consecutive.
+        weights: [F] each reward's weight.
+        samples_per_prompt: K (at least 2).
+        batch_rewards: turns this process's [P * K] summed rewards into every process's (TRL gathers them); None: this one's.
+
+    Returns:
+        advantages: [P * K]; std_is_zero: [P * K] bool, True where the batch's std is 0.
+    """
+    grouped = parts.view(-1, samples_per_prompt, parts.shape[1])
+    normalized = (grouped - grouped.mean(dim=1, keepdim=True)) / (std(grouped, dim=1).unsqueeze(1) + 1e-4)
+    rewards = (normalized.view(-1, parts.shape[1]) * weights.to(parts)).sum(dim=1)
+    batch = rewards if batch_rewards is None else batch_rewards(rewards)
+    scale = std(batch) if batch.numel() > 1 else torch.zeros((), dtype=rewards.dtype, device=rewards.device)
+    advantages = (rewards - batch.mean()) / (scale + 1e-4)
+    return advantages, torch.isclose(scale, torch.zeros_like(scale)).expand_as(rewards)
 
 
 def vespo_weights(
@@ -440,6 +466,9 @@ class GRPO(MovesReference, Objective):
             mean token log-ratio of the sampling policy to the current one exceeds this are left out of the policy term
             (off; e.g. 0.5). It matters with num_iterations or steps_per_generation above 1, where the policy moves
             between sampling and training.
+        multi_objective_aggregation: how several rewards (`--reward a --reward b`) make one advantage: "sum_then_normalize"
+            (default: the weighted sum, then scale_rewards) or "normalize_then_sum" (GDPO: each reward normalised within its
+            group, the weighted sum, then normalised over the batch; scale_rewards does not apply), as TRL.
         sapo_temperature_pos, sapo_temperature_neg: SAPO's gate temperatures (1.0, 1.05).
         vespo_k_pos, vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg: VESPO's gamma weights (2, 3, 3, 2).
     With several processes, scale_rewards "batch" divides by the std of every process's rewards and
@@ -482,6 +511,7 @@ class GRPO(MovesReference, Objective):
         ref_model_sync_steps: int = 512,
         use_bias_correction_kl: bool = True,
         off_policy_mask_threshold: float | None = None,
+        multi_objective_aggregation: str = "sum_then_normalize",
         processes: Processes | None = None,
     ):
         if epsilon is None:
@@ -489,6 +519,9 @@ class GRPO(MovesReference, Objective):
         check_options(loss_type, importance_sampling_level, epsilon, epsilon_high, beta)
         if scale_rewards not in SCALE_REWARDS:
             raise PrefError(f"unknown scale_rewards {scale_rewards!r}: choose one of {', '.join(SCALE_REWARDS)}")
+        if multi_objective_aggregation not in AGGREGATIONS:
+            raise PrefError(f"unknown multi_objective_aggregation {multi_objective_aggregation!r}: choose one of {', '.join(AGGREGATIONS)}")
+        self.multi_objective_aggregation = multi_objective_aggregation
         for name, value in (("num_iterations", num_iterations), ("steps_per_generation", steps_per_generation)):
             if not isinstance(value, int) or value < 1:
                 raise PrefError(f"grpo: {name} must be a whole number of at least 1, got {value!r}")
@@ -526,12 +559,20 @@ class GRPO(MovesReference, Objective):
             minibatches_per_rollout=steps_per_generation,
         )
 
-    def advantages(self, rewards: torch.Tensor, samples_per_prompt: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def advantages(self, batch: ScoredBatch, samples_per_prompt: int) -> tuple[torch.Tensor, torch.Tensor]:
         """[B] advantages and [B] "std is zero" flags from this process's share of the rollout's rewards."""
-        batch_rewards = None
-        if self.scale_rewards == "batch" and self.processes.world > 1:
-            # float32 values survive the round trip through Python floats exactly
-            batch_rewards = torch.tensor(self.processes.gather(rewards.tolist()), dtype=rewards.dtype, device=rewards.device)
+        rewards = batch.scores["reward"].float()
+
+        def every_process(values: torch.Tensor) -> torch.Tensor:  # float32 values survive the round trip through Python floats
+            return torch.tensor(self.processes.gather(values.tolist()), dtype=values.dtype, device=values.device)
+
+        gathered = every_process if self.processes.world > 1 else None
+        if self.multi_objective_aggregation == "normalize_then_sum":  # one reward: its own scores, weight 1
+            names = list(batch.reward_weights) or ["reward"]
+            parts = torch.stack([batch.scores[f"{n}/reward" if batch.reward_weights else n].float() for n in names], dim=1)
+            weights = torch.tensor([batch.reward_weights.get(n, 1.0) for n in names])
+            return decoupled_advantages(parts, weights, samples_per_prompt, gathered)
+        batch_rewards = gathered(rewards) if gathered and self.scale_rewards == "batch" else None
         return group_advantages(rewards, samples_per_prompt, self.scale_rewards, batch_rewards)
 
     def prepare(self, policy: Policy, reference: Reference | None, batch: ScoredBatch) -> PreparedSamples:
@@ -554,7 +595,8 @@ class GRPO(MovesReference, Objective):
                 raise PrefError("grpo with beta > 0 needs a reference model for its KL term; do not pass --reference none")
             reference_logps = reference.logps(sequences).tokens.to(device).float()
         rewards = batch.scores["reward"].to(device).float()
-        advantages, std_is_zero = self.advantages(rewards, k)
+        advantages, std_is_zero = self.advantages(batch, k)
+        advantages, std_is_zero = advantages.to(device), std_is_zero.to(device)
         # dapo's normaliser: the mean over processes of their completion tokens, so that the average of the
         # processes' losses (DDP averages their gradients) is the sum over every token / every process's tokens
         tokens = mask.sum().double()

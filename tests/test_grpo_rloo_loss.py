@@ -672,3 +672,55 @@ def test_rloo_clips_the_rewards_before_its_baselines_and_logs_them_unclipped_by_
     for bad in ([1, -1], [0], "1,2", [True, 2]):
         with pytest.raises(PrefError, match="reward_clip_range must be"):
             RLOO(reward_clip_range=bad)
+
+
+def trl_decoupled(parts, weights, k):
+    """TRL 1.16's "normalize_then_sum" branch of `_generate_and_score_completions`, step for step."""
+    from trl.trainer.utils import nanstd
+
+    grouped = parts.view(-1, k, parts.shape[1])
+    mean_k = torch.nanmean(grouped, dim=1, keepdim=True)
+    std_k = nanstd(grouped, dim=1, keepdim=True)
+    reward_k = ((grouped - mean_k) / (std_k + 1e-4)).view(-1, parts.shape[1])
+    rewards = (reward_k * weights.unsqueeze(0)).nansum(dim=1)
+    std_rewards = nanstd(rewards).expand_as(rewards)
+    return (rewards - torch.nanmean(rewards)) / (std_rewards + 1e-4), torch.isclose(std_rewards, torch.zeros_like(std_rewards))
+
+
+def test_gdpo_advantages_by_hand_and_as_trl():
+    """Two prompts of K = 2, rewards r1 = [1, 0, 1, 1] and r2 = [0, 0, 3, 1] weighted 1 and 0.5. Within each group r1 gives
+    +-0.5 / (0.7071 + 1e-4) and [0, 0], r2 [0, 0] and +-1 / (1.4142 + 1e-4); summed: [a, -a, b, -b] with a = 0.70701 and
+    b = 0.35353, whose batch std is sqrt((2a^2 + 2b^2) / 3) = 0.64543: advantages [1.0953, -1.0953, 0.5477, -0.5477].
+    Summed first (the default), the groups [1, 0] and [2.5, 1.5] would both give +-0.7070: GDPO keeps them apart."""
+    from pref.plugins.grpo import decoupled_advantages
+
+    parts, weights = torch.tensor([[1.0, 0.0], [0.0, 0.0], [1.0, 3.0], [1.0, 1.0]]), torch.tensor([1.0, 0.5])
+    advantages, std_is_zero = decoupled_advantages(parts, weights, 2)
+    assert advantages.tolist() == pytest.approx([1.0953, -1.0953, 0.5477, -0.5477], abs=2e-4)
+    theirs, their_zero = trl_decoupled(parts, weights, 2)
+    assert_close(advantages, theirs)
+    assert std_is_zero.tolist() == their_zero.tolist() == [False] * 4
+    summed, _ = group_advantages((parts * weights).sum(1), 2)
+    assert summed.tolist() == pytest.approx([0.7070, -0.7070, 0.7070, -0.7070], abs=2e-4)
+    flat, flat_zero = decoupled_advantages(torch.ones(4, 2), weights, 2)  # every reward equal: nothing to learn
+    assert flat.tolist() == [0.0] * 4 and flat_zero.all()
+
+
+def test_grpo_normalize_then_sum_reads_a_weighted_rewards_parts():
+    from pref.interfaces import ScoredBatch
+    from pref.plugins.grpo import decoupled_advantages
+    from pref.sequences import Sequences
+
+    ones = torch.ones(4, 3, dtype=torch.long)
+    r1, r2 = torch.tensor([1.0, 0.0, 1.0, 1.0]), torch.tensor([0.0, 0.0, 3.0, 1.0])
+    scores = {"reward": r1 + 0.5 * r2, "a/reward": r1, "b/reward": r2}
+    batch = ScoredBatch(["p"] * 4, ["c"] * 4, Sequences(ones, ones, ones), scores, 2, reward_weights={"a": 1.0, "b": 0.5})
+    advantages, _ = GRPO(multi_objective_aggregation="normalize_then_sum").advantages(batch, 2)
+    assert_close(advantages, decoupled_advantages(torch.stack([r1, r2], 1), torch.tensor([1.0, 0.5]), 2)[0])
+    assert_close(GRPO().advantages(batch, 2)[0], group_advantages(scores["reward"], 2)[0])  # the default sums first
+    single = ScoredBatch(["p"] * 4, ["c"] * 4, Sequences(ones, ones, ones), {"reward": r2}, 2)  # one reward: weight 1
+    assert_close(GRPO(multi_objective_aggregation="normalize_then_sum").advantages(single, 2)[0],
+                 decoupled_advantages(r2.unsqueeze(1), torch.ones(1), 2)[0])
+    assert batch.select([0, 1]).reward_weights == {"a": 1.0, "b": 0.5}
+    with pytest.raises(PrefError, match="multi_objective_aggregation"):
+        GRPO(multi_objective_aggregation="sum")

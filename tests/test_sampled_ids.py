@@ -8,7 +8,7 @@ max_new_tokens without an EOS), with padding after an EOS as transformers leaves
 import pytest
 import torch
 
-from pref.interfaces import SETS, ObjectiveNeeds, PairSelector, SamplingConfig, ScoredBatch, Selection
+from pref.interfaces import SETS, ObjectiveNeeds, PairSelector, RewardSource, SamplingConfig, ScoredBatch, Selection
 from pref.models import prompt_token_ids
 from pref.online import OnlineBatches
 from pref.plugins.d2po import Discriminator, DiscriminatorRelabeler
@@ -125,7 +125,7 @@ def test_answers_come_from_the_policy_whatever_sampling_settings_its_generation_
         assert completion_ids(tuned.sample(PROMPTS, 2, sampling).sequences) == completion_ids(expected.sequences)
 
 
-class Indexed:
+class Indexed(RewardSource):
     """Reward = position of the completion in the call: in each pool the last sample is best, the first worst."""
 
     def score(self, prompts, completions):

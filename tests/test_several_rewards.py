@@ -103,3 +103,22 @@ def test_grpo_with_two_weighted_rewards_from_the_cli_logs_both(tmp_path, tiny_mo
     with open(os.path.join(out, "run.json")) as f:
         config = json.load(f)["config"]
     assert config["reward"] == ["noun-diversity", "repetition"] and config["reward_weights"] == [1.0, 0.5]
+
+
+def test_grpo_normalize_then_sum_gets_each_rewards_scores_and_weight(tmp_path, tiny_model_dir, monkeypatch):
+    import pref.plugins.grpo as grpo
+
+    seen = []
+    original = grpo.decoupled_advantages
+    monkeypatch.setattr(grpo, "decoupled_advantages", lambda parts, weights, k, gather=None: seen.append((parts, weights)) or original(parts, weights, k, gather))
+    out = str(tmp_path / "run")
+    result = CliRunner().invoke(cli, [
+        "run", "--model", tiny_model_dir, "--device", "cpu", "--output-dir", out, "--objective", "grpo",
+        "--reward", "noun-diversity", "--reward", "repetition", "--reward-weights", "1,0.5", "--reward-option", "repetition.n=1",
+        "-o", "multi_objective_aggregation=normalize_then_sum", "--steps", "1", "--batch-size", "2", "-k", "2",
+    ])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    (parts, weights), = seen
+    metrics = json.loads(open(os.path.join(out, "metrics.jsonl")).readline())
+    assert weights.tolist() == [1.0, 0.5] and parts.shape == (4, 2)
+    assert parts.mean(0).tolist() == pytest.approx([metrics["rewards/noun-diversity/mean"], metrics["rewards/repetition/mean"]], abs=1e-5)
