@@ -163,11 +163,12 @@ def load_registry() -> Any:
 @click.option("--sampler", help="Sampler choosing which records come next (see `pref list-plugins --kind sampler`); default: length-buckets offline, shuffled online.")
 @click.option("--sampler-option", multiple=True, help="Sampler option KEY=VALUE; repeatable.")
 @click.option("--option", "-o", "objective_option", multiple=True, help="Objective option KEY=VALUE; repeatable.")
+@click.option("--chat-template-option", multiple=True, help="A variable of the model's chat template KEY=VALUE, e.g. enable_thinking=false (Qwen3); repeatable.")
 @click.option("--reward-option", multiple=True, help="Reward option KEY=VALUE, or NAME.KEY=VALUE for one of several rewards; repeatable.")
 @click.option("--dataset-option", multiple=True, help="Dataset builder option KEY=VALUE; repeatable.")
 @click.option("--selector-option", multiple=True, help="Pair selector option KEY=VALUE; repeatable.")
 def run(config_file: str | None, beta: float | None, objective_option, reward_option, dataset_option, selector_option, curriculum_option, sampler_option,
-        lora_option, adapter_option, evaluator_option, **flags: Any) -> None:
+        lora_option, adapter_option, evaluator_option, chat_template_option, **flags: Any) -> None:
     """Train a model with a preference objective."""
     from pref.checkpoint import STATE_FILE, read_state
     from pref.config import build_config, read_config_file
@@ -187,6 +188,7 @@ def run(config_file: str | None, beta: float | None, objective_option, reward_op
         "lora_options": parse_options(lora_option, "--lora-option"),
         "adapter_options": parse_options(adapter_option, "--adapter-option"),
         "evaluator_options": parse_options(evaluator_option, "--evaluator-option"),
+        "chat_template_options": parse_options(chat_template_option, "--chat-template-option"),
     }
     if beta is not None:
         options["objective_options"]["beta"] = beta
@@ -274,12 +276,14 @@ cli.add_command(report)
 
 @dataclass(frozen=True)
 class Loading:
-    """How `generate`, `eval` and `compare` load a model: their `--device`, `--dtype`, `--attn-implementation` and `--quantize`."""
+    """How `generate`, `eval` and `compare` load a model: their `--device`, `--dtype`, `--attn-implementation`, `--quantize` and
+    `--chat-template-option`s."""
 
     device: str = "auto"
     dtype: str = "auto"
     attention: str | None = None
     quantize: str | None = None
+    template_options: tuple[tuple[str, Any], ...] = ()
 
 
 def load_policy(model: str | None, loading: Loading = Loading()) -> Any:
@@ -292,7 +296,7 @@ def load_policy(model: str | None, loading: Loading = Loading()) -> Any:
     where = resolve_device(loading.device)
     if loading.quantize and importlib.util.find_spec("bitsandbytes") is None:
         raise PrefError(f"--quantize {loading.quantize} needs the bitsandbytes package: pip install 'pref[quantize]'")
-    policy = HFPolicy(None, load_tokenizer(model))
+    policy = HFPolicy(None, load_tokenizer(model), template_options=dict(loading.template_options))
     policy.load_model(model, resolve_dtype(loading.dtype, where, model), attention=loading.attention, quantize=loading.quantize, device=where)
     if not loading.quantize:  # a 4-bit model is loaded where it computes
         policy.model.to(where)
@@ -318,14 +322,18 @@ device_options = [
     click.option("--attn-implementation", "attention", help="transformers' attention kernel: sdpa (its default), eager, flash_attention_2, ..."),
     click.option("--quantize", type=click.Choice(["nf4", "fp4"]), help="Load the model's linear layers in 4 bits (bitsandbytes), as a "
                  "QLoRA run's adapter was trained on them. Needs pip install 'pref[quantize]'."),
+    click.option("--chat-template-option", "template_option", multiple=True,
+                 help="A variable of the model's chat template KEY=VALUE, e.g. enable_thinking=false (Qwen3); repeatable."),
 ]
 
 
 def with_device_options(func: Any) -> Any:
     """The options above, handed to `func` as one `loading` (a `Loading`)."""
     @functools.wraps(func)
-    def command(*args: Any, device: str, dtype: str, attention: str | None, quantize: str | None, **kwargs: Any) -> Any:
-        return func(*args, loading=Loading(device, dtype, attention, quantize), **kwargs)
+    def command(*args: Any, device: str, dtype: str, attention: str | None, quantize: str | None, template_option: tuple[str, ...],
+                **kwargs: Any) -> Any:
+        options = tuple(parse_options(template_option, "--chat-template-option").items())
+        return func(*args, loading=Loading(device, dtype, attention, quantize, options), **kwargs)
 
     for option in reversed(device_options):
         command = option(command)

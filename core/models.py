@@ -186,16 +186,17 @@ def _load_error(name: str | None, path: str, exc: Exception, from_cache: bool = 
     )
 
 
-def prompt_token_ids(tokenizer: Any, prompt: Prompt) -> list[int]:
+def prompt_token_ids(tokenizer: Any, prompt: Prompt, template_options: dict[str, Any] | None = None) -> list[int]:
     """Token ids of a prompt, ending where the assistant's answer starts.
 
     With a chat template, a plain-text prompt becomes one user message and the
-    generation prompt is appended. A BOS that both the template and the
-    tokenizer would add is kept once.
+    generation prompt is appended; `template_options` are the template's own variables
+    (`--chat-template-option`: Qwen3's `enable_thinking`, ...). A BOS that both the
+    template and the tokenizer would add is kept once.
     """
     if getattr(tokenizer, "chat_template", None):
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **(template_options or {}))
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     else:
         text = prompt if isinstance(prompt, str) else "\n".join(m["content"] for m in prompt)
@@ -215,7 +216,7 @@ def completion_token_ids(tokenizer: Any, completion: str, end: int | None = None
     return ids
 
 
-def answer_end_id(tokenizer: Any) -> int | None:
+def answer_end_id(tokenizer: Any, template_options: dict[str, Any] | None = None) -> int | None:
     """The token that ends an assistant's answer: the first special token the chat template writes after an assistant
     turn (Gemma's `<end_of_turn>`, Phi-3's `<|end|>`, Qwen's `<|im_end|>`), which the model emits and sampling stops at;
     the EOS without a template, or where the template writes none or cannot render such a turn."""
@@ -223,7 +224,8 @@ def answer_end_id(tokenizer: Any) -> int | None:
     if not getattr(tokenizer, "chat_template", None):
         return eos
     try:
-        text = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": mark}], tokenize=False)
+        text = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": mark}], tokenize=False,
+                                             **(template_options or {}))
     except Exception:  # a template with rules of its own (a system turn first, ...): the EOS
         return eos
     if mark not in text:

@@ -51,14 +51,15 @@ class HFPolicy(Policy):
     """
 
     def __init__(self, model: torch.nn.Module | None, tokenizer: Any, max_length: int = 512, max_prompt_length: int = 256, packing: bool = False,
-                 sample_sharded: bool = False):
+                 sample_sharded: bool = False, template_options: dict[str, Any] | None = None):
         self._model = model
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.max_prompt_length = min(max_prompt_length, max_length - 1)  # a prompt leaves an answer token within max_length
         self.packing = packing  # lean log-probs through packed forwards (pref.packing)
         self.sample_sharded = sample_sharded  # a sharded model samples gathering one layer at a time (pref.sharding.gathered_for_generation)
-        self.answer_end = answer_end_id(tokenizer)  # the token an encoded answer ends with
+        self.template_options = dict(template_options or {})  # the chat template's variables (--chat-template-option)
+        self.answer_end = answer_end_id(tokenizer, self.template_options)  # the token an encoded answer ends with
         self._router_losses: list[torch.Tensor] | None = None  # collected inside `router_losses()`
 
     @classmethod
@@ -110,7 +111,7 @@ class HFPolicy(Policy):
         every process must call this together.
         """
         model, stops = unwrap(self.model), self.stop_ids
-        rows = [prompt_token_ids(self.tokenizer, p)[-self.max_prompt_length :] for p in prompts]
+        rows = [prompt_token_ids(self.tokenizer, p, self.template_options)[-self.max_prompt_length :] for p in prompts]
         ids = _padded(rows, self.tokenizer.pad_token_id, left=True).to(self.device)
         mask = _padded([[1] * len(r) for r in rows], 0, left=True).to(self.device)
         was_training = model.training
@@ -144,7 +145,7 @@ class HFPolicy(Policy):
 
     def encode(self, prompts: list[Prompt], completions: list[str]) -> Sequences:
         """Right-padded prompt+completion rows; the completion mask covers the answer and the token that ends it (`answer_end_id`)."""
-        prompt_rows = [prompt_token_ids(self.tokenizer, p)[-self.max_prompt_length :] for p in prompts]
+        prompt_rows = [prompt_token_ids(self.tokenizer, p, self.template_options)[-self.max_prompt_length :] for p in prompts]
         return self._sequences(prompt_rows, [completion_token_ids(self.tokenizer, c, self.answer_end) for c in completions])
 
     def _sequences(self, prompt_rows: list[list[int]], completion_rows: list[list[int]]) -> Sequences:

@@ -390,7 +390,7 @@ def train_policy(config: RunConfig, registry: Registry) -> tuple[str, HFPolicy]:
 
     # -- the data, read with the tokenizer alone and checked, before the slow model load ------
     policy = HFPolicy(None, load_tokenizer(config.model), max_length=config.max_length, max_prompt_length=config.max_prompt_length, packing=config.packing,
-                      sample_sharded=config.sample_sharded)
+                      sample_sharded=config.sample_sharded, template_options=config.chat_template_options)
     builders = plan.datasets + plan.validation_datasets
     records = build_datasets(builders, policy)  # a builder that samples from the model waits for it
     if None not in records:

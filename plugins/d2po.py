@@ -381,7 +381,7 @@ class D2PO(DPO):
                                            max_length=policy.max_length, max_prompt_length=policy.max_prompt_length)
         else:
             classifier = HFPolicy(classifier_from(unwrap(policy.model), policy.tokenizer.pad_token_id), policy.tokenizer,
-                                  policy.max_length, policy.max_prompt_length)
+                                  policy.max_length, policy.max_prompt_length, template_options=policy.template_options)
         classifier.model.eval()
         self.discriminator.attach(classifier)
 

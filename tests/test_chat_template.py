@@ -65,3 +65,49 @@ def test_an_answer_ends_with_the_token_the_template_ends_an_assistant_turn_with(
         assert answer[-1] == end_of_turn and answer.count(end_of_turn) == 1 and tok.eos_token_id not in answer
     tok.chat_template = "{{ raise_exception('a system turn must come first') }}"
     assert HFPolicy(None, tok).answer_end == tok.eos_token_id
+
+
+#: Qwen3's way: an assistant turn opens with an empty thinking block when `enable_thinking` is false.
+THINKING = ("{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} {% if m['role'] == 'assistant' %}<|end|> {% endif %}{% endfor %}"
+            "{% if add_generation_prompt %}<|assistant|>{% if enable_thinking is defined and enable_thinking is false %} no thoughts .{% endif %}"
+            "{% endif %}")
+
+
+def thinking_model(tiny_model_dir, path):
+    """The tiny model with the template above, as a Hugging Face folder."""
+    import shutil
+
+    shutil.copytree(tiny_model_dir, path)
+    tok = AutoTokenizer.from_pretrained(path)
+    tok.chat_template = THINKING
+    tok.save_pretrained(path)
+    return str(path)
+
+
+def test_chat_template_options_reach_every_prompt_of_a_run_and_of_generate(tmp_path, tiny_model_dir, prefs_file):
+    import json
+
+    from click.testing import CliRunner
+
+    from pref.cli.main import Loading, cli, load_policy
+    from pref.config import build_config
+    from pref.registry import load_registry
+    from pref.train import train_policy
+
+    model = thinking_model(tiny_model_dir, tmp_path / "model")
+    tok = AutoTokenizer.from_pretrained(model)
+    assert tok.decode(prompt_token_ids(tok, "Hi")).endswith("<|assistant|>")
+    assert tok.decode(prompt_token_ids(tok, "Hi", {"enable_thinking": False})).endswith("<|assistant|> no thoughts .")
+    result = CliRunner().invoke(cli, ["run", "--objective", "dpo", "--model", model, "--dataset", prefs_file, "--steps", "1", "--batch-size", "2",
+                                      "--device", "cpu", "--output-dir", str(tmp_path / "run"), "--chat-template-option", "enable_thinking=false"])
+    assert result.exit_code == 0, (result.output, result.exception)
+    assert json.load(open(tmp_path / "run" / "run.json"))["config"]["chat_template_options"] == {"enable_thinking": False}
+    config = build_config(flags={"objective": "dpo", "model": model, "dataset": [prefs_file], "steps": 1, "batch_size": 2, "device": "cpu",
+                                 "output_dir": str(tmp_path / "again"), "chat_template_options": {"enable_thinking": False}})
+    _, policy = train_policy(config, load_registry())
+    assert "<|assistant|> no thoughts . apple" in tok.decode(policy.encode(["Name a fruit."], ["apple"]).input_ids[0])
+    loaded = load_policy(model, Loading(device="cpu", template_options=(("enable_thinking", False),)))
+    assert "no thoughts" in tok.decode(loaded.encode(["Hi"], ["a"]).input_ids[0])
+    result = CliRunner().invoke(cli, ["generate", "--model", model, "--prompt", "Hi", "--max-new-tokens", "2", "--device", "cpu",
+                                      "--chat-template-option", "enable_thinking=false"])
+    assert result.exit_code == 0, (result.output, result.exception)
