@@ -71,6 +71,7 @@ class RunConfig:
     top_k: int | None = None
 
     log_every: int = 1
+    log_completions: bool = False  # each logged step's fresh rollout (prompts, completions, scores) to the loggers: completions.jsonl
     loggers: list[str] = field(default_factory=lambda: ["jsonl"])
     progress: bool = True  # the logger "progress" (a bar on stderr) besides --logger's
     save_every: int = 0  # 0: only the final model
@@ -116,7 +117,7 @@ POSITIVE = ("steps", "batch_size", "grad_accum", "max_length", "max_prompt_lengt
 POSITIVE_OR_NONE = ("max_new_tokens", "threads")  # None: resolved later (see RunConfig)
 ZERO_OR_MORE = ("save_every", "eval_every", "warmup_steps", "bucket_window", "top_k")  # 0: off
 RESOLVED_LATER = (*POSITIVE_OR_NONE, "bucket_window", "top_k")  # None: resolved by the plan (see RunConfig)
-TRUE_OR_FALSE = ("fsdp", "sample_sharded", "packing", "cast_lm_head_to_fp32")
+TRUE_OR_FALSE = ("fsdp", "sample_sharded", "packing", "cast_lm_head_to_fp32", "log_completions")
 
 
 def read_config_file(path: str) -> dict[str, Any]:

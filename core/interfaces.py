@@ -157,6 +157,10 @@ class MetricsLogger(ABC):
     def show(self, step: int, metrics: dict[str, float]) -> None:
         """Every step's metrics, logged or not, after `log` (a progress display); by default nothing."""
 
+    def log_completions(self, step: int, rows: list[dict[str, Any]]) -> None:
+        """With `--log-completions`, after `log`: the rollout a logged step drew, every process's, one row per sample
+        (`prompt`, `completion`, each score of the reward); by default nothing."""
+
     def stop(self) -> None:
         """The loop is over, whether the run ended well or failed; by default nothing."""
 

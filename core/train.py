@@ -31,7 +31,7 @@ from pref.data import OfflineBatches, build_datasets, collate, count_tokens, dat
 from pref.divergence import check_step, check_weights, refuse_non_finite_settings, sampling_diverged
 from pref.errors import NoUsablePairs, PrefError, RunInterrupted
 from pref.examples import prompt_of
-from pref.interfaces import Adapter, MetricsLogger, Processes, Reference, SecondModel
+from pref.interfaces import Adapter, MetricsLogger, Minibatch, Processes, Reference, SecondModel
 from pref.models import DEFAULT_MODEL, SCORE_HEAD, load_model, load_tokenizer, prepare_for_training, quiet_new_heads, quiet_peft, turn_off_dropout
 from pref.packing import may_pack, packs_correctly
 from pref.plan import CACHED_LOGPS, NO_MODEL, RunPlan, output_folder, resolve_plan
@@ -280,6 +280,16 @@ def combine_across_processes(processes: Processes, metrics: dict[str, float]) ->
     return metrics if processes.world == 1 else combine_reports(processes.gather([metrics]))
 
 
+def completion_rows(batch: Any) -> list[dict[str, Any]]:
+    """A fresh rollout's samples as rows (`prompt`, `completion`, each score), for `--log-completions`; [] for any other batch."""
+    if not isinstance(batch, Minibatch) or batch.epoch or batch.index:  # a rollout is logged at its first mini-batch only
+        return []
+    drawn = batch.rollout.batch
+    scores = {name: values.tolist() for name, values in drawn.scores.items()}
+    return [{"prompt": prompt, "completion": completion, **{name: values[i] for name, values in scores.items()}}
+            for i, (prompt, completion) in enumerate(zip(drawn.prompts, drawn.completions))]
+
+
 def checked_loss(name: str, result: Any) -> tuple[torch.Tensor, dict[str, float]]:
     """An objective's `loss()` result; a plugin's mistake in it (not a scalar tensor and a dict of floats) is a `PrefError` naming it."""
     loss, metrics = result if isinstance(result, tuple) and len(result) == 2 else (result, None)
@@ -488,6 +498,7 @@ def train_policy(config: RunConfig, registry: Registry) -> tuple[str, HFPolicy]:
         for step in range(start_step + 1, config.steps + 1):
             # forward and backward, accumulated over micro-batches
             reports: list[dict[str, float]] = []  # each micro-batch's figures
+            completions: list[dict[str, Any]] = []  # --log-completions: the rollouts this step drew
             t_start, real_tokens, padded_tokens, items = time.perf_counter(), 0, 0, 0
             # a loss that is a mean over items (SFT's tokens), over several micro-batches or processes, weighs each micro-batch by
             # its items, at a scale common to every process; the step's gradients are then divided by all processes' items
@@ -504,6 +515,8 @@ def train_policy(config: RunConfig, registry: Registry) -> tuple[str, HFPolicy]:
                     stopped = (f"Stopped after step {step - 1} of {config.steps}: every pool of the policy's samples was "
                                "all-equal or unusable, so no pair is left to learn from")
                     break
+                if config.log_completions:
+                    completions += completion_rows(batch)
                 real, padded = count_tokens(batch)
                 real_tokens, padded_tokens = real_tokens + real, padded_tokens + padded
                 count = objective.loss_items(batch) if items_scale else None
@@ -569,9 +582,13 @@ def train_policy(config: RunConfig, registry: Registry) -> tuple[str, HFPolicy]:
 
             # log
             totals = combine_across_processes(processes, totals)
-            if step % config.log_every == 0 or evaluated or step == config.steps or interrupted:
+            logged = step % config.log_every == 0 or evaluated or step == config.steps or interrupted
+            completions = processes.gather(completions) if config.log_completions and logged else []  # a collective
+            if logged:
                 for logger in loggers:
                     logger.log(step, totals)
+                    if completions:
+                        logger.log_completions(step, completions)
                 unlogged = None
             else:
                 unlogged = (step, totals)

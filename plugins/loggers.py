@@ -6,6 +6,7 @@ import json
 import os
 import time
 from datetime import timedelta
+from typing import Any
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -18,6 +19,7 @@ from pref.interfaces import MetricsLogger
 from pref.plan import PROGRESS
 
 METRICS_FILE = "metrics.jsonl"
+COMPLETIONS_FILE = "completions.jsonl"  # --log-completions
 #: The metrics the bar shows when present, in this order, and their labels there (the samples' `reward/mean` is "reward": a bare "mean" said nothing).
 SHOWN = {"loss": "loss", "rewards/accuracies": "accuracies", "rewards/margins": "margins", "reward/mean": "reward",
          "samples/distinct_ratio": "distinct_ratio", "pairs/usable_fraction": "usable_fraction"}
@@ -49,23 +51,33 @@ def _step_of(line: str) -> float:
 
 
 class JsonlLogger(MetricsLogger):
-    """One JSON object per logged step, appended to `metrics.jsonl` in the run folder."""
+    """One JSON object per logged step, appended to `metrics.jsonl` in the run folder; with `--log-completions`, one per
+    sample of the step's rollout in `completions.jsonl` (its step, prompt, completion and scores)."""
 
     def __init__(self, output_dir: str):
-        self.path = os.path.join(output_dir, METRICS_FILE)
+        self.path, self.completions_path = os.path.join(output_dir, METRICS_FILE), os.path.join(output_dir, COMPLETIONS_FILE)
         self.file = open(self.path, "a")
+        self.completions: Any = None  # opened at the first completions
 
     def start(self, total_steps: int, start_step: int) -> None:
         self.file.close()
-        keep_steps_up_to(self.path, start_step)
+        for path in (self.path, self.completions_path):
+            keep_steps_up_to(path, start_step)
         self.file = open(self.path, "a")
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         self.file.write(json.dumps({"step": step, **metrics}) + "\n")
         self.file.flush()
 
+    def log_completions(self, step: int, rows: list[dict[str, Any]]) -> None:
+        self.completions = self.completions or open(self.completions_path, "a", encoding="utf-8")
+        self.completions.writelines(json.dumps({"step": step, **row}, ensure_ascii=False) + "\n" for row in rows)
+        self.completions.flush()
+
     def close(self) -> None:
         self.file.close()
+        if self.completions:
+            self.completions.close()
 
 
 class TensorBoardLogger(MetricsLogger):

@@ -86,6 +86,13 @@ def flat(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def completion_table(step: int, rows: list[dict[str, Any]]) -> Any:
+    """A logged step's completions as a pandas table, a column `step` first (TRL's `completions` table)."""
+    import pandas
+
+    return pandas.DataFrame([{"step": step, **{key: str(value) if key == "prompt" else value for key, value in row.items()}} for row in rows])
+
+
 class WandbLogger(MetricsLogger):
     """A Weights & Biases run: metrics per step, the configuration as `config`, the final model in the summary.
 
@@ -110,6 +117,11 @@ class WandbLogger(MetricsLogger):
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         self.run.log(dict(metrics), step=step)
+
+    def log_completions(self, step: int, rows: list[dict[str, Any]]) -> None:
+        import wandb
+
+        self.run.log({"completions": wandb.Table(dataframe=completion_table(step, rows))}, step=step)
 
     def finish(self, final_dir: str) -> None:
         self.run.summary["final_model"] = os.path.abspath(final_dir)
@@ -172,6 +184,9 @@ class MlflowLogger(MetricsLogger):
         for start in range(0, len(batch), 1000):
             self.client.log_batch(self.run_id, metrics=batch[start : start + 1000])
 
+    def log_completions(self, step: int, rows: list[dict[str, Any]]) -> None:
+        self.client.log_table(self.run_id, data=completion_table(step, rows), artifact_file="completions.json")  # appended to
+
     def finish(self, final_dir: str) -> None:
         self.client.set_tag(self.run_id, "final_model", os.path.abspath(final_dir))
 
@@ -194,6 +209,9 @@ class TrackioLogger(MetricsLogger):
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         self.run.log(dict(metrics), step=step)
+
+    def log_completions(self, step: int, rows: list[dict[str, Any]]) -> None:
+        self.run.log({"completions": self.trackio.Table(dataframe=completion_table(step, rows))}, step=step)
 
     def finish(self, final_dir: str) -> None:
         self.run.alert(title="final model", text=os.path.abspath(final_dir), level=self.trackio.AlertLevel.INFO)

@@ -7,6 +7,7 @@ import html
 import io
 import os
 from datetime import datetime, timezone
+from typing import Any
 
 from matplotlib.figure import Figure
 
@@ -50,6 +51,29 @@ def generations_section(runs: list[Run]) -> str:
         rows = [{"prompt": row["prompt"], "answer": row["text"]} for row in run.generations if row["step"] == last]
         parts.append(f"<p>{html.escape(run.name)}, step {last}:</p>{table(rows)}")
     return "<h2>Test prompts</h2>" + "".join(parts) if parts else ""
+
+
+#: Completions shown per run: the first of its last logged rollout.
+COMPLETIONS_SHOWN = 8
+
+
+def completions_section(runs: list[Run]) -> str:
+    """The first completions of each run's last logged rollout (--log-completions), with their prompts and scores."""
+    parts = []
+    for run in runs:
+        if not run.completions:
+            continue
+        last = max(row["step"] for row in run.completions)
+        shown = [row for row in run.completions if row["step"] == last][:COMPLETIONS_SHOWN]
+        rows = [{key: prompt_text(value) if key == "prompt" else f"{value:.4g}" if isinstance(value, float) else str(value)
+                 for key, value in row.items() if key != "step"} for row in shown]
+        parts.append(f"<p>{html.escape(run.name)}, step {last}:</p>{table(rows)}")
+    return "<h2>Completions</h2>" + "".join(parts) if parts else ""
+
+
+def prompt_text(prompt: Any) -> str:
+    """A prompt as text: a list of messages by its last one's content."""
+    return str(prompt[-1].get("content", "")) if isinstance(prompt, list) and prompt and isinstance(prompt[-1], dict) else str(prompt)
 
 
 def is_report(path: str) -> bool:
@@ -107,6 +131,7 @@ def write_report(runs: list[Run], figures: list[tuple[str, str, Figure]], output
 {table(finals)}
 {"".join(sections)}
 {generations_section(runs)}
+{completions_section(runs)}
 </body></html>
 """
     with open(output, "w", encoding="utf-8") as f:

@@ -14,6 +14,7 @@ RUN_FILE = "run.json"  # the same names pref.train, pref.plugins.evaluators and 
 METRICS_FILE = "metrics.jsonl"
 BEST_FILE = "best.json"
 GENERATIONS_FILE = "generations.jsonl"
+COMPLETIONS_FILE = "completions.jsonl"  # --log-completions
 #: Metrics that earlier versions of pref logged under another name, {objective ("*": any): {old name: today's name}}: a run is
 #: read with today's names, so the runs a user logged before a rename still plot beside new ones.
 RENAMED = {
@@ -34,6 +35,7 @@ class Run:
     rows: metrics.jsonl, one dict per logged step (`step` and the metrics of that step), metrics under today's names (RENAMED).
     best: best.json (`step`, `validation_loss`, `measure`) when the run kept a best model.
     generations: generations.jsonl rows (`step`, `prompt`, `text`).
+    completions: completions.jsonl rows (`step`, `prompt`, `completion`, scores), with --log-completions.
     seconds: wall time from the run record (written once the model is loaded) to the last logged step,
         from the files' modification times; None if unknown.
     """
@@ -46,6 +48,7 @@ class Run:
     rows: list[dict[str, Any]] = field(default_factory=list)
     best: dict[str, Any] | None = None
     generations: list[dict[str, Any]] = field(default_factory=list)
+    completions: list[dict[str, Any]] = field(default_factory=list)
     seconds: float | None = None
 
     def series(self, key: str) -> tuple[list[int], list[float]]:
@@ -163,6 +166,9 @@ def load_run(path: str) -> Run:
     generations_path = os.path.join(path, GENERATIONS_FILE)
     generations = [row for row in read_jsonl(generations_path) if isinstance(row, dict) and is_step(row.get("step"))
                    and isinstance(row.get("prompt"), str) and isinstance(row.get("text"), str)] if os.path.isfile(generations_path) else []
+    completions_path = os.path.join(path, COMPLETIONS_FILE)
+    completions = [row for row in read_jsonl(completions_path) if isinstance(row, dict) and is_step(row.get("step"))
+                   and isinstance(row.get("completion"), str)] if os.path.isfile(completions_path) else []
     seconds = os.path.getmtime(metrics_path) - os.path.getmtime(record_path)
     return Run(
         path=path,
@@ -173,6 +179,7 @@ def load_run(path: str) -> Run:
         rows=with_todays_names(rows, record.get("config", {}).get("objective")),
         best=best,
         generations=generations,
+        completions=completions,
         seconds=seconds if seconds > 0 else None,
     )
 

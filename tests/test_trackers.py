@@ -17,6 +17,8 @@ from pref.registry import load_registry
 from pref.train import train
 
 CONFIG = {"objective": "dpo", "steps": 2, "objective_options": {"beta": 0.1}}
+#: a step's --log-completions rows
+ROWS = [{"prompt": "Name a fruit.", "completion": "apple", "reward": 1.0}, {"prompt": "Name a fruit.", "completion": "chair", "reward": 0.0}]
 
 
 def wandb_records(path):
@@ -74,11 +76,15 @@ def test_wandb_logger_offline(tmp_path, monkeypatch):
     logger = WandbLogger(str(tmp_path / "run-a"), config=CONFIG)
     logger.log(1, {"loss": 0.5, "rewards/margins": 0.1})
     logger.log(2, {"loss": 0.25, "rewards/margins": 0.3})
+    logger.log_completions(2, ROWS)
     logger.finish(str(tmp_path / "run-a" / "final"))
     logger.close()
     history, config, summary = read_wandb_run(tmp_path / "run-a")  # WANDB_DIR unset: inside the run folder
     steps = [(row["_step"], row["loss"], row["rewards/margins"]) for row in history]
     assert steps == [(1, 0.5, 0.1), (2, 0.25, 0.3)]
+    (table,) = [row for row in history if "completions._type" in row]  # wandb flattens the table's reference into keys
+    assert table["_step"] == 2 and table["completions._type"] == "table-file" and table["completions.nrows"] == 2
+    assert table["completions.ncols"] == 4  # step, prompt, completion, reward
     assert config["objective"] == "dpo" and config["objective_options"] == {"beta": 0.1}
     assert summary["final_model"] == str(tmp_path / "run-a" / "final")
 
@@ -97,11 +103,15 @@ def test_mlflow_logger_local_store(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "pref-test")
     logger = MlflowLogger(str(tmp_path / "run-b"), config=CONFIG)
     logger.log(1, {"loss": 0.5, "rewards/margins": 0.1})
+    logger.log_completions(1, ROWS)
     logger.log(2, {"loss": 0.25, "rewards/margins": 0.3})
+    logger.log_completions(2, ROWS[:1])
     logger.finish(str(tmp_path / "run-b" / "final"))
     logger.close()
     client = mlflow.MlflowClient(f"file:{tmp_path / 'mlruns'}")
     (run,) = client.search_runs([client.get_experiment_by_name("pref-test").experiment_id])
+    table = mlflow.load_table("completions.json", run_ids=[run.info.run_id])
+    assert table[["step", "completion", "reward"]].values.tolist() == [[1, "apple", 1.0], [1, "chair", 0.0], [2, "apple", 1.0]]
     assert run.info.run_name == "run-b" and run.info.status == "FINISHED"
     assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "rewards/margins")] == [(1, 0.1), (2, 0.3)]
     assert run.data.params["objective"] == "dpo" and run.data.params["objective_options.beta"] == "0.1"
@@ -141,6 +151,7 @@ def test_trackio_logger_local(tmp_path, monkeypatch):
     logger = TrackioLogger(str(tmp_path / "run-c"), config=CONFIG)
     logger.log(1, {"loss": 0.5})
     logger.log(2, {"loss": 0.25})
+    logger.log_completions(2, ROWS)
     logger.finish(str(tmp_path / "run-c" / "final"))
     logger.close()
     (db,) = glob.glob(str(tmp_path / "trackio" / "pref-test.db"))
@@ -148,7 +159,9 @@ def test_trackio_logger_local(tmp_path, monkeypatch):
         metrics = [(step, json.loads(m)) for step, m in connection.execute("select step, metrics from metrics where run_name = 'run-c' order by step")]
         (config,) = [json.loads(c) for (c,) in connection.execute("select config from configs where run_name = 'run-c'")]
         alerts = [text for (text,) in connection.execute("select text from alerts where run_name = 'run-c'")]
-    assert [(step, m["loss"]) for step, m in metrics] == [(1, 0.5), (2, 0.25)]
+    assert [(step, m["loss"]) for step, m in metrics if "loss" in m] == [(1, 0.5), (2, 0.25)]
+    (table,) = [m["completions"] for step, m in metrics if "completions" in m]
+    assert table["_type"] == "trackio.table" and [(r["step"], r["completion"]) for r in table["_value"]] == [(2, "apple"), (2, "chair")]
     assert config["objective"] == "dpo"
     assert alerts == [str(tmp_path / "run-c" / "final")]
 
