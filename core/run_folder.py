@@ -113,7 +113,13 @@ class RunLock:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 os.close(fd)
-                raise PrefError(f"--output-dir {os.path.dirname(self.path)} is in use by another pref run ({self.holder()}); "
+                holder = self.holder()
+                for _ in range(20):  # a run that has just taken the lock writes its record a moment later
+                    if holder != "unknown holder":
+                        break
+                    time.sleep(0.05)
+                    holder = self.holder()
+                raise PrefError(f"--output-dir {os.path.dirname(self.path)} is in use by another pref run ({holder}); "
                                 "wait for it to finish or choose another --output-dir") from None
             # the file may have been removed by its holder between our open and our lock: start again
             with suppress(FileNotFoundError):

@@ -142,3 +142,24 @@ def test_local_paths_are_made_absolute_in_a_copy_of_the_config(tmp_path, monkeyp
     assert absolute.dataset == [str(tmp_path / "prefs.jsonl"), "preferences", "org/hub-name"]
     assert absolute.dataset_options == {"path": str(tmp_path / "prefs.jsonl")}
     assert config.dataset == ["prefs.jsonl", "preferences", "org/hub-name"] and config.dataset_options == {"path": "prefs.jsonl"}
+
+
+def test_a_refused_run_names_a_holder_that_has_just_locked_the_folder(tmp_path):
+    """Between a run's lock and its record there is a moment when the lock file is empty: the refusal waits for the name."""
+    import fcntl
+    import threading
+
+    from pref.errors import PrefError
+    from pref.run_folder import RunLock
+
+    fd = os.open(tmp_path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held, its record not written yet
+    record = json.dumps({"pid": 4242, "host": "node-7", "started": "2026-12-01 04:00:00"}).encode()
+    writer = threading.Timer(0.2, lambda: os.pwrite(fd, record, 0))
+    writer.start()
+    try:
+        with pytest.raises(PrefError, match=r"in use by another pref run \(pid 4242 on node-7 since 2026-12-01 04:00:00\)"):
+            RunLock(str(tmp_path)).acquire()
+    finally:
+        writer.join()
+        os.close(fd)
