@@ -195,8 +195,14 @@ def prompt_token_ids(tokenizer: Any, prompt: Prompt, template_options: dict[str,
     template and the tokenizer would add is kept once.
     """
     if getattr(tokenizer, "chat_template", None):
+        from jinja2 import TemplateError
+
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **(template_options or {}))
+        try:
+            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **(template_options or {}))
+        except TemplateError as exc:  # the template's own check (roles that must alternate, a variable's value, ...)
+            raise PrefError(f"the model's chat template refused a prompt: {exc}; give prompts it accepts, or other --chat-template-option "
+                            f"values ({', '.join(f'{k}={v}' for k, v in (template_options or {}).items()) or 'none given'})") from None
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     else:
         text = prompt if isinstance(prompt, str) else "\n".join(m["content"] for m in prompt)

@@ -111,3 +111,19 @@ def test_chat_template_options_reach_every_prompt_of_a_run_and_of_generate(tmp_p
     result = CliRunner().invoke(cli, ["generate", "--model", model, "--prompt", "Hi", "--max-new-tokens", "2", "--device", "cpu",
                                       "--chat-template-option", "enable_thinking=false"])
     assert result.exit_code == 0, (result.output, result.exception)
+
+
+def test_a_template_that_refuses_a_prompt_is_a_one_line_error(tmp_path, tiny_model_dir, prefs_file):
+    from click.testing import CliRunner
+
+    from pref.cli.main import cli
+
+    model = thinking_model(tiny_model_dir, tmp_path / "model")
+    tok = AutoTokenizer.from_pretrained(model)
+    tok.chat_template = "{% if enable_thinking is defined and enable_thinking is not boolean %}{{ raise_exception('enable_thinking is true or false') }}{% endif %}" + THINKING
+    tok.save_pretrained(model)
+    result = CliRunner().invoke(cli, ["run", "--objective", "dpo", "--model", model, "--dataset", prefs_file, "--steps", "1", "--device", "cpu",
+                                      "--output-dir", str(tmp_path / "run"), "--chat-template-option", "enable_thinking=maybe"])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert result.output.strip().splitlines()[-1] == ("Error: the model's chat template refused a prompt: enable_thinking is true or false; "
+                                                      "give prompts it accepts, or other --chat-template-option values (enable_thinking=maybe)")
