@@ -152,7 +152,7 @@ def load_registry() -> Any:
 @click.option("--logger", "loggers", multiple=True, help="Metrics logger (default: jsonl); repeatable, e.g. --logger jsonl --logger tensorboard.")
 @click.option("--progress/--no-progress", default=None, help="Show a progress bar on stderr (the logger progress; default: on).")
 @click.option("--log-every", type=int, help="Log the metrics every N steps (default 1; each evaluated step and the last are logged too).")
-@click.option("--log-completions/--no-log-completions", default=None, help="grpo, rloo, ppo: each logged step's rollout (prompts, completions, scores) to completions.jsonl and the trackers.")
+@click.option("--log-completions/--no-log-completions", default=None, help="Online objectives: the samples each logged step drew (prompts, completions, scores) to completions.jsonl and the trackers.")
 @click.option("--eval-every", type=int, help="Evaluate every N steps (and at the last step done, an early stop's too): validation loss, best model, test prompts.")
 @click.option("--validation-split", type=float, help="Share of each dataset held out for the validation loss, e.g. 0.1.")
 @click.option("--validation-dataset", multiple=True, help="Held-out data for the validation loss instead of a split; repeatable.")

@@ -71,7 +71,7 @@ class RunConfig:
     top_k: int | None = None
 
     log_every: int = 1
-    log_completions: bool = False  # each logged step's fresh rollout (prompts, completions, scores) to the loggers: completions.jsonl
+    log_completions: bool = False  # online: the samples each logged step drew (prompts, completions, scores) to the loggers: completions.jsonl
     loggers: list[str] = field(default_factory=lambda: ["jsonl"])
     progress: bool = True  # the logger "progress" (a bar on stderr) besides --logger's
     save_every: int = 0  # 0: only the final model

@@ -158,7 +158,7 @@ class MetricsLogger(ABC):
         """Every step's metrics, logged or not, after `log` (a progress display); by default nothing."""
 
     def log_completions(self, step: int, rows: list[dict[str, Any]]) -> None:
-        """With `--log-completions`, after `log`: the rollout a logged step drew, every process's, one row per sample
+        """With `--log-completions`, after `log`: the samples a logged step drew, every process's, one row per sample
         (`prompt`, `completion`, each score of the reward); by default nothing."""
 
     def stop(self) -> None:
@@ -219,11 +219,13 @@ Batch = Union["PairBatch", "LabeledBatch", "Minibatch", Any]
 
 @dataclass
 class PairBatch:
-    """Chosen and rejected rows, aligned: row i of each comes from the same prompt (and of `gold`, when the examples have one)."""
+    """Chosen and rejected rows, aligned: row i of each comes from the same prompt (and of `gold`, when the examples have one).
+    Online, `drawn` holds every sample the pairs were selected from, for `--log-completions`."""
 
     chosen: Sequences
     rejected: Sequences
     gold: Sequences | None = None
+    drawn: ScoredBatch | None = None
 
     def __len__(self) -> int:
         return len(self.chosen)
@@ -231,10 +233,11 @@ class PairBatch:
 
 @dataclass
 class LabeledBatch:
-    """Unpaired rows with a label each: True for accepted, False for rejected."""
+    """Unpaired rows with a label each: True for accepted, False for rejected; online, `drawn` as `PairBatch`'s."""
 
     sequences: Sequences
     labels: torch.Tensor  # [B] bool
+    drawn: ScoredBatch | None = None
 
 
 @dataclass

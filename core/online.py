@@ -118,7 +118,10 @@ class OnlineBatches:
             **selection.metrics,
             **self.order.metrics(),
         })
-        return self._batch(samples.sequences, selection), metrics
+        batch = self._batch(samples.sequences, selection)
+        if batch is not None:  # what the rows were selected from, for --log-completions
+            batch.drawn = ScoredBatch(*flatten(prompts, samples.completions), samples.sequences, flat_scores, self.k)
+        return batch, metrics
 
     def _rollout(self) -> tuple[ScoredBatch, dict[str, float]]:
         """SAMPLES: all P x K samples of the next prompts, scored, none selected."""

@@ -26,8 +26,7 @@ from pref.checkpoint import PATTERN as CHECKPOINT
 from pref.config import DEFAULT_MAX_NEW_TOKENS, RunConfig
 from pref.errors import PrefError
 from pref.interfaces import (
-    NO_REFERENCE, REFERENCE_DISTRIBUTIONS, SAMPLES, Adapter, Embedder, Evaluator, Objective, ObjectiveNeeds, PairSelector, Processes, RewardSource,
-    SamplingConfig,
+    NO_REFERENCE, REFERENCE_DISTRIBUTIONS, Adapter, Embedder, Evaluator, Objective, ObjectiveNeeds, PairSelector, Processes, RewardSource, SamplingConfig,
 )
 from pref.registry import Registry
 
@@ -224,9 +223,9 @@ def refusals(config: RunConfig, needs: ObjectiveNeeds, adapter: Adapter | None) 
                         ("embedder", "add --embedder NAME")]:
         if getattr(config, f"{plugin}_options") and not getattr(config, plugin):
             found.append(Refusal((f"{plugin}_options",), f"{plugin} options were given without --{plugin}", fix))
-    if config.log_completions and needs.data != SAMPLES:
-        found.append(Refusal(("log_completions",), f"objective {name!r} {how}, not from rollouts it keeps whole (grpo, rloo, ppo): "
-                             "there are no completions to log", "drop --log-completions"))
+    if config.log_completions and not needs.online:
+        found.append(Refusal(("log_completions",), f"objective {name!r} {how} and samples nothing: there are no completions to log",
+                             "drop --log-completions"))
     if config.sample_sharded and not config.fsdp:
         found.append(Refusal(("sample_sharded",), "--sample-sharded samples through the model --fsdp shards, and this run shards none",
                              "add --fsdp, or drop --sample-sharded"))

@@ -31,7 +31,7 @@ from pref.data import OfflineBatches, build_datasets, collate, count_tokens, dat
 from pref.divergence import check_step, check_weights, refuse_non_finite_settings, sampling_diverged
 from pref.errors import NoUsablePairs, PrefError, RunInterrupted
 from pref.examples import prompt_of
-from pref.interfaces import Adapter, MetricsLogger, Minibatch, Processes, Reference, SecondModel
+from pref.interfaces import Adapter, LabeledBatch, MetricsLogger, Minibatch, PairBatch, Processes, Reference, SecondModel
 from pref.models import DEFAULT_MODEL, SCORE_HEAD, load_model, load_tokenizer, prepare_for_training, quiet_new_heads, quiet_peft, turn_off_dropout
 from pref.packing import may_pack, packs_correctly
 from pref.plan import CACHED_LOGPS, NO_MODEL, RunPlan, output_folder, resolve_plan
@@ -281,10 +281,12 @@ def combine_across_processes(processes: Processes, metrics: dict[str, float]) ->
 
 
 def completion_rows(batch: Any) -> list[dict[str, Any]]:
-    """A fresh rollout's samples as rows (`prompt`, `completion`, each score), for `--log-completions`; [] for any other batch."""
-    if not isinstance(batch, Minibatch) or batch.epoch or batch.index:  # a rollout is logged at its first mini-batch only
+    """The samples an online batch was drawn from as rows (`prompt`, `completion`, each score), for `--log-completions`;
+    [] for a dataset's batch, and for a rollout's mini-batches after its first."""
+    fresh = isinstance(batch, Minibatch) and not (batch.epoch or batch.index)
+    drawn = batch.rollout.batch if fresh else batch.drawn if isinstance(batch, (PairBatch, LabeledBatch)) else None
+    if drawn is None:
         return []
-    drawn = batch.rollout.batch
     scores = {name: values.tolist() for name, values in drawn.scores.items()}
     return [{"prompt": prompt, "completion": completion, **{name: values[i] for name, values in scores.items()}}
             for i, (prompt, completion) in enumerate(zip(drawn.prompts, drawn.completions))]

@@ -47,9 +47,20 @@ def test_ppo_logs_a_rollout_once_however_many_steps_it_serves(tmp_path, tiny_mod
     assert sorted({r["step"] for r in rows}) == [1, 3]  # each rollout serves 2 steps: logged at the step that drew it
 
 
+def test_divpo_logs_the_pools_its_pairs_were_chosen_from(tmp_path):
+    out = str(tmp_path / "divpo")
+    result = CliRunner().invoke(cli, ["run", "--device", "cpu", "--no-progress", "--steps", "2", "--batch-size", "2", "-k", "3",
+                                      "--output-dir", out, "--log-completions"])  # the default job: DivPO on the default model
+    assert result.exit_code == 0, (result.output, result.exception)
+    rows = [json.loads(line) for line in open(os.path.join(out, "completions.jsonl"))]
+    assert [r["step"] for r in rows] == [1] * 6 + [2] * 6  # 2 prompts x 3 samples a step, every one of the pool
+    assert {"prompt", "completion", "reward", "quality"} <= set(rows[0])
+    assert all(len({r["prompt"] for r in rows[i : i + 3]}) == 1 for i in range(0, 12, 3))  # a prompt's 3 samples together
+
+
 def test_an_objective_without_rollouts_refuses_it(prefs_file):
     config = build_config(flags={"objective": "dpo", "dataset": [prefs_file], "log_completions": True})
-    with pytest.raises(PrefError, match="there are no completions to log.*drop --log-completions"):
+    with pytest.raises(PrefError, match="trains on a dataset and samples nothing: there are no completions to log.*drop --log-completions"):
         resolve_plan(config, load_registry())
 
 
