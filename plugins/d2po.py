@@ -307,7 +307,7 @@ class D2PO(DPO):
     Writes the discriminator and its gold pairs (`gold_pairs.jsonl`) to `<run>/discriminator/`.
     """
 
-    needs = replace(DPO.needs, online=True, samples_per_prompt=2, own_reward=True, second_model=True)
+    needs = replace(DPO.needs, online=True, samples_per_prompt=2, own_reward=True, second_model=True, dataset_builder="prompts")
 
     def __init__(
         self,

@@ -160,7 +160,7 @@ class BestWorstSelector(PairSelector):
 class OnlineDPO(DPO):
     """Online DPO: K samples per prompt from the current policy, best vs worst by reward, DPO loss."""
 
-    needs = replace(DPO.needs, online=True, samples_per_prompt=8)
+    needs = replace(DPO.needs, online=True, samples_per_prompt=8, dataset_builder="prompts")
 
     def default_selector(self, embedder: Embedder | None = None, reward: RewardSource | None = None) -> PairSelector:
         return BestWorstSelector()

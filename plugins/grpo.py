@@ -478,7 +478,7 @@ class GRPO(MovesReference, Objective):
     Several rewards: `--reward a --reward b --reward-weights 1,0.5` (TRL's reward_weights), the `weighted` reward's sum.
     """
 
-    needs = ObjectiveNeeds(reference=NO_REFERENCE, data=SAMPLES, online=True, samples_per_prompt=8, dropout=True)
+    needs = ObjectiveNeeds(reference=NO_REFERENCE, data=SAMPLES, online=True, samples_per_prompt=8, dropout=True, dataset_builder="prompts")
 
     def __init__(
         self,
@@ -554,6 +554,7 @@ class GRPO(MovesReference, Objective):
             dropout=True,  # as TRL's GRPO and RLOO trainers (disable_dropout False)
             data=SAMPLES,
             online=True,
+            dataset_builder="prompts",
             samples_per_prompt=self.needs.samples_per_prompt,
             epochs_per_rollout=num_iterations,
             minibatches_per_rollout=steps_per_generation,

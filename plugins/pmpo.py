@@ -207,7 +207,7 @@ class OnlinePMPO(PMPO):
     Options: those of `pmpo`, and accept_fraction and reject_fraction of the `top-bottom` selector.
     """
 
-    needs = replace(PMPO.needs, online=True, samples_per_prompt=8)
+    needs = replace(PMPO.needs, online=True, samples_per_prompt=8, dataset_builder="prompts")
 
     def __init__(
         self,

@@ -184,7 +184,7 @@ class PPO(Objective):
         data=SAMPLES,
         online=True,
         samples_per_prompt=4,
-        dataset_builder="text",  # plain-text prompts for language modelling
+        dataset_builder="prompts",  # a .txt file goes to the `text` builder: continuations of its lines' first words
         reward="repetition",
         trainable_modules=True,  # the value head
         dropout=True,  # as TRL's RL trainers

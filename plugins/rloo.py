@@ -106,7 +106,7 @@ class RLOO(MovesReference, Objective):
     Several rewards: `--reward a --reward b --reward-weights 1,0.5` (TRL's reward_weights), the `weighted` reward's sum.
     """
 
-    needs = ObjectiveNeeds(reference=REFERENCE_LOGPS, data=SAMPLES, online=True, samples_per_prompt=8, dropout=True)
+    needs = ObjectiveNeeds(reference=REFERENCE_LOGPS, data=SAMPLES, online=True, samples_per_prompt=8, dropout=True, dataset_builder="prompts")
 
     def __init__(
         self,
@@ -151,6 +151,7 @@ class RLOO(MovesReference, Objective):
             dropout=True,  # as TRL's GRPO and RLOO trainers (disable_dropout False)
             data=SAMPLES,
             online=True,
+            dataset_builder="prompts",
             samples_per_prompt=self.needs.samples_per_prompt,
             epochs_per_rollout=num_iterations,
             minibatches_per_rollout=steps_per_generation,
