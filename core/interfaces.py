@@ -339,6 +339,7 @@ class ObjectiveNeeds:
     data: str = PAIRS  # PAIRS (`PairBatch`), SETS (`LabeledBatch`), SAMPLES (online: `Minibatch`es of a `ScoredBatch` rollout, no selector)
     online: bool = False  # samples from the current policy at every step instead of reading a dataset
     samples_per_prompt: int = 1  # K when online (`--samples-per-prompt` overrides it)
+    starting_samples: int = 0  # online: before training, this many samples of each training prompt from the starting policy, for `Objective.start`
     scores_new_rows: bool = False  # scores rows outside the dataset (own samples, rewritten rows): no cached reference, a frozen one
     epochs_per_rollout: int = 1  # with SAMPLES: passes over each rollout...
     minibatches_per_rollout: int = 1  # ...and mini-batches per pass, each one optimizer step (PPO's)
@@ -361,6 +362,8 @@ class ObjectiveNeeds:
             raise PrefError("ObjectiveNeeds: data 'samples' is online only: set online=True")
         if min(self.samples_per_prompt, self.epochs_per_rollout, self.minibatches_per_rollout) < 1:
             raise PrefError("ObjectiveNeeds: samples per prompt, epochs and mini-batches per rollout must be at least 1")
+        if self.starting_samples < 0 or (self.starting_samples and not self.online):
+            raise PrefError("ObjectiveNeeds: starting_samples (samples of each training prompt before training) must be 0, or positive and online")
 
     @property
     def uses_selector(self) -> bool:
@@ -442,6 +445,14 @@ class Objective(ABC):
         result must have `select(rows)`. By default the batch itself.
         """
         return batch
+
+    def start(self, pool: CandidatePool) -> list[bool] | None:
+        """With `needs.starting_samples` K: once before the first step of a run (a resume skips it), K samples of each training
+        prompt from the starting policy, scored by the run's reward, every process's (the same pool on each): the place
+        for per-prompt estimates (A*-PO's optimal values), which `state_dict` then keeps. Returns which prompts to train
+        on, one bool per prompt of the pool; None: all of them.
+        """
+        return None
 
     def second_model(self) -> SecondModel | None:
         """With `needs.second_model`: the second model it trains, once `setup` has run."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -145,6 +146,35 @@ class OnlineBatches:
 
     def load_state(self, state: dict[str, int]) -> None:
         (self.steps or self.order).load_state(state)
+
+
+def starting_pool(policy: Policy, prompts: list[Prompt], reward: RewardSource, k: int, sampling: SamplingConfig, batch_size: int,
+                  processes: Processes, sampling_together: bool = False) -> CandidatePool:
+    """`k` samples of every one of `prompts` from the policy as it is, scored: the same whole pool on every process.
+
+    Each process samples its share (every `world`-th prompt), `batch_size` prompts at a time, with a progress bar;
+    `sampling_together`: sampling is a collective (a sharded model), so every process samples as many times.
+    """
+    from pref.reference import precompute_progress
+
+    mine = list(range(processes.rank, len(prompts), processes.world))
+    rounds = [mine[start : start + batch_size] for start in range(0, len(mine), batch_size)]
+    if sampling_together:  # a process with a shorter share samples the first prompt again, and drops it
+        rounds += [[]] * (math.ceil(math.ceil(len(prompts) / processes.world) / batch_size) - len(rounds))
+    rows: list[tuple[int, list[str], dict[str, list[float]]]] = []
+    with precompute_progress(len(mine), f"{k} samples of each prompt (once, before training)") as advance:
+        for indices in rounds:
+            samples = policy.sample([prompts[i] for i in indices or [0]], k, sampling)
+            if not indices:
+                continue
+            flat_prompts, flat_completions = flatten([prompts[i] for i in indices], samples.completions)
+            scores = checked_scores(reward, reward.score(flat_prompts, flat_completions), len(flat_completions))
+            rows += [(i, samples.completions[j], {name: values[j * k : (j + 1) * k].tolist() for name, values in scores.items()})
+                     for j, i in enumerate(indices)]
+            advance(len(indices))
+    rows = sorted(processes.gather(rows), key=lambda row: row[0])
+    return CandidatePool(list(prompts), [completions for _, completions, _ in rows],
+                         {name: torch.tensor([scores[name] for _, _, scores in rows]) for name in rows[0][2]})
 
 
 def flatten(prompts: list[Prompt], completions: list[list[str]]) -> tuple[list[Prompt], list[str]]:

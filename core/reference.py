@@ -89,12 +89,12 @@ def model_fingerprint(model: torch.nn.Module, name: str) -> str:
 
 
 @contextmanager
-def precompute_progress(rows: int) -> Iterator[Any]:
-    """A bar on stderr, on the main process, while the reference's log-probs of `rows` rows are computed; yields `advance(n)`."""
+def precompute_progress(rows: int, what: str = "reference log-probs (once, then cached)") -> Iterator[Any]:
+    """A bar on stderr, on the main process, while `what` of `rows` rows is computed; yields `advance(n)`."""
     from accelerate import PartialState
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    bar = Progress(TextColumn("reference log-probs (once, then cached)"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+    bar = Progress(TextColumn(what), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                    console=Console(stderr=True), transient=True, disable=not PartialState().is_main_process)
     task = bar.add_task("reference", total=rows)
     with bar:

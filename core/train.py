@@ -126,6 +126,34 @@ def build_data(config: RunConfig, plan: RunPlan, policy: HFPolicy, examples: lis
                          sampling_together=config.fsdp)
 
 
+def start_objective(name: str, plan: RunPlan, policy: HFPolicy, items: list[Any], processes: Processes, batch_size: int,
+                    sampling_together: bool) -> list[int]:
+    """With `needs.starting_samples`: hand objective `name` the starting policy's samples of each training item's prompt (records,
+    or the reward's default prompts), scored (`Objective.start`); returns the indices of the items it leaves out."""
+    from pref.online import starting_pool
+
+    pool = starting_pool(policy, [prompt_of(item) for item in items], plan.reward, plan.needs.starting_samples, plan.sampling, batch_size,
+                         processes, sampling_together)
+    kept = plan.objective.start(pool)
+    if kept is None:
+        return []
+    if not isinstance(kept, (list, tuple)) or len(kept) != len(items) or not all(isinstance(keep, bool) for keep in kept):
+        raise PrefError(f"objective {name}'s start() gave {type(kept).__name__} {str(kept)[:60]}; it must return one bool per prompt "
+                        f"of the pool ({len(items)}), or None")
+    if not any(kept):
+        raise PrefError(f"objective {name} left out every one of the {len(items)} training prompts after sampling each; give other prompts")
+    return [i for i, keep in enumerate(kept) if not keep]
+
+
+def without(example_sets: list[list[Any]], dropped: list[int]) -> list[list[Any]]:
+    """Each list of records but those whose index among all of them (the lists one after the other) is in `dropped`."""
+    left_out, first, kept = set(dropped), 0, []
+    for records in example_sets:
+        kept.append([record for i, record in enumerate(records, start=first) if i not in left_out])
+        first += len(records)
+    return kept
+
+
 def save_final(policy: HFPolicy, path: str, adapter: Adapter | None = None, merge: bool = False,
                state_dict: dict[str, torch.Tensor] | None = None, unquantized: torch.dtype | None = None, kind: str = "causal-lm") -> None:
     """The trained model into `path` (with an `adapter`: the adapter, and with `merge` also `path/merged/`).
@@ -454,6 +482,14 @@ def train_policy(config: RunConfig, registry: Registry) -> tuple[str, HFPolicy]:
     if batch_size < config.batch_size and accelerator.is_main_process:
         per = f" x {world} processes" if world > 1 else ""
         log.info(f"the dataset's {len(examples)} training rows are fewer than --batch-size {config.batch_size}{per}: a batch holds {batch_size * world}, each row once")
+    dropped: list[int] = []  # the training prompts the objective leaves out after seeing the starting policy's samples of each (A*-PO's)
+    if plan.needs.starting_samples:
+        items = examples or list(plan.reward.default_prompts)
+        if checkpoint:  # a resume keeps what the run started with
+            dropped = state["dropped_prompts"]
+        else:
+            dropped = start_objective(config.objective, plan, policy, items, processes, batch_size, config.fsdp)
+        (examples,), example_sets = without([items], dropped), without(example_sets, dropped)
     order = build_sampler(config, plan, policy, example_sets, rank, world, batch_size) if plan.sampler else None
     data = build_data(config, plan, policy, examples, rank, world, order, train_second, processes, batch_size=batch_size)
 
@@ -600,7 +636,8 @@ def train_policy(config: RunConfig, registry: Registry) -> tuple[str, HFPolicy]:
             # checkpoint
             if (config.save_every and step % config.save_every == 0 or interrupted) and step < config.steps:
                 check_weights(params, step, config)
-                save_state = {"seed": config.seed, "data": data.state(), "world": world, "evaluated": evaluated, "num_tokens": tokens_seen}
+                save_state = {"seed": config.seed, "data": data.state(), "world": world, "evaluated": evaluated, "num_tokens": tokens_seen,
+                              **({"dropped_prompts": dropped} if plan.needs.starting_samples else {})}
                 rng_states, objective_states = processes.gather([rng_state()]), processes.gather([objective.state_dict()])
                 save_checkpoint(out_dir, step, trained, save_state, rng_states, objective_states, config.keep_checkpoints,
                                 write=accelerator.is_main_process)  # every process: a sharded model is gathered first

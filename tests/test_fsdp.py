@@ -148,18 +148,24 @@ def test_sharded_run_matches_ddp_resumes_exactly_and_saves_a_plain_model(tiny_mo
 
 
 @pytest.mark.slow
-def test_lora_ppo_and_grpo_with_a_frozen_reference_train_sharded_as_unsharded(tiny_model_dir, private_cache, tmp_path):
+def test_lora_ppo_grpo_and_a2po_train_sharded_as_unsharded(tiny_model_dir, private_cache, tmp_path):
     """PPO with LoRA: both runs sample through the model (sharded: the processes gather the weights together, and one whose
     samples ended keeps stepping with the others, or their gathers would wait forever). LoRA's random adapters and the value
     head outside the shards start from process 0's, so the adapters and the test prompts' answers end as the DDP run's,
     and the sharded run resumed from its checkpoint ends with the same adapters, bit for bit. Then GRPO with a KL term to a
-    frozen-copy reference, which --fsdp shards too."""
+    frozen-copy reference, which --fsdp shards too, and A*-PO, which samples every prompt before training."""
     args = ["--objective", "ppo", "-k", "2", "-o", "ppo_epochs=2", "--reward", "noun-diversity", "--model", tiny_model_dir, "--steps", "4",
             "--batch-size", "2", "--save-every", "2", "--lr", "1e-2", "--seed", "0", "--device", "cpu", "--max-new-tokens", "8",
             "--test-prompt", "Name a fruit.", "--lora", "--lora-option", "target_modules=q_proj,v_proj", "--merge-lora"]
     # then GRPO with a KL term to a frozen-copy reference (2 steps), unsharded and sharded (the reference too, sampling layer by layer)
     grpo = ["--objective", "grpo", "-k", "2", "--beta", "0.1", "--reward", "noun-diversity", "--model", tiny_model_dir, "--steps", "2",
             "--batch-size", "2", "--lr", "1e-2", "--seed", "0", "--device", "cpu", "--max-new-tokens", "8", "--test-prompt", "Name a fruit."]
+    # then A*-PO's samples of every prompt before training: 3 prompts over 2 processes, a prompt at a time, so process 1 has one
+    # (sharded, it samples once more with process 0, or their gathers would wait forever), unsharded and sharded
+    (tmp_path / "three.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ("Name a fruit.", "Name an animal.", "Name a tool.")))
+    a2po = ["--objective", "a2po", "--reward", "noun-diversity", "--dataset", str(tmp_path / "three.jsonl"), "--model", tiny_model_dir,
+            "--steps", "2", "--batch-size", "1", "--save-every", "1", "-o", "num_value_samples=2", "-o", "filter_all_incorrect=false",
+            "--seed", "0", "--device", "cpu", "--max-new-tokens", "4"]
     resumed, report = tmp_path / "resumed", tmp_path / "reference"  # one launch, as in the test above
     launch(private_cache, tmp_path, [["run", *args, "--output-dir", str(tmp_path / "ddp")],
                                     ["run", *args, "--fsdp", "--output-dir", str(tmp_path / "fsdp")],
@@ -167,7 +173,9 @@ def test_lora_ppo_and_grpo_with_a_frozen_reference_train_sharded_as_unsharded(ti
                                     ["run", "--resume", str(resumed)],  # from checkpoint-000002
                                     ["run", *grpo, "--output-dir", str(tmp_path / "ddp-grpo")],
                                     {"main": "reference_shards", "args": [str(report), "run", *grpo, "--fsdp", "--sample-sharded",
-                                                                          "--output-dir", str(tmp_path / "fsdp-grpo")]}])
+                                                                          "--output-dir", str(tmp_path / "fsdp-grpo")]},
+                                    ["run", *a2po, "--output-dir", str(tmp_path / "ddp-a2po")],
+                                    ["run", *a2po, "--fsdp", "--output-dir", str(tmp_path / "fsdp-a2po")]])
     ddp, sharded = weights(tmp_path / "ddp", "adapter_model.safetensors"), weights(tmp_path / "fsdp", "adapter_model.safetensors")
     assert sharded.keys() == ddp.keys() and any(float(v.abs().max()) > 0 for k, v in ddp.items() if "lora_B" in k)
     assert_trained_alike(sharded, ddp, atol=2e-5)
@@ -194,3 +202,8 @@ def test_lora_ppo_and_grpo_with_a_frozen_reference_train_sharded_as_unsharded(ti
     assert max(float((ddp[k] - start[k]).abs().max()) for k in ddp) > 1e-3
     assert_trained_alike(sharded, ddp, atol=2e-5)
     assert (tmp_path / "fsdp-grpo" / "generations.jsonl").read_text() == (tmp_path / "ddp-grpo" / "generations.jsonl").read_text()
+
+    # A*-PO: each process sampled its share of the prompts; every process holds V* of all three, sharded as unsharded
+    tables = [torch.load(tmp_path / run / "checkpoint-000001" / "extra.pt", weights_only=True)["objective"][rank]["values"]
+              for run in ("ddp-a2po", "fsdp-a2po") for rank in (0, 1)]
+    assert len(tables[0]) == 3 and all(table == tables[0] for table in tables)
