@@ -108,6 +108,7 @@ def load_registry() -> Any:
 @click.option("--selector", help="Pair selector for online objectives (default: the objective's own).")
 @click.option("--embedder", help="Embedder plugin; `sentence-transformers:NAME_OR_PATH` picks its model.")
 @click.option("--model", help="Hub id or local path (default: the embedded default model).")
+@click.option("--trust-remote-code/--no-trust-remote-code", default=None, help="Let models and tokenizers run the Python code they ship (their config's auto_map); read it first.")
 @click.option("--steps", type=int, help="Optimizer steps.")
 @click.option("--batch-size", type=int, help="Rows (pairs, or prompts when online) per process and micro-step.")
 @click.option("--grad-accum", type=int, help="Micro-steps accumulated per optimizer step.")
@@ -278,7 +279,7 @@ cli.add_command(report)
 @dataclass(frozen=True)
 class Loading:
     """How `generate`, `eval` and `compare` load a model: their `--device`, `--dtype`, `--attn-implementation`, `--quantize` and
-    `--chat-template-option`s."""
+    `--chat-template-option`s (`--trust-remote-code` holds for the whole command: `pref.models.remote_code`)."""
 
     device: str = "auto"
     dtype: str = "auto"
@@ -325,16 +326,21 @@ device_options = [
                  "QLoRA run's adapter was trained on them. Needs pip install 'pref[quantize]'."),
     click.option("--chat-template-option", "template_option", multiple=True,
                  help="A variable of the model's chat template KEY=VALUE, e.g. enable_thinking=false (Qwen3); repeatable."),
+    click.option("--trust-remote-code", is_flag=True, help="Let the model and its tokenizer run the Python code they ship (their config's "
+                 "auto_map); read it first."),
 ]
 
 
 def with_device_options(func: Any) -> Any:
-    """The options above, handed to `func` as one `loading` (a `Loading`)."""
+    """The options above, handed to `func` as one `loading` (a `Loading`); `--trust-remote-code` holds while `func` runs."""
     @functools.wraps(func)
     def command(*args: Any, device: str, dtype: str, attention: str | None, quantize: str | None, template_option: tuple[str, ...],
-                **kwargs: Any) -> Any:
+                trust_remote_code: bool, **kwargs: Any) -> Any:
+        from pref.models import remote_code
+
         options = tuple(parse_options(template_option, "--chat-template-option").items())
-        return func(*args, loading=Loading(device, dtype, attention, quantize, options), **kwargs)
+        with remote_code(trust_remote_code):
+            return func(*args, loading=Loading(device, dtype, attention, quantize, options), **kwargs)
 
     for option in reversed(device_options):
         command = option(command)

@@ -31,6 +31,7 @@ class RunConfig:
     embedder_options: dict[str, Any] = field(default_factory=dict)
 
     model: str | None = None
+    trust_remote_code: bool = False  # models and tokenizers may run the Python code they ship (pref.models.remote_code)
     reference: str = "auto"  # auto | model | cached | none
     output_dir: str | None = None  # None: the run folder of `resume`, else runs/OBJECTIVE-TIMESTAMP
     seed: int = 0

@@ -8,6 +8,7 @@ import os
 import re
 import warnings
 from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any, Iterator
 
 import torch
@@ -22,6 +23,22 @@ DEFAULT_MODEL = "pref-default"
 ADAPTER_CONFIG = "adapter_config.json"
 #: The one-score head a causal LM gets as a sequence classifier (a reward model's): new until trained.
 SCORE_HEAD = "score"
+
+
+#: Whether the models, tokenizers and configs a command loads may run the Python code they ship (their config's `auto_map`):
+#: `--trust-remote-code`, set for the whole command by `remote_code`, so the models plugins load follow it too; off by default.
+REMOTE_CODE: ContextVar[bool] = ContextVar("pref_remote_code", default=False)
+REMOTE_CODE_ERROR = "contains custom code which must be executed"  # how transformers refuses a model that ships code
+
+
+@contextmanager
+def remote_code(allowed: bool) -> Iterator[None]:
+    """Inside, every model, tokenizer and config pref loads may run the code it ships when `allowed` (`--trust-remote-code`)."""
+    token = REMOTE_CODE.set(allowed)
+    try:
+        yield
+    finally:
+        REMOTE_CODE.reset(token)
 
 
 def quiet_transformers() -> None:
@@ -47,7 +64,7 @@ def load_tokenizer(name: str | None) -> Any:
     path = resolve_model_path(name)
     local = cache_only(path)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local)
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local, trust_remote_code=REMOTE_CODE.get())
     except (OSError, ValueError) as exc:
         raise _load_error(name, path, exc, local) from None
     if tokenizer.pad_token_id is None:
@@ -71,7 +88,8 @@ def load_model(name: str | None, dtype: torch.dtype | None = None, kind: str = "
     path, dtype = resolve_model_path(name), dtype or torch.float32
     classifier, adapter = kind == "sequence-classifier", os.path.isfile(os.path.join(path, ADAPTER_CONFIG))
     local = cache_only((adapter and adapter_base(path)) or path)  # an adapter's base model may be a hub id
-    options = {**(FROM_CACHE if local else {}), **({"attn_implementation": attention} if attention else {})}  # from_pretrained's
+    options = {**(FROM_CACHE if local else {}), **({"attn_implementation": attention} if attention else {}),  # from_pretrained's
+               "trust_remote_code": REMOTE_CODE.get()}
     if quantize:
         from transformers import BitsAndBytesConfig
 
@@ -158,6 +176,9 @@ def _load_error(name: str | None, path: str, exc: Exception, from_cache: bool = 
     from pref.checkpoint import STATE_FILE  # lazily, as the loaders' own imports
 
     reason = (str(exc).splitlines() or [type(exc).__name__])[0]
+    if REMOTE_CODE_ERROR in reason:
+        return PrefError(f"{name or path} ships Python code of its own (its config's auto_map), which pref runs only when told: read it, "
+                         "then pass --trust-remote-code")
     if os.path.isdir(os.path.join(path, "final")) and os.path.isfile(os.path.join(path, "run.json")):
         return PrefError(f"{path} is a pref run folder, not a model: pass its model, {os.path.join(path, 'final')}")
     if os.path.isfile(os.path.join(path, STATE_FILE)):

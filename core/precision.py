@@ -29,11 +29,11 @@ def checkpoint_dtype(path: str) -> torch.dtype | None:
     """The `torch_dtype` a saved model declares (a hub id, a local folder or `pref-default`), or None."""
     from transformers import AutoConfig
 
-    from pref.models import resolve_model_path
+    from pref.models import REMOTE_CODE, resolve_model_path
 
     path = resolve_model_path(path)
     try:
-        config = AutoConfig.from_pretrained(path, local_files_only=cache_only(path))
+        config = AutoConfig.from_pretrained(path, local_files_only=cache_only(path), trust_remote_code=REMOTE_CODE.get())
     except (OSError, ValueError):
         return None
     dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)

@@ -32,7 +32,7 @@ from pref.divergence import check_step, check_weights, refuse_non_finite_setting
 from pref.errors import NoUsablePairs, PrefError, RunInterrupted
 from pref.examples import prompt_of
 from pref.interfaces import Adapter, LabeledBatch, MetricsLogger, Minibatch, PairBatch, Processes, Reference, SecondModel
-from pref.models import DEFAULT_MODEL, SCORE_HEAD, load_model, load_tokenizer, prepare_for_training, quiet_new_heads, quiet_peft, turn_off_dropout
+from pref.models import DEFAULT_MODEL, SCORE_HEAD, load_model, remote_code, load_tokenizer, prepare_for_training, quiet_new_heads, quiet_peft, turn_off_dropout
 from pref.packing import may_pack, packs_correctly
 from pref.plan import CACHED_LOGPS, NO_MODEL, RunPlan, output_folder, resolve_plan
 from pref.policy import HFPolicy, unwrap
@@ -379,7 +379,8 @@ def same_start(module: torch.nn.Module, world: int) -> None:
 def train(config: RunConfig, registry: Registry) -> str:
     """Run a whole training job; return the output folder."""
     try:
-        out_dir, _ = train_policy(config, registry)
+        with remote_code(config.trust_remote_code):  # every model the run loads, plugins' too
+            out_dir, _ = train_policy(config, registry)
     finally:
         release_locks()  # a run that failed frees its folder too (a killed one: the system does)
     return out_dir

@@ -1,5 +1,6 @@
 """Shared fixtures: a private cache, tiny models built on the spot and fresh virtual environments (no downloads)."""
 
+import atexit
 import contextlib
 import json
 import os
@@ -7,8 +8,14 @@ import shutil
 import site
 import subprocess
 import sys
+import tempfile
 
 import pytest
+
+# the code a model ships (tests/test_remote_code.py) is copied where transformers imports it from: a temporary folder, not the user's cache
+MODULES = tempfile.mkdtemp(prefix="pref-test-modules-")
+os.environ["HF_MODULES_CACHE"] = MODULES
+atexit.register(shutil.rmtree, MODULES, ignore_errors=True)
 
 
 @pytest.fixture(scope="session", autouse=True)
