@@ -382,6 +382,9 @@ def report_and_answers(model: str | None, reward_name: str, reward_options: dict
     from pref.interfaces import SamplingConfig
 
     reward = load_registry().create("reward", reward_name, reward_options)
+    if reward.columns:
+        raise PrefError(f"the reward {reward_name} reads the column{'s' * (len(reward.columns) > 1)} {', '.join(reward.columns)} of each "
+                        "prompt's row, which --prompt texts do not have; score it in a run (pref run --log-completions)")
     prompts = prompts or list(reward.default_prompts)
     if not prompts:
         raise PrefError(f"reward {reward_name!r} has no default prompts: pass --prompt")

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Union
+from dataclasses import dataclass, field
+from typing import Any, Union
 
 #: A prompt is plain text or a list of chat messages ({"role": ..., "content": ...}).
 Prompt = Union[str, list[dict]]
@@ -39,8 +39,22 @@ class TextExample:
     prompt: Prompt = ""
 
 
-def prompt_of(record: "PreferenceExample | LabeledExample | TextExample | Prompt") -> Prompt:
+@dataclass
+class PromptExample:
+    """A prompt to sample answers to, with the other fields of its row (`columns`: a reference answer, tests, ...), which a
+    reward that names them reads (`RewardSource.columns`)."""
+
+    prompt: Prompt
+    columns: dict[str, Any] = field(default_factory=dict)
+
+
+def prompt_of(record: "PreferenceExample | LabeledExample | TextExample | PromptExample | Prompt") -> Prompt:
     """The prompt of a record; a bare prompt (text or messages) is its own."""
-    if isinstance(record, (PreferenceExample, LabeledExample, TextExample)):
+    if isinstance(record, (PreferenceExample, LabeledExample, TextExample, PromptExample)):
         return record.prompt
     return record
+
+
+def columns_of(record: Any) -> dict[str, Any]:
+    """The fields of a record's row besides its prompt and answers (a `PromptExample`'s columns); none for other records."""
+    return record.columns if isinstance(record, PromptExample) else {}

@@ -110,10 +110,14 @@ class RewardSource(ABC):
     #: A reward that sums others (`weighted`): each part's name and weight, its scores holding each part's own as
     #: `NAME/reward` (for GRPO's normalize_then_sum); empty for a single reward.
     weights: dict[str, float] = {}
+    #: Fields of each prompt's row that `score` reads besides the prompt (a reference answer, tests): each comes as a keyword
+    #: argument, a list of one value per completion (`score(prompts, completions, answer=[...])`, as TRL's reward functions get
+    #: dataset columns). Training records without them (`PromptExample.columns`) are refused before the model loads.
+    columns: tuple[str, ...] = ()
 
     @abstractmethod
     def score(self, prompts: list[Prompt], completions: list[str]) -> dict[str, torch.Tensor]:
-        """Return a dict of name -> float tensor [B]; it must contain `reward`."""
+        """Return a dict of name -> float tensor [B]; it must contain `reward`. A reward with `columns` takes them too."""
 
     def report(self, prompts: list[Prompt], completions: list[str]) -> dict[str, float]:
         """Evaluation figures over a set of samples (`pref eval`): mean scores and diversity.

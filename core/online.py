@@ -11,7 +11,7 @@ import torch
 
 from pref.data import RolloutSteps, ShuffledBatches
 from pref.errors import NoUsablePairs, PrefError
-from pref.examples import Prompt, prompt_of
+from pref.examples import Prompt, columns_of, prompt_of
 from pref.reporting.diversity import distinct_ratio, entropy_bits
 from pref.interfaces import (
     SAMPLES, SETS, CandidatePool, LabeledBatch, ObjectiveNeeds, PairBatch, PairSelector, Policy, Processes, RewardSource, Samples,
@@ -40,7 +40,7 @@ class OnlineBatches:
 
     MAX_DRAWS = 10
 
-    def __init__(self, policy: Policy, prompts: Sequence[Prompt], reward: RewardSource, selector: PairSelector | None, needs: ObjectiveNeeds,
+    def __init__(self, policy: Policy, records: Sequence[Any], reward: RewardSource, selector: PairSelector | None, needs: ObjectiveNeeds,
                  samples_per_prompt: int, sampling: SamplingConfig, prompts_per_step: int, seed: int, rank: int = 0, world: int = 1,
                  order: Any = None, after_draw: Callable[[], dict[str, float]] | None = None, processes: Processes | None = None,
                  sampling_together: bool = False):
@@ -54,7 +54,7 @@ class OnlineBatches:
         self.together = sampling_together or after_draw is not None  # every process goes through each round of draws
         self.sampling_together = sampling_together
         self.processes = processes or Processes()
-        self.order = order if order is not None else ShuffledBatches(list(prompts), prompts_per_step, seed, rank, world)
+        self.order = order if order is not None else ShuffledBatches(list(records), prompts_per_step, seed, rank, world)
         self.steps = None
         if needs.data == SAMPLES:
             self.steps = RolloutSteps(self._rollout, self.order, needs.epochs_per_rollout, needs.minibatches_per_rollout, seed)
@@ -83,12 +83,13 @@ class OnlineBatches:
 
     def _sample(self) -> tuple[list[Prompt], Samples, dict[str, torch.Tensor], dict[str, float]]:
         """The order's next prompts, K samples each from one `policy.sample` call, and their flat [P * K] scores."""
-        prompts = [prompt_of(item) for item in self.order.next()]  # a record (with a `prompt`) gives its prompt
+        records = self.order.next()
+        prompts = [prompt_of(record) for record in records]  # a record (with a `prompt`) gives its prompt
         start = time.perf_counter()
         samples = self.policy.sample(prompts, self.k, self.sampling)
         sampled = time.perf_counter()
-        flat_prompts, flat_completions = flatten(prompts, samples.completions)
-        scores = checked_scores(self.reward, self.reward.score(flat_prompts, flat_completions), len(flat_completions))
+        flat_completions = [completion for row in samples.completions for completion in row]
+        scores = scored(self.reward, records, samples.completions)
         rewards = scores["reward"]
         metrics = {
             "reward/mean": rewards.mean().item(),
@@ -148,15 +149,16 @@ class OnlineBatches:
         (self.steps or self.order).load_state(state)
 
 
-def starting_pool(policy: Policy, prompts: list[Prompt], reward: RewardSource, k: int, sampling: SamplingConfig, batch_size: int,
+def starting_pool(policy: Policy, records: list[Any], reward: RewardSource, k: int, sampling: SamplingConfig, batch_size: int,
                   processes: Processes, sampling_together: bool = False) -> CandidatePool:
-    """`k` samples of every one of `prompts` from the policy as it is, scored: the same whole pool on every process.
+    """`k` samples of the prompt of every one of `records` from the policy as it is, scored: the same whole pool on every process.
 
     Each process samples its share (every `world`-th prompt), `batch_size` prompts at a time, with a progress bar;
     `sampling_together`: sampling is a collective (a sharded model), so every process samples as many times.
     """
     from pref.reference import precompute_progress
 
+    prompts = [prompt_of(record) for record in records]
     mine = list(range(processes.rank, len(prompts), processes.world))
     rounds = [mine[start : start + batch_size] for start in range(0, len(mine), batch_size)]
     if sampling_together:  # a process with a shorter share samples the first prompt again, and drops it
@@ -167,14 +169,33 @@ def starting_pool(policy: Policy, prompts: list[Prompt], reward: RewardSource, k
             samples = policy.sample([prompts[i] for i in indices or [0]], k, sampling)
             if not indices:
                 continue
-            flat_prompts, flat_completions = flatten([prompts[i] for i in indices], samples.completions)
-            scores = checked_scores(reward, reward.score(flat_prompts, flat_completions), len(flat_completions))
+            scores = scored(reward, [records[i] for i in indices], samples.completions)
             rows += [(i, samples.completions[j], {name: values[j * k : (j + 1) * k].tolist() for name, values in scores.items()})
                      for j, i in enumerate(indices)]
             advance(len(indices))
     rows = sorted(processes.gather(rows), key=lambda row: row[0])
     return CandidatePool(list(prompts), [completions for _, completions, _ in rows],
                          {name: torch.tensor([scores[name] for _, _, scores in rows]) for name in rows[0][2]})
+
+
+def scored(reward: RewardSource, records: list[Any], completions: list[list[str]]) -> dict[str, torch.Tensor]:
+    """The reward's checked scores of K completions of each record's prompt, flat [P * K], given the record columns it reads."""
+    flat_records, flat_completions = flatten(records, completions)
+    columns = {name: [columns_of(record)[name] for record in flat_records] for name in reward.columns}
+    return checked_scores(reward, reward.score([prompt_of(record) for record in flat_records], flat_completions, **columns), len(flat_completions))
+
+
+def require_columns(reward: RewardSource, name: str, records: list[Any], dataset: str | None) -> None:
+    """A `PrefError` when one of `records` (read from `--dataset` entry `dataset`; None: there is none) lacks a column the reward
+    (`name`, as the user named it) reads."""
+    wanted = ", ".join(map(repr, reward.columns))
+    if dataset is None:
+        raise PrefError(f"the reward {name} reads the column {wanted} of each prompt's row: pass --dataset with such rows")
+    for number, record in enumerate(records, start=1):
+        missing = [column for column in reward.columns if column not in columns_of(record)]
+        if missing:
+            raise PrefError(f"the reward {name} reads the column {wanted} of each prompt's row, but record {number} of --dataset {dataset} "
+                            f"has no {', '.join(map(repr, missing))}; give rows of a prompt and {wanted}")
 
 
 def flatten(prompts: list[Prompt], completions: list[list[str]]) -> tuple[list[Prompt], list[str]]:

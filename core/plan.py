@@ -127,7 +127,7 @@ def resolve_plan(config: RunConfig, registry: Registry, processes: Processes | N
                             "pass a temperature above 0 (1.0 is the default)")
         reward = resolve_reward(config, registry, objective)
         if not config.dataset and not reward.default_prompts:
-            raise PrefError(f"the reward {type(reward).__name__} has no default prompts: pass --dataset with prompts")
+            raise PrefError(f"the reward {' + '.join(reward_names(config)) or type(reward).__name__} has no default prompts: pass --dataset with prompts")
         if config.embedder:
             embedder = registry.create("embedder", config.embedder, config.embedder_options)
         if needs.uses_selector:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib.util
 import inspect
 import os
+import re
 import shlex
 import sys
 import typing
@@ -168,6 +169,8 @@ class Registry:
         return sorted(self._items[kind])
 
     def get(self, kind: str, name: str) -> PluginItem:
+        if kind == "reward" and FUNCTION_FILE.search(name):  # `--reward rewards.py:accuracy`: the `function` reward on that file
+            name = FUNCTION_REWARD
         try:
             return self._items[kind][name]
         except KeyError:
@@ -180,6 +183,8 @@ class Registry:
         registry, and the others in docs/plugins.md's table); each is passed only if the factory
         takes a parameter of that name. Unknown option keys are an error that lists the accepted ones.
         """
+        if kind == "reward" and FUNCTION_FILE.search(name):
+            name, options = FUNCTION_REWARD, {"path": name, **(options or {})}
         item = self.get(kind, name)
         item.check_requires()
         options = dict(options or {})
@@ -207,6 +212,9 @@ class Registry:
                                 + " ".join(f"{flag} {n}=VALUE" for n in missing)) from None
             raise PrefError(f"bad options for {kind} {name!r}: {exc}") from None
 
+
+#: A reward named FILE.py:FUNCTION is the reward `function` (`plugins/function_reward.py`) with that `path`.
+FUNCTION_FILE, FUNCTION_REWARD = re.compile(r"\.py:[A-Za-z_]\w*$"), "function"
 
 #: The `pref run` flag that gives a plugin of each kind its options.
 OPTION_FLAGS = {"objective": "-o", "reward": "--reward-option", "dataset": "--dataset-option", "pair-selector": "--selector-option",

@@ -177,7 +177,7 @@ def resume_checkpoint(path: str) -> str | None:
 
 
 def absolute_paths(config: Any, builders: Iterable[str] = ()) -> Any:
-    """`config` with its local `--dataset`, `--validation-dataset` and `--model` paths made absolute (a copy).
+    """`config` with its local `--dataset`, `--validation-dataset` and `--model` paths, and reward functions' files, made absolute (a copy).
 
     run.json records them so, and a resume from another working directory reads the same files.
     Names in `builders` (registered dataset builders) stay names even if a folder is called so.
@@ -186,7 +186,7 @@ def absolute_paths(config: Any, builders: Iterable[str] = ()) -> Any:
 
 
 def absolute_entries(settings: dict[str, Any], builders: Iterable[str] = ()) -> dict[str, Any]:
-    """The `dataset`, `validation_dataset`, `model` and `dataset_options` of `settings` (a config as a dict) that it holds,
+    """The `dataset`, `validation_dataset`, `model`, `dataset_options` and `reward` of `settings` (a config as a dict) that it holds,
     local paths made absolute; names in `builders` stay names."""
     builders = set(builders)
 
@@ -197,8 +197,14 @@ def absolute_entries(settings: dict[str, Any], builders: Iterable[str] = ()) -> 
     options = settings.get("dataset_options") or {}
     if isinstance(options.get("path"), str):
         options = {**options, "path": absolute(options["path"])}
+    def absolute_file(reward: Any) -> Any:  # a reward function's file: `--reward rewards.py:accuracy`
+        file, _, name = reward.rpartition(":") if isinstance(reward, str) else ("", "", "")
+        return f"{absolute(file)}:{name}" if file.endswith(".py") else reward
+
+    reward = settings.get("reward")
     entries = {"dataset": [absolute(e) for e in settings.get("dataset") or []], "model": absolute(settings.get("model")),
-               "validation_dataset": [absolute(e) for e in settings.get("validation_dataset") or []], "dataset_options": options}
+               "validation_dataset": [absolute(e) for e in settings.get("validation_dataset") or []], "dataset_options": options,
+               "reward": [absolute_file(r) for r in reward] if isinstance(reward, (list, tuple)) else absolute_file(reward)}
     return {key: value for key, value in entries.items() if key in settings}
 
 

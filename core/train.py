@@ -30,11 +30,11 @@ from pref.config import RunConfig
 from pref.data import OfflineBatches, build_datasets, collate, count_tokens, dataset_names, rows_per_batch, sequences_of, split_datasets
 from pref.divergence import check_step, check_weights, refuse_non_finite_settings, sampling_diverged
 from pref.errors import NoUsablePairs, PrefError, RunInterrupted
-from pref.examples import prompt_of
+from pref.online import require_columns
 from pref.interfaces import Adapter, LabeledBatch, MetricsLogger, Minibatch, PairBatch, Processes, Reference, SecondModel
 from pref.models import DEFAULT_MODEL, SCORE_HEAD, load_model, remote_code, load_tokenizer, prepare_for_training, quiet_new_heads, quiet_peft, turn_off_dropout
 from pref.packing import may_pack, packs_correctly
-from pref.plan import CACHED_LOGPS, NO_MODEL, RunPlan, output_folder, resolve_plan
+from pref.plan import CACHED_LOGPS, NO_MODEL, RunPlan, output_folder, resolve_plan, reward_names
 from pref.policy import HFPolicy, unwrap
 from pref.precision import AUTOCAST, head_in_float32, keep_trainable_in_float32, resolve_device, resolve_dtype
 from pref.reference import AdaptersOffReference, CachedReference, FrozenReference, cache_dir
@@ -120,8 +120,7 @@ def build_data(config: RunConfig, plan: RunPlan, policy: HFPolicy, examples: lis
     from pref.online import OnlineBatches
 
     assert plan.reward is not None
-    prompts = [prompt_of(e) for e in examples] or list(plan.reward.default_prompts)
-    return OnlineBatches(policy, prompts, plan.reward, plan.selector, plan.needs, plan.samples_per_prompt, plan.sampling,
+    return OnlineBatches(policy, examples or list(plan.reward.default_prompts), plan.reward, plan.selector, plan.needs, plan.samples_per_prompt, plan.sampling,
                          batch_size, config.seed, rank, world, order=order, after_draw=after_draw, processes=processes,
                          sampling_together=config.fsdp)
 
@@ -132,7 +131,7 @@ def start_objective(name: str, plan: RunPlan, policy: HFPolicy, items: list[Any]
     or the reward's default prompts), scored (`Objective.start`); returns the indices of the items it leaves out."""
     from pref.online import starting_pool
 
-    pool = starting_pool(policy, [prompt_of(item) for item in items], plan.reward, plan.needs.starting_samples, plan.sampling, batch_size,
+    pool = starting_pool(policy, items, plan.reward, plan.needs.starting_samples, plan.sampling, batch_size,
                          processes, sampling_together)
     kept = plan.objective.start(pool)
     if kept is None:
@@ -436,6 +435,9 @@ def train_policy(config: RunConfig, registry: Registry) -> tuple[str, HFPolicy]:
     records = build_datasets(builders, policy)  # a builder that samples from the model waits for it
     if None not in records:
         split_datasets(records, len(plan.datasets), config.validation_split, config.seed)  # a dataset too small to hold some out
+    if plan.reward is not None and plan.reward.columns:  # a reward that reads more of each prompt's row (a reference answer)
+        for entry, built in zip(config.dataset, records) if config.dataset else [(None, [])]:
+            require_columns(plan.reward, " + ".join(reward_names(config)) or type(plan.reward).__name__, built or [], entry)
 
     # -- policy, the objective's modules, the data that samples the policy, reference ------
     with quiet_new_heads({SCORE_HEAD}):  # a reward model's score head is new because it is trained from scratch here

@@ -26,7 +26,7 @@ from pref import Evaluator, Objective, Policy, Processes, Prompt, Reference, Sam
 from pref.data import collate
 from pref.errors import PrefError
 from pref.plugins.loggers import keep_steps_up_to
-from pref.examples import LabeledExample, PreferenceExample, TextExample
+from pref.examples import LabeledExample, PreferenceExample, PromptExample, TextExample
 from pref.policy import unwrap
 from pref.reference import FrozenReference
 
@@ -37,8 +37,10 @@ def scored_text(record: Any) -> tuple[Prompt, str]:
     """The (prompt, text) a likelihood measure scores for a record: the text given the prompt.
 
     TextExample: its text; PreferenceExample: the chosen answer; LabeledExample: its
-    completion; a bare prompt: the prompt's own text (given an empty prompt).
+    completion; a bare prompt or a PromptExample: the prompt's own text (given an empty prompt).
     """
+    if isinstance(record, PromptExample):
+        record = record.prompt
     if isinstance(record, TextExample):
         return record.prompt, record.text
     if isinstance(record, PreferenceExample):

@@ -5,8 +5,9 @@ Parquet file, a folder saved with `datasets`, or a hub dataset name. Each row gi
 
 - a prompt alone: `prompt` (a string, or chat messages ending in the user's turn), `question`
   (GSM8K's and MATH's column) or `messages` (a conversation: its messages before the last
-  assistant answer); a JSONL line may also be the prompt itself. Other columns (a worked
-  solution, ...) are left for the user's own reward to read from its files;
+  assistant answer); a JSONL line may also be the prompt itself. The row's other fields (a
+  reference answer, tests) are the `PromptExample`'s columns, which a reward that names them reads
+  (`RewardSource.columns`, TRL's reward functions' dataset columns);
 - a preference row (any format of the `preferences` builder): the pair, whose prompt is sampled
   from, and whose chosen answer `--validation-split` and a curriculum score;
 - a labelled row (the `labeled` builder's `prompt`, `completion` and `label`): the labelled
@@ -18,7 +19,7 @@ from __future__ import annotations
 from typing import Any
 
 from pref.errors import PrefError
-from pref.examples import LabeledExample, PreferenceExample, Prompt
+from pref.examples import LabeledExample, PreferenceExample, Prompt, PromptExample
 from pref.hookspecs import hookimpl
 from pref.plugins.labeled_data import row_examples
 from pref.plugins.preference_data import preference_example
@@ -36,14 +37,14 @@ class PromptData:
             raise PrefError(f"prompts: limit must be a positive number of rows, not {limit!r}")
         self.path, self.split, self.limit = path, split, limit
 
-    def build(self, policy: Any = None) -> list[Prompt | PreferenceExample | LabeledExample]:
+    def build(self, policy: Any = None) -> list[PromptExample | PreferenceExample | LabeledExample]:
         """Read the records; `policy` is not needed (the data is fixed)."""
         return load_prompts(self.path, self.split, self.limit)
 
 
-def load_prompts(path: str, split: str = "train", limit: int | None = None) -> list[Prompt | PreferenceExample | LabeledExample]:
+def load_prompts(path: str, split: str = "train", limit: int | None = None) -> list[PromptExample | PreferenceExample | LabeledExample]:
     """Up to `limit` records of `path`, one per row (see the module docstring)."""
-    records: list[Prompt | PreferenceExample | LabeledExample] = []
+    records: list[PromptExample | PreferenceExample | LabeledExample] = []
     for number, row in enumerate(read_records(path, split), start=1):
         records.append(prompt_record(row, f"{path} row {number}"))
         if limit is not None and len(records) >= limit:
@@ -53,10 +54,10 @@ def load_prompts(path: str, split: str = "train", limit: int | None = None) -> l
     return records
 
 
-def prompt_record(row: Any, where: str) -> Prompt | PreferenceExample | LabeledExample:
-    """One row as a record: a bare prompt, or a pair or a labelled answer with its prompt; `where` names the row in errors."""
+def prompt_record(row: Any, where: str) -> PromptExample | PreferenceExample | LabeledExample:
+    """One row as a record: a prompt with the row's other fields, or a pair or a labelled answer; `where` names the row in errors."""
     if isinstance(row, str):
-        return _prompt_text(row, "prompt", where)
+        return PromptExample(_prompt_text(row, "prompt", where))
     if not isinstance(row, dict):
         raise PrefError(f"{where}: expected a prompt or an object with named fields, got {type(row).__name__}")
     present = {name for name, value in row.items() if value is not None and value != ""}  # a CSV gives "" for an empty cell
@@ -64,17 +65,21 @@ def prompt_record(row: Any, where: str) -> Prompt | PreferenceExample | LabeledE
         return preference_example(row, where)
     if "label" in present:
         return row_examples(row, where)[0]
-    if "prompt" in present:
-        value = literal(row["prompt"]) if isinstance(row["prompt"], str) else row["prompt"]
-        return _prompt_text(value, "prompt", where) if isinstance(value, str) else _chat_prompt(messages(value, "prompt", where), "prompt", where)
-    if "question" in present:
-        return _prompt_text(row["question"], "question", where)
-    if "messages" in present:
-        conversation = messages(row["messages"], "messages", where)
-        while conversation and conversation[-1]["role"] == "assistant":  # the answer, when the conversation has one
-            conversation = conversation[:-1]
-        return _chat_prompt(conversation, "messages", where)
+    for name in ("prompt", "question", "messages"):
+        if name in present:
+            others = {key: value for key, value in row.items() if key != name}
+            return PromptExample(_prompt(row[name], name, where), others)
     raise PrefError(f"{where}: no field 'prompt'; {FORMATS}")
+
+
+def _prompt(value: Any, name: str, where: str) -> Prompt:
+    """A prompt field: text (`prompt`, `question`), or messages (`prompt`; `messages`, whose last assistant answer is cut off)."""
+    if name == "question" or (name == "prompt" and isinstance(value, str) and isinstance(literal(value), str)):
+        return _prompt_text(value, name, where)
+    conversation = messages(value, name, where)
+    while name == "messages" and conversation and conversation[-1]["role"] == "assistant":  # the answer, when there is one
+        conversation = conversation[:-1]
+    return _chat_prompt(conversation, name, where)
 
 
 def _prompt_text(value: Any, name: str, where: str) -> str:

@@ -41,13 +41,14 @@ class WeightedReward(RewardSource):
             self.weights[name] = float(weight)
             self.parts[name] = registry.create("reward", name, options.get(name))
         self.default_prompts = list(dict.fromkeys(p for part in self.parts.values() for p in part.default_prompts))
+        self.columns = tuple(dict.fromkeys(column for part in self.parts.values() for column in part.columns))
 
-    def score(self, prompts: list[Prompt], completions: list[str]) -> dict[str, torch.Tensor]:
-        """`reward` [B], the weighted sum, and every part's scores [B] under `NAME/SCORE`."""
+    def score(self, prompts: list[Prompt], completions: list[str], **columns: list[Any]) -> dict[str, torch.Tensor]:
+        """`reward` [B], the weighted sum, and every part's scores [B] under `NAME/SCORE`; each part gets the `columns` it reads."""
         total = torch.zeros(len(completions))
         scores: dict[str, torch.Tensor] = {}
         for name, part in self.parts.items():
-            part_scores = part.score(prompts, completions)
+            part_scores = part.score(prompts, completions, **{column: columns[column] for column in part.columns})
             if "reward" not in part_scores:
                 raise PrefError(f"weighted: reward {name!r} gave no score named 'reward'")
             for key, values in part_scores.items():

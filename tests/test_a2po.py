@@ -12,7 +12,7 @@ import torch
 from pref.config import build_config
 from pref.errors import PrefError
 from pref.hookspecs import hookimpl
-from pref.interfaces import CandidatePool, ObjectiveNeeds
+from pref.interfaces import CandidatePool, ObjectiveNeeds, RewardSource
 from pref.plugins.a2po import A2PO, a2po_loss, optimal_values, prompt_key
 from pref.registry import Registry, get_plugin_manager
 from pref.train import train
@@ -123,12 +123,10 @@ def test_start_leaves_out_the_prompts_whose_samples_all_scored_zero():
             A2PO(**options)
 
 
-class NotTheSky:
+class NotTheSky(RewardSource):
     """0 for every answer to a prompt about the sky, else 1 for an answer of one word."""
 
     default_prompts = ["Name a fruit.", "What color is the sky?", "Name an animal."]
-    quality_threshold = max_new_tokens = None
-    weights = {}
 
     def score(self, prompts, completions):
         return {"reward": torch.tensor([0.0 if "sky" in p else float(len(c.split()) == 1) for p, c in zip(prompts, completions)])}

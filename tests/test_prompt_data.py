@@ -8,7 +8,7 @@ from click.testing import CliRunner
 
 from pref.cli.main import cli
 from pref.errors import PrefError
-from pref.examples import LabeledExample, PreferenceExample
+from pref.examples import LabeledExample, PreferenceExample, PromptExample
 from pref.plugins.prompt_data import load_prompts, prompt_record
 
 USER = {"role": "user", "content": "Name a fruit."}
@@ -16,17 +16,18 @@ ANSWER = {"role": "assistant", "content": "apple"}
 
 
 @pytest.mark.parametrize("row, record", [
-    ({"prompt": "Name a fruit."}, "Name a fruit."),
-    ({"prompt": [USER]}, [USER]),
-    ({"prompt": json.dumps([USER])}, [USER]),  # a CSV cell holding messages
-    ({"question": "What is 2 + 2?", "answer": "4"}, "What is 2 + 2?"),
-    ({"messages": [{"role": "system", "content": "Be brief."}, USER, ANSWER]}, [{"role": "system", "content": "Be brief."}, USER]),
-    ({"messages": [USER]}, [USER]),
-    ("Name a fruit.", "Name a fruit."),
+    ({"prompt": "Name a fruit."}, PromptExample("Name a fruit.")),
+    ({"prompt": [USER], "answer": "apple"}, PromptExample([USER], {"answer": "apple"})),  # the row's other fields are its columns
+    ({"prompt": json.dumps([USER])}, PromptExample([USER])),  # a CSV cell holding messages
+    ({"question": "What is 2 + 2?", "answer": "4"}, PromptExample("What is 2 + 2?", {"answer": "4"})),
+    ({"messages": [{"role": "system", "content": "Be brief."}, USER, ANSWER]}, PromptExample([{"role": "system", "content": "Be brief."}, USER])),
+    ({"messages": [USER]}, PromptExample([USER])),
+    ("Name a fruit.", PromptExample("Name a fruit.")),
     ({"prompt": "Name a fruit.", "chosen": "apple", "rejected": "chair"}, PreferenceExample("Name a fruit.", "apple", "chair")),
     ({"chosen": [USER, ANSWER], "rejected": [USER, {"role": "assistant", "content": "chair"}]}, PreferenceExample([USER], "apple", "chair")),
     ({"prompt": "Name a fruit.", "completion": "apple", "label": True}, LabeledExample("Name a fruit.", "apple", True)),
-    ({"prompt": "Name a fruit.", "chosen": "", "rejected": "", "solution": "apple"}, "Name a fruit."),  # a CSV's empty cells
+    ({"prompt": "Name a fruit.", "chosen": "", "rejected": "", "solution": "apple"},  # a CSV's empty cells
+     PromptExample("Name a fruit.", {"chosen": "", "rejected": "", "solution": "apple"})),
 ])
 def test_each_row_format_gives_its_record(row, record):
     assert prompt_record(row, "data.jsonl row 1") == record
@@ -52,7 +53,7 @@ def test_a_csv_of_prompts_and_a_limit(tmp_path):
         writer = csv.writer(f)
         writer.writerow(["prompt", "solution"])
         writer.writerows([["Name a fruit.", "apple"], [json.dumps([USER]), "apple"], ["Name a tool.", "saw"]])
-    assert load_prompts(str(path), limit=2) == ["Name a fruit.", [USER]]
+    assert load_prompts(str(path), limit=2) == [PromptExample("Name a fruit.", {"solution": "apple"}), PromptExample([USER], {"solution": "apple"})]
 
 
 def test_online_objectives_train_on_a_file_of_prompts(tmp_path, tiny_model_dir):

@@ -1,0 +1,84 @@
+"""The `function` reward: a Python function in a file of your own scores the completions, as TRL's reward functions do.
+
+`--reward rewards.py:accuracy` is this reward with `path=rewards.py:accuracy` (so is `--reward function
+--reward-option path=rewards.py:accuracy`); no package to write. The file is imported once. The function is
+called with keyword arguments: `completions` (one text per completion), `prompts` (the prompt of each: its text
+or its chat messages) if it names that parameter, and each of its other parameters without a default as a
+column of the prompts' rows, one value per completion: `def accuracy(completions, answer, **kwargs)` gets the
+`answer` of each completion's row (read by the `prompts` builder; a row without it is refused before training).
+It returns one number per completion (a list or a tensor), the `reward` score.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import inspect
+import os
+import sys
+from typing import Any
+
+import torch
+
+from pref.errors import PrefError
+from pref.examples import Prompt
+from pref.hookspecs import hookimpl
+from pref.interfaces import RewardSource
+
+#: Parameters the function may take besides the columns.
+GIVEN = ("prompts", "completions")
+
+
+class FunctionReward(RewardSource):
+    """A Python function in a file scores each completion (`--reward FILE.py:FUNCTION`), given the columns of its prompt's row it names."""
+
+    def __init__(self, path: str):
+        file, colon, name = path.rpartition(":")
+        if not colon or not file.endswith(".py") or not name.isidentifier():
+            raise PrefError(f"function: path must be FILE.py:FUNCTION, e.g. rewards.py:accuracy, not {path!r}")
+        file = os.path.expanduser(file)
+        if not os.path.isfile(file):
+            raise PrefError(f"function: no such file {file} (from --reward {path})")
+        function = getattr(load_file(file), name, None)
+        if not callable(function):
+            raise PrefError(f"function: {file} defines no function {name!r}")
+        parameters = inspect.signature(function).parameters
+        takes_any = any(p.kind is p.VAR_KEYWORD for p in parameters.values())
+        if "completions" not in parameters and not takes_any:
+            raise PrefError(f"function: {name} in {file} must take a `completions` parameter (a list: one text per completion)")
+        self.function, self.label = function, f"{name} in {file}"
+        self.gives_prompts = "prompts" in parameters or takes_any
+        self.columns = tuple(n for n, p in parameters.items()
+                             if n not in GIVEN and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.default is p.empty)
+
+    def score(self, prompts: list[Prompt], completions: list[str], **columns: list[Any]) -> dict[str, torch.Tensor]:
+        values = self.function(completions=list(completions), **({"prompts": list(prompts)} if self.gives_prompts else {}), **columns)
+        try:
+            rewards = torch.as_tensor(values.detach().cpu() if isinstance(values, torch.Tensor) else values, dtype=torch.float32)
+        except (TypeError, ValueError, RuntimeError):
+            rewards = None
+        if rewards is None or rewards.shape != (len(completions),):
+            what = f"a tensor of shape {list(rewards.shape)}" if rewards is not None else f"{type(values).__name__} {str(values)[:60]}"
+            raise PrefError(f"the reward function {self.label} gave {what}; it must return one number per completion ({len(completions)})")
+        return {"reward": rewards}
+
+
+def load_file(file: str) -> Any:
+    """The module that the Python file `file` defines, imported once per process; its errors are a one-line `PrefError`."""
+    path = os.path.abspath(file)
+    name = f"pref_reward_file_{hashlib.sha1(path.encode()).hexdigest()[:12]}"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, path)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        try:
+            spec.loader.exec_module(module)
+        except Exception as exc:
+            raise PrefError(f"function: importing {file} failed: {type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}") from None
+        sys.modules[name] = module
+    return sys.modules[name]
+
+
+@hookimpl
+def register_rewards(register):
+    register("function", FunctionReward)

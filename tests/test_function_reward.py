@@ -1,0 +1,124 @@
+"""`--reward FILE.py:FUNCTION`: a reward function of the user's, given the columns of each prompt's row it names (TRL's reward functions)."""
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from pref.cli.main import cli
+from pref.errors import PrefError
+from pref.plugins.function_reward import FunctionReward
+from pref.registry import load_registry
+
+QA = [{"prompt": "Name a fruit.", "answer": "apple"}, {"question": "What color is the sky?", "answer": "blue"},
+      {"prompt": [{"role": "user", "content": "Name an animal."}], "answer": "dog"}]
+
+
+def write(path, text):
+    path.write_text(text)
+    return str(path)
+
+
+def test_the_function_gets_the_columns_it_names_and_the_prompts_if_it_asks(tmp_path):
+    file = write(tmp_path / "rewards.py", "def length(completions):\n    return [len(c) for c in completions]\n\n"
+                                          "def exact(prompts, completions, answer, hint=None, **kwargs):\n"
+                                          "    return torch.tensor([float(c == a) for c, a in zip(completions, answer)])\n\n"
+                                          "import torch\n")
+    length = FunctionReward(f"{file}:length")
+    assert length.columns == () and length.score(["p", "q"], ["ab", "abc"])["reward"].tolist() == [2.0, 3.0]
+    exact = load_registry().create("reward", f"{file}:exact")  # the registry knows FILE.py:FUNCTION as this reward
+    assert isinstance(exact, FunctionReward) and exact.columns == ("answer",)  # a parameter with a default is no column
+    assert exact.score(["p", "q"], ["4", "5"], answer=["4", "4"])["reward"].tolist() == [1.0, 0.0]
+
+
+@pytest.mark.parametrize("source, path, message", [
+    ("def f(completions):\n    return [1.0]\n", "{file}", r"path must be FILE.py:FUNCTION"),
+    ("def f(completions):\n    return [1.0]\n", "{file}x:f", r"path must be FILE.py:FUNCTION"),
+    ("def f(completions):\n    return [1.0]\n", "{dir}/missing.py:f", r"no such file .*missing.py"),
+    ("def f(completions):\n    return [1.0]\n", "{file}:g", r"defines no function 'g'"),
+    ("import not_a_module\n", "{file}:f", r"importing .*rewards.py failed: ModuleNotFoundError: No module named 'not_a_module'"),
+    ("def f(texts):\n    return [1.0]\n", "{file}:f", r"f in .* must take a `completions` parameter"),
+])
+def test_a_bad_function_is_a_one_line_error(tmp_path, source, path, message):
+    file = write(tmp_path / "rewards.py", source)
+    with pytest.raises(PrefError, match=message):
+        FunctionReward(path.format(file=file, dir=tmp_path))
+
+
+@pytest.mark.parametrize("returned, what", [("[1.0]", r"a tensor of shape \[1\]"), ("'good'", r"str good"), ("[None, 1.0]", r"list \[None, 1.0\]")])
+def test_what_it_returns_must_be_one_number_per_completion(tmp_path, returned, what):
+    file = write(tmp_path / f"r{abs(hash(returned))}.py", f"def f(completions):\n    return {returned}\n")
+    with pytest.raises(PrefError, match=rf"the reward function f in .* gave {what}; it must return one number per completion \(2\)"):
+        FunctionReward(f"{file}:f").score(["p", "q"], ["a", "b"])
+
+
+def test_online_runs_score_each_sample_with_its_own_rows_columns(tmp_path, tiny_model_dir, monkeypatch):
+    """The function says 1.0 when the `answer` it got is the answer of the prompt it got: every sample, of every objective that samples
+    (A*-PO's samples before training too), scores 1.0 only if the columns travel with their prompts."""
+    data = write(tmp_path / "qa.jsonl", "".join(json.dumps(row) + "\n" for row in QA))
+    answers = {json.dumps(row.get("prompt") or row.get("question")): row["answer"] for row in QA}
+    seen = tmp_path / "seen.jsonl"
+    write(tmp_path / "rewards.py", f"import json\nANSWERS = {answers!r}\n\n"
+                                   "def matching(prompts, completions, answer):\n"
+                                   f"    with open({str(seen)!r}, 'a') as f:\n"
+                                   "        f.write(json.dumps(len(completions)) + '\\n')\n"
+                                   "    return [float(ANSWERS[json.dumps(p)] == a) for p, a in zip(prompts, answer)]\n")
+    monkeypatch.chdir(tmp_path)  # the reward is given by a relative path, recorded absolute for a resume from elsewhere
+    for objective in ("grpo", "a2po"):
+        out = tmp_path / objective
+        result = CliRunner().invoke(cli, ["run", "--objective", objective, "--reward", "rewards.py:matching", "--dataset", data,
+                                          "--model", tiny_model_dir, "-k", "2", "--batch-size", "3", "--steps", "1", "--max-new-tokens", "4",
+                                          "--device", "cpu", "--log-completions", "--no-progress", "--output-dir", str(out)]
+                                    + (["-o", "num_value_samples=2"] if objective == "a2po" else []))
+        assert result.exit_code == 0, result.output
+        assert {row["reward"] for row in map(json.loads, open(out / "completions.jsonl"))} == {1.0}
+        assert json.load(open(out / "run.json"))["config"]["reward"] == f"{tmp_path}/rewards.py:matching"
+    assert [int(line) for line in open(seen)] == [6, 6, 6]  # grpo's step; a2po's 3 prompts x 2 before training, then its step
+
+
+def test_rows_without_the_column_are_refused_before_the_model_loads(tmp_path, tiny_model_dir):
+    reward = write(tmp_path / "rewards.py", "def exact(completions, answer):\n    return [float(c == a) for c, a in zip(completions, answer)]\n")
+    data = write(tmp_path / "qa.jsonl", json.dumps(QA[0]) + "\n" + json.dumps({"prompt": "Name a tool."}) + "\n")
+    flags = ["run", "--objective", "grpo", "--model", tiny_model_dir, "--steps", "1", "--output-dir", str(tmp_path / "run")]
+    cases = [(["--reward", f"{reward}:exact", "--dataset", data], f"record 2 of --dataset {data} has no 'answer'"),
+             (["--reward", f"{reward}:exact"], f"the reward {reward}:exact has no default prompts: pass --dataset with prompts"),
+             (["--reward", f"{reward}:exact", "--reward", "repetition", "--dataset", data], "has no 'answer'")]  # a part of several
+    for extra, message in cases:
+        result = CliRunner().invoke(cli, [*flags, *extra])
+        assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output, result.output
+    evaluated = CliRunner().invoke(cli, ["eval", "--reward", f"{reward}:exact", "--model", tiny_model_dir])
+    assert evaluated.exit_code == 2 and "which --prompt texts do not have" in evaluated.output
+
+
+def test_a_reward_with_columns_and_default_prompts_still_needs_a_dataset():
+    from pref.examples import PromptExample
+    from pref.online import require_columns
+
+    reward = SimpleNamespace(columns=("answer", "tests"))
+    with pytest.raises(PrefError, match=r"^the reward r reads the column 'answer', 'tests' of each prompt's row: pass --dataset with such rows$"):
+        require_columns(reward, "r", [], None)
+    require_columns(reward, "r", [PromptExample("p", {"answer": 1, "tests": []})], "qa.jsonl")
+    with pytest.raises(PrefError, match=r"record 2 of --dataset qa.jsonl has no 'tests'"):
+        require_columns(reward, "r", [PromptExample("p", {"answer": 1, "tests": []}), PromptExample("q", {"answer": 2})], "qa.jsonl")
+
+
+def test_several_rewards_give_each_part_its_own_columns(tmp_path):
+    file = write(tmp_path / "rewards.py", "def exact(completions, answer):\n    return [float(c == a) for c, a in zip(completions, answer)]\n")
+    reward = load_registry().create("reward", "weighted", {"rewards": {f"{file}:exact": 2.0, "repetition": 1.0}})
+    assert reward.columns == ("answer",)
+    scores = reward.score(["p", "q"], ["4", "the the the"], answer=["4", "4"])
+    assert scores[f"{file}:exact/reward"].tolist() == [1.0, 0.0]
+    assert torch.allclose(scores["reward"], 2 * scores[f"{file}:exact/reward"] + scores["repetition/reward"])
+
+
+def test_the_readme_example_scores_gsm8k_rows(tmp_path):
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    source = readme.split("```python\n# rewards.py\n", 1)[1].split("```", 1)[0]
+    file = write(tmp_path / "rewards.py", source)
+    reward = FunctionReward(f"{file}:accuracy")
+    assert reward.columns == ("answer",)
+    answer = "Natalia sold 48/2 = 24 clips in May.\n#### 72"
+    assert reward.score(["q", "q"], ["She sold 72 clips.", "She sold 48."], answer=[answer, answer])["reward"].tolist() == [1.0, 0.0]
