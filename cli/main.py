@@ -375,28 +375,41 @@ def generate(model, prompts, samples, max_new_tokens, temperature, seed, loading
             click.echo(answer)
 
 
-def report_and_answers(model: str | None, reward_name: str, reward_options: dict, prompts: list[str], samples: int, max_new_tokens: int,
-                       temperature: float, seed: int, loading: Loading = Loading()) -> tuple[dict[str, float], list[str]]:
-    """The reward's report on a model's sampled answers, and those answers."""
+def report_and_answers(model: str | None, reward_name: str, reward_options: dict, prompts: list[str], samples: int | None, max_new_tokens: int,
+                       temperature: float, seed: int, loading: Loading = Loading(), dataset: str | None = None) -> tuple[dict[str, float], list[str]]:
+    """The reward's report on a model's sampled answers, and those answers. `dataset`: its rows' prompts (the `prompts` builder's
+    records, whose columns a reward may read) instead of `prompts`; `samples` None: one answer per row, else 200 in all."""
     from pref.reporting.evaluate import evaluate_with_answers
     from pref.interfaces import SamplingConfig
+    from pref.online import require_columns
 
-    reward = load_registry().create("reward", reward_name, reward_options)
-    if reward.columns:
+    registry = load_registry()
+    reward = registry.create("reward", reward_name, reward_options)
+    if dataset and prompts:
+        raise PrefError("--prompt and --dataset both give the prompts to answer: pass one of them")
+    records = registry.create("dataset", "prompts", {"path": dataset}).build() if dataset else prompts or list(reward.default_prompts)
+    if reward.columns and not dataset:
         raise PrefError(f"the reward {reward_name} reads the column{'s' * (len(reward.columns) > 1)} {', '.join(reward.columns)} of each "
-                        "prompt's row, which --prompt texts do not have; score it in a run (pref run --log-completions)")
-    prompts = prompts or list(reward.default_prompts)
-    if not prompts:
-        raise PrefError(f"reward {reward_name!r} has no default prompts: pass --prompt")
+                        "prompt's row, which --prompt texts do not have: pass --dataset with such rows")
+    if reward.columns:
+        require_columns(reward, reward_name, records, dataset)
+    if not records:
+        raise PrefError(f"reward {reward_name!r} has no default prompts: pass --prompt or --dataset")
     policy = load_policy(model, loading)
-    return evaluate_with_answers(policy, reward, prompts, samples, SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature), seed)
+    samples = samples or (len(records) if dataset else DEFAULT_EVAL_SAMPLES)
+    return evaluate_with_answers(policy, reward, records, samples, SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature), seed)
+
+
+DEFAULT_EVAL_SAMPLES = 200  # `pref eval`'s answers in all, given prompts
 
 
 eval_options = [
     click.option("--reward", required=True, help="Reward plugin whose report to compute, e.g. noun-diversity."),
     click.option("--reward-option", multiple=True, help="Reward option KEY=VALUE; repeatable."),
     click.option("--prompt", "prompts", multiple=True, help="Prompt text; repeatable (default: the reward's own prompts)."),
-    click.option("--samples", default=200, show_default=True, type=click.IntRange(min=1), help="Answers sampled in all."),
+    click.option("--dataset", help="Answer the prompts of this file's rows instead (as `pref run --dataset` reads them for online "
+                 "objectives: a reward reads the columns of each row it names)."),
+    click.option("--samples", type=click.IntRange(min=1), help="Answers sampled in all (default: 200, or one per --dataset row)."),
     click.option("--max-new-tokens", default=8, show_default=True, type=click.IntRange(min=1)),
     click.option("--temperature", default=1.0, show_default=True, type=click.FloatRange(min=0)),
     click.option("--seed", default=0, show_default=True),
@@ -414,10 +427,10 @@ def with_eval_options(func: Any) -> Any:
 @click.option("--model", help="Hub id or local path (default: the embedded default model).")
 @with_eval_options
 @with_device_options
-def eval_command(model, reward, reward_option, prompts, samples, max_new_tokens, temperature, seed, as_json, loading) -> None:
+def eval_command(model, reward, reward_option, prompts, dataset, samples, max_new_tokens, temperature, seed, as_json, loading) -> None:
     """Sample a model and report quality and diversity under a reward."""
     report, _ = report_and_answers(model, reward, parse_options(reward_option, "--reward-option"), list(prompts), samples, max_new_tokens,
-                                   temperature, seed, loading)
+                                   temperature, seed, loading, dataset)
     if as_json:
         click.echo(json.dumps(report, indent=2))
         return
@@ -460,14 +473,16 @@ def drawn_by_compare(path: str) -> bool:
 @click.option("--reward", help="Compare reports under this reward instead of printing answers.")
 @click.option("--reward-option", multiple=True, help="Reward option KEY=VALUE; repeatable.")
 @click.option("--prompt", "prompts", multiple=True, help="Prompt text; repeatable.")
-@click.option("-n", "--samples", type=click.IntRange(min=1), help="Answers per prompt (default 1), or in all with --reward (default 200).")
+@click.option("--dataset", help="With --reward: answer the prompts of this file's rows instead, as `pref eval --dataset`.")
+@click.option("-n", "--samples", type=click.IntRange(min=1), help="Answers per prompt (default 1), or in all with --reward (default 200, "
+              "or one per --dataset row).")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), help="Default 64, or 8 with --reward.")
 @click.option("--temperature", type=click.FloatRange(min=0), help="Default 0 (greedy), or 1 with --reward.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output (with --reward).")
 @click.option("--figure", help="With --reward: also draw the most frequent answers before and after as bars into this PNG file.")
 @with_device_options
-def compare(before, after, reward, reward_option, prompts, samples, max_new_tokens, temperature, seed, as_json, figure, loading) -> None:
+def compare(before, after, reward, reward_option, prompts, dataset, samples, max_new_tokens, temperature, seed, as_json, figure, loading) -> None:
     """Two models side by side: their answers, or their reports under a reward."""
     from rich.console import Console
     from rich.table import Table
@@ -476,6 +491,8 @@ def compare(before, after, reward, reward_option, prompts, samples, max_new_toke
         raise PrefError("--figure draws the answers sampled for --reward NAME: pass --reward too")
     if as_json and not reward:
         raise PrefError("--json prints the reports under --reward NAME: pass --reward too")
+    if dataset and not reward:
+        raise PrefError("--dataset gives the prompts whose answers --reward NAME scores: pass --reward too, or --prompt TEXT to see answers")
     if figure and not figure.lower().endswith(".png"):
         raise PrefError(f"--figure {figure}: the figure is a PNG file; give a name ending in .png")
     if figure and os.path.lexists(figure) and not drawn_by_compare(figure):
@@ -488,8 +505,8 @@ def compare(before, after, reward, reward_option, prompts, samples, max_new_toke
     for model in (before, after):  # a wrong --after fails before --before is sampled
         load_tokenizer(model)
     if reward:
-        args = (reward, parse_options(reward_option, "--reward-option"), list(prompts), samples or 200, max_new_tokens or 8,
-                1.0 if temperature is None else temperature, seed, loading)
+        args = (reward, parse_options(reward_option, "--reward-option"), list(prompts), samples, max_new_tokens or 8,
+                1.0 if temperature is None else temperature, seed, loading, dataset)
         (first, first_answers), (second, second_answers) = report_and_answers(before, *args), report_and_answers(after, *args)
         if figure:
             from pref.reporting.figures import answers_figure

@@ -119,14 +119,14 @@ class RewardSource(ABC):
     def score(self, prompts: list[Prompt], completions: list[str]) -> dict[str, torch.Tensor]:
         """Return a dict of name -> float tensor [B]; it must contain `reward`. A reward with `columns` takes them too."""
 
-    def report(self, prompts: list[Prompt], completions: list[str]) -> dict[str, float]:
-        """Evaluation figures over a set of samples (`pref eval`): mean scores and diversity.
+    def report(self, prompts: list[Prompt], completions: list[str], **columns: list[Any]) -> dict[str, float]:
+        """Evaluation figures over a set of samples (`pref eval`): mean scores and diversity; `columns` as for `score`.
 
         Rewards may extend it with figures of their own.
         """
         from pref.reporting.diversity import distinct_ratio, entropy_bits
 
-        scores = self.score(prompts, completions)
+        scores = self.score(prompts, completions, **columns)
         figures: dict[str, float] = {"samples": float(len(completions))}
         figures.update({f"{name}/mean": values.float().mean().item() for name, values in scores.items()})
         figures["distinct_ratio"] = distinct_ratio(completions)

@@ -149,12 +149,13 @@ class OnlineBatches:
         (self.steps or self.order).load_state(state)
 
 
-def starting_pool(policy: Policy, records: list[Any], reward: RewardSource, k: int, sampling: SamplingConfig, batch_size: int,
-                  processes: Processes, sampling_together: bool = False) -> CandidatePool:
-    """`k` samples of the prompt of every one of `records` from the policy as it is, scored: the same whole pool on every process.
+def sample_pool(policy: Policy, records: list[Any], reward: RewardSource, k: int, sampling: SamplingConfig, batch_size: int,
+                processes: Processes, sampling_together: bool = False, what: str = "samples of each prompt") -> CandidatePool:
+    """`k` samples of the prompt of every one of `records` from the policy as it is, scored: the same whole pool on every process
+    (an objective's starting samples, an evaluation's).
 
-    Each process samples its share (every `world`-th prompt), `batch_size` prompts at a time, with a progress bar;
-    `sampling_together`: sampling is a collective (a sharded model), so every process samples as many times.
+    Each process samples its share (every `world`-th prompt), `batch_size` prompts at a time, with a progress bar saying
+    `what`; `sampling_together`: sampling is a collective (a sharded model), so every process samples as many times.
     """
     from pref.reference import precompute_progress
 
@@ -164,7 +165,7 @@ def starting_pool(policy: Policy, records: list[Any], reward: RewardSource, k: i
     if sampling_together:  # a process with a shorter share samples the first prompt again, and drops it
         rounds += [[]] * (math.ceil(math.ceil(len(prompts) / processes.world) / batch_size) - len(rounds))
     rows: list[tuple[int, list[str], dict[str, list[float]]]] = []
-    with precompute_progress(len(mine), f"{k} samples of each prompt (once, before training)") as advance:
+    with precompute_progress(len(mine), what) as advance:
         for indices in rounds:
             samples = policy.sample([prompts[i] for i in indices or [0]], k, sampling)
             if not indices:

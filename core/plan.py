@@ -42,7 +42,7 @@ PROGRESS = "progress"
 LENGTH_BUCKETS = "length-buckets"
 
 #: The evaluators on with held-out records and with --test-prompt (`plugins/evaluators.py`).
-VALIDATION_LOSS, TEST_PROMPTS = "validation-loss", "test-prompts"
+VALIDATION_LOSS, TEST_PROMPTS, HELD_OUT_REWARD = "validation-loss", "test-prompts", "reward"
 
 DATA_FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".txt")
 
@@ -148,12 +148,14 @@ def resolve_plan(config: RunConfig, registry: Registry, processes: Processes | N
     max_new_tokens = config.max_new_tokens or (reward.max_new_tokens if reward is not None else None) or DEFAULT_MAX_NEW_TOKENS
     sampling = SamplingConfig(max_new_tokens, *(setting(config, key) for key in ("temperature", "top_p", "top_k"))) if draws_answers(config, needs) else None
     evaluators = {VALIDATION_LOSS: {}} if config.validation_split or config.validation_dataset else {}
+    if evaluators and reward is not None:  # online: the run's reward on answers to the held-out prompts too
+        evaluators[HELD_OUT_REWARD] = {}
     if config.test_prompts:
         evaluators[TEST_PROMPTS] = {"prompts": list(config.test_prompts)}
     if config.evaluator:
         evaluators[config.evaluator] = {**evaluators.get(config.evaluator, {}), **config.evaluator_options}
     context = {"objective": objective, "processes": processes, "output_dir": output_dir, "batch_size": config.batch_size,
-               "sampling": sampling, "start_step": start_step}
+               "sampling": sampling, "start_step": start_step, "run_reward": reward}
     return RunPlan(
         objective=objective,
         needs=needs,

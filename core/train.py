@@ -129,10 +129,11 @@ def start_objective(name: str, plan: RunPlan, policy: HFPolicy, items: list[Any]
                     sampling_together: bool) -> list[int]:
     """With `needs.starting_samples`: hand objective `name` the starting policy's samples of each training item's prompt (records,
     or the reward's default prompts), scored (`Objective.start`); returns the indices of the items it leaves out."""
-    from pref.online import starting_pool
+    from pref.online import sample_pool
 
-    pool = starting_pool(policy, items, plan.reward, plan.needs.starting_samples, plan.sampling, batch_size,
-                         processes, sampling_together)
+    k = plan.needs.starting_samples
+    pool = sample_pool(policy, items, plan.reward, k, plan.sampling, batch_size, processes, sampling_together,
+                       f"{k} samples of each prompt (once, before training)")
     kept = plan.objective.start(pool)
     if kept is None:
         return []

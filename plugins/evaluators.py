@@ -1,4 +1,4 @@
-"""pref's evaluators: the validation loss on held-out records, and answers to test prompts.
+"""pref's evaluators: the validation loss on held-out records, answers to test prompts, and the reward on held-out prompts.
 
 - `validation-loss`, on whenever the run holds records out (`--validation-split`,
   `--validation-dataset`), logged as `validation/loss` (the loop keeps the model with
@@ -11,6 +11,8 @@
 - `test-prompts`, on with `--test-prompt`: each prompt answered greedily (no random
   numbers are drawn, so a resumed run stays identical), appended to `generations.jsonl`
   as `{"step", "prompt", "text"}` lines (a resumed run first drops the lines of the steps it trains again).
+- `reward`, on for online objectives that hold records out: the run's reward on answers sampled for
+  the held-out prompts, `eval/reward` (TRL's GRPO and RLOO evaluate so).
 """
 
 from __future__ import annotations
@@ -22,11 +24,12 @@ from typing import Any
 
 import torch
 
-from pref import Evaluator, Objective, Policy, Processes, Prompt, Reference, SamplingConfig, hookimpl
+from pref import Evaluator, Objective, Policy, Processes, Prompt, Reference, RewardSource, SamplingConfig, hookimpl
 from pref.data import collate
 from pref.errors import PrefError
 from pref.plugins.loggers import keep_steps_up_to
 from pref.examples import LabeledExample, PreferenceExample, PromptExample, TextExample
+from pref.online import sample_pool
 from pref.policy import unwrap
 from pref.reference import FrozenReference
 
@@ -119,7 +122,32 @@ class TestPrompts(Evaluator):
         return {}
 
 
+class HeldOutReward(Evaluator):
+    """The run's reward on the policy's answers to the held-out prompts (online, with held-out records): eval/reward.
+
+    Each held-out record's prompt is answered `samples` times as the run samples (its temperature, top-p, ...; TRL's GRPO
+    and RLOO evaluate so), every process answering its share; the reward scores each answer, given the columns of the
+    record's row it reads. Logs `eval/reward` and the mean of each other score (`eval/quality`, ...), over every answer.
+    """
+
+    def __init__(self, run_reward: RewardSource | None, sampling: SamplingConfig | None, processes: Processes, batch_size: int = 8,
+                 samples: int = 1):
+        if run_reward is None or sampling is None:
+            raise PrefError("the evaluator reward scores answers with the run's reward, which only an online run has; drop --evaluator reward")
+        if not isinstance(samples, int) or isinstance(samples, bool) or samples < 1:
+            raise PrefError(f"the evaluator reward: samples (answers per held-out prompt) must be a whole number of at least 1, got {samples!r}")
+        self.reward, self.sampling, self.processes, self.batch_size, self.samples = run_reward, sampling, processes, batch_size, samples
+
+    def evaluate(self, step: int, policy: Policy, reference: Reference | None, records: list[Any]) -> dict[str, float]:
+        if not records:
+            return {}
+        pool = sample_pool(policy, records, self.reward, self.samples, self.sampling, self.batch_size, self.processes,
+                           sampling_together=self.processes.world > 1, what="answers to the held-out prompts")
+        return {f"eval/{name}": values.float().mean().item() for name, values in pool.scores.items()}
+
+
 @hookimpl
 def register_evaluators(register):
     register("validation-loss", ValidationLoss)
     register("test-prompts", TestPrompts)
+    register("reward", HeldOutReward)

@@ -3,32 +3,36 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
-from pref.examples import Prompt
+from pref.examples import columns_of, prompt_of
 from pref.interfaces import Policy, RewardSource, SamplingConfig
 
 
-def sample_answers(policy: Policy, prompts: list[Prompt], samples: int, sampling: SamplingConfig) -> tuple[list[Prompt], list[str]]:
-    """`samples` answers spread evenly over `prompts`, from one batched generate call."""
+def sample_answers(policy: Policy, prompts: list[Any], samples: int, sampling: SamplingConfig) -> tuple[list[Any], list[str]]:
+    """`samples` answers spread evenly over `prompts` (or records with a prompt), from one batched generate call: the prompt
+    (or record) of each answer, and the answers."""
     k = math.ceil(samples / len(prompts))
-    answers = policy.generate(prompts, k, sampling)
+    answers = policy.generate([prompt_of(p) for p in prompts], k, sampling)
     flat = [(p, a) for p, row in zip(prompts, answers) for a in row]
     # interleave so that truncating to `samples` keeps every prompt represented
     order = sorted(range(len(flat)), key=lambda i: (i % k, i // k))[:samples]
     return [flat[i][0] for i in order], [flat[i][1] for i in order]
 
 
-def evaluate(policy: Policy, reward: RewardSource, prompts: list[Prompt], samples: int = 200, sampling: SamplingConfig | None = None, seed: int = 0) -> dict[str, float]:
+def evaluate(policy: Policy, reward: RewardSource, prompts: list[Any], samples: int = 200, sampling: SamplingConfig | None = None, seed: int = 0) -> dict[str, float]:
     """The reward's report over `samples` answers of the policy, seeded."""
     return evaluate_with_answers(policy, reward, prompts, samples, sampling, seed)[0]
 
 
-def evaluate_with_answers(policy: Policy, reward: RewardSource, prompts: list[Prompt], samples: int = 200, sampling: SamplingConfig | None = None,
+def evaluate_with_answers(policy: Policy, reward: RewardSource, prompts: list[Any], samples: int = 200, sampling: SamplingConfig | None = None,
                           seed: int = 0) -> tuple[dict[str, float], list[str]]:
-    """`evaluate`'s report, and the `samples` answers it was computed from."""
+    """`evaluate`'s report, and the `samples` answers it was computed from. `prompts` may be records (a dataset's): a reward that
+    reads columns of their rows gets them."""
     torch.manual_seed(seed)
     sampling = sampling or SamplingConfig(max_new_tokens=8, temperature=1.0)
-    used_prompts, answers = sample_answers(policy, prompts, samples, sampling)
-    return reward.report(used_prompts, answers), answers
+    used, answers = sample_answers(policy, prompts, samples, sampling)
+    columns = {name: [columns_of(record)[name] for record in used] for name in reward.columns}
+    return reward.report([prompt_of(record) for record in used], answers, **columns), answers

@@ -90,7 +90,7 @@ def test_rows_without_the_column_are_refused_before_the_model_loads(tmp_path, ti
         result = CliRunner().invoke(cli, [*flags, *extra])
         assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output, result.output
     evaluated = CliRunner().invoke(cli, ["eval", "--reward", f"{reward}:exact", "--model", tiny_model_dir])
-    assert evaluated.exit_code == 2 and "which --prompt texts do not have" in evaluated.output
+    assert evaluated.exit_code == 2 and "which --prompt texts do not have: pass --dataset with such rows" in evaluated.output
 
 
 def test_a_reward_with_columns_and_default_prompts_still_needs_a_dataset():
@@ -122,3 +122,24 @@ def test_the_readme_example_scores_gsm8k_rows(tmp_path):
     assert reward.columns == ("answer",)
     answer = "Natalia sold 48/2 = 24 clips in May.\n#### 72"
     assert reward.score(["q", "q"], ["She sold 72 clips.", "She sold 48."], answer=[answer, answer])["reward"].tolist() == [1.0, 0.0]
+
+
+def test_eval_and_compare_answer_a_datasets_prompts_and_give_the_reward_their_columns(tmp_path, tiny_model_dir):
+    data = write(tmp_path / "qa.jsonl", "".join(json.dumps(row) + "\n" for row in QA))
+    answers = {json.dumps(row.get("prompt") or row.get("question")): row["answer"] for row in QA}
+    reward = write(tmp_path / "rewards.py", f"import json\nANSWERS = {answers!r}\n\n"
+                                            "def matching(prompts, completions, answer):\n"
+                                            "    return [float(ANSWERS[json.dumps(p)] == a) for p, a in zip(prompts, answer)]\n")
+    flags = ["--reward", f"{reward}:matching", "--dataset", data, "--max-new-tokens", "3", "--device", "cpu", "--json"]
+    result = CliRunner().invoke(cli, ["eval", "--model", tiny_model_dir, *flags])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output) | {"distinct_ratio": 0, "entropy_bits": 0} == {"samples": 3.0, "reward/mean": 1.0, "distinct_ratio": 0,
+                                                                                    "entropy_bits": 0}  # one answer per row
+    result = CliRunner().invoke(cli, ["compare", "--before", tiny_model_dir, "--after", tiny_model_dir, "-n", "7", *flags])
+    assert result.exit_code == 0, result.output
+    reports = json.loads(result.output)
+    assert [(reports[side]["samples"], reports[side]["reward/mean"]) for side in ("before", "after")] == [(7.0, 1.0), (7.0, 1.0)]
+    both = CliRunner().invoke(cli, ["eval", "--model", tiny_model_dir, *flags, "--prompt", "Hi."])
+    assert both.exit_code == 2 and "--prompt and --dataset both give the prompts to answer: pass one of them" in both.output
+    answers_only = CliRunner().invoke(cli, ["compare", "--before", "a", "--after", "b", "--dataset", data])
+    assert answers_only.exit_code == 2 and "--dataset gives the prompts whose answers --reward NAME scores" in answers_only.output

@@ -88,6 +88,55 @@ def test_the_plan_turns_on_the_evaluators_the_run_asks_for(tmp_path, prefs_file)
         evaluators(evaluator_options={"x": 1})
 
 
+def test_an_online_run_holding_prompts_out_scores_them_with_its_reward(tmp_path, prefs_file):
+    def evaluators(**flags):
+        config = build_config(flags={"objective": "grpo", "reward": "repetition", "dataset": [prefs_file], "output_dir": str(tmp_path / "run"),
+                                     **flags})
+        return resolve_plan(config, load_registry()).evaluators
+
+    assert [type(e).__name__ for e in evaluators(validation_split=0.3)] == ["ValidationLoss", "HeldOutReward"]
+    _, reward = evaluators(validation_split=0.3, evaluator="reward", evaluator_options={"samples": 3})
+    assert reward.samples == 3 and reward.sampling.temperature == 1.0
+    with pytest.raises(PrefError, match="the evaluator reward scores answers with the run's reward, which only an online run has"):
+        resolve_plan(build_config(flags={"objective": "dpo", "dataset": [prefs_file], "evaluator": "reward", "output_dir": str(tmp_path)}),
+                     load_registry())
+
+
+class Answers:
+    """A policy whose answers are "a", "bb", "ccc", ... in the order asked, whatever the prompt."""
+
+    def __init__(self):
+        self.asked = []
+
+    def sample(self, prompts, k, sampling):
+        from pref.interfaces import Samples
+
+        start = sum(len(p) * n for p, n in self.asked)
+        self.asked.append((list(prompts), k))
+        return Samples([[chr(97 + i) * (i + 1) for i in range(start + j * k, start + (j + 1) * k)] for j in range(len(prompts))], None)
+
+
+class LengthAndAnswer(RewardSource):
+    columns = ("answer",)
+
+    def score(self, prompts, completions, answer):
+        return {"reward": torch.tensor([float(len(c)) for c in completions]), "answered": torch.tensor([float(a == "x") for a in answer])}
+
+
+def test_the_held_out_reward_by_hand():
+    from pref.examples import PromptExample
+    from pref.interfaces import SamplingConfig
+    from pref.plugins.evaluators import HeldOutReward
+
+    # 3 held-out prompts, 2 answers each, 2 prompts at a time: answers of lengths 1..6, mean 3.5; one row of three has answer "x"
+    records = [PromptExample("p", {"answer": "x"}), PromptExample("q", {"answer": "y"}), PromptExample("r", {"answer": "z"})]
+    policy = Answers()
+    figures = HeldOutReward(LengthAndAnswer(), SamplingConfig(), Processes(), batch_size=2, samples=2).evaluate(4, policy, None, records)
+    assert figures == {"eval/reward": pytest.approx(3.5), "eval/answered": pytest.approx(1 / 3)}
+    assert policy.asked == [(["p", "q"], 2), (["r"], 2)]
+    assert HeldOutReward(LengthAndAnswer(), SamplingConfig(), Processes()).evaluate(4, policy, None, []) == {}
+
+
 def metrics(out):
     return [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
 
@@ -157,6 +206,7 @@ def test_online_run_logs_the_policys_nll_on_a_validation_dataset(tmp_path, tiny_
     records = load_registry().create("dataset", "text", {"path": str(held)}).build()
     assert last["validation/loss"] == pytest.approx(text_nll(final.model, final, records).mean().item(), abs=1e-4)
     assert json.load(open(os.path.join(out, BEST_FILE)))["measure"] == "per-token nll"
+    assert last["eval/reward"] >= 0  # the run's reward, on the held-out prompts (`test_the_held_out_reward_by_hand`)
 
 
 class Calls(Evaluator):
