@@ -140,6 +140,7 @@ def load_registry() -> Any:
 @click.option("--temperature", type=float, help="Sampling temperature (0: greedy).")
 @click.option("--top-p", type=float, help="Nucleus sampling: keep the smallest token set of this probability.")
 @click.option("--top-k", type=int, help="Sample among the K likeliest tokens (0: all).")
+@click.option("--min-p", type=float, help="Sample among tokens at least this share of the likeliest one's probability (0: off; TRL's min_p).")
 @click.option("--bucket-window", type=int, help="Offline batches of similar-length rows, sorted within windows of N batches (the sampler length-buckets; 0: plain shuffle).")
 @click.option("--packing/--no-packing", default=None, help="Pack a forward's rows back to back without padding where the model allows it (default: on).")
 @click.option("--warmup-steps", type=int, help="Linear learning-rate warmup steps.")

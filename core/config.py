@@ -70,6 +70,7 @@ class RunConfig:
     temperature: float | None = None
     top_p: float | None = None
     top_k: int | None = None
+    min_p: float | None = None  # None: 0.0, off (pref.plan.PLAN_DEFAULTS)
 
     log_every: int = 1
     log_completions: bool = False  # online: the samples each logged step drew (prompts, completions, scores) to the loggers: completions.jsonl
@@ -262,6 +263,8 @@ def validate(config: RunConfig) -> None:
         raise PrefError(f"temperature must be zero (greedy) or positive, not {config.temperature!r}")
     if config.top_p is not None and not 0 < config.top_p <= 1:
         raise PrefError(f"top_p must be above 0 and at most 1, not {config.top_p!r}")
+    if config.min_p is not None and not 0 <= config.min_p < 1:
+        raise PrefError(f"min_p must be at least 0 (off) and below 1, not {config.min_p!r}")
     if config.attn_implementation is not None and not (isinstance(config.attn_implementation, str) and config.attn_implementation):
         raise PrefError(f"attn_implementation must name one of transformers' attention implementations (sdpa, eager, flash_attention_2, ...), "
                         f"not {config.attn_implementation!r}")

@@ -27,6 +27,7 @@ class SamplingConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
+    min_p: float = 0.0  # keep tokens at least this share of the likeliest one's probability (0: off)
 
 
 @dataclass

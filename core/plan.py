@@ -146,7 +146,7 @@ def resolve_plan(config: RunConfig, registry: Registry, processes: Processes | N
 
     # the reward knows how long its answers are; offline, only evaluators' answers are sampled
     max_new_tokens = config.max_new_tokens or (reward.max_new_tokens if reward is not None else None) or DEFAULT_MAX_NEW_TOKENS
-    sampling = SamplingConfig(max_new_tokens, *(setting(config, key) for key in ("temperature", "top_p", "top_k"))) if draws_answers(config, needs) else None
+    sampling = SamplingConfig(max_new_tokens, *(setting(config, key) for key in ("temperature", "top_p", "top_k", "min_p"))) if draws_answers(config, needs) else None
     evaluators = {VALIDATION_LOSS: {}} if config.validation_split or config.validation_dataset else {}
     if evaluators and reward is not None:  # online: the run's reward on answers to the held-out prompts too
         evaluators[HELD_OUT_REWARD] = {}
@@ -205,7 +205,8 @@ def refusals(config: RunConfig, needs: ObjectiveNeeds, adapter: Adapter | None) 
                                 ("--selector", "selector", needs.uses_selector), ("--embedder", "embedder", needs.uses_selector),
                                 ("--samples-per-prompt", "samples_per_prompt", needs.online), ("--max-new-tokens", "max_new_tokens", answers_drawn),
                                 ("--temperature", "temperature", answers_sampled), ("--top-p", "top_p", answers_sampled),
-                                ("--top-k", "top_k", answers_sampled), ("--sample-sharded", "sample_sharded", answers_drawn),
+                                ("--top-k", "top_k", answers_sampled), ("--min-p", "min_p", answers_sampled),
+                                ("--sample-sharded", "sample_sharded", answers_drawn),
                                 ("--bucket-window", "bucket_window", not (needs.online or config.curriculum or config.sampler))]:
         if (was_given(config, setting) if setting in PLAN_DEFAULTS else getattr(config, setting)) and not used:
             if needs.own_reward and setting.startswith("reward"):
@@ -255,10 +256,10 @@ def as_recorded(value: Any) -> Any:
 
 
 #: The flags of sampling, refused by a run that samples nothing (an offline one without evaluators).
-SAMPLING_FLAGS = ("--samples-per-prompt", "--max-new-tokens", "--temperature", "--top-p", "--top-k", "--sample-sharded")
+SAMPLING_FLAGS = ("--samples-per-prompt", "--max-new-tokens", "--temperature", "--top-p", "--top-k", "--min-p", "--sample-sharded")
 #: What the plan makes of these settings left at None (bucket_window offline; max_new_tokens where the reward has no length of
 #: its own). run.json recorded these values until the settings defaulted to None: a resume of such a run carries them unasked.
-PLAN_DEFAULTS = {"max_new_tokens": DEFAULT_MAX_NEW_TOKENS, "temperature": 1.0, "top_p": 1.0, "top_k": 0, "bucket_window": 50}
+PLAN_DEFAULTS = {"max_new_tokens": DEFAULT_MAX_NEW_TOKENS, "temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0, "bucket_window": 50}
 
 
 def draws_answers(config: RunConfig, needs: ObjectiveNeeds) -> bool:

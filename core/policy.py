@@ -131,7 +131,7 @@ class HFPolicy(Policy):
                 pad_token_id=self.tokenizer.pad_token_id,
                 eos_token_id=stops,
                 use_cache=True,
-                **(SAMPLED_AS_THE_POLICY if do_sample else AS_THE_POLICY),
+                **(SAMPLED_AS_THE_POLICY | ({"min_p": sampling.min_p} if sampling.min_p else {}) if do_sample else AS_THE_POLICY),
                 synced_gpus=is_sharded(model),  # sharded, every process steps until all have ended: no gather is left waiting
             )
         model.train(was_training)

@@ -67,6 +67,7 @@ def test_an_offline_objective_without_data_fails_before_the_model_loads(prefs_fi
     ("dpo", {"samples_per_prompt": 4}, "objective 'dpo' trains on a dataset and samples nothing: drop --samples-per-prompt"),
     ("dpo", {"temperature": 0.7}, "objective 'dpo' trains on a dataset and samples nothing: drop --temperature"),
     ("dpo", {"top_k": 5}, "objective 'dpo' trains on a dataset and samples nothing: drop --top-k"),
+    ("dpo", {"min_p": 0.1}, "objective 'dpo' trains on a dataset and samples nothing: drop --min-p"),
     ("dpo", {"max_new_tokens": 16}, "objective 'dpo' trains on a dataset and samples nothing: drop --max-new-tokens"),
     ("dpo", {"top_p": 0.9, "test_prompts": ["Hi."]}, "objective 'dpo' trains on a dataset and answers --test-prompt greedily: drop --top-p"),
     ("grpo", {"bucket_window": 10}, "objective 'grpo' learns from every sample it draws and batches no dataset rows by length: drop --bucket-window"),
@@ -123,8 +124,8 @@ def test_sampling_and_bucketing_settings_are_taken_where_used_and_a_resume_may_c
     registry, dpo = load_registry(), {"objective": "dpo", "dataset": [prefs_file]}
     plan = resolve_plan(build_config(flags={**dpo, "test_prompts": ["Hi."], "max_new_tokens": 16, "bucket_window": 7}), registry)
     assert plan.sampling == SamplingConfig(16, 1.0, 1.0, 0) and plan.sampler.window == 7
-    plan = resolve_plan(build_config(flags={"objective": "divpo", "temperature": 0.7, "top_p": 0.9, "top_k": 5}), registry)
-    assert plan.sampling == SamplingConfig(plan.reward.max_new_tokens, 0.7, 0.9, 5)
+    plan = resolve_plan(build_config(flags={"objective": "divpo", "temperature": 0.7, "top_p": 0.9, "top_k": 5, "min_p": 0.05}), registry)
+    assert plan.sampling == SamplingConfig(plan.reward.max_new_tokens, 0.7, 0.9, 5, 0.05)
     # run.json recorded these defaults before they were None: a resume of such a run brings them back unasked
     assert resolve_plan(build_config(flags={**dpo, **PLAN_DEFAULTS, "resume": "runs/old"}), registry).sampling is None
     assert resolve_plan(build_config(flags={"objective": "divpo", **PLAN_DEFAULTS, "resume": "runs/old"}), registry).sampler is None

@@ -22,6 +22,7 @@ from trained_alike import assert_trained_alike  # tests/ is on sys.path
     (["--top-p", "0"], "top_p must be above 0"),
     (["--top-p", "1.5"], "top_p must be above 0"),
     (["--top-k", "-1"], "top_k must be"),
+    (["--min-p", "1"], "min_p must be at least 0 (off) and below 1, not 1.0"),
     (["--weight-decay", "-0.1"], "weight_decay must be zero or positive"),
     (["--warmup-steps", "-1"], "warmup_steps must be zero or positive"),
     (["--max-length", "0"], "max_length must be a positive"),

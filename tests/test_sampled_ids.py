@@ -125,6 +125,16 @@ def test_answers_come_from_the_policy_whatever_sampling_settings_its_generation_
         assert completion_ids(tuned.sample(PROMPTS, 2, sampling).sequences) == completion_ids(expected.sequences)
 
 
+def test_min_p_keeps_the_tokens_near_the_likeliest_one(tiny_model_dir):
+    """min_p 0.999 keeps only the likeliest token at each step (ties aside): every sample is the greedy answer; without it they differ."""
+    policy = HFPolicy.load(tiny_model_dir)
+    greedy = policy.generate(PROMPTS, 1, SamplingConfig(max_new_tokens=12, temperature=0.0))
+    torch.manual_seed(0)
+    assert policy.generate(PROMPTS, 4, SamplingConfig(max_new_tokens=12, temperature=1.0, min_p=0.999)) == [row * 4 for row in greedy]
+    torch.manual_seed(0)
+    assert policy.generate(PROMPTS, 4, SamplingConfig(max_new_tokens=12, temperature=1.0)) != [row * 4 for row in greedy]
+
+
 class Indexed(RewardSource):
     """Reward = position of the completion in the call: in each pool the last sample is best, the first worst."""
 
