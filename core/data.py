@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from pref.errors import ModelNotLoaded, PrefError
-from pref.examples import LabeledExample, PreferenceExample, TextExample
+from pref.examples import ConversationExample, LabeledExample, PreferenceExample, TextExample
 from pref.interfaces import LabeledBatch, Minibatch, PairBatch, Policy, Rollout
 from pref.sequences import Sequences
 
@@ -31,6 +31,8 @@ def collate(policy: Policy, examples: Sequence[Any]) -> Any:
         )
     if isinstance(first, TextExample):
         return policy.encode([e.prompt for e in examples], [e.text for e in examples])
+    if isinstance(first, ConversationExample):
+        return LabeledBatch(sequences=policy.encode_conversations([e.messages for e in examples]), labels=torch.ones(len(examples), dtype=torch.bool))
     raise TypeError(f"cannot batch records of type {type(first).__name__}")
 
 

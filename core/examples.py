@@ -40,6 +40,13 @@ class TextExample:
 
 
 @dataclass
+class ConversationExample:
+    """A conversation whose every assistant turn is an answer to learn, given the turns before it (SFT's `turns=all`)."""
+
+    messages: list[dict]
+
+
+@dataclass
 class PromptExample:
     """A prompt to sample answers to, with the other fields of its row (`columns`: a reference answer, tests, ...), which a
     reward that names them reads (`RewardSource.columns`)."""
@@ -48,10 +55,12 @@ class PromptExample:
     columns: dict[str, Any] = field(default_factory=dict)
 
 
-def prompt_of(record: "PreferenceExample | LabeledExample | TextExample | PromptExample | Prompt") -> Prompt:
+def prompt_of(record: "PreferenceExample | LabeledExample | TextExample | PromptExample | ConversationExample | Prompt") -> Prompt:
     """The prompt of a record; a bare prompt (text or messages) is its own."""
     if isinstance(record, (PreferenceExample, LabeledExample, TextExample, PromptExample)):
         return record.prompt
+    if isinstance(record, ConversationExample):  # the turns before its first answer
+        return record.messages[: next(i for i, m in enumerate(record.messages) if m["role"] == "assistant")]
     return record
 
 

@@ -73,6 +73,10 @@ class Policy(ABC):
     def encode(self, prompts: list[Prompt], completions: list[str]) -> Sequences:
         """Tokenize B prompt/completion pairs into right-padded `Sequences`."""
 
+    def encode_conversations(self, conversations: list[list[dict]]) -> Sequences:
+        """Tokenize B whole conversations into right-padded `Sequences` whose completion mask covers every assistant answer."""
+        raise PrefError(f"{type(self).__name__} cannot encode whole conversations (SFT's turns=all)")
+
     @abstractmethod
     def logps(self, sequences: Sequences, with_logits: bool = False, with_hidden: bool = False, with_entropy: bool = False) -> Logps:
         """Per-token and per-sequence log-probs of the completion tokens (with grad).

@@ -216,15 +216,8 @@ def prompt_token_ids(tokenizer: Any, prompt: Prompt, template_options: dict[str,
     template and the tokenizer would add is kept once.
     """
     if getattr(tokenizer, "chat_template", None):
-        from jinja2 import TemplateError
-
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
-        try:
-            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **(template_options or {}))
-        except TemplateError as exc:  # the template's own check (roles that must alternate, a variable's value, ...)
-            raise PrefError(f"the model's chat template refused a prompt: {exc}; give prompts it accepts, or other --chat-template-option "
-                            f"values ({', '.join(f'{k}={v}' for k, v in (template_options or {}).items()) or 'none given'})") from None
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids = tokenizer(rendered(tokenizer, messages, True, template_options), add_special_tokens=False)["input_ids"]
     else:
         text = prompt if isinstance(prompt, str) else "\n".join(m["content"] for m in prompt)
         ids = tokenizer(text, add_special_tokens=True)["input_ids"]
@@ -232,6 +225,46 @@ def prompt_token_ids(tokenizer: Any, prompt: Prompt, template_options: dict[str,
     if bos is not None and len(ids) >= 2 and ids[0] == bos and ids[1] == bos:
         ids = ids[1:]
     return ids
+
+
+def rendered(tokenizer: Any, messages: list[dict], answer_next: bool, template_options: dict[str, Any] | None = None) -> str:
+    """The chat template's text of `messages`, with the generation prompt when `answer_next`; its refusal is a one-line `PrefError`."""
+    from jinja2 import TemplateError
+
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=answer_next, **(template_options or {}))
+    except TemplateError as exc:  # the template's own check (roles that must alternate, a variable's value, ...)
+        raise PrefError(f"the model's chat template refused a prompt: {exc}; give prompts it accepts, or other --chat-template-option "
+                        f"values ({', '.join(f'{k}={v}' for k, v in (template_options or {}).items()) or 'none given'})") from None
+
+
+def conversation_token_ids(tokenizer: Any, conversation: list[dict], template_options: dict[str, Any] | None = None,
+                           end: int | None = None) -> tuple[list[int], list[int]]:
+    """Token ids of a whole conversation, and a mask of 1 on each assistant answer (SFT on every turn, TRL's assistant_only_loss).
+
+    Each answer is what `completion_token_ids` gives (its text, then one `end`), after the turns before it: the first
+    as `prompt_token_ids` gives them, so a conversation of one answer is the row its prompt and answer make; the
+    others as the chat template writes them after the answer before. A template that writes earlier turns otherwise
+    once later ones follow (one that drops earlier reasoning) cannot be cut so: a `PrefError` says so.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        raise PrefError("training every assistant turn of a conversation needs the model's chat template, and this tokenizer has none")
+    ids: list[int] = []
+    mask: list[int] = []
+    written = ""  # the template's text of the turns so far
+    for i, message in enumerate(conversation):
+        if message["role"] != "assistant":
+            continue
+        before = rendered(tokenizer, conversation[:i], True, template_options)
+        if not before.startswith(written) or not i:
+            raise PrefError("the model's chat template writes a conversation's earlier turns otherwise once later turns follow (or it "
+                            "starts with an answer), so its answers cannot each be trained in one row; train on the last answer only")
+        turns = prompt_token_ids(tokenizer, conversation[:i], template_options) if not ids else \
+            tokenizer(before[len(written):], add_special_tokens=False)["input_ids"]
+        answer = completion_token_ids(tokenizer, message["content"], end)
+        ids, mask = ids + turns + answer, mask + [0] * len(turns) + [1] * len(answer)
+        written = rendered(tokenizer, conversation[: i + 1], False, template_options)
+    return ids, mask
 
 
 def completion_token_ids(tokenizer: Any, completion: str, end: int | None = None) -> list[int]:

@@ -10,7 +10,7 @@ import torch
 from pref.errors import ModelNotLoaded
 from pref.examples import Prompt
 from pref.interfaces import Policy, Samples, SamplingConfig
-from pref.models import answer_end_id, completion_token_ids, load_model, load_tokenizer, prompt_token_ids
+from pref.models import answer_end_id, completion_token_ids, conversation_token_ids, load_model, load_tokenizer, prompt_token_ids
 from pref.sequences import Logps, Sequences, model_logps
 from pref.sharding import gathered_for_generation, is_sharded
 
@@ -147,6 +147,12 @@ class HFPolicy(Policy):
         """Right-padded prompt+completion rows; the completion mask covers the answer and the token that ends it (`answer_end_id`)."""
         prompt_rows = [prompt_token_ids(self.tokenizer, p, self.template_options)[-self.max_prompt_length :] for p in prompts]
         return self._sequences(prompt_rows, [completion_token_ids(self.tokenizer, c, self.answer_end) for c in completions])
+
+    def encode_conversations(self, conversations: list[list[dict]]) -> Sequences:
+        """Right-padded rows of whole conversations, cut at `max_length`; the completion mask on each answer (`conversation_token_ids`)."""
+        rows = [conversation_token_ids(self.tokenizer, c, self.template_options, self.answer_end) for c in conversations]
+        ids, masks = [r[: self.max_length] for r, _ in rows], [m[: self.max_length] for _, m in rows]
+        return Sequences(_padded(ids, self.tokenizer.pad_token_id), _padded([[1] * len(r) for r in ids], 0), _padded(masks, 0))
 
     def _sequences(self, prompt_rows: list[list[int]], completion_rows: list[list[int]]) -> Sequences:
         """Prompt+completion id rows, right-padded; a completion is cut to fit `max_length` but keeps one token."""

@@ -28,7 +28,7 @@ from pref import Evaluator, Objective, Policy, Processes, Prompt, Reference, Rew
 from pref.data import collate
 from pref.errors import PrefError
 from pref.plugins.loggers import keep_steps_up_to
-from pref.examples import LabeledExample, PreferenceExample, PromptExample, TextExample
+from pref.examples import ConversationExample, LabeledExample, PreferenceExample, PromptExample, TextExample
 from pref.online import sample_pool
 from pref.policy import unwrap
 from pref.reference import FrozenReference
@@ -44,6 +44,9 @@ def scored_text(record: Any) -> tuple[Prompt, str]:
     """
     if isinstance(record, PromptExample):
         record = record.prompt
+    if isinstance(record, ConversationExample):  # its first answer, given the turns before it
+        first = next(i for i, m in enumerate(record.messages) if m["role"] == "assistant")
+        return record.messages[:first], record.messages[first]["content"]
     if isinstance(record, TextExample):
         return record.prompt, record.text
     if isinstance(record, PreferenceExample):

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from pref.errors import PrefError
-from pref.examples import LabeledExample
+from pref.examples import ConversationExample, LabeledExample, Prompt
 from pref.hookspecs import hookimpl
 from pref.interfaces import NO_REFERENCE, SETS, LabeledBatch, Objective, ObjectiveNeeds, Policy, Reference
 from pref.plugins.labeled_data import row_examples
@@ -41,16 +41,25 @@ def sft_loss(token_logps: torch.Tensor, mask: torch.Tensor, loss_type: str = "nl
 FORMATS = "expected prompt and completion, a messages list ending in an assistant turn, or prompt/chosen/rejected"
 
 
-def completion_examples(row: dict, where: str) -> list[LabeledExample]:
+TURNS = ("last", "all")
+
+
+def completion_examples(row: dict, where: str, turns: str = "last") -> list[LabeledExample | ConversationExample]:
     """The answers one row teaches: prompt/completion, conversational `messages`, or a preference row's chosen answer.
 
-    A row with a `label` counts only when the label is accepted (an unlabelled row counts).
+    A row with a `label` counts only when the label is accepted (an unlabelled row counts). `turns` "all": each
+    answer is a `ConversationExample` in which every assistant turn is learnt (a prompt/completion row: one turn).
     """
     if isinstance(row.get("messages"), list):
-        turns = messages(row["messages"], "messages", where)
-        if len(turns) < 2 or turns[-1]["role"] != "assistant":
+        conversation = messages(row["messages"], "messages", where)
+        if len(conversation) < 2 or conversation[-1]["role"] != "assistant":
             raise PrefError(f"{where}: bad field 'messages': the last message must be the assistant's answer, after at least one other")
-        return [LabeledExample(turns[:-1], turns[-1]["content"], True)]
+        if turns == "all":
+            return [ConversationExample(conversation)]
+        return [LabeledExample(conversation[:-1], conversation[-1]["content"], True)]
+    if turns == "all":
+        return [ConversationExample(as_messages(e.prompt) + [{"role": "assistant", "content": e.completion}])
+                for e in completion_examples(row, where)]
     has_answer = row.get("completion") is not None or row.get("response") is not None
     if has_answer and row.get("label") in (None, ""):  # plain SFT data: every answer is one to learn
         row = {**row, "label": True}
@@ -61,6 +70,11 @@ def completion_examples(row: dict, where: str) -> list[LabeledExample]:
     return [LabeledExample(e.prompt, e.completion, True) for e in examples if e.label]
 
 
+def as_messages(prompt: Prompt) -> list[dict]:
+    """A prompt as chat messages: a plain text is one user turn, as a chat template would take it."""
+    return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+
+
 class CompletionData:
     """The `completions` dataset builder: prompts with the answers to learn, for `sft`.
 
@@ -68,20 +82,25 @@ class CompletionData:
     messages) and `completion` (or `response`); or `messages`, a conversation whose last
     message is the assistant's answer; or prompt/chosen/rejected, whose chosen answer is
     learnt. A row with a `label` is learnt only when the label is accepted.
+
+    Option `turns`: "last" (default) learns a conversation's last answer; "all" every assistant
+    turn of it, in one row, each given the turns before it (TRL's `assistant_only_loss`).
     """
 
-    def __init__(self, path: str, split: str = "train", limit: int | None = None):
+    def __init__(self, path: str, split: str = "train", limit: int | None = None, turns: str = "last"):
         if limit is not None and limit < 1:
             raise PrefError(f"completions: limit must be a positive number of rows, not {limit}")
-        self.path, self.split, self.limit = path, split, limit
+        if turns not in TURNS:
+            raise PrefError(f"completions: turns must be last (a conversation's last answer) or all (every assistant turn), not {turns!r}")
+        self.path, self.split, self.limit, self.turns = path, split, limit, turns
 
-    def build(self, policy: Any = None) -> list[LabeledExample]:
-        examples: list[LabeledExample] = []
+    def build(self, policy: Any = None) -> list[LabeledExample | ConversationExample]:
+        examples: list[LabeledExample | ConversationExample] = []
         for number, row in enumerate(read_records(self.path, self.split), start=1):
             where = f"{self.path} row {number}"
             if not isinstance(row, dict):
                 raise PrefError(f"{where}: expected an object with named fields, got {type(row).__name__}")
-            examples.extend(completion_examples(row, where))
+            examples.extend(completion_examples(row, where, self.turns))
             if self.limit is not None and len(examples) >= self.limit:
                 return examples[: self.limit]
         if not examples:
