@@ -30,9 +30,9 @@ from pref.config import RunConfig
 from pref.data import OfflineBatches, build_datasets, collate, count_tokens, dataset_names, rows_per_batch, sequences_of, split_datasets
 from pref.divergence import check_step, check_weights, refuse_non_finite_settings, sampling_diverged
 from pref.errors import NoUsablePairs, PrefError, RunInterrupted
-from pref.online import require_columns
 from pref.interfaces import Adapter, LabeledBatch, MetricsLogger, Minibatch, PairBatch, Processes, Reference, SecondModel
-from pref.models import DEFAULT_MODEL, SCORE_HEAD, load_model, remote_code, load_tokenizer, prepare_for_training, quiet_new_heads, quiet_peft, turn_off_dropout
+from pref.models import DEFAULT_MODEL, SCORE_HEAD, load_model, load_tokenizer, prepare_for_training, quiet_new_heads, quiet_peft, remote_code, turn_off_dropout
+from pref.online import OnlineBatches, require_columns, sample_pool
 from pref.packing import may_pack, packs_correctly
 from pref.plan import CACHED_LOGPS, NO_MODEL, RunPlan, output_folder, resolve_plan, reward_names
 from pref.policy import HFPolicy, unwrap
@@ -117,8 +117,6 @@ def build_data(config: RunConfig, plan: RunPlan, policy: HFPolicy, examples: lis
     """
     if not plan.needs.online:
         return OfflineBatches(policy, examples, batch_size, config.seed, rank, world, order=order, after_draw=after_draw)
-    from pref.online import OnlineBatches
-
     assert plan.reward is not None
     return OnlineBatches(policy, examples or list(plan.reward.default_prompts), plan.reward, plan.selector, plan.needs, plan.samples_per_prompt, plan.sampling,
                          batch_size, config.seed, rank, world, order=order, after_draw=after_draw, processes=processes,
@@ -129,8 +127,6 @@ def start_objective(name: str, plan: RunPlan, policy: HFPolicy, items: list[Any]
                     sampling_together: bool) -> list[int]:
     """With `needs.starting_samples`: hand objective `name` the starting policy's samples of each training item's prompt (records,
     or the reward's default prompts), scored (`Objective.start`); returns the indices of the items it leaves out."""
-    from pref.online import sample_pool
-
     k = plan.needs.starting_samples
     pool = sample_pool(policy, items, plan.reward, k, plan.sampling, batch_size, processes, sampling_together,
                        f"{k} samples of each prompt (once, before training)")

@@ -11,11 +11,10 @@ import torch
 
 from pref.config import build_config
 from pref.errors import PrefError
-from pref.hookspecs import hookimpl
 from pref.interfaces import CandidatePool, ObjectiveNeeds, RewardSource
 from pref.plugins.a2po import A2PO, a2po_loss, optimal_values, prompt_key
-from pref.registry import Registry, get_plugin_manager
 from pref.train import train
+from test_online import registry_with_reward  # tests/ is on sys.path
 
 PROMPTS = ["Name a fruit.", "Name an animal.", "What color is the sky?", [{"role": "user", "content": "Say something kind."}]]
 REWARDS = torch.tensor([[0.0, 1.0, 1.0, 0.0], [0.0, 0.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0], [1.0, 0.0, 0.0, 0.0]])
@@ -134,14 +133,7 @@ class NotTheSky(RewardSource):
 
 @pytest.fixture
 def sky_registry():
-    class Plugin:
-        @hookimpl
-        def register_rewards(self, register):
-            register("not-the-sky", NotTheSky)
-
-    pm, failures, sources = get_plugin_manager()
-    pm.register(Plugin(), name="test-not-the-sky")
-    return Registry(pm, failures, sources)
+    return registry_with_reward("not-the-sky", NotTheSky)
 
 
 def a2po_config(out, model, **flags):
