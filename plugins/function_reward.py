@@ -16,6 +16,7 @@ import importlib.util
 import inspect
 import os
 import sys
+import traceback
 from typing import Any
 
 import torch
@@ -46,13 +47,19 @@ class FunctionReward(RewardSource):
         takes_any = any(p.kind is p.VAR_KEYWORD for p in parameters.values())
         if "completions" not in parameters and not takes_any:
             raise PrefError(f"function: {name} in {file} must take a `completions` parameter (a list: one text per completion)")
-        self.function, self.label = function, f"{name} in {file}"
+        self.function, self.label, self.file = function, f"{name} in {file}", os.path.abspath(file)
         self.gives_prompts = "prompts" in parameters or takes_any
         self.columns = tuple(n for n, p in parameters.items()
                              if n not in GIVEN and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.default is p.empty)
 
     def score(self, prompts: list[Prompt], completions: list[str], **columns: list[Any]) -> dict[str, torch.Tensor]:
-        values = self.function(completions=list(completions), **({"prompts": list(prompts)} if self.gives_prompts else {}), **columns)
+        try:
+            values = self.function(completions=list(completions), **({"prompts": list(prompts)} if self.gives_prompts else {}), **columns)
+        except Exception as exc:  # the user's own code: where it failed, in one line
+            lines = [frame.lineno for frame in traceback.extract_tb(exc.__traceback__) if os.path.abspath(frame.filename) == self.file]
+            where = f" at line {lines[-1]} of {self.file}" if lines else ""
+            raise PrefError(f"the reward function {self.label} raised {type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}{where}; "
+                            "it gets each completion as a text (not chat messages), and the prompts as texts or messages") from None
         try:
             rewards = torch.as_tensor(values.detach().cpu() if isinstance(values, torch.Tensor) else values, dtype=torch.float32)
         except (TypeError, ValueError, RuntimeError):

@@ -55,6 +55,13 @@ def test_what_it_returns_must_be_one_number_per_completion(tmp_path, returned, w
         FunctionReward(f"{file}:f").score(["p", "q"], ["a", "b"])
 
 
+def test_an_error_in_the_function_is_one_line_naming_where(tmp_path):
+    file = write(tmp_path / "rewards.py", "def f(completions):\n    return [c[0]['content'] for c in completions]\n")  # TRL's chat completions
+    with pytest.raises(PrefError, match=r"^the reward function f in .*rewards.py raised TypeError: string indices must be integers.* at line 2 of "
+                                        r".*rewards.py; it gets each completion as a text \(not chat messages\)"):
+        FunctionReward(f"{file}:f").score(["p"], ["an answer"])
+
+
 def test_online_runs_score_each_sample_with_its_own_rows_columns(tmp_path, tiny_model_dir, monkeypatch):
     """The function says 1.0 when the `answer` it got is the answer of the prompt it got: every sample, of every objective that samples
     (A*-PO's samples before training too), scores 1.0 only if the columns travel with their prompts."""
