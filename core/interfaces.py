@@ -345,6 +345,7 @@ class ObjectiveNeeds:
     """Everything an objective asks of the run, read by the host in one place (`pref.plan`); docs/plugins.md has the table."""
 
     reference: str = REFERENCE_LOGPS  # NO_REFERENCE, REFERENCE_LOGPS (a frozen model or a cache) or REFERENCE_DISTRIBUTIONS (a frozen model)
+    reference_optional: bool = False  # `--reference none` runs it without the reference it would use (DPO's loss then counts its log-probs as 0)
     data: str = PAIRS  # PAIRS (`PairBatch`), SETS (`LabeledBatch`), SAMPLES (online: `Minibatch`es of a `ScoredBatch` rollout, no selector)
     online: bool = False  # samples from the current policy at every step instead of reading a dataset
     samples_per_prompt: int = 1  # K when online (`--samples-per-prompt` overrides it)

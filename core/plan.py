@@ -234,6 +234,11 @@ def refusals(config: RunConfig, needs: ObjectiveNeeds, adapter: Adapter | None) 
                              "add --fsdp, or drop --sample-sharded"))
     if needs.reference == NO_REFERENCE and config.reference in ("model", "cached"):
         found.append(Refusal(("reference",), f"objective {name!r} uses no reference", f"drop --reference {config.reference}"))
+    elif needs.reference != NO_REFERENCE and config.reference == "none" and not needs.reference_optional:
+        # found only at the first loss otherwise, after the model load (and an online run's first samples, A*-PO's starting ones)
+        found.append(Refusal(("reference",), f"objective {name!r} with these options compares the policy with a reference model",
+                             "drop --reference none (or the objective's option that uses the reference, such as its KL weight beta)",
+                             back_then="failed at the run's first loss"))
     elif config.reference == "cached" and (needs.online or needs.scores_new_rows or needs.reference == REFERENCE_DISTRIBUTIONS):
         # found only at the first loss otherwise, after the model load and the cache's precompute
         found.append(Refusal(("reference",),

@@ -91,7 +91,7 @@ class DPO(MovesReference, Objective):
             trained weights on the CPU, which checkpoints keep too.
     """
 
-    needs = ObjectiveNeeds(reference=REFERENCE_LOGPS, data=PAIRS)
+    needs = ObjectiveNeeds(reference=REFERENCE_LOGPS, data=PAIRS, reference_optional=True)  # --reference none: reference-free
 
     def __init__(
         self,

@@ -68,6 +68,8 @@ def test_an_offline_objective_without_data_fails_before_the_model_loads(prefs_fi
     ("dpo", {"temperature": 0.7}, "objective 'dpo' trains on a dataset and samples nothing: drop --temperature"),
     ("dpo", {"top_k": 5}, "objective 'dpo' trains on a dataset and samples nothing: drop --top-k"),
     ("dpo", {"min_p": 0.1}, "objective 'dpo' trains on a dataset and samples nothing: drop --min-p"),
+    ("a2po", {"reference": "none"}, "^objective 'a2po' with these options compares the policy with a reference model: drop --reference none"),
+    ("rloo", {"reference": "none"}, "objective 'rloo' with these options compares the policy with a reference model"),
     ("dpo", {"max_new_tokens": 16}, "objective 'dpo' trains on a dataset and samples nothing: drop --max-new-tokens"),
     ("dpo", {"top_p": 0.9, "test_prompts": ["Hi."]}, "objective 'dpo' trains on a dataset and answers --test-prompt greedily: drop --top-p"),
     ("grpo", {"bucket_window": 10}, "objective 'grpo' learns from every sample it draws and batches no dataset rows by length: drop --bucket-window"),
