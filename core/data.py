@@ -10,7 +10,7 @@ import torch
 
 from pref.errors import ModelNotLoaded, PrefError
 from pref.examples import ConversationExample, LabeledExample, PreferenceExample, TextExample
-from pref.interfaces import LabeledBatch, Minibatch, PairBatch, Policy, Rollout
+from pref.interfaces import PAIRS, SETS, LabeledBatch, Minibatch, ObjectiveNeeds, PairBatch, Policy, Rollout
 from pref.sequences import Sequences
 
 
@@ -228,6 +228,20 @@ def build_datasets(builders: list[Any], policy: Policy, built: list[list[Any] | 
             except ModelNotLoaded:
                 pass
     return records
+
+
+#: The records the batches of an offline objective are made of, by what it learns from (see `collate`).
+BATCHED = {PAIRS: (PreferenceExample,), SETS: (LabeledExample, ConversationExample)}
+
+
+def check_records(needs: ObjectiveNeeds, name: str, records: list[Any], entry: str) -> None:
+    """A `PrefError` when a record of the dataset `entry` is none that offline objective `name` (of `needs`) makes batches of."""
+    wanted = BATCHED.get(needs.data, ())
+    odd = next((record for record in records if not isinstance(record, wanted)), None)
+    if odd is not None:
+        kinds = " or ".join(kind.__name__ for kind in wanted)
+        raise PrefError(f"--dataset {entry} gives {type(odd).__name__} records, and objective {name!r} learns from {needs.data} "
+                        f"({kinds}, as the {needs.dataset_builder} builder reads them): give such a dataset")
 
 
 def split_datasets(records: list[list[Any]], trains: int, fraction: float, seed: int) -> tuple[list[list[Any]], list[Any]]:

@@ -27,7 +27,7 @@ import torch
 from pref.agreement import StopRequests, next_batch_together, same_decision
 from pref.checkpoint import PATTERN, Trained, list_checkpoints, load_checkpoint, mark_evaluated, read_state, rng_state, save_checkpoint, write_atomically
 from pref.config import RunConfig
-from pref.data import OfflineBatches, build_datasets, collate, count_tokens, dataset_names, rows_per_batch, sequences_of, split_datasets
+from pref.data import OfflineBatches, build_datasets, check_records, collate, count_tokens, dataset_names, rows_per_batch, sequences_of, split_datasets
 from pref.divergence import check_step, check_weights, refuse_non_finite_settings, sampling_diverged
 from pref.errors import NoUsablePairs, PrefError, RunInterrupted
 from pref.interfaces import Adapter, LabeledBatch, MetricsLogger, Minibatch, PairBatch, Processes, Reference, SecondModel
@@ -432,6 +432,9 @@ def train_policy(config: RunConfig, registry: Registry) -> tuple[str, HFPolicy]:
     records = build_datasets(builders, policy)  # a builder that samples from the model waits for it
     if None not in records:
         split_datasets(records, len(plan.datasets), config.validation_split, config.seed)  # a dataset too small to hold some out
+    if not plan.needs.online:  # a builder of other records (--dataset prompts for dpo) fails here, not at the first batch
+        for entry, built in zip([*config.dataset, *config.validation_dataset], records):
+            check_records(plan.needs, config.objective, built or [], entry)
     if plan.reward is not None and plan.reward.columns:  # a reward that reads more of each prompt's row (a reference answer)
         for entry, built in zip(config.dataset, records) if config.dataset else [(None, [])]:
             require_columns(plan.reward, " + ".join(reward_names(config)) or type(plan.reward).__name__, built or [], entry)

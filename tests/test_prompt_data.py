@@ -72,3 +72,18 @@ def test_online_objectives_train_on_a_file_of_prompts(tmp_path, tiny_model_dir):
     result = CliRunner().invoke(cli, ["run", "--objective", "grpo", "--reward", "noun-diversity", "--dataset", str(bad), "--model", tiny_model_dir,
                                       "--output-dir", str(tmp_path / "bad-run")])
     assert result.exit_code == 2 and f"{bad} row 1: no field 'prompt'" in result.output and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("objective, builder, wanted", [("dpo", "prompts", "pairs (PreferenceExample, as the preferences builder reads them)"),
+                                                        ("sft", "prompts", "sets (LabeledExample or ConversationExample, as the completions builder"),
+                                                        ("kto", "text", "sets (LabeledExample or ConversationExample, as the labeled builder")])
+def test_an_offline_objective_refuses_records_it_makes_no_batches_of_before_the_model_loads(tmp_path, tiny_model_dir, monkeypatch,
+                                                                                            objective, builder, wanted):
+    from pref.policy import HFPolicy
+
+    monkeypatch.setattr(HFPolicy, "load_model", lambda *args, **kwargs: pytest.fail("the model was loaded"))
+    data = tmp_path / "prompts.jsonl"
+    data.write_text(json.dumps({"prompt": "Name a fruit.", "text": "apple"}) + "\n")
+    result = CliRunner().invoke(cli, ["run", "--objective", objective, "--dataset", builder, "--dataset-option", f"path={data}",
+                                      "--model", tiny_model_dir, "--output-dir", str(tmp_path / "run")])
+    assert result.exit_code == 2 and f"--dataset {builder} gives" in result.output and wanted in result.output, result.output
