@@ -5,7 +5,7 @@ A `Panel` is one figure (one PNG), made of `Plot`s side by side (one axes each).
 Metric names are the ones pref logs into metrics.jsonl: TRL's names for DPO-style
 rewards (`rewards/margins`, ...) and a reward model's scores (`margin`, `mean_reward`, ...),
 `reward/*` and `samples/*` for online samples,
-`time/*` for the step's time split, `curriculum/weight/NAME`, `validation/loss`,
+`time/*` for the step's time split, `curriculum/weight/NAME`, `validation/loss`, `eval/reward`,
 and D2PO's `gold/labels_spent` and `eval/gold_reward`.
 """
 
@@ -137,6 +137,7 @@ def curriculum_panel(runs: list[Run]) -> Panel:
 def validation_panel(runs: list[Run]) -> Panel:
     return Panel("validation", "Validation", (
         Plot("validation/loss (dotted: the best/ step)", (Line("validation/loss", "validation loss"),), "loss", sparse=True, best=True),
+        Plot("reward on the held-out prompts", (Line("eval/reward", "eval/reward"),), "reward", sparse=True),
     ))
 
 

@@ -12,7 +12,7 @@ KEY_SETTINGS = ("dataset", "reward", "lr", "batch_size", "seed")
 HOUSEKEEPING = ("output_dir", "resume", "device", "save_every", "keep_checkpoints", "loggers", "progress", "threads", "log_every")
 #: Metrics whose last value the summary shows, when logged.
 FINAL_METRICS = ("loss", "rewards/accuracies", "rewards/margins", "reward/mean", "samples/distinct_ratio", "samples/entropy",
-                 "validation/loss", "eval/gold_reward", "gold/labels_spent")
+                 "validation/loss", "eval/reward", "eval/gold_reward", "gold/labels_spent")
 
 
 def model_name(config: dict[str, Any]) -> str:

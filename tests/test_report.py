@@ -166,6 +166,7 @@ def test_curriculum_validation_and_gold_panels(tmp_path):
                "gold/labels_spent": float(4 * (step // 3)), "eval/gold_reward": 0.1 * step, "discriminator/accuracy": math.nan}
         if step % 5 == 0:
             row["validation/loss"] = 1.0 / step
+            row["eval/reward"] = 0.05 * step  # an online run's reward on its held-out prompts
         rows.append(row)
     run = load_run(write_run(tmp_path / "run", rows, best={"step": 10, "validation_loss": 0.1, "measure": "objective loss"}))
     figures = figures_by_name([run])
@@ -176,6 +177,8 @@ def test_curriculum_validation_and_gold_panels(tmp_path):
     points, best = validation.get_lines()
     assert list(points.get_xdata()) == [5, 10] and points.get_marker() == "o"
     assert list(best.get_xdata()) == [10, 10] and best.get_label() == "best/: step 10"
+    (held_out,) = axes_by_title(figures["validation"])["reward on the held-out prompts"].get_lines()
+    assert list(held_out.get_xdata()) == [5, 10] and list(held_out.get_ydata()) == [0.25, 0.5] and held_out.get_marker() == "o"
 
     gold = axes_by_title(figures["gold"])
     assert set(gold) == {"gold reward of the samples"}  # accuracy was never a number: no empty plot
