@@ -168,7 +168,7 @@ class MetricsLogger(ABC):
 
     def log_completions(self, step: int, rows: list[dict[str, Any]]) -> None:
         """With `--log-completions`, after `log`: the samples a logged step drew, every process's, one row per sample
-        (`prompt`, `completion`, each score of the reward); by default nothing."""
+        (`prompt`, `completion`, the row columns the reward read, each score of the reward); by default nothing."""
 
     def stop(self) -> None:
         """The loop is over, whether the run ended well or failed; by default nothing."""
@@ -260,6 +260,7 @@ class ScoredBatch:
     under (None when unknown), a constant a length normaliser may divide by (Dr. GRPO's).
     `truncated`: [B] bool, the completions that limit cut (`Samples.truncated`), or None when unknown.
     `reward_weights`: the parts of a reward that sums others and their weights (`RewardSource.weights`).
+    `columns`: the row columns the reward read (`RewardSource.columns`), a list of B values each.
     """
 
     prompts: list[Prompt]
@@ -270,6 +271,7 @@ class ScoredBatch:
     max_new_tokens: int | None = None
     truncated: torch.Tensor | None = None
     reward_weights: dict[str, float] = field(default_factory=dict)
+    columns: dict[str, list[Any]] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.completions)
@@ -286,6 +288,7 @@ class ScoredBatch:
             self.max_new_tokens,
             None if self.truncated is None else self.truncated[rows.to(self.truncated.device)],
             self.reward_weights,
+            {name: [values[i] for i in picked] for name, values in self.columns.items()},
         )
 
 

@@ -81,15 +81,16 @@ class OnlineBatches:
             "raise --samples-per-prompt or --temperature, or check the reward"
         )
 
-    def _sample(self) -> tuple[list[Prompt], Samples, dict[str, torch.Tensor], dict[str, float]]:
-        """The order's next prompts, K samples each from one `policy.sample` call, and their flat [P * K] scores."""
+    def _sample(self) -> tuple[list[Prompt], Samples, dict[str, torch.Tensor], dict[str, list[Any]], dict[str, float]]:
+        """The order's next prompts, K samples each from one `policy.sample` call, their flat [P * K] scores and the row columns
+        the reward read."""
         records = self.order.next()
         prompts = [prompt_of(record) for record in records]  # a record (with a `prompt`) gives its prompt
         start = time.perf_counter()
         samples = self.policy.sample(prompts, self.k, self.sampling)
         sampled = time.perf_counter()
         flat_completions = [completion for row in samples.completions for completion in row]
-        scores = scored(self.reward, records, samples.completions)
+        scores, columns = scored(self.reward, records, samples.completions)
         rewards = scores["reward"]
         metrics = {
             "reward/mean": rewards.mean().item(),
@@ -100,11 +101,11 @@ class OnlineBatches:
             "time/sampling": sampled - start,
             "time/scoring": time.perf_counter() - sampled,
         }
-        return prompts, samples, scores, metrics
+        return prompts, samples, scores, columns, metrics
 
     def _draw(self) -> tuple[PairBatch | LabeledBatch | None, dict[str, float]]:
         """Sample, score, and let the selector pick pairs or sets."""
-        prompts, samples, flat_scores, metrics = self._sample()
+        prompts, samples, flat_scores, columns, metrics = self._sample()
         start = time.perf_counter()
         scores = {name: values.reshape(len(prompts), self.k) for name, values in flat_scores.items()}
         logps = None
@@ -122,15 +123,15 @@ class OnlineBatches:
         })
         batch = self._batch(samples.sequences, selection)
         if batch is not None:  # what the rows were selected from, for --log-completions
-            batch.drawn = ScoredBatch(*flatten(prompts, samples.completions), samples.sequences, flat_scores, self.k)
+            batch.drawn = ScoredBatch(*flatten(prompts, samples.completions), samples.sequences, flat_scores, self.k, columns=columns)
         return batch, metrics
 
     def _rollout(self) -> tuple[ScoredBatch, dict[str, float]]:
         """SAMPLES: all P x K samples of the next prompts, scored, none selected."""
-        prompts, samples, scores, metrics = self._sample()
+        prompts, samples, scores, columns, metrics = self._sample()
         flat_prompts, flat_completions = flatten(prompts, samples.completions)
         batch = ScoredBatch(flat_prompts, flat_completions, samples.sequences, scores, self.k, self.sampling.max_new_tokens, samples.truncated,
-                            dict(self.reward.weights))
+                            dict(self.reward.weights), columns)
         return batch, {**metrics, **self.order.metrics()}
 
     def _batch(self, sequences: Sequences, selection: Selection) -> PairBatch | LabeledBatch | None:
@@ -170,7 +171,7 @@ def sample_pool(policy: Policy, records: list[Any], reward: RewardSource, k: int
             samples = policy.sample([prompts[i] for i in indices or [0]], k, sampling)
             if not indices:
                 continue
-            scores = scored(reward, [records[i] for i in indices], samples.completions)
+            scores, _ = scored(reward, [records[i] for i in indices], samples.completions)
             rows += [(i, samples.completions[j], {name: values[j * k : (j + 1) * k].tolist() for name, values in scores.items()})
                      for j, i in enumerate(indices)]
             advance(len(indices))
@@ -179,11 +180,12 @@ def sample_pool(policy: Policy, records: list[Any], reward: RewardSource, k: int
                          {name: torch.tensor([scores[name] for _, _, scores in rows]) for name in rows[0][2]})
 
 
-def scored(reward: RewardSource, records: list[Any], completions: list[list[str]]) -> dict[str, torch.Tensor]:
-    """The reward's checked scores of K completions of each record's prompt, flat [P * K], given the record columns it reads."""
+def scored(reward: RewardSource, records: list[Any], completions: list[list[str]]) -> tuple[dict[str, torch.Tensor], dict[str, list[Any]]]:
+    """The reward's checked scores of K completions of each record's prompt, flat [P * K], and the record columns it read, flat too."""
     flat_records, flat_completions = flatten(records, completions)
     columns = {name: [columns_of(record)[name] for record in flat_records] for name in reward.columns}
-    return checked_scores(reward, reward.score([prompt_of(record) for record in flat_records], flat_completions, **columns), len(flat_completions))
+    scores = reward.score([prompt_of(record) for record in flat_records], flat_completions, **columns)
+    return checked_scores(reward, scores, len(flat_completions)), columns
 
 
 def require_columns(reward: RewardSource, name: str, records: list[Any], dataset: str | None) -> None:

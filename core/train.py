@@ -305,15 +305,15 @@ def combine_across_processes(processes: Processes, metrics: dict[str, float]) ->
 
 
 def completion_rows(batch: Any) -> list[dict[str, Any]]:
-    """The samples an online batch was drawn from as rows (`prompt`, `completion`, each score), for `--log-completions`;
-    [] for a dataset's batch, and for a rollout's mini-batches after its first."""
+    """The samples an online batch was drawn from as rows (`prompt`, `completion`, the row columns the reward read, each score), for
+    `--log-completions`; [] for a dataset's batch, and for a rollout's mini-batches after its first."""
     fresh = isinstance(batch, Minibatch) and not (batch.epoch or batch.index)
     drawn = batch.rollout.batch if fresh else batch.drawn if isinstance(batch, (PairBatch, LabeledBatch)) else None
     if drawn is None:
         return []
     scores = {name: values.tolist() for name, values in drawn.scores.items()}
-    return [{"prompt": prompt, "completion": completion, **{name: values[i] for name, values in scores.items()}}
-            for i, (prompt, completion) in enumerate(zip(drawn.prompts, drawn.completions))]
+    return [{"prompt": prompt, "completion": completion, **{name: values[i] for name, values in drawn.columns.items()},
+             **{name: values[i] for name, values in scores.items()}} for i, (prompt, completion) in enumerate(zip(drawn.prompts, drawn.completions))]
 
 
 def checked_loss(name: str, result: Any) -> tuple[torch.Tensor, dict[str, float]]:

@@ -81,7 +81,9 @@ def test_online_runs_score_each_sample_with_its_own_rows_columns(tmp_path, tiny_
                                           "--device", "cpu", "--log-completions", "--no-progress", "--output-dir", str(out)]
                                     + (["-o", "num_value_samples=2"] if objective == "a2po" else []))
         assert result.exit_code == 0, result.output
-        assert {row["reward"] for row in map(json.loads, open(out / "completions.jsonl"))} == {1.0}
+        rows = [json.loads(line) for line in open(out / "completions.jsonl")]
+        assert {row["reward"] for row in rows} == {1.0}  # and --log-completions shows each sample's answer column
+        assert all(row["answer"] == answers[json.dumps(row["prompt"])] for row in rows) and len(rows) == 6
         assert json.load(open(out / "run.json"))["config"]["reward"] == f"{tmp_path}/rewards.py:matching"
     assert [int(line) for line in open(seen)] == [6, 6, 6]  # grpo's step; a2po's 3 prompts x 2 before training, then its step
 
