@@ -13,7 +13,6 @@ from click.testing import CliRunner
 
 from pref.cli.main import cli
 from pref.config import build_config
-from pref.errors import PrefError
 from pref.plan import resolve_plan
 from pref.plugins.weighted_reward import WeightedReward
 from pref.registry import load_registry
