@@ -232,7 +232,11 @@ def refusals(config: RunConfig, needs: ObjectiveNeeds, adapter: Adapter | None) 
     if config.sample_sharded and not config.fsdp:
         found.append(Refusal(("sample_sharded",), "--sample-sharded samples through the model --fsdp shards, and this run shards none",
                              "add --fsdp, or drop --sample-sharded"))
-    if needs.reference == NO_REFERENCE and config.reference in ("model", "cached"):
+    if needs.moves_reference and config.reference == "none":
+        found.append(Refusal(("reference", "objective_options"), f"{name}'s options move the reference towards the policy (sync_ref_model, "
+                             "bema_reference), but --reference none trains without one", "drop --reference none or the option",
+                             back_then="trained reference-free, the option doing nothing"))
+    elif needs.reference == NO_REFERENCE and config.reference in ("model", "cached"):
         found.append(Refusal(("reference",), f"objective {name!r} uses no reference", f"drop --reference {config.reference}"))
     elif needs.reference != NO_REFERENCE and config.reference == "none" and not needs.reference_optional:
         # found only at the first loss otherwise, after the model load (and an online run's first samples, A*-PO's starting ones)

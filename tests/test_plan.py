@@ -80,6 +80,10 @@ def test_an_offline_objective_without_data_fails_before_the_model_loads(prefs_fi
     ("online-dpo", {"reference": "cached", "reward": "noun-diversity"}, "objective 'online-dpo' with these options needs more .* use --reference model"),
     ("kto", {"reference": "cached"}, "objective 'kto' with these options needs more .* use --reference model"),
     ("dpo", {"reference": "cached", "objective_options": {"sync_ref_model": True}}, "needs more .*a moving reference.*--reference model"),
+    ("dpo", {"reference": "none", "objective_options": {"bema_reference": True}},
+     r"^dpo's options move the reference towards the policy \(sync_ref_model, bema_reference\), but --reference none trains without one: "
+     "drop --reference none or the option$"),
+    ("online-dpo", {"reference": "none", "reward": "noun-diversity", "objective_options": {"sync_ref_model": True}}, "but --reference none trains"),
 ])
 def test_a_setting_the_objective_would_not_use_is_refused(prefs_file, objective, flags, message):
     config = build_config(flags={"objective": objective, "dataset": [prefs_file], **flags})
