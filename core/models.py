@@ -109,11 +109,13 @@ def load_model(name: str | None, dtype: torch.dtype | None = None, kind: str = "
             with quiet_peft(), heads_from_adapter(path):  # a classifier's base gets the one-score head its adapter saved
                 if base:  # the default model, whose recorded cache folder is gone: the adapter goes on the one built here
                     base_class = AutoModelForSequenceClassification if classifier else AutoModelForCausalLM
-                    return peft.PeftModel.from_pretrained(base_class.from_pretrained(base, dtype=dtype, **options, **labels), path)
-                return auto.from_pretrained(path, dtype=dtype, **options, **labels)
-        if classifier:
-            return AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=dtype, **options)
-        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **options)
+                    model = peft.PeftModel.from_pretrained(base_class.from_pretrained(base, dtype=dtype, **options, **labels), path)
+                else:
+                    model = auto.from_pretrained(path, dtype=dtype, **options, **labels)
+        elif classifier:
+            model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=dtype, **options)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **options)
     except (OSError, ValueError, ImportError) as exc:
         if attention and (isinstance(exc, ImportError) or "attn_implementation" in str(exc)):  # flash-attn not installed, a CPU, a typo
             raise PrefError(f"--attn-implementation {attention} cannot be used here: {str(exc).splitlines()[0]}; use sdpa (the default) "
@@ -121,6 +123,20 @@ def load_model(name: str | None, dtype: torch.dtype | None = None, kind: str = "
         if isinstance(exc, ImportError):
             raise
         raise _load_error(name, path, exc, local) from None
+    if quantize:
+        one_path_without_grad(model)
+    return model
+
+
+def one_path_without_grad(model: torch.nn.Module) -> None:
+    """bitsandbytes computes a 4-bit layer on a CPU with AVX512-BF16 through a packed bf16 kernel when it runs in eval mode
+    without grad (a reference's forward, sampling): the frozen reference would then differ from the policy it starts as,
+    and the packing fails for widths not a multiple of 64 (the default model's). Its layers keep the one path, with grad or not."""
+    import bitsandbytes
+
+    for module in model.modules():
+        if isinstance(module, bitsandbytes.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
 
 
 def adapter_base(path: str) -> str | None:

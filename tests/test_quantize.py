@@ -66,6 +66,23 @@ def test_an_adapter_trains_on_a_4bit_base_and_merges_into_the_base_at_full_preci
     assert result.stdout.splitlines()[1:] == policy.generate(["Name a fruit."], 1, greedy)[0]
 
 
+def test_a_4bit_layer_computes_alike_with_and_without_grad_on_a_cpu_with_avx512_bf16(tiny_model_dir, monkeypatch):
+    """bitsandbytes packs a 4-bit layer for a bf16 CPU kernel at its first forward in eval mode without grad, on CPUs with
+    AVX512-BF16 (forced here): that packing fails at the default model's width (96, not a multiple of 64), and would compute the
+    reference otherwise than the policy. pref's models keep the one path: the same logits with grad and without."""
+    import bitsandbytes.nn.modules
+
+    from pref.models import load_model
+
+    monkeypatch.setattr(bitsandbytes.nn.modules, "has_avx512bf16", lambda: True)
+    model = load_model(tiny_model_dir, quantize="nf4", device="cpu")
+    ids = torch.tensor([[5, 17, 42, 9, 3, 77]])
+    with_grad = model(ids).logits.detach()
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, with_grad)
+
+
 def test_a_4bit_run_resumes_exactly(tmp_path, tiny_model_dir, prefs_file, interrupted_after):
     whole = train(config(tmp_path / "whole", tiny_model_dir, prefs_file), load_registry())
     with interrupted_after(3):
