@@ -122,7 +122,10 @@ class RewardSource(ABC):
 
     @abstractmethod
     def score(self, prompts: list[Prompt], completions: list[str]) -> dict[str, torch.Tensor]:
-        """Return a dict of name -> float tensor [B]; it must contain `reward`. A reward with `columns` takes them too."""
+        """Return a dict of name -> float tensor [B]; it must contain `reward`. A reward with `columns` takes them too.
+
+        NaN marks a completion left unscored (a reward function's None): `weighted` sums the other parts' scores;
+        a sample no part scored is left out by objectives with `needs.unscored_samples`, and refused by the others."""
 
     def report(self, prompts: list[Prompt], completions: list[str], **columns: list[Any]) -> dict[str, float]:
         """Evaluation figures over a set of samples (`pref eval`): mean scores and diversity; `columns` as for `score`.
@@ -133,7 +136,7 @@ class RewardSource(ABC):
 
         scores = self.score(prompts, completions, **columns)
         figures: dict[str, float] = {"samples": float(len(completions))}
-        figures.update({f"{name}/mean": values.float().mean().item() for name, values in scores.items()})
+        figures.update({f"{name}/mean": values.float().nanmean().item() for name, values in scores.items()})  # of the scored ones
         figures["distinct_ratio"] = distinct_ratio(completions)
         figures["entropy_bits"] = entropy_bits(completions)
         return figures
@@ -354,6 +357,7 @@ class ObjectiveNeeds:
     samples_per_prompt: int = 1  # K when online (`--samples-per-prompt` overrides it)
     starting_samples: int = 0  # online: before training, this many samples of each training prompt from the starting policy, for `Objective.start`
     scores_new_rows: bool = False  # scores rows outside the dataset (own samples, rewritten rows): no cached reference, a frozen one
+    unscored_samples: bool = False  # with SAMPLES: a sample the reward left unscored (NaN) gets no advantage, as in TRL's GRPO; else refused
     epochs_per_rollout: int = 1  # with SAMPLES: passes over each rollout...
     minibatches_per_rollout: int = 1  # ...and mini-batches per pass, each one optimizer step (PPO's)
     dataset_builder: str = "preferences"  # the builder that reads a `--dataset PATH`

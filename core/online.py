@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -18,6 +19,8 @@ from pref.interfaces import (
     SamplingConfig, ScoredBatch, Selection,
 )
 from pref.sequences import Sequences
+
+log = logging.getLogger(__name__)
 
 
 class OnlineBatches:
@@ -53,6 +56,7 @@ class OnlineBatches:
         self.after_draw = after_draw
         self.together = sampling_together or after_draw is not None  # every process goes through each round of draws
         self.sampling_together = sampling_together
+        self.unscored_samples, self.warned = needs.unscored_samples, False
         self.processes = processes or Processes()
         self.order = order if order is not None else ShuffledBatches(list(records), prompts_per_step, seed, rank, world)
         self.steps = None
@@ -91,11 +95,18 @@ class OnlineBatches:
         sampled = time.perf_counter()
         flat_completions = [completion for row in samples.completions for completion in row]
         scores, columns = scored(self.reward, records, samples.completions)
-        rewards = scores["reward"]
+        unscored = scores["reward"].isnan()
+        if unscored.any() and not self.unscored_samples:
+            require_scored(scores["reward"], flat_completions, "this objective")
+        if unscored.any() and not self.warned and self.processes.rank == 0:
+            self.warned = True
+            log.warning(f"the reward left {int(unscored.sum())} of {len(unscored)} samples unscored (the first: "
+                        f"{flat_completions[int(unscored.nonzero()[0])][:60]!r}); they get no advantage, and reward/* leaves them out")
+        rewards = scores["reward"][~unscored]
         metrics = {
             "reward/mean": rewards.mean().item(),
             "reward/std": rewards.std().item() if rewards.numel() > 1 else 0.0,
-            "reward/max": rewards.max().item(),
+            "reward/max": rewards.max().item() if rewards.numel() else math.nan,
             "samples/distinct_ratio": distinct_ratio(flat_completions),
             "samples/entropy": entropy_bits(flat_completions),
             "time/sampling": sampled - start,
@@ -186,6 +197,15 @@ def scored(reward: RewardSource, records: list[Any], completions: list[list[str]
     columns = {name: [columns_of(record)[name] for record in flat_records] for name in reward.columns}
     scores = reward.score([prompt_of(record) for record in flat_records], flat_completions, **columns)
     return checked_scores(reward, scores, len(flat_completions)), columns
+
+
+def require_scored(rewards: torch.Tensor, completions: list[str], learner: str) -> None:
+    """A `PrefError` when the reward left one of `completions` unscored (NaN, a reward function's None): `learner` needs them all."""
+    unscored = rewards.isnan().flatten().nonzero()
+    if len(unscored):
+        raise PrefError(f"the reward left {len(unscored)} of {rewards.numel()} samples unscored (a reward function's None, or NaN; the first: "
+                        f"{completions[int(unscored[0])][:60]!r}), and {learner} learns from every sample's reward: return a number "
+                        "for each completion (grpo and rloo give unscored samples no advantage)")
 
 
 def require_columns(reward: RewardSource, name: str, records: list[Any], dataset: str | None) -> None:

@@ -32,7 +32,7 @@ from pref.divergence import check_step, check_weights, refuse_non_finite_setting
 from pref.errors import NoUsablePairs, PrefError, RunInterrupted
 from pref.interfaces import Adapter, LabeledBatch, MetricsLogger, Minibatch, PairBatch, Processes, Reference, SecondModel
 from pref.models import DEFAULT_MODEL, SCORE_HEAD, load_model, load_tokenizer, prepare_for_training, quiet_new_heads, quiet_peft, remote_code, turn_off_dropout
-from pref.online import OnlineBatches, require_columns, sample_pool
+from pref.online import OnlineBatches, require_columns, require_scored, sample_pool
 from pref.packing import may_pack, packs_correctly
 from pref.plan import CACHED_LOGPS, NO_MODEL, RunPlan, output_folder, resolve_plan, reward_names
 from pref.policy import HFPolicy, unwrap
@@ -130,6 +130,8 @@ def start_objective(name: str, plan: RunPlan, policy: HFPolicy, items: list[Any]
     k = plan.needs.starting_samples
     pool = sample_pool(policy, items, plan.reward, k, plan.sampling, batch_size, processes, sampling_together,
                        f"{k} samples of each prompt (once, before training)")
+    if not plan.needs.unscored_samples:
+        require_scored(pool.scores["reward"], [c for row in pool.completions for c in row], f"objective {name}")
     kept = plan.objective.start(pool)
     if kept is None:
         return []
@@ -311,7 +313,7 @@ def completion_rows(batch: Any) -> list[dict[str, Any]]:
     drawn = batch.rollout.batch if fresh else batch.drawn if isinstance(batch, (PairBatch, LabeledBatch)) else None
     if drawn is None:
         return []
-    scores = {name: values.tolist() for name, values in drawn.scores.items()}
+    scores = {name: [None if math.isnan(value) else value for value in values.tolist()] for name, values in drawn.scores.items()}  # None: unscored
     return [{"prompt": prompt, "completion": completion, **{name: values[i] for name, values in drawn.columns.items()},
              **{name: values[i] for name, values in scores.items()}} for i, (prompt, completion) in enumerate(zip(drawn.prompts, drawn.completions))]
 

@@ -146,7 +146,7 @@ class HeldOutReward(Evaluator):
             return {}
         pool = sample_pool(policy, records, self.reward, self.samples, self.sampling, self.batch_size, self.processes,
                            sampling_together=self.processes.world > 1, what="answers to the held-out prompts")
-        return {f"eval/{name}": values.float().mean().item() for name, values in pool.scores.items()}
+        return {f"eval/{name}": values.float().nanmean().item() for name, values in pool.scores.items()}  # of the answers it scored
 
 
 @hookimpl

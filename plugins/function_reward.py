@@ -6,7 +6,8 @@ called with keyword arguments: `completions` (one text per completion), `prompts
 or its chat messages) if it names that parameter, and each of its other parameters without a default as a
 column of the prompts' rows, one value per completion: `def accuracy(completions, answer, **kwargs)` gets the
 `answer` of each completion's row (read by the `prompts` builder; a row without it is refused before training).
-It returns one number per completion (a list or a tensor), the `reward` score.
+It returns one number per completion (a list or a tensor), the `reward` score; None (or NaN) leaves a completion
+unscored, as TRL's reward functions do for samples they do not apply to (see `RewardSource.score`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import inspect
+import math
 import os
 import sys
 import traceback
@@ -60,6 +62,8 @@ class FunctionReward(RewardSource):
             where = f" at line {lines[-1]} of {self.file}" if lines else ""
             raise PrefError(f"the reward function {self.label} raised {type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}{where}; "
                             "it gets each completion as a text (not chat messages), and the prompts as texts or messages") from None
+        if isinstance(values, (list, tuple)):
+            values = [math.nan if value is None else value for value in values]  # unscored
         try:
             rewards = torch.as_tensor(values.detach().cpu() if isinstance(values, torch.Tensor) else values, dtype=torch.float32)
         except (TypeError, ValueError, RuntimeError):

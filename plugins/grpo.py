@@ -29,8 +29,13 @@ IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
 
 
 def std(values: torch.Tensor, dim: int | None = None) -> torch.Tensor:
-    """Sample standard deviation (Bessel's correction), as TRL's `nanstd` on NaN-free values; NaN for one value."""
-    return values.std(dim=dim) if dim is not None else values.std()
+    """Sample standard deviation (Bessel's correction) of the values that are not NaN (unscored samples), as TRL's `nanstd`;
+    NaN for fewer than two."""
+    present = ~values.isnan()
+    count = present.sum() if dim is None else present.sum(dim=dim)
+    squares = ((values - values.nanmean(dim=dim, keepdim=True)) ** 2).nanmean() if dim is None else \
+        ((values - values.nanmean(dim=dim, keepdim=True)) ** 2).nanmean(dim=dim)
+    return (squares * count / (count - 1)).sqrt()
 
 
 def group_advantages(
@@ -50,11 +55,13 @@ def group_advantages(
         advantages: [P * K].
         std_is_zero: [P * K] bool, True where the scaling std is 0 (no learning signal);
             TRL logs its mean as `frac_reward_zero_std`.
+
+    A NaN reward (a sample the reward left unscored) is left out of the means and stds, and its advantage is 0, as TRL's.
     """
     if scale_rewards not in SCALE_REWARDS:
         raise PrefError(f"unknown scale_rewards {scale_rewards!r}: choose one of {', '.join(SCALE_REWARDS)}")
     grouped = rewards.view(-1, samples_per_prompt)
-    mean = grouped.mean(dim=1).repeat_interleave(samples_per_prompt)
+    mean = grouped.nanmean(dim=1).repeat_interleave(samples_per_prompt)
     if scale_rewards == "batch":
         batch_rewards = rewards if batch_rewards is None else batch_rewards
         scale = std(batch_rewards).expand_as(rewards) if batch_rewards.numel() > 1 else torch.zeros_like(rewards)
@@ -63,7 +70,7 @@ def group_advantages(
     advantages = rewards - mean
     if scale_rewards != "none":
         advantages = advantages / (scale + 1e-4)
-    return advantages, torch.isclose(scale, torch.zeros_like(scale))
+    return advantages.nan_to_num(nan=0.0), torch.isclose(scale, torch.zeros_like(scale))
 
 
 def decoupled_advantages(
@@ -80,14 +87,18 @@ def decoupled_advantages(
 
     Returns:
         advantages: [P * K]; std_is_zero: [P * K] bool, True where the batch's std is 0.
+
+    A NaN score (left unscored by that reward) is out of its reward's group statistics and of the sum; a sample no reward
+    scored is out of the batch's, with advantage 0, as TRL's.
     """
     grouped = parts.view(-1, samples_per_prompt, parts.shape[1])
-    normalized = (grouped - grouped.mean(dim=1, keepdim=True)) / (std(grouped, dim=1).unsqueeze(1) + 1e-4)
-    rewards = (normalized.view(-1, parts.shape[1]) * weights.to(parts)).sum(dim=1)
+    normalized = (grouped - grouped.nanmean(dim=1, keepdim=True)) / (std(grouped, dim=1).unsqueeze(1) + 1e-4)
+    rewards = (normalized.view(-1, parts.shape[1]) * weights.to(parts)).nansum(dim=1)
+    rewards[parts.isnan().all(dim=1)] = torch.nan
     batch = rewards if batch_rewards is None else batch_rewards(rewards)
     scale = std(batch) if batch.numel() > 1 else torch.zeros((), dtype=rewards.dtype, device=rewards.device)
-    advantages = (rewards - batch.mean()) / (scale + 1e-4)
-    return advantages, torch.isclose(scale, torch.zeros_like(scale)).expand_as(rewards)
+    advantages = (rewards - batch.nanmean()) / (scale + 1e-4)
+    return advantages.nan_to_num(nan=0.0), torch.isclose(scale, torch.zeros_like(scale)).expand_as(rewards)
 
 
 def vespo_weights(
@@ -376,12 +387,12 @@ def rollout_metrics(batch: ScoredBatch, rewards: torch.Tensor, std_is_zero: torc
 
     rewards: [B] the (weighted) rewards the advantages were built from; mask: [B, T] completion tokens, as sampled;
     completions/clipped_ratio where `batch.truncated` is known.
-    A `weighted` reward's parts (scores named NAME/reward) are reported as rewards/NAME/mean.
+    A `weighted` reward's parts (scores named NAME/reward) are reported as rewards/NAME/mean. Unscored samples (NaN) are left out.
     """
     lengths = mask.sum(-1).float()
     metrics = {
-        "reward": rewards.mean().item(),
-        "reward_std": rewards.std().item() if rewards.numel() > 1 else 0.0,
+        "reward": rewards.nanmean().item(),
+        "reward_std": std(rewards).item() if rewards.numel() > 1 else 0.0,
         "frac_reward_zero_std": std_is_zero.float().mean().item(),
         "completions/mean_length": lengths.mean().item(),
         "completions/min_length": lengths.min().item(),
@@ -389,7 +400,7 @@ def rollout_metrics(batch: ScoredBatch, rewards: torch.Tensor, std_is_zero: torc
     }
     for name, values in batch.scores.items():
         if name.endswith("/reward"):
-            metrics[f"rewards/{name[: -len('/reward')]}/mean"] = values.float().mean().item()
+            metrics[f"rewards/{name[: -len('/reward')]}/mean"] = values.float().nanmean().item()
     if batch.truncated is not None:
         metrics["completions/clipped_ratio"] = batch.truncated.float().mean().item()
     return metrics
@@ -478,7 +489,8 @@ class GRPO(MovesReference, Objective):
     Several rewards: `--reward a --reward b --reward-weights 1,0.5` (TRL's reward_weights), the `weighted` reward's sum.
     """
 
-    needs = ObjectiveNeeds(reference=NO_REFERENCE, data=SAMPLES, online=True, samples_per_prompt=8, dropout=True, dataset_builder="prompts")
+    needs = ObjectiveNeeds(reference=NO_REFERENCE, data=SAMPLES, online=True, samples_per_prompt=8, dropout=True, dataset_builder="prompts",
+                           unscored_samples=True)
 
     def __init__(
         self,
@@ -554,6 +566,7 @@ class GRPO(MovesReference, Objective):
             dropout=True,  # as TRL's GRPO and RLOO trainers (disable_dropout False)
             data=SAMPLES,
             online=True,
+            unscored_samples=True,  # a sample the reward left unscored gets advantage 0, as TRL's
             dataset_builder="prompts",
             samples_per_prompt=self.needs.samples_per_prompt,
             epochs_per_rollout=num_iterations,

@@ -13,7 +13,7 @@ import torch
 from pref.errors import PrefError
 from pref.hookspecs import hookimpl
 from pref.interfaces import NO_REFERENCE, REFERENCE_DISTRIBUTIONS, REFERENCE_LOGPS, SAMPLES, Minibatch, Objective, ObjectiveNeeds, Policy, Processes, Reference, ScoredBatch
-from pref.plugins.grpo import PreparedSamples, group_size, rollout_metrics, truncated_of, without_truncated
+from pref.plugins.grpo import PreparedSamples, group_size, rollout_metrics, std, truncated_of, without_truncated
 from pref.plugins.moving_reference import MovesReference, SyncReference
 
 
@@ -28,18 +28,22 @@ def leave_one_out_advantages(
         normalize: then standardise over the batch: (a - mean) / (std + 1e-4) (TRL's `normalize_advantages`),
             the mean and std of every process's advantages (TRL gathers them).
         processes: the run's processes (default: this one alone).
+
+    A NaN reward (a sample the reward left unscored) is out of its siblings' baselines and of the normalisation, and its
+    advantage is 0, as is that of a prompt's only scored sample (TRL's).
     """
     if samples_per_prompt < 2:
         raise PrefError(f"rloo needs at least 2 samples per prompt for a leave-one-out baseline, got {samples_per_prompt}")
     grouped = rewards.view(-1, samples_per_prompt)
-    baselines = (grouped.sum(dim=1, keepdim=True) - grouped) / (samples_per_prompt - 1)
+    scored = (~grouped.isnan()).sum(dim=1, keepdim=True)
+    baselines = (grouped.nansum(dim=1, keepdim=True) - grouped) / (scored - 1)
     advantages = rewards - baselines.view(-1)
     if normalize:
         batch = advantages
         if processes is not None and processes.world > 1:
             batch = torch.tensor(processes.gather(advantages.tolist()), dtype=advantages.dtype, device=advantages.device)
-        advantages = (advantages - batch.mean()) / (batch.std() + 1e-4)
-    return advantages
+        advantages = (advantages - batch.nanmean()) / (std(batch) + 1e-4)
+    return advantages.nan_to_num(nan=0.0)
 
 
 def kl_penalised_rewards(
@@ -106,7 +110,8 @@ class RLOO(MovesReference, Objective):
     Several rewards: `--reward a --reward b --reward-weights 1,0.5` (TRL's reward_weights), the `weighted` reward's sum.
     """
 
-    needs = ObjectiveNeeds(reference=REFERENCE_LOGPS, data=SAMPLES, online=True, samples_per_prompt=8, dropout=True, dataset_builder="prompts")
+    needs = ObjectiveNeeds(reference=REFERENCE_LOGPS, data=SAMPLES, online=True, samples_per_prompt=8, dropout=True, dataset_builder="prompts",
+                           unscored_samples=True)
 
     def __init__(
         self,
@@ -151,6 +156,7 @@ class RLOO(MovesReference, Objective):
             dropout=True,  # as TRL's GRPO and RLOO trainers (disable_dropout False)
             data=SAMPLES,
             online=True,
+            unscored_samples=True,  # a sample the reward left unscored gets advantage 0, as TRL's
             dataset_builder="prompts",
             samples_per_prompt=self.needs.samples_per_prompt,
             epochs_per_rollout=num_iterations,
@@ -177,7 +183,7 @@ class RLOO(MovesReference, Objective):
             rewards, per_token_kl = kl_penalised_rewards(rewards, old_logps, reference_logps, mask, self.beta)
             metrics["kl"] = (per_token_kl.sum() / mask.sum().clamp(min=1)).item()
         advantages = leave_one_out_advantages(rewards, k, self.normalize_advantages, self.processes)
-        std_is_zero = torch.isclose(rewards.view(-1, k).std(dim=1), torch.zeros(()))
+        std_is_zero = torch.isclose(std(rewards.view(-1, k), dim=1), torch.zeros(()))
         metrics.update(rollout_metrics(batch, scores, std_is_zero, batch.sequences.completion_mask[:, 1:].to(device)))  # TRL reports the rewards before the KL penalty
         return PreparedSamples(sequences.to(device), advantages, old_logps, None, 0.0, metrics)
 

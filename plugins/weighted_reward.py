@@ -44,8 +44,10 @@ class WeightedReward(RewardSource):
         self.columns = tuple(dict.fromkeys(column for part in self.parts.values() for column in part.columns))
 
     def score(self, prompts: list[Prompt], completions: list[str], **columns: list[Any]) -> dict[str, torch.Tensor]:
-        """`reward` [B], the weighted sum, and every part's scores [B] under `NAME/SCORE`; each part gets the `columns` it reads."""
-        total = torch.zeros(len(completions))
+        """`reward` [B], the weighted sum, and every part's scores [B] under `NAME/SCORE`; each part gets the `columns` it reads.
+
+        A part's NaN (a completion it left unscored, a function's None) is out of the sum, as in TRL; where every part
+        left a completion unscored, its reward is NaN."""
         scores: dict[str, torch.Tensor] = {}
         for name, part in self.parts.items():
             part_scores = part.score(prompts, completions, **{column: columns[column] for column in part.columns})
@@ -53,7 +55,9 @@ class WeightedReward(RewardSource):
                 raise PrefError(f"weighted: reward {name!r} gave no score named 'reward'")
             for key, values in part_scores.items():
                 scores[f"{name}/{key}"] = values.detach().float().cpu()
-            total = total + self.weights[name] * scores[f"{name}/reward"]
+        weighted = torch.stack([self.weights[name] * scores[f"{name}/reward"] for name in self.parts])
+        total = weighted.nansum(dim=0)
+        total[weighted.isnan().all(dim=0)] = torch.nan
         return {"reward": total, **scores}
 
 

@@ -48,7 +48,7 @@ def test_a_bad_function_is_a_one_line_error(tmp_path, source, path, message):
         FunctionReward(path.format(file=file, dir=tmp_path))
 
 
-@pytest.mark.parametrize("returned, what", [("[1.0]", r"a tensor of shape \[1\]"), ("'good'", r"str good"), ("[None, 1.0]", r"list \[None, 1.0\]")])
+@pytest.mark.parametrize("returned, what", [("[1.0]", r"a tensor of shape \[1\]"), ("'good'", r"str good"), ("['x', 1.0]", r"list \['x', 1.0\]")])
 def test_what_it_returns_must_be_one_number_per_completion(tmp_path, returned, what):
     file = write(tmp_path / f"r{abs(hash(returned))}.py", f"def f(completions):\n    return {returned}\n")
     with pytest.raises(PrefError, match=rf"the reward function f in .* gave {what}; it must return one number per completion \(2\)"):
@@ -152,3 +152,38 @@ def test_eval_and_compare_answer_a_datasets_prompts_and_give_the_reward_their_co
     assert both.exit_code == 2 and "--prompt and --dataset both give the prompts to answer: pass one of them" in both.output
     answers_only = CliRunner().invoke(cli, ["compare", "--before", "a", "--after", "b", "--dataset", data])
     assert answers_only.exit_code == 2 and "--dataset gives the prompts whose answers --reward NAME scores" in answers_only.output
+
+
+def test_none_leaves_a_completion_unscored_and_several_rewards_sum_the_rest(tmp_path):
+    """TRL's multi-task rewards: `math` scores the rows of kind "math" and gives None for the others, `code` the reverse. Weighted 2
+    and 1: [2 x 1, 1 x 0.5, unscored by both -> NaN, 2 x 0]."""
+    file = write(tmp_path / "rewards.py", "def math(completions, kind):\n    return [float(c == '4') if k == 'math' else None for c, k in zip(completions, kind)]\n\n"
+                                          "def code(completions, kind):\n    return [0.5 if k == 'code' else None for k in kind]\n")
+    kinds = ["math", "code", "poem", "math"]
+    alone = FunctionReward(f"{file}:math").score(["p"] * 4, ["4", "4", "4", "5"], kind=kinds)["reward"]
+    assert alone[[0, 3]].tolist() == [1.0, 0.0] and alone[[1, 2]].isnan().all()
+    scores = load_registry().create("reward", "weighted", {"rewards": {f"{file}:math": 2.0, f"{file}:code": 1.0}}).score(
+        ["p"] * 4, ["4", "4", "4", "5"], kind=kinds)
+    assert scores["reward"][[0, 1, 3]].tolist() == [2.0, 0.5, 0.0] and scores["reward"][2].isnan()
+
+
+def test_grpo_trains_past_unscored_samples_and_the_others_refuse_them(tmp_path, tiny_model_dir, caplog):
+    """The function scores only the fruit prompt: grpo gives the other samples no advantage, logs them as null and warns once;
+    online DPO (its selector compares every sample) and A*-PO (V* of every prompt, before training) stop with a one-line error."""
+    data = write(tmp_path / "qa.jsonl", "".join(json.dumps(row) + "\n" for row in QA))
+    reward = write(tmp_path / "rewards.py", "def fruit(completions, answer):\n    return [1.0 if a == 'apple' else None for a in answer]\n")
+    flags = ["--reward", f"{reward}:fruit", "--dataset", data, "--model", tiny_model_dir, "-k", "2", "--batch-size", "3", "--steps", "1",
+             "--max-new-tokens", "4", "--device", "cpu", "--no-progress"]
+    out = tmp_path / "grpo"
+    result = CliRunner().invoke(cli, ["run", "--objective", "grpo", *flags, "--log-completions", "--output-dir", str(out)])
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in open(out / "completions.jsonl")]
+    assert sorted((row["answer"], row["reward"]) for row in rows if row["reward"] is not None) == [("apple", 1.0)] * 2
+    assert sum(row["reward"] is None for row in rows) == 4
+    assert [r.getMessage()[:48] for r in caplog.records if "unscored" in r.getMessage()] == ["the reward left 4 of 6 samples unscored (the fir"]
+    assert json.loads(open(out / "metrics.jsonl").readline())["reward/mean"] == 1.0  # of the scored samples
+    for objective, extra in [("online-dpo", []), ("a2po", ["-o", "num_value_samples=2"])]:
+        result = CliRunner().invoke(cli, ["run", "--objective", objective, *flags, *extra, "--output-dir", str(tmp_path / objective)])
+        assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+        assert "the reward left 4 of 6 samples unscored (a reward function's None, or NaN; the first: " in result.output
+        assert f"and {'this objective' if objective == 'online-dpo' else 'objective a2po'} learns from every sample's reward" in result.output

@@ -148,7 +148,7 @@ def test_dapo_normalises_by_the_whole_rollout_tokens():
 
 
 def trl_advantages_group(rewards, k, scale_rewards):
-    """TRL 1.16's GRPO advantage lines (`_generate_and_score_completions`, sum_then_normalize), on NaN-free rewards."""
+    """TRL 1.16's GRPO advantage lines (`_generate_and_score_completions`, sum_then_normalize); NaN: every reward function gave None."""
     from trl.trainer.utils import nanstd
 
     mean_grouped = torch.nanmean(rewards.view(-1, k), dim=1).repeat_interleave(k, dim=0)
@@ -159,7 +159,7 @@ def trl_advantages_group(rewards, k, scale_rewards):
     advantages = rewards - mean_grouped
     if scale_rewards != "none":
         advantages = advantages / (std_rewards + 1e-4)
-    return advantages, torch.isclose(std_rewards, torch.zeros_like(std_rewards))
+    return torch.nan_to_num(advantages, nan=0.0), torch.isclose(std_rewards, torch.zeros_like(std_rewards))
 
 
 @pytest.mark.parametrize("scale_rewards", ["group", "batch", "none"])
@@ -172,6 +172,29 @@ def test_group_advantages_match_trl(scale_rewards, k):
     theirs, theirs_zero = trl_advantages_group(rewards, k, scale_rewards)
     assert_close(ours, theirs)
     assert torch.equal(ours_zero, theirs_zero)
+
+
+@pytest.mark.parametrize("scale_rewards", ["group", "batch", "none"])
+def test_group_advantages_leave_unscored_samples_out_as_trl(scale_rewards):
+    pytest.importorskip("trl")
+    rewards = torch.tensor([1.0, float("nan"), 3.0, 0.0, float("nan"), float("nan"), 2.0, 2.0, 5.0, float("nan"), 1.0, 4.0])
+    ours, ours_zero = group_advantages(rewards, 3, scale_rewards)
+    theirs, theirs_zero = trl_advantages_group(rewards, 3, scale_rewards)
+    assert_close(ours, theirs)
+    assert torch.equal(ours_zero, theirs_zero)
+    assert ours[[1, 4, 5, 9]].tolist() == [0.0] * 4 and not ours.isnan().any()
+
+
+def test_group_advantages_of_unscored_samples_by_hand():
+    """Group [1, None, 3]: mean 2 of the two scored, sample std sqrt(2): [-1, 0, 1] / (1.41421 + 1e-4); group [4, None, None]:
+    one scored, std NaN, advantage 0 (4 - 4 over NaN); with "none": [-1, 0, 1, 0, 0, 0]."""
+    nan = float("nan")
+    rewards = torch.tensor([1.0, nan, 3.0, 4.0, nan, nan])
+    advantages, zero = group_advantages(rewards, 3, "group")
+    a = 1 / (math.sqrt(2) + 1e-4)
+    assert advantages.tolist() == pytest.approx([-a, 0.0, a, 0.0, 0.0, 0.0], abs=1e-6)
+    assert zero.tolist() == [False] * 6  # an unknown std is not a zero one (TRL's isclose of NaN)
+    assert group_advantages(rewards, 3, "none")[0].tolist() == [-1.0, 0.0, 1.0, 0.0, 0.0, 0.0]
 
 
 def test_group_advantages_by_hand():
@@ -286,7 +309,7 @@ def test_rloo_loss_matches_trl(epsilon, epsilon_high):
 
 
 def trl_rloo_advantages(rewards, k, normalize):
-    """TRL 1.16's RLOO advantage lines (`_generate_and_score_completions`), on NaN-free rewards."""
+    """TRL 1.16's RLOO advantage lines (`_generate_and_score_completions`); NaN: every reward function gave None."""
     from trl.trainer.utils import nanstd
 
     grouped = rewards.view(-1, k)
@@ -295,7 +318,7 @@ def trl_rloo_advantages(rewards, k, normalize):
     advantages = rewards - baselines
     if normalize:
         advantages = (advantages - torch.nanmean(advantages)) / (nanstd(advantages) + 1e-4)
-    return advantages
+    return torch.nan_to_num(advantages, nan=0.0)
 
 
 @pytest.mark.parametrize("normalize", [False, True])
@@ -306,9 +329,24 @@ def test_leave_one_out_advantages_match_trl(k, normalize):
     assert_close(leave_one_out_advantages(rewards, k, normalize), trl_rloo_advantages(rewards, k, normalize))
 
 
+@pytest.mark.parametrize("normalize", [False, True])
+def test_leave_one_out_advantages_leave_unscored_samples_out_as_trl(normalize):
+    pytest.importorskip("trl")
+    nan = float("nan")
+    rewards = torch.tensor([1.0, nan, 3.0, 0.5, 2.0, nan, nan, nan, 4.0, -1.0, 2.0, 6.0])
+    ours = leave_one_out_advantages(rewards, 4, normalize)
+    assert_close(ours, trl_rloo_advantages(rewards, 4, normalize))
+    assert not ours.isnan().any() and ours[[1, 5, 6, 7]].tolist() == [0.0] * 4
+
+
 def test_leave_one_out_by_hand():
-    """Group [1, 2, 6]: baselines (2 + 6) / 2 = 4, (1 + 6) / 2 = 3.5, (1 + 2) / 2 = 1.5 -> advantages [-3, -1.5, 4.5]."""
+    """Group [1, 2, 6]: baselines (2 + 6) / 2 = 4, (1 + 6) / 2 = 3.5, (1 + 2) / 2 = 1.5 -> advantages [-3, -1.5, 4.5].
+    Group [1, None, 6, 2]: the unscored one is out of the baselines, (6 + 2) / 2 = 4, (1 + 2) / 2 = 1.5, (1 + 6) / 2 = 3.5
+    -> [-3, 0, 4.5, -1.5]; group [5, None]: its only scored sample has no baseline -> [0, 0]."""
     assert_close(leave_one_out_advantages(torch.tensor([1.0, 2.0, 6.0]), 3), torch.tensor([-3.0, -1.5, 4.5]))
+    nan = float("nan")
+    assert leave_one_out_advantages(torch.tensor([1.0, nan, 6.0, 2.0]), 4).tolist() == [-3.0, 0.0, 4.5, -1.5]
+    assert leave_one_out_advantages(torch.tensor([5.0, nan]), 2).tolist() == [0.0, 0.0]
     with pytest.raises(PrefError, match="at least 2 samples"):
         leave_one_out_advantages(torch.tensor([1.0]), 1)
 
@@ -683,8 +721,24 @@ def trl_decoupled(parts, weights, k):
     std_k = nanstd(grouped, dim=1, keepdim=True)
     reward_k = ((grouped - mean_k) / (std_k + 1e-4)).view(-1, parts.shape[1])
     rewards = (reward_k * weights.unsqueeze(0)).nansum(dim=1)
+    rewards[torch.isnan(parts).all(dim=1)] = torch.nan
     std_rewards = nanstd(rewards).expand_as(rewards)
-    return (rewards - torch.nanmean(rewards)) / (std_rewards + 1e-4), torch.isclose(std_rewards, torch.zeros_like(std_rewards))
+    advantages = (rewards - torch.nanmean(rewards)) / (std_rewards + 1e-4)
+    return torch.nan_to_num(advantages, nan=0.0), torch.isclose(std_rewards, torch.zeros_like(std_rewards))
+
+
+def test_gdpo_advantages_leave_unscored_samples_out_as_trl():
+    """Each reward applies to some samples only (a function's None): TRL's multi-task use; the last sample neither scored."""
+    pytest.importorskip("trl")
+    from pref.plugins.grpo import decoupled_advantages
+
+    nan = float("nan")
+    parts = torch.tensor([[1.0, nan], [0.0, nan], [nan, 3.0], [nan, 1.0], [1.0, 2.0], [0.0, 0.5], [1.0, nan], [nan, nan]])
+    weights = torch.tensor([1.0, 0.5])
+    ours, ours_zero = decoupled_advantages(parts, weights, 2)
+    theirs, theirs_zero = trl_decoupled(parts, weights, 2)
+    assert_close(ours, theirs)
+    assert ours_zero.tolist() == theirs_zero.tolist() and ours[7].item() == 0.0
 
 
 def test_gdpo_advantages_by_hand_and_as_trl():
