@@ -16,6 +16,8 @@ process, so its peak GPU memory (`torch.cuda.max_memory_allocated`) is its own:
   autocast: like for like), gradient checkpointing off as for pref;
 - pref DPO with QLoRA: `--lora --quantize nf4` (the decoder's linear layers in 4 bits under
   r-16 adapters on every linear layer), otherwise as the first: what the 4-bit base saves;
+- pref DPO with `--gradient-checkpointing`, then with `--activation-offloading` too (the checkpointed layers' inputs
+  kept in CPU memory): what each saves of the peak, for what time;
 - pref DivPO online with the `unique-nouns` reward (distinct nouns per answer: it varies even
   on a random model's text, where answers are rarely a single known noun): the step time
   split into sampling, scoring and update.
@@ -206,7 +208,22 @@ def child_pref_dpo_qlora(args: argparse.Namespace, size: dict) -> dict:
     return child_pref_dpo(args, size, adapter="lora", quantize="nf4", output_dir=os.path.join(args.work_dir, "dpo-qlora-run"))
 
 
-CHILDREN = {"pref-dpo": child_pref_dpo, "trl-dpo": child_trl_dpo, "pref-dpo-qlora": child_pref_dpo_qlora, "pref-divpo": child_pref_divpo}
+def child_pref_dpo_checkpointing(args: argparse.Namespace, size: dict) -> dict:
+    return child_pref_dpo(args, size, gradient_checkpointing=True, output_dir=os.path.join(args.work_dir, "dpo-checkpointing-run"))
+
+
+def child_pref_dpo_offloading(args: argparse.Namespace, size: dict) -> dict:
+    import pref.offload
+
+    if args.device == "cpu":  # --tiny: the CPU's tensors are "offloaded" to fresh CPU memory, to run the same code
+        pref.offload.STAYS_ON = ()
+    return child_pref_dpo(args, size, gradient_checkpointing=True, activation_offloading=True,
+                          output_dir=os.path.join(args.work_dir, "dpo-offloading-run"))
+
+
+CHILDREN = {"pref-dpo": child_pref_dpo, "trl-dpo": child_trl_dpo, "pref-dpo-qlora": child_pref_dpo_qlora,
+            "pref-dpo-checkpointing": child_pref_dpo_checkpointing, "pref-dpo-offloading": child_pref_dpo_offloading,
+            "pref-divpo": child_pref_divpo}
 
 
 # ---------------------------------------------------------------------------------------
@@ -276,7 +293,8 @@ def report(results: dict, params: int, args: argparse.Namespace, size: dict, dev
         "| DPO | steps/s | tokens/s | peak GPU memory GiB | MFU |", "|---|---:|---:|---:|---:|",
     ]
     for name, label in (("pref-dpo", "pref (cached reference log-probs)"), ("trl-dpo", "TRL 1.16 DPOTrainer (precomputed reference)"),
-                        ("pref-dpo-qlora", "pref, QLoRA (--lora --quantize nf4)")):
+                        ("pref-dpo-qlora", "pref, QLoRA (--lora --quantize nf4)"), ("pref-dpo-checkpointing", "pref, --gradient-checkpointing"),
+                        ("pref-dpo-offloading", "pref, --gradient-checkpointing --activation-offloading")):
         r = results.get(name)
         if r:
             mfu = 6 * params * r["tokens_per_s"] / (args.peak_tflops * 1e12)

@@ -122,6 +122,7 @@ def load_registry() -> Any:
 @click.option("--mixed-precision", type=click.Choice(["no", "fp16", "bf16"]), help="Autocast precision.")
 @click.option("--dtype", type=click.Choice(["auto", "bfloat16", "float16", "float32"]), help="Weights as loaded (auto: bf16 on a bf16-capable GPU for a bf16/fp16 checkpoint, else float32).")
 @click.option("--gradient-checkpointing/--no-gradient-checkpointing", default=None, help="Recompute activations in the backward pass: less memory, ~30% more time.")
+@click.option("--activation-offloading/--no-activation-offloading", default=None, help="Keep the activations the backward needs in CPU memory, not the GPU's: less GPU memory, time for the copies (TRL's activation_offloading).")
 @click.option("--cast-lm-head-to-fp32/--no-cast-lm-head-to-fp32", default=None, help="Keep the LM head's weights and compute its logits in float32 (log-probs and samples of a bf16 model; ScaleRL, TRL's cast_lm_head_to_fp32).")
 @click.option("--attn-implementation", help="transformers' attention kernel for the trained model: sdpa (its default), eager, flash_attention_2, ...")
 @click.option("--fsdp/--no-fsdp", default=None, help="Shard weights, gradients and optimizer state over the processes (torch FSDP2; needs 2+ processes).")

@@ -39,6 +39,7 @@ class RunConfig:
     mixed_precision: str = "no"  # no | fp16 | bf16
     dtype: str = "auto"  # auto | bfloat16 | float16 | float32: the weights as loaded (pref.precision)
     gradient_checkpointing: bool = False
+    activation_offloading: bool = False  # the activations kept for the backward wait in CPU memory (pref.offload)
     cast_lm_head_to_fp32: bool = False  # the LM head's weights and logits in float32 (pref.precision.head_in_float32)
     attn_implementation: str | None = None  # transformers' attention kernel: sdpa (its default), eager, flash_attention_2, ...
     fsdp: bool = False  # shard the model over the processes with torch's FSDP2 (pref.sharding)
@@ -119,7 +120,7 @@ POSITIVE = ("steps", "batch_size", "grad_accum", "max_length", "max_prompt_lengt
 POSITIVE_OR_NONE = ("max_new_tokens", "threads")  # None: resolved later (see RunConfig)
 ZERO_OR_MORE = ("save_every", "eval_every", "warmup_steps", "bucket_window", "top_k")  # 0: off
 RESOLVED_LATER = (*POSITIVE_OR_NONE, "bucket_window", "top_k")  # None: resolved by the plan (see RunConfig)
-TRUE_OR_FALSE = ("fsdp", "sample_sharded", "packing", "cast_lm_head_to_fp32", "log_completions")
+TRUE_OR_FALSE = ("fsdp", "sample_sharded", "packing", "cast_lm_head_to_fp32", "log_completions", "activation_offloading")
 
 
 def read_config_file(path: str) -> dict[str, Any]:

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from pref import offload
 from pref.agreement import StopRequests, next_batch_together, same_decision
 from pref.checkpoint import PATTERN, Trained, list_checkpoints, load_checkpoint, mark_evaluated, read_state, rng_state, save_checkpoint, write_atomically
 from pref.config import RunConfig
@@ -401,6 +402,9 @@ def train_policy(config: RunConfig, registry: Registry) -> tuple[str, HFPolicy]:
         torch.set_num_threads(config.threads)  # for the whole process, like the seed
     rank, world = accelerator.process_index, accelerator.num_processes
     processes = AcceleratedProcesses(accelerator)
+    if config.activation_offloading and accelerator.device.type in offload.STAYS_ON:
+        raise PrefError(f"--activation-offloading moves activations from the accelerator's memory to the CPU's, and this run computes on "
+                        f"the {accelerator.device.type.upper()}: drop it, or run on a GPU")
 
     checkpoint = resume_checkpoint(config.resume) if config.resume else None  # None: a fresh start, or stopped before the first one
     state = read_state(checkpoint) if checkpoint else {"step": 0}
@@ -537,6 +541,7 @@ def train_policy(config: RunConfig, registry: Registry) -> tuple[str, HFPolicy]:
     tokens_seen = state.get("num_tokens", None if checkpoint else 0)
     stopped, unlogged, evaluated = "", None, state.get("evaluated", False)  # unlogged: the last step's (step, figures) when log_every skipped it; evaluated: it was
     interrupted = 0  # the signal that stopped the run after a step, with a checkpoint
+    offloaded = offload.OffloadedActivations(unwrap(model)) if config.activation_offloading else nullcontext()
     with loggers_running(loggers, config.steps, start_step), StopRequests(announce=accelerator.is_main_process) as stop_requests:
         for step in range(start_step + 1, config.steps + 1):
             # forward and backward, accumulated over micro-batches
@@ -567,7 +572,7 @@ def train_policy(config: RunConfig, registry: Registry) -> tuple[str, HFPolicy]:
                 t_update = time.perf_counter()
                 last = micro == config.grad_accum - 1
                 with nullcontext() if last else no_gradient_sync(accelerator, model):
-                    with accelerator.autocast(), policy.router_losses() if router_coef else nullcontext([]) as router_losses:
+                    with accelerator.autocast(), offloaded, policy.router_losses() if router_coef else nullcontext([]) as router_losses:
                         loss, metrics = checked_loss(config.objective, objective.loss(policy, reference, batch))
                     if router_losses:  # a Mixture of Experts: its load balancing joins each loss, as in TRL
                         router_loss = torch.stack(router_losses).mean()
