@@ -2,16 +2,19 @@
 
 `--reward rewards.py:accuracy` is this reward with `path=rewards.py:accuracy` (so is `--reward function
 --reward-option path=rewards.py:accuracy`); no package to write. The file is imported once. The function is
-called with keyword arguments: `completions` (one text per completion), `prompts` (the prompt of each: its text
-or its chat messages) if it names that parameter, and each of its other parameters without a default as a
+called with keyword arguments: `completions` (one per completion: its text, or, where its prompt is chat messages,
+`[{"role": "assistant", "content": text}]`, as TRL gives them), `prompts` (the prompt of each: its text or its
+chat messages) if it names that parameter, and each of its other parameters without a default as a
 column of the prompts' rows, one value per completion: `def accuracy(completions, answer, **kwargs)` gets the
 `answer` of each completion's row (read by the `prompts` builder; a row without it is refused before training).
 It returns one number per completion (a list or a tensor), the `reward` score; None (or NaN) leaves a completion
-unscored, as TRL's reward functions do for samples they do not apply to (see `RewardSource.score`).
+unscored, as TRL's reward functions do for samples they do not apply to (see `RewardSource.score`). An `async def`
+function is awaited.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import importlib.util
 import inspect
@@ -30,6 +33,8 @@ from pref.interfaces import RewardSource
 
 #: Parameters the function may take besides the columns.
 GIVEN = ("prompts", "completions")
+#: What TRL's trainers also pass, and pref does not: a function that needs one is refused, not sent looking for a column.
+TRL_ONLY = ("completion_ids", "trainer_state", "log_extra", "log_metric", "environments")
 
 
 class FunctionReward(RewardSource):
@@ -53,15 +58,23 @@ class FunctionReward(RewardSource):
         self.gives_prompts = "prompts" in parameters or takes_any
         self.columns = tuple(n for n, p in parameters.items()
                              if n not in GIVEN and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.default is p.empty)
+        unsupported = [n for n in self.columns if n in TRL_ONLY]
+        if unsupported:
+            raise PrefError(f"function: {name} in {file} needs `{unsupported[0]}`, which TRL's trainers pass and pref does not (it gives "
+                            "prompts, completions and the rows' columns); give that parameter a default, or take **kwargs")
 
     def score(self, prompts: list[Prompt], completions: list[str], **columns: list[Any]) -> dict[str, torch.Tensor]:
+        given = [[{"role": "assistant", "content": c}] if isinstance(p, list) else c for p, c in zip(prompts, completions)]  # as TRL's
         try:
-            values = self.function(completions=list(completions), **({"prompts": list(prompts)} if self.gives_prompts else {}), **columns)
+            values = self.function(completions=given, **({"prompts": list(prompts)} if self.gives_prompts else {}), **columns)
+            if inspect.isawaitable(values):  # an `async def` function
+                values = asyncio.run(values)
         except Exception as exc:  # the user's own code: where it failed, in one line
             lines = [frame.lineno for frame in traceback.extract_tb(exc.__traceback__) if os.path.abspath(frame.filename) == self.file]
             where = f" at line {lines[-1]} of {self.file}" if lines else ""
             raise PrefError(f"the reward function {self.label} raised {type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}{where}; "
-                            "it gets each completion as a text (not chat messages), and the prompts as texts or messages") from None
+                            "it gets each completion as a text, or as [{'role': 'assistant', 'content': text}] where its prompt is "
+                            "chat messages") from None
         if isinstance(values, (list, tuple)):
             values = [math.nan if value is None else value for value in values]  # unscored
         try:

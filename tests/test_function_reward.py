@@ -58,8 +58,34 @@ def test_what_it_returns_must_be_one_number_per_completion(tmp_path, returned, w
 def test_an_error_in_the_function_is_one_line_naming_where(tmp_path):
     file = write(tmp_path / "rewards.py", "def f(completions):\n    return [c[0]['content'] for c in completions]\n")  # TRL's chat completions
     with pytest.raises(PrefError, match=r"^the reward function f in .*rewards.py raised TypeError: string indices must be integers.* at line 2 of "
-                                        r".*rewards.py; it gets each completion as a text \(not chat messages\)"):
+                                        r".*rewards.py; it gets each completion as a text, or as \[\{'role': 'assistant', 'content': text\}\] "
+                                        r"where its prompt is chat messages$"):
         FunctionReward(f"{file}:f").score(["p"], ["an answer"])
+
+
+def test_a_chat_prompts_completions_come_as_messages_and_an_async_function_is_awaited(tmp_path):
+    """TRL's conversational reward functions run unchanged: a completion of a prompt that is chat messages comes as
+    [{"role": "assistant", "content": text}], one of a text prompt as its text; an `async def` function is awaited."""
+    file = write(tmp_path / "rewards.py", "import asyncio\n\n"
+                                          "def shape(completions):\n"
+                                          "    return [float(len(c[0]['content'])) if isinstance(c, list) else -float(len(c)) for c in completions]\n\n"
+                                          "async def later(completions):\n"
+                                          "    await asyncio.sleep(0)\n"
+                                          "    return [1.0, None]\n")
+    chat = [{"role": "user", "content": "Name a fruit."}]
+    assert FunctionReward(f"{file}:shape").score([chat, "Name a tool."], ["pear", "hammer"])["reward"].tolist() == [4.0, -6.0]
+    later = FunctionReward(f"{file}:later").score(["p", "q"], ["a", "b"])["reward"]
+    assert later[0].item() == 1.0 and later[1].isnan()
+
+
+@pytest.mark.parametrize("parameter", ["completion_ids", "trainer_state", "log_metric"])
+def test_a_function_that_needs_what_only_trl_passes_is_refused_naming_it(tmp_path, parameter):
+    file = write(tmp_path / "rewards.py", f"def f(completions, {parameter}):\n    return [1.0]\n\ndef g(completions, {parameter}=None, **kw):\n"
+                                          "    return [1.0]\n")
+    with pytest.raises(PrefError, match=rf"^function: f in .*rewards.py needs `{parameter}`, which TRL's trainers pass and pref does not .*; "
+                                        r"give that parameter a default, or take \*\*kwargs$"):
+        FunctionReward(f"{file}:f")
+    assert FunctionReward(f"{file}:g").columns == ()
 
 
 def test_online_runs_score_each_sample_with_its_own_rows_columns(tmp_path, tiny_model_dir, monkeypatch):
