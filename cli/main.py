@@ -124,6 +124,7 @@ def load_registry() -> Any:
 @click.option("--gradient-checkpointing/--no-gradient-checkpointing", default=None, help="Recompute activations in the backward pass: less memory, ~30% more time.")
 @click.option("--activation-offloading/--no-activation-offloading", default=None, help="Keep the activations the backward needs in CPU memory, not the GPU's: less GPU memory, time for the copies (TRL's activation_offloading).")
 @click.option("--cast-lm-head-to-fp32/--no-cast-lm-head-to-fp32", default=None, help="Keep the LM head's weights and compute its logits in float32 (log-probs and samples of a bf16 model; ScaleRL, TRL's cast_lm_head_to_fp32).")
+@click.option("--chat-template", help="A Jinja file, or a model (folder or hub id) whose tokenizer's chat template replaces the model's own (TRL's chat_template_path).")
 @click.option("--attn-implementation", help="transformers' attention kernel for the trained model: sdpa (its default), eager, flash_attention_2, ...")
 @click.option("--fsdp/--no-fsdp", default=None, help="Shard weights, gradients and optimizer state over the processes (torch FSDP2; needs 2+ processes).")
 @click.option("--sample-sharded/--no-sample-sharded", default=None,
@@ -280,14 +281,15 @@ cli.add_command(report)
 
 @dataclass(frozen=True)
 class Loading:
-    """How `generate`, `eval` and `compare` load a model: their `--device`, `--dtype`, `--attn-implementation`, `--quantize` and
-    `--chat-template-option`s (`--trust-remote-code` holds for the whole command: `pref.models.remote_code`)."""
+    """How `generate`, `eval` and `compare` load a model: their `--device`, `--dtype`, `--attn-implementation`, `--quantize`,
+    `--chat-template-option`s and `--chat-template` (`--trust-remote-code` holds for the whole command: `pref.models.remote_code`)."""
 
     device: str = "auto"
     dtype: str = "auto"
     attention: str | None = None
     quantize: str | None = None
     template_options: tuple[tuple[str, Any], ...] = ()
+    chat_template: str | None = None
 
 
 def load_policy(model: str | None, loading: Loading = Loading()) -> Any:
@@ -300,7 +302,7 @@ def load_policy(model: str | None, loading: Loading = Loading()) -> Any:
     where = resolve_device(loading.device)
     if loading.quantize and importlib.util.find_spec("bitsandbytes") is None:
         raise PrefError(f"--quantize {loading.quantize} needs the bitsandbytes package: pip install 'pref[quantize]'")
-    policy = HFPolicy(None, load_tokenizer(model), template_options=dict(loading.template_options))
+    policy = HFPolicy(None, load_tokenizer(model, loading.chat_template), template_options=dict(loading.template_options))
     policy.load_model(model, resolve_dtype(loading.dtype, where, model), attention=loading.attention, quantize=loading.quantize, device=where)
     if not loading.quantize:  # a 4-bit model is loaded where it computes
         policy.model.to(where)
@@ -328,6 +330,8 @@ device_options = [
                  "QLoRA run's adapter was trained on them. Needs pip install 'pref[quantize]'."),
     click.option("--chat-template-option", "template_option", multiple=True,
                  help="A variable of the model's chat template KEY=VALUE, e.g. enable_thinking=false (Qwen3); repeatable."),
+    click.option("--chat-template", help="A Jinja file, or a model whose tokenizer's chat template replaces the model's own (a base "
+                 "model compared with what a --chat-template run made of it)."),
     click.option("--trust-remote-code", is_flag=True, help="Let the model and its tokenizer run the Python code they ship (their config's "
                  "auto_map); read it first."),
 ]
@@ -337,12 +341,12 @@ def with_device_options(func: Any) -> Any:
     """The options above, handed to `func` as one `loading` (a `Loading`); `--trust-remote-code` holds while `func` runs."""
     @functools.wraps(func)
     def command(*args: Any, device: str, dtype: str, attention: str | None, quantize: str | None, template_option: tuple[str, ...],
-                trust_remote_code: bool, **kwargs: Any) -> Any:
+                chat_template: str | None, trust_remote_code: bool, **kwargs: Any) -> Any:
         from pref.models import remote_code
 
         options = tuple(parse_options(template_option, "--chat-template-option").items())
         with remote_code(trust_remote_code):
-            return func(*args, loading=Loading(device, dtype, attention, quantize, options), **kwargs)
+            return func(*args, loading=Loading(device, dtype, attention, quantize, options, chat_template), **kwargs)
 
     for option in reversed(device_options):
         command = option(command)

@@ -61,6 +61,7 @@ class RunConfig:
     router_aux_loss_coef: float | None = None  # a Mixture-of-Experts model's load-balancing loss weight; None: its config's (TRL's default)
     max_length: int = 512
     max_prompt_length: int = 256
+    chat_template: str | None = None  # a Jinja file, or a model whose tokenizer's chat template replaces the model's own
     chat_template_options: dict[str, Any] = field(default_factory=dict)  # the chat template's variables: enable_thinking = false (Qwen3), ...
     bucket_window: int | None = None  # offline: the sampler "length-buckets" with this window; None: 50 (pref.plan.PLAN_DEFAULTS); 0: plain shuffle
     packing: bool = True  # lean log-prob forwards pack rows back to back without padding (pref.packing)

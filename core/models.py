@@ -58,7 +58,8 @@ def resolve_model_path(name: str | None) -> str:
     return os.path.expanduser(name)
 
 
-def load_tokenizer(name: str | None) -> Any:
+def load_tokenizer(name: str | None, chat_template: str | None = None) -> Any:
+    """The tokenizer of model `name`, with a pad token; `chat_template` (`--chat-template`) replaces its chat template."""
     from transformers import AutoTokenizer
 
     path = resolve_model_path(name)
@@ -69,7 +70,29 @@ def load_tokenizer(name: str | None) -> Any:
         raise _load_error(name, path, exc, local) from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+    if chat_template:
+        tokenizer.chat_template = read_chat_template(chat_template)  # a Jinja mistake in it fails at the first prompt, before the model loads
     return tokenizer
+
+
+def read_chat_template(source: str) -> str:
+    """The chat template `--chat-template` names (TRL's `chat_template_path`): a Jinja file's text, or the chat template of
+    a tokenizer (a model folder or hub id; a base model takes an instruct model's). Its special tokens are the
+    trained model's own only if its tokenizer has them: others are written as plain text (several tokens each)."""
+    path = os.path.expanduser(source)
+    if path.endswith((".jinja", ".j2")) and not os.path.isfile(path):
+        raise PrefError(f"--chat-template: no such file {source}")
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+        if not text.strip():
+            raise PrefError(f"--chat-template {source} is empty: give a Jinja chat template file, or a model whose tokenizer has one")
+        return text
+    template = getattr(load_tokenizer(source), "chat_template", None)
+    if not isinstance(template, str) or not template:  # none, or several by name (a dict): which to take is the user's to say
+        raise PrefError(f"--chat-template {source}: its tokenizer has {'several chat templates' if template else 'no chat template'}; "
+                        "give a Jinja file of the one to use")
+    return template
 
 
 def load_model(name: str | None, dtype: torch.dtype | None = None, kind: str = "causal-lm", attention: str | None = None,
@@ -245,10 +268,12 @@ def prompt_token_ids(tokenizer: Any, prompt: Prompt, template_options: dict[str,
 
 def rendered(tokenizer: Any, messages: list[dict], answer_next: bool, template_options: dict[str, Any] | None = None) -> str:
     """The chat template's text of `messages`, with the generation prompt when `answer_next`; its refusal is a one-line `PrefError`."""
-    from jinja2 import TemplateError
+    from jinja2 import TemplateError, TemplateSyntaxError
 
     try:
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=answer_next, **(template_options or {}))
+    except TemplateSyntaxError as exc:  # a --chat-template file's own mistake
+        raise PrefError(f"the chat template is no valid Jinja: {exc.message} (line {exc.lineno}); fix the --chat-template file") from None
     except TemplateError as exc:  # the template's own check (roles that must alternate, a variable's value, ...)
         raise PrefError(f"the model's chat template refused a prompt: {exc}; give prompts it accepts, or other --chat-template-option "
                         f"values ({', '.join(f'{k}={v}' for k, v in (template_options or {}).items()) or 'none given'})") from None

@@ -432,7 +432,7 @@ def train_policy(config: RunConfig, registry: Registry) -> tuple[str, HFPolicy]:
     lock = claim_output_dir(out_dir, bool(config.resume), accelerator)  # before the data and the model: fail fast
 
     # -- the data, read with the tokenizer alone and checked, before the slow model load ------
-    policy = HFPolicy(None, load_tokenizer(config.model), max_length=config.max_length, max_prompt_length=config.max_prompt_length, packing=config.packing,
+    policy = HFPolicy(None, load_tokenizer(config.model, config.chat_template), max_length=config.max_length, max_prompt_length=config.max_prompt_length, packing=config.packing,
                       sample_sharded=config.sample_sharded, template_options=config.chat_template_options)
     builders = plan.datasets + plan.validation_datasets
     records = build_datasets(builders, policy)  # a builder that samples from the model waits for it

@@ -1,5 +1,7 @@
 """Prompts go through the chat template once, with no doubled BOS or EOS."""
 
+import os
+
 from transformers import AutoTokenizer
 
 from pref.models import completion_token_ids, prompt_token_ids
@@ -127,3 +129,68 @@ def test_a_template_that_refuses_a_prompt_is_a_one_line_error(tmp_path, tiny_mod
     assert result.exit_code == 2 and "Traceback" not in result.output
     assert result.output.strip().splitlines()[-1] == ("Error: the model's chat template refused a prompt: enable_thinking is true or false; "
                                                       "give prompts it accepts, or other --chat-template-option values (enable_thinking=maybe)")
+
+
+ROLES = "{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }} {{ eos_token }}{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}"
+
+
+def test_a_run_takes_its_chat_template_from_a_jinja_file_or_another_models_tokenizer(tmp_path, tiny_model_dir, prefs_file, monkeypatch):
+    """A base model's run takes the template --chat-template names (TRL's chat_template_path): its prompts are written by it,
+    final/ keeps it for eval and generate, run.json records the file absolute, and a resume keeps it."""
+    import json
+
+    from click.testing import CliRunner
+
+    from pref.cli.main import cli
+    from pref.models import load_tokenizer
+
+    (tmp_path / "roles.jinja").write_text(ROLES)
+    instruct = tmp_path / "instruct"  # a tokenizer whose template is ROLES
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tok.chat_template = ROLES
+    tok.save_pretrained(instruct)
+    for source in ("roles.jinja", str(instruct)):
+        monkeypatch.chdir(tmp_path)
+        tok = load_tokenizer(tiny_model_dir, source)
+        assert tok.chat_template == ROLES
+        assert prompt_token_ids(tok, "Hi") == tok(f"<user> Hi {tok.eos_token}<assistant>", add_special_tokens=False)["input_ids"]
+    run = tmp_path / "run"
+    flags = ["run", "--objective", "dpo", "--model", tiny_model_dir, "--dataset", prefs_file, "--batch-size", "2", "--device", "cpu",
+             "--output-dir", str(run), "--chat-template", "roles.jinja"]
+    result = CliRunner().invoke(cli, [*flags, "--steps", "2", "--save-every", "1"])
+    assert result.exit_code == 0, (result.output, result.exception)
+    assert AutoTokenizer.from_pretrained(run / "final").chat_template == ROLES
+    assert json.load(open(run / "run.json"))["config"]["chat_template"] == str(tmp_path / "roles.jinja")
+    result = CliRunner().invoke(cli, ["generate", "--model", tiny_model_dir, "--chat-template", "roles.jinja", "--prompt", "Hi",
+                                      "--max-new-tokens", "2", "--device", "cpu"])  # the base model, prompted as the run prompted it
+    assert result.exit_code == 0, (result.output, result.exception)
+    from pref.cli.main import Loading, load_policy
+
+    assert load_policy(tiny_model_dir, Loading(device="cpu", chat_template="roles.jinja")).tokenizer.chat_template == ROLES
+    (tmp_path / "other.jinja").write_text(ROLES.replace("<assistant>", "<bot>"))
+    result = CliRunner().invoke(cli, [*flags[:-1], "other.jinja", "--steps", "3", "--resume", str(run)])
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert "chat_template" in result.output and "other.jinja" in result.output, result.output
+
+
+def test_a_chat_template_that_cannot_serve_is_a_one_line_error(tmp_path, tiny_model_dir, prefs_file):
+    from click.testing import CliRunner
+
+    from pref.cli.main import cli
+
+    (tmp_path / "empty.jinja").write_text("  \n")
+    (tmp_path / "broken.jinja").write_text("{% for m in messages %}{{ m['content'] }}")
+    bare = tmp_path / "bare"  # a tokenizer without a template
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tok.chat_template = None
+    tok.save_pretrained(bare)
+    cases = [("missing.jinja", "--chat-template: no such file missing.jinja"),
+             ("empty.jinja", "--chat-template empty.jinja is empty: give a Jinja chat template file, or a model whose tokenizer has one"),
+             ("broken.jinja", "the chat template is no valid Jinja: Unexpected end of template."),
+             (str(bare), f"--chat-template {bare}: its tokenizer has no chat template; give a Jinja file of the one to use")]
+    for source, message in cases:
+        path = source if os.path.isabs(source) else str(tmp_path / source) if source != "missing.jinja" else source
+        result = CliRunner().invoke(cli, ["run", "--objective", "dpo", "--model", tiny_model_dir, "--dataset", prefs_file, "--steps", "1",
+                                          "--device", "cpu", "--output-dir", str(tmp_path / "run"), "--chat-template", path])
+        assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+        assert message.replace(source, path) in " ".join(result.output.split()), result.output
