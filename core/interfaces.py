@@ -465,7 +465,8 @@ class Objective(ABC):
 
     def start(self, pool: CandidatePool) -> list[bool] | None:
         """With `needs.starting_samples` K: once before the first step of a run (a resume skips it), K samples of each training
-        prompt from the starting policy, scored by the run's reward, every process's (the same pool on each): the place
+        prompt from the starting policy, scored by the run's reward, every process's (the same prompts and scores on each; the
+        texts of the process's own share, `pref.online.sample_pool`): the place
         for per-prompt estimates (A*-PO's optimal values), which `state_dict` then keeps. Returns which prompts to train
         on, one bool per prompt of the pool; None: all of them.
         """

@@ -163,8 +163,9 @@ class OnlineBatches:
 
 def sample_pool(policy: Policy, records: list[Any], reward: RewardSource, k: int, sampling: SamplingConfig, batch_size: int,
                 processes: Processes, sampling_together: bool = False, what: str = "samples of each prompt") -> CandidatePool:
-    """`k` samples of the prompt of every one of `records` from the policy as it is, scored: the same whole pool on every process
-    (an objective's starting samples, an evaluation's).
+    """`k` samples of the prompt of every one of `records` from the policy as it is, scored (an objective's starting samples,
+    an evaluation's): every prompt and every score on every process, and the texts of this process's share only ([] for the
+    others' prompts: every process holding every text would take a GB or so at 100k prompts x 8).
 
     Each process samples its share (every `world`-th prompt), `batch_size` prompts at a time, with a progress bar saying
     `what`; `sampling_together`: sampling is a collective (a sharded model), so every process samples as many times.
@@ -176,19 +177,21 @@ def sample_pool(policy: Policy, records: list[Any], reward: RewardSource, k: int
     rounds = [mine[start : start + batch_size] for start in range(0, len(mine), batch_size)]
     if sampling_together:  # a process with a shorter share samples the first prompt again, and drops it
         rounds += [[]] * (math.ceil(math.ceil(len(prompts) / processes.world) / batch_size) - len(rounds))
-    rows: list[tuple[int, list[str], dict[str, list[float]]]] = []
+    rows: list[tuple[int, dict[str, list[float]]]] = []
+    texts: dict[int, list[str]] = {}
     with precompute_progress(len(mine), what) as advance:
         for indices in rounds:
             samples = policy.sample([prompts[i] for i in indices or [0]], k, sampling)
             if not indices:
                 continue
             scores, _ = scored(reward, [records[i] for i in indices], samples.completions)
-            rows += [(i, samples.completions[j], {name: values[j * k : (j + 1) * k].tolist() for name, values in scores.items()})
-                     for j, i in enumerate(indices)]
+            for j, i in enumerate(indices):
+                texts[i] = samples.completions[j]
+                rows.append((i, {name: values[j * k : (j + 1) * k].tolist() for name, values in scores.items()}))
             advance(len(indices))
     rows = sorted(processes.gather(rows), key=lambda row: row[0])
-    return CandidatePool(list(prompts), [completions for _, completions, _ in rows],
-                         {name: torch.tensor([scores[name] for _, _, scores in rows]) for name in rows[0][2]})
+    return CandidatePool(list(prompts), [texts.get(i, []) for i in range(len(prompts))],
+                         {name: torch.tensor([scores[name] for _, scores in rows]) for name in rows[0][1]})
 
 
 def scored(reward: RewardSource, records: list[Any], completions: list[list[str]]) -> tuple[dict[str, torch.Tensor], dict[str, list[Any]]]:

@@ -132,7 +132,7 @@ def start_objective(name: str, plan: RunPlan, policy: HFPolicy, items: list[Any]
     pool = sample_pool(policy, items, plan.reward, k, plan.sampling, batch_size, processes, sampling_together,
                        f"{k} samples of each prompt (once, before training)")
     if not plan.needs.unscored_samples:
-        require_scored(pool.scores["reward"], [c for row in pool.completions for c in row], f"objective {name}")
+        require_scored(pool.scores["reward"], [c for row in pool.completions for c in row or [""] * k], f"objective {name}")
     kept = plan.objective.start(pool)
     if kept is None:
         return []

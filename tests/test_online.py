@@ -348,3 +348,27 @@ def test_state_and_load_state_continue_the_same_prompt_order():
     other_seed.next()
     assert fresh.policy.calls[0] == data.policy.calls[0]  # same seed, same order
     assert other_seed.policy.calls[0] != data.policy.calls[0]
+
+
+def test_a_pool_holds_every_prompts_scores_and_its_own_shares_texts():
+    """Process 1 of 2 samples prompts 1 and 3 (2 answers each, scored by their length); process 0 gave 0 and 2 the scores
+    [1, 2] and [3, 4]. Every process has all four rows of scores, in prompt order; the texts only of its own prompts."""
+    from types import SimpleNamespace
+
+    from pref.online import sample_pool
+
+    class Length(RewardSource):
+        def score(self, prompts, completions):
+            return {"reward": torch.tensor([float(len(c)) for c in completions])}
+
+    class SecondOfTwo:
+        rank, world = 1, 2
+
+        def gather(self, rows):
+            return [(0, {"reward": [1.0, 2.0]}), (2, {"reward": [3.0, 4.0]}), *rows]
+
+    policy = SimpleNamespace(sample=lambda prompts, k, sampling: SimpleNamespace(completions=[[p * (j + 1) for j in range(k)] for p in prompts]))
+    pool = sample_pool(policy, ["a", "bb", "c", "ddd"], Length(), 2, SamplingConfig(), 8, SecondOfTwo())
+    assert pool.prompts == ["a", "bb", "c", "ddd"]
+    assert pool.scores["reward"].tolist() == [[1.0, 2.0], [2.0, 4.0], [3.0, 4.0], [3.0, 6.0]]
+    assert pool.completions == [[], ["bb", "bbbb"], [], ["ddd", "dddddd"]]
