@@ -132,7 +132,8 @@ def start_objective(name: str, plan: RunPlan, policy: HFPolicy, items: list[Any]
     pool = sample_pool(policy, items, plan.reward, k, plan.sampling, batch_size, processes, sampling_together,
                        f"{k} samples of each prompt (once, before training)")
     if not plan.needs.unscored_samples:
-        require_scored(pool.scores["reward"], [c for row in pool.completions for c in row or [""] * k], f"objective {name}")
+        texts = [c for p, row in zip(pool.prompts, pool.completions) for c in row or [f"<a sample of {str(p)[:40]!r} by another process>"] * k]
+        require_scored(pool.scores["reward"], texts, f"objective {name}")
     kept = plan.objective.start(pool)
     if kept is None:
         return []
