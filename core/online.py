@@ -39,6 +39,8 @@ class OnlineBatches:
     after each step's mini-batch (a second model trained as soon as a selection asks for it), and returns metrics.
     `sampling_together`: sampling is a collective (a sharded model gathers its weights for it), so every
     process draws in every round of draws, one that already has its batch too (its extra draw is dropped).
+    Drawing together, a `PrefError` of one process's draw (its reward's, its selector's) is raised on every process
+    before the next collective, where the others would wait for it.
     """
 
     MAX_DRAWS = 10
@@ -69,11 +71,19 @@ class OnlineBatches:
             return batch, {**metrics, **self.after_draw()} if self.after_draw is not None else metrics
         batch, metrics = None, {}
         for draw in range(self.MAX_DRAWS):
-            if batch is None:
-                batch, metrics = self._draw()
-                metrics["samples/redraws"] = float(draw)
-            elif self.sampling_together:
-                self._draw()  # its part in the others' sampling; this process keeps the batch it has
+            failed = None
+            try:
+                if batch is None:
+                    batch, metrics = self._draw()
+                    metrics["samples/redraws"] = float(draw)
+                elif self.sampling_together:
+                    self._draw()  # its part in the others' sampling; this process keeps the batch it has
+            except PrefError as exc:  # a reward's or selector's error on this process: every process raises it, before the next collective
+                if not self.together:
+                    raise
+                failed = exc
+            if self.together and self.processes.mean(torch.tensor([float(failed is not None)])).item() > 0:
+                raise PrefError(next(str(e) for e in self.processes.gather([failed and str(failed)]) if e)) from None
             if self.after_draw is not None:  # every process asks once per round of draws, as the hook may average across them
                 metrics.update(self.after_draw())
             if self.together and self.processes.mean(torch.tensor([float(batch is not None)])).item() < 1:

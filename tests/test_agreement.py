@@ -25,6 +25,7 @@ def test_one_failing_process_stops_all_of_them_the_same_way(tmp_path):
         "user error on one process": ["PrefError", "rank 1 is unhappy"],
         "nan sampling on one process": ["PrefError", "diverged (1)"],
         "nan loss on one process": outcomes[0]["nan loss on one process"],
+        "a reward error on one process, drawing together": ["PrefError", "rank 1's reward failed"],
         "all well": ["ok", ""],
     }
     kind, message = outcomes[0]["nan loss on one process"]
