@@ -88,7 +88,10 @@ def read_chat_template(source: str) -> str:
         if not text.strip():
             raise PrefError(f"--chat-template {source} is empty: give a Jinja chat template file, or a model whose tokenizer has one")
         return text
-    template = getattr(load_tokenizer(source), "chat_template", None)
+    try:
+        template = getattr(load_tokenizer(source), "chat_template", None)
+    except PrefError as exc:
+        raise PrefError(f"--chat-template {source} is no file, and no model whose tokenizer could be read: {exc}") from None
     if not isinstance(template, str) or not template:  # none, or several by name (a dict): which to take is the user's to say
         raise PrefError(f"--chat-template {source}: its tokenizer has {'several chat templates' if template else 'no chat template'}; "
                         "give a Jinja file of the one to use")

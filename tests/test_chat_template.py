@@ -187,7 +187,9 @@ def test_a_chat_template_that_cannot_serve_is_a_one_line_error(tmp_path, tiny_mo
     cases = [("missing.jinja", "--chat-template: no such file missing.jinja"),
              ("empty.jinja", "--chat-template empty.jinja is empty: give a Jinja chat template file, or a model whose tokenizer has one"),
              ("broken.jinja", "the chat template is no valid Jinja: Unexpected end of template."),
-             (str(bare), f"--chat-template {bare}: its tokenizer has no chat template; give a Jinja file of the one to use")]
+             (str(bare), f"--chat-template {bare}: its tokenizer has no chat template; give a Jinja file of the one to use"),
+             (str(tmp_path / "nowhere"), f"--chat-template {tmp_path / 'nowhere'} is no file, and no model whose tokenizer could be read: "
+                                         f"cannot load model '{tmp_path / 'nowhere'}'")]
     for source, message in cases:
         path = source if os.path.isabs(source) else str(tmp_path / source) if source != "missing.jinja" else source
         result = CliRunner().invoke(cli, ["run", "--objective", "dpo", "--model", tiny_model_dir, "--dataset", prefs_file, "--steps", "1",
