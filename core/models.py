@@ -83,8 +83,11 @@ def read_chat_template(source: str) -> str:
     if path.endswith((".jinja", ".j2")) and not os.path.isfile(path):
         raise PrefError(f"--chat-template: no such file {source}")
     if os.path.isfile(path):
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
+        try:
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+        except UnicodeDecodeError:
+            raise PrefError(f"--chat-template {source} is not UTF-8 text: give a Jinja chat template file") from None
         if not text.strip():
             raise PrefError(f"--chat-template {source} is empty: give a Jinja chat template file, or a model whose tokenizer has one")
         return text

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import torch
 
+from pref.errors import PrefError
+
 #: Devices whose tensors stay where they are: the CPU has no memory of its own to spare (a test empties it).
 STAYS_ON = ("cpu",)
 
@@ -26,8 +28,13 @@ class OffloadedActivations(torch.autograd.graph.saved_tensors_hooks):
             if (tensor.device.type in STAYS_ON or tensor.layout != torch.strided or size < min_bytes or isinstance(tensor, torch.nn.Parameter)
                     or tensor.untyped_storage().data_ptr() in weights):
                 return tensor
-            copy = torch.empty(tensor.size(), dtype=tensor.dtype, pin_memory=tensor.device.type == "cuda")
-            copy.copy_(tensor, non_blocking=True)
+            try:
+                copy = torch.empty(tensor.size(), dtype=tensor.dtype, pin_memory=tensor.device.type == "cuda")
+                copy.copy_(tensor, non_blocking=True)
+            except RuntimeError as exc:  # the CPU's (pinned) memory ran out
+                raise PrefError(f"--activation-offloading: CPU memory could not take {self.offloaded + size:,} bytes of activations "
+                                f"({(str(exc).splitlines() or [''])[0]}); add --gradient-checkpointing (fewer are kept), lower "
+                                "--batch-size or --max-length, or drop --activation-offloading") from None
             self.offloaded += size
             return tensor.device, copy
 

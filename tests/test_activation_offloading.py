@@ -3,12 +3,14 @@
 On the CPU nothing moves, so these tests let CPU tensors be "offloaded" (copied to fresh CPU memory, and back), through the
 same hooks a GPU run uses; the GPU's memory saved is measured by bench/gpu_check.py."""
 
+import pytest
 import torch
 from click.testing import CliRunner
 
 from pref import offload
 from pref.cli.main import cli
 from pref.config import build_config
+from pref.errors import PrefError
 from pref.registry import load_registry
 from pref.train import train_policy
 
@@ -28,6 +30,21 @@ def test_the_activations_move_and_the_weights_stay_by_hand(monkeypatch):
         assert hooks.offloaded == moved
         for ours, theirs in zip(torch.autograd.grad(y, [layer.weight, x]), plain):
             assert torch.equal(ours, theirs)
+
+
+def test_cpu_memory_running_out_is_a_one_line_error(monkeypatch):
+    monkeypatch.setattr(offload, "STAYS_ON", ())
+    layer, x = torch.nn.Linear(256, 256, bias=False), torch.randn(4, 256)
+
+    def no_memory(*args, **kwargs):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 4096 bytes.")
+
+    hooks = offload.OffloadedActivations(layer)
+    message = r"^--activation-offloading: CPU memory could not take 4,096 bytes of activations \(DefaultCPUAllocator: .*\); add --gradient"
+    with hooks, pytest.raises(PrefError, match=message):
+        monkeypatch.setattr(torch, "empty", no_memory)
+        layer(x).relu()
+    assert hooks.offloaded == 0
 
 
 def test_a_run_with_its_activations_offloaded_trains_the_same_weights(tmp_path, tiny_model_dir, prefs_file, monkeypatch):

@@ -179,6 +179,7 @@ def test_a_chat_template_that_cannot_serve_is_a_one_line_error(tmp_path, tiny_mo
     from pref.cli.main import cli
 
     (tmp_path / "empty.jinja").write_text("  \n")
+    (tmp_path / "latin.jinja").write_bytes("{{ 'café' }}".encode("latin-1"))
     (tmp_path / "broken.jinja").write_text("{% for m in messages %}{{ m['content'] }}")
     bare = tmp_path / "bare"  # a tokenizer without a template
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
@@ -187,6 +188,7 @@ def test_a_chat_template_that_cannot_serve_is_a_one_line_error(tmp_path, tiny_mo
     cases = [("missing.jinja", "--chat-template: no such file missing.jinja"),
              ("empty.jinja", "--chat-template empty.jinja is empty: give a Jinja chat template file, or a model whose tokenizer has one"),
              ("broken.jinja", "the chat template is no valid Jinja: Unexpected end of template."),
+             ("latin.jinja", "--chat-template latin.jinja is not UTF-8 text: give a Jinja chat template file"),
              (str(bare), f"--chat-template {bare}: its tokenizer has no chat template; give a Jinja file of the one to use"),
              (str(tmp_path / "nowhere"), f"--chat-template {tmp_path / 'nowhere'} is no file, and no model whose tokenizer could be read: "
                                          f"cannot load model '{tmp_path / 'nowhere'}'")]
