@@ -119,6 +119,9 @@ class RewardSource(ABC):
     #: argument, a list of one value per completion (`score(prompts, completions, answer=[...])`, as TRL's reward functions get
     #: dataset columns). Training records without them (`PromptExample.columns`) are refused before the model loads.
     columns: tuple[str, ...] = ()
+    #: `score` also gets `completion_ids`: each completion's token ids, as sampled with the end token the policy emitted (as TRL's
+    #: reward functions may take them; `pref eval`'s answers are tokenized again for it).
+    reads_completion_ids: bool = False
 
     @abstractmethod
     def score(self, prompts: list[Prompt], completions: list[str]) -> dict[str, torch.Tensor]:

@@ -104,7 +104,7 @@ class OnlineBatches:
         samples = self.policy.sample(prompts, self.k, self.sampling)
         sampled = time.perf_counter()
         flat_completions = [completion for row in samples.completions for completion in row]
-        scores, columns = scored(self.reward, records, samples.completions)
+        scores, columns = scored(self.reward, records, samples.completions, samples.sequences)
         unscored = scores["reward"].isnan()
         if unscored.any() and not self.unscored_samples:
             require_scored(scores["reward"], flat_completions, "this objective")
@@ -194,7 +194,7 @@ def sample_pool(policy: Policy, records: list[Any], reward: RewardSource, k: int
             samples = policy.sample([prompts[i] for i in indices or [0]], k, sampling)
             if not indices:
                 continue
-            scores, _ = scored(reward, [records[i] for i in indices], samples.completions)
+            scores, _ = scored(reward, [records[i] for i in indices], samples.completions, samples.sequences)
             for j, i in enumerate(indices):
                 texts[i] = samples.completions[j]
                 rows.append((i, {name: values[j * k : (j + 1) * k].tolist() for name, values in scores.items()}))
@@ -204,12 +204,19 @@ def sample_pool(policy: Policy, records: list[Any], reward: RewardSource, k: int
                          {name: torch.tensor([scores[name] for _, scores in rows]) for name in rows[0][1]})
 
 
-def scored(reward: RewardSource, records: list[Any], completions: list[list[str]]) -> tuple[dict[str, torch.Tensor], dict[str, list[Any]]]:
-    """The reward's checked scores of K completions of each record's prompt, flat [P * K], and the record columns it read, flat too."""
+def scored(reward: RewardSource, records: list[Any], completions: list[list[str]], sequences: Sequences) -> tuple[dict[str, torch.Tensor], dict[str, list[Any]]]:
+    """The reward's checked scores of K completions of each record's prompt, flat [P * K], and the record columns it read, flat too;
+    a reward that `reads_completion_ids` gets those of `sequences` (the [P * K] rows sampled) too."""
     flat_records, flat_completions = flatten(records, completions)
     columns = {name: [columns_of(record)[name] for record in flat_records] for name in reward.columns}
-    scores = reward.score([prompt_of(record) for record in flat_records], flat_completions, **columns)
+    ids = {"completion_ids": completion_ids(sequences)} if reward.reads_completion_ids else {}
+    scores = reward.score([prompt_of(record) for record in flat_records], flat_completions, **columns, **ids)
     return checked_scores(reward, scores, len(flat_completions)), columns
+
+
+def completion_ids(sequences: Sequences) -> list[list[int]]:
+    """Each row's completion token ids: as sampled, with the end token the policy emitted (none where the length limit cut it)."""
+    return [ids[mask.bool()].tolist() for ids, mask in zip(sequences.input_ids.cpu(), sequences.completion_mask.cpu())]
 
 
 def require_scored(rewards: torch.Tensor, completions: list[str], learner: str) -> None:

@@ -358,9 +358,9 @@ class D2PO(DPO):
             if registry is None:
                 raise PrefError("d2po: a gold reward given by name is built from the plugin registry: build d2po with registry.create")
             gold = registry.create("reward", gold, gold_options or {})
-        if gold.columns:
-            raise PrefError(f"d2po: the gold reward reads the columns {', '.join(gold.columns)} of a prompt's row, which the pairs it "
-                            "labels do not carry; choose another gold reward")
+        if gold.columns or gold.reads_completion_ids:
+            what = f"the columns {', '.join(gold.columns)} of a prompt's row" if gold.columns else "the sampled token ids of each completion"
+            raise PrefError(f"d2po: the gold reward reads {what}, which the pairs it labels do not carry; choose another gold reward")
         self.gold = gold
         self.discriminator_path = discriminator
         self.round_size, self.budget, self.selection = round_size, budget, selection

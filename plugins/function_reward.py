@@ -4,7 +4,8 @@
 --reward-option path=rewards.py:accuracy`); no package to write. The file is imported once. The function is
 called with keyword arguments: `completions` (one per completion: its text, or, where its prompt is chat messages,
 `[{"role": "assistant", "content": text}]`, as TRL gives them), `prompts` (the prompt of each: its text or its
-chat messages) if it names that parameter, and each of its other parameters without a default as a
+chat messages) and `completion_ids` (each completion's token ids, as sampled) if it names them, and each of its
+other parameters without a default as a
 column of the prompts' rows, one value per completion: `def accuracy(completions, answer, **kwargs)` gets the
 `answer` of each completion's row (read by the `prompts` builder; a row without it is refused before training).
 It returns one number per completion (a list or a tensor), the `reward` score; None (or NaN) leaves a completion
@@ -32,9 +33,9 @@ from pref.hookspecs import hookimpl
 from pref.interfaces import RewardSource
 
 #: Parameters the function may take besides the columns.
-GIVEN = ("prompts", "completions")
+GIVEN = ("prompts", "completions", "completion_ids")
 #: What TRL's trainers also pass, and pref does not: a function that needs one is refused, not sent looking for a column.
-TRL_ONLY = ("completion_ids", "trainer_state", "log_extra", "log_metric", "environments")
+TRL_ONLY = ("trainer_state", "log_extra", "log_metric", "environments")
 
 
 class FunctionReward(RewardSource):
@@ -56,12 +57,13 @@ class FunctionReward(RewardSource):
             raise PrefError(f"function: {name} in {file} must take a `completions` parameter (a list: one text per completion)")
         self.function, self.label, self.file = function, f"{name} in {file}", os.path.abspath(file)
         self.gives_prompts = "prompts" in parameters or takes_any
+        self.reads_completion_ids = "completion_ids" in parameters  # named: **kwargs alone does not get them
         self.columns = tuple(n for n, p in parameters.items()
                              if n not in GIVEN and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.default is p.empty)
         unsupported = [n for n in self.columns if n in TRL_ONLY]
         if unsupported:
             raise PrefError(f"function: {name} in {file} needs `{unsupported[0]}`, which TRL's trainers pass and pref does not (it gives "
-                            "prompts, completions and the rows' columns); give that parameter a default, or take **kwargs")
+                            "prompts, completions, completion_ids and the rows' columns); give that parameter a default, or take **kwargs")
 
     def score(self, prompts: list[Prompt], completions: list[str], **columns: list[Any]) -> dict[str, torch.Tensor]:
         given = [[{"role": "assistant", "content": c}] if isinstance(p, list) else c for p, c in zip(prompts, completions)]  # as TRL's

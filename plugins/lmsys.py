@@ -141,9 +141,9 @@ class LmsysChat:
     def _label_by_reward(self, examples: list[LabeledExample], batch_size: int = 64) -> None:
         name = self.label_from[len(REWARD_PREFIX) :]
         reward = self.registry.create("reward", name, self.reward_options)
-        if reward.columns:
-            raise PrefError(f"lmsys: reward {name!r} reads the columns {', '.join(reward.columns)} of a prompt's row, which lmsys "
-                            "conversations do not have; label with another reward")
+        if reward.columns or reward.reads_completion_ids:
+            what = f"the columns {', '.join(reward.columns)} of a prompt's row" if reward.columns else "the sampled token ids of each completion"
+            raise PrefError(f"lmsys: reward {name!r} reads {what}, which lmsys conversations do not have; label with another reward")
         threshold = self.threshold if self.threshold is not None else reward.quality_threshold
         if threshold is None:
             raise PrefError(f"lmsys: reward {name!r} has no pass mark of its own; pass --dataset-option threshold=VALUE")

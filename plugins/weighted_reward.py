@@ -42,6 +42,7 @@ class WeightedReward(RewardSource):
             self.parts[name] = registry.create("reward", name, options.get(name))
         self.default_prompts = list(dict.fromkeys(p for part in self.parts.values() for p in part.default_prompts))
         self.columns = tuple(dict.fromkeys(column for part in self.parts.values() for column in part.columns))
+        self.reads_completion_ids = any(part.reads_completion_ids for part in self.parts.values())
 
     def score(self, prompts: list[Prompt], completions: list[str], **columns: list[Any]) -> dict[str, torch.Tensor]:
         """`reward` [B], the weighted sum, and every part's scores [B] under `NAME/SCORE`; each part gets the `columns` it reads.
@@ -50,7 +51,8 @@ class WeightedReward(RewardSource):
         left a completion unscored, its reward is NaN."""
         scores: dict[str, torch.Tensor] = {}
         for name, part in self.parts.items():
-            part_scores = part.score(prompts, completions, **{column: columns[column] for column in part.columns})
+            given = [*part.columns, *(["completion_ids"] if part.reads_completion_ids else [])]
+            part_scores = part.score(prompts, completions, **{name: columns[name] for name in given})
             if "reward" not in part_scores:
                 raise PrefError(f"weighted: reward {name!r} gave no score named 'reward'")
             for key, values in part_scores.items():

@@ -78,7 +78,7 @@ def test_a_chat_prompts_completions_come_as_messages_and_an_async_function_is_aw
     assert later[0].item() == 1.0 and later[1].isnan()
 
 
-@pytest.mark.parametrize("parameter", ["completion_ids", "trainer_state", "log_metric"])
+@pytest.mark.parametrize("parameter", ["trainer_state", "log_metric", "log_extra"])
 def test_a_function_that_needs_what_only_trl_passes_is_refused_naming_it(tmp_path, parameter):
     file = write(tmp_path / "rewards.py", f"def f(completions, {parameter}):\n    return [1.0]\n\ndef g(completions, {parameter}=None, **kw):\n"
                                           "    return [1.0]\n")
@@ -213,3 +213,43 @@ def test_grpo_trains_past_unscored_samples_and_the_others_refuse_them(tmp_path, 
         assert result.exit_code == 2 and "Traceback" not in result.output, result.output
         assert "the reward left 4 of 6 samples unscored (a reward function's None, or NaN; the first: " in result.output
         assert f"and {'this objective' if objective == 'online-dpo' else 'objective a2po'} learns from every sample's reward" in result.output
+
+
+def test_a_function_naming_completion_ids_gets_the_sampled_tokens_and_trls_overlong_reward_runs_as_is(tmp_path, tiny_model_dir):
+    """TRL's DAPO soft overlong punishment (`trl.rewards.get_soft_overlong_punishment`, 4 tokens at most, the last 2 punished) reads
+    `completion_ids` only: by hand, 3 tokens give (2 - 3) / 2 = -0.5 and 5 give -1. In a GRPO run each sample's ids are the
+    tokens sampled (the text is their decoding) and its logged reward is TRL's of them; a weighted sum hands its part the ids,
+    and `pref eval` tokenizes its answers again for it."""
+    from transformers import AutoTokenizer
+
+    pytest.importorskip("trl")
+    seen = tmp_path / "ids.jsonl"
+    write(tmp_path / "rewards.py", "import json\nfrom trl.rewards import get_soft_overlong_punishment\n\n"
+                                   "overlong = get_soft_overlong_punishment(max_completion_len=4, soft_punish_cache=2)\n\n"
+                                   "def recorded(completions, completion_ids):\n"
+                                   f"    with open({str(seen)!r}, 'a') as f:\n"
+                                   "        f.write(json.dumps([completions, completion_ids]) + '\\n')\n"
+                                   "    return overlong(completion_ids)\n")
+    trl_reward = FunctionReward(f"{tmp_path}/rewards.py:overlong")
+    assert trl_reward.reads_completion_ids and trl_reward.columns == ()
+    assert trl_reward.score(["p", "q", "r"], ["a", "b", "c"], completion_ids=[[7] * 3, [7] * 5, [7, 7]])["reward"].tolist() == [-0.5, -1.0, 0.0]
+    both = load_registry().create("reward", "weighted", {"rewards": {f"{tmp_path}/rewards.py:overlong": 1.0, "repetition": 1.0}})
+    assert both.reads_completion_ids
+    assert both.score(["p"], ["a b"], completion_ids=[[7] * 3])[f"{tmp_path}/rewards.py:overlong/reward"].tolist() == [-0.5]
+
+    data = write(tmp_path / "qa.jsonl", "".join(json.dumps(row) + "\n" for row in QA))
+    out = tmp_path / "run"
+    result = CliRunner().invoke(cli, ["run", "--objective", "grpo", "--reward", f"{tmp_path}/rewards.py:recorded", "--dataset", data,
+                                      "--model", tiny_model_dir, "-k", "2", "--batch-size", "3", "--steps", "1", "--max-new-tokens", "6",
+                                      "--device", "cpu", "--log-completions", "--no-progress", "--output-dir", str(out)])
+    assert result.exit_code == 0, result.output
+    given, ids = json.loads(seen.read_text())
+    texts = [c[0]["content"] if isinstance(c, list) else c for c in given]  # a chat prompt's completions come as messages
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    assert len(ids) == 6 and all(1 <= len(row) <= 6 for row in ids)
+    assert [tokenizer.decode(row, skip_special_tokens=True).strip() for row in ids] == [text.strip() for text in texts]
+    logged = sorted((row["completion"], row["reward"]) for row in map(json.loads, open(out / "completions.jsonl")))
+    assert logged == sorted(zip(texts, FunctionReward(f"{tmp_path}/rewards.py:overlong").score([""] * 6, texts, completion_ids=ids)["reward"].tolist()))
+    evaluated = CliRunner().invoke(cli, ["eval", "--model", tiny_model_dir, "--reward", f"{tmp_path}/rewards.py:overlong", "--prompt", "Hi",
+                                         "--samples", "2", "--max-new-tokens", "6", "--device", "cpu"])
+    assert evaluated.exit_code == 0 and "reward/mean" in evaluated.output, evaluated.output
