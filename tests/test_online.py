@@ -367,7 +367,11 @@ def test_a_pool_holds_every_prompts_scores_and_its_own_shares_texts():
         def gather(self, rows):
             return [(0, {"reward": [1.0, 2.0]}), (2, {"reward": [3.0, 4.0]}), *rows]
 
-    policy = SimpleNamespace(sample=lambda prompts, k, sampling: SimpleNamespace(completions=[[p * (j + 1) for j in range(k)] for p in prompts]))
+    def sample(prompts, k, sampling):
+        ones = torch.ones(len(prompts) * k, 2, dtype=torch.long)
+        return SimpleNamespace(completions=[[p * (j + 1) for j in range(k)] for p in prompts], sequences=Sequences(ones, ones, ones))
+
+    policy = SimpleNamespace(sample=sample)
     pool = sample_pool(policy, ["a", "bb", "c", "ddd"], Length(), 2, SamplingConfig(), 8, SecondOfTwo())
     assert pool.prompts == ["a", "bb", "c", "ddd"]
     assert pool.scores["reward"].tolist() == [[1.0, 2.0], [2.0, 4.0], [3.0, 4.0], [3.0, 6.0]]
