@@ -52,7 +52,7 @@ class WeightedReward(RewardSource):
         scores: dict[str, torch.Tensor] = {}
         for name, part in self.parts.items():
             given = [*part.columns, *(["completion_ids"] if part.reads_completion_ids else [])]
-            part_scores = part.score(prompts, completions, **{name: columns[name] for name in given})
+            part_scores = part.score(prompts, completions, **{key: columns[key] for key in given})
             if "reward" not in part_scores:
                 raise PrefError(f"weighted: reward {name!r} gave no score named 'reward'")
             for key, values in part_scores.items():

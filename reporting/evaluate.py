@@ -35,8 +35,8 @@ def evaluate_with_answers(policy: Policy, reward: RewardSource, prompts: list[An
     torch.manual_seed(seed)
     sampling = sampling or SamplingConfig(max_new_tokens=8, temperature=1.0)
     used, answers = sample_answers(policy, prompts, samples, sampling)
-    prompts = [prompt_of(record) for record in used]
+    asked = [prompt_of(record) for record in used]
     columns = {name: [columns_of(record)[name] for record in used] for name in reward.columns}
     if reward.reads_completion_ids:  # the answers came back as texts: their tokens again, with the end token
-        columns["completion_ids"] = completion_ids(policy.encode(prompts, answers))
-    return reward.report(prompts, answers, **columns), answers
+        columns["completion_ids"] = completion_ids(policy.encode(asked, answers))
+    return reward.report(asked, answers, **columns), answers
