@@ -150,6 +150,7 @@ def load_registry() -> Any:
 @click.option("--router-aux-loss-coef", type=float, help="Weight of a Mixture-of-Experts model's load-balancing loss (default: the model config's; 0: off).")
 @click.option("--threads", type=int, help="CPU threads of torch (default: 1 for the embedded default model, else one per core).")
 @click.option("--reference", type=click.Choice(["auto", "model", "cached", "none"]), help="Frozen model, cached log-probs, or none.")
+@click.option("--reference-model", help="The reference is this model (hub id or folder, sharing the policy's vocabulary), not the starting policy: TRL's ref_model, distill's teacher.")
 @click.option("--save-every", type=int, help="Write a checkpoint every N steps (PPO: a multiple of the steps a rollout serves, so a resume is exact).")
 @click.option("--keep-checkpoints", type=int, help="How many checkpoints to keep.")
 @click.option("--resume", help="Continue the run in this folder (or from this checkpoint).")

@@ -33,6 +33,7 @@ class RunConfig:
     model: str | None = None
     trust_remote_code: bool = False  # models and tokenizers may run the Python code they ship (pref.models.remote_code)
     reference: str = "auto"  # auto | model | cached | none
+    reference_model: str | None = None  # the reference is this model, not the starting policy (TRL's ref_model; distill's teacher)
     output_dir: str | None = None  # None: the run folder of `resume`, else runs/OBJECTIVE-TIMESTAMP
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | mps

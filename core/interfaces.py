@@ -16,7 +16,7 @@ import torch
 
 from pref.errors import PrefError
 from pref.examples import Prompt
-from pref.sequences import Logps, Sequences
+from pref.sequences import Logps, OutputHead, Sequences
 
 
 @dataclass
@@ -85,20 +85,37 @@ class Policy(ABC):
         `with_entropy` each completion token's next-token entropy [B, T] (with grad, as the log-probs).
         """
 
+    def hidden_states(self, sequences: Sequences) -> torch.Tensor:
+        """The last hidden states [B, T, H] of the rows (with grad), whose `output_head()` gives the next-token logits at each position:
+        an objective that matches whole distributions (distill) computes them a few rows at a time, never all [B, T, V] at once."""
+        raise PrefError(f"{type(self).__name__} does not give its hidden states (an objective that matches whole distributions needs them)")
+
+    def output_head(self) -> OutputHead:
+        """The model's output layer, which turns `hidden_states` rows into next-token logits (with grad)."""
+        raise PrefError(f"{type(self).__name__} does not give its output layer (an objective that matches whole distributions needs it)")
+
     @abstractmethod
     def save(self, path: str) -> None:
         """Write weights and tokenizer in Hugging Face format to `path`."""
 
 
 class Reference(ABC):
-    """What the policy is kept close to: a frozen model, cached log-probs, or nothing."""
+    """What the policy is kept close to: a frozen model (the starting policy, or `--reference-model`), cached log-probs, or nothing."""
 
-    #: True when `logps(..., with_logits=True)` can return full distributions.
+    #: True when `logps(..., with_logits=True)` can return full distributions (and `hidden_states` and `output_head` work).
     has_logits: ClassVar[bool] = False
 
     @abstractmethod
     def logps(self, sequences: Sequences, with_logits: bool = False) -> Logps:
         """Reference log-probs for the same rows the policy scored (no grad)."""
+
+    def hidden_states(self, sequences: Sequences) -> torch.Tensor:
+        """As `Policy.hidden_states`, without grad; a reference without a model has none."""
+        raise PrefError("this objective needs the reference's full distributions: use --reference model")
+
+    def output_head(self) -> OutputHead:
+        """As `Policy.output_head`, the reference model's (its weights frozen)."""
+        raise PrefError("this objective needs the reference's full distributions: use --reference model")
 
 
 class RewardSource(ABC):
@@ -358,6 +375,7 @@ class ObjectiveNeeds:
     data: str = PAIRS  # PAIRS (`PairBatch`), SETS (`LabeledBatch`), SAMPLES (online: `Minibatch`es of a `ScoredBatch` rollout, no selector)
     online: bool = False  # samples from the current policy at every step instead of reading a dataset
     samples_per_prompt: int = 1  # K when online (`--samples-per-prompt` overrides it)
+    scored: bool = True  # online: the loss reads each sample's reward; False (distill): it needs none, and a --reward is only logged
     starting_samples: int = 0  # online: before training, this many samples of each training prompt from the starting policy, for `Objective.start`
     scores_new_rows: bool = False  # scores rows outside the dataset (own samples, rewritten rows): no cached reference, a frozen one
     unscored_samples: bool = False  # with SAMPLES: a sample the reward left unscored (NaN) gets no advantage, as in TRL's GRPO; else refused
@@ -382,6 +400,9 @@ class ObjectiveNeeds:
             raise PrefError("ObjectiveNeeds: data 'samples' is online only: set online=True")
         if min(self.samples_per_prompt, self.epochs_per_rollout, self.minibatches_per_rollout) < 1:
             raise PrefError("ObjectiveNeeds: samples per prompt, epochs and mini-batches per rollout must be at least 1")
+        if not self.scored and (self.data != SAMPLES or self.starting_samples or self.own_reward or self.unscored_samples):
+            raise PrefError("ObjectiveNeeds: scored=False (samples trained on without a reward) is for data 'samples' without starting "
+                            "samples, an own reward or unscored_samples")
         if self.starting_samples < 0 or (self.starting_samples and not self.online):
             raise PrefError("ObjectiveNeeds: starting_samples (samples of each training prompt before training) must be 0, or positive and online")
 

@@ -45,7 +45,7 @@ class OnlineBatches:
 
     MAX_DRAWS = 10
 
-    def __init__(self, policy: Policy, records: Sequence[Any], reward: RewardSource, selector: PairSelector | None, needs: ObjectiveNeeds,
+    def __init__(self, policy: Policy, records: Sequence[Any], reward: RewardSource | None, selector: PairSelector | None, needs: ObjectiveNeeds,
                  samples_per_prompt: int, sampling: SamplingConfig, prompts_per_step: int, seed: int, rank: int = 0, world: int = 1,
                  order: Any = None, after_draw: Callable[[], dict[str, float]] | None = None, processes: Processes | None = None,
                  sampling_together: bool = False):
@@ -104,6 +104,10 @@ class OnlineBatches:
         samples = self.policy.sample(prompts, self.k, self.sampling)
         sampled = time.perf_counter()
         flat_completions = [completion for row in samples.completions for completion in row]
+        metrics = {"samples/distinct_ratio": distinct_ratio(flat_completions), "samples/entropy": entropy_bits(flat_completions),
+                   "time/sampling": sampled - start}
+        if self.reward is None:  # an objective that needs no score (distill), given no reward to log
+            return prompts, samples, {}, {}, {**metrics, "time/scoring": 0.0}
         scores, columns = scored(self.reward, records, samples.completions, samples.sequences)
         unscored = scores["reward"].isnan()
         if unscored.any() and not self.unscored_samples:
@@ -113,15 +117,12 @@ class OnlineBatches:
             log.warning(f"the reward left {int(unscored.sum())} of {len(unscored)} samples unscored (the first: "
                         f"{flat_completions[int(unscored.nonzero()[0])][:60]!r}); they get no advantage, and reward/* leaves them out")
         rewards = scores["reward"][~unscored]
-        metrics = {
+        metrics.update({
             "reward/mean": rewards.mean().item(),
             "reward/std": rewards.std().item() if rewards.numel() > 1 else 0.0,
             "reward/max": rewards.max().item() if rewards.numel() else math.nan,
-            "samples/distinct_ratio": distinct_ratio(flat_completions),
-            "samples/entropy": entropy_bits(flat_completions),
-            "time/sampling": sampled - start,
             "time/scoring": time.perf_counter() - sampled,
-        }
+        })
         return prompts, samples, scores, columns, metrics
 
     def _draw(self) -> tuple[PairBatch | LabeledBatch | None, dict[str, float]]:
@@ -152,7 +153,7 @@ class OnlineBatches:
         prompts, samples, scores, columns, metrics = self._sample()
         flat_prompts, flat_completions = flatten(prompts, samples.completions)
         batch = ScoredBatch(flat_prompts, flat_completions, samples.sequences, scores, self.k, self.sampling.max_new_tokens, samples.truncated,
-                            dict(self.reward.weights), columns)
+                            dict(self.reward.weights) if self.reward is not None else {}, columns)
         return batch, {**metrics, **self.order.metrics()}
 
     def _batch(self, sequences: Sequences, selection: Selection) -> PairBatch | LabeledBatch | None:

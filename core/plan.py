@@ -95,7 +95,8 @@ def resolve_plan(config: RunConfig, registry: Registry, processes: Processes | N
         raise PrefError(f"--quantize {config.quantize} needs the bitsandbytes package: pip install 'pref[quantize]'")
     adapter = registry.create("adapter", config.adapter, config.adapter_options) if config.adapter else None
     processes = processes or Processes()
-    objective = registry.create("objective", config.objective, config.objective_options, processes=processes)
+    objective = registry.create("objective", config.objective, config.objective_options, processes=processes,
+                                reference_model=config.reference_model)
     needs = objective.needs
     if not isinstance(needs, ObjectiveNeeds):
         raise PrefError(f"objective {config.objective!r} ({registry.get('objective', config.objective).package}): its needs must be "
@@ -125,7 +126,10 @@ def resolve_plan(config: RunConfig, registry: Registry, processes: Processes | N
         if config.temperature == 0:
             raise PrefError(f"{config.objective} samples several answers per prompt, and at --temperature 0 (greedy) they are all the same: "
                             "pass a temperature above 0 (1.0 is the default)")
-        reward = resolve_reward(config, registry, objective)
+        # an objective that needs no reward (distill) only logs the one it is given
+        reward = resolve_reward(config, registry, objective) if needs.scored or config.reward else None
+        if not config.dataset and reward is None:
+            raise PrefError(f"objective {config.objective!r} samples answers to prompts it is given: pass --dataset with prompts")
         if not config.dataset and not reward.default_prompts:
             raise PrefError(f"the reward {' + '.join(reward_names(config)) or type(reward).__name__} has no default prompts: pass --dataset with prompts")
         if config.embedder:
@@ -249,6 +253,12 @@ def refusals(config: RunConfig, needs: ObjectiveNeeds, adapter: Adapter | None) 
                              f"--reference cached keeps only the summed log-probs of the dataset's rows, and objective {name!r} with these options "
                              "needs more (its own samples, other pairings, per-token log-probs or a moving reference)",
                              "use --reference model (or auto)", back_then="failed at the run's first loss"))
+    if config.reference_model and (needs.reference == NO_REFERENCE or config.reference == "none"):
+        why = "--reference none trains without a reference" if config.reference == "none" else f"objective {name!r} with these options uses no reference"
+        found.append(Refusal(("reference_model",), why, "drop --reference-model"))
+    elif config.reference_model and needs.moves_reference:
+        found.append(Refusal(("reference_model", "objective_options"), f"{name}'s options move the reference towards the policy (sync_ref_model, "
+                             "bema_reference), which starts as the policy's own weights, not --reference-model's", "drop --reference-model or the option"))
     return found
 
 

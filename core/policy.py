@@ -11,7 +11,7 @@ from pref.errors import ModelNotLoaded
 from pref.examples import Prompt
 from pref.interfaces import Policy, Samples, SamplingConfig
 from pref.models import answer_end_id, completion_token_ids, conversation_token_ids, load_model, load_tokenizer, prompt_token_ids
-from pref.sequences import Logps, Sequences, model_logps
+from pref.sequences import Logps, OutputHead, Sequences, model_hidden, model_logps, output_head
 from pref.sharding import gathered_for_generation, is_sharded
 
 
@@ -170,6 +170,16 @@ class HFPolicy(Policy):
         if routed:
             self._router_losses.append(out.router_loss)
         return out
+
+    def hidden_states(self, sequences: Sequences) -> torch.Tensor:
+        routed = self._router_losses is not None and torch.is_grad_enabled()
+        hidden, router_loss = model_hidden(self.model, sequences.to(self.device), with_router_loss=routed)
+        if routed:
+            self._router_losses.append(router_loss)
+        return hidden
+
+    def output_head(self) -> OutputHead:
+        return output_head(self.model)
 
     @contextmanager
     def router_losses(self) -> Iterator[list[torch.Tensor]]:

@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from pref.errors import PrefError
 from pref.interfaces import Adapter, Processes, Reference
-from pref.sequences import Logps, Sequences, model_logps
+from pref.sequences import Logps, OutputHead, Sequences, model_hidden, model_logps, output_head
 from pref.sharding import shard
 
 
@@ -50,14 +50,29 @@ class FrozenReference(Reference):
 
     @torch.no_grad()
     def logps(self, sequences: Sequences, with_logits: bool = False) -> Logps:
-        sequences = sequences.to(next(self.model.parameters()).device)
+        return self._forward(lambda: model_logps(self.model, sequences.to(self.device), with_logits=with_logits, packing=self.packing))
+
+    @torch.no_grad()
+    def hidden_states(self, sequences: Sequences) -> torch.Tensor:
+        return self._forward(lambda: model_hidden(self.model, sequences.to(self.device))[0])
+
+    def output_head(self) -> OutputHead:
+        """The frozen model's output layer; sharded, it is gathered whole (a collective: every process calls it together)."""
+        return output_head(self.model)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def _forward(self, compute: Any) -> Any:
+        """`compute()` in eval mode (no dropout in the reference's numbers); a sharded copy resharded after it."""
         was_training = self.model.training
-        self.model.eval()  # no dropout in the reference's numbers
-        logps = model_logps(self.model, sequences, with_logits=with_logits, packing=self.packing)
+        self.model.eval()
+        result = compute()
         self.model.train(was_training)
         if self.sharded:  # FSDP2 keeps a root's own weights (embeddings, LM head) gathered after a forward, for a backward that never comes
             self.model.reshard()
-        return logps
+        return result
 
 
 class AdaptersOffReference(Reference):
@@ -74,6 +89,16 @@ class AdaptersOffReference(Reference):
     def logps(self, sequences: Sequences, with_logits: bool = False) -> Logps:
         with self.adapter.disabled(self.model):
             return self.frozen.logps(sequences, with_logits)
+
+    def hidden_states(self, sequences: Sequences) -> torch.Tensor:
+        with self.adapter.disabled(self.model):
+            return self.frozen.hidden_states(sequences)
+
+    def output_head(self) -> OutputHead:
+        """The base model's output layer: an adapter on it (LoRA's `base_layer`) left out."""
+        head = output_head(self.model)
+        head.module = getattr(head.module, "base_layer", head.module)
+        return head
 
 
 def model_fingerprint(model: torch.nn.Module, name: str) -> str:

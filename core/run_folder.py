@@ -38,7 +38,7 @@ LOCK_FILE = ".pref-run.lock"
 #: Settings a checkpoint is bound to (its weights' shapes, its loss, its data and its position in them): a resume cannot change them.
 FIXED_ON_RESUME = ("objective", "objective_options", "model", "quantize", "adapter", "adapter_options", "dataset", "dataset_options",
                    "validation_split", "validation_dataset", "reward", "reward_options", "reward_weights", "selector", "selector_options",
-                   "embedder", "embedder_options", "reference", "seed", "batch_size", "grad_accum", "samples_per_prompt", "max_length",
+                   "embedder", "embedder_options", "reference", "reference_model", "seed", "batch_size", "grad_accum", "samples_per_prompt", "max_length",
                    "max_prompt_length", "bucket_window", "sampler", "sampler_options", "curriculum", "curriculum_options", "chat_template")
 _held: dict[str, "RunLock"] = {}  # locks this process holds, by path
 
@@ -186,7 +186,7 @@ def absolute_paths(config: Any, builders: Iterable[str] = ()) -> Any:
 
 
 def absolute_entries(settings: dict[str, Any], builders: Iterable[str] = ()) -> dict[str, Any]:
-    """The `dataset`, `validation_dataset`, `model`, `chat_template`, `dataset_options` and `reward` of `settings` (a config as a dict) that it holds,
+    """The `dataset`, `validation_dataset`, `model`, `reference_model`, `chat_template`, `dataset_options` and `reward` of `settings` (a config as a dict) that it holds,
     local paths made absolute; names in `builders` stay names."""
     builders = set(builders)
 
@@ -203,7 +203,7 @@ def absolute_entries(settings: dict[str, Any], builders: Iterable[str] = ()) -> 
 
     reward = settings.get("reward")
     entries = {"dataset": [absolute(e) for e in settings.get("dataset") or []], "model": absolute(settings.get("model")),
-               "chat_template": absolute(settings.get("chat_template")),
+               "reference_model": absolute(settings.get("reference_model")), "chat_template": absolute(settings.get("chat_template")),
                "validation_dataset": [absolute(e) for e in settings.get("validation_dataset") or []], "dataset_options": options,
                "reward": [absolute_file(r) for r in reward] if isinstance(reward, (list, tuple)) else absolute_file(reward)}
     return {key: value for key, value in entries.items() if key in settings}
@@ -212,11 +212,11 @@ def absolute_entries(settings: dict[str, Any], builders: Iterable[str] = ()) -> 
 def moved_data(file_config: dict[str, Any]) -> str | None:
     """For a resume: a message naming the first absolute data or model path of a run's record that is gone."""
     entries = [*(file_config.get("dataset") or []), *(file_config.get("validation_dataset") or []), file_config.get("model"),
-               (file_config.get("dataset_options") or {}).get("path"), file_config.get("chat_template")]
+               file_config.get("reference_model"), (file_config.get("dataset_options") or {}).get("path"), file_config.get("chat_template")]
     for entry in entries:
         if isinstance(entry, str) and os.path.isabs(entry) and not os.path.exists(entry):
             return (f"this run read {entry}, which is no longer there (moved or deleted); put it back, or pass its new "
-                    "place with --dataset (or --model, --chat-template) along with --resume")
+                    "place with --dataset (or --model, --reference-model, --chat-template) along with --resume")
     return None
 
 
@@ -254,7 +254,7 @@ def resumed_record(record: dict[str, Any], out_dir: str, step: int, builders: It
     changed = {key: [before[key], value] for key, value in now.items()
                if key in before and before[key] != value and key not in ("output_dir", "resume")}  # where it is, not how it trains
     for key, (was, value) in changed.items():
-        if key in FIXED_ON_RESUME and not (key in ("model", "dataset", "dataset_options", "validation_dataset", "chat_template") and moved_data({key: was})):
+        if key in FIXED_ON_RESUME and not (key in ("model", "reference_model", "dataset", "dataset_options", "validation_dataset", "chat_template") and moved_data({key: was})):
             was, value = ("none" if v is None else json.dumps(v) for v in (was, value))
             raise PrefError(f"cannot resume {out_dir} with {key} {value}: it was trained with {key} {was}, which a resume cannot change; "
                             "resume without changing it, or start a new run with --output-dir NEW")

@@ -156,6 +156,17 @@ def model_logps(model: torch.nn.Module, sequences: Sequences, with_logits: bool 
     return logps
 
 
+def model_hidden(model: torch.nn.Module, sequences: Sequences, with_router_loss: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The last hidden states [B, T, H] of `sequences` under a causal LM (its output head's input, `output_head` turns them into logits)
+    from one forward through `model` itself (a DDP wrapper synchronises), its head run on one position only; and with
+    `with_router_loss` a Mixture of Experts' load-balancing loss (else None)."""
+    routed = {"output_router_logits": True} if with_router_loss else {}
+    out, hidden = forward_with_head_input(model, _inside_ddp(model).get_output_embeddings(), shrink=True, input_ids=sequences.input_ids,
+                                          attention_mask=sequences.attention_mask, **routed)
+    assert hidden is not None
+    return hidden, out.aux_loss if with_router_loss else None
+
+
 def forward_with_head_input(model: torch.nn.Module, head: torch.nn.Module | None, shrink: bool, **inputs: Any) -> tuple[Any, torch.Tensor | None]:
     """`model(**inputs)` and the input of `head` (the last hidden states [B, T, H]; None without a head).
 
@@ -233,6 +244,45 @@ def head_output_scale(config: Any) -> float:
     return 1.0
 
 
+@dataclass
+class OutputHead:
+    """A causal LM's output layer: `logits(hidden)` turns last hidden states [N, H] (`Logps.hidden` rows) into the float32
+    next-token logits [N, V] its forward would give, with the output scaling (`head_output_scale`) and final soft-capping
+    (Gemma 2) some architectures apply. `module` is the head itself; `weight`/`bias` replace it where it is sharded (FSDP2's
+    shards, gathered whole once by `output_head`)."""
+
+    module: torch.nn.Module
+    scale: float = 1.0
+    softcap: float | None = None
+    weight: torch.Tensor | None = None
+    bias: torch.Tensor | None = None
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.weight is None:
+            logits = self.module(hidden).float()
+        else:
+            logits = torch.nn.functional.linear(hidden, self.weight.to(hidden.dtype), self.bias).float()
+        if self.scale != 1.0:
+            logits = logits * self.scale
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+
+def output_head(model: torch.nn.Module) -> OutputHead:
+    """`model`'s `OutputHead` (inside DDP-like wrappers). A head FSDP2 left sharded (a frozen reference's, resharded after each
+    forward) is gathered now, once: every process calls this together."""
+    from torch.distributed.tensor import DTensor
+
+    bare = _inside_ddp(model)
+    head, config = bare.get_output_embeddings(), config_of(bare)
+    found = OutputHead(head, head_output_scale(config), getattr(config, "final_logit_softcapping", None))
+    if isinstance(head.weight, DTensor):
+        found.weight = head.weight.full_tensor()
+        found.bias = head.bias.full_tensor() if isinstance(head.bias, DTensor) else head.bias
+    return found
+
+
 def lean_logps(hidden: torch.Tensor, model: torch.nn.Module, sequences: Sequences, with_entropy: bool = False) -> Logps:
     """Log-probs of the completion tokens from the last hidden states, without the full logits.
 
@@ -244,22 +294,16 @@ def lean_logps(hidden: torch.Tensor, model: torch.nn.Module, sequences: Sequence
     [rows, V] at a time instead of [B, T, V]. Returns the same `Logps` as
     `logps_from_logits` (logits=None), with each token's entropy from the same chunks if `with_entropy`.
     """
-    bare = _inside_ddp(model)
-    head, config = bare.get_output_embeddings(), config_of(bare)
-    scale, softcap = head_output_scale(config), getattr(config, "final_logit_softcapping", None)
+    head = output_head(model)
     mask = sequences.completion_mask.clone()
     mask[:, 0] = 0
     where = mask.bool()  # [B, T]: token t is predicted at position t - 1
     rows = hidden[:, :-1][where[:, 1:]]  # [N, H]
     targets = sequences.input_ids[where]  # [N]
-    chunk = max(1, LOGIT_CHUNK_ELEMENTS // head.weight.shape[0])
+    chunk = max(1, LOGIT_CHUNK_ELEMENTS // head.module.weight.shape[0])
 
     def chunk_logps(h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        logits = head(h).float()
-        if scale != 1.0:
-            logits = logits * scale
-        if softcap:
-            logits = torch.tanh(logits / softcap) * softcap
+        logits = head.logits(h)
         normaliser = torch.logsumexp(logits, dim=-1)
         picked = torch.gather(logits, 1, t.unsqueeze(-1)).squeeze(-1) - normaliser
         if not with_entropy:

@@ -86,20 +86,47 @@ def is_joined() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
-def build_reference(config: RunConfig, plan: RunPlan, policy: HFPolicy, examples: list[Any], processes: Processes) -> Reference | None:
-    """Nothing, log-probs cached on disk (the `processes` compute them together), or a frozen copy of the starting policy (`plan.reference`)."""
+def build_reference(config: RunConfig, plan: RunPlan, policy: HFPolicy, examples: list[Any], processes: Processes, dtype: torch.dtype | None,
+                    device: Any) -> Reference | None:
+    """Nothing, log-probs cached on disk (the `processes` compute them together), or a frozen model (`plan.reference`): a copy of the
+    starting policy, or `--reference-model` loaded in the run's `dtype` onto `device`."""
     if plan.reference == NO_MODEL:
         return None
+    other = reference_model(config, policy, dtype, device) if config.reference_model else None
     if plan.reference == CACHED_LOGPS:
         batches = [rows for start in range(0, len(examples), config.batch_size)
                    for rows in sequences_of(collate(policy, examples[start : start + config.batch_size]))]
-        name = (config.model or DEFAULT_MODEL) + (" with a float32 LM head" if config.cast_lm_head_to_fp32 else "")  # other log-probs
-        with plan.adapter.disabled(unwrap(policy.model)) if plan.adapter else nullcontext():  # an adapter run's reference is its base model
-            return CachedReference.build(unwrap(policy.model), name, batches, os.path.join(cache_dir(), "reference"), packing=config.packing,
-                                         processes=processes)
+        name = (config.reference_model or config.model or DEFAULT_MODEL) + (" with a float32 LM head" if config.cast_lm_head_to_fp32 else "")  # other log-probs
+        with plan.adapter.disabled(unwrap(policy.model)) if plan.adapter and not other else nullcontext():  # an adapter run's reference is its base model
+            return CachedReference.build(other or unwrap(policy.model), name, batches, os.path.join(cache_dir(), "reference"),
+                                         packing=config.packing, processes=processes)
+    if other is not None:
+        return FrozenReference(other, config.packing)
     if plan.adapter:
         return AdaptersOffReference(unwrap(policy.model), plan.adapter, config.packing)
     return FrozenReference.copy_of(unwrap(policy.model), config.packing)
+
+
+def reference_model(config: RunConfig, policy: HFPolicy, dtype: torch.dtype | None, device: Any) -> torch.nn.Module:
+    """`--reference-model`, loaded as the policy was (dtype, attention, 4 bits with --quantize), frozen; a model whose vocabulary is not
+    the policy's is a `PrefError`: its log-probs would score other tokens."""
+    name = config.reference_model
+    try:
+        model = load_model(name, dtype, "causal-lm", config.attn_implementation, config.quantize, device)
+    except PrefError as exc:
+        raise PrefError(f"--reference-model: {exc}") from None
+    try:
+        theirs = load_tokenizer(name).get_vocab()
+    except PrefError:  # a folder of weights alone: its output rows are checked
+        theirs = None
+    ours, rows = policy.tokenizer.get_vocab(), model.get_output_embeddings().weight.shape[0]
+    if theirs not in (None, ours) or rows < len(policy.tokenizer):
+        differ = f"{len(theirs)} tokens against the policy's {len(ours)}" if theirs not in (None, ours) else f"{rows} output rows for {len(ours)} tokens"
+        raise PrefError(f"--reference-model {name} has another vocabulary than the policy ({differ}): a reference scores the policy's "
+                        "tokens, so it must use the same tokenizer; pass a model of the policy's family")
+    if config.cast_lm_head_to_fp32:
+        head_in_float32(model)
+    return model.to(device).eval().requires_grad_(False)
 
 
 def build_sampler(config: RunConfig, plan: RunPlan, policy: HFPolicy, example_sets: list[list[Any]], rank: int, world: int, batch_size: int) -> Any:
@@ -118,8 +145,7 @@ def build_data(config: RunConfig, plan: RunPlan, policy: HFPolicy, examples: lis
     """
     if not plan.needs.online:
         return OfflineBatches(policy, examples, batch_size, config.seed, rank, world, order=order, after_draw=after_draw)
-    assert plan.reward is not None
-    return OnlineBatches(policy, examples or list(plan.reward.default_prompts), plan.reward, plan.selector, plan.needs, plan.samples_per_prompt, plan.sampling,
+    return OnlineBatches(policy, examples or list(plan.reward.default_prompts if plan.reward else []), plan.reward, plan.selector, plan.needs, plan.samples_per_prompt, plan.sampling,
                          batch_size, config.seed, rank, world, order=order, after_draw=after_draw, processes=processes,
                          sampling_together=config.fsdp)
 
@@ -475,7 +501,7 @@ def train_policy(config: RunConfig, registry: Registry) -> tuple[str, HFPolicy]:
     examples = [example for examples in example_sets for example in examples]
     if not plan.needs.online and not examples:
         raise PrefError(f"objective {config.objective!r} trains on a dataset: pass --dataset FILE")
-    reference = build_reference(config, plan, policy, examples + validation, processes)
+    reference = build_reference(config, plan, policy, examples + validation, processes, dtype, accelerator.device)
     keep_trainable_in_float32(policy.model, *modules.values())  # after the reference took its copy
     if config.fsdp:  # after the reference: a frozen copy or the cached log-probs come from the whole model
         # a frozen copy is sharded too (each process holds 1/N of it); its forwards are then collectives, which every process

@@ -1,7 +1,7 @@
 """A step of distributed_runs.py: `{"main": "reference_shards", "args": [REPORT, *PREF_ARGS]}` runs `pref PREF_ARGS`
 and writes REPORT.RANK.json: what this process's frozen reference held at each of its forwards.
 
-For each `FrozenReference.logps` call: the parameter bytes the process held (a sharded model's local pieces),
+For each `FrozenReference.logps` and `hidden_states` call: the parameter bytes the process held (a sharded model's local pieces),
 the bytes of the whole model, and the bytes left gathered whole after the call.
 """
 
@@ -26,18 +26,22 @@ def main(report: str, *args: str) -> None:
     from pref.reference import FrozenReference
 
     forwards = []
-    logps = FrozenReference.logps
+    methods = {name: getattr(FrozenReference, name) for name in ("logps", "hidden_states")}
 
-    def noted(self, sequences, with_logits=False):
-        out = logps(self, sequences, with_logits)
-        held, whole, _ = held_bytes(self.model)
-        forwards.append({"held": held, "whole": whole, "gathered_after": held_bytes(self.model)[2]})
-        return out
+    def noting(method):
+        def noted(self, *args, **kwargs):
+            out = method(self, *args, **kwargs)
+            held, whole, _ = held_bytes(self.model)
+            forwards.append({"held": held, "whole": whole, "gathered_after": held_bytes(self.model)[2]})
+            return out
+        return noted
 
-    FrozenReference.logps = noted
+    for name, method in methods.items():
+        setattr(FrozenReference, name, noting(method))
     try:
         cli(list(args), prog_name="pref", standalone_mode=False)
     finally:
-        FrozenReference.logps = logps
+        for name, method in methods.items():
+            setattr(FrozenReference, name, method)
     with open(f"{report}.{dist.get_rank()}.json", "w") as f:
         json.dump(forwards, f)

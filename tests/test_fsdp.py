@@ -148,12 +148,15 @@ def test_sharded_run_matches_ddp_resumes_exactly_and_saves_a_plain_model(tiny_mo
 
 
 @pytest.mark.slow
-def test_lora_ppo_grpo_and_a2po_train_sharded_as_unsharded(tiny_model_dir, private_cache, tmp_path):
+def test_lora_ppo_grpo_a2po_and_distill_train_sharded_as_unsharded(tiny_model_dir, private_cache, tmp_path):
     """PPO with LoRA: both runs sample through the model (sharded: the processes gather the weights together, and one whose
     samples ended keeps stepping with the others, or their gathers would wait forever). LoRA's random adapters and the value
     head outside the shards start from process 0's, so the adapters and the test prompts' answers end as the DDP run's,
     and the sharded run resumed from its checkpoint ends with the same adapters, bit for bit. Then GRPO with a KL term to a
-    frozen-copy reference, which --fsdp shards too, and A*-PO, which samples every prompt before training."""
+    frozen-copy reference, which --fsdp shards too, A*-PO, which samples every prompt before training, and distill from a teacher
+    that --fsdp shards."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     args = ["--objective", "ppo", "-k", "2", "-o", "ppo_epochs=2", "--reward", "noun-diversity", "--model", tiny_model_dir, "--steps", "4",
             "--batch-size", "2", "--save-every", "2", "--lr", "1e-2", "--seed", "0", "--device", "cpu", "--max-new-tokens", "8",
             "--test-prompt", "Name a fruit.", "--lora", "--lora-option", "target_modules=q_proj,v_proj", "--merge-lora"]
@@ -166,6 +169,17 @@ def test_lora_ppo_grpo_and_a2po_train_sharded_as_unsharded(tiny_model_dir, priva
     a2po = ["--objective", "a2po", "--reward", "noun-diversity", "--dataset", str(tmp_path / "three.jsonl"), "--model", tiny_model_dir,
             "--steps", "2", "--batch-size", "1", "--save-every", "1", "-o", "num_value_samples=2", "-o", "filter_all_incorrect=false",
             "--seed", "0", "--device", "cpu", "--max-new-tokens", "4"]
+    # then distill from a teacher (the tiny model, its weights moved), which --fsdp shards too: its output layer gathered whole
+    teacher = tmp_path / "teacher"
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    model.save_pretrained(teacher)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(teacher)
+    distill = ["--objective", "distill", "--reference-model", str(teacher), "--dataset", str(tmp_path / "three.jsonl"), "--model", tiny_model_dir,
+               "--steps", "2", "--batch-size", "1", "-o", "beta=0.5", "--lr", "1e-2", "--seed", "0", "--device", "cpu", "--max-new-tokens", "8"]
     resumed, report = tmp_path / "resumed", tmp_path / "reference"  # one launch, as in the test above
     launch(private_cache, tmp_path, [["run", *args, "--output-dir", str(tmp_path / "ddp")],
                                     ["run", *args, "--fsdp", "--output-dir", str(tmp_path / "fsdp")],
@@ -175,7 +189,10 @@ def test_lora_ppo_grpo_and_a2po_train_sharded_as_unsharded(tiny_model_dir, priva
                                     {"main": "reference_shards", "args": [str(report), "run", *grpo, "--fsdp", "--sample-sharded",
                                                                           "--output-dir", str(tmp_path / "fsdp-grpo")]},
                                     ["run", *a2po, "--output-dir", str(tmp_path / "ddp-a2po")],
-                                    ["run", *a2po, "--fsdp", "--output-dir", str(tmp_path / "fsdp-a2po")]])
+                                    ["run", *a2po, "--fsdp", "--output-dir", str(tmp_path / "fsdp-a2po")],
+                                    ["run", *distill, "--output-dir", str(tmp_path / "ddp-distill")],
+                                    {"main": "reference_shards", "args": [str(tmp_path / "teacher-shards"), "run", *distill, "--fsdp",
+                                                                          "--output-dir", str(tmp_path / "fsdp-distill")]}])
     ddp, sharded = weights(tmp_path / "ddp", "adapter_model.safetensors"), weights(tmp_path / "fsdp", "adapter_model.safetensors")
     assert sharded.keys() == ddp.keys() and any(float(v.abs().max()) > 0 for k, v in ddp.items() if "lora_B" in k)
     assert_trained_alike(sharded, ddp, atol=2e-5)
@@ -207,3 +224,14 @@ def test_lora_ppo_grpo_and_a2po_train_sharded_as_unsharded(tiny_model_dir, priva
     tables = [torch.load(tmp_path / run / "checkpoint-000001" / "extra.pt", weights_only=True)["objective"][rank]["values"]
               for run in ("ddp-a2po", "fsdp-a2po") for rank in (0, 1)]
     assert len(tables[0]) == 3 and all(table == tables[0] for table in tables)
+
+    # distill: the teacher held half of its weights on each process at each forward, nothing left gathered after it (its output
+    # layer gathered whole for the loss alone), and the run trained the weights of the unsharded one
+    forwards = [json.loads((tmp_path / f"teacher-shards.{rank}.json").read_text()) for rank in (0, 1)]
+    assert len(forwards[0]) == len(forwards[1]) == 2
+    for first, second in zip(*forwards):
+        assert first["held"] + second["held"] == first["whole"] and max(first["held"], second["held"]) < 0.55 * first["whole"]
+        assert first["gathered_after"] == second["gathered_after"] == 0
+    ddp, sharded = weights(tmp_path / "ddp-distill"), weights(tmp_path / "fsdp-distill")
+    assert max(float((ddp[k] - start[k]).abs().max()) for k in ddp) > 1e-3
+    assert_trained_alike(sharded, ddp, atol=2e-5)

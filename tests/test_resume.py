@@ -88,7 +88,7 @@ def test_resume_says_when_the_data_moved(tmp_path, tiny_model_dir, prefs_file):
     result = CliRunner().invoke(cli, ["run", "--resume", str(out), "--steps", "3"])
     assert result.exit_code == 2
     assert result.stderr.splitlines()[-1] == (f"Error: cannot resume {out}: this run read {prefs_file}, which is no longer there "
-                                              "(moved or deleted); put it back, or pass its new place with --dataset (or --model, --chat-template) along with --resume")
+                                              "(moved or deleted); put it back, or pass its new place with --dataset (or --model, --reference-model, --chat-template) along with --resume")
     result = CliRunner().invoke(cli, ["run", "--resume", str(out), "--steps", "3", "--dataset", str(tmp_path / "moved.jsonl")])
     assert result.exit_code == 0, result.output
 

@@ -1,0 +1,123 @@
+"""Distillation: the policy samples answers, and learns a teacher's next-token distribution at every token it sampled.
+
+This is TRL 1.16's `DistillationTrainer` (on-policy distillation, Agarwal et al. 2024,
+https://arxiv.org/abs/2306.13649). The teacher is the run's reference, `--reference-model TEACHER`, a model
+of the policy's vocabulary (a larger one of its family). At each completion token the loss is the
+generalized Jensen-Shannon divergence between the policy's and the teacher's distributions, both at
+`temperature`: `beta` 0 is the forward KL(teacher || policy), 1 (TRL's default) the reverse
+KL(policy || teacher), in between the JSD with mixture `(1 - beta) p_policy + beta p_teacher`. Every
+token of the batch counts alike (the sum over them divided by their number, across micro-batches and
+processes). No reward is needed; a `--reward` given is logged (`reward/mean`), not trained on.
+
+Neither model's [B, T, V] logits are held: both models give their last hidden states, and the
+divergence runs through their output layers a few rows at a time, each chunk recomputed in the backward.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from pref.errors import PrefError
+from pref.hookspecs import hookimpl
+from pref.interfaces import REFERENCE_DISTRIBUTIONS, SAMPLES, Minibatch, Objective, ObjectiveNeeds, Policy, Reference
+from pref.sequences import LOGIT_CHUNK_ELEMENTS, OutputHead
+
+
+def generalized_jsd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, beta: float, temperature: float = 1.0) -> torch.Tensor:
+    """The divergence between two next-token distributions given as logits [N, V], per row: [N] (grad to the student only).
+
+    beta 0: KL(teacher || student); beta 1: KL(student || teacher); else beta KL(teacher || m) + (1 - beta) KL(student || m),
+    m = (1 - beta) p_student + beta p_teacher. Both logits are divided by `temperature` first.
+    """
+    log_s = torch.log_softmax(student_logits.float() / temperature, dim=-1)
+    log_t = torch.log_softmax(teacher_logits.detach().float() / temperature, dim=-1)
+    if beta == 0.0:
+        return (log_t.exp() * (log_t - log_s)).sum(-1)
+    if beta == 1.0:
+        return (log_s.exp() * (log_s - log_t)).sum(-1)
+    log_m = torch.logaddexp(log_s + math.log(1 - beta), log_t + math.log(beta))
+    return beta * (log_t.exp() * (log_t - log_m)).sum(-1) + (1 - beta) * (log_s.exp() * (log_s - log_m)).sum(-1)
+
+
+def chunked_divergence(student_hidden: torch.Tensor, student_head: OutputHead, teacher_hidden: torch.Tensor, teacher_head: OutputHead,
+                       beta: float, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """`generalized_jsd` at N positions given the two models' last hidden states [N, H_s] and [N, H_t], and the student's entropy
+    there (at `temperature`, no grad): [N] each.
+
+    The heads run on `LOGIT_CHUNK_ELEMENTS // V` rows at a time; with grad each chunk is recomputed in the backward, so a step
+    holds one chunk's logits, not [N, V]. Heads of different widths (a teacher with more padding rows, same tokenizer) are
+    compared on the rows both have.
+    """
+    chunk = max(1, LOGIT_CHUNK_ELEMENTS // max(student_head.module.weight.shape[0], 1))
+
+    def part(h_s: torch.Tensor, h_t: torch.Tensor) -> torch.Tensor:
+        student = student_head.logits(h_s)
+        with torch.no_grad():
+            teacher = teacher_head.logits(h_t)
+        width = min(student.shape[-1], teacher.shape[-1])
+        student, teacher = student[:, :width], teacher[:, :width]
+        log_p = torch.log_softmax(student.detach() / temperature, dim=-1)
+        return torch.stack([generalized_jsd(student, teacher, beta, temperature), -(log_p.exp() * log_p).sum(-1)])
+
+    grad = torch.is_grad_enabled()
+    parts = [checkpoint(part, student_hidden[i : i + chunk], teacher_hidden[i : i + chunk], use_reentrant=False) if grad
+             else part(student_hidden[i : i + chunk], teacher_hidden[i : i + chunk]) for i in range(0, student_hidden.shape[0], chunk)]
+    if not parts:  # no completion token: a zero still joined to the graph, so that backward (and DDP's) runs
+        zero = 0 * student_head.logits(student_hidden.new_zeros((1, student_hidden.shape[-1]))).sum()
+        return zero.reshape(1)[:0], zero.reshape(1)[:0].detach()
+    divergence, entropy = torch.cat(parts, dim=-1)
+    return divergence, entropy.detach()
+
+
+class Distill(Objective):
+    """On-policy distillation from `--reference-model TEACHER` (TRL's `DistillationTrainer`).
+
+    Options (`-o KEY=VALUE`):
+        beta: 0 forward KL(teacher || policy), 1 reverse KL(policy || teacher) (default, as TRL's), in between the generalized JSD.
+        temperature: the distributions are compared at this temperature (TRL uses its sampling temperature for both: pass
+            the same value as `--temperature` for its runs).
+    """
+
+    def __init__(self, beta: float = 1.0, temperature: float = 1.0, reference_model: str | None = None):
+        if not 0.0 <= beta <= 1.0:
+            raise PrefError(f"distill: beta must lie in [0, 1] (0 forward KL, 1 reverse KL), got {beta}")
+        if not temperature > 0:
+            raise PrefError(f"distill: temperature must be above 0, got {temperature}")
+        if not reference_model:
+            raise PrefError("distill learns a teacher's distributions: pass --reference-model TEACHER (a hub id or folder of a model "
+                            "with the policy's tokenizer, usually a larger one of its family)")
+        self.beta, self.temperature = beta, temperature
+        self.needs = ObjectiveNeeds(
+            reference=REFERENCE_DISTRIBUTIONS,  # the teacher, a frozen model
+            data=SAMPLES,
+            online=True,
+            scored=False,  # a --reward is only logged
+            dataset_builder="prompts",
+            dropout=True,  # as TRL's DistillationTrainer (disable_dropout False)
+        )
+
+    def loss_items(self, batch: Minibatch) -> int:
+        """The completion tokens the loss averages over (after each row's first position)."""
+        return int(batch.rollout.batch.sequences.completion_mask[batch.rows, 1:].sum())
+
+    def loss(self, policy: Policy, reference: Reference | None, batch: Minibatch) -> tuple[torch.Tensor, dict[str, float]]:
+        """The mean divergence over this step's completion tokens; metric `entropy`, the policy's mean token entropy (nats), as TRL's."""
+        if reference is None:
+            raise PrefError("distill compares the policy with its teacher, the reference: do not pass --reference none")
+        sequences = batch.prepared(self, policy, reference).sequences
+        student = policy.hidden_states(sequences)
+        teacher = reference.hidden_states(sequences).to(student.device)
+        where = sequences.completion_mask.to(student.device).bool()
+        where[:, 0] = False  # token t is predicted at position t - 1: the first has no prefix
+        divergence, entropy = chunked_divergence(student[:, :-1][where[:, 1:]], policy.output_head(), teacher[:, :-1][where[:, 1:]],
+                                                 reference.output_head(), self.beta, self.temperature)
+        count = max(divergence.numel(), 1)
+        return divergence.sum() / count, {"entropy": entropy.sum().item() / count}
+
+
+@hookimpl
+def register_objectives(register):
+    register("distill", Distill)
