@@ -124,8 +124,10 @@ def resolve_plan(config: RunConfig, registry: Registry, processes: Processes | N
     reward = selector = embedder = None
     if needs.online:
         if config.temperature == 0:
-            raise PrefError(f"{config.objective} samples several answers per prompt, and at --temperature 0 (greedy) they are all the same: "
-                            "pass a temperature above 0 (1.0 is the default)")
+            why = ("samples several answers per prompt, and at --temperature 0 (greedy) they are all the same"
+                   if (config.samples_per_prompt or needs.samples_per_prompt) > 1 else
+                   "learns from answers sampled from the policy's distribution, which greedy decoding (--temperature 0) does not give")
+            raise PrefError(f"{config.objective} {why}: pass a temperature above 0 (1.0 is the default)")
         # an objective that needs no reward (distill) only logs the one it is given
         reward = resolve_reward(config, registry, objective) if needs.scored or config.reward else None
         if not config.dataset and reward is None:

@@ -19,6 +19,7 @@ from trained_alike import assert_trained_alike  # tests/ is on sys.path
 @pytest.mark.parametrize("flags, message", [
     (["--temperature", "-1"], "temperature must be zero"),
     (["--objective", "grpo", "--temperature", "0"], "at --temperature 0 (greedy) they are all the same"),  # K equal samples
+    (["--objective", "a2po", "--temperature", "0"], "which greedy decoding (--temperature 0) does not give"),
     (["--top-p", "0"], "top_p must be above 0"),
     (["--top-p", "1.5"], "top_p must be above 0"),
     (["--top-k", "-1"], "top_k must be"),
