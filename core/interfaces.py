@@ -147,6 +147,17 @@ class RewardSource(ABC):
         NaN marks a completion left unscored (a reward function's None): `weighted` sums the other parts' scores;
         a sample no part scored is left out by objectives with `needs.unscored_samples`, and refused by the others."""
 
+    def at_step(self, step: int, steps: int) -> None:
+        """Told by the loop before each training step draws its samples: `step` of the run's `steps` optimizer steps are done (TRL's
+        `trainer_state`), for a reward that shapes its scores by training progress. The default ignores it."""
+
+    def logged(self) -> tuple[dict[str, float], dict[str, list[Any]]]:
+        """What the reward logged while scoring since it was last asked, and forgets: figures (name -> value, joined to the step's
+        metrics as `reward/NAME`) and columns (name -> one value per completion of its last `score` call, written with each sample by
+        `--log-completions`), as TRL's reward functions' `log_metric` and `log_extra`. The host asks after each `score` it makes
+        while training; the default logs nothing."""
+        return {}, {}
+
     def report(self, prompts: list[Prompt], completions: list[str], **columns: list[Any]) -> dict[str, float]:
         """Evaluation figures over a set of samples (`pref eval`): mean scores and diversity; `columns` as for `score`.
 
@@ -157,6 +168,7 @@ class RewardSource(ABC):
         scores = self.score(prompts, completions, **columns)
         figures: dict[str, float] = {"samples": float(len(completions))}
         figures.update({f"{name}/mean": values.float().nanmean().item() for name, values in scores.items()})  # of the scored ones
+        figures.update({f"reward/{name}": float(value) for name, value in self.logged()[0].items() if f"reward/{name}" not in figures})
         figures["distinct_ratio"] = distinct_ratio(completions)
         figures["entropy_bits"] = entropy_bits(completions)
         return figures

@@ -108,7 +108,7 @@ class OnlineBatches:
                    "time/sampling": sampled - start}
         if self.reward is None:  # an objective that needs no score (distill), given no reward to log
             return prompts, samples, {}, {}, {**metrics, "time/scoring": 0.0}
-        scores, columns = scored(self.reward, records, samples.completions, samples.sequences)
+        scores, columns, figures = scored(self.reward, records, samples.completions, samples.sequences)
         unscored = scores["reward"].isnan()
         if unscored.any() and not self.unscored_samples:
             require_scored(scores["reward"], flat_completions, "this objective")
@@ -122,6 +122,7 @@ class OnlineBatches:
             "reward/std": rewards.std().item() if rewards.numel() > 1 else 0.0,
             "reward/max": rewards.max().item() if rewards.numel() else math.nan,
             "time/scoring": time.perf_counter() - sampled,
+            **figures,
         })
         return prompts, samples, scores, columns, metrics
 
@@ -195,7 +196,7 @@ def sample_pool(policy: Policy, records: list[Any], reward: RewardSource, k: int
             samples = policy.sample([prompts[i] for i in indices or [0]], k, sampling)
             if not indices:
                 continue
-            scores, _ = scored(reward, [records[i] for i in indices], samples.completions, samples.sequences)
+            scores, _, _ = scored(reward, [records[i] for i in indices], samples.completions, samples.sequences)
             for j, i in enumerate(indices):
                 texts[i] = samples.completions[j]
                 rows.append((i, {name: values[j * k : (j + 1) * k].tolist() for name, values in scores.items()}))
@@ -205,14 +206,38 @@ def sample_pool(policy: Policy, records: list[Any], reward: RewardSource, k: int
                          {name: torch.tensor([scores[name] for _, scores in rows]) for name in rows[0][1]})
 
 
-def scored(reward: RewardSource, records: list[Any], completions: list[list[str]], sequences: Sequences) -> tuple[dict[str, torch.Tensor], dict[str, list[Any]]]:
-    """The reward's checked scores of K completions of each record's prompt, flat [P * K], and the record columns it read, flat too;
-    a reward that `reads_completion_ids` gets those of `sequences` (the [P * K] rows sampled) too."""
+def scored(reward: RewardSource, records: list[Any], completions: list[list[str]],
+           sequences: Sequences) -> tuple[dict[str, torch.Tensor], dict[str, list[Any]], dict[str, float]]:
+    """The reward's checked scores of K completions of each record's prompt, flat [P * K], the record columns it read and the
+    columns it logged, flat too, and the figures it logged (as `reward/NAME`); a reward that `reads_completion_ids` gets those of
+    `sequences` (the [P * K] rows sampled) too."""
     flat_records, flat_completions = flatten(records, completions)
     columns = {name: [columns_of(record)[name] for record in flat_records] for name in reward.columns}
     ids = {"completion_ids": completion_ids(sequences)} if reward.reads_completion_ids else {}
     scores = reward.score([prompt_of(record) for record in flat_records], flat_completions, **columns, **ids)
-    return checked_scores(reward, scores, len(flat_completions)), columns
+    checked = checked_scores(reward, scores, len(flat_completions))
+    figures, logged_columns = checked_logs(reward, reward.logged(), len(flat_completions))
+    return checked, {**columns, **logged_columns}, figures
+
+
+#: The figures pref logs of every reward, which a reward's own `logged` figures may not replace.
+REWARD_FIGURES = ("mean", "std", "max")
+
+
+def checked_logs(reward: RewardSource, logs: Any, rows: int) -> tuple[dict[str, float], dict[str, list[Any]]]:
+    """A reward's `logged()`: its figures named `reward/NAME`, and its columns; a mistake in them is a `PrefError` naming it."""
+    name = type(reward).__name__
+    figures, columns = logs
+    for key, value in figures.items():
+        if key in REWARD_FIGURES:
+            raise PrefError(f"the reward {name} logged a figure named {key!r}, which pref logs itself as reward/{key}: give it another name")
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise PrefError(f"the reward {name} logged {key!r} as {value!r}; a logged figure is one number")
+    for key, values in columns.items():
+        if len(values) != rows:
+            raise PrefError(f"the reward {name} logged the column {key!r} with {len(values)} values; it needs one per completion "
+                            f"of the call that logged it ({rows})")
+    return {f"reward/{key}": float(value) for key, value in figures.items()}, dict(columns)
 
 
 def completion_ids(sequences: Sequences) -> list[list[int]]:

@@ -519,6 +519,8 @@ def train_policy(config: RunConfig, registry: Registry) -> tuple[str, HFPolicy]:
         per = f" x {world} processes" if world > 1 else ""
         log.info(f"the dataset's {len(examples)} training rows are fewer than --batch-size {config.batch_size}{per}: a batch holds {batch_size * world}, each row once")
     dropped: list[int] = []  # the training prompts the objective leaves out after seeing the starting policy's samples of each (A*-PO's)
+    if plan.reward is not None:  # TRL's trainer_state: the optimizer steps done when samples are scored, from the starting ones on
+        plan.reward.at_step(start_step, config.steps)
     if plan.needs.starting_samples:
         items = examples or list(plan.reward.default_prompts)
         if checkpoint:  # a resume keeps what the run started with
@@ -571,6 +573,8 @@ def train_policy(config: RunConfig, registry: Registry) -> tuple[str, HFPolicy]:
     offloaded = offload.OffloadedActivations(unwrap(model)) if config.activation_offloading else nullcontext()
     with loggers_running(loggers, config.steps, start_step), StopRequests(announce=accelerator.is_main_process) as stop_requests:
         for step in range(start_step + 1, config.steps + 1):
+            if plan.reward is not None:
+                plan.reward.at_step(step - 1, config.steps)
             # forward and backward, accumulated over micro-batches
             reports: list[dict[str, float]] = []  # each micro-batch's figures
             completions: list[dict[str, Any]] = []  # --log-completions: the rollouts this step drew

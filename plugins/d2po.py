@@ -104,6 +104,7 @@ class Discriminator(RewardSource, SecondModel):
         batch_size: pairs per update step, and rows per scoring pass.
         default_prompts: the prompts to train on when there is no dataset (the gold reward's).
         processes: the run's processes: gold pairs labelled by any of them train every one.
+        gold: the gold reward, told the training progress the loop tells the discriminator (`at_step`).
 
     As a `SecondModel`: once `learn` was told of a finished round (on any process), the
     next `batches()` are `epochs` shuffled passes over all gold pairs so far, each cut into
@@ -112,8 +113,9 @@ class Discriminator(RewardSource, SecondModel):
     """
 
     def __init__(self, classifier: HFPolicy | None = None, lr: float = 1e-4, epochs: int = 4, batch_size: int = 16,
-                 default_prompts: list[str] | None = None, processes: Processes | None = None):
+                 default_prompts: list[str] | None = None, processes: Processes | None = None, gold: RewardSource | None = None):
         self.lr = lr
+        self.gold = gold
         self.epochs = epochs
         self.batch_size = batch_size
         self.default_prompts = list(default_prompts or [])
@@ -130,6 +132,10 @@ class Discriminator(RewardSource, SecondModel):
         self.classifier = classifier
         self.scorer = SequenceScorer(classifier, self.batch_size)
         self.model = classifier.model
+
+    def at_step(self, step: int, steps: int) -> None:
+        if self.gold is not None:
+            self.gold.at_step(step, steps)
 
     def score(self, prompts: list[Prompt], completions: list[str]) -> dict[str, torch.Tensor]:
         """`reward`: the discriminator's score, float [B] (no grad)."""
@@ -206,6 +212,7 @@ class DiscriminatorRelabeler(PairSelector):
         gold/relabeled, gold/ties_dropped: this step's relabeled pairs, and those the gold reward tied.
         discriminator/confidence: mean |r1 - r2| of this step's pairs.
         eval/gold_reward: mean gold reward of this step's samples, with `eval_gold`.
+        gold/reward/NAME: a figure the gold reward logged as it scored (a reward function's `log_metric`).
             Evaluation only: never used for training and not counted in labels spent.
     and, at the end of a round:
         discriminator/accuracy: agreement with the round's new gold pairs, measured
@@ -257,6 +264,8 @@ class DiscriminatorRelabeler(PairSelector):
             flat_prompts = [p for p, row in zip(pool.prompts, pool.completions) for _ in row]
             flat = [c for row in pool.completions for c in row]
             metrics["eval/gold_reward"] = self.gold.score(flat_prompts, flat)["reward"].float().mean().item()
+        # what the gold reward logged as it labelled (its columns are of label queries, not of the pool's samples: dropped)
+        metrics.update({f"gold/reward/{name}": value for name, value in self.gold.logged()[0].items()})
         return Selection(pairs=[pair for pair in order.values() if pair is not None], metrics=metrics)
 
     def _relabel(self, order: dict[tuple[int, int, int], Any], metrics: dict[str, float]) -> dict[str, float]:
@@ -369,7 +378,7 @@ class D2PO(DPO):
         self.initial_gold_pairs = read_gold_pairs(gold_pairs) if gold_pairs else []
         # built now, so the run's plan has its reward and selector before the model loads; the
         # discriminator's model is attached in setup(), once the policy it starts from has loaded
-        self.discriminator = Discriminator(None, disc_lr, disc_epochs, disc_batch_size, list(self.gold.default_prompts), processes)
+        self.discriminator = Discriminator(None, disc_lr, disc_epochs, disc_batch_size, list(self.gold.default_prompts), processes, self.gold)
         self.relabeler = DiscriminatorRelabeler(self.discriminator, self.gold, round_size, budget, selection, eval_gold)
         self.relabeler.gold_pairs = list(self.initial_gold_pairs)
         self.discriminator.gold_pairs = list(self.initial_gold_pairs)

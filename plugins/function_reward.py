@@ -8,6 +8,13 @@ chat messages) and `completion_ids` (each completion's token ids, as sampled) if
 other parameters without a default as a
 column of the prompts' rows, one value per completion: `def accuracy(completions, answer, **kwargs)` gets the
 `answer` of each completion's row (read by the `prompts` builder; a row without it is refused before training).
+As TRL's trainers, pref also passes a function that names them or takes `**kwargs`:
+
+- `trainer_state`: `TrainerState`'s `global_step` (the optimizer steps done when the samples were drawn) and `max_steps`
+  (the run's `--steps`), for shaping by training progress; None outside training (`pref eval`);
+- `log_metric(name, value)`: a figure, logged with the step as `reward/NAME` (the mean of the step's values);
+- `log_extra(column, values)`: one value per completion of the call, written with each sample by `--log-completions`.
+
 It returns one number per completion (a list or a tensor), the `reward` score; None (or NaN) leaves a completion
 unscored, as TRL's reward functions do for samples they do not apply to (see `RewardSource.score`). An `async def`
 function is awaited.
@@ -23,6 +30,7 @@ import math
 import os
 import sys
 import traceback
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -33,9 +41,19 @@ from pref.hookspecs import hookimpl
 from pref.interfaces import RewardSource
 
 #: Parameters the function may take besides the columns.
-GIVEN = ("prompts", "completions", "completion_ids")
+GIVEN = ("prompts", "completions", "completion_ids", "trainer_state", "log_metric", "log_extra")
+#: Given to a function that takes **kwargs too, as TRL gives them (`completion_ids` only when named: a gold reward gets none).
+GIVEN_TO_KWARGS = ("prompts", "trainer_state", "log_metric", "log_extra")
 #: What TRL's trainers also pass, and pref does not: a function that needs one is refused, not sent looking for a column.
-TRL_ONLY = ("trainer_state", "log_extra", "log_metric", "environments")
+TRL_ONLY = ("environments",)
+
+
+@dataclass(frozen=True)
+class TrainerState:
+    """The part of transformers' `TrainerState` that reward functions read (importing that one costs seconds)."""
+
+    global_step: int
+    max_steps: int
 
 
 class FunctionReward(RewardSource):
@@ -56,19 +74,38 @@ class FunctionReward(RewardSource):
         if "completions" not in parameters and not takes_any:
             raise PrefError(f"function: {name} in {file} must take a `completions` parameter (a list: one text per completion)")
         self.function, self.label, self.file = function, f"{name} in {file}", os.path.abspath(file)
-        self.gives_prompts = "prompts" in parameters or takes_any
+        self.given = {n for n in GIVEN_TO_KWARGS if n in parameters or takes_any}
         self.reads_completion_ids = "completion_ids" in parameters  # named: **kwargs alone does not get them
+        self.state: TrainerState | None = None  # told by the loop (at_step); None outside training
+        self.figures: dict[str, list[float]] = {}  # log_metric's, since the host last asked
+        self.extra: dict[str, list[Any]] = {}  # log_extra's, of the last call
         self.columns = tuple(n for n, p in parameters.items()
                              if n not in GIVEN and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.default is p.empty)
         unsupported = [n for n in self.columns if n in TRL_ONLY]
         if unsupported:
             raise PrefError(f"function: {name} in {file} needs `{unsupported[0]}`, which TRL's trainers pass and pref does not (it gives "
-                            "prompts, completions, completion_ids and the rows' columns); give that parameter a default, or take **kwargs")
+                            "prompts, completions, completion_ids, trainer_state, log_metric, log_extra and the rows' columns); give that parameter a default, or take **kwargs")
+
+    def at_step(self, step: int, steps: int) -> None:
+        self.state = TrainerState(global_step=step, max_steps=steps)
+
+    def log_metric(self, name: str, value: float) -> None:
+        self.figures.setdefault(name, []).append(value)
+
+    def log_extra(self, column: str, values: list[Any]) -> None:
+        self.extra.setdefault(column, []).extend(values)
+
+    def logged(self) -> tuple[dict[str, float], dict[str, list[Any]]]:
+        figures = {name: sum(values) / len(values) for name, values in self.figures.items()}
+        extra, self.figures, self.extra = self.extra, {}, {}
+        return figures, extra
 
     def score(self, prompts: list[Prompt], completions: list[str], **columns: list[Any]) -> dict[str, torch.Tensor]:
         given = [[{"role": "assistant", "content": c}] if isinstance(p, list) else c for p, c in zip(prompts, completions)]  # as TRL's
+        passed = {"prompts": list(prompts), "trainer_state": self.state, "log_metric": self.log_metric, "log_extra": self.log_extra}
+        self.extra = {}  # one value per completion of this call
         try:
-            values = self.function(completions=given, **({"prompts": list(prompts)} if self.gives_prompts else {}), **columns)
+            values = self.function(completions=given, **{n: v for n, v in passed.items() if n in self.given}, **columns)
             if inspect.isawaitable(values):  # an `async def` function
                 values = asyncio.run(values)
         except Exception as exc:  # the user's own code: where it failed, in one line

@@ -63,6 +63,22 @@ class WeightedReward(RewardSource):
         return {"reward": total, **scores}
 
 
+    def at_step(self, step: int, steps: int) -> None:
+        for part in self.parts.values():
+            part.at_step(step, steps)
+
+    def logged(self) -> tuple[dict[str, float], dict[str, list[Any]]]:
+        """Every part's figures (a figure two parts log: their mean) and columns."""
+        figures: dict[str, list[float]] = {}
+        columns: dict[str, list[Any]] = {}
+        for part in self.parts.values():
+            part_figures, part_columns = part.logged()
+            for key, value in part_figures.items():
+                figures.setdefault(key, []).append(value)
+            columns.update(part_columns)
+        return {key: sum(values) / len(values) for key, values in figures.items()}, columns
+
+
 def options_by_reward(names: list[str], options: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """NAME -> that reward's options, from `NAME.key` -> value or NAME -> {key: value} (a config file's
     `[reward_options.NAME]` table). Dashes and underscores in NAME are alike: `--reward-option` turns

@@ -88,6 +88,21 @@ def test_relabeling_a_hand_made_pool():
     assert relabeler.gold_pairs == [GoldPair("p1", "x1", "y1")]
 
 
+def test_a_gold_function_is_told_the_steps_and_its_figures_are_logged_as_gold(tmp_path):
+    """A gold reward function reading TRL's `trainer_state` gets the steps the loop tells D2PO's reward (its discriminator), and what it
+    logs with `log_metric` while labelling is the step's `gold/reward/NAME`."""
+    (tmp_path / "gold.py").write_text("def longer(completions, trainer_state, log_metric):\n"
+                                      "    log_metric('progress', trainer_state.global_step / trainer_state.max_steps)\n"
+                                      "    return [float(len(c)) for c in completions]\n")
+    objective = D2PO(gold=f"{tmp_path}/gold.py:longer", round_size=2, budget=1, registry=load_registry())
+    objective.own_reward().at_step(1, 4)
+    pool = CandidatePool(["p"], [["a", "bb"]], {"reward": torch.tensor([[0.2, 0.1]])})
+    objective.discriminator.learn = lambda fresh: None  # no classifier here: the update is the loop's
+    selection = objective.relabeler.select(pool)
+    assert selection.pairs == [(0, 1, 0)]  # relabeled: the gold prefers the longer answer
+    assert selection.metrics["gold/reward/progress"] == 0.25
+
+
 def test_rounds_collect_pairs_across_steps_and_budget_zero_is_frozen():
     gold = TableGold({"a": 1, "b": 0, "c": 0, "d": 1})
     pool_1 = CandidatePool(["p"], [["a", "b"]], {"reward": torch.tensor([[0.2, 0.1]])})

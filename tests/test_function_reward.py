@@ -78,14 +78,77 @@ def test_a_chat_prompts_completions_come_as_messages_and_an_async_function_is_aw
     assert later[0].item() == 1.0 and later[1].isnan()
 
 
-@pytest.mark.parametrize("parameter", ["trainer_state", "log_metric", "log_extra"])
-def test_a_function_that_needs_what_only_trl_passes_is_refused_naming_it(tmp_path, parameter):
-    file = write(tmp_path / "rewards.py", f"def f(completions, {parameter}):\n    return [1.0]\n\ndef g(completions, {parameter}=None, **kw):\n"
+def test_a_function_that_needs_what_only_trl_passes_is_refused_naming_it(tmp_path):
+    file = write(tmp_path / "rewards.py", "def f(completions, environments):\n    return [1.0]\n\ndef g(completions, environments=None, **kw):\n"
                                           "    return [1.0]\n")
-    with pytest.raises(PrefError, match=rf"^function: f in .*rewards.py needs `{parameter}`, which TRL's trainers pass and pref does not .*; "
+    with pytest.raises(PrefError, match=r"^function: f in .*rewards.py needs `environments`, which TRL's trainers pass and pref does not .*; "
                                         r"give that parameter a default, or take \*\*kwargs$"):
         FunctionReward(f"{file}:f")
     assert FunctionReward(f"{file}:g").columns == ()
+
+
+def test_trainer_state_log_metric_and_log_extra_as_trl_passes_them(tmp_path):
+    """A function naming them, or taking **kwargs, gets TRL's `trainer_state` (the steps the loop told the reward), `log_metric` (the
+    figures' mean since the host last asked) and `log_extra` (one value per completion of the call); one that names none gets none."""
+    file = write(tmp_path / "rewards.py", "def shaped(completions, trainer_state, log_metric, log_extra):\n"
+                                          "    progress = trainer_state.global_step / trainer_state.max_steps\n"
+                                          "    log_metric('progress', progress)\n"
+                                          "    log_extra('length', [len(c) for c in completions])\n"
+                                          "    return [progress] * len(completions)\n\n"
+                                          "def loose(completions, **kwargs):\n"
+                                          "    kwargs['log_metric']('given', float(sorted(kwargs) == ['log_extra', 'log_metric', 'prompts', 'trainer_state']))\n"
+                                          "    return [0.0 if kwargs['trainer_state'] is None else 1.0] * len(completions)\n\n"
+                                          "def plain(completions):\n"
+                                          "    return [1.0] * len(completions)\n")
+    shaped = FunctionReward(f"{file}:shaped")
+    assert shaped.columns == ()
+    shaped.at_step(3, 12)
+    assert shaped.score(["p", "q"], ["a", "bcd"])["reward"].tolist() == [0.25, 0.25]
+    shaped.at_step(6, 12)
+    shaped.score(["p"], ["ab"])
+    assert shaped.logged() == ({"progress": 0.375}, {"length": [2]})  # the mean of 0.25 and 0.5; the last call's column
+    assert shaped.logged() == ({}, {})  # forgotten once asked
+    loose = FunctionReward(f"{file}:loose")
+    assert loose.score(["p"], ["a"])["reward"].tolist() == [0.0]  # outside training, no trainer_state
+    loose.at_step(0, 5)
+    assert loose.score(["p"], ["a"])["reward"].tolist() == [1.0] and loose.logged() == ({"given": 1.0}, {})
+    assert loose.report(["p"], ["a"])["reward/given"] == 1.0  # pref eval's figures hold what it logged
+    both = load_registry().create("reward", "weighted", {"rewards": {f"{file}:shaped": 1.0, f"{file}:plain": 1.0}})
+    both.at_step(1, 4)  # told to every part
+    assert both.score(["p"], ["abc"])["reward"].tolist() == [1.25] and both.logged() == ({"progress": 0.25}, {"length": [3]})
+
+
+def test_a_grpo_run_tells_the_steps_and_logs_what_the_function_logs(tmp_path, tiny_model_dir):
+    """Two GRPO steps: the function sees global_step 0 then 1 of max_steps 2 (A*-PO's starting samples: 0), its figure is the step's
+    `reward/progress` and its column is in each sample's --log-completions row; a figure named as pref's own, or a column of the wrong
+    length, is a one-line error."""
+    data = write(tmp_path / "qa.jsonl", "".join(json.dumps(row) + "\n" for row in QA))
+    write(tmp_path / "rewards.py", "def shaped(completions, trainer_state, log_metric, log_extra, **kwargs):\n"
+                                   "    log_metric('progress', trainer_state.global_step / trainer_state.max_steps)\n"
+                                   "    log_extra('step_seen', [trainer_state.global_step] * len(completions))\n"
+                                   "    return [float(len(c)) for c in completions]\n\n"
+                                   "def clash(completions, log_metric):\n"
+                                   "    log_metric('mean', 1.0)\n"
+                                   "    return [1.0] * len(completions)\n\n"
+                                   "def short(completions, log_extra):\n"
+                                   "    log_extra('note', ['x'])\n"
+                                   "    return [1.0] * len(completions)\n")
+    flags = ["--dataset", data, "--model", tiny_model_dir, "-k", "2", "--batch-size", "3", "--max-new-tokens", "4", "--device", "cpu",
+             "--no-progress"]
+    out = tmp_path / "grpo"
+    result = CliRunner().invoke(cli, ["run", "--objective", "grpo", "--reward", f"{tmp_path}/rewards.py:shaped", *flags, "--steps", "2",
+                                      "--log-completions", "--output-dir", str(out)])
+    assert result.exit_code == 0, result.output
+    assert [m["reward/progress"] for m in map(json.loads, open(out / "metrics.jsonl"))] == [0.0, 0.5]
+    assert [row["step_seen"] for row in map(json.loads, open(out / "completions.jsonl"))] == [0] * 6 + [1] * 6
+    result = CliRunner().invoke(cli, ["run", "--objective", "a2po", "--reward", f"{tmp_path}/rewards.py:shaped", *flags, "--steps", "1",
+                                      "-o", "num_value_samples=2", "--output-dir", str(tmp_path / "a2po")])  # samples before step 1 too
+    assert result.exit_code == 0, result.output
+    for name, message in [("clash", "logged a figure named 'mean', which pref logs itself as reward/mean: give it another name"),
+                          ("short", "logged the column 'note' with 1 values; it needs one per completion of the call that logged it (6)")]:
+        result = CliRunner().invoke(cli, ["run", "--objective", "grpo", "--reward", f"{tmp_path}/rewards.py:{name}", *flags, "--steps", "1",
+                                          "--output-dir", str(tmp_path / name)])
+        assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output, result.output
 
 
 def test_online_runs_score_each_sample_with_its_own_rows_columns(tmp_path, tiny_model_dir, monkeypatch):
