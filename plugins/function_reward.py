@@ -84,13 +84,14 @@ class FunctionReward(RewardSource):
         unsupported = [n for n in self.columns if n in TRL_ONLY]
         if unsupported:
             raise PrefError(f"function: {name} in {file} needs `{unsupported[0]}`, which TRL's trainers pass and pref does not (it gives "
-                            "prompts, completions, completion_ids, trainer_state, log_metric, log_extra and the rows' columns); give that parameter a default, or take **kwargs")
+                            "prompts, completions, completion_ids, trainer_state, log_metric, log_extra and the rows' columns); "
+                            "give that parameter a default, or take **kwargs")
 
     def at_step(self, step: int, steps: int) -> None:
         self.state = TrainerState(global_step=step, max_steps=steps)
 
     def log_metric(self, name: str, value: float) -> None:
-        self.figures.setdefault(name, []).append(value)
+        self.figures.setdefault(name, []).append(float(value))  # a number, or a tensor of one
 
     def log_extra(self, column: str, values: list[Any]) -> None:
         self.extra.setdefault(column, []).extend(values)
