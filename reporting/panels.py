@@ -4,7 +4,7 @@ A `Panel` is one figure (one PNG), made of `Plot`s side by side (one axes each).
 `panels_for(runs)` keeps the panels and plots that at least one run has data for.
 Metric names are the ones pref logs into metrics.jsonl: TRL's names for DPO-style
 rewards (`rewards/margins`, ...) and a reward model's scores (`margin`, `mean_reward`, ...),
-`reward/*` and `samples/*` for online samples,
+`reward/*` and `samples/*` for online samples (`reward/NAME`: a reward function's `log_metric`),
 `time/*` for the step's time split, `curriculum/weight/NAME`, `validation/loss`, `eval/reward`,
 and D2PO's `gold/labels_spent` and `eval/gold_reward`.
 """
@@ -95,6 +95,8 @@ def reward_model_panel(runs: list[Run]) -> Panel:
 def samples_panel(runs: list[Run]) -> Panel:
     """Quality and diversity side by side: what online objectives trade (DivPO keeps diversity while the reward rises)."""
     unique = [Line(key, key) for key in keys_of(runs) if key.rsplit("/", 1)[-1] == "unique_valid"]
+    # a reward function's own figures (TRL's log_metric): reward/NAME besides pref's mean, std and max
+    logged = [Line(key, key) for key in keys_of(runs) if key.startswith("reward/") and key not in ("reward/mean", "reward/std", "reward/max")]
     plots = [
         Plot("reward of the samples (mean +/- std)", (Line("reward/mean", "reward/mean", band="reward/std"),), "reward"),
         Plot("distinct answers / answers", (Line("samples/distinct_ratio", "samples/distinct_ratio"),), "share", ylim=UNIT),
@@ -102,6 +104,8 @@ def samples_panel(runs: list[Run]) -> Panel:
     ]
     if unique:
         plots.append(Plot("unique valid answers", tuple(unique), "answers"))
+    if logged:
+        plots.append(Plot("what the reward logged", tuple(logged), "value"))
     return Panel("samples", "The policy's samples: reward and diversity", tuple(plots))
 
 

@@ -317,6 +317,14 @@ def test_unique_valid_answers_get_a_plot_when_a_reward_logs_them(tmp_path):
     assert list(samples["unique valid answers"].get_lines()[0].get_ydata()) == [1.0, 2.0, 3.0]
 
 
+def test_what_a_reward_function_logged_gets_a_plot_of_its_own(tmp_path):
+    rows = [{"step": s, "loss": 1.0, "reward/mean": 0.5, "reward/std": 0.1, "reward/max": 1.0, "reward/progress": s / 3} for s in (1, 2, 3)]
+    samples = axes_by_title(figures_by_name([load_run(write_run(tmp_path / "run", rows))])["samples"])
+    assert set(samples) == {"reward of the samples (mean +/- std)", "what the reward logged"}
+    [line] = samples["what the reward logged"].get_lines()  # pref's own reward figures are not among them
+    assert line.get_label() == "reward/progress" and list(line.get_ydata()) == [1 / 3, 2 / 3, 1.0]
+
+
 def test_compare_draws_the_answers_before_and_after(tmp_path, tiny_model_dir):
     figure = tmp_path / "figs" / "answers.png"
     args = ["compare", "--before", tiny_model_dir, "--after", tiny_model_dir, "--reward", "repetition", "--samples", "12",
