@@ -30,6 +30,17 @@ def weights(run_dir, name="model.safetensors"):
 
 
 @pytest.mark.slow
+def sharded_forwards(folder, name: str) -> int:
+    """The forwards of a sharded frozen model that each process recorded in NAME.RANK.json (tests/reference_shards.py), checked: at
+    each, each process held about half of the weights and nothing was left gathered after it; their number, the same on both."""
+    forwards = [json.loads((folder / f"{name}.{rank}.json").read_text()) for rank in (0, 1)]
+    assert len(forwards[0]) == len(forwards[1])
+    for first, second in zip(*forwards):
+        assert first["held"] + second["held"] == first["whole"] and max(first["held"], second["held"]) < 0.55 * first["whole"]
+        assert first["gathered_after"] == second["gathered_after"] == 0
+    return len(forwards[0])
+
+
 def test_sharded_run_matches_ddp_resumes_exactly_and_saves_a_plain_model(tiny_model_dir, prefs_file, private_cache, tmp_path):
     from transformers import AutoModelForCausalLM
 
@@ -119,11 +130,7 @@ def test_sharded_run_matches_ddp_resumes_exactly_and_saves_a_plain_model(tiny_mo
 
     # a frozen-copy reference sharded too: each process held half of it at each of its forwards (the same number on both),
     # with nothing left gathered after them, and the run trained the weights of the same run with a whole copy on each process
-    forwards = [json.loads((tmp_path / f"reference.{rank}.json").read_text()) for rank in (0, 1)]
-    assert len(forwards[0]) == len(forwards[1]) > 2  # the training steps' and the validation's
-    for first, second in zip(*forwards):
-        assert first["held"] + second["held"] == first["whole"] and max(first["held"], second["held"]) < 0.55 * first["whole"]
-        assert first["gathered_after"] == second["gathered_after"] == 0
+    assert sharded_forwards(tmp_path, "reference") > 2  # the training steps' and the validation's
     ddp, sharded = weights(tmp_path / "ddp-frozen"), weights(tmp_path / "fsdp-frozen")
     assert max(float((ddp[k] - start[k]).abs().max()) for k in ddp) > 1e-4
     assert_trained_alike(sharded, ddp, atol=2e-6)
@@ -227,11 +234,7 @@ def test_lora_ppo_grpo_a2po_and_distill_train_sharded_as_unsharded(tiny_model_di
 
     # distill: the teacher held half of its weights on each process at each forward, nothing left gathered after it (its output
     # layer gathered whole for the loss alone), and the run trained the weights of the unsharded one
-    forwards = [json.loads((tmp_path / f"teacher-shards.{rank}.json").read_text()) for rank in (0, 1)]
-    assert len(forwards[0]) == len(forwards[1]) == 2
-    for first, second in zip(*forwards):
-        assert first["held"] + second["held"] == first["whole"] and max(first["held"], second["held"]) < 0.55 * first["whole"]
-        assert first["gathered_after"] == second["gathered_after"] == 0
+    assert sharded_forwards(tmp_path, "teacher-shards") == 2
     ddp, sharded = weights(tmp_path / "ddp-distill"), weights(tmp_path / "fsdp-distill")
     assert max(float((ddp[k] - start[k]).abs().max()) for k in ddp) > 1e-3
     assert_trained_alike(sharded, ddp, atol=2e-5)
