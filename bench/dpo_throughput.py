@@ -439,17 +439,20 @@ def child(args: argparse.Namespace) -> None:
 # ---------------------------------------------------------------------------------------
 
 
-def run_children(names: list[str], args: argparse.Namespace, work: str) -> dict[str, dict]:
-    """Start a child per trainer and hand the turn round them until all have finished."""
+def run_children(names: list[str], args: argparse.Namespace, work: str, script: str = __file__,
+                 child_args: list[str] | None = None) -> dict[str, dict]:
+    """Start a child per trainer (`script --child NAME ... CHILD_ARGS`; by default this script's, with its DPO arguments) and hand
+    the turn round them until all have finished."""
     env = {**os.environ, "OMP_NUM_THREADS": str(THREADS), "MKL_NUM_THREADS": str(THREADS), "TOKENIZERS_PARALLELISM": "false",
            "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TQDM_DISABLE": "1"}
     children = {}
     for name in names:
         go_read, go_write = os.pipe()
         done_read, done_write = os.pipe()
-        command = [sys.executable, os.path.abspath(__file__), "--child", name, "--work-dir", work,
-                   "--result", os.path.join(work, f"{name}.json"), "--turn-fds", f"{go_read},{done_write}",
-                   "--steps", str(args.steps), "--warmup", str(args.warmup), "--batch-size", str(args.batch_size), "--shape", args.shape]
+        if child_args is None:
+            child_args = ["--steps", str(args.steps), "--warmup", str(args.warmup), "--batch-size", str(args.batch_size), "--shape", args.shape]
+        command = [sys.executable, os.path.abspath(script), "--child", name, "--work-dir", work,
+                   "--result", os.path.join(work, f"{name}.json"), "--turn-fds", f"{go_read},{done_write}", *child_args]
         with open(os.path.join(work, f"{name}.log"), "w") as log:
             process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=work, pass_fds=(go_read, done_write))
         os.close(go_read)
