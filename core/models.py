@@ -42,10 +42,13 @@ def remote_code(allowed: bool) -> Iterator[None]:
 
 
 def quiet_transformers() -> None:
-    """No per-file progress bars from transformers: pref shows its own progress."""
-    from transformers.utils import logging
+    """No per-file progress bars from transformers: pref shows its own progress. No notice from bitsandbytes, imported by
+    transformers and peft where installed, that on a CPU with AVX512-BF16 its packed 4-bit kernel's faster variant is not
+    installed: pref's 4-bit layers never take that kernel (`one_path_without_grad`)."""
+    from transformers.utils import logging as transformers_logging
 
-    logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 
 def resolve_model_path(name: str | None) -> str:

@@ -118,3 +118,16 @@ def test_without_bitsandbytes_quantize_says_what_to_install(tmp_path, prefs_file
         result = CliRunner().invoke(cli, [*command, "--quantize", "fp4"])
         assert result.exit_code == 2
         assert result.stderr.strip() == "Error: --quantize fp4 needs the bitsandbytes package: pip install 'pref[quantize]'"
+
+
+def test_bitsandbytes_notice_of_a_cpu_kernel_pref_never_takes_is_quiet(caplog):
+    """On a CPU with AVX512-BF16, importing bitsandbytes (peft and transformers do, for any LoRA run) warns that the faster
+    variant of its packed 4-bit kernel is not installed; pref's 4-bit layers never take that kernel, so a model load quiets it."""
+    import logging
+
+    from pref.models import quiet_transformers
+
+    quiet_transformers()
+    with caplog.at_level(logging.WARNING):
+        logging.getLogger("bitsandbytes.backends.cpu.ops").warning("Failed to load CPU gemm_4bit_forward from kernels-community")
+    assert not caplog.records
