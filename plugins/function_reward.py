@@ -112,9 +112,11 @@ class FunctionReward(RewardSource):
         except Exception as exc:  # the user's own code: where it failed, in one line
             lines = [frame.lineno for frame in traceback.extract_tb(exc.__traceback__) if os.path.abspath(frame.filename) == self.file]
             where = f" at line {lines[-1]} of {self.file}" if lines else ""
+            gets = ("outside training (pref eval) its trainer_state is None: let it score without one"
+                    if self.state is None and "trainer_state" in self.given and "NoneType" in str(exc) else
+                    "it gets each completion as a text, or as [{'role': 'assistant', 'content': text}] where its prompt is chat messages")
             raise PrefError(f"the reward function {self.label} raised {type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}{where}; "
-                            "it gets each completion as a text, or as [{'role': 'assistant', 'content': text}] where its prompt is "
-                            "chat messages") from None
+                            f"{gets}") from None
         if isinstance(values, (list, tuple)):
             values = [math.nan if value is None else value for value in values]  # unscored
         try:

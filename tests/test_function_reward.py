@@ -108,6 +108,9 @@ def test_trainer_state_log_metric_and_log_extra_as_trl_passes_them(tmp_path):
     shaped.score(["p"], ["ab"])
     assert shaped.logged() == ({"progress": 0.375}, {"length": [2]})  # the mean of 0.25 and 0.5; the last call's column
     assert shaped.logged() == ({}, {})  # forgotten once asked
+    with pytest.raises(PrefError, match=r"raised AttributeError: 'NoneType' object has no attribute 'global_step' at line 2 of .*rewards.py; "
+                                        r"outside training \(pref eval\) its trainer_state is None: let it score without one$"):
+        FunctionReward(f"{file}:shaped").score(["p"], ["a"])  # never told a step
     loose = FunctionReward(f"{file}:loose")
     assert loose.score(["p"], ["a"])["reward"].tolist() == [0.0]  # outside training, no trainer_state
     loose.at_step(0, 5)
