@@ -115,12 +115,16 @@ def model_fingerprint(model: torch.nn.Module, name: str) -> str:
 
 @contextmanager
 def precompute_progress(rows: int, what: str = "reference log-probs (once, then cached)") -> Iterator[Any]:
-    """A bar on stderr, on the main process, while `what` of `rows` rows is computed; yields `advance(n)`."""
+    """A bar on stderr, on the main process, while `what` of `rows` rows is computed; yields `advance(n)`. Where stderr is no
+    terminal (a job's log file), one plain line says what is computed instead."""
     from accelerate import PartialState
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+    console, main = Console(stderr=True), PartialState().is_main_process
+    if main and not console.is_terminal:
+        console.print(f"{what}: {rows} rows", highlight=False)
     bar = Progress(TextColumn(what), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                   console=Console(stderr=True), transient=True, disable=not PartialState().is_main_process)
+                   console=console, transient=True, disable=not main or not console.is_terminal)
     task = bar.add_task("reference", total=rows)
     with bar:
         yield lambda n: bar.advance(task, n)

@@ -108,6 +108,20 @@ def test_progress_is_a_plain_line_per_logged_step_in_a_log_file_and_a_bar_in_a_t
     assert "━" in err and "3/3" in err and not [line for line in err.splitlines() if line.startswith("train 2/3")]
 
 
+def test_a_precompute_says_what_it_computes_in_one_plain_line_in_a_log_file(capsys, monkeypatch):
+    from pref.reference import precompute_progress
+
+    monkeypatch.delenv("TTY_COMPATIBLE", raising=False)
+    monkeypatch.delenv("FORCE_COLOR", raising=False)
+    with precompute_progress(12) as advance:
+        advance(12)
+    assert capsys.readouterr().err == "reference log-probs (once, then cached): 12 rows\n"  # no bar, no blank line after it
+    monkeypatch.setenv("TTY_COMPATIBLE", "1")  # a terminal: the bar, gone when done
+    with precompute_progress(12, "samples of each prompt") as advance:
+        advance(12)
+    assert "samples of each prompt: 12 rows" not in capsys.readouterr().err
+
+
 def test_a_logger_is_shown_every_step_and_stopped_when_a_step_fails(tmp_path, tiny_model_dir, prefs_file, interrupted_after):
     pm, failures, sources = get_plugin_manager()
     pm.register(RecorderPlugin, name="recorder-plugin")
