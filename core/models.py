@@ -200,15 +200,25 @@ def heads_from_adapter(path: str) -> Iterator[None]:
         yield
 
 
+#: A causal LM's output layer, by its top-level name (most models' `lm_head`, GPT-NeoX's `embed_out`): a sequence classifier
+#: loaded from the LM's checkpoint has none, and transformers reports the layer's weights UNEXPECTED where they are not tied.
+LM_HEADS = ("lm_head", "embed_out")
+
+
 @contextmanager
 def quiet_new_heads(heads: set[str]) -> Iterator[None]:
     """No load report from transformers when all it says is that the modules `heads` (top-level names) are newly
-    initialized (MISSING from the checkpoint). Any other report is kept whole."""
+    initialized (MISSING from the checkpoint), and that a causal LM's output layer is left out (UNEXPECTED, `LM_HEADS`: a
+    classifier loaded from an LM with an untied head). Any other report is kept whole."""
+
+    def expected(row: list[str]) -> bool:
+        top, status = row[0].strip().split(".")[0], row[1].strip()
+        return (status == "MISSING" and top in heads) or (status == "UNEXPECTED" and top in LM_HEADS)
 
     def keep(record: logging.LogRecord) -> bool:
         text = re.sub(r"\x1b\[[0-9;]*m", "", record.getMessage())  # without the terminal's colours
         rows = [line.split("|") for line in text.splitlines()[2:] if "|" in line]  # the table under its header: key | status | ...
-        return not ("LOAD REPORT" in text and rows and all(r[1].strip() == "MISSING" and r[0].strip().split(".")[0] in heads for r in rows))
+        return not ("LOAD REPORT" in text and rows and all(expected(row) for row in rows))
 
     reporter = logging.getLogger("transformers.modeling_utils")
     reporter.addFilter(keep)

@@ -13,7 +13,7 @@ from transformers import AutoModelForSequenceClassification
 from pref.config import build_config
 from pref.errors import PrefError
 from pref.interfaces import PairBatch
-from pref.models import SCORE_HEAD, quiet_new_heads
+from pref.models import SCORE_HEAD, load_model, quiet_new_heads
 from pref.plugins.reward_model import RewardModelReward, bradley_terry_loss, pair_scores, sequence_scores
 from pref.policy import HFPolicy
 from pref.registry import load_registry
@@ -85,6 +85,22 @@ def test_a_load_report_about_more_than_the_new_head_is_kept_whole(tmp_path, tiny
         HFPolicy.load(str(tmp_path), kind="sequence-classifier")
         HFPolicy.load(tiny_model_dir, kind="sequence-classifier")  # only the head is new: no report
     assert len(reports) == 1 and "model.norm.weight" in reports[0] and "score.weight" in reports[0] and "MISSING" in reports[0]
+
+
+def test_a_classifier_from_an_lm_with_an_untied_head_loads_without_a_report(tmp_path):
+    """Llama-3-8B and Qwen2.5-7B keep their output layer apart from the embeddings: a reward model started from one leaves
+    `lm_head.weight` out (UNEXPECTED) besides its new score head (MISSING), which is all as it should be."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                         num_key_value_heads=2, tie_word_embeddings=False, pad_token_id=0)
+    LlamaForCausalLM(config).save_pretrained(tmp_path)
+    with LoadReports() as reports, quiet_new_heads({SCORE_HEAD}):
+        load_model(str(tmp_path), kind="sequence-classifier")
+    assert reports == []
+    with LoadReports() as reports, quiet_new_heads(set()):  # a head that is not the one expected new: reported
+        load_model(str(tmp_path), kind="sequence-classifier")
+    assert len(reports) == 1 and "lm_head.weight" in reports[0] and "score.weight" in reports[0]
 
 
 def test_reward_model_reward_needs_a_model():
