@@ -278,23 +278,10 @@ def preload_model_code() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM  # noqa: F401
 
 
-def run_pref(args: argparse.Namespace, clock: StepClock) -> dict:
-    import torch
-
-    import pref.train
-    from pref.config import build_config
-    from pref.policy import HFPolicy
+def time_pref_steps(clock: StepClock) -> None:
+    """Stamp `clock` as pref's training loop starts and ends each step (its progress bar's `start` and `show`)."""
     from pref.plugins.loggers import ProgressBar
-    from pref.reference import CachedReference, FrozenReference
-    from pref.registry import load_registry
 
-    torch.set_num_threads(THREADS)
-    registry = load_registry()
-    preload_model_code()
-    after_imports = rss_mib()
-    turn = clock.turn
-
-    # instrumentation only: timestamps, token counts and turn hand-overs around pref's own code
     bar_start, bar_show = ProgressBar.start, ProgressBar.show
 
     def timed_start(self, total_steps, start_step):  # right before the first step
@@ -305,6 +292,40 @@ def run_pref(args: argparse.Namespace, clock: StepClock) -> dict:
         clock.end_step()
         bar_show(self, step, metrics)
 
+    ProgressBar.start, ProgressBar.show = timed_start, timed_show
+
+
+def trl_step_clock(clock: StepClock):
+    """A callback that stamps `clock` as a TRL trainer starts and ends each step."""
+    from transformers import TrainerCallback
+
+    class Clock(TrainerCallback):
+        def on_step_begin(self, *a, **k):
+            clock.start()
+
+        def on_step_end(self, *a, **k):
+            clock.end_step()
+
+    return Clock()
+
+
+def run_pref(args: argparse.Namespace, clock: StepClock) -> dict:
+    import torch
+
+    import pref.train
+    from pref.config import build_config
+    from pref.policy import HFPolicy
+    from pref.reference import CachedReference, FrozenReference
+    from pref.registry import load_registry
+
+    torch.set_num_threads(THREADS)
+    registry = load_registry()
+    preload_model_code()
+    after_imports = rss_mib()
+    turn = clock.turn
+
+    # instrumentation only: timestamps, token counts and turn hand-overs around pref's own code
+    time_pref_steps(clock)
     class TimedCachedReference(CachedReference):
         @classmethod
         def build(cls, *a, **k):
@@ -325,7 +346,6 @@ def run_pref(args: argparse.Namespace, clock: StepClock) -> dict:
             clock.tokens.append(sequences.input_ids.numel())
         return policy_logps(self, sequences, with_logits)
 
-    ProgressBar.start, ProgressBar.show = timed_start, timed_show
     pref.train.CachedReference = TimedCachedReference
     FrozenReference.logps = reference_batch
     HFPolicy.logps = counted_logps
@@ -354,21 +374,13 @@ def run_pref(args: argparse.Namespace, clock: StepClock) -> dict:
 def run_trl(args: argparse.Namespace, clock: StepClock, precompute_ref: bool, gradient_checkpointing: bool) -> dict:
     import torch
     from datasets import load_dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer
 
     torch.set_num_threads(THREADS)
     preload_model_code()
     after_imports = rss_mib()
     turn = clock.turn
-
-    # instrumentation only, as for pref
-    class Clock(TrainerCallback):
-        def on_step_begin(self, *a, **k):
-            clock.start()
-
-        def on_step_end(self, *a, **k):
-            clock.end_step()
 
     class TimedDPOTrainer(DPOTrainer):
         def _precompute_ref_logps(self, *a, **k):
@@ -411,7 +423,7 @@ def run_trl(args: argparse.Namespace, clock: StepClock, precompute_ref: bool, gr
         dataloader_num_workers=0,
         seed=SEED,
     )
-    trainer = TimedDPOTrainer(model=model, ref_model=None, args=config, train_dataset=dataset, processing_class=tokenizer, callbacks=[Clock()])
+    trainer = TimedDPOTrainer(model=model, ref_model=None, args=config, train_dataset=dataset, processing_class=tokenizer, callbacks=[trl_step_clock(clock)])
     trainer.train()
     return clock.summary(entry, args.warmup, args.steps, after_imports)
 

@@ -42,7 +42,6 @@ def run_pref(args: argparse.Namespace, clock: dpo.StepClock) -> dict:
 
     import pref.train
     from pref.config import build_config
-    from pref.plugins.loggers import ProgressBar
     from pref.policy import HFPolicy
     from pref.registry import load_registry
 
@@ -52,22 +51,15 @@ def run_pref(args: argparse.Namespace, clock: dpo.StepClock) -> dict:
     after_imports = dpo.rss_mib()
 
     # instrumentation only: timestamps, token counts and turn hand-overs around pref's own code
-    bar_start, bar_show, sample = ProgressBar.start, ProgressBar.show, HFPolicy.sample
-
-    def timed_start(self, total_steps, start_step):
-        bar_start(self, total_steps, start_step)
-        clock.start()
-
-    def timed_show(self, step, metrics):
-        clock.end_step()
-        bar_show(self, step, metrics)
+    dpo.time_pref_steps(clock)
+    sample = HFPolicy.sample
 
     def counted_sample(self, *a, **k):
         samples = sample(self, *a, **k)
         clock.tokens.append(int(samples.sequences.completion_mask.sum()))
         return samples
 
-    ProgressBar.start, ProgressBar.show, HFPolicy.sample = timed_start, timed_show, counted_sample
+    HFPolicy.sample = counted_sample
     config = build_config(flags={
         "objective": "grpo", "model": os.path.join(args.work_dir, "model"), "dataset": [os.path.join(args.work_dir, "prompts.jsonl")],
         "reward": f"{os.path.join(args.work_dir, 'rewards.py')}:words", "samples_per_prompt": args.k, "batch_size": args.prompts,
@@ -82,7 +74,7 @@ def run_pref(args: argparse.Namespace, clock: dpo.StepClock) -> dict:
 def run_trl(args: argparse.Namespace, clock: dpo.StepClock) -> dict:
     import torch
     from datasets import load_dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import GRPOConfig, GRPOTrainer
 
     torch.set_num_threads(dpo.THREADS)
@@ -90,13 +82,6 @@ def run_trl(args: argparse.Namespace, clock: dpo.StepClock) -> dict:
     after_imports = dpo.rss_mib()
     sys.path.insert(0, args.work_dir)
     from rewards import words  # the same function pref imports
-
-    class Clock(TrainerCallback):  # instrumentation only, as for pref
-        def on_step_begin(self, *a, **k):
-            clock.start()
-
-        def on_step_end(self, *a, **k):
-            clock.end_step()
 
     class CountedGRPOTrainer(GRPOTrainer):
         def _generate_and_score_completions(self, *a, **k):
@@ -123,7 +108,7 @@ def run_trl(args: argparse.Namespace, clock: dpo.StepClock) -> dict:
         seed=dpo.SEED,
     )
     trainer = CountedGRPOTrainer(model=model, reward_funcs=words, args=config, train_dataset=dataset, processing_class=tokenizer,
-                                 callbacks=[Clock()])
+                                 callbacks=[dpo.trl_step_clock(clock)])
     trainer.train()
     return clock.summary(entry, args.warmup, args.steps, after_imports)
 
