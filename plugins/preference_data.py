@@ -88,6 +88,10 @@ def preference_example(row: dict, where: str) -> PreferenceExample:
         question, chosen, rejected = (_text(row, name, where) for name in ("question", "response_j", "response_k"))
         return PreferenceExample(question, chosen, rejected)
 
+    if row.get("prompt") is not None and row.get("chosen") is None and row.get("rejected") is None:  # another objective's data
+        other = ("prompt/completion rows train --objective sft" if row.get("completion") is not None else
+                 "prompts alone train an objective that samples its answers (--objective online-dpo, grpo, rloo, ...)")
+        raise PrefError(f"{where}: a prompt without chosen and rejected answers ({FORMATS}); {other}")
     prompt, chosen, rejected = row.get("prompt"), _field(row, "chosen", where), _field(row, "rejected", where)
     if prompt is not None and not isinstance(prompt, str):
         prompt = messages(prompt, "prompt", where)

@@ -1,4 +1,5 @@
 import json
+import re
 
 import datasets
 import huggingface_hub.constants
@@ -159,6 +160,16 @@ def test_missing_field_names_file_row_and_field(tmp_path):
         "(expected prompt/chosen/rejected, conversational messages, or question/response_j/response_k)"
     )
     assert "\n" not in message
+
+
+@pytest.mark.parametrize("row, hint", [({"prompt": "p"}, "prompts alone train an objective that samples its answers (--objective online-dpo"),
+                                       ({"prompt": "p", "completion": "c"}, "prompt/completion rows train --objective sft")])
+def test_another_objectives_rows_are_named_with_the_objective_they_train(tmp_path, row, hint):
+    path = write_jsonl(tmp_path / "rows.jsonl", [row])
+    with pytest.raises(PrefError, match=r"row 1: a prompt without chosen and rejected answers \(expected prompt/chosen/rejected"):
+        load_preferences(path)
+    with pytest.raises(PrefError, match=re.escape(hint)):
+        load_preferences(path)
 
 
 def test_csv_cells_stay_text(tmp_path):
