@@ -216,16 +216,19 @@ def scored(reward: RewardSource, records: list[Any], completions: list[list[str]
     ids = {"completion_ids": completion_ids(sequences)} if reward.reads_completion_ids else {}
     scores = reward.score([prompt_of(record) for record in flat_records], flat_completions, **columns, **ids)
     checked = checked_scores(reward, scores, len(flat_completions))
-    figures, logged_columns = checked_logs(reward, reward.logged(), len(flat_completions))
+    figures, logged_columns = checked_logs(reward, reward.logged(), len(flat_completions), {*SAMPLE_FIELDS, *columns, *checked})
     return checked, {**columns, **logged_columns}, figures
 
 
 #: The figures pref logs of every reward, which a reward's own `logged` figures may not replace.
 REWARD_FIGURES = ("mean", "std", "max")
+#: What each sample's `--log-completions` row holds besides the reward's columns and scores.
+SAMPLE_FIELDS = ("step", "prompt", "completion")
 
 
-def checked_logs(reward: RewardSource, logs: Any, rows: int) -> tuple[dict[str, float], dict[str, list[Any]]]:
-    """A reward's `logged()`: its figures named `reward/NAME`, and its columns; a mistake in them is a `PrefError` naming it."""
+def checked_logs(reward: RewardSource, logs: Any, rows: int, taken: set[str]) -> tuple[dict[str, float], dict[str, list[Any]]]:
+    """A reward's `logged()`: its figures named `reward/NAME`, and its columns, none of which may replace what a sample's row
+    already holds (`taken`: its step, prompt, completion, the row columns read, the scores); a mistake is a `PrefError` naming it."""
     name = type(reward).__name__
     figures, columns = logs
     for key, value in figures.items():
@@ -234,6 +237,9 @@ def checked_logs(reward: RewardSource, logs: Any, rows: int) -> tuple[dict[str, 
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise PrefError(f"the reward {name} logged {key!r} as {value!r}; a logged figure is one number")
     for key, values in columns.items():
+        if key in taken:
+            raise PrefError(f"the reward {name} logged a column named {key!r}, which each sample's logged row already holds "
+                            f"({', '.join(sorted(taken))}): give it another name")
         if len(values) != rows:
             raise PrefError(f"the reward {name} logged the column {key!r} with {len(values)} values; it needs one per completion "
                             f"of the call that logged it ({rows})")

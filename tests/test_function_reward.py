@@ -135,6 +135,9 @@ def test_a_grpo_run_tells_the_steps_and_logs_what_the_function_logs(tmp_path, ti
                                    "    return [1.0] * len(completions)\n\n"
                                    "def short(completions, log_extra):\n"
                                    "    log_extra('note', ['x'])\n"
+                                   "    return [1.0] * len(completions)\n\n"
+                                   "def over(completions, log_extra):\n"
+                                   "    log_extra('prompt', ['x'] * len(completions))\n"
                                    "    return [1.0] * len(completions)\n")
     flags = ["--dataset", data, "--model", tiny_model_dir, "-k", "2", "--batch-size", "3", "--max-new-tokens", "4", "--device", "cpu",
              "--no-progress"]
@@ -148,7 +151,9 @@ def test_a_grpo_run_tells_the_steps_and_logs_what_the_function_logs(tmp_path, ti
                                       "-o", "num_value_samples=2", "--output-dir", str(tmp_path / "a2po")])  # samples before step 1 too
     assert result.exit_code == 0, result.output
     for name, message in [("clash", "logged a figure named 'mean', which pref logs itself as reward/mean: give it another name"),
-                          ("short", "logged the column 'note' with 1 values; it needs one per completion of the call that logged it (6)")]:
+                          ("short", "logged the column 'note' with 1 values; it needs one per completion of the call that logged it (6)"),
+                          ("over", "logged a column named 'prompt', which each sample's logged row already holds (completion, prompt, "
+                                   "reward, step): give it another name")]:
         result = CliRunner().invoke(cli, ["run", "--objective", "grpo", "--reward", f"{tmp_path}/rewards.py:{name}", *flags, "--steps", "1",
                                           "--output-dir", str(tmp_path / name)])
         assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output, result.output
