@@ -16,6 +16,7 @@ divergence runs through their output layers a few rows at a time, each chunk rec
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -42,33 +43,46 @@ def generalized_jsd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
     return beta * (log_t.exp() * (log_t - log_m)).sum(-1) + (1 - beta) * (log_s.exp() * (log_s - log_m)).sum(-1)
 
 
-def chunked_divergence(student_hidden: torch.Tensor, student_head: OutputHead, teacher_hidden: torch.Tensor, teacher_head: OutputHead,
-                       beta: float, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """`generalized_jsd` at N positions given the two models' last hidden states [N, H_s] and [N, H_t], and the student's entropy
-    there (at `temperature`, no grad): [N] each.
+def over_chunks(figures: Callable[..., torch.Tensor], student_hidden: torch.Tensor, student_head: OutputHead, teacher_hidden: torch.Tensor,
+                teacher_head: OutputHead, *per_row: torch.Tensor) -> torch.Tensor:
+    """`figures(student_logits, teacher_logits, *per_row)` -> [F, n] over N positions given the two models' last hidden states
+    [N, H_s] and [N, H_t] (and `per_row` tensors [N, ...], such as the sampled tokens): [F, N], grad to the student only.
 
     The heads run on `LOGIT_CHUNK_ELEMENTS // V` rows at a time; with grad each chunk is recomputed in the backward, so a step
     holds one chunk's logits, not [N, V]. Heads of different widths (a teacher with more padding rows, same tokenizer) are
-    compared on the rows both have.
+    compared on the rows both have. With no position, the [F, 0] result is still joined to the student's graph, so that
+    backward (and DDP's) runs.
     """
     chunk = max(1, LOGIT_CHUNK_ELEMENTS // max(student_head.module.weight.shape[0], 1))
 
-    def part(h_s: torch.Tensor, h_t: torch.Tensor) -> torch.Tensor:
+    def part(h_s: torch.Tensor, h_t: torch.Tensor, *rest: torch.Tensor) -> torch.Tensor:
         student = student_head.logits(h_s)
         with torch.no_grad():
             teacher = teacher_head.logits(h_t)
         width = min(student.shape[-1], teacher.shape[-1])
-        student, teacher = student[:, :width], teacher[:, :width]
+        return figures(student[:, :width], teacher[:, :width], *rest)
+
+    rows = student_hidden.shape[0]
+    if not rows:
+        return part(student_hidden.new_zeros((1, student_hidden.shape[-1])), teacher_hidden.new_zeros((1, teacher_hidden.shape[-1])),
+                    *(r.new_zeros((1, *r.shape[1:])) for r in per_row))[:, :0]
+    grad = torch.is_grad_enabled()
+    return torch.cat([checkpoint(part, student_hidden[i : i + chunk], teacher_hidden[i : i + chunk], *(r[i : i + chunk] for r in per_row),
+                                 use_reentrant=False) if grad
+                      else part(student_hidden[i : i + chunk], teacher_hidden[i : i + chunk], *(r[i : i + chunk] for r in per_row))
+                      for i in range(0, rows, chunk)], dim=-1)
+
+
+def chunked_divergence(student_hidden: torch.Tensor, student_head: OutputHead, teacher_hidden: torch.Tensor, teacher_head: OutputHead,
+                       beta: float, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """`generalized_jsd` at N positions given the two models' last hidden states [N, H_s] and [N, H_t], and the student's entropy
+    there (at `temperature`, no grad): [N] each, a few rows at a time (`over_chunks`)."""
+
+    def figures(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
         log_p = torch.log_softmax(student.detach() / temperature, dim=-1)
         return torch.stack([generalized_jsd(student, teacher, beta, temperature), -(log_p.exp() * log_p).sum(-1)])
 
-    grad = torch.is_grad_enabled()
-    parts = [checkpoint(part, student_hidden[i : i + chunk], teacher_hidden[i : i + chunk], use_reentrant=False) if grad
-             else part(student_hidden[i : i + chunk], teacher_hidden[i : i + chunk]) for i in range(0, student_hidden.shape[0], chunk)]
-    if not parts:  # no completion token: a zero still joined to the graph, so that backward (and DDP's) runs
-        zero = 0 * student_head.logits(student_hidden.new_zeros((1, student_hidden.shape[-1]))).sum()
-        return zero.reshape(1)[:0], zero.reshape(1)[:0].detach()
-    divergence, entropy = torch.cat(parts, dim=-1)
+    divergence, entropy = over_chunks(figures, student_hidden, student_head, teacher_hidden, teacher_head)
     return divergence, entropy.detach()
 
 
