@@ -198,7 +198,8 @@ class Registry:
                 raise unknown_name(f"option for {kind} {name!r}:", key, accepted)
             wanted = expected_type(value, hints.get(key))
             if wanted:  # else "maybe" would pass as a true flag, and "abc" fail deep in the factory
-                raise PrefError(f"{name} option {key} must be {wanted}, not {value!r}")
+                quote = f"; quote a text: {key}='\"...\"'" if "string" in wanted and isinstance(value, (dict, list)) else ""  # YAML's {a}, [a]
+                raise PrefError(f"{name} option {key} must be {wanted}, not {value!r}{quote}")
         for key, value in context.items():
             if key in params or takes_any:
                 options.setdefault(key, value)
