@@ -399,7 +399,7 @@ def report_and_answers(model: str | None, reward_name: str, reward_options: dict
         raise PrefError(f"the reward {reward_name} reads the column{'s' * (len(reward.columns) > 1)} {', '.join(reward.columns)} of each "
                         "prompt's row, which --prompt texts do not have: pass --dataset with such rows")
     if reward.columns:
-        require_columns(reward, reward_name, records, dataset)
+        require_columns(reward.columns, f"the reward {reward_name}", records, dataset)
     if not records:
         raise PrefError(f"reward {reward_name!r} has no default prompts: pass --prompt or --dataset")
     policy = load_policy(model, loading)

@@ -22,6 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pref.errors import PrefError
+from pref.interfaces import MOVING_OPTIONS
 from pref.sharding import is_sharded, load_optimizer_state, sharded_like, whole, whole_optimizer_state, whole_state_dict
 
 # what a checkpoint folder holds; `save_checkpoint` and `load_checkpoint` write and read exactly these
@@ -248,7 +249,7 @@ def load_reference_weights(model: torch.nn.Module, checkpoint_dir: str, state: d
     path, state = os.path.join(checkpoint_dir, REFERENCE_FILE), state or {}
     if not os.path.exists(path):
         raise PrefError(f"{checkpoint_dir} holds no reference weights ({REFERENCE_FILE}), but this run moves its reference "
-                        "(sync_ref_model, bema_reference); resume with the options it was saved with, or start afresh")
+                        f"({MOVING_OPTIONS}); resume with the options it was saved with, or start afresh")
     weights, params = _load_safely(checkpoint_dir, REFERENCE_FILE), dict(model.named_parameters())
     if set(weights) != set(params) | {REFERENCE_STATE + name for name in state}:
         raise PrefError(f"{path} holds another model's weights, or another way of moving them, than this run's reference; "

@@ -295,7 +295,8 @@ class ScoredBatch:
     under (None when unknown), a constant a length normaliser may divide by (Dr. GRPO's).
     `truncated`: [B] bool, the completions that limit cut (`Samples.truncated`), or None when unknown.
     `reward_weights`: the parts of a reward that sums others and their weights (`RewardSource.weights`).
-    `columns`: the row columns the reward read (`RewardSource.columns`), a list of B values each.
+    `columns`: the row columns the reward read (`RewardSource.columns`) and those the objective reads (`ObjectiveNeeds.columns`),
+    a list of B values each.
     """
 
     prompts: list[Prompt]
@@ -378,6 +379,10 @@ PAIRS, SETS, SAMPLES = "pairs", "sets", "samples"
 NO_REFERENCE, REFERENCE_LOGPS, REFERENCE_DISTRIBUTIONS = "none", "logps", "distributions"
 
 
+#: The built-in objectives' options that move a reference (`ObjectiveNeeds.moves_reference`), for errors.
+MOVING_OPTIONS = "sync_ref_model, bema_reference, sdft's teacher_model_kind=ema"
+
+
 @dataclass(frozen=True)
 class ObjectiveNeeds:
     """Everything an objective asks of the run, read by the host in one place (`pref.plan`); docs/plugins.md has the table."""
@@ -393,6 +398,7 @@ class ObjectiveNeeds:
     unscored_samples: bool = False  # with SAMPLES: a sample the reward left unscored (NaN) gets no advantage, as in TRL's GRPO; else refused
     epochs_per_rollout: int = 1  # with SAMPLES: passes over each rollout...
     minibatches_per_rollout: int = 1  # ...and mini-batches per pass, each one optimizer step (PPO's)
+    columns: tuple[str, ...] = ()  # with SAMPLES: the row columns `loss` reads (SDFT's demonstration), each sample's in `ScoredBatch.columns`
     dataset_builder: str = "preferences"  # the builder that reads a `--dataset PATH`
     reward: str | None = None  # the reward of an online run that names none
     own_reward: bool = False  # the objective brings its reward itself (`Objective.own_reward()`, D2PO's discriminator)
@@ -415,6 +421,8 @@ class ObjectiveNeeds:
         if not self.scored and (self.data != SAMPLES or self.starting_samples or self.own_reward or self.unscored_samples):
             raise PrefError("ObjectiveNeeds: scored=False (samples trained on without a reward) is for data 'samples' without starting "
                             "samples, an own reward or unscored_samples")
+        if self.columns and self.data != SAMPLES:
+            raise PrefError("ObjectiveNeeds: columns (row columns the loss reads) are for data 'samples'")
         if self.starting_samples < 0 or (self.starting_samples and not self.online):
             raise PrefError("ObjectiveNeeds: starting_samples (samples of each training prompt before training) must be 0, or positive and online")
 

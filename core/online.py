@@ -59,6 +59,7 @@ class OnlineBatches:
         self.together = sampling_together or after_draw is not None  # every process goes through each round of draws
         self.sampling_together = sampling_together
         self.unscored_samples, self.warned = needs.unscored_samples, False
+        self.columns = needs.columns  # the row columns the objective's loss reads
         self.processes = processes or Processes()
         self.order = order if order is not None else ShuffledBatches(list(records), prompts_per_step, seed, rank, world)
         self.steps = None
@@ -97,7 +98,7 @@ class OnlineBatches:
 
     def _sample(self) -> tuple[list[Prompt], Samples, dict[str, torch.Tensor], dict[str, list[Any]], dict[str, float]]:
         """The order's next prompts, K samples each from one `policy.sample` call, their flat [P * K] scores and the row columns
-        the reward read."""
+        the reward and the objective read."""
         records = self.order.next()
         prompts = [prompt_of(record) for record in records]  # a record (with a `prompt`) gives its prompt
         start = time.perf_counter()
@@ -106,9 +107,12 @@ class OnlineBatches:
         flat_completions = [completion for row in samples.completions for completion in row]
         metrics = {"samples/distinct_ratio": distinct_ratio(flat_completions), "samples/entropy": entropy_bits(flat_completions),
                    "time/sampling": sampled - start}
+        flat_records = flatten(records, samples.completions)[0]
+        own = {name: [columns_of(record)[name] for record in flat_records] for name in self.columns}
         if self.reward is None:  # an objective that needs no score (distill), given no reward to log
-            return prompts, samples, {}, {}, {**metrics, "time/scoring": 0.0}
-        scores, columns, figures = scored(self.reward, records, samples.completions, samples.sequences)
+            return prompts, samples, {}, own, {**metrics, "time/scoring": 0.0}
+        scores, columns, figures = scored(self.reward, records, samples.completions, samples.sequences, kept=tuple(own))
+        columns = {**own, **columns}
         unscored = scores["reward"].isnan()
         if unscored.any() and not self.unscored_samples:
             require_scored(scores["reward"], flat_completions, "this objective")
@@ -206,17 +210,17 @@ def sample_pool(policy: Policy, records: list[Any], reward: RewardSource, k: int
                          {name: torch.tensor([scores[name] for _, scores in rows]) for name in rows[0][1]})
 
 
-def scored(reward: RewardSource, records: list[Any], completions: list[list[str]],
-           sequences: Sequences) -> tuple[dict[str, torch.Tensor], dict[str, list[Any]], dict[str, float]]:
+def scored(reward: RewardSource, records: list[Any], completions: list[list[str]], sequences: Sequences,
+           kept: tuple[str, ...] = ()) -> tuple[dict[str, torch.Tensor], dict[str, list[Any]], dict[str, float]]:
     """The reward's checked scores of K completions of each record's prompt, flat [P * K], the record columns it read and the
     columns it logged, flat too, and the figures it logged (as `reward/NAME`); a reward that `reads_completion_ids` gets those of
-    `sequences` (the [P * K] rows sampled) too."""
+    `sequences` (the [P * K] rows sampled) too. `kept`: other row columns each sample's row holds (the objective's)."""
     flat_records, flat_completions = flatten(records, completions)
     columns = {name: [columns_of(record)[name] for record in flat_records] for name in reward.columns}
     ids = {"completion_ids": completion_ids(sequences)} if reward.reads_completion_ids else {}
     scores = reward.score([prompt_of(record) for record in flat_records], flat_completions, **columns, **ids)
     checked = checked_scores(reward, scores, len(flat_completions))
-    figures, logged_columns = checked_logs(reward, reward.logged(), len(flat_completions), {*SAMPLE_FIELDS, *columns, *checked})
+    figures, logged_columns = checked_logs(reward, reward.logged(), len(flat_completions), {*SAMPLE_FIELDS, *kept, *columns, *checked})
     return checked, {**columns, **logged_columns}, figures
 
 
@@ -260,16 +264,16 @@ def require_scored(rewards: torch.Tensor, completions: list[str], learner: str) 
                         "for each completion (grpo and rloo give unscored samples no advantage)")
 
 
-def require_columns(reward: RewardSource, name: str, records: list[Any], dataset: str | None) -> None:
-    """A `PrefError` when one of `records` (read from `--dataset` entry `dataset`; None: there is none) lacks a column the reward
-    (`name`, as the user named it) reads."""
-    wanted = ", ".join(map(repr, reward.columns))
+def require_columns(columns: tuple[str, ...], reader: str, records: list[Any], dataset: str | None) -> None:
+    """A `PrefError` when one of `records` (read from `--dataset` entry `dataset`; None: there is none) lacks one of the `columns`
+    that `reader` ("the reward NAME", as the user named it, or an objective's name) reads."""
+    wanted = ", ".join(map(repr, columns))
     if dataset is None:
-        raise PrefError(f"the reward {name} reads the column {wanted} of each prompt's row: pass --dataset with such rows")
+        raise PrefError(f"{reader} reads the column {wanted} of each prompt's row: pass --dataset with such rows")
     for number, record in enumerate(records, start=1):
-        missing = [column for column in reward.columns if column not in columns_of(record)]
+        missing = [column for column in columns if column not in columns_of(record)]
         if missing:
-            raise PrefError(f"the reward {name} reads the column {wanted} of each prompt's row, but record {number} of --dataset {dataset} "
+            raise PrefError(f"{reader} reads the column {wanted} of each prompt's row, but record {number} of --dataset {dataset} "
                             f"has no {', '.join(map(repr, missing))}; give rows of a prompt and {wanted}")
 
 

@@ -26,7 +26,7 @@ from pref.checkpoint import PATTERN as CHECKPOINT
 from pref.config import DEFAULT_MAX_NEW_TOKENS, RunConfig
 from pref.errors import PrefError
 from pref.interfaces import (
-    NO_REFERENCE, REFERENCE_DISTRIBUTIONS, Adapter, Embedder, Evaluator, Objective, ObjectiveNeeds, PairSelector, Processes, RewardSource, SamplingConfig,
+    MOVING_OPTIONS, NO_REFERENCE, REFERENCE_DISTRIBUTIONS, Adapter, Embedder, Evaluator, Objective, ObjectiveNeeds, PairSelector, Processes, RewardSource, SamplingConfig,
 )
 from pref.registry import Registry
 
@@ -130,6 +130,9 @@ def resolve_plan(config: RunConfig, registry: Registry, processes: Processes | N
             raise PrefError(f"{config.objective} {why}: pass a temperature above 0 (1.0 is the default)")
         # an objective that needs no reward (distill) only logs the one it is given
         reward = resolve_reward(config, registry, objective) if needs.scored or config.reward else None
+        if not config.dataset and needs.columns:  # default prompts have no other columns
+            raise PrefError(f"objective {config.objective!r} reads the column {', '.join(map(repr, needs.columns))} of each prompt's row: "
+                            "pass --dataset with such rows")
         if not config.dataset and reward is None:
             raise PrefError(f"objective {config.objective!r} samples answers to prompts it is given: pass --dataset with prompts")
         if not config.dataset and not reward.default_prompts:
@@ -199,7 +202,7 @@ def refusals(config: RunConfig, needs: ObjectiveNeeds, adapter: Adapter | None) 
     name, found = config.objective, []
     if adapter is not None and needs.moves_reference:
         found.append(Refusal(("adapter", "objective_options"),
-                             f"{name}'s options move the reference towards the policy (sync_ref_model, bema_reference), but an adapter run's "
+                             f"{name}'s options move the reference towards the policy ({MOVING_OPTIONS}), but an adapter run's "
                              "reference is its base model with the adapter off, which cannot move", "drop --lora (--adapter) or the option",
                              back_then="failed at the reference's first sync"))
     takes_reward = needs.online and not needs.own_reward
@@ -239,8 +242,8 @@ def refusals(config: RunConfig, needs: ObjectiveNeeds, adapter: Adapter | None) 
         found.append(Refusal(("sample_sharded",), "--sample-sharded samples through the model --fsdp shards, and this run shards none",
                              "add --fsdp, or drop --sample-sharded"))
     if needs.moves_reference and config.reference == "none":
-        found.append(Refusal(("reference", "objective_options"), f"{name}'s options move the reference towards the policy (sync_ref_model, "
-                             "bema_reference), but --reference none trains without one", "drop --reference none or the option",
+        found.append(Refusal(("reference", "objective_options"), f"{name}'s options move the reference towards the policy ({MOVING_OPTIONS}), "
+                             "but --reference none trains without one", "drop --reference none or the option",
                              back_then="trained reference-free, the option doing nothing"))
     elif needs.reference == NO_REFERENCE and config.reference in ("model", "cached"):
         found.append(Refusal(("reference",), f"objective {name!r} uses no reference", f"drop --reference {config.reference}"))
@@ -259,8 +262,8 @@ def refusals(config: RunConfig, needs: ObjectiveNeeds, adapter: Adapter | None) 
         why = "--reference none trains without a reference" if config.reference == "none" else f"objective {name!r} with these options uses no reference"
         found.append(Refusal(("reference_model",), why, "drop --reference-model"))
     elif config.reference_model and needs.moves_reference:
-        found.append(Refusal(("reference_model", "objective_options"), f"{name}'s options move the reference towards the policy (sync_ref_model, "
-                             "bema_reference), which starts as the policy's own weights, not --reference-model's", "drop --reference-model or the option"))
+        found.append(Refusal(("reference_model", "objective_options"), f"{name}'s options move the reference towards the policy ({MOVING_OPTIONS}), "
+                             "which starts as the policy's own weights, not --reference-model's", "drop --reference-model or the option"))
     return found
 
 

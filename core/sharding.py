@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from pref.errors import PrefError
+from pref.interfaces import MOVING_OPTIONS
 
 
 def refuse_unsupported(config: Any, world: int, distributed_type: str, online: bool, moves_reference: bool) -> None:
@@ -39,7 +40,7 @@ def refuse_unsupported(config: Any, world: int, distributed_type: str, online: b
     sharding = "--fsdp" if config.fsdp else "accelerate's FSDP"
     # pref's own sharded model generates (every process together); accelerate's wraps it where pref's generation cannot reach
     untested = [name for name, used in [("online objectives", online and by_accelerate), ("--test-prompt", config.test_prompts and by_accelerate),
-                ("--merge-lora", config.merge_lora and by_accelerate), ("--quantize", config.quantize and by_accelerate), ("a moving reference (sync_ref_model, bema_reference)", moves_reference and by_accelerate)] if used]
+                ("--merge-lora", config.merge_lora and by_accelerate), ("--quantize", config.quantize and by_accelerate), (f"a moving reference ({MOVING_OPTIONS})", moves_reference and by_accelerate)] if used]
     if untested:
         raise PrefError(f"{sharding} does not support {untested[0]} yet: run it unsharded (DDP), or drop it")
 

@@ -468,9 +468,10 @@ def train_policy(config: RunConfig, registry: Registry) -> tuple[str, HFPolicy]:
     if not plan.needs.online:  # a builder of other records (--dataset prompts for dpo) fails here, not at the first batch
         for entry, built in zip([*config.dataset, *config.validation_dataset], records):
             check_records(plan.needs, config.objective, built or [], entry)
-    if plan.reward is not None and plan.reward.columns:  # a reward that reads more of each prompt's row (a reference answer)
-        for entry, built in zip(config.dataset, records) if config.dataset else [(None, [])]:
-            require_columns(plan.reward, " + ".join(reward_names(config)) or type(plan.reward).__name__, built or [], entry)
+    readers = [(plan.reward.columns, f"the reward {' + '.join(reward_names(config)) or type(plan.reward).__name__}")] if plan.reward else []
+    for columns, reader in [*readers, (plan.needs.columns, config.objective)]:  # a reward or a loss that reads more of each prompt's row
+        for entry, built in (zip(config.dataset, records) if config.dataset else [(None, [])]) if columns else []:
+            require_columns(columns, reader, built or [], entry)
 
     # -- policy, the objective's modules, the data that samples the policy, reference ------
     with quiet_new_heads({SCORE_HEAD}):  # a reward model's score head is new because it is trained from scratch here

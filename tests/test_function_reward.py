@@ -205,10 +205,10 @@ def test_a_reward_with_columns_and_default_prompts_still_needs_a_dataset():
 
     reward = SimpleNamespace(columns=("answer", "tests"))
     with pytest.raises(PrefError, match=r"^the reward r reads the column 'answer', 'tests' of each prompt's row: pass --dataset with such rows$"):
-        require_columns(reward, "r", [], None)
-    require_columns(reward, "r", [PromptExample("p", {"answer": 1, "tests": []})], "qa.jsonl")
+        require_columns(reward.columns, "the reward r", [], None)
+    require_columns(reward.columns, "the reward r", [PromptExample("p", {"answer": 1, "tests": []})], "qa.jsonl")
     with pytest.raises(PrefError, match=r"record 2 of --dataset qa.jsonl has no 'tests'"):
-        require_columns(reward, "r", [PromptExample("p", {"answer": 1, "tests": []}), PromptExample("q", {"answer": 2})], "qa.jsonl")
+        require_columns(reward.columns, "the reward r", [PromptExample("p", {"answer": 1, "tests": []}), PromptExample("q", {"answer": 2})], "qa.jsonl")
 
 
 def test_several_rewards_give_each_part_its_own_columns(tmp_path):
