@@ -113,7 +113,8 @@ def run_trl(args: argparse.Namespace, clock: dpo.StepClock) -> dict:
     return clock.summary(entry, args.warmup, args.steps, after_imports)
 
 
-def child(args: argparse.Namespace) -> None:
+def child(args: argparse.Namespace, runners: dict | None = None) -> None:
+    """One trainer's process: `runners[args.child](args, clock)` (by default GRPO's pref and TRL runs), its figures to `args.result`."""
     dpo.use_shape("realistic")
     go_fd, done_fd = (int(fd) for fd in args.turn_fds.split(","))
     turn = dpo.Turn(go_fd, done_fd)
@@ -122,7 +123,7 @@ def child(args: argparse.Namespace) -> None:
     os.environ["PREF_CACHE"] = cache
     os.environ["HF_DATASETS_CACHE"] = os.path.join(cache, "datasets")
     clock = dpo.StepClock(turn)
-    result = run_pref(args, clock) if args.child == "pref" else run_trl(args, clock)
+    result = (runners or {"pref": run_pref, "trl": run_trl})[args.child](args, clock)
     with open(args.result, "w") as f:
         json.dump(result, f)
 
@@ -174,27 +175,38 @@ def main() -> None:
         child(args)
         return
 
+    own = ["--steps", str(args.steps), "--warmup", str(args.warmup), "--prompts", str(args.prompts), "-k", str(args.k),
+           "--new-tokens", str(args.new_tokens)]
+
+    def prompts(work: str) -> None:
+        with open(os.path.join(work, "pairs.jsonl")) as rows, open(os.path.join(work, "prompts.jsonl"), "w") as out:
+            out.writelines(json.dumps({"prompt": json.loads(row)["prompt"]}) + "\n" for row in rows)
+        with open(os.path.join(work, "rewards.py"), "w") as f:
+            f.write(REWARD)
+
+    run_in_turns(args, __file__, own, list(RUNS), RESULTS, report, prompts)
+
+
+def run_in_turns(args: argparse.Namespace, script: str, own: list[str], runs: list[str], results_path: str, report, write_data) -> None:
+    """Build the realistic model and its 256 synthetic pairs in a work folder, `write_data(work)` there, run `script`'s children
+    (`--only`, else all `runs`) in turns with the arguments `own`, print `report(...)`, and write it to `results_path` when every run
+    finished."""
     dpo.use_shape("realistic")
     started, load = time.perf_counter(), os.getloadavg()[0]
     work = os.path.abspath(args.work_dir) if args.work_dir else tempfile.mkdtemp(prefix="pref-bench-")
     os.makedirs(work, exist_ok=True)
     try:
-        params = dpo.build_model(os.path.join(work, "model"))
+        params = dpo.build_model(os.path.join(work, "model"), getattr(args, "vocab", 0))
         dpo.build_pairs(os.path.join(work, "pairs.jsonl"), os.path.join(work, "model"), 256)
-        with open(os.path.join(work, "pairs.jsonl")) as rows, open(os.path.join(work, "prompts.jsonl"), "w") as prompts:
-            prompts.writelines(json.dumps({"prompt": json.loads(row)["prompt"]}) + "\n" for row in rows)
-        with open(os.path.join(work, "rewards.py"), "w") as f:
-            f.write(REWARD)
-        names = args.only or list(RUNS)
+        write_data(work)
+        names = args.only or runs
         print(f"running {', '.join(names)} in turns; logs in {work}", file=sys.stderr, flush=True)
-        own = ["--steps", str(args.steps), "--warmup", str(args.warmup), "--prompts", str(args.prompts), "-k", str(args.k),
-               "--new-tokens", str(args.new_tokens)]
-        results = dpo.run_children(names, args, work, __file__, own)
+        results = dpo.run_children(names, args, work, script, own)
         text = report(results, args, params, (load, os.getloadavg()[0]), (time.perf_counter() - started) / 60)
         print(text)
-        if set(results) == set(RUNS):  # a partial run (--only, a failure) does not replace the figures
-            os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
-            with open(RESULTS, "w") as f:
+        if set(results) == set(runs):  # a partial run (--only, a failure) does not replace the figures
+            os.makedirs(os.path.dirname(results_path), exist_ok=True)
+            with open(results_path, "w") as f:
                 f.write(text)
     finally:
         if not args.work_dir:
