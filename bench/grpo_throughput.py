@@ -38,6 +38,14 @@ REWARD = "def words(completions, **kwargs):\n    return [len(c.split()) / 10 for
 
 
 def run_pref(args: argparse.Namespace, clock: dpo.StepClock) -> dict:
+    return run_pref_online(args, clock, {"objective": "grpo", "dataset": [os.path.join(args.work_dir, "prompts.jsonl")],
+                                         "reward": f"{os.path.join(args.work_dir, 'rewards.py')}:words", "max_prompt_length": MAX_PROMPT_LENGTH,
+                                         "lr": LR})
+
+
+def run_pref_online(args: argparse.Namespace, clock: dpo.StepClock, flags: dict) -> dict:
+    """`pref run` of an online objective with `flags`, on the work folder's model, `args.prompts` x `args.k` samples of
+    `args.new_tokens` a step, timed by `clock`, counting the tokens sampled."""
     import torch
 
     import pref.train
@@ -61,10 +69,9 @@ def run_pref(args: argparse.Namespace, clock: dpo.StepClock) -> dict:
 
     HFPolicy.sample = counted_sample
     config = build_config(flags={
-        "objective": "grpo", "model": os.path.join(args.work_dir, "model"), "dataset": [os.path.join(args.work_dir, "prompts.jsonl")],
-        "reward": f"{os.path.join(args.work_dir, 'rewards.py')}:words", "samples_per_prompt": args.k, "batch_size": args.prompts,
-        "max_new_tokens": args.new_tokens, "max_prompt_length": MAX_PROMPT_LENGTH, "steps": args.warmup + args.steps, "lr": LR,
-        "device": "cpu", "seed": dpo.SEED, "output_dir": os.path.join(args.work_dir, f"pref-run-{os.getpid()}"),
+        **flags, "model": os.path.join(args.work_dir, "model"), "samples_per_prompt": args.k, "batch_size": args.prompts,
+        "max_new_tokens": args.new_tokens, "steps": args.warmup + args.steps, "device": "cpu", "seed": dpo.SEED,
+        "output_dir": os.path.join(args.work_dir, f"pref-run-{os.getpid()}"),
     })
     entry = clock.turn.now()
     pref.train.train(config, registry)
@@ -73,8 +80,6 @@ def run_pref(args: argparse.Namespace, clock: dpo.StepClock) -> dict:
 
 def run_trl(args: argparse.Namespace, clock: dpo.StepClock) -> dict:
     import torch
-    from datasets import load_dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import GRPOConfig, GRPOTrainer
 
     torch.set_num_threads(dpo.THREADS)
@@ -90,27 +95,40 @@ def run_trl(args: argparse.Namespace, clock: dpo.StepClock) -> dict:
             return out
 
     entry = clock.turn.now()
+    model, tokenizer, dataset = trl_inputs(args, "prompts.jsonl")
+    config = GRPOConfig(**trl_settings(args, LR))
+    trainer = CountedGRPOTrainer(model=model, reward_funcs=words, args=config, train_dataset=dataset, processing_class=tokenizer,
+                                 callbacks=[dpo.trl_step_clock(clock)])
+    trainer.train()
+    return clock.summary(entry, args.warmup, args.steps, after_imports)
+
+
+def trl_inputs(args: argparse.Namespace, data: str):
+    """The work folder's model (fp32), its tokenizer (padding on the left, as TRL's online trainers want) and the dataset `data`."""
+    import torch
+    from datasets import load_dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     model_path = os.path.join(args.work_dir, "model")
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(model_path, padding_side="left")
-    dataset = load_dataset("json", data_files=os.path.join(args.work_dir, "prompts.jsonl"), split="train")
-    config = GRPOConfig(
+    return (AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32), AutoTokenizer.from_pretrained(model_path, padding_side="left"),
+            load_dataset("json", data_files=os.path.join(args.work_dir, data), split="train"))
+
+
+def trl_settings(args: argparse.Namespace, lr: float) -> dict:
+    """The settings of a TRL online trainer's config that match pref's run: K samples of each of `args.prompts` prompts a step."""
+    return dict(
         output_dir=os.path.join(args.work_dir, f"trl-run-{os.getpid()}"),
         per_device_train_batch_size=args.prompts * args.k,  # completions, K of each prompt
         num_generations=args.k,
         max_completion_length=args.new_tokens,
         max_steps=args.warmup + args.steps,
-        learning_rate=LR,
+        learning_rate=lr,
         gradient_checkpointing=False,
         use_cpu=True, bf16=False, fp16=False,
         report_to="none", logging_strategy="no", save_strategy="no", eval_strategy="no", disable_tqdm=True,
         dataloader_num_workers=0,
         seed=dpo.SEED,
     )
-    trainer = CountedGRPOTrainer(model=model, reward_funcs=words, args=config, train_dataset=dataset, processing_class=tokenizer,
-                                 callbacks=[dpo.trl_step_clock(clock)])
-    trainer.train()
-    return clock.summary(entry, args.warmup, args.steps, after_imports)
 
 
 def child(args: argparse.Namespace, runners: dict | None = None) -> None:
@@ -129,17 +147,26 @@ def child(args: argparse.Namespace, runners: dict | None = None) -> None:
 
 
 def report(results: dict[str, dict], args: argparse.Namespace, params: int, load: tuple[float, float], minutes: float) -> str:
+    return turns_report("GRPO", RUNS, results, args, load, minutes, [
+        f"Model: Llama, {params / 1e6:.1f}M parameters (hidden {dpo.MODEL['hidden_size']}, {dpo.MODEL['num_hidden_layers']} layers, "
+        f"a byte-level BPE tokenizer of {dpo.BPE_VOCAB:,} tokens trained here, untied head), random weights, fp32.",
+        f"Each step: {args.prompts} prompts of {dpo.PROMPT_WORDS[0]}-{dpo.PROMPT_WORDS[1]} words x {args.k} samples of at most "
+        f"{args.new_tokens} new tokens, scored by the same function, one update on all of them; beta 0, loss_type dapo, lr {LR}.",
+    ], f"python bench/grpo_throughput.py --steps {args.steps} --warmup {args.warmup} --prompts {args.prompts} -k {args.k} "
+       f"--new-tokens {args.new_tokens}")
+
+
+def turns_report(what: str, runs: dict[str, str], results: dict[str, dict], args: argparse.Namespace, load: tuple[float, float],
+                 minutes: float, setup: list[str], command: str) -> str:
+    """The markdown table of an online trainer's throughput benchmark (`what`: GRPO, SDFT), `setup` its lines on the model and step."""
     lines = [
-        "# GRPO throughput: pref vs TRL",
+        f"# {what} throughput: pref vs TRL",
         "",
         f"Machine: {machine()} on the CPU with {dpo.THREADS} threads. Load average (1 min) {load[0]:.1f} at the start, "
         f"{load[1]:.1f} at the end; the run took {minutes:.1f} min.",
         f"Versions: {dpo.versions()}.",
         "",
-        f"Model: Llama, {params / 1e6:.1f}M parameters (hidden {dpo.MODEL['hidden_size']}, {dpo.MODEL['num_hidden_layers']} layers, "
-        f"a byte-level BPE tokenizer of {dpo.BPE_VOCAB:,} tokens trained here, untied head), random weights, fp32.",
-        f"Each step: {args.prompts} prompts of {dpo.PROMPT_WORDS[0]}-{dpo.PROMPT_WORDS[1]} words x {args.k} samples of at most "
-        f"{args.new_tokens} new tokens, scored by the same function, one update on all of them; beta 0, loss_type dapo, lr {LR}.",
+        *setup,
         f"Over {args.steps} steps after {args.warmup} warm-up steps, the trainers taking turns step by step (waiting not counted). "
         "Tokens/step: completion tokens sampled.",
         "",
@@ -147,30 +174,33 @@ def report(results: dict[str, dict], args: argparse.Namespace, params: int, load
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, r in results.items():
-        lines.append(f"| {RUNS[name]} | {r['median_step_s']:.2f} | {1 / r['steps_per_s']:.2f} | {r['tokens_per_step'] * r['steps_per_s']:.0f} | "
+        lines.append(f"| {runs[name]} | {r['median_step_s']:.2f} | {1 / r['steps_per_s']:.2f} | {r['tokens_per_step'] * r['steps_per_s']:.0f} | "
                      f"{r['cpu_s_per_step']:.2f} | {r['tokens_per_step']:.0f} | {r['setup_s']:.1f} | {r['peak_rss_mib']:.0f} |")
     if {"pref", "trl"} <= set(results):
         pref, trl = results["pref"], results["trl"]
         lines += ["", f"pref / TRL: time per step x{pref['median_step_s'] / trl['median_step_s']:.2f} (median), "
                       f"x{trl['steps_per_s'] / pref['steps_per_s']:.2f} (mean); peak RSS x{pref['peak_rss_mib'] / trl['peak_rss_mib']:.2f}."]
-    lines += ["", f"Command: `python bench/grpo_throughput.py --steps {args.steps} --warmup {args.warmup} --prompts {args.prompts} "
-                  f"-k {args.k} --new-tokens {args.new_tokens}`", ""]
-    return "\n".join(lines)
+    return "\n".join([*lines, "", f"Command: `{command}`", ""])
+
+
+def online_arguments(doc: str, runs: dict[str, str], steps: int, k: int) -> argparse.ArgumentParser:
+    """The command line of an online trainer's throughput benchmark, with these defaults."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=steps, help=f"measured steps per trainer (default {steps})")
+    parser.add_argument("--warmup", type=int, default=2, help="warm-up steps before measuring (default 2)")
+    parser.add_argument("--prompts", type=int, default=4, help="prompts per step (default 4)")
+    parser.add_argument("-k", type=int, default=k, help=f"samples per prompt (default {k})")
+    parser.add_argument("--new-tokens", type=int, default=64, help="new tokens per sample at most (default 64)")
+    parser.add_argument("--only", nargs="+", choices=list(runs), help="run only these (default: both)")
+    parser.add_argument("--work-dir", help="keep the model, data and logs here instead of a temporary folder")
+    parser.add_argument("--child", choices=list(runs), help=argparse.SUPPRESS)
+    parser.add_argument("--result", help=argparse.SUPPRESS)
+    parser.add_argument("--turn-fds", help=argparse.SUPPRESS)
+    return parser
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=10, help="measured steps per trainer (default 10)")
-    parser.add_argument("--warmup", type=int, default=2, help="warm-up steps before measuring (default 2)")
-    parser.add_argument("--prompts", type=int, default=4, help="prompts per step (default 4)")
-    parser.add_argument("-k", type=int, default=4, help="samples per prompt (default 4)")
-    parser.add_argument("--new-tokens", type=int, default=64, help="new tokens per sample at most (default 64)")
-    parser.add_argument("--only", nargs="+", choices=list(RUNS), help="run only these (default: both)")
-    parser.add_argument("--work-dir", help="keep the model, data and logs here instead of a temporary folder")
-    parser.add_argument("--child", choices=list(RUNS), help=argparse.SUPPRESS)
-    parser.add_argument("--result", help=argparse.SUPPRESS)
-    parser.add_argument("--turn-fds", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = online_arguments(__doc__, RUNS, steps=10, k=4).parse_args()
     if args.child:
         child(args)
         return

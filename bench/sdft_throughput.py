@@ -26,7 +26,6 @@ import sys
 
 import dpo_throughput as dpo  # bench/ is on sys.path when a script runs
 import grpo_throughput as grpo
-from machine import machine
 
 LR, MAX_PROMPT_LENGTH = 1e-6, 256
 RUNS = {"pref": "pref `sdft` (its defaults)", "trl": "TRL SDFTTrainer (its defaults, no vLLM)"}
@@ -37,43 +36,12 @@ def results_path(vocab: int) -> str:
 
 
 def run_pref(args: argparse.Namespace, clock: dpo.StepClock) -> dict:
-    import torch
-
-    import pref.train
-    from pref.config import build_config
-    from pref.policy import HFPolicy
-    from pref.registry import load_registry
-
-    torch.set_num_threads(dpo.THREADS)
-    registry = load_registry()
-    dpo.preload_model_code()
-    after_imports = dpo.rss_mib()
-
-    # instrumentation only: timestamps, token counts and turn hand-overs around pref's own code
-    dpo.time_pref_steps(clock)
-    sample = HFPolicy.sample
-
-    def counted_sample(self, *a, **k):
-        samples = sample(self, *a, **k)
-        clock.tokens.append(int(samples.sequences.completion_mask.sum()))
-        return samples
-
-    HFPolicy.sample = counted_sample
-    config = build_config(flags={
-        "objective": "sdft", "model": os.path.join(args.work_dir, "model"), "dataset": [os.path.join(args.work_dir, "demos.jsonl")],
-        "samples_per_prompt": args.k, "batch_size": args.prompts, "max_new_tokens": args.new_tokens, "max_prompt_length": MAX_PROMPT_LENGTH,
-        "steps": args.warmup + args.steps, "lr": LR, "device": "cpu", "seed": dpo.SEED,
-        "output_dir": os.path.join(args.work_dir, f"pref-run-{os.getpid()}"),
-    })
-    entry = clock.turn.now()
-    pref.train.train(config, registry)
-    return clock.summary(entry, args.warmup, args.steps, after_imports)
+    return grpo.run_pref_online(args, clock, {"objective": "sdft", "dataset": [os.path.join(args.work_dir, "demos.jsonl")],
+                                              "max_prompt_length": MAX_PROMPT_LENGTH, "lr": LR})
 
 
 def run_trl(args: argparse.Namespace, clock: dpo.StepClock) -> dict:
     import torch
-    from datasets import load_dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl.experimental.sdft import SDFTConfig, SDFTTrainer
 
     torch.set_num_threads(dpo.THREADS)
@@ -87,24 +55,8 @@ def run_trl(args: argparse.Namespace, clock: dpo.StepClock) -> dict:
             return out
 
     entry = clock.turn.now()
-    model_path = os.path.join(args.work_dir, "model")
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(model_path, padding_side="left")
-    dataset = load_dataset("json", data_files=os.path.join(args.work_dir, "demos.jsonl"), split="train")
-    config = SDFTConfig(
-        output_dir=os.path.join(args.work_dir, f"trl-run-{os.getpid()}"),
-        per_device_train_batch_size=args.prompts * args.k,  # completions, K of each prompt
-        num_generations=args.k,
-        max_completion_length=args.new_tokens,
-        max_prompt_length=MAX_PROMPT_LENGTH,
-        max_steps=args.warmup + args.steps,
-        learning_rate=LR,
-        gradient_checkpointing=False,
-        use_cpu=True, bf16=False, fp16=False,
-        report_to="none", logging_strategy="no", save_strategy="no", eval_strategy="no", disable_tqdm=True,
-        dataloader_num_workers=0,
-        seed=dpo.SEED,
-    )
+    model, tokenizer, dataset = grpo.trl_inputs(args, "demos.jsonl")
+    config = SDFTConfig(**grpo.trl_settings(args, LR), max_prompt_length=MAX_PROMPT_LENGTH)
     trainer = CountedSDFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
                                  callbacks=[dpo.trl_step_clock(clock)])
     trainer.train()
@@ -112,50 +64,20 @@ def run_trl(args: argparse.Namespace, clock: dpo.StepClock) -> dict:
 
 
 def report(results: dict[str, dict], args: argparse.Namespace, params: int, load: tuple[float, float], minutes: float) -> str:
-    vocab = args.vocab or dpo.BPE_VOCAB
-    lines = [
-        "# SDFT throughput: pref vs TRL",
-        "",
-        f"Machine: {machine()} on the CPU with {dpo.THREADS} threads. Load average (1 min) {load[0]:.1f} at the start, "
-        f"{load[1]:.1f} at the end; the run took {minutes:.1f} min.",
-        f"Versions: {dpo.versions()}.",
-        "",
+    return grpo.turns_report("SDFT", RUNS, results, args, load, minutes, [
         f"Model: Llama, {params / 1e6:.1f}M parameters (hidden {dpo.MODEL['hidden_size']}, {dpo.MODEL['num_hidden_layers']} layers, "
-        f"a vocabulary of {vocab:,} over a byte-level BPE tokenizer of {dpo.BPE_VOCAB:,} tokens trained here, untied head), random weights, fp32.",
+        f"a vocabulary of {args.vocab or dpo.BPE_VOCAB:,} over a byte-level BPE tokenizer of {dpo.BPE_VOCAB:,} tokens trained here, untied "
+        "head), random weights, fp32.",
         f"Each step: {args.prompts} prompts of {dpo.PROMPT_WORDS[0]}-{dpo.PROMPT_WORDS[1]} words x {args.k} samples of at most "
         f"{args.new_tokens} new tokens, one update on all of them against the starting model shown each row's demonstration; "
         f"top-100 logits, alpha 0.5, lr {LR}.",
-        f"Over {args.steps} steps after {args.warmup} warm-up steps, the trainers taking turns step by step (waiting not counted). "
-        "Tokens/step: completion tokens sampled.",
-        "",
-        "| run | s/step (median) | s/step (mean) | sampled tokens/s | CPU s/step | tokens/step | setup s | peak RSS MiB |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for name, r in results.items():
-        lines.append(f"| {RUNS[name]} | {r['median_step_s']:.2f} | {1 / r['steps_per_s']:.2f} | {r['tokens_per_step'] * r['steps_per_s']:.0f} | "
-                     f"{r['cpu_s_per_step']:.2f} | {r['tokens_per_step']:.0f} | {r['setup_s']:.1f} | {r['peak_rss_mib']:.0f} |")
-    if {"pref", "trl"} <= set(results):
-        pref, trl = results["pref"], results["trl"]
-        lines += ["", f"pref / TRL: time per step x{pref['median_step_s'] / trl['median_step_s']:.2f} (median), "
-                      f"x{trl['steps_per_s'] / pref['steps_per_s']:.2f} (mean); peak RSS x{pref['peak_rss_mib'] / trl['peak_rss_mib']:.2f}."]
-    lines += ["", f"Command: `python bench/sdft_throughput.py --steps {args.steps} --warmup {args.warmup} --prompts {args.prompts} "
-                  f"-k {args.k} --new-tokens {args.new_tokens} --vocab {args.vocab}`", ""]
-    return "\n".join(lines)
+    ], f"python bench/sdft_throughput.py --steps {args.steps} --warmup {args.warmup} --prompts {args.prompts} -k {args.k} "
+       f"--new-tokens {args.new_tokens} --vocab {args.vocab}")
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=6, help="measured steps per trainer (default 6)")
-    parser.add_argument("--warmup", type=int, default=2, help="warm-up steps before measuring (default 2)")
-    parser.add_argument("--prompts", type=int, default=4, help="prompts per step (default 4)")
-    parser.add_argument("-k", type=int, default=2, help="samples per prompt (default 2)")
-    parser.add_argument("--new-tokens", type=int, default=64, help="new tokens per sample at most (default 64)")
+    parser = grpo.online_arguments(__doc__, RUNS, steps=6, k=2)
     parser.add_argument("--vocab", type=int, default=0, help="the model's vocabulary (default 0: the tokenizer's 16,384)")
-    parser.add_argument("--only", nargs="+", choices=list(RUNS), help="run only these (default: both)")
-    parser.add_argument("--work-dir", help="keep the model, data and logs here instead of a temporary folder")
-    parser.add_argument("--child", choices=list(RUNS), help=argparse.SUPPRESS)
-    parser.add_argument("--result", help=argparse.SUPPRESS)
-    parser.add_argument("--turn-fds", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         grpo.child(args, {"pref": run_pref, "trl": run_trl})
