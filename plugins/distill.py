@@ -43,10 +43,11 @@ def generalized_jsd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
     return beta * (log_t.exp() * (log_t - log_m)).sum(-1) + (1 - beta) * (log_s.exp() * (log_s - log_m)).sum(-1)
 
 
-def over_chunks(figures: Callable[..., torch.Tensor], student_hidden: torch.Tensor, student_head: OutputHead, teacher_hidden: torch.Tensor,
-                teacher_head: OutputHead, *per_row: torch.Tensor) -> torch.Tensor:
+def over_chunks(figures: Callable[..., torch.Tensor], student_hidden: torch.Tensor, student_head: OutputHead, teacher_hidden: torch.Tensor | None,
+                teacher_head: OutputHead | None, *per_row: torch.Tensor) -> torch.Tensor:
     """`figures(student_logits, teacher_logits, *per_row)` -> [F, n] over N positions given the two models' last hidden states
     [N, H_s] and [N, H_t] (and `per_row` tensors [N, ...], such as the sampled tokens): [F, N], grad to the student only.
+    Without a teacher (`teacher_hidden` None), `figures(student_logits, *per_row)`.
 
     The heads run on `LOGIT_CHUNK_ELEMENTS // V` rows at a time; with grad each chunk is recomputed in the backward, so a step
     holds one chunk's logits, not [N, V]. Heads of different widths (a teacher with more padding rows, same tokenizer) are
@@ -55,22 +56,22 @@ def over_chunks(figures: Callable[..., torch.Tensor], student_hidden: torch.Tens
     """
     chunk = max(1, LOGIT_CHUNK_ELEMENTS // max(student_head.module.weight.shape[0], 1))
 
-    def part(h_s: torch.Tensor, h_t: torch.Tensor, *rest: torch.Tensor) -> torch.Tensor:
+    def part(h_s: torch.Tensor, *rest: torch.Tensor) -> torch.Tensor:
         student = student_head.logits(h_s)
+        if teacher_head is None:
+            return figures(student, *rest)
         with torch.no_grad():
-            teacher = teacher_head.logits(h_t)
+            teacher = teacher_head.logits(rest[0])
         width = min(student.shape[-1], teacher.shape[-1])
-        return figures(student[:, :width], teacher[:, :width], *rest)
+        return figures(student[:, :width], teacher[:, :width], *rest[1:])
 
-    rows = student_hidden.shape[0]
-    if not rows:
-        return part(student_hidden.new_zeros((1, student_hidden.shape[-1])), teacher_hidden.new_zeros((1, teacher_hidden.shape[-1])),
-                    *(r.new_zeros((1, *r.shape[1:])) for r in per_row))[:, :0]
+    inputs = [student_hidden, *([] if teacher_hidden is None else [teacher_hidden]), *per_row]
+    if not student_hidden.shape[0]:
+        return part(*(t.new_zeros((1, *t.shape[1:])) for t in inputs))[:, :0]
     grad = torch.is_grad_enabled()
-    return torch.cat([checkpoint(part, student_hidden[i : i + chunk], teacher_hidden[i : i + chunk], *(r[i : i + chunk] for r in per_row),
-                                 use_reentrant=False) if grad
-                      else part(student_hidden[i : i + chunk], teacher_hidden[i : i + chunk], *(r[i : i + chunk] for r in per_row))
-                      for i in range(0, rows, chunk)], dim=-1)
+    return torch.cat([checkpoint(part, *(t[i : i + chunk] for t in inputs), use_reentrant=False) if grad
+                      else part(*(t[i : i + chunk] for t in inputs))
+                      for i in range(0, student_hidden.shape[0], chunk)], dim=-1)
 
 
 def chunked_divergence(student_hidden: torch.Tensor, student_head: OutputHead, teacher_hidden: torch.Tensor, teacher_head: OutputHead,

@@ -33,7 +33,7 @@ from pref.interfaces import (
 )
 from pref.plugins.distill import generalized_jsd, over_chunks
 from pref.plugins.moving_reference import MovesReference, SyncReference
-from pref.sequences import Sequences
+from pref.sequences import OutputHead, Sequences
 
 MODES = ("topk_logits", "full_logits", "sampled_token")
 TEACHERS = ("base", "ema", "live")
@@ -98,6 +98,41 @@ def token_losses(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tar
     return torch.stack([loss, sampled.detach()])
 
 
+def sampled_logps(hidden: torch.Tensor, head: OutputHead, targets: torch.Tensor, temperature: float) -> torch.Tensor:
+    """[N] the log-probs at `temperature` of the tokens `targets` [N] from the last hidden states [N, H] that predict them, a few
+    rows of logits at a time (`over_chunks`), with grad when it is on."""
+
+    def picked(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        logits = logits / temperature
+        return (torch.gather(logits, -1, targets[:, None]) - torch.logsumexp(logits, -1, keepdim=True)).T
+
+    return over_chunks(picked, hidden, head, None, None, targets)[0]
+
+
+def token_logps(policy: Policy, sequences: Sequences, temperature: float) -> torch.Tensor:
+    """[B, T] each completion token's log-prob under the policy at `temperature` (0 elsewhere and at position 0), as the loss
+    computes it: the log-probs of the policy that sampled a rollout trained on more than once."""
+    hidden = policy.hidden_states(sequences)
+    where = sequences.completion_mask.to(hidden.device).bool()
+    where[:, 0] = False  # token t is predicted at position t - 1
+    logps = sampled_logps(hidden[:, :-1][where[:, 1:]], policy.output_head(), sequences.input_ids.to(hidden.device)[where], temperature)
+    return torch.zeros(where.shape, device=hidden.device).masked_scatter(where, logps.float())
+
+
+def teacher_sequences(policy: Policy, prompts: list[Prompt], sampled: Sequences, last_prompt_tokens: int | None = None) -> Sequences:
+    """The teacher's rows: each of its `prompts` encoded as the policy encodes prompts (its last `last_prompt_tokens` tokens
+    only, when given), then the very answer tokens of the matching row of `sampled`."""
+    encoded = policy.encode(prompts, [""] * len(prompts))
+    rows = []
+    for ids, real, answer_mask, answer_ids, answer in zip(encoded.input_ids, encoded.attention_mask, encoded.completion_mask,
+                                                           sampled.input_ids.cpu(), sampled.completion_mask.cpu()):
+        prompt = ids[(real == 1) & (answer_mask == 0)][-last_prompt_tokens if last_prompt_tokens else 0 :]
+        answer_ids = answer_ids[answer == 1]
+        rows.append(Sequences(torch.cat([prompt, answer_ids])[None], torch.ones(1, len(prompt) + len(answer_ids), dtype=torch.long),
+                              torch.cat([torch.zeros(len(prompt), dtype=torch.long), torch.ones(len(answer_ids), dtype=torch.long)])[None]))
+    return Sequences.concat(rows, pad_id=policy.tokenizer.pad_token_id or 0)
+
+
 def loss_tokens(completion_mask: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
     """[B, T] bool: the completion tokens the loss counts, those of each row from its answer's token `first[row]` (from 0) on."""
     return completion_mask.bool() & (completion_mask.long().cumsum(-1) - 1 >= first[:, None])
@@ -106,7 +141,7 @@ def loss_tokens(completion_mask: torch.Tensor, first: torch.Tensor) -> torch.Ten
 @dataclass
 class TeacherRows:
     """A rollout prepared for SDFT: the samples, the teacher's rows (its prompt, then each sample's very answer tokens), and
-    the student's token log-probs as sampled (`Logps.tokens` [B, T], when the rollout is trained on more than once)."""
+    the student's token log-probs as sampled (`token_logps` [B, T], when the rollout is trained on more than once)."""
 
     samples: ScoredBatch
     teacher: Sequences
@@ -190,19 +225,9 @@ class SDFT(MovesReference, Objective):
     def prepare(self, policy: Policy, reference: Reference | None, batch: ScoredBatch) -> TeacherRows:
         """The teacher's rows, once per rollout: its prompt encoded as the policy encodes prompts, then the sampled answer's tokens."""
         prompts = [teacher_prompt(prompt, context, self.template) for prompt, context in zip(batch.prompts, batch.columns[self.column])]
-        encoded = policy.encode(prompts, [""] * len(prompts))
-        sampled = batch.sequences
-        rows = []
-        for ids, real, answer_mask, answer_ids, answer in zip(encoded.input_ids, encoded.attention_mask, encoded.completion_mask,
-                                                               sampled.input_ids.cpu(), sampled.completion_mask.cpu()):
-            prompt = ids[(real == 1) & (answer_mask == 0)]
-            answer_ids = answer_ids[answer == 1]
-            rows.append(Sequences(torch.cat([prompt, answer_ids])[None], torch.ones(1, len(prompt) + len(answer_ids), dtype=torch.long),
-                                  torch.cat([torch.zeros(len(prompt), dtype=torch.long), torch.ones(len(answer_ids), dtype=torch.long)])[None]))
-        teacher = Sequences.concat(rows, pad_id=policy.tokenizer.pad_token_id or 0)
         reused = self.needs.epochs_per_rollout * self.needs.minibatches_per_rollout > 1
-        old_logps = policy.logps(sampled).tokens.float() if reused and self.is_clip is not None else None
-        return TeacherRows(batch, teacher, old_logps)
+        old_logps = token_logps(policy, batch.sequences, self.temperature) if reused and self.is_clip is not None else None
+        return TeacherRows(batch, teacher_sequences(policy, prompts, batch.sequences), old_logps)
 
     def loss(self, policy: Policy, reference: Reference | None, batch: Minibatch) -> tuple[torch.Tensor, dict[str, float]]:
         """The mean over answers of each one's mean per-token loss; metric `distillation_loss`, the mean over all their tokens."""

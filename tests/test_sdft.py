@@ -22,6 +22,7 @@ from pref.interfaces import SAMPLES, SETS, Minibatch, ObjectiveNeeds, Rollout, S
 from pref.models import prompt_token_ids
 from pref.plugins.distill import over_chunks
 from pref.plugins.sdft import SDFT, TeacherRows, teacher_prompt, token_losses, topk_divergence
+from pref.plugins.sdft import token_logps as sdft_token_logps
 from pref.policy import HFPolicy
 from pref.reference import FrozenReference
 from pref.sequences import OutputHead
@@ -174,6 +175,31 @@ def test_sdft_loss_on_a_model_is_trls(tiny_model_dir, reused):
     assert metrics["distillation_loss"] == pytest.approx(((per_token * loss_mask).sum() / loss_mask.sum()).item(), rel=1e-4)
     for mine, trl in zip(ours, [p.grad for p in student.model.parameters()]):
         torch.testing.assert_close(mine, trl, rtol=2e-3, atol=1e-6)
+
+
+def test_the_sampling_policys_logps_are_at_the_loss_temperature(tiny_model_dir):
+    """A rollout trained on more than once keeps the sampling policy's log-probs at the temperature the loss compares at, so before
+    any update the ratio is 1 and the first pass's loss is that of a rollout used once (it was at temperature 1 before 2026-12-02)."""
+    policy = HFPolicy.load(tiny_model_dir)
+    policy.model.eval()
+    prompts, answers = ["Name a fruit.", "Name one random common English noun."], ["a green apple", "table"]
+    sequences = policy.encode(prompts, answers)
+    with torch.no_grad():
+        kept = sdft_token_logps(policy, sequences, 0.7)
+        full = torch.log_softmax(policy.model(input_ids=sequences.input_ids, attention_mask=sequences.attention_mask).logits / 0.7, -1)
+    where = sequences.completion_mask.bool()
+    where[:, 0] = False
+    expected = torch.gather(full[:, :-1], -1, sequences.input_ids[:, 1:, None])[..., 0][where[:, 1:]]
+    torch.testing.assert_close(kept[where], expected, rtol=1e-5, atol=1e-5)
+    assert (kept[~where] == 0).all()
+    batch = ScoredBatch(prompts, answers, sequences, {}, 1, columns={"privileged_context": ["Example: pear", "Example: chair"]})
+    losses = []
+    for iterations in (1, 2):
+        objective = SDFT(teacher_model_kind="live", temperature=0.7, num_iterations=iterations, distillation_is_clip=1.5)
+        rollout = Rollout(batch)
+        assert (rollout.prepared(objective, policy, None).old_logps is not None) == (iterations == 2)
+        losses.append(objective.loss(policy, None, Minibatch(rollout, torch.arange(2)))[0].item())
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5) and losses[0] > 1e-4
 
 
 def test_teacher_rows_hold_the_sampled_answer_tokens(tiny_model_dir):
