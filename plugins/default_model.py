@@ -33,6 +33,7 @@ The same seed gives the same weights on the same kind of CPU with the same libra
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import math
@@ -44,6 +45,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
 from pref.errors import PrefError
 from pref.models import DEFAULT_MODEL, adapter_base
@@ -407,10 +409,21 @@ def build_default_model(path: str | os.PathLike, seed: int = 0, steps: int = TRA
         train(model, tokenizer, chats)
     finally:
         torch.set_num_threads(threads)
-    model.save_pretrained(path)
+    save_weights(model, path)
     # the chat template inside tokenizer_config.json, where every transformers version looks
     tokenizer.save_pretrained(path, save_jinja_files=False)
     return str(path)
+
+
+def save_weights(model: torch.nn.Module, path: str | os.PathLike) -> None:
+    """The config, generation config and weights of `model`, as its `save_pretrained` writes them (one tied head kept once), from
+    whichever process calls: transformers 5's `save_pretrained` writes only on the first process of a process group, and each
+    process of a launched run may build the default model."""
+    model.config.save_pretrained(path)
+    model.generation_config.save_pretrained(path)
+    tied = {"lm_head.weight"} if model.config.tie_word_embeddings else set()
+    save_file({k: v.contiguous() for k, v in model.state_dict().items() if k not in tied}, os.path.join(path, "model.safetensors"),
+              metadata={"format": "pt"})
 
 
 def default_cache_dir() -> Path:
@@ -450,6 +463,14 @@ def default_model_path(cache_dir: str | os.PathLike | None = None) -> str:
         try:
             os.rename(building, target)
         except OSError:
+            if not (target / "config.json").exists():
+                # a folder without its model, an earlier pref's (built in a launched process transformers wrote no model in): put aside
+                aside = Path(tempfile.mkdtemp(prefix=f".{target.name}-incomplete-", dir=root))
+                with contextlib.suppress(FileNotFoundError):  # another process put it aside first
+                    os.rename(target, aside / target.name)
+                shutil.rmtree(aside, ignore_errors=True)
+                with contextlib.suppress(OSError):  # another process put its own in first
+                    os.rename(building, target)
             if not (target / "config.json").exists():
                 raise
     finally:

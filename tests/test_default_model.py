@@ -295,3 +295,29 @@ def test_an_adapter_on_the_default_model_loads_after_its_cache_folder_is_gone(tm
     assert result.exit_code == 2 and len(builds) == 3
     assert result.output.startswith("Error: ") and result.output.count("\n") == 1
     assert Path(base).name in result.output and "another version of pref" in result.output
+
+
+def test_a_launched_process_other_than_the_first_builds_a_whole_model(tmp_path, monkeypatch):
+    """transformers 5 writes a model on a process group's first process only: the default model is written by pref itself, so each
+    process of `accelerate launch` on an empty cache builds a whole one (before 2026-12-02 the second built a folder holding the
+    tokenizer alone, which could win the race and break the cache)."""
+    import transformers.distributed.mixin as mixin
+
+    monkeypatch.setattr(mixin, "_is_torch_distributed_initialized", lambda: True)
+    monkeypatch.setattr(mixin, "_get_torch_distributed_rank", lambda: 1)
+    path = build_default_model(tmp_path / "second", seed=0, steps=3)
+    assert {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json"} <= set(os.listdir(path))
+    model = AutoModelForCausalLM.from_pretrained(path)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert load_file(os.path.join(path, "model.safetensors")).keys() == load_file(os.path.join(build_default_model(tmp_path / "first", steps=3),
+                                                                                               "model.safetensors")).keys()
+
+
+def test_an_incomplete_cached_folder_is_replaced(tmp_path, monkeypatch):
+    """A cache folder without its model (what an earlier pref could leave, above) is put aside for a whole one, and nothing else stays."""
+    target = tmp_path / f"{DEFAULT_MODEL}-{default_model.recipe_hash()}"
+    target.mkdir()
+    (target / "tokenizer.json").write_text("{}")
+    monkeypatch.setattr(default_model, "build_default_model", fake_build)
+    assert default_model_path(tmp_path) == str(target) and (target / "config.json").exists()
+    assert not (target / "tokenizer.json").exists() and [p.name for p in tmp_path.iterdir()] == [target.name]
