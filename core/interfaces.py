@@ -380,7 +380,7 @@ NO_REFERENCE, REFERENCE_LOGPS, REFERENCE_DISTRIBUTIONS = "none", "logps", "distr
 
 
 #: The built-in objectives' options that move a reference (`ObjectiveNeeds.moves_reference`), for errors.
-MOVING_OPTIONS = "sync_ref_model, bema_reference, sdft's teacher_model_kind=ema"
+MOVING_OPTIONS = "sync_ref_model, bema_reference, teacher_model_kind=ema"
 
 
 @dataclass(frozen=True)

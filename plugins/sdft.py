@@ -69,6 +69,19 @@ def teacher_prompt(prompt: Prompt, context: Any, template: str) -> Prompt:
     return template.format(prompt=prompt, privileged_context=context_text(context))
 
 
+def check_template(objective: str, option: str, template: str, fields: tuple[str, ...], required: tuple[str, ...] | None = None) -> None:
+    """A one-line error unless `template` is a `str.format` template of (some of) `fields` holding each of `required` (all by default)."""
+    names = " and ".join(f"{{{name}}}" for name in fields)
+    try:
+        filled = template.format(**{name: f"\0{i}" for i, name in enumerate(fields)})
+    except (KeyError, IndexError, ValueError) as exc:
+        raise PrefError(f"{objective}: {option} {template!r} is not a template of {names} ({exc!r}); write other braces doubled, "
+                        "{{ and }}") from None
+    missing = [name for name in (fields if required is None else required) if f"\0{fields.index(name)}" not in filled]
+    if missing:
+        raise PrefError(f"{objective}: {option} {template!r} must hold {' and '.join(f'{{{name}}}' for name in missing)}")
+
+
 def topk_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, k: int, alpha: float, add_tail: bool) -> torch.Tensor:
     """`generalized_jsd` [N] on the student's top-k tokens of each row of logits [N, V]: both distributions restricted to those
     tokens and renormalised, or with `add_tail` one more bucket holding the rest of each one's mass (grad to the student only)."""
@@ -193,13 +206,7 @@ class SDFT(MovesReference, Objective):
         if not 0.0 < teacher_update_rate <= 1.0 or teacher_sync_steps < 1:
             raise PrefError(f"sdft: teacher_update_rate must lie in (0, 1] and teacher_sync_steps be at least 1, got {teacher_update_rate} "
                             f"and {teacher_sync_steps}")
-        try:
-            filled = teacher_prompt_template.format(prompt="\0p", privileged_context="\0c")
-        except (KeyError, IndexError, ValueError) as exc:
-            raise PrefError(f"sdft: teacher_prompt_template {teacher_prompt_template!r} is not a template of {{prompt}} and "
-                            f"{{privileged_context}} ({exc!r}); write other braces doubled, {{{{ and }}}}") from None
-        if "\0p" not in filled or "\0c" not in filled:
-            raise PrefError(f"sdft: teacher_prompt_template {teacher_prompt_template!r} must hold both {{prompt}} and {{privileged_context}}")
+        check_template("sdft", "teacher_prompt_template", teacher_prompt_template, ("prompt", "privileged_context"))
         if not temperature > 0:
             raise PrefError(f"sdft: temperature must be above 0, got {temperature}")
         for name, value in (("num_iterations", num_iterations), ("steps_per_generation", steps_per_generation)):

@@ -215,7 +215,7 @@ def test_fsdp_refuses_what_it_does_not_support():
                            moves_reference=False)
     # a moving reference is sharded like the policy: each process mixes its own pieces (tests/test_fsdp.py)
     refuse_unsupported(build_config(flags={"fsdp": True}), world=2, distributed_type="MULTI_CPU", online=False, moves_reference=True)
-    with pytest.raises(PrefError, match=r"accelerate's FSDP does not support a moving reference \(sync_ref_model, bema_reference, sdft's teacher_model_kind=ema\) yet"):
+    with pytest.raises(PrefError, match=r"accelerate's FSDP does not support a moving reference \(sync_ref_model, bema_reference, teacher_model_kind=ema\) yet"):
         refuse_unsupported(build_config(flags={}), world=2, distributed_type="FSDP", online=False, moves_reference=True)
     with pytest.raises(PrefError, match="both shard the model"):
         refuse_unsupported(build_config(flags={"fsdp": True}), world=2, distributed_type="FSDP", online=False, moves_reference=False)

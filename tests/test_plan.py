@@ -81,7 +81,7 @@ def test_an_offline_objective_without_data_fails_before_the_model_loads(prefs_fi
     ("kto", {"reference": "cached"}, "objective 'kto' with these options needs more .* use --reference model"),
     ("dpo", {"reference": "cached", "objective_options": {"sync_ref_model": True}}, "needs more .*a moving reference.*--reference model"),
     ("dpo", {"reference": "none", "objective_options": {"bema_reference": True}},
-     r"^dpo's options move the reference towards the policy \(sync_ref_model, bema_reference, sdft's teacher_model_kind=ema\), but --reference none trains without one: "
+     r"^dpo's options move the reference towards the policy \(sync_ref_model, bema_reference, teacher_model_kind=ema\), but --reference none trains without one: "
      "drop --reference none or the option$"),
     ("online-dpo", {"reference": "none", "reward": "noun-diversity", "objective_options": {"sync_ref_model": True}}, "but --reference none trains"),
 ])

@@ -261,9 +261,9 @@ def test_sdft_trains_from_the_cli_with_each_teacher(tmp_path, tiny_model_dir):
     (["--dataset", "rows.jsonl", "-o", "distillation_mode=sampled_token"], "set distillation_alpha=1"),
     (["--dataset", "rows.jsonl", "-o", "distillation_mode=top"], "distillation_mode must be one of topk_logits, full_logits, sampled_token"),
     (["--dataset", "rows.jsonl", "-o", "teacher_prompt_template={prompt}"], "quote a text: teacher_prompt_template="),
-    (["--dataset", "rows.jsonl", "-o", 'teacher_prompt_template="Q: {prompt}"'], "must hold both {prompt} and {privileged_context}"),
+    (["--dataset", "rows.jsonl", "-o", 'teacher_prompt_template="Q: {prompt}"'], "must hold {privileged_context}"),
     (["--dataset", "rows.jsonl", "-o", "teacher_model_kind=live", "--reference-model", "pref-default"], "drop --reference-model"),
-    (["--dataset", "rows.jsonl", "-o", "teacher_model_kind=ema", "--lora"], "sdft's teacher_model_kind=ema), but an adapter run's"),
+    (["--dataset", "rows.jsonl", "-o", "teacher_model_kind=ema", "--lora"], "teacher_model_kind=ema), but an adapter run's"),
     (["--dataset", "rows.jsonl", "--reference", "none"], "drop --reference none"),
 ])
 def test_sdft_mistakes_are_one_line_errors(tmp_path, monkeypatch, args, message):
