@@ -419,6 +419,8 @@ def save_weights(model: torch.nn.Module, path: str | os.PathLike) -> None:
     """The config, generation config and weights of `model`, as its `save_pretrained` writes them (one tied head kept once), from
     whichever process calls: transformers 5's `save_pretrained` writes only on the first process of a process group, and each
     process of a launched run may build the default model."""
+    # what save_pretrained records: the weights' dtype (--dtype auto reads it) and the architecture
+    model.config.dtype, model.config.architectures = str(next(model.parameters()).dtype).split(".")[1], [type(model).__name__]
     model.config.save_pretrained(path)
     model.generation_config.save_pretrained(path)
     tied = {"lm_head.weight"} if model.config.tie_word_embeddings else set()

@@ -307,10 +307,12 @@ def test_a_launched_process_other_than_the_first_builds_a_whole_model(tmp_path, 
     monkeypatch.setattr(mixin, "_get_torch_distributed_rank", lambda: 1)
     path = build_default_model(tmp_path / "second", seed=0, steps=3)
     assert {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json"} <= set(os.listdir(path))
+    monkeypatch.undo()
     model = AutoModelForCausalLM.from_pretrained(path)
     assert model.lm_head.weight is model.model.embed_tokens.weight
-    assert load_file(os.path.join(path, "model.safetensors")).keys() == load_file(os.path.join(build_default_model(tmp_path / "first", steps=3),
-                                                                                               "model.safetensors")).keys()
+    model.save_pretrained(tmp_path / "transformers")  # the same files as transformers writes: the config (its dtype), the weights' names
+    assert json.loads(Path(path, "config.json").read_text()) == json.loads((tmp_path / "transformers" / "config.json").read_text())
+    assert load_file(os.path.join(path, "model.safetensors")).keys() == load_file(tmp_path / "transformers" / "model.safetensors").keys()
 
 
 def test_an_incomplete_cached_folder_is_replaced(tmp_path, monkeypatch):
