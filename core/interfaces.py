@@ -78,11 +78,14 @@ class Policy(ABC):
         raise PrefError(f"{type(self).__name__} cannot encode whole conversations (SFT's turns=all)")
 
     @abstractmethod
-    def logps(self, sequences: Sequences, with_logits: bool = False, with_hidden: bool = False, with_entropy: bool = False) -> Logps:
+    def logps(self, sequences: Sequences, with_logits: bool = False, with_hidden: bool = False, with_entropy: bool = False,
+              temperature: float = 1.0) -> Logps:
         """Per-token and per-sequence log-probs of the completion tokens (with grad).
 
         `with_logits` keeps the [B, T, V] logits, `with_hidden` the last hidden states [B, T, H],
         `with_entropy` each completion token's next-token entropy [B, T] (with grad, as the log-probs).
+        Log-probs and entropies are those of softmax(logits / `temperature`), the distribution samples drawn at
+        that temperature came from (`ScoredBatch.temperature`), as TRL's GRPO and RLOO trainers score them.
         """
 
     def hidden_states(self, sequences: Sequences) -> torch.Tensor:
@@ -106,8 +109,8 @@ class Reference(ABC):
     has_logits: ClassVar[bool] = False
 
     @abstractmethod
-    def logps(self, sequences: Sequences, with_logits: bool = False) -> Logps:
-        """Reference log-probs for the same rows the policy scored (no grad)."""
+    def logps(self, sequences: Sequences, with_logits: bool = False, temperature: float = 1.0) -> Logps:
+        """Reference log-probs for the same rows the policy scored (no grad), at `temperature` as `Policy.logps`."""
 
     def hidden_states(self, sequences: Sequences) -> torch.Tensor:
         """As `Policy.hidden_states`, without grad; a reference without a model has none."""
@@ -296,7 +299,8 @@ class ScoredBatch:
     `truncated`: [B] bool, the completions that limit cut (`Samples.truncated`), or None when unknown.
     `reward_weights`: the parts of a reward that sums others and their weights (`RewardSource.weights`).
     `columns`: the row columns the reward read (`RewardSource.columns`) and those the objective reads (`ObjectiveNeeds.columns`),
-    a list of B values each.
+    a list of B values each. `temperature`: the one the completions were drawn at (`--temperature`), at which an objective
+    scores them when its loss is a policy gradient (`Policy.logps`).
     """
 
     prompts: list[Prompt]
@@ -308,6 +312,7 @@ class ScoredBatch:
     truncated: torch.Tensor | None = None
     reward_weights: dict[str, float] = field(default_factory=dict)
     columns: dict[str, list[Any]] = field(default_factory=dict)
+    temperature: float = 1.0
 
     def __len__(self) -> int:
         return len(self.completions)
@@ -325,6 +330,7 @@ class ScoredBatch:
             None if self.truncated is None else self.truncated[rows.to(self.truncated.device)],
             self.reward_weights,
             {name: [values[i] for i in picked] for name, values in self.columns.items()},
+            self.temperature,
         )
 
 

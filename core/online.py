@@ -158,7 +158,7 @@ class OnlineBatches:
         prompts, samples, scores, columns, metrics = self._sample()
         flat_prompts, flat_completions = flatten(prompts, samples.completions)
         batch = ScoredBatch(flat_prompts, flat_completions, samples.sequences, scores, self.k, self.sampling.max_new_tokens, samples.truncated,
-                            dict(self.reward.weights) if self.reward is not None else {}, columns)
+                            dict(self.reward.weights) if self.reward is not None else {}, columns, self.sampling.temperature)
         return batch, {**metrics, **self.order.metrics()}
 
     def _batch(self, sequences: Sequences, selection: Selection) -> PairBatch | LabeledBatch | None:

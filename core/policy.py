@@ -163,10 +163,11 @@ class HFPolicy(Policy):
             masks.append([0] * len(p) + [1] * len(c))
         return Sequences(_padded(rows, self.tokenizer.pad_token_id), _padded([[1] * len(r) for r in rows], 0), _padded(masks, 0))
 
-    def logps(self, sequences: Sequences, with_logits: bool = False, with_hidden: bool = False, with_entropy: bool = False) -> Logps:
+    def logps(self, sequences: Sequences, with_logits: bool = False, with_hidden: bool = False, with_entropy: bool = False,
+              temperature: float = 1.0) -> Logps:
         routed = self._router_losses is not None and torch.is_grad_enabled()
         out = model_logps(self.model, sequences.to(self.device), with_logits, with_hidden, packing=self.packing, with_entropy=with_entropy,
-                          with_router_loss=routed)
+                          with_router_loss=routed, temperature=temperature)
         if routed:
             self._router_losses.append(out.router_loss)
         return out

@@ -49,8 +49,9 @@ class FrozenReference(Reference):
         self.sharded = True
 
     @torch.no_grad()
-    def logps(self, sequences: Sequences, with_logits: bool = False) -> Logps:
-        return self._forward(lambda: model_logps(self.model, sequences.to(self.device), with_logits=with_logits, packing=self.packing))
+    def logps(self, sequences: Sequences, with_logits: bool = False, temperature: float = 1.0) -> Logps:
+        return self._forward(lambda: model_logps(self.model, sequences.to(self.device), with_logits=with_logits, packing=self.packing,
+                                                 temperature=temperature))
 
     @torch.no_grad()
     def hidden_states(self, sequences: Sequences) -> torch.Tensor:
@@ -86,9 +87,9 @@ class AdaptersOffReference(Reference):
     def __init__(self, model: torch.nn.Module, adapter: Adapter, packing: bool = False):
         self.model, self.adapter, self.frozen = model, adapter, FrozenReference(model, packing)
 
-    def logps(self, sequences: Sequences, with_logits: bool = False) -> Logps:
+    def logps(self, sequences: Sequences, with_logits: bool = False, temperature: float = 1.0) -> Logps:
         with self.adapter.disabled(self.model):
-            return self.frozen.logps(sequences, with_logits)
+            return self.frozen.logps(sequences, with_logits, temperature)
 
     def hidden_states(self, sequences: Sequences) -> torch.Tensor:
         with self.adapter.disabled(self.model):
@@ -203,9 +204,10 @@ class CachedReference(Reference):
             write_table(table, path)
         return cls(table)
 
-    def logps(self, sequences: Sequences, with_logits: bool = False) -> Logps:
-        if with_logits:
-            raise PrefError("this objective needs the reference's full distributions: use --reference model")
+    def logps(self, sequences: Sequences, with_logits: bool = False, temperature: float = 1.0) -> Logps:
+        if with_logits or temperature != 1.0:
+            raise PrefError(f"this objective needs the reference's {'full distributions' if with_logits else f'log-probs at temperature {temperature}'}, "
+                            "not those cached: use --reference model")
         try:
             values = [self.table[k] for k in sequences.keys()]
         except KeyError:

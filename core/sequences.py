@@ -91,16 +91,17 @@ class Logps:
         return Logps(*(None if t is None else t[index] for t in rows))
 
 
-def logps_from_logits(logits: torch.Tensor, sequences: Sequences, keep_logits: bool = False) -> Logps:
+def logps_from_logits(logits: torch.Tensor, sequences: Sequences, keep_logits: bool = False, temperature: float = 1.0) -> Logps:
     """Gather the log-prob of each completion token from a model's logits.
 
     logits: [B, T, V], where logits[:, t] predicts token t + 1 (the usual causal LM output).
-    Returns `Logps` aligned to token positions: tokens[:, t] is log p(input_ids[:, t]).
+    Returns `Logps` aligned to token positions: tokens[:, t] is log p(input_ids[:, t]), p = softmax(logits / temperature);
+    `keep_logits` keeps the logits as given.
     """
     ids = sequences.input_ids
     mask = sequences.completion_mask.clone()
     mask[:, 0] = 0  # the first token has no prefix to be predicted from
-    shifted = logits[:, :-1].float()
+    shifted = logits[:, :-1].float() / temperature
     # gather-then-normalise: avoids materialising a second [B, T, V] log-softmax tensor
     picked = torch.gather(shifted, 2, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
     token_logps = picked - torch.logsumexp(shifted, dim=-1)
@@ -122,7 +123,7 @@ def _inside_ddp(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def model_logps(model: torch.nn.Module, sequences: Sequences, with_logits: bool = False, with_hidden: bool = False,
-                packing: bool = False, with_entropy: bool = False, with_router_loss: bool = False) -> Logps:
+                packing: bool = False, with_entropy: bool = False, with_router_loss: bool = False, temperature: float = 1.0) -> Logps:
     """Log-probs of `sequences`' completion tokens under a causal LM (possibly wrapped by DDP or PEFT).
 
     With `with_logits` the model computes the full [B, T, V] logits (the plain path);
@@ -130,12 +131,13 @@ def model_logps(model: torch.nn.Module, sequences: Sequences, with_logits: bool 
     `with_hidden` adds the LM head's input [B, T, H] (the last hidden states, after the final norm), `with_entropy`
     each completion token's next-token entropy [B, T] (with grad as the log-probs; in the lean path from the same chunks),
     `with_router_loss` a Mixture-of-Experts model's load-balancing loss, as its own forward computes it (`router_loss`).
+    Log-probs and entropies are those of softmax(logits / `temperature`): of the distribution samples were drawn from at it.
     With `packing` the lean path packs the rows into fewer rows without padding when that
     saves rows and the model passed its probe (`pref.packing`); the values are the same.
     The forward pass always goes through `model` itself, once, so a DDP wrapper synchronises gradients.
     """
     if packing and not with_logits and not with_hidden:
-        packed = packed_logps(model, sequences, with_entropy, with_router_loss)
+        packed = packed_logps(model, sequences, with_entropy, with_router_loss, temperature)
         if packed is not None:
             return packed
     head = _inside_ddp(model).get_output_embeddings() if with_hidden or not with_logits else None
@@ -143,12 +145,12 @@ def model_logps(model: torch.nn.Module, sequences: Sequences, with_logits: bool 
     out, hidden = forward_with_head_input(model, head, shrink=not with_logits, input_ids=sequences.input_ids,
                                           attention_mask=sequences.attention_mask, **routed)
     if with_logits:
-        logps = logps_from_logits(out.logits, sequences, keep_logits=True)
+        logps = logps_from_logits(out.logits, sequences, keep_logits=True, temperature=temperature)
         if with_entropy:  # the distribution at position t - 1 drew token t
-            distributions = torch.log_softmax(out.logits[:, :-1].float(), -1)
+            distributions = torch.log_softmax(out.logits[:, :-1].float() / temperature, -1)
             logps.entropy = torch.nn.functional.pad(-(distributions.exp() * distributions).sum(-1), (1, 0)) * logps.mask
     else:
-        logps = lean_logps(hidden, model, sequences, with_entropy)
+        logps = lean_logps(hidden, model, sequences, with_entropy, temperature)
     if with_hidden:
         logps.hidden = hidden
     if with_router_loss:
@@ -188,7 +190,8 @@ def forward_with_head_input(model: torch.nn.Module, head: torch.nn.Module | None
     return out, captured.get("hidden")
 
 
-def packed_logps(model: torch.nn.Module, sequences: Sequences, with_entropy: bool = False, with_router_loss: bool = False) -> Logps | None:
+def packed_logps(model: torch.nn.Module, sequences: Sequences, with_entropy: bool = False, with_router_loss: bool = False,
+                 temperature: float = 1.0) -> Logps | None:
     """`model_logps`' lean path through one packed forward; None where packing saves no row or may be wrong."""
     bare = _inside_ddp(model)  # the probe runs on the model inside DDP: it must not synchronise anything
     balancing = balancing_loss(bare) if with_router_loss else None
@@ -199,7 +202,7 @@ def packed_logps(model: torch.nn.Module, sequences: Sequences, with_entropy: boo
     routed = {"output_router_logits": True} if with_router_loss else {}
     out, hidden = forward_with_head_input(model, bare.get_output_embeddings(), shrink=True, input_ids=layout.input_ids,
                                           position_ids=layout.position_ids, use_cache=False, **routed)
-    logps = lean_logps(layout.unpack(hidden), model, sequences, with_entropy)
+    logps = lean_logps(layout.unpack(hidden), model, sequences, with_entropy, temperature)
     if balancing is not None:  # the packed rows' padding routes too: the loss is taken over the real tokens, as unpacked
         real = torch.zeros(layout.input_ids.numel(), dtype=torch.long, device=layout.input_ids.device)
         logps.router_loss = balancing(out.router_logits, attention_mask=real.index_fill(0, layout.source, 1).view_as(layout.input_ids))
@@ -283,7 +286,8 @@ def output_head(model: torch.nn.Module) -> OutputHead:
     return found
 
 
-def lean_logps(hidden: torch.Tensor, model: torch.nn.Module, sequences: Sequences, with_entropy: bool = False) -> Logps:
+def lean_logps(hidden: torch.Tensor, model: torch.nn.Module, sequences: Sequences, with_entropy: bool = False,
+               temperature: float = 1.0) -> Logps:
     """Log-probs of the completion tokens from the last hidden states, without the full logits.
 
     hidden: [B, T, H], where `model`'s LM head on `hidden[:, t]` predicts token t + 1 (after
@@ -303,7 +307,7 @@ def lean_logps(hidden: torch.Tensor, model: torch.nn.Module, sequences: Sequence
     chunk = max(1, LOGIT_CHUNK_ELEMENTS // head.module.weight.shape[0])
 
     def chunk_logps(h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        logits = head.logits(h)
+        logits = head.logits(h) / temperature
         normaliser = torch.logsumexp(logits, dim=-1)
         picked = torch.gather(logits, 1, t.unsqueeze(-1)).squeeze(-1) - normaliser
         if not with_entropy:

@@ -92,14 +92,14 @@ class Distill(Objective):
 
     Options (`-o KEY=VALUE`):
         beta: 0 forward KL(teacher || policy), 1 reverse KL(policy || teacher) (default, as TRL's), in between the generalized JSD.
-        temperature: the distributions are compared at this temperature (TRL uses its sampling temperature for both: pass
-            the same value as `--temperature` for its runs).
+        temperature: the distributions are compared at this temperature (default: the one the answers were sampled at,
+            `--temperature`, as TRL's).
     """
 
-    def __init__(self, beta: float = 1.0, temperature: float = 1.0, reference_model: str | None = None):
+    def __init__(self, beta: float = 1.0, temperature: float | None = None, reference_model: str | None = None):
         if not 0.0 <= beta <= 1.0:
             raise PrefError(f"distill: beta must lie in [0, 1] (0 forward KL, 1 reverse KL), got {beta}")
-        if not temperature > 0:
+        if temperature is not None and not temperature > 0:
             raise PrefError(f"distill: temperature must be above 0, got {temperature}")
         if not reference_model:
             raise PrefError("distill learns a teacher's distributions: pass --reference-model TEACHER (a hub id or folder of a model "
@@ -122,13 +122,14 @@ class Distill(Objective):
         """The mean divergence over this step's completion tokens; metric `entropy`, the policy's mean token entropy (nats), as TRL's."""
         if reference is None:
             raise PrefError("distill compares the policy with its teacher, the reference: do not pass --reference none")
-        sequences = batch.prepared(self, policy, reference).sequences
+        samples = batch.prepared(self, policy, reference)
+        sequences, temperature = samples.sequences, self.temperature or samples.temperature
         student = policy.hidden_states(sequences)
         teacher = reference.hidden_states(sequences).to(student.device)
         where = sequences.completion_mask.to(student.device).bool()
         where[:, 0] = False  # token t is predicted at position t - 1: the first has no prefix
         divergence, entropy = chunked_divergence(student[:, :-1][where[:, 1:]], policy.output_head(), teacher[:, :-1][where[:, 1:]],
-                                                 reference.output_head(), self.beta, self.temperature)
+                                                 reference.output_head(), self.beta, temperature)
         count = max(divergence.numel(), 1)
         return divergence.sum() / count, {"entropy": entropy.sum().item() / count}
 

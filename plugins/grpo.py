@@ -414,7 +414,8 @@ class PreparedSamples:
     log-probs, or None when every rollout serves one step (the ratio is then 1 and the current
     log-probs, detached, stand in, as TRL does); reference_logps: [B, T] or None (beta 0);
     total_tokens: completion tokens per optimizer step of this rollout, averaged over processes (dapo's normaliser);
-    max_completion_length: dr_grpo's length normaliser (None: each mini-batch's longest completion).
+    max_completion_length: dr_grpo's length normaliser (None: each mini-batch's longest completion);
+    temperature: the sampling temperature, at which the log-probs are taken (`ScoredBatch.temperature`, as TRL's).
     """
 
     sequences: Sequences
@@ -424,6 +425,7 @@ class PreparedSamples:
     total_tokens: float
     metrics: dict[str, float]
     max_completion_length: int | None = None
+    temperature: float = 1.0
 
     def select(self, rows: torch.Tensor) -> "PreparedSamples":
         rows = rows.to(self.advantages.device)
@@ -435,6 +437,7 @@ class PreparedSamples:
             self.total_tokens,
             self.metrics,
             self.max_completion_length,
+            self.temperature,
         )
 
 
@@ -600,14 +603,14 @@ class GRPO(MovesReference, Objective):
         mask = sequences.completion_mask.clone()
         mask[:, 0] = 0
         if steps > 1:
-            out = policy.logps(sequences)
+            out = policy.logps(sequences, temperature=batch.temperature)
             old_logps, mask = out.tokens.float(), out.mask
         device = mask.device
         reference_logps = None
         if self.beta > 0:
             if reference is None:
                 raise PrefError("grpo with beta > 0 needs a reference model for its KL term; do not pass --reference none")
-            reference_logps = reference.logps(sequences).tokens.to(device).float()
+            reference_logps = reference.logps(sequences, temperature=batch.temperature).tokens.to(device).float()
         rewards = batch.scores["reward"].to(device).float()
         advantages, std_is_zero = self.advantages(batch, k)
         advantages, std_is_zero = advantages.to(device), std_is_zero.to(device)
@@ -619,14 +622,15 @@ class GRPO(MovesReference, Objective):
         total_tokens = tokens.item() / self.needs.minibatches_per_rollout
         metrics = rollout_metrics(batch, rewards, std_is_zero, batch.sequences.completion_mask[:, 1:].to(device))
         max_completion_length = self.max_completion_length or batch.max_new_tokens
-        return PreparedSamples(sequences.to(device), advantages, old_logps, reference_logps, total_tokens, metrics, max_completion_length)
+        return PreparedSamples(sequences.to(device), advantages, old_logps, reference_logps, total_tokens, metrics, max_completion_length,
+                               batch.temperature)
 
     def loss(self, policy: Policy, reference: Reference | None, batch: Minibatch) -> tuple[torch.Tensor, dict[str, float]]:
         """The GRPO loss on this step's rows of the rollout, with TRL's metrics."""
         rollout = batch.prepared(self, policy, reference)
         forking = self.top_entropy_quantile < 1.0
         with_entropy = forking or self.entropy_bonus.on
-        out = policy.logps(rollout.sequences, with_entropy=True) if with_entropy else policy.logps(rollout.sequences)
+        out = policy.logps(rollout.sequences, with_entropy=with_entropy, temperature=rollout.temperature)
         logps, mask = out.tokens.float(), out.mask
         old_logps = logps.detach() if rollout.old_logps is None else rollout.old_logps
         token_weights, entropy_metrics = None, {}

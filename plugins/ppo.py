@@ -144,7 +144,8 @@ class PreparedRollout:
     """A rollout with everything PPO trains on, computed once before its first update.
 
     sequences: the B rows; logps: [B, T] the sampling policy's token log-probs; values: [B, T]
-    its value estimates; advantages: [B, T] whitened; returns: [B, T]. All on the policy's device.
+    its value estimates; advantages: [B, T] whitened; returns: [B, T]. All on the policy's device. temperature: the
+    sampling temperature, at which the log-probs are taken (`ScoredBatch.temperature`, as TRL's PPOTrainer did).
     """
 
     sequences: Sequences
@@ -153,12 +154,12 @@ class PreparedRollout:
     advantages: torch.Tensor
     returns: torch.Tensor
     metrics: dict[str, float]
+    temperature: float = 1.0
 
     def select(self, rows: torch.Tensor) -> "PreparedRollout":
         rows = rows.to(self.logps.device)
-        return PreparedRollout(
-            self.sequences.select(rows), self.logps[rows], self.values[rows], self.advantages[rows], self.returns[rows], self.metrics
-        )
+        return PreparedRollout(self.sequences.select(rows), self.logps[rows], self.values[rows], self.advantages[rows], self.returns[rows],
+                               self.metrics, self.temperature)
 
 
 class PPO(Objective):
@@ -260,11 +261,11 @@ class PPO(Objective):
         """
         if reference is None:
             raise PrefError("ppo needs a reference model for its KL penalty; do not pass --reference none")
-        policy_out = policy.logps(batch.sequences, with_hidden=True)
+        policy_out = policy.logps(batch.sequences, with_hidden=True, temperature=batch.temperature)
         mask = policy_out.mask
         logps = policy_out.tokens.float()
         values = self.values(policy_out.hidden) * mask
-        reference_logps = reference.logps(batch.sequences).tokens.to(logps.device).float()
+        reference_logps = reference.logps(batch.sequences, temperature=batch.temperature).tokens.to(logps.device).float()
         kl = kl_penalty(logps, reference_logps, self.kl_estimator) * mask
         scores = batch.scores["reward"].to(logps.device)
         kl_coef = self.kl.value
@@ -286,12 +287,12 @@ class PPO(Objective):
             "values/mean": masked_mean(values, mask).item(),
             "completion/tokens": mask.sum(-1).float().mean().item(),
         }
-        return PreparedRollout(batch.sequences.to(logps.device), logps, values, advantages, returns, metrics)
+        return PreparedRollout(batch.sequences.to(logps.device), logps, values, advantages, returns, metrics, batch.temperature)
 
     def loss(self, policy: Policy, reference: Reference | None, batch: Minibatch) -> tuple[torch.Tensor, dict[str, float]]:
         """The clipped policy loss plus vf_coef x the clipped value loss, on this step's rows of the rollout."""
         rollout = batch.prepared(self, policy, reference)
-        out = policy.logps(rollout.sequences, with_hidden=True)
+        out = policy.logps(rollout.sequences, with_hidden=True, temperature=rollout.temperature)
         mask = out.mask
         logps = out.tokens.float()
         values = self.values(out.hidden)

@@ -169,7 +169,7 @@ class RLOO(MovesReference, Objective):
         sequences, truncated = batch.sequences, truncated_of(batch, self.mask_truncated_completions)
         if truncated is not None and self.mask_truncated_completions:  # out of the loss and of the KL penalty, as TRL
             sequences = without_truncated(sequences, truncated)
-        out = policy.logps(sequences)  # the KL penalty needs the sampling policy's token log-probs
+        out = policy.logps(sequences, temperature=batch.temperature)  # the KL penalty needs the sampling policy's token log-probs
         old_logps, mask = out.tokens.float(), out.mask
         device = mask.device
         scores = batch.scores["reward"].to(device).float()
@@ -179,18 +179,18 @@ class RLOO(MovesReference, Objective):
         if self.beta > 0:
             if reference is None:
                 raise PrefError("rloo with beta > 0 needs a reference model for its KL penalty; do not pass --reference none")
-            reference_logps = reference.logps(sequences).tokens.to(device).float()
+            reference_logps = reference.logps(sequences, temperature=batch.temperature).tokens.to(device).float()
             rewards, per_token_kl = kl_penalised_rewards(rewards, old_logps, reference_logps, mask, self.beta)
             metrics["kl"] = (per_token_kl.sum() / mask.sum().clamp(min=1)).item()
         advantages = leave_one_out_advantages(rewards, k, self.normalize_advantages, self.processes)
         std_is_zero = torch.isclose(std(rewards.view(-1, k), dim=1), torch.zeros(()))
         metrics.update(rollout_metrics(batch, scores, std_is_zero, batch.sequences.completion_mask[:, 1:].to(device)))  # TRL reports the rewards before the KL penalty
-        return PreparedSamples(sequences.to(device), advantages, old_logps, None, 0.0, metrics)
+        return PreparedSamples(sequences.to(device), advantages, old_logps, None, 0.0, metrics, temperature=batch.temperature)
 
     def loss(self, policy: Policy, reference: Reference | None, batch: Minibatch) -> tuple[torch.Tensor, dict[str, float]]:
         """The clipped sequence-level loss on this step's rows of the rollout, with TRL's metrics."""
         rollout = batch.prepared(self, policy, reference)
-        out = policy.logps(rollout.sequences)
+        out = policy.logps(rollout.sequences, temperature=rollout.temperature)
         assert rollout.old_logps is not None
         old = (rollout.old_logps * out.mask).sum(-1)
         loss, stats = rloo_loss(out.sequence.float(), old, rollout.advantages, self.epsilon, self.epsilon_high)

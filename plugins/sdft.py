@@ -179,7 +179,7 @@ class SDFT(MovesReference, Objective):
         teacher_update_rate, teacher_sync_steps: ema's teacher <- rate * policy + (1 - rate) * teacher every that many steps (0.05, 1).
         teacher_prompt_template: the teacher's prompt ("{prompt}\\n\\n{privileged_context}").
         context_column: the row column holding the demonstration ("privileged_context", TRL's).
-        temperature: both models' logits are compared at it (1.0; TRL uses its sampling temperature: pass the same as --temperature).
+        temperature: both models' logits are compared at it (default: the one the answers were sampled at, `--temperature`, as TRL's).
         num_iterations, steps_per_generation: passes over each rollout, and optimizer steps per pass (1, 1).
     """
 
@@ -187,7 +187,7 @@ class SDFT(MovesReference, Objective):
                  distillation_add_tail: bool = False, distillation_is_clip: float | None = 2.0, num_loss_tokens_to_skip: int = 0,
                  teacher_model_kind: str = "base", teacher_update_rate: float = 0.05, teacher_sync_steps: int = 1,
                  teacher_prompt_template: str = "{prompt}\n\n{privileged_context}", context_column: str = "privileged_context",
-                 temperature: float = 1.0, num_iterations: int = 1, steps_per_generation: int = 1):
+                 temperature: float | None = None, num_iterations: int = 1, steps_per_generation: int = 1):
         if distillation_mode not in MODES:
             raise PrefError(f"sdft: distillation_mode must be one of {', '.join(MODES)}, not {distillation_mode!r}")
         if not 0.0 <= distillation_alpha <= 1.0:
@@ -207,7 +207,7 @@ class SDFT(MovesReference, Objective):
             raise PrefError(f"sdft: teacher_update_rate must lie in (0, 1] and teacher_sync_steps be at least 1, got {teacher_update_rate} "
                             f"and {teacher_sync_steps}")
         check_template("sdft", "teacher_prompt_template", teacher_prompt_template, ("prompt", "privileged_context"))
-        if not temperature > 0:
+        if temperature is not None and not temperature > 0:
             raise PrefError(f"sdft: temperature must be above 0, got {temperature}")
         for name, value in (("num_iterations", num_iterations), ("steps_per_generation", steps_per_generation)):
             if value < 1:
@@ -233,7 +233,8 @@ class SDFT(MovesReference, Objective):
         """The teacher's rows, once per rollout: its prompt encoded as the policy encodes prompts, then the sampled answer's tokens."""
         prompts = [teacher_prompt(prompt, context, self.template) for prompt, context in zip(batch.prompts, batch.columns[self.column])]
         reused = self.needs.epochs_per_rollout * self.needs.minibatches_per_rollout > 1
-        old_logps = token_logps(policy, batch.sequences, self.temperature) if reused and self.is_clip is not None else None
+        temperature = self.temperature or batch.temperature
+        old_logps = token_logps(policy, batch.sequences, temperature) if reused and self.is_clip is not None else None
         return TeacherRows(batch, teacher_sequences(policy, prompts, batch.sequences), old_logps)
 
     def loss(self, policy: Policy, reference: Reference | None, batch: Minibatch) -> tuple[torch.Tensor, dict[str, float]]:
@@ -255,7 +256,7 @@ class SDFT(MovesReference, Objective):
             raise PrefError("sdft: the teacher's rows hold other answer tokens than the student's; this is a bug in pref, please report it")
         head = policy.output_head()
         losses, sampled = over_chunks(
-            lambda s, t, y: token_losses(s, t, y, self.mode, self.alpha, self.topk, self.add_tail, self.temperature),
+            lambda s, t, y: token_losses(s, t, y, self.mode, self.alpha, self.topk, self.add_tail, self.temperature or rows.samples.temperature),
             student[:, :-1][mine], head, teacher[:, :-1][theirs], head if self.kind == "live" else reference.output_head(),
             sequences.input_ids.to(device)[:, 1:][mine])
         if rows.old_logps is not None:  # the ratio of the policy now to the one that sampled, clipped above, without grad

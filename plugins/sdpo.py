@@ -110,7 +110,8 @@ class Reprompting:
 class SelfTaught:
     """A rollout prepared for SDPO: its rows, their advantages [B], each row's teacher row (`teacher_of` [B], -1: none) in
     `teacher` (the re-prompted teacher's rows), the sampling policy's token log-probs [B, T] at the loss temperature when the
-    rollout serves several steps, the rollout's metrics, and dr_grpo's length normaliser."""
+    rollout serves several steps, the rollout's metrics, dr_grpo's length normaliser and the temperature the loss takes
+    log-probs and distributions at."""
 
     sequences: Sequences
     advantages: torch.Tensor
@@ -119,6 +120,7 @@ class SelfTaught:
     old_logps: torch.Tensor | None
     metrics: dict[str, float]
     max_completion_length: int | None
+    temperature: float
 
     def select(self, rows: torch.Tensor) -> "SelfTaught":
         rows = rows.cpu()
@@ -129,7 +131,7 @@ class SelfTaught:
         return SelfTaught(self.sequences.select(rows), self.advantages[rows.to(self.advantages.device)], renumbered,
                           self.teacher.select(chosen[has]) if self.teacher is not None and has.any() else None,
                           None if self.old_logps is None else self.old_logps[rows.to(self.old_logps.device)], self.metrics,
-                          self.max_completion_length)
+                          self.max_completion_length, self.temperature)
 
 
 class SDPO(MovesReference, Objective):
@@ -156,7 +158,8 @@ class SDPO(MovesReference, Objective):
         loss_type: the policy term's "dapo" (default; each step's tokens, this process's), "grpo", "bnpo" or "dr_grpo";
             scale_rewards ("group", "batch", "none"), epsilon (0.2), epsilon_high, importance_sampling_level ("token", "sequence"),
             max_completion_length (dr_grpo's; default --max-new-tokens), mask_truncated_completions (off): as grpo's.
-        temperature: both terms' log-probs and the distributions are taken at it (1.0; TRL uses its sampling temperature).
+        temperature: both terms' log-probs and the distributions are taken at it (default: the one the answers were sampled at,
+            `--temperature`, as TRL's).
         num_iterations, steps_per_generation: passes over each rollout, and optimizer steps per pass (1, 1).
     """
 
@@ -169,7 +172,7 @@ class SDPO(MovesReference, Objective):
                  feedback_template: str = FEEDBACK, feedback_column: str = "privileged_context", max_reprompt_len: int = 10240,
                  loss_type: str = "dapo", scale_rewards: str = "group", epsilon: float = 0.2, epsilon_high: float | None = None,
                  importance_sampling_level: str = "token", max_completion_length: int | None = None,
-                 mask_truncated_completions: bool = False, temperature: float = 1.0, num_iterations: int = 1, steps_per_generation: int = 1,
+                 mask_truncated_completions: bool = False, temperature: float | None = None, num_iterations: int = 1, steps_per_generation: int = 1,
                  processes: Processes | None = None):
         if not 0.0 <= distillation_weight <= 1.0:
             raise PrefError(f"sdpo: distillation_weight must lie in [0, 1] (1: distillation only, 0: GRPO), got {distillation_weight}")
@@ -207,7 +210,7 @@ class SDPO(MovesReference, Objective):
         if max_reprompt_len < 1 or (max_completion_length is not None and max_completion_length < 1):
             raise PrefError(f"sdpo: max_reprompt_len and max_completion_length must be at least 1, got {max_reprompt_len} and "
                             f"{max_completion_length}")
-        if not temperature > 0:
+        if temperature is not None and not temperature > 0:
             raise PrefError(f"sdpo: temperature must be above 0, got {temperature}")
         for name, value in (("num_iterations", num_iterations), ("steps_per_generation", steps_per_generation)):
             if not isinstance(value, int) or value < 1:
@@ -259,8 +262,10 @@ class SDPO(MovesReference, Objective):
                 teacher = teacher_sequences(policy, [prompts[i] for i in taught], sequences.select(taught), self.max_reprompt_len)
                 teacher_of[taught] = torch.arange(len(taught))
         reused = self.needs.epochs_per_rollout * self.needs.minibatches_per_rollout > 1
-        old_logps = token_logps(policy, sequences, self.temperature) if reused else None
-        return SelfTaught(sequences, advantages, teacher_of, teacher, old_logps, metrics, self.max_completion_length or batch.max_new_tokens)
+        temperature = self.temperature or batch.temperature
+        old_logps = token_logps(policy, sequences, temperature) if reused else None
+        return SelfTaught(sequences, advantages, teacher_of, teacher, old_logps, metrics, self.max_completion_length or batch.max_new_tokens,
+                          temperature)
 
     def loss(self, policy: Policy, reference: Reference | None, batch: Minibatch) -> tuple[torch.Tensor, dict[str, float]]:
         """(1 - w) * GRPO's loss + w * the distillation loss, with TRL's metrics (`self_distillation/*`) and grpo's."""
@@ -288,7 +293,7 @@ class SDPO(MovesReference, Objective):
         device = hidden.device
         where = rows.sequences.completion_mask.to(device).bool()
         where[:, 0] = False  # token t is predicted at position t - 1
-        picked = sampled_logps(hidden[:, :-1][where[:, 1:]], head, rows.sequences.input_ids.to(device)[where], self.temperature)
+        picked = sampled_logps(hidden[:, :-1][where[:, 1:]], head, rows.sequences.input_ids.to(device)[where], rows.temperature)
         logps = torch.zeros(where.shape, device=device).masked_scatter(where, picked)
         old = logps.detach() if rows.old_logps is None else rows.old_logps.to(device)
         mask = where.float()
@@ -318,7 +323,7 @@ class SDPO(MovesReference, Objective):
         if int(mine.sum()) != int(theirs.sum()):
             raise PrefError("sdpo: the teacher's rows hold other answer tokens than the student's; this is a bug in pref, please report it")
         losses, sampled = over_chunks(
-            lambda s, t, y: token_losses(s, t, y, self.mode, self.alpha, self.topk, self.add_tail, self.temperature),
+            lambda s, t, y: token_losses(s, t, y, self.mode, self.alpha, self.topk, self.add_tail, rows.temperature),
             student[:, :-1][mine], head, teacher[:, :-1][theirs], head if self.kind == "live" else reference.output_head(),
             sequences.input_ids.to(device)[:, 1:][mine])
         if rows.old_logps is not None and self.is_clip is not None:  # the ratio now / when sampled, clipped above, without grad

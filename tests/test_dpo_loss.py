@@ -322,7 +322,7 @@ class TablePolicy(Policy):
     def save(self, path):
         raise NotImplementedError
 
-    def logps(self, sequences, with_logits=False):
+    def logps(self, sequences, with_logits=False, with_entropy=False, temperature=1.0):
         self.calls.append(sequences)
         mask = sequences.completion_mask.clone()
         mask[:, 0] = 0
@@ -336,7 +336,7 @@ class TableReference(Reference):
         self.calls: list[Sequences] = []
         self.grad_enabled: list[bool] = []
 
-    def logps(self, sequences, with_logits=False):
+    def logps(self, sequences, with_logits=False, with_entropy=False, temperature=1.0):
         self.calls.append(sequences)
         self.grad_enabled.append(torch.is_grad_enabled())
         tokens = self.tokens * sequences.completion_mask
@@ -350,7 +350,7 @@ class IdPolicy(TablePolicy):
         super().__init__(torch.zeros(0), pad_token_id)
         self.scale = torch.nn.Parameter(torch.tensor(1.0))
 
-    def logps(self, sequences, with_logits=False):
+    def logps(self, sequences, with_logits=False, with_entropy=False, temperature=1.0):
         self.calls.append(sequences)
         mask = sequences.completion_mask.clone()
         mask[:, 0] = 0
@@ -364,7 +364,7 @@ class IdReference(TableReference):
     def __init__(self):
         super().__init__(torch.zeros(0))
 
-    def logps(self, sequences, with_logits=False):
+    def logps(self, sequences, with_logits=False, with_entropy=False, temperature=1.0):
         self.calls.append(sequences)
         self.grad_enabled.append(torch.is_grad_enabled())
         tokens = -0.05 * sequences.input_ids.float() * sequences.completion_mask

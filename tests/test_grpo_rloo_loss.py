@@ -431,7 +431,7 @@ class RowPolicy:
     def __init__(self, tokens):
         self.tokens = tokens
 
-    def logps(self, sequences, with_logits=False):
+    def logps(self, sequences, with_logits=False, with_entropy=False, temperature=1.0):
         from pref.sequences import Logps
 
         mask = sequences.completion_mask.clone()
@@ -589,7 +589,7 @@ def test_entropy_bonus_matches_trl_loss_and_gradient(quantile):
     entropies = torch.rand(tokens.shape, generator=torch.Generator().manual_seed(8)) * 2
 
     class WithEntropies(TablePolicy):
-        def logps(self, sequences, with_logits=False, with_entropy=False):
+        def logps(self, sequences, with_logits=False, with_entropy=False, temperature=1.0):
             out = super().logps(sequences, with_logits)
             out.entropy = self.entropies * out.mask if with_entropy else None
             return out

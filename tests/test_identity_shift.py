@@ -46,7 +46,7 @@ class FixedAnswers(Policy):
     def encode(self, prompts, completions):
         raise NotImplementedError
 
-    def logps(self, sequences, with_logits=False):
+    def logps(self, sequences, with_logits=False, temperature=1.0):
         raise NotImplementedError
 
     def save(self, path):

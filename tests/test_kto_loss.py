@@ -163,7 +163,7 @@ class PromptScaledLM:
         self.tokenizer = SimpleNamespace(pad_token_id=0)
         self.model = torch.nn.Module()
 
-    def logps(self, sequences, with_logits=False):
+    def logps(self, sequences, with_logits=False, temperature=1.0):
         from pref.sequences import Logps
 
         mask = sequences.completion_mask.clone()

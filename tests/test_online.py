@@ -121,7 +121,7 @@ class EchoPolicy(Policy):
         width = max(map(len, rows))
         return Sequences(*(torch.tensor([r + [0] * (width - len(r)) for r in m]) for m in (rows, [[1] * len(r) for r in rows], masks)))
 
-    def logps(self, sequences, with_logits=False):
+    def logps(self, sequences, with_logits=False, temperature=1.0):
         raise AssertionError("best-vs-worst needs no log-probs")
 
     def save(self, path):

@@ -166,7 +166,7 @@ class LogitsPolicy(Policy):
         self.logits = logits
         self.tokenizer = None
 
-    def logps(self, sequences, with_logits=False, with_hidden=False):
+    def logps(self, sequences, with_logits=False, with_hidden=False, temperature=1.0):
         return logps_from_logits(self.logits, sequences, keep_logits=with_logits)
 
     def generate(self, prompts, k, sampling):
@@ -185,7 +185,7 @@ class LogitsReference(Reference):
     def __init__(self, logits):
         self.logits = logits
 
-    def logps(self, sequences, with_logits=False):
+    def logps(self, sequences, with_logits=False, temperature=1.0):
         return logps_from_logits(self.logits, sequences, keep_logits=with_logits)
 
 
@@ -237,7 +237,7 @@ def test_a_batch_without_rejected_rows_reports_zero_for_them():
 class CachedLike(Reference):
     has_logits = False
 
-    def logps(self, sequences, with_logits=False):
+    def logps(self, sequences, with_logits=False, temperature=1.0):
         raise AssertionError("not to be called")
 
 

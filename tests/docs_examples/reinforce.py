@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from pref import Minibatch, Objective, ObjectiveNeeds, Policy, Reference, ScoredBatch, hookimpl
@@ -22,13 +24,12 @@ class Reinforce(Objective):
         """Once per rollout, without grad: the advantages [B], kept with the rollout as a score."""
         rewards = batch.scores["reward"].float().reshape(-1, batch.samples_per_prompt)  # [P, K]
         advantages = (rewards - rewards.mean(dim=1, keepdim=True)).flatten()  # [B]
-        return ScoredBatch(batch.prompts, batch.completions, batch.sequences, {**batch.scores, "advantage": advantages},
-                           batch.samples_per_prompt)
+        return dataclasses.replace(batch, scores={**batch.scores, "advantage": advantages})
 
     def loss(self, policy: Policy, reference: Reference | None, batch: Minibatch) -> tuple[torch.Tensor, dict[str, float]]:
         """-mean(advantage x sequence log-prob) over this step's rows of the rollout."""
         rows = batch.prepared(self, policy, reference)  # this step's rows of the prepared rollout
-        logps = policy.logps(rows.sequences).sequence  # [b]
+        logps = policy.logps(rows.sequences, temperature=rows.temperature).sequence  # [b], of the distribution the samples came from
         advantages = rows.scores["advantage"].to(logps.device)
         return -(advantages * logps).mean(), {"advantage/abs_mean": advantages.abs().mean().item()}
 
