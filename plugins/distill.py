@@ -9,6 +9,11 @@ KL(policy || teacher), in between the JSD with mixture `(1 - beta) p_policy + be
 token of the batch counts alike (the sum over them divided by their number, across micro-batches and
 processes). No reward is needed; a `--reward` given is logged (`reward/mean`), not trained on.
 
+With `distillation_objective` "iw_opd" the loss is instead IW-OPD's (Xie et al. 2026, "On the Position Bias of On-Policy
+Distillation", https://arxiv.org/abs/2606.22600; TRL 1.16's `trl.experimental.iw_opd`): a policy gradient on each sampled token
+with the advantage log p_teacher - log p_policy, weighted down along the answer as the two models' disagreement accumulates
+(`iw_opd_weights`).
+
 Neither model's [B, T, V] logits are held: both models give their last hidden states, and the
 divergence runs through their output layers a few rows at a time, each chunk recomputed in the backward.
 """
@@ -87,16 +92,44 @@ def chunked_divergence(student_hidden: torch.Tensor, student_head: OutputHead, t
     return divergence, entropy.detach()
 
 
+def iw_opd_weights(advantages: torch.Tensor, gamma: float, epsilon: float = 1e-8) -> torch.Tensor:
+    """IW-OPD's weight of each token [B, T] from the advantages [B, T] (0 off the answer): 1 + gamma x the share of its row's
+    total |advantage| not yet spent before it, from 1 + gamma at the first token down towards 1 (TRL's `_compute_iw_opd_loss`)."""
+    spent = advantages.abs().cumsum(dim=1) - advantages.abs()
+    total = advantages.abs().sum(dim=1, keepdim=True).clamp_min(epsilon)
+    return 1.0 + gamma * (1.0 - spent / total)
+
+
+def sampled_token_figures(student: torch.Tensor, teacher: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
+    """[3, N]: at N positions, the policy's log-prob of the sampled token (with grad), the teacher's (without), and the policy's
+    entropy (without), all at `temperature`."""
+    log_s = torch.log_softmax(student.float() / temperature, dim=-1)
+    log_t = torch.log_softmax(teacher.float() / temperature, dim=-1)
+    picked = [torch.gather(log_p, -1, targets[:, None]).squeeze(-1) for log_p in (log_s, log_t)]
+    return torch.stack([picked[0], picked[1].detach(), -(log_s.detach().exp() * log_s.detach()).sum(-1)])
+
+
 class Distill(Objective):
     """On-policy distillation from `--reference-model TEACHER` (TRL's `DistillationTrainer`).
 
     Options (`-o KEY=VALUE`):
-        beta: 0 forward KL(teacher || policy), 1 reverse KL(policy || teacher) (default, as TRL's), in between the generalized JSD.
+        distillation_objective: "jsd" (default: TRL's DistillationTrainer) or "iw_opd" (TRL's experimental IWOPDTrainer).
+        beta: the jsd's: 0 forward KL(teacher || policy), 1 reverse KL(policy || teacher) (default, as TRL's), in between the
+            generalized JSD.
+        iw_opd_gamma, iw_opd_epsilon: iw_opd's weight amplification (0.5) and the floor of a row's total |advantage| (1e-8).
         temperature: the distributions are compared at this temperature (default: the one the answers were sampled at,
             `--temperature`, as TRL's).
     """
 
-    def __init__(self, beta: float = 1.0, temperature: float | None = None, reference_model: str | None = None):
+    def __init__(self, beta: float | None = None, temperature: float | None = None, distillation_objective: str = "jsd",
+                 iw_opd_gamma: float = 0.5, iw_opd_epsilon: float = 1e-8, reference_model: str | None = None):
+        if distillation_objective not in ("jsd", "iw_opd"):
+            raise PrefError(f"distill: distillation_objective must be jsd or iw_opd, not {distillation_objective!r}")
+        if distillation_objective == "iw_opd" and beta is not None:
+            raise PrefError("distill: beta is the jsd's; iw_opd trains on the sampled tokens' log-probs alone: drop beta")
+        if iw_opd_gamma < 0 or not iw_opd_epsilon > 0:
+            raise PrefError(f"distill: iw_opd_gamma must be 0 or more and iw_opd_epsilon above 0, got {iw_opd_gamma} and {iw_opd_epsilon}")
+        beta = 1.0 if beta is None else beta
         if not 0.0 <= beta <= 1.0:
             raise PrefError(f"distill: beta must lie in [0, 1] (0 forward KL, 1 reverse KL), got {beta}")
         if temperature is not None and not temperature > 0:
@@ -104,7 +137,8 @@ class Distill(Objective):
         if not reference_model:
             raise PrefError("distill learns a teacher's distributions: pass --reference-model TEACHER (a hub id or folder of a model "
                             "with the policy's tokenizer, usually a larger one of its family)")
-        self.beta, self.temperature = beta, temperature
+        self.beta, self.temperature, self.iw_opd = beta, temperature, distillation_objective == "iw_opd"
+        self.gamma, self.epsilon = iw_opd_gamma, iw_opd_epsilon
         self.needs = ObjectiveNeeds(
             reference=REFERENCE_DISTRIBUTIONS,  # the teacher, a frozen model
             data=SAMPLES,
@@ -119,7 +153,8 @@ class Distill(Objective):
         return int(batch.rollout.batch.sequences.completion_mask[batch.rows, 1:].sum())
 
     def loss(self, policy: Policy, reference: Reference | None, batch: Minibatch) -> tuple[torch.Tensor, dict[str, float]]:
-        """The mean divergence over this step's completion tokens; metric `entropy`, the policy's mean token entropy (nats), as TRL's."""
+        """The mean divergence (or IW-OPD's per-token loss) over this step's completion tokens; metric `entropy`, the policy's mean
+        token entropy (nats), as TRL's, and iw_opd's `iw_opd/*`."""
         if reference is None:
             raise PrefError("distill compares the policy with its teacher, the reference: do not pass --reference none")
         samples = batch.prepared(self, policy, reference)
@@ -128,10 +163,29 @@ class Distill(Objective):
         teacher = reference.hidden_states(sequences).to(student.device)
         where = sequences.completion_mask.to(student.device).bool()
         where[:, 0] = False  # token t is predicted at position t - 1: the first has no prefix
+        if self.iw_opd:
+            return self.iw_opd_loss(student, teacher, where, sequences.input_ids.to(student.device), policy, reference, temperature)
         divergence, entropy = chunked_divergence(student[:, :-1][where[:, 1:]], policy.output_head(), teacher[:, :-1][where[:, 1:]],
                                                  reference.output_head(), self.beta, temperature)
         count = max(divergence.numel(), 1)
         return divergence.sum() / count, {"entropy": entropy.sum().item() / count}
+
+
+    def iw_opd_loss(self, student: torch.Tensor, teacher: torch.Tensor, where: torch.Tensor, ids: torch.Tensor, policy: Policy,
+                    reference: Reference, temperature: float) -> tuple[torch.Tensor, dict[str, float]]:
+        """-sum(weight x advantage x log p_policy(token)) / tokens, the advantage log p_teacher - log p_policy without grad."""
+        mine, teachers, entropy = over_chunks(lambda s, t, y: sampled_token_figures(s, t, y, temperature), student[:, :-1][where[:, 1:]],
+                                              policy.output_head(), teacher[:, :-1][where[:, 1:]], reference.output_head(), ids[where])
+        advantages = torch.zeros(where.shape, device=student.device).masked_scatter(where, teachers - mine.detach())
+        weights = iw_opd_weights(advantages, self.gamma, self.epsilon)[where]
+        advantages = advantages[where]
+        count = max(mine.numel(), 1)
+        metrics = {"entropy": entropy.sum().item() / count}
+        if mine.numel():  # TRL's names
+            metrics.update({"iw_opd/mean_advantage": (weights * advantages).mean().item(),
+                            "iw_opd/mean_abs_advantage": advantages.abs().mean().item(), "iw_opd/mean_weight": weights.mean().item(),
+                            "iw_opd/min_weight": weights.min().item(), "iw_opd/max_weight": weights.max().item()})
+        return -(mine * weights * advantages).sum() / count, metrics
 
 
 @hookimpl

@@ -130,6 +130,51 @@ def test_distill_loss_on_two_models_is_trls(tiny_model_dir):
         torch.testing.assert_close(mine, trl, rtol=2e-3, atol=1e-6)
 
 
+def test_iw_opd_weights_by_hand():
+    """|advantages| 1, 2, 1, 0 (total 4): spent before each 0, 1, 3, 4, so weights 1 + 0.5 x (1 - 0, 1 - 1/4, 1 - 3/4, 1 - 1)."""
+    weights = distill.iw_opd_weights(torch.tensor([[1.0, -2.0, 1.0, 0.0], [0.0, 0.0, 0.0, 0.0]]), gamma=0.5)
+    assert weights.tolist() == [[1.5, 1.375, 1.125, 1.0], [1.5, 1.5, 1.5, 1.5]]
+
+
+def test_iw_opd_loss_on_two_models_is_trls(tiny_model_dir):
+    """distill's iw_opd loss, its metrics and the student's gradients are TRL's `IWOPDTrainer._compute_iw_opd_loss` on full logits
+    in TRL's layout (a rollout used once: the sampling log-probs are the student's own)."""
+    from collections import defaultdict
+    from types import SimpleNamespace
+
+    from trl.experimental.iw_opd.iw_opd_trainer import IWOPDTrainer
+
+    student = HFPolicy.load(tiny_model_dir)
+    teacher = FrozenReference(HFPolicy.load("pref-default").model.eval().requires_grad_(False))
+    prompts = ["Name a fruit.", "What is your name?", "Name one random common English noun."]
+    answers = ["apple", "I am Pref, a helpful assistant.", "table"]
+    sequences = student.encode(prompts, answers)
+    batch = Minibatch(Rollout(ScoredBatch(prompts, answers, sequences, {}, 1)), torch.arange(3))
+    objective = Distill(distillation_objective="iw_opd", iw_opd_gamma=0.7, temperature=0.9, reference_model="pref-default")
+    student.model.eval()
+    loss, metrics = objective.loss(student, teacher, batch)
+    loss.backward()
+    ours = [p.grad.clone() for p in student.model.parameters()]
+    student.model.zero_grad()
+
+    ids, attention, completion = trl_layout(sequences)
+    keep = completion.shape[1]
+    tokens = ids[:, -keep:]
+    student_logits = student.model(input_ids=ids, attention_mask=attention).logits[:, :-1][:, -keep:]
+    with torch.no_grad():
+        teacher_logps = torch.log_softmax(teacher.model(input_ids=ids, attention_mask=attention).logits[:, :-1][:, -keep:] / 0.9, -1)
+    logged = defaultdict(list)
+    trainer = SimpleNamespace(temperature=0.9, iw_opd_gamma=0.7, iw_opd_epsilon=1e-8, model=student.model, _metrics={"eval": logged})
+    theirs = IWOPDTrainer._compute_iw_opd_loss(trainer, student_logits, tokens, tokens.masked_fill(completion == 0, -100),
+                                               torch.gather(teacher_logps, -1, tokens[..., None])[..., 0])
+    theirs.backward()
+    assert loss.item() == pytest.approx(theirs.item(), rel=1e-4, abs=1e-6) and abs(loss.item()) > 1e-3
+    for name in ("mean_advantage", "mean_abs_advantage", "mean_weight", "min_weight", "max_weight"):
+        assert metrics[f"iw_opd/{name}"] == pytest.approx(logged[f"iw_opd/{name}"][0], rel=1e-4, abs=1e-6), name
+    for mine, trl in zip(ours, [p.grad for p in student.model.parameters()]):
+        torch.testing.assert_close(mine, trl, rtol=2e-3, atol=1e-6)
+
+
 def run(tmp_path, *args, out="run"):
     result = CliRunner().invoke(cli, ["run", "--device", "cpu", "--no-progress", "--output-dir", str(tmp_path / out), *args])
     return result
@@ -163,12 +208,21 @@ def test_distill_trains_from_the_cli(tmp_path, tiny_model_dir):
     assert first["loss"] == pytest.approx(0.0, abs=1e-6)  # the teacher is the student: nothing to learn (its dropout is 0)
     assert "reward/mean" in first  # a reward given is logged; without --dataset, its default prompts are sampled
 
+    result = run(tmp_path, "--objective", "distill", "--model", tiny_model_dir, "--reference-model", "pref-default", "--dataset",
+                 prompts_file(tmp_path), "--steps", "2", "--batch-size", "2", "-o", "distillation_objective=iw_opd", out="iw-opd")
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    assert all(m["iw_opd/max_weight"] <= 1.5 and m["iw_opd/min_weight"] >= 1.0 for m in metrics_of(tmp_path, "iw-opd"))
+
 
 @pytest.mark.parametrize("args,message", [
     (["--objective", "distill"], "pass --reference-model TEACHER"),
     (["--objective", "distill", "--reference-model", "pref-default"], "pass --dataset with prompts"),
     (["--objective", "distill", "--reference-model", "pref-default", "-o", "beta=1.5", "--dataset", "p.jsonl"], "beta must lie in [0, 1]"),
     (["--objective", "distill", "--reference-model", "pref-default", "--reference", "none", "--dataset", "p.jsonl"], "drop --reference none"),
+    (["--objective", "distill", "--reference-model", "pref-default", "-o", "distillation_objective=iw_opd", "-o", "beta=0.5",
+      "--dataset", "p.jsonl"], "beta is the jsd's; iw_opd trains on the sampled tokens' log-probs alone: drop beta"),
+    (["--objective", "distill", "--reference-model", "pref-default", "-o", "distillation_objective=gkd", "--dataset", "p.jsonl"],
+     "distillation_objective must be jsd or iw_opd, not 'gkd'"),
     (["--objective", "dpo", "--reference-model", "pref-default", "--reference", "none", "--dataset", "p.jsonl"],
      "--reference none trains without a reference: drop --reference-model"),
     (["--objective", "sft", "--reference-model", "pref-default", "--dataset", "p.jsonl"], "'sft' with these options uses no reference"),
