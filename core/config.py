@@ -260,8 +260,8 @@ def validate(config: RunConfig) -> None:
             raise PrefError(f"{key} must be true or false, not {getattr(config, key)!r}")
     if config.max_length < 2:
         raise PrefError(f"max_length must be 2 or more (a prompt token and an answer token), not {config.max_length}")
-    if config.samples_per_prompt is not None and (not isinstance(config.samples_per_prompt, int) or config.samples_per_prompt < 2):
-        raise PrefError(f"samples_per_prompt must be 2 or more, not {config.samples_per_prompt!r}")
+    if config.samples_per_prompt is not None and (not isinstance(config.samples_per_prompt, int) or config.samples_per_prompt < 1):
+        raise PrefError(f"samples_per_prompt must be 1 or more, not {config.samples_per_prompt!r}")
     if config.temperature is not None and (not 0 <= config.temperature or isinstance(config.temperature, bool)):
         raise PrefError(f"temperature must be zero (greedy) or positive, not {config.temperature!r}")
     if config.top_p is not None and not 0 < config.top_p <= 1:

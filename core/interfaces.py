@@ -398,6 +398,7 @@ class ObjectiveNeeds:
     data: str = PAIRS  # PAIRS (`PairBatch`), SETS (`LabeledBatch`), SAMPLES (online: `Minibatch`es of a `ScoredBatch` rollout, no selector)
     online: bool = False  # samples from the current policy at every step instead of reading a dataset
     samples_per_prompt: int = 1  # K when online (`--samples-per-prompt` overrides it)
+    grouped: bool = False  # online: the loss compares each prompt's K samples with each other (GRPO's advantages), so K >= 2
     scored: bool = True  # online: the loss reads each sample's reward; False (distill): it needs none, and a --reward is only logged
     starting_samples: int = 0  # online: before training, this many samples of each training prompt from the starting policy, for `Objective.start`
     scores_new_rows: bool = False  # scores rows outside the dataset (own samples, rewritten rows): no cached reference, a frozen one

@@ -128,6 +128,10 @@ def resolve_plan(config: RunConfig, registry: Registry, processes: Processes | N
                    if (config.samples_per_prompt or needs.samples_per_prompt) > 1 else
                    "learns from answers sampled from the policy's distribution, which greedy decoding (--temperature 0) does not give")
             raise PrefError(f"{config.objective} {why}: pass a temperature above 0 (1.0 is the default)")
+        k = config.samples_per_prompt or needs.samples_per_prompt
+        if k < 2 and (needs.grouped or needs.uses_selector):
+            raise PrefError(f"{config.objective} compares the samples of each prompt with each other: pass --samples-per-prompt 2 or more "
+                            f"(got {k})")
         # an objective that needs no reward (distill) only logs the one it is given
         reward = resolve_reward(config, registry, objective) if needs.scored or config.reward else None
         if not config.dataset and needs.columns:  # default prompts have no other columns

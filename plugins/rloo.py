@@ -110,7 +110,7 @@ class RLOO(MovesReference, Objective):
     Several rewards: `--reward a --reward b --reward-weights 1,0.5` (TRL's reward_weights), the `weighted` reward's sum.
     """
 
-    needs = ObjectiveNeeds(reference=REFERENCE_LOGPS, data=SAMPLES, online=True, samples_per_prompt=8, dropout=True, dataset_builder="prompts",
+    needs = ObjectiveNeeds(reference=REFERENCE_LOGPS, data=SAMPLES, online=True, samples_per_prompt=8, grouped=True, dropout=True, dataset_builder="prompts",
                            unscored_samples=True)
 
     def __init__(
@@ -159,6 +159,7 @@ class RLOO(MovesReference, Objective):
             unscored_samples=True,  # a sample the reward left unscored gets advantage 0, as TRL's
             dataset_builder="prompts",
             samples_per_prompt=self.needs.samples_per_prompt,
+            grouped=True,
             epochs_per_rollout=num_iterations,
             minibatches_per_rollout=steps_per_generation,
         )

@@ -232,6 +232,7 @@ class SDPO(MovesReference, Objective):
             data=SAMPLES,
             online=True,
             samples_per_prompt=8,  # TRL's num_generations
+            grouped=True,  # a sample's teacher is a sibling's answer; the policy term's advantages compare siblings
             columns=(feedback_column,) if include_environment_feedback else (),
             epochs_per_rollout=num_iterations,
             minibatches_per_rollout=steps_per_generation,

@@ -30,6 +30,7 @@ from trained_alike import assert_trained_alike  # tests/ is on sys.path
     (["--max-length", "1"], "max_length must be 2 or more (a prompt token and an answer token), not 1"),
     (["--log-every", "0"], "log_every must be a positive"),
     (["--max-new-tokens", "0"], "max_new_tokens must be a positive"),
+    (["--samples-per-prompt", "0"], "samples_per_prompt must be 1 or more, not 0"),
     (["--max-prompt-length", "0"], "max_prompt_length must be a positive"),
     (["--dtype", "float16", "--device", "cpu"], "--dtype float16 cannot train on a CPU"),
     (["--dtype", "int8"], "Invalid value for '--dtype'"),
@@ -152,3 +153,18 @@ def test_generate_eval_and_compare_sample_through_the_attention_implementation_a
 def test_a_library_caller_may_give_lists_as_tuples():
     config = build_config(flags={"dataset": ("a.jsonl", "b.jsonl"), "loggers": ("jsonl",), "test_prompts": ("Hi",)})
     assert config.dataset == ["a.jsonl", "b.jsonl"] and config.loggers == ["jsonl"] and config.test_prompts == ["Hi"]
+
+
+@pytest.mark.parametrize("objective,refused", [("grpo", True), ("rloo", True), ("sdpo", True), ("online-dpo", True), ("sdft", False)])
+def test_one_sample_per_prompt_is_refused_only_where_samples_are_compared(tmp_path, tiny_model_dir, objective, refused):
+    data = tmp_path / "rows.jsonl"
+    data.write_text('{"prompt": "Name a fruit.", "privileged_context": "apple"}\n')
+    result = CliRunner().invoke(cli, ["run", "--device", "cpu", "--no-progress", "--objective", objective, "--model", tiny_model_dir,
+                                      "--dataset", str(data), "--steps", "1", "--batch-size", "1", "-k", "1",
+                                      *(["--reward", "noun-diversity"] if objective != "sdft" else []), "--output-dir", str(tmp_path / "run")])
+    if refused:
+        assert result.exit_code == 2 and "compares the samples of each prompt with each other: pass --samples-per-prompt 2 or more (got 1)" \
+            in result.output, result.output
+        assert not (tmp_path / "run").exists()  # before anything was written
+    else:
+        assert result.exit_code == 0, result.output + repr(result.exception)

@@ -113,3 +113,4 @@ def test_an_online_run_hands_its_objective_the_sampling_temperature(tmp_path, ti
                                       "--temperature", "0.7", "--output-dir", str(tmp_path / "run")])
     assert result.exit_code == 0, result.output + repr(result.exception)
     assert seen == [0.7, 0.7]
+

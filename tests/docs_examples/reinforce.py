@@ -18,7 +18,7 @@ class Reinforce(Objective):
     """
 
     # every sample and its scores (`Minibatch`es of a `ScoredBatch` rollout); K = 4 unless -k says otherwise
-    needs = ObjectiveNeeds(reference="none", data="samples", online=True, samples_per_prompt=4, dataset_builder="text")
+    needs = ObjectiveNeeds(reference="none", data="samples", online=True, samples_per_prompt=4, grouped=True, dataset_builder="text")
 
     def prepare(self, policy: Policy, reference: Reference | None, batch: ScoredBatch) -> ScoredBatch:
         """Once per rollout, without grad: the advantages [B], kept with the rollout as a score."""
