@@ -6,7 +6,8 @@ Metric names are the ones pref logs into metrics.jsonl: TRL's names for DPO-styl
 rewards (`rewards/margins`, ...) and a reward model's scores (`margin`, `mean_reward`, ...),
 `reward/*` and `samples/*` for online samples (`reward/NAME`: a reward function's `log_metric`),
 `time/*` for the step's time split, `curriculum/weight/NAME`, `validation/loss`, `eval/reward`,
-and D2PO's `gold/labels_spent` and `eval/gold_reward`.
+D2PO's `gold/labels_spent` and `eval/gold_reward`, and the distillation objectives' TRL names (`entropy`,
+`distillation_loss`, `self_distillation/*`, `iw_opd/*`).
 """
 
 from __future__ import annotations
@@ -109,6 +110,24 @@ def samples_panel(runs: list[Run]) -> Panel:
     return Panel("samples", "The policy's samples: reward and diversity", tuple(plots))
 
 
+SELF_DISTILLATION_SHARES = ("reprompt_sample_fraction", "success_sample_fraction", "success_group_fraction", "feedback_used_fraction")
+
+
+def distillation_panel(runs: list[Run]) -> Panel:
+    """What the distillation objectives log (distill, sdft, sdpo): their loss terms, the policy's entropy, SDPO's re-prompted share,
+    IW-OPD's position weights."""
+    return Panel("distillation", "Distillation", (
+        Plot("distillation and policy terms", (Line("distillation_loss", "distillation_loss"),
+                                               Line("self_distillation/distillation_loss", "self_distillation/distillation_loss"),
+                                               Line("self_distillation/policy_loss", "self_distillation/policy_loss")), "loss"),
+        Plot("entropy of the policy", (Line("entropy", "entropy"),), "nats"),
+        Plot("SDPO: samples with a teacher", tuple(Line(f"self_distillation/{name}", name) for name in SELF_DISTILLATION_SHARES), "share",
+             ylim=UNIT),
+        Plot("IW-OPD: position weights", (Line("iw_opd/mean_weight", "mean"), Line("iw_opd/min_weight", "min"),
+                                          Line("iw_opd/max_weight", "max")), "weight"),
+    ))
+
+
 def optimizer_panel(runs: list[Run]) -> Panel:
     return Panel("optimizer", "Learning rate and gradient norm", (
         Plot("learning rate", (Line("lr", "lr"),), "lr"),
@@ -155,7 +174,7 @@ def gold_panel(runs: list[Run]) -> Panel:
 
 #: Report order: what training optimizes first, then what it produces, then how it ran.
 PANELS: tuple[Callable[[list[Run]], Panel], ...] = (
-    loss_panel, rewards_panel, reward_model_panel, samples_panel, gold_panel,
+    loss_panel, rewards_panel, reward_model_panel, samples_panel, distillation_panel, gold_panel,
     validation_panel, curriculum_panel, optimizer_panel, time_panel,
 )
 

@@ -317,6 +317,25 @@ def test_unique_valid_answers_get_a_plot_when_a_reward_logs_them(tmp_path):
     assert list(samples["unique valid answers"].get_lines()[0].get_ydata()) == [1.0, 2.0, 3.0]
 
 
+def test_distillation_runs_get_their_terms_entropy_and_teacher_shares(tmp_path):
+    """An sdpo run (terms, re-prompted shares) beside a distill iw_opd run (entropy, weights): one panel, each plot with the lines
+    some run has; grpo's `entropy` alone would draw the entropy plot only."""
+    sdpo = [{"step": s, "loss": 0.5, "self_distillation/distillation_loss": 0.4 - 0.1 * s, "self_distillation/policy_loss": -0.1,
+             "self_distillation/reprompt_sample_fraction": 0.25 * s, "self_distillation/success_sample_fraction": 0.25 * s,
+             "self_distillation/success_group_fraction": 0.5, "self_distillation/feedback_used_fraction": 0.0} for s in (1, 2, 3)]
+    iw_opd = [{"step": s, "loss": 0.2, "entropy": 2.0 - 0.1 * s, "iw_opd/mean_weight": 1.2, "iw_opd/min_weight": 1.0,
+               "iw_opd/max_weight": 1.5} for s in (1, 2, 3)]
+    runs = [load_run(write_run(tmp_path / "sdpo", sdpo, {"objective": "sdpo"})), load_run(write_run(tmp_path / "iw", iw_opd, {"objective": "distill"}))]
+    plots = axes_by_title(figures_by_name(runs)["distillation"])
+    assert set(plots) == {"distillation and policy terms", "entropy of the policy", "SDPO: samples with a teacher", "IW-OPD: position weights"}
+    shares = plots["SDPO: samples with a teacher"]
+    assert shares.get_ylim() == (-0.02, 1.02) and list(shares.get_lines()[0].get_ydata()) == [0.25, 0.5, 0.75]
+    assert [line.get_label() for line in plots["IW-OPD: position weights"].get_lines()] == ["iw: mean", "iw: min", "iw: max"]
+    assert [line.get_label() for line in plots["distillation and policy terms"].get_lines()] == [
+        "sdpo: self_distillation/distillation_loss", "sdpo: self_distillation/policy_loss"]
+    assert "distillation" not in figures_by_name([load_run(write_run(tmp_path / "plain", online_rows(3, 0)))])
+
+
 def test_what_a_reward_function_logged_gets_a_plot_of_its_own(tmp_path):
     rows = [{"step": s, "loss": 1.0, "reward/mean": 0.5, "reward/std": 0.1, "reward/max": 1.0, "reward/progress": s / 3} for s in (1, 2, 3)]
     samples = axes_by_title(figures_by_name([load_run(write_run(tmp_path / "run", rows))])["samples"])
