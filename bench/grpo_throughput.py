@@ -103,6 +103,13 @@ def run_trl(args: argparse.Namespace, clock: dpo.StepClock) -> dict:
     return clock.summary(entry, args.warmup, args.steps, after_imports)
 
 
+def model_line(params: int, vocab: int) -> str:
+    """The report's line on the model `dpo.build_model` built, `vocab` (0: the tokenizer's) its vocabulary."""
+    return (f"Model: Llama, {params / 1e6:.1f}M parameters (hidden {dpo.MODEL['hidden_size']}, {dpo.MODEL['num_hidden_layers']} layers, "
+            f"a vocabulary of {vocab or dpo.BPE_VOCAB:,} over a byte-level BPE tokenizer of {dpo.BPE_VOCAB:,} tokens trained here, untied "
+            "head), random weights, fp32.")
+
+
 def trl_inputs(args: argparse.Namespace, data: str):
     """The work folder's model (fp32), its tokenizer (padding on the left, as TRL's online trainers want) and the dataset `data`."""
     import torch
@@ -215,6 +222,26 @@ def main() -> None:
             f.write(REWARD)
 
     run_in_turns(args, __file__, own, list(RUNS), RESULTS, report, prompts)
+
+
+def distillation_main(doc: str, script: str, runs: dict[str, str], runners: dict, results_path, report, write_data) -> None:
+    """The command line of a self-distillation benchmark (6 steps, K 2, and `--vocab`): a child's run (`runners`), or all of
+    them in turns (`run_in_turns`, its results file `results_path(vocab)`)."""
+    parser = online_arguments(doc, runs, steps=6, k=2)
+    parser.add_argument("--vocab", type=int, default=0, help="the model's vocabulary (default 0: the tokenizer's 16,384)")
+    args = parser.parse_args()
+    if args.child:
+        child(args, runners)
+        return
+    own = ["--steps", str(args.steps), "--warmup", str(args.warmup), "--prompts", str(args.prompts), "-k", str(args.k),
+           "--new-tokens", str(args.new_tokens), "--vocab", str(args.vocab)]
+    run_in_turns(args, script, own, list(runs), results_path(args.vocab), report, write_data)
+
+
+def command_line(script: str, args: argparse.Namespace) -> str:
+    """The command that reproduces a self-distillation benchmark's run."""
+    return (f"python bench/{os.path.basename(script)} --steps {args.steps} --warmup {args.warmup} --prompts {args.prompts} -k {args.k} "
+            f"--new-tokens {args.new_tokens} --vocab {args.vocab}")
 
 
 def run_in_turns(args: argparse.Namespace, script: str, own: list[str], runs: list[str], results_path: str, report, write_data) -> None:

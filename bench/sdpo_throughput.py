@@ -71,33 +71,21 @@ def run_trl(args: argparse.Namespace, clock: dpo.StepClock) -> dict:
 
 def report(results: dict[str, dict], args: argparse.Namespace, params: int, load: tuple[float, float], minutes: float) -> str:
     return grpo.turns_report("SDPO", RUNS, results, args, load, minutes, [
-        f"Model: Llama, {params / 1e6:.1f}M parameters (hidden {dpo.MODEL['hidden_size']}, {dpo.MODEL['num_hidden_layers']} layers, "
-        f"a vocabulary of {args.vocab or dpo.BPE_VOCAB:,} over a byte-level BPE tokenizer of {dpo.BPE_VOCAB:,} tokens trained here, untied "
-        "head), random weights, fp32.",
+        grpo.model_line(params, args.vocab),
         f"Each step: {args.prompts} prompts of {dpo.PROMPT_WORDS[0]}-{dpo.PROMPT_WORDS[1]} words x {args.k} samples of at most "
         f"{args.new_tokens} new tokens scored 1 for an even number of words, one update on all of them against the policy's average "
         f"shown a successful sibling's answer; sampled-token reverse KL, lr {LR}.",
-    ], f"python bench/sdpo_throughput.py --steps {args.steps} --warmup {args.warmup} --prompts {args.prompts} -k {args.k} "
-       f"--new-tokens {args.new_tokens} --vocab {args.vocab}")
+    ], grpo.command_line(__file__, args))
 
 
 def main() -> None:
-    parser = grpo.online_arguments(__doc__, RUNS, steps=6, k=2)
-    parser.add_argument("--vocab", type=int, default=0, help="the model's vocabulary (default 0: the tokenizer's 16,384)")
-    args = parser.parse_args()
-    if args.child:
-        grpo.child(args, {"pref": run_pref, "trl": run_trl})
-        return
-
     def prompts(work: str) -> None:
         with open(os.path.join(work, "pairs.jsonl")) as rows, open(os.path.join(work, "prompts.jsonl"), "w") as out:
             out.writelines(json.dumps({"prompt": json.loads(row)["prompt"]}) + "\n" for row in rows)
         with open(os.path.join(work, "rewards.py"), "w") as f:
             f.write(REWARD)
 
-    own = ["--steps", str(args.steps), "--warmup", str(args.warmup), "--prompts", str(args.prompts), "-k", str(args.k),
-           "--new-tokens", str(args.new_tokens), "--vocab", str(args.vocab)]
-    grpo.run_in_turns(args, __file__, own, list(RUNS), results_path(args.vocab), report, prompts)
+    grpo.distillation_main(__doc__, __file__, RUNS, {"pref": run_pref, "trl": run_trl}, results_path, report, prompts)
 
 
 if __name__ == "__main__":

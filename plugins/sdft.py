@@ -69,6 +69,26 @@ def teacher_prompt(prompt: Prompt, context: Any, template: str) -> Prompt:
     return template.format(prompt=prompt, privileged_context=context_text(context))
 
 
+def check_distillation(objective: str, mode: str, alpha: float, is_clip: float | None, teacher: str, update_rate: float,
+                       sync_steps: int) -> None:
+    """The options SDFT and SDPO share (`distillation_mode`, `distillation_alpha`, `distillation_is_clip`, `teacher_model_kind`,
+    `teacher_update_rate`, `teacher_sync_steps`), each mistake a one-line error."""
+    if mode not in MODES:
+        raise PrefError(f"{objective}: distillation_mode must be one of {', '.join(MODES)}, not {mode!r}")
+    if not 0.0 <= alpha <= 1.0:
+        raise PrefError(f"{objective}: distillation_alpha must lie in [0, 1] (0 forward KL, 1 reverse KL), got {alpha}")
+    if mode == "sampled_token" and alpha != 1.0:
+        raise PrefError(f"{objective}: distillation_mode sampled_token estimates the reverse KL only: set distillation_alpha=1, or use "
+                        "topk_logits or full_logits")
+    if is_clip is not None and not is_clip > 0:
+        raise PrefError(f"{objective}: distillation_is_clip must be above 0 (or null: off), got {is_clip}")
+    if teacher not in TEACHERS:
+        raise PrefError(f"{objective}: teacher_model_kind must be one of {', '.join(TEACHERS)}, not {teacher!r}")
+    if not 0.0 < update_rate <= 1.0 or sync_steps < 1:
+        raise PrefError(f"{objective}: teacher_update_rate must lie in (0, 1] and teacher_sync_steps be at least 1, got {update_rate} "
+                        f"and {sync_steps}")
+
+
 def check_template(objective: str, option: str, template: str, fields: tuple[str, ...], required: tuple[str, ...] | None = None) -> None:
     """A one-line error unless `template` is a `str.format` template of (some of) `fields` holding each of `required` (all by default)."""
     names = " and ".join(f"{{{name}}}" for name in fields)
@@ -188,24 +208,12 @@ class SDFT(MovesReference, Objective):
                  teacher_model_kind: str = "base", teacher_update_rate: float = 0.05, teacher_sync_steps: int = 1,
                  teacher_prompt_template: str = "{prompt}\n\n{privileged_context}", context_column: str = "privileged_context",
                  temperature: float | None = None, num_iterations: int = 1, steps_per_generation: int = 1):
-        if distillation_mode not in MODES:
-            raise PrefError(f"sdft: distillation_mode must be one of {', '.join(MODES)}, not {distillation_mode!r}")
-        if not 0.0 <= distillation_alpha <= 1.0:
-            raise PrefError(f"sdft: distillation_alpha must lie in [0, 1] (0 forward KL, 1 reverse KL), got {distillation_alpha}")
-        if distillation_mode == "sampled_token" and distillation_alpha != 1.0:
-            raise PrefError("sdft: distillation_mode sampled_token estimates the reverse KL only: set distillation_alpha=1, or use "
-                            "topk_logits or full_logits")
+        check_distillation("sdft", distillation_mode, distillation_alpha, distillation_is_clip, teacher_model_kind, teacher_update_rate,
+                           teacher_sync_steps)
         if distillation_topk < 1:
             raise PrefError(f"sdft: distillation_topk must be at least 1, got {distillation_topk}")
-        if distillation_is_clip is not None and not distillation_is_clip > 0:
-            raise PrefError(f"sdft: distillation_is_clip must be above 0 (or null: off), got {distillation_is_clip}")
         if num_loss_tokens_to_skip < 0:
             raise PrefError(f"sdft: num_loss_tokens_to_skip must not be negative, got {num_loss_tokens_to_skip}")
-        if teacher_model_kind not in TEACHERS:
-            raise PrefError(f"sdft: teacher_model_kind must be one of {', '.join(TEACHERS)}, not {teacher_model_kind!r}")
-        if not 0.0 < teacher_update_rate <= 1.0 or teacher_sync_steps < 1:
-            raise PrefError(f"sdft: teacher_update_rate must lie in (0, 1] and teacher_sync_steps be at least 1, got {teacher_update_rate} "
-                            f"and {teacher_sync_steps}")
         check_template("sdft", "teacher_prompt_template", teacher_prompt_template, ("prompt", "privileged_context"))
         if temperature is not None and not temperature > 0:
             raise PrefError(f"sdft: temperature must be above 0, got {temperature}")

@@ -32,7 +32,7 @@ from pref.plugins.grpo import (
     SCALE_REWARDS, check_options, group_advantages, group_size, grpo_loss, loss_metrics, rollout_metrics, truncated_of, without_truncated,
 )
 from pref.plugins.moving_reference import MovesReference, SyncReference
-from pref.plugins.sdft import MODES, TEACHERS, check_template, loss_tokens, message_text, sampled_logps, teacher_sequences, token_logps, token_losses
+from pref.plugins.sdft import check_distillation, check_template, loss_tokens, message_text, sampled_logps, teacher_sequences, token_logps, token_losses
 from pref.sequences import OutputHead, Sequences
 
 POLICY_LOSSES = ("dapo", "grpo", "bnpo", "dr_grpo")
@@ -176,25 +176,13 @@ class SDPO(MovesReference, Objective):
                  processes: Processes | None = None):
         if not 0.0 <= distillation_weight <= 1.0:
             raise PrefError(f"sdpo: distillation_weight must lie in [0, 1] (1: distillation only, 0: GRPO), got {distillation_weight}")
-        if distillation_mode not in MODES:
-            raise PrefError(f"sdpo: distillation_mode must be one of {', '.join(MODES)}, not {distillation_mode!r}")
-        if not 0.0 <= distillation_alpha <= 1.0:
-            raise PrefError(f"sdpo: distillation_alpha must lie in [0, 1] (0 forward KL, 1 reverse KL), got {distillation_alpha}")
-        if distillation_mode == "sampled_token" and distillation_alpha != 1.0:
-            raise PrefError("sdpo: distillation_mode sampled_token estimates the reverse KL only: set distillation_alpha=1, or use "
-                            "topk_logits or full_logits")
+        check_distillation("sdpo", distillation_mode, distillation_alpha, distillation_is_clip, teacher_model_kind, teacher_update_rate,
+                           teacher_sync_steps)
         if (distillation_mode == "topk_logits") != (distillation_topk is not None):
             raise PrefError("sdpo: distillation_topk is topk_logits' own: give both (-o distillation_mode=topk_logits -o distillation_topk=100) "
                             "or neither")
         if distillation_topk is not None and distillation_topk < 1:
             raise PrefError(f"sdpo: distillation_topk must be at least 1, got {distillation_topk}")
-        if distillation_is_clip is not None and not distillation_is_clip > 0:
-            raise PrefError(f"sdpo: distillation_is_clip must be above 0 (or null: off), got {distillation_is_clip}")
-        if teacher_model_kind not in TEACHERS:
-            raise PrefError(f"sdpo: teacher_model_kind must be one of {', '.join(TEACHERS)}, not {teacher_model_kind!r}")
-        if not 0.0 < teacher_update_rate <= 1.0 or teacher_sync_steps < 1:
-            raise PrefError(f"sdpo: teacher_update_rate must lie in (0, 1] and teacher_sync_steps be at least 1, got {teacher_update_rate} "
-                            f"and {teacher_sync_steps}")
         if distillation_weight > 0 and not (use_successful_as_teacher or include_environment_feedback):
             raise PrefError("sdpo: with use_successful_as_teacher and include_environment_feedback both off no sample gets a teacher: "
                             "turn one on, or set distillation_weight=0 (GRPO)")

@@ -96,21 +96,32 @@ def trl_layout(sequences):
     return ids, attention, completion
 
 
-def test_distill_loss_on_two_models_is_trls(tiny_model_dir):
-    """The whole loss (hidden states, alignment, masks, heads) of a student and another teacher, and the student's gradients,
-    are TRL's `_compute_loss` path: each model's backbone on TRL's layout, then `_chunked_divergence_loss`."""
+def student_and_teacher(tiny_model_dir):
+    """The tiny model as the student, the default model as its teacher, and three answers of uneven lengths as one step's rows."""
     student = HFPolicy.load(tiny_model_dir)
+    student.model.eval()  # no dropout in either computation
     teacher = FrozenReference(HFPolicy.load("pref-default").model.eval().requires_grad_(False))
     prompts = ["Name a fruit.", "What is your name?", "Name one random common English noun."]
     answers = ["apple", "I am Pref, a helpful assistant.", "table"]
     sequences = student.encode(prompts, answers)
-    batch = Minibatch(Rollout(ScoredBatch(prompts, answers, sequences, {}, 1)), torch.arange(3))
-    objective = Distill(beta=0.4, temperature=0.9, reference_model="pref-default")
-    student.model.eval()  # no dropout in either computation
+    return student, teacher, sequences, Minibatch(Rollout(ScoredBatch(prompts, answers, sequences, {}, 1)), torch.arange(3))
+
+
+def loss_and_gradients(objective, student, teacher, batch):
+    """The objective's loss and metrics on the batch, and the student's gradients of it (cleared after)."""
     loss, metrics = objective.loss(student, teacher, batch)
     loss.backward()
-    ours = [p.grad.clone() for p in student.model.parameters()]
+    gradients = [p.grad.clone() for p in student.model.parameters()]
     student.model.zero_grad()
+    return loss, metrics, gradients
+
+
+def test_distill_loss_on_two_models_is_trls(tiny_model_dir):
+    """The whole loss (hidden states, alignment, masks, heads) of a student and another teacher, and the student's gradients,
+    are TRL's `_compute_loss` path: each model's backbone on TRL's layout, then `_chunked_divergence_loss`."""
+    student, teacher, sequences, batch = student_and_teacher(tiny_model_dir)
+    objective = Distill(beta=0.4, temperature=0.9, reference_model="pref-default")
+    loss, metrics, ours = loss_and_gradients(objective, student, teacher, batch)
 
     ids, attention, completion = trl_layout(sequences)
     keep = completion.shape[1]
@@ -144,18 +155,9 @@ def test_iw_opd_loss_on_two_models_is_trls(tiny_model_dir):
 
     from trl.experimental.iw_opd.iw_opd_trainer import IWOPDTrainer
 
-    student = HFPolicy.load(tiny_model_dir)
-    teacher = FrozenReference(HFPolicy.load("pref-default").model.eval().requires_grad_(False))
-    prompts = ["Name a fruit.", "What is your name?", "Name one random common English noun."]
-    answers = ["apple", "I am Pref, a helpful assistant.", "table"]
-    sequences = student.encode(prompts, answers)
-    batch = Minibatch(Rollout(ScoredBatch(prompts, answers, sequences, {}, 1)), torch.arange(3))
+    student, teacher, sequences, batch = student_and_teacher(tiny_model_dir)
     objective = Distill(distillation_objective="iw_opd", iw_opd_gamma=0.7, temperature=0.9, reference_model="pref-default")
-    student.model.eval()
-    loss, metrics = objective.loss(student, teacher, batch)
-    loss.backward()
-    ours = [p.grad.clone() for p in student.model.parameters()]
-    student.model.zero_grad()
+    loss, metrics, ours = loss_and_gradients(objective, student, teacher, batch)
 
     ids, attention, completion = trl_layout(sequences)
     keep = completion.shape[1]

@@ -123,6 +123,11 @@ def trl_rows(prompts, answers):
     return ids, attention, torch.tensor([[1] * len(a) + [0] * (width_a - len(a)) for a in answers])
 
 
+def trl_logits(model, ids, attention, keep, temperature):
+    """TRL's `_forward_logits`: the logits predicting the last `keep` tokens, divided by the temperature."""
+    return model(input_ids=ids, attention_mask=attention).logits[:, :-1][:, -keep:] / temperature
+
+
 @pytest.mark.parametrize("reused", [False, True])
 def test_sdft_loss_on_a_model_is_trls(tiny_model_dir, reused):
     """The whole loss (the teacher's prompt, both models' rows, alignment, skipped tokens, chunked heads, the clipped ratio of a
@@ -155,13 +160,9 @@ def test_sdft_loss_on_a_model_is_trls(tiny_model_dir, reused):
     teacher_ids, teacher_attention, _ = trl_rows([prompt_token_ids(tokenizer, teacher_prompt(p, c, template)) for p, c in zip(prompts, contexts)],
                                                  answer_ids)
     keep = mask.shape[1]
-
-    def logits(model, ids, attention):  # TRL's `_forward_logits`
-        return model(input_ids=ids, attention_mask=attention).logits[:, :-1][:, -keep:] / 0.8
-
-    student_logits = logits(student.model, ids, attention)
+    student_logits = trl_logits(student.model, ids, attention, keep, 0.8)
     with torch.no_grad():
-        teacher_logits = logits(teacher.model, teacher_ids, teacher_attention)
+        teacher_logits = trl_logits(teacher.model, teacher_ids, teacher_attention, keep, 0.8)
     loss_mask = mask * (torch.arange(keep)[None] >= 1)  # num_loss_tokens_to_skip 1
     per_token = compute_topk_self_distillation_loss(student_logits, teacher_logits, distillation_topk=50, distillation_alpha=0.3,
                                                     distillation_add_tail=False)

@@ -18,6 +18,7 @@ from pref.models import prompt_token_ids
 from pref.plugins.sdpo import FEEDBACK, REPROMPT, SDPO, SOLUTION, Reprompting
 from pref.policy import HFPolicy
 from pref.reference import FrozenReference
+from test_sdft import trl_logits, trl_rows  # tests/ is on sys.path
 
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a fruit."}]
 PROMPTS = ["Name an animal."] * 3 + [CHAT] * 3
@@ -79,14 +80,6 @@ def test_teacher_prompts_by_hand():
         Reprompting().reprompt([{"role": "assistant", "content": "a"}], "s", "")
 
 
-def trl_rows(prompts, answers):
-    """TRL's layout: left-padded prompt ids, then right-padded answer ids; and the answer mask."""
-    width_p, width_a = max(len(p) for p in prompts), max(len(a) for a in answers)
-    ids = torch.tensor([[0] * (width_p - len(p)) + p + a + [0] * (width_a - len(a)) for p, a in zip(prompts, answers)])
-    attention = torch.tensor([[0] * (width_p - len(p)) + [1] * (len(p) + len(a)) + [0] * (width_a - len(a)) for p, a in zip(prompts, answers)])
-    return ids, attention, torch.tensor([[1] * len(a) + [0] * (width_a - len(a)) for a in answers])
-
-
 @pytest.mark.parametrize("options,reused", [
     ({}, False),  # TRL's defaults: sampled_token, reverse KL, distillation only
     ({"distillation_mode": "topk_logits", "distillation_topk": 50, "distillation_alpha": 0.3, "distillation_weight": 0.5,
@@ -123,13 +116,9 @@ def test_sdpo_loss_on_a_model_is_trls(tiny_model_dir, options, reused):
     teacher_ids, teacher_attention, _ = trl_rows([prompt_token_ids(tokenizer, t if t is not None else p) for t, p in zip(taught, PROMPTS)],
                                                  answer_ids)
     keep = mask.shape[1]
-
-    def logits(model, ids, attention):  # TRL's `_forward_logits`
-        return model(input_ids=ids, attention_mask=attention).logits[:, :-1][:, -keep:] / 0.8
-
-    student_logits = logits(student.model, ids, attention)
+    student_logits = trl_logits(student.model, ids, attention, keep, 0.8)
     with torch.no_grad():
-        teacher_logits = logits(teacher.model, teacher_ids, teacher_attention)
+        teacher_logits = trl_logits(teacher.model, teacher_ids, teacher_attention, keep, 0.8)
     grouped = rewards.view(-1, 3)  # TRL's advantages
     scale = torch.ones(6) if options.get("scale_rewards") == "none" else grouped.std(dim=1).repeat_interleave(3)
     advantages = (rewards - grouped.mean(dim=1).repeat_interleave(3)) / (scale + 1e-4)
