@@ -32,6 +32,9 @@ def jobs(tiny_model_dir, shared_prefs_file, private_cache, tmp_path_factory):
     held = root / "held.txt"
     held.write_text("the sky is blue and the sea is green .\n")
     folders = {name: (root / name / "run", root / name / "report") for name in ("train", "d2po", "early_stop", "stop")}
+    feedback = root / "feedback.jsonl"  # one row with feedback, one without: each step one process has teachers, the other none
+    feedback.write_text(json.dumps({"prompt": "Name a fruit.", "privileged_context": "Name a red one."}) + "\n"
+                        + json.dumps({"prompt": "Name an animal.", "privileged_context": ""}) + "\n")
     sft_data = root / "sft.jsonl"
     sft_data.write_text("".join(json.dumps({"prompt": f"Say something {i}.", "completion": answer}) + "\n" for i, answer in enumerate(SFT_ANSWERS)))
     plan = [
@@ -40,10 +43,13 @@ def jobs(tiny_model_dir, shared_prefs_file, private_cache, tmp_path_factory):
         {"main": "distributed_early_stop", "args": [tiny_model_dir, str(held), device, *map(str, folders["early_stop"])]},
         {"main": "distributed_stop", "args": [tiny_model_dir, shared_prefs_file, device, *map(str, folders["stop"])]},
         ["run", *sft_args(tiny_model_dir, sft_data), "--batch-size", "1", "--grad-accum", "2", "--output-dir", str(root / "sft")],
+        ["run", "--objective", "sdpo", "--model", tiny_model_dir, "--dataset", str(feedback), "--reward", "noun-diversity", "--steps", "2",
+         "--batch-size", "1", "-k", "2", "-o", "include_environment_feedback=true", "-o", "use_successful_as_teacher=false", "--seed", "3",
+         "--device", "cpu", "--no-progress", "--output-dir", str(root / "sdpo")],
     ]
     done = launch(plan, private_cache, root)
     assert done.returncode == 0, done.stderr[-4000:]
-    return {**folders, "sft": (root / "sft", sft_data), "stderr": done.stderr}
+    return {**folders, "sft": (root / "sft", sft_data), "sdpo": root / "sdpo", "stderr": done.stderr}
 
 
 #: SFT answers of very different lengths: a mean over each process's tokens, averaged, would weigh a short answer's tokens more
@@ -164,3 +170,14 @@ def test_a_signal_to_one_process_stops_both_after_the_same_step_and_the_run_goes
     # resumed, the two processes end where the uninterrupted run ended
     uninterrupted = (jobs["train"][1] / "weights-rank0.txt").read_text()
     assert reports[0]["weights"] == reports[1]["weights"] == uninterrupted
+
+
+def test_sdpo_trains_in_two_processes_where_only_one_has_a_teacher(jobs):
+    """At each step one process's samples have a teacher (their row's feedback) and the other's none: the second's loss is a zero
+    joined to the whole model's graph, so DDP's gradient averaging runs on both, and the run ends (the shares are the mean of both)."""
+    lines = [json.loads(line) for line in (jobs["sdpo"] / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == [1, 2]
+    assert all(line["self_distillation/feedback_used_fraction"] == 0.5 and line["self_distillation/reprompt_sample_fraction"] == 0.5
+               for line in lines)
+    assert all(line["self_distillation/distillation_loss"] != 0 for line in lines)  # the taught process's term, averaged
+    assert (jobs["sdpo"] / "final" / "model.safetensors").exists()
