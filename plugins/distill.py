@@ -73,8 +73,10 @@ def over_chunks(figures: Callable[..., torch.Tensor], student_hidden: torch.Tens
     inputs = [student_hidden, *([] if teacher_hidden is None else [teacher_hidden]), *per_row]
     if not student_hidden.shape[0]:
         return part(*(t.new_zeros((1, *t.shape[1:])) for t in inputs))[:, :0]
-    grad = torch.is_grad_enabled()
-    return torch.cat([checkpoint(part, *(t[i : i + chunk] for t in inputs), use_reentrant=False) if grad
+    # one chunk is kept for the backward: recomputing it would cost its time and, as it is alive at the backward's start
+    # either way, save no peak memory
+    recompute = torch.is_grad_enabled() and student_hidden.shape[0] > chunk
+    return torch.cat([checkpoint(part, *(t[i : i + chunk] for t in inputs), use_reentrant=False) if recompute
                       else part(*(t[i : i + chunk] for t in inputs))
                       for i in range(0, student_hidden.shape[0], chunk)], dim=-1)
 
