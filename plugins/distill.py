@@ -54,8 +54,8 @@ def over_chunks(figures: Callable[..., torch.Tensor], student_hidden: torch.Tens
     [N, H_s] and [N, H_t] (and `per_row` tensors [N, ...], such as the sampled tokens): [F, N], grad to the student only.
     Without a teacher (`teacher_hidden` None), `figures(student_logits, *per_row)`.
 
-    The heads run on `LOGIT_CHUNK_ELEMENTS // V` rows at a time; with grad each chunk is recomputed in the backward, so a step
-    holds one chunk's logits, not [N, V]. Heads of different widths (a teacher with more padding rows, same tokenizer) are
+    The heads run on `LOGIT_CHUNK_ELEMENTS // V` rows at a time; with grad and several chunks each is recomputed in the
+    backward, so a step holds one chunk's logits, not [N, V]. Heads of different widths (a teacher with more padding rows, same tokenizer) are
     compared on the rows both have. With no position, the [F, 0] result is still joined to the student's graph, so that
     backward (and DDP's) runs.
     """
