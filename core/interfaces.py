@@ -70,8 +70,9 @@ class Policy(ABC):
         return Samples(completions, self.encode([p for p, row in zip(prompts, completions) for _ in row], [c for row in completions for c in row]))
 
     @abstractmethod
-    def encode(self, prompts: list[Prompt], completions: list[str]) -> Sequences:
-        """Tokenize B prompt/completion pairs into right-padded `Sequences`."""
+    def encode(self, prompts: list[Prompt], completions: list[str], max_prompt_length: int | None = None) -> Sequences:
+        """Tokenize B prompt/completion pairs into right-padded `Sequences`, each prompt cut to its last `max_prompt_length` tokens
+        (None: the run's `--max-prompt-length`)."""
 
     def encode_conversations(self, conversations: list[list[dict]]) -> Sequences:
         """Tokenize B whole conversations into right-padded `Sequences` whose completion mask covers every assistant answer."""

@@ -143,9 +143,10 @@ class HFPolicy(Policy):
         truncated = torch.tensor([not answers[o] or answers[o][-1] not in stops for o in order])
         return Samples(completions, self._sequences([rows[o // k] for o in order], [answers[o] for o in order]), truncated)
 
-    def encode(self, prompts: list[Prompt], completions: list[str]) -> Sequences:
+    def encode(self, prompts: list[Prompt], completions: list[str], max_prompt_length: int | None = None) -> Sequences:
         """Right-padded prompt+completion rows; the completion mask covers the answer and the token that ends it (`answer_end_id`)."""
-        prompt_rows = [prompt_token_ids(self.tokenizer, p, self.template_options)[-self.max_prompt_length :] for p in prompts]
+        keep = max_prompt_length or self.max_prompt_length
+        prompt_rows = [prompt_token_ids(self.tokenizer, p, self.template_options)[-keep:] for p in prompts]
         return self._sequences(prompt_rows, [completion_token_ids(self.tokenizer, c, self.answer_end) for c in completions])
 
     def encode_conversations(self, conversations: list[list[dict]]) -> Sequences:

@@ -152,14 +152,14 @@ def token_logps(policy: Policy, sequences: Sequences, temperature: float) -> tor
     return torch.zeros(where.shape, device=hidden.device).masked_scatter(where, logps.float())
 
 
-def teacher_sequences(policy: Policy, prompts: list[Prompt], sampled: Sequences, last_prompt_tokens: int | None = None) -> Sequences:
-    """The teacher's rows: each of its `prompts` encoded as the policy encodes prompts (its last `last_prompt_tokens` tokens
-    only, when given), then the very answer tokens of the matching row of `sampled`."""
-    encoded = policy.encode(prompts, [""] * len(prompts))
+def teacher_sequences(policy: Policy, prompts: list[Prompt], sampled: Sequences, max_prompt_length: int | None = None) -> Sequences:
+    """The teacher's rows: each of its `prompts` encoded as the policy encodes prompts (cut to its last `max_prompt_length` tokens;
+    None: the run's `--max-prompt-length`, as TRL's SDFT), then the very answer tokens of the matching row of `sampled`."""
+    encoded = policy.encode(prompts, [""] * len(prompts), max_prompt_length)
     rows = []
     for ids, real, answer_mask, answer_ids, answer in zip(encoded.input_ids, encoded.attention_mask, encoded.completion_mask,
                                                            sampled.input_ids.cpu(), sampled.completion_mask.cpu()):
-        prompt = ids[(real == 1) & (answer_mask == 0)][-last_prompt_tokens if last_prompt_tokens else 0 :]
+        prompt = ids[(real == 1) & (answer_mask == 0)]
         answer_ids = answer_ids[answer == 1]
         rows.append(Sequences(torch.cat([prompt, answer_ids])[None], torch.ones(1, len(prompt) + len(answer_ids), dtype=torch.long),
                               torch.cat([torch.zeros(len(prompt), dtype=torch.long), torch.ones(len(answer_ids), dtype=torch.long)])[None]))

@@ -154,7 +154,8 @@ class SDPO(MovesReference, Objective):
         remove_thinking_from_demonstration: drop <think>...</think> from the solution (off).
         reprompt_template, solution_template, feedback_template: the teacher's prompt ({prompt}, {solution}, {feedback}), the
             solution ({successful_previous_attempt}) and the feedback ({feedback_raw}), TRL's texts by default.
-        max_reprompt_len: the teacher's prompt keeps its last this many tokens (10240).
+        max_reprompt_len: the teacher's prompt keeps its last this many tokens (10240; not --max-prompt-length, which cuts the
+            student's, as TRL's).
         loss_type: the policy term's "dapo" (default; each step's tokens, this process's), "grpo", "bnpo" or "dr_grpo";
             scale_rewards ("group", "batch", "none"), epsilon (0.2), epsilon_high, importance_sampling_level ("token", "sequence"),
             max_completion_length (dr_grpo's; default --max-new-tokens), mask_truncated_completions (off): as grpo's.

@@ -43,7 +43,7 @@ class FixedAnswers(Policy):
         self.calls.append((list(prompts), k, sampling))
         return [list(self.answers.get(prompt, [self.default] * k))[:k] for prompt in prompts]
 
-    def encode(self, prompts, completions):
+    def encode(self, prompts, completions, max_prompt_length=None):
         raise NotImplementedError
 
     def logps(self, sequences, with_logits=False, temperature=1.0):

@@ -115,7 +115,7 @@ class EchoPolicy(Policy):
         self.calls.append(list(prompts))
         return [[f"{prompt} #{i}" for i in range(k)] for prompt in prompts]
 
-    def encode(self, prompts, completions):
+    def encode(self, prompts, completions, max_prompt_length=None):
         rows = [[ord(c) for c in p + a] for p, a in zip(prompts, completions)]
         masks = [[0] * len(p) + [1] * len(a) for p, a in zip(prompts, completions)]
         width = max(map(len, rows))

@@ -172,7 +172,7 @@ class LogitsPolicy(Policy):
     def generate(self, prompts, k, sampling):
         raise NotImplementedError
 
-    def encode(self, prompts, completions):
+    def encode(self, prompts, completions, max_prompt_length=None):
         raise NotImplementedError
 
     def save(self, path):

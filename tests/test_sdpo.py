@@ -150,6 +150,21 @@ def test_sdpo_loss_on_a_model_is_trls(tiny_model_dir, options, reused):
         torch.testing.assert_close(mine, trl, rtol=2e-3, atol=5e-6)
 
 
+@pytest.mark.parametrize("max_reprompt_len", [10240, 12])
+def test_the_teachers_prompt_is_cut_by_max_reprompt_len_not_the_students_limit(tiny_model_dir, max_reprompt_len):
+    """A re-prompt (the question, a solution, the instruction) is longer than the student's prompt limit (--max-prompt-length 8
+    here): it keeps its last max_reprompt_len tokens, all of them by default, so the question stays in it, as TRL's SDPO."""
+    policy = HFPolicy.load(tiny_model_dir, max_prompt_length=8)
+    prompts, answers = ["Name a fruit, please."] * 2, ["a green apple", "pear"]
+    batch = ScoredBatch(prompts, answers, policy.encode(prompts, answers), {"reward": torch.tensor([1.0, 0.0])}, 2)
+    rows = SDPO(teacher_model_kind="live", max_reprompt_len=max_reprompt_len).prepare(policy, None, batch)
+    reprompt = prompt_token_ids(policy.tokenizer, REPROMPT.format(prompt=prompts[1], solution=SOLUTION.format(
+        successful_previous_attempt="a green apple"), feedback=""))
+    assert len(reprompt) > 8 + 12
+    teacher = rows.teacher.input_ids[0][(rows.teacher.attention_mask[0] == 1) & (rows.teacher.completion_mask[0] == 0)].tolist()
+    assert teacher == reprompt[-max_reprompt_len:]
+
+
 def test_a_rollout_without_a_success_trains_nothing_by_distillation(tiny_model_dir):
     """No sample reached the threshold: no teacher runs, the loss is 0 and its gradients are zeros (backward still runs)."""
     policy = HFPolicy.load(tiny_model_dir)
