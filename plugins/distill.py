@@ -29,6 +29,7 @@ from torch.utils.checkpoint import checkpoint
 from pref.errors import PrefError
 from pref.hookspecs import hookimpl
 from pref.interfaces import REFERENCE_DISTRIBUTIONS, SAMPLES, Minibatch, Objective, ObjectiveNeeds, Policy, Reference
+from pref.plugins.grpo import completion_metrics
 from pref.sequences import LOGIT_CHUNK_ELEMENTS, OutputHead
 
 
@@ -156,7 +157,7 @@ class Distill(Objective):
 
     def loss(self, policy: Policy, reference: Reference | None, batch: Minibatch) -> tuple[torch.Tensor, dict[str, float]]:
         """The mean divergence (or IW-OPD's per-token loss) over this step's completion tokens; metric `entropy`, the policy's mean
-        token entropy (nats), as TRL's, and iw_opd's `iw_opd/*`."""
+        token entropy (nats), as TRL's, iw_opd's `iw_opd/*`, and TRL's `completions/*` of the step's samples."""
         if reference is None:
             raise PrefError("distill compares the policy with its teacher, the reference: do not pass --reference none")
         samples = batch.prepared(self, policy, reference)
@@ -166,11 +167,12 @@ class Distill(Objective):
         where = sequences.completion_mask.to(student.device).bool()
         where[:, 0] = False  # token t is predicted at position t - 1: the first has no prefix
         if self.iw_opd:
-            return self.iw_opd_loss(student, teacher, where, sequences.input_ids.to(student.device), policy, reference, temperature)
+            loss, metrics = self.iw_opd_loss(student, teacher, where, sequences.input_ids.to(student.device), policy, reference, temperature)
+            return loss, {**metrics, **completion_metrics(samples)}
         divergence, entropy = chunked_divergence(student[:, :-1][where[:, 1:]], policy.output_head(), teacher[:, :-1][where[:, 1:]],
                                                  reference.output_head(), self.beta, temperature)
         count = max(divergence.numel(), 1)
-        return divergence.sum() / count, {"entropy": entropy.sum().item() / count}
+        return divergence.sum() / count, {"entropy": entropy.sum().item() / count, **completion_metrics(samples)}
 
 
     def iw_opd_loss(self, student: torch.Tensor, teacher: torch.Tensor, where: torch.Tensor, ids: torch.Tensor, policy: Policy,

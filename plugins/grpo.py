@@ -382,27 +382,35 @@ def truncated_of(batch: ScoredBatch, leave_out: bool) -> torch.Tensor | None:
     return batch.truncated
 
 
-def rollout_metrics(batch: ScoredBatch, rewards: torch.Tensor, std_is_zero: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
+def completion_metrics(batch: ScoredBatch) -> dict[str, float]:
+    """TRL's completions/* of a rollout: its answers' lengths in tokens (with the one that ends them) and, where `batch.truncated`
+    is known, the share the sampling limit cut (clipped_ratio) and the lengths of the others (terminated; 0 when all were cut)."""
+    lengths = batch.sequences.completion_mask[:, 1:].sum(-1).float().cpu()
+    metrics = {"completions/mean_length": lengths.mean().item(), "completions/min_length": lengths.min().item(),
+               "completions/max_length": lengths.max().item()}
+    if batch.truncated is not None:
+        cut = batch.truncated.cpu()
+        ended = lengths[~cut] if (~cut).any() else torch.zeros(1)
+        metrics.update({"completions/clipped_ratio": cut.float().mean().item(), "completions/mean_terminated_length": ended.mean().item(),
+                        "completions/min_terminated_length": ended.min().item(), "completions/max_terminated_length": ended.max().item()})
+    return metrics
+
+
+def rollout_metrics(batch: ScoredBatch, rewards: torch.Tensor, std_is_zero: torch.Tensor) -> dict[str, float]:
     """TRL's sample metrics of one rollout: reward, reward_std, frac_reward_zero_std, rewards/NAME/mean, completions/...
 
-    rewards: [B] the (weighted) rewards the advantages were built from; mask: [B, T] completion tokens, as sampled;
-    completions/clipped_ratio where `batch.truncated` is known.
+    rewards: [B] the (weighted) rewards the advantages were built from.
     A `weighted` reward's parts (scores named NAME/reward) are reported as rewards/NAME/mean. Unscored samples (NaN) are left out.
     """
-    lengths = mask.sum(-1).float()
     metrics = {
         "reward": rewards.nanmean().item(),
         "reward_std": std(rewards).item() if rewards.numel() > 1 else 0.0,
         "frac_reward_zero_std": std_is_zero.float().mean().item(),
-        "completions/mean_length": lengths.mean().item(),
-        "completions/min_length": lengths.min().item(),
-        "completions/max_length": lengths.max().item(),
+        **completion_metrics(batch),
     }
     for name, values in batch.scores.items():
         if name.endswith("/reward"):
             metrics[f"rewards/{name[: -len('/reward')]}/mean"] = values.float().nanmean().item()
-    if batch.truncated is not None:
-        metrics["completions/clipped_ratio"] = batch.truncated.float().mean().item()
     return metrics
 
 
@@ -621,7 +629,7 @@ class GRPO(MovesReference, Objective):
         if self.processes.world > 1:
             tokens = self.processes.mean(tokens.reshape(1)).reshape(()).to(tokens.device)
         total_tokens = tokens.item() / self.needs.minibatches_per_rollout
-        metrics = rollout_metrics(batch, rewards, std_is_zero, batch.sequences.completion_mask[:, 1:].to(device))
+        metrics = rollout_metrics(batch, rewards, std_is_zero)
         max_completion_length = self.max_completion_length or batch.max_new_tokens
         return PreparedSamples(sequences.to(device), advantages, old_logps, reference_logps, total_tokens, metrics, max_completion_length,
                                batch.temperature)

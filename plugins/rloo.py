@@ -185,7 +185,7 @@ class RLOO(MovesReference, Objective):
             metrics["kl"] = (per_token_kl.sum() / mask.sum().clamp(min=1)).item()
         advantages = leave_one_out_advantages(rewards, k, self.normalize_advantages, self.processes)
         std_is_zero = torch.isclose(std(rewards.view(-1, k), dim=1), torch.zeros(()))
-        metrics.update(rollout_metrics(batch, scores, std_is_zero, batch.sequences.completion_mask[:, 1:].to(device)))  # TRL reports the rewards before the KL penalty
+        metrics.update(rollout_metrics(batch, scores, std_is_zero))  # TRL reports the rewards before the KL penalty
         return PreparedSamples(sequences.to(device), advantages, old_logps, None, 0.0, metrics, temperature=batch.temperature)
 
     def loss(self, policy: Policy, reference: Reference | None, batch: Minibatch) -> tuple[torch.Tensor, dict[str, float]]:

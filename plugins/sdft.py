@@ -32,6 +32,7 @@ from pref.interfaces import (
     NO_REFERENCE, REFERENCE_DISTRIBUTIONS, SAMPLES, Minibatch, Objective, ObjectiveNeeds, Policy, Reference, ScoredBatch,
 )
 from pref.plugins.distill import generalized_jsd, over_chunks
+from pref.plugins.grpo import completion_metrics
 from pref.plugins.moving_reference import MovesReference, SyncReference
 from pref.sequences import OutputHead, Sequences
 
@@ -246,7 +247,8 @@ class SDFT(MovesReference, Objective):
         return TeacherRows(batch, teacher_sequences(policy, prompts, batch.sequences), old_logps)
 
     def loss(self, policy: Policy, reference: Reference | None, batch: Minibatch) -> tuple[torch.Tensor, dict[str, float]]:
-        """The mean over answers of each one's mean per-token loss; metric `distillation_loss`, the mean over all their tokens."""
+        """The mean over answers of each one's mean per-token loss; metrics TRL's `self_distillation/distillation_loss`, the mean over
+        all their tokens, and `completions/*`."""
         if reference is None and self.kind != "live":
             raise PrefError("sdft's teacher is the reference: do not pass --reference none (or use -o teacher_model_kind=live)")
         rows = batch.prepared(self, policy, reference)
@@ -274,7 +276,8 @@ class SDFT(MovesReference, Objective):
         per_answer = torch.zeros(len(sequences), device=device, dtype=losses.dtype).index_add(0, answer, losses)
         counts = mine.sum(-1).clamp(min=1)
         count = max(losses.numel(), 1)
-        return (per_answer / counts).mean(), {"distillation_loss": losses.detach().sum().item() / count}
+        return (per_answer / counts).mean(), {"self_distillation/distillation_loss": losses.detach().sum().item() / count,
+                                              **completion_metrics(rows.samples)}
 
 
 @hookimpl

@@ -240,7 +240,7 @@ class SDPO(MovesReference, Objective):
         if self.scale_rewards == "batch" and self.processes.world > 1:  # the std of every process's rewards, as TRL's
             every = torch.tensor(self.processes.gather(rewards.tolist()), dtype=rewards.dtype)
         advantages, std_is_zero = group_advantages(rewards, k, self.scale_rewards, every)
-        metrics = rollout_metrics(batch, rewards, std_is_zero, batch.sequences.completion_mask[:, 1:].cpu())
+        metrics = rollout_metrics(batch, rewards, std_is_zero)
         teacher, teacher_of = None, torch.full((len(batch),), -1, dtype=torch.long)
         if self.weight > 0:
             prompts, reprompt_metrics = self.reprompting.teacher_prompts(batch.prompts, batch.completions, rewards.tolist(),

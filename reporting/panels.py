@@ -7,7 +7,7 @@ rewards (`rewards/margins`, ...) and a reward model's scores (`margin`, `mean_re
 `reward/*` and `samples/*` for online samples (`reward/NAME`: a reward function's `log_metric`),
 `time/*` for the step's time split, `curriculum/weight/NAME`, `validation/loss`, `eval/reward`,
 D2PO's `gold/labels_spent` and `eval/gold_reward`, and the distillation objectives' TRL names (`entropy`,
-`distillation_loss`, `self_distillation/*`, `iw_opd/*`).
+`self_distillation/*`, `iw_opd/*`).
 """
 
 from __future__ import annotations
@@ -117,8 +117,7 @@ def distillation_panel(runs: list[Run]) -> Panel:
     """What the distillation objectives log (distill, sdft, sdpo): their loss terms, the policy's entropy, SDPO's re-prompted share,
     IW-OPD's position weights."""
     return Panel("distillation", "Distillation", (
-        Plot("distillation and policy terms", (Line("distillation_loss", "distillation_loss"),
-                                               Line("self_distillation/distillation_loss", "self_distillation/distillation_loss"),
+        Plot("distillation and policy terms", (Line("self_distillation/distillation_loss", "self_distillation/distillation_loss"),
                                                Line("self_distillation/policy_loss", "self_distillation/policy_loss")), "loss"),
         Plot("entropy of the policy", (Line("entropy", "entropy"),), "nats"),
         Plot("SDPO: samples with a teacher", tuple(Line(f"self_distillation/{name}", name) for name in SELF_DISTILLATION_SHARES), "share",

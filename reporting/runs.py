@@ -21,6 +21,7 @@ RENAMED = {
     "*": {"loss/sft": "nll_loss"},  # the DPO family's NLL term, now under TRL's name (CPO's and ORPO's)
     # a reward model's scores: not DPO's implicit rewards, which the report draws under the old names
     "reward-model": {"rewards/chosen": "chosen_reward", "rewards/rejected": "rejected_reward"},
+    "sdft": {"distillation_loss": "self_distillation/distillation_loss"},  # TRL's SDFTTrainer's name, since 2026-12-02
 }
 
 

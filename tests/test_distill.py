@@ -199,6 +199,7 @@ def test_distill_trains_from_the_cli(tmp_path, tiny_model_dir):
     assert result.exit_code == 0, result.output + repr(result.exception)
     lines = metrics_of(tmp_path)
     assert [m["step"] for m in lines] == [1, 2, 3] and all(m["loss"] > 0 and m["entropy"] > 0 for m in lines)
+    assert all(0 <= m["completions/clipped_ratio"] <= 1 and m["completions/min_length"] <= m["completions/mean_length"] for m in lines)
     assert not any(key.startswith("reward") for key in lines[0])  # no reward: none logged
     assert os.path.isdir(tmp_path / "run" / "final")
     assert json.load(open(tmp_path / "run" / "run.json"))["config"]["reference_model"] == "pref-default"

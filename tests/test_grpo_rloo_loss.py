@@ -517,6 +517,9 @@ def test_mask_truncated_completions_leaves_the_cut_answers_out_of_the_loss_as_tr
     assert gradient[[1, 3]].abs().sum() == 0 and gradient[[0, 2]].abs().sum() > 0
     assert metrics["completions/clipped_ratio"] == 0.5  # TRL's figure, with or without the option
     assert metrics["completions/mean_length"] == pytest.approx(lengths.mean().item())  # the lengths as sampled
+    ended = lengths[[0, 2]]  # TRL's terminated lengths: of the answers the limit did not cut
+    assert (metrics["completions/mean_terminated_length"], metrics["completions/min_terminated_length"],
+            metrics["completions/max_terminated_length"]) == pytest.approx((ended.mean().item(), ended.min().item(), ended.max().item()))
     _, gradient, metrics = loss_and_gradient(make(), tokens)
     assert gradient[[1, 3]].abs().sum() > 0 and metrics["completions/clipped_ratio"] == 0.5
     unknown = dataclasses.replace(batch, truncated=None)

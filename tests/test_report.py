@@ -334,6 +334,10 @@ def test_distillation_runs_get_their_terms_entropy_and_teacher_shares(tmp_path):
     assert [line.get_label() for line in plots["distillation and policy terms"].get_lines()] == [
         "sdpo: self_distillation/distillation_loss", "sdpo: self_distillation/policy_loss"]
     assert "distillation" not in figures_by_name([load_run(write_run(tmp_path / "plain", online_rows(3, 0)))])
+    # an sdft run logged before 2026-12-02, under `distillation_loss`, plots under TRL's name
+    old = load_run(write_run(tmp_path / "old-sdft", [{"step": s, "loss": 0.3, "distillation_loss": 0.3} for s in (1, 2)], {"objective": "sdft"}))
+    [line] = axes_by_title(figures_by_name([old])["distillation"])["distillation and policy terms"].get_lines()
+    assert line.get_label() == "self_distillation/distillation_loss" and list(line.get_ydata()) == [0.3, 0.3]
 
 
 def test_what_a_reward_function_logged_gets_a_plot_of_its_own(tmp_path):

@@ -173,7 +173,7 @@ def test_sdft_loss_on_a_model_is_trls(tiny_model_dir, reused):
     theirs = ((per_token * loss_mask).sum(-1) / loss_mask.sum(-1).clamp(min=1.0)).mean()
     theirs.backward()
     assert loss.item() == pytest.approx(theirs.item(), rel=1e-4) and loss.item() > 1e-3
-    assert metrics["distillation_loss"] == pytest.approx(((per_token * loss_mask).sum() / loss_mask.sum()).item(), rel=1e-4)
+    assert metrics["self_distillation/distillation_loss"] == pytest.approx(((per_token * loss_mask).sum() / loss_mask.sum()).item(), rel=1e-4)
     for mine, trl in zip(ours, [p.grad for p in student.model.parameters()]):
         torch.testing.assert_close(mine, trl, rtol=2e-3, atol=1e-6)
 
@@ -247,7 +247,7 @@ def test_sdft_trains_from_the_cli_with_each_teacher(tmp_path, tiny_model_dir):
                      "--log-completions", out=kind)
         assert result.exit_code == 0, result.output + repr(result.exception)
         lines = [json.loads(line) for line in open(tmp_path / kind / "metrics.jsonl")]
-        assert [m["step"] for m in lines] == [1, 2] and all(m["loss"] > 0 and m["distillation_loss"] > 0 for m in lines)
+        assert [m["step"] for m in lines] == [1, 2] and all(m["loss"] > 0 and m["self_distillation/distillation_loss"] > 0 for m in lines)
         first[kind], second[kind] = lines[0]["loss"], lines[1]["loss"]
     assert first["live"] == pytest.approx(first["base"], rel=1e-5) and first["ema"] == pytest.approx(first["base"], rel=1e-5)
     assert second["live"] != pytest.approx(second["base"], rel=1e-4) and second["ema"] != pytest.approx(second["base"], rel=1e-4)
