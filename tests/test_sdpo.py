@@ -165,6 +165,25 @@ def test_the_teachers_prompt_is_cut_by_max_reprompt_len_not_the_students_limit(t
     assert teacher == reprompt[-max_reprompt_len:]
 
 
+def test_a_mini_batch_keeps_each_rows_own_teacher_row(tiny_model_dir):
+    """steps_per_generation cuts a rollout into mini-batches: each selected row keeps its teacher row (renumbered), an untaught
+    one none, and a mini-batch's loss is the mean over its rows of theirs."""
+    policy = HFPolicy.load(tiny_model_dir)
+    policy.model.eval()
+    batch = ScoredBatch(PROMPTS, ANSWERS, policy.encode(PROMPTS, ANSWERS), {"reward": torch.tensor([0.0, 1.0, 0.5, 1.0, 0.25, 0.0])}, 3)
+    objective = SDPO(teacher_model_kind="live", steps_per_generation=2)
+    rollout = Rollout(batch)
+    rows = rollout.prepared(objective, policy, None)
+    assert rows.teacher_of.tolist() == [0, -1, 1, -1, 2, 3]
+    part = rows.select(torch.tensor([4, 1, 2]))
+    assert part.teacher_of.tolist() == [0, -1, 1]
+    assert torch.equal(part.teacher.input_ids, rows.teacher.select(torch.tensor([2, 1])).input_ids)
+    with torch.no_grad():
+        alone = [objective.loss(policy, None, Minibatch(rollout, torch.tensor([r])))[0].item() for r in (4, 1, 2)]
+        together = objective.loss(policy, None, Minibatch(rollout, torch.tensor([4, 1, 2])))[0].item()
+    assert alone[1] == 0.0 and together == pytest.approx(sum(alone) / 3, rel=1e-5) and together != 0
+
+
 def test_a_rollout_without_a_success_trains_nothing_by_distillation(tiny_model_dir):
     """No sample reached the threshold: no teacher runs, the loss is 0 and its gradients are zeros (backward still runs)."""
     policy = HFPolicy.load(tiny_model_dir)
