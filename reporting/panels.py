@@ -103,6 +103,10 @@ def samples_panel(runs: list[Run]) -> Panel:
         Plot("distinct answers / answers", (Line("samples/distinct_ratio", "samples/distinct_ratio"),), "share", ylim=UNIT),
         Plot("entropy of the answers", (Line("samples/entropy", "samples/entropy"),), "bits"),
     ]
+    plots.append(Plot("answer length (TRL's completions/*)", (Line("completions/mean_length", "mean"), Line("completions/min_length", "min"),
+                                                             Line("completions/max_length", "max"),
+                                                             Line("completions/mean_terminated_length", "mean of those that ended")), "tokens"))
+    plots.append(Plot("answers cut by the sampling limit", (Line("completions/clipped_ratio", "completions/clipped_ratio"),), "share", ylim=UNIT))
     if unique:
         plots.append(Plot("unique valid answers", tuple(unique), "answers"))
     if logged:

@@ -317,6 +317,16 @@ def test_unique_valid_answers_get_a_plot_when_a_reward_logs_them(tmp_path):
     assert list(samples["unique valid answers"].get_lines()[0].get_ydata()) == [1.0, 2.0, 3.0]
 
 
+def test_answer_lengths_get_plots_of_their_own(tmp_path):
+    rows = [{"step": s, "loss": 1.0, "reward/mean": 0.5, "reward/std": 0.1, "completions/mean_length": 10.0 + s, "completions/min_length": 3.0,
+             "completions/max_length": 32.0, "completions/mean_terminated_length": 9.0, "completions/clipped_ratio": 0.25} for s in (1, 2, 3)]
+    samples = axes_by_title(figures_by_name([load_run(write_run(tmp_path / "run", rows))])["samples"])
+    lengths = samples["answer length (TRL's completions/*)"]
+    assert [line.get_label() for line in lengths.get_lines()] == ["mean", "min", "max", "mean of those that ended"]
+    assert list(lengths.get_lines()[0].get_ydata()) == [11.0, 12.0, 13.0]
+    assert samples["answers cut by the sampling limit"].get_ylim() == (-0.02, 1.02)
+
+
 def test_distillation_runs_get_their_terms_entropy_and_teacher_shares(tmp_path):
     """An sdpo run (terms, re-prompted shares) beside a distill iw_opd run (entropy, weights): one panel, each plot with the lines
     some run has; grpo's `entropy` alone would draw the entropy plot only."""
