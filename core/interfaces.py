@@ -407,6 +407,8 @@ class ObjectiveNeeds:
     epochs_per_rollout: int = 1  # with SAMPLES: passes over each rollout...
     minibatches_per_rollout: int = 1  # ...and mini-batches per pass, each one optimizer step (PPO's)
     columns: tuple[str, ...] = ()  # with SAMPLES: the row columns `loss` reads (SDFT's demonstration), each sample's in `ScoredBatch.columns`
+    on_policy_fraction: float = 1.0  # with SAMPLES: the share of rollouts sampled from the policy (GKD's lmbda); the others are...
+    off_policy_answers: str | None = None  # ...the rows' own answers, this column of theirs (one of `columns`), K copies each
     dataset_builder: str = "preferences"  # the builder that reads a `--dataset PATH`
     reward: str | None = None  # the reward of an online run that names none
     own_reward: bool = False  # the objective brings its reward itself (`Objective.own_reward()`, D2PO's discriminator)
@@ -431,6 +433,10 @@ class ObjectiveNeeds:
                             "samples, an own reward or unscored_samples")
         if self.columns and self.data != SAMPLES:
             raise PrefError("ObjectiveNeeds: columns (row columns the loss reads) are for data 'samples'")
+        if not 0.0 <= self.on_policy_fraction <= 1.0 or (self.on_policy_fraction < 1.0 and (self.data != SAMPLES or self.off_policy_answers
+                                                                                                  not in self.columns)):
+            raise PrefError("ObjectiveNeeds: on_policy_fraction lies in [0, 1]; below 1 it is for data 'samples', with off_policy_answers "
+                            "naming one of its columns")
         if self.starting_samples < 0 or (self.starting_samples and not self.online):
             raise PrefError("ObjectiveNeeds: starting_samples (samples of each training prompt before training) must be 0, or positive and online")
 

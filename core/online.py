@@ -60,6 +60,7 @@ class OnlineBatches:
         self.sampling_together = sampling_together
         self.unscored_samples, self.warned = needs.unscored_samples, False
         self.columns = needs.columns  # the row columns the objective's loss reads
+        self.on_policy_fraction, self.answers, self.seed = needs.on_policy_fraction, needs.off_policy_answers, seed
         self.processes = processes or Processes()
         self.order = order if order is not None else ShuffledBatches(list(records), prompts_per_step, seed, rank, world)
         self.steps = None
@@ -102,11 +103,14 @@ class OnlineBatches:
         records = self.order.next()
         prompts = [prompt_of(record) for record in records]  # a record (with a `prompt`) gives its prompt
         start = time.perf_counter()
-        samples = self.policy.sample(prompts, self.k, self.sampling)
+        on_policy = self._on_policy()
+        samples = self.policy.sample(prompts, self.k, self.sampling) if on_policy else self._rows_answers(records, prompts)
         sampled = time.perf_counter()
         flat_completions = [completion for row in samples.completions for completion in row]
         metrics = {"samples/distinct_ratio": distinct_ratio(flat_completions), "samples/entropy": entropy_bits(flat_completions),
                    "time/sampling": sampled - start}
+        if self.on_policy_fraction < 1.0:
+            metrics["samples/on_policy"] = float(on_policy)
         flat_records = flatten(records, samples.completions)[0]
         own = {name: [columns_of(record)[name] for record in flat_records] for name in self.columns}
         if self.reward is None:  # an objective that needs no score (distill), given no reward to log
@@ -129,6 +133,31 @@ class OnlineBatches:
             **figures,
         })
         return prompts, samples, scores, columns, metrics
+
+    def _on_policy(self) -> bool:
+        """Whether this rollout is sampled from the policy (`needs.on_policy_fraction`, GKD's lmbda): a draw seeded by the run's seed
+        and the rollout's number, so every process takes the same decision, and a resumed run the one it took."""
+        if self.on_policy_fraction >= 1.0:
+            return True
+        assert self.steps is not None  # below 1 only with SAMPLES (ObjectiveNeeds)
+        generator = torch.Generator().manual_seed(self.seed * 7_919 + self.steps.rollouts)
+        return torch.rand((), generator=generator).item() < self.on_policy_fraction
+
+    def _rows_answers(self, records: list[Any], prompts: list[Prompt]) -> Samples:
+        """The rows' own answers (their `needs.off_policy_answers` column: a text, or chat messages whose last one is the answer) in
+        place of samples, K copies of each, encoded as the policy encodes a prompt and an answer."""
+        answers = []
+        for record in records:
+            value = columns_of(record)[self.answers]
+            if isinstance(value, list) and value and isinstance(value[-1], dict):
+                value = value[-1].get("content")
+            if not isinstance(value, str):
+                raise PrefError(f"the column {self.answers!r} of a row holds {type(value).__name__} {str(value)[:40]!r}, not an answer's "
+                                "text (or chat messages ending in it)")
+            answers.append(value)
+        flat_prompts, flat_answers = flatten(prompts, [[answer] * self.k for answer in answers])
+        return Samples([[answer] * self.k for answer in answers], self.policy.encode(flat_prompts, flat_answers),
+                       torch.zeros(len(flat_answers), dtype=torch.bool))
 
     def _draw(self) -> tuple[PairBatch | LabeledBatch | None, dict[str, float]]:
         """Sample, score, and let the selector pick pairs or sets."""

@@ -33,7 +33,7 @@ from pref.divergence import check_step, check_weights, refuse_non_finite_setting
 from pref.errors import NoUsablePairs, PrefError, RunInterrupted
 from pref.interfaces import Adapter, LabeledBatch, MetricsLogger, Minibatch, PairBatch, Processes, Reference, SecondModel
 from pref.models import DEFAULT_MODEL, SCORE_HEAD, load_model, load_tokenizer, prepare_for_training, quiet_new_heads, quiet_peft, remote_code, turn_off_dropout
-from pref.online import OnlineBatches, require_columns, require_scored, sample_pool
+from pref.online import SAMPLE_FIELDS, OnlineBatches, require_columns, require_scored, sample_pool
 from pref.packing import may_pack, packs_correctly
 from pref.plan import CACHED_LOGPS, NO_MODEL, RunPlan, output_folder, resolve_plan, reward_names
 from pref.policy import HFPolicy, unwrap
@@ -336,13 +336,15 @@ def combine_across_processes(processes: Processes, metrics: dict[str, float]) ->
 
 def completion_rows(batch: Any) -> list[dict[str, Any]]:
     """The samples an online batch was drawn from as rows (`prompt`, `completion`, the row columns the reward read, each score), for
-    `--log-completions`; [] for a dataset's batch, and for a rollout's mini-batches after its first."""
+    `--log-completions`; [] for a dataset's batch, and for a rollout's mini-batches after its first. A row column named as a
+    sample's own field (GKD's `completion`: the row's answer) is written as `row/NAME`."""
     fresh = isinstance(batch, Minibatch) and not (batch.epoch or batch.index)
     drawn = batch.rollout.batch if fresh else batch.drawn if isinstance(batch, (PairBatch, LabeledBatch)) else None
     if drawn is None:
         return []
     scores = {name: [None if math.isnan(value) else value for value in values.tolist()] for name, values in drawn.scores.items()}  # None: unscored
-    return [{"prompt": prompt, "completion": completion, **{name: values[i] for name, values in drawn.columns.items()},
+    return [{"prompt": prompt, "completion": completion,
+             **{f"row/{name}" if name in SAMPLE_FIELDS else name: values[i] for name, values in drawn.columns.items()},
              **{name: values[i] for name, values in scores.items()}} for i, (prompt, completion) in enumerate(zip(drawn.prompts, drawn.completions))]
 
 

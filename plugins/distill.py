@@ -120,12 +120,18 @@ class Distill(Objective):
         beta: the jsd's: 0 forward KL(teacher || policy), 1 reverse KL(policy || teacher) (default, as TRL's), in between the
             generalized JSD.
         iw_opd_gamma, iw_opd_epsilon: iw_opd's weight amplification (0.5) and the floor of a row's total |advantage| (1e-8).
+        lmbda: the share of steps that sample from the policy (1.0: all, on-policy, as TRL's DistillationTrainer); the others train
+            on the rows' own answers, their `answer_column` ("completion": TRL's prompt-completion rows; a `messages` row's last
+            answer), as GKD's (Agarwal et al. 2024; TRL's experimental GKDTrainer, lmbda 0.5 there).
         temperature: the distributions are compared at this temperature (default: the one the answers were sampled at,
             `--temperature`, as TRL's).
     """
 
     def __init__(self, beta: float | None = None, temperature: float | None = None, distillation_objective: str = "jsd",
-                 iw_opd_gamma: float = 0.5, iw_opd_epsilon: float = 1e-8, reference_model: str | None = None):
+                 iw_opd_gamma: float = 0.5, iw_opd_epsilon: float = 1e-8, lmbda: float = 1.0, answer_column: str = "completion",
+                 reference_model: str | None = None):
+        if not 0.0 <= lmbda <= 1.0:
+            raise PrefError(f"distill: lmbda, the share of steps that sample from the policy, must lie in [0, 1], got {lmbda}")
         if distillation_objective not in ("jsd", "iw_opd"):
             raise PrefError(f"distill: distillation_objective must be jsd or iw_opd, not {distillation_objective!r}")
         if distillation_objective == "iw_opd" and beta is not None:
@@ -148,6 +154,9 @@ class Distill(Objective):
             online=True,
             scored=False,  # a --reward is only logged
             dataset_builder="prompts",
+            columns=(answer_column,) if lmbda < 1.0 else (),
+            on_policy_fraction=lmbda,
+            off_policy_answers=answer_column if lmbda < 1.0 else None,
             dropout=True,  # as TRL's DistillationTrainer (disable_dropout False)
         )
 

@@ -5,9 +5,9 @@ Parquet file, a folder saved with `datasets`, or a hub dataset name. Each row gi
 
 - a prompt alone: `prompt` (a string, or chat messages ending in the user's turn), `question`
   (GSM8K's and MATH's column) or `messages` (a conversation: its messages before the last
-  assistant answer); a JSONL line may also be the prompt itself. The row's other fields (a
-  reference answer, tests) are the `PromptExample`'s columns, which a reward that names them reads
-  (`RewardSource.columns`, TRL's reward functions' dataset columns);
+  assistant answer, which becomes the row's `completion` column); a JSONL line may also be the prompt
+  itself. The row's other fields (a reference answer, tests) are the `PromptExample`'s columns, which a
+  reward that names them reads (`RewardSource.columns`, TRL's reward functions' dataset columns);
 - a preference row (any format of the `preferences` builder): the pair, whose prompt is sampled
   from, and whose chosen answer `--validation-split` and a curriculum score;
 - a labelled row (the `labeled` builder's `prompt`, `completion` and `label`): the labelled
@@ -68,7 +68,11 @@ def prompt_record(row: Any, where: str) -> PromptExample | PreferenceExample | L
     for name in ("prompt", "question", "messages"):
         if name in present:
             others = {key: value for key, value in row.items() if key != name}
-            return PromptExample(_prompt(row[name], name, where), others)
+            prompt = _prompt(row[name], name, where)
+            answer = messages(row[name], name, where)[len(prompt):] if name == "messages" else []
+            if answer and "completion" not in others:  # a conversation's answer: what GKD's off-policy steps train on
+                others["completion"] = answer[0]["content"]
+            return PromptExample(prompt, others)
     raise PrefError(f"{where}: no field 'prompt'; {FORMATS}")
 
 

@@ -217,6 +217,56 @@ def test_distill_trains_from_the_cli(tmp_path, tiny_model_dir):
     assert all(m["iw_opd/max_weight"] <= 1.5 and m["iw_opd/min_weight"] >= 1.0 for m in metrics_of(tmp_path, "iw-opd"))
 
 
+def gkd_rows(tmp_path):
+    path = tmp_path / "answers.jsonl"
+    rows = [{"prompt": "Name a fruit.", "completion": "An apple."},
+            {"messages": [{"role": "user", "content": "What is your name?"}, {"role": "assistant", "content": "I am Pref."}]},
+            {"prompt": "Name an animal.", "completion": [{"role": "assistant", "content": "A cat."}]}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def test_gkd_lmbda_trains_some_steps_on_the_rows_own_answers(tmp_path, tiny_model_dir):
+    """lmbda 0.5: each step samples or not by a seeded draw of its number, the same in a second run; a step that does not
+    trains on its rows' answers (a `completion` text, chat messages ending in it, a conversation's last answer), as GKD's."""
+    args = ["--objective", "distill", "--model", tiny_model_dir, "--reference-model", "pref-default", "--dataset", gkd_rows(tmp_path),
+            "--steps", "6", "--batch-size", "2", "-o", "lmbda=0.5", "--log-completions"]
+    runs = []
+    for out in ("a", "b"):
+        result = run(tmp_path, *args, out=out)
+        assert result.exit_code == 0, result.output + repr(result.exception)
+        runs.append([m["samples/on_policy"] for m in metrics_of(tmp_path, out)])
+    assert runs[0] == runs[1] and set(runs[0]) == {0.0, 1.0}
+    logged = [json.loads(line) for line in open(tmp_path / "a" / "completions.jsonl")]
+    answers = {"An apple.", "I am Pref.", "A cat."}
+    for step, on_policy in enumerate(runs[0], start=1):
+        completions = {row["completion"] for row in logged if row["step"] == step}
+        assert (completions <= answers) != bool(on_policy), (step, completions)
+    assert {str(row["row/completion"]) for row in logged} >= {"An apple.", "I am Pref."}  # the column, beside the sample's own field
+
+
+def test_gkd_lmbda_0_never_samples(tmp_path, tiny_model_dir, monkeypatch):
+    from pref.policy import HFPolicy
+
+    def no_sampling(*args, **kwargs):
+        raise AssertionError("sampled with lmbda 0")
+
+    monkeypatch.setattr(HFPolicy, "sample", no_sampling)
+    result = run(tmp_path, "--objective", "distill", "--model", tiny_model_dir, "--reference-model", "pref-default", "--dataset",
+                 gkd_rows(tmp_path), "--steps", "2", "--batch-size", "2", "-o", "lmbda=0")
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    assert all(m["samples/on_policy"] == 0.0 and m["loss"] > 0 for m in metrics_of(tmp_path))
+
+
+def test_off_policy_answers_are_a_column_of_samples():
+    from pref.errors import PrefError
+    from pref.interfaces import SAMPLES, ObjectiveNeeds
+
+    assert ObjectiveNeeds(data=SAMPLES, online=True, columns=("completion",), on_policy_fraction=0.5, off_policy_answers="completion")
+    with pytest.raises(PrefError, match="below 1 it is for data 'samples', with off_policy_answers naming one of its columns"):
+        ObjectiveNeeds(data=SAMPLES, online=True, on_policy_fraction=0.5, off_policy_answers="completion")
+
+
 @pytest.mark.parametrize("args,message", [
     (["--objective", "distill"], "pass --reference-model TEACHER"),
     (["--objective", "distill", "--reference-model", "pref-default"], "pass --dataset with prompts"),
@@ -226,6 +276,9 @@ def test_distill_trains_from_the_cli(tmp_path, tiny_model_dir):
       "--dataset", "p.jsonl"], "beta is the jsd's; iw_opd trains on the sampled tokens' log-probs alone: drop beta"),
     (["--objective", "distill", "--reference-model", "pref-default", "-o", "distillation_objective=gkd", "--dataset", "p.jsonl"],
      "distillation_objective must be jsd or iw_opd, not 'gkd'"),
+    (["--objective", "distill", "--reference-model", "pref-default", "-o", "lmbda=1.5", "--dataset", "p.jsonl"], "lmbda, the share of steps"),
+    (["--objective", "distill", "--reference-model", "pref-default", "-o", "lmbda=0.5", "--dataset", "q.jsonl"],
+     "has no 'completion'; give rows of a prompt and 'completion'"),
     (["--objective", "dpo", "--reference-model", "pref-default", "--reference", "none", "--dataset", "p.jsonl"],
      "--reference none trains without a reference: drop --reference-model"),
     (["--objective", "sft", "--reference-model", "pref-default", "--dataset", "p.jsonl"], "'sft' with these options uses no reference"),
@@ -235,6 +288,7 @@ def test_distill_trains_from_the_cli(tmp_path, tiny_model_dir):
 def test_distill_and_reference_model_mistakes_are_one_line_errors(tmp_path, monkeypatch, args, message):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "p.jsonl").write_text(json.dumps({"prompt": "a", "chosen": "b", "rejected": "c", "completion": "b"}) + "\n")
+    (tmp_path / "q.jsonl").write_text(json.dumps({"prompt": "a"}) + "\n")
     result = CliRunner().invoke(cli, ["run", "--device", "cpu", *args])
     assert result.exit_code == 2, result.output
     assert message in result.output and "Traceback" not in result.output

@@ -20,7 +20,8 @@ ANSWER = {"role": "assistant", "content": "apple"}
     ({"prompt": [USER], "answer": "apple"}, PromptExample([USER], {"answer": "apple"})),  # the row's other fields are its columns
     ({"prompt": json.dumps([USER])}, PromptExample([USER])),  # a CSV cell holding messages
     ({"question": "What is 2 + 2?", "answer": "4"}, PromptExample("What is 2 + 2?", {"answer": "4"})),
-    ({"messages": [{"role": "system", "content": "Be brief."}, USER, ANSWER]}, PromptExample([{"role": "system", "content": "Be brief."}, USER])),
+    ({"messages": [{"role": "system", "content": "Be brief."}, USER, ANSWER]},  # its answer kept as the row's `completion` (GKD's)
+     PromptExample([{"role": "system", "content": "Be brief."}, USER], {"completion": "apple"})),
     ({"messages": [USER]}, PromptExample([USER])),
     ("Name a fruit.", PromptExample("Name a fruit.")),
     ({"prompt": "Name a fruit.", "chosen": "apple", "rejected": "chair"}, PreferenceExample("Name a fruit.", "apple", "chair")),
