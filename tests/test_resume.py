@@ -153,3 +153,23 @@ def test_a_moving_reference_resumes_from_where_it_moved(tmp_path, tiny_model_dir
         path, dataclasses.replace(trained, reference=None), rank))
     fresh_reference = interrupted_and_resumed(tmp_path / "fresh-reference")
     assert any(not torch.equal(fresh_reference[key], value) for key, value in final_weights(whole).items())
+
+
+@pytest.mark.parametrize("objective, options", [
+    ("sdpo", {"teacher_model_kind": "ema", "teacher_update_rate": 0.5, "success_reward_threshold": 0.5, "distillation_weight": 0.5}),
+    ("distill", {"lmbda": 0.5}),
+], ids=["sdpo-ema", "gkd"])
+def test_online_self_distillation_resumes_exactly(tmp_path, tiny_model_dir, interrupted_after, objective, options):
+    """SDPO's teacher, an average that follows the policy, is kept in checkpoints; GKD's choice of which steps sample is a draw of
+    the step's number: a resumed run ends with the weights of the uninterrupted one."""
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps({"prompt": p, "completion": a}) + "\n"
+                            for p, a in [("Name a fruit.", "An apple."), ("Name an animal.", "A cat."), ("What is your name?", "I am Pref.")]))
+    extra = {"reward": ["noun-diversity"], "samples_per_prompt": 2} if objective == "sdpo" else {"reference_model": "pref-default"}
+    flags = {"objective": objective, "save_every": 2, "objective_options": options, **extra}
+    whole = train(config(tmp_path / "whole", tiny_model_dir, str(data), **flags), load_registry())
+    with interrupted_after(3):
+        train(config(tmp_path / "resumed", tiny_model_dir, str(data), **flags), load_registry())
+    train(config(tmp_path / "resumed", tiny_model_dir, str(data), resume=str(tmp_path / "resumed"), **flags), load_registry())
+    assert steps_logged(tmp_path / "resumed") == [1, 2, 3, 4]
+    assert_same(final_weights(whole), final_weights(tmp_path / "resumed"))
