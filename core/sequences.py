@@ -101,7 +101,9 @@ def logps_from_logits(logits: torch.Tensor, sequences: Sequences, keep_logits: b
     ids = sequences.input_ids
     mask = sequences.completion_mask.clone()
     mask[:, 0] = 0  # the first token has no prefix to be predicted from
-    shifted = logits[:, :-1].float() / temperature
+    shifted = logits[:, :-1].float()
+    if temperature != 1.0:  # no second [B, T, V] tensor at 1
+        shifted = shifted / temperature
     # gather-then-normalise: avoids materialising a second [B, T, V] log-softmax tensor
     picked = torch.gather(shifted, 2, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
     token_logps = picked - torch.logsumexp(shifted, dim=-1)
@@ -147,7 +149,7 @@ def model_logps(model: torch.nn.Module, sequences: Sequences, with_logits: bool 
     if with_logits:
         logps = logps_from_logits(out.logits, sequences, keep_logits=True, temperature=temperature)
         if with_entropy:  # the distribution at position t - 1 drew token t
-            distributions = torch.log_softmax(out.logits[:, :-1].float() / temperature, -1)
+            distributions = torch.log_softmax(out.logits[:, :-1].float() / temperature if temperature != 1.0 else out.logits[:, :-1].float(), -1)
             logps.entropy = torch.nn.functional.pad(-(distributions.exp() * distributions).sum(-1), (1, 0)) * logps.mask
     else:
         logps = lean_logps(hidden, model, sequences, with_entropy, temperature)
@@ -307,7 +309,7 @@ def lean_logps(hidden: torch.Tensor, model: torch.nn.Module, sequences: Sequence
     chunk = max(1, LOGIT_CHUNK_ELEMENTS // head.module.weight.shape[0])
 
     def chunk_logps(h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        logits = head.logits(h) / temperature
+        logits = head.logits(h) if temperature == 1.0 else head.logits(h) / temperature
         normaliser = torch.logsumexp(logits, dim=-1)
         picked = torch.gather(logits, 1, t.unsqueeze(-1)).squeeze(-1) - normaliser
         if not with_entropy:
