@@ -303,7 +303,6 @@ class SDPO(MovesReference, Objective):
             return hidden.sum() * 0.0 + nothing.sum() * 0.0, 0.0
         device = hidden.device
         sequences = rows.sequences.select(taught)
-        student = hidden[taught.to(device)]
         with torch.no_grad():
             teacher = (policy if self.kind == "live" else reference).hidden_states(rows.teacher).to(device)
         # the same answer tokens in both rows: all of the answer's, after the first where the student's starts at position 0
@@ -312,9 +311,12 @@ class SDPO(MovesReference, Objective):
         theirs = loss_tokens(rows.teacher.completion_mask.to(device), first)[:, 1:]
         if int(mine.sum()) != int(theirs.sum()):
             raise PrefError("sdpo: the teacher's rows hold other answer tokens than the student's; this is a bug in pref, please report it")
+        # the taught rows' positions picked from every row's hidden states: no copy of those rows' [n, T, H] states
+        everywhere = torch.zeros(hidden.shape[:1] + mine.shape[1:], dtype=torch.bool, device=device)
+        everywhere[taught.to(device)] = mine
         losses, sampled = over_chunks(
             lambda s, t, y: token_losses(s, t, y, self.mode, self.alpha, self.topk, self.add_tail, rows.temperature),
-            student[:, :-1][mine], head, teacher[:, :-1][theirs], head if self.kind == "live" else reference.output_head(),
+            hidden[:, :-1][everywhere], head, teacher[:, :-1][theirs], head if self.kind == "live" else reference.output_head(),
             sequences.input_ids.to(device)[:, 1:][mine])
         if rows.old_logps is not None and self.is_clip is not None:  # the ratio now / when sampled, clipped above, without grad
             old = rows.old_logps[taught.to(rows.old_logps.device)].to(device)[:, 1:][mine]
