@@ -146,15 +146,7 @@ class OnlineBatches:
     def _rows_answers(self, records: list[Any], prompts: list[Prompt]) -> Samples:
         """The rows' own answers (their `needs.off_policy_answers` column: a text, or chat messages whose last one is the answer) in
         place of samples, K copies of each, encoded as the policy encodes a prompt and an answer."""
-        answers = []
-        for record in records:
-            value = columns_of(record)[self.answers]
-            if isinstance(value, list) and value and isinstance(value[-1], dict):
-                value = value[-1].get("content")
-            if not isinstance(value, str):
-                raise PrefError(f"the column {self.answers!r} of a row holds {type(value).__name__} {str(value)[:40]!r}, not an answer's "
-                                "text (or chat messages ending in it)")
-            answers.append(value)
+        answers = [answer_text(columns_of(record)[self.answers], self.answers) for record in records]
         flat_prompts, flat_answers = flatten(prompts, [[answer] * self.k for answer in answers])
         return Samples([[answer] * self.k for answer in answers], self.policy.encode(flat_prompts, flat_answers),
                        torch.zeros(len(flat_answers), dtype=torch.bool))
@@ -304,6 +296,22 @@ def require_columns(columns: tuple[str, ...], reader: str, records: list[Any], d
         if missing:
             raise PrefError(f"{reader} reads the column {wanted} of each prompt's row, but record {number} of --dataset {dataset} "
                             f"has no {', '.join(map(repr, missing))}; give rows of a prompt and {wanted}")
+
+
+def answer_text(value: Any, column: str, where: str = "a row") -> str:
+    """A row's own answer in its `column` (`ObjectiveNeeds.off_policy_answers`): a text, or chat messages whose last one is it."""
+    if isinstance(value, list) and value and isinstance(value[-1], dict):
+        value = value[-1].get("content")
+    if not isinstance(value, str):
+        raise PrefError(f"the column {column!r} of {where} holds {type(value).__name__} {str(value)[:40]!r}, not an answer's text (or "
+                        "chat messages ending in it)")
+    return value
+
+
+def require_answers(column: str, records: list[Any], dataset: str) -> None:
+    """A `PrefError` naming the first of `records` (read from `--dataset` entry `dataset`) whose `column` holds no answer."""
+    for number, record in enumerate(records, start=1):
+        answer_text(columns_of(record)[column], column, f"record {number} of --dataset {dataset}")
 
 
 def flatten(prompts: list[Prompt], completions: list[list[str]]) -> tuple[list[Prompt], list[str]]:

@@ -33,7 +33,7 @@ from pref.divergence import check_step, check_weights, refuse_non_finite_setting
 from pref.errors import NoUsablePairs, PrefError, RunInterrupted
 from pref.interfaces import Adapter, LabeledBatch, MetricsLogger, Minibatch, PairBatch, Processes, Reference, SecondModel
 from pref.models import DEFAULT_MODEL, SCORE_HEAD, load_model, load_tokenizer, prepare_for_training, quiet_new_heads, quiet_peft, remote_code, turn_off_dropout
-from pref.online import SAMPLE_FIELDS, OnlineBatches, require_columns, require_scored, sample_pool
+from pref.online import SAMPLE_FIELDS, OnlineBatches, require_answers, require_columns, require_scored, sample_pool
 from pref.packing import may_pack, packs_correctly
 from pref.plan import CACHED_LOGPS, NO_MODEL, RunPlan, output_folder, resolve_plan, reward_names
 from pref.policy import HFPolicy, unwrap
@@ -474,6 +474,8 @@ def train_policy(config: RunConfig, registry: Registry) -> tuple[str, HFPolicy]:
     for columns, reader in [*readers, (plan.needs.columns, config.objective)]:  # a reward or a loss that reads more of each prompt's row
         for entry, built in (zip(config.dataset, records) if config.dataset else [(None, [])]) if columns else []:
             require_columns(columns, reader, built or [], entry)
+    for entry, built in zip(config.dataset, records) if plan.needs.off_policy_answers else []:  # GKD's answers, before the model loads
+        require_answers(plan.needs.off_policy_answers, built or [], entry)
 
     # -- policy, the objective's modules, the data that samples the policy, reference ------
     with quiet_new_heads({SCORE_HEAD}):  # a reward model's score head is new because it is trained from scratch here

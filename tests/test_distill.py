@@ -279,6 +279,8 @@ def test_off_policy_answers_are_a_column_of_samples():
     (["--objective", "distill", "--reference-model", "pref-default", "-o", "lmbda=1.5", "--dataset", "p.jsonl"], "lmbda, the share of steps"),
     (["--objective", "distill", "--reference-model", "pref-default", "-o", "lmbda=0.5", "--dataset", "q.jsonl"],
      "has no 'completion'; give rows of a prompt and 'completion'"),
+    (["--objective", "distill", "--reference-model", "pref-default", "-o", "lmbda=0.5", "--dataset", "r.jsonl"],
+     "r.jsonl holds dict \"{'text': 'b'}\", not an answer's text (or chat messages ending in it)"),
     (["--objective", "dpo", "--reference-model", "pref-default", "--reference", "none", "--dataset", "p.jsonl"],
      "--reference none trains without a reference: drop --reference-model"),
     (["--objective", "sft", "--reference-model", "pref-default", "--dataset", "p.jsonl"], "'sft' with these options uses no reference"),
@@ -289,6 +291,7 @@ def test_distill_and_reference_model_mistakes_are_one_line_errors(tmp_path, monk
     monkeypatch.chdir(tmp_path)
     (tmp_path / "p.jsonl").write_text(json.dumps({"prompt": "a", "chosen": "b", "rejected": "c", "completion": "b"}) + "\n")
     (tmp_path / "q.jsonl").write_text(json.dumps({"prompt": "a"}) + "\n")
+    (tmp_path / "r.jsonl").write_text(json.dumps({"prompt": "a", "completion": {"text": "b"}}) + "\n")
     result = CliRunner().invoke(cli, ["run", "--device", "cpu", *args])
     assert result.exit_code == 2, result.output
     assert message in result.output and "Traceback" not in result.output
