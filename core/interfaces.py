@@ -409,6 +409,7 @@ class ObjectiveNeeds:
     columns: tuple[str, ...] = ()  # with SAMPLES: the row columns `loss` reads (SDFT's demonstration), each sample's in `ScoredBatch.columns`
     on_policy_fraction: float = 1.0  # with SAMPLES: the share of rollouts sampled from the policy (GKD's lmbda); the others are...
     off_policy_answers: str | None = None  # ...the rows' own answers, this column of theirs (one of `columns`), K copies each
+    own_reference_tokenizer: bool = False  # with REFERENCE_DISTRIBUTIONS: `--reference-model` may have another tokenizer (GOLD's teacher)
     dataset_builder: str = "preferences"  # the builder that reads a `--dataset PATH`
     reward: str | None = None  # the reward of an online run that names none
     own_reward: bool = False  # the objective brings its reward itself (`Objective.own_reward()`, D2PO's discriminator)
@@ -437,6 +438,8 @@ class ObjectiveNeeds:
                                                                                                   not in self.columns)):
             raise PrefError("ObjectiveNeeds: on_policy_fraction lies in [0, 1]; below 1 it is for data 'samples', with off_policy_answers "
                             "naming one of its columns")
+        if self.own_reference_tokenizer and self.reference != REFERENCE_DISTRIBUTIONS:
+            raise PrefError("ObjectiveNeeds: own_reference_tokenizer (a reference with another tokenizer) is for reference 'distributions'")
         if self.starting_samples < 0 or (self.starting_samples and not self.online):
             raise PrefError("ObjectiveNeeds: starting_samples (samples of each training prompt before training) must be 0, or positive and online")
 

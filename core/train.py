@@ -92,7 +92,7 @@ def build_reference(config: RunConfig, plan: RunPlan, policy: HFPolicy, examples
     starting policy, or `--reference-model` loaded in the run's `dtype` onto `device`."""
     if plan.reference == NO_MODEL:
         return None
-    other = reference_model(config, policy, dtype, device) if config.reference_model else None
+    other = reference_model(config, policy, dtype, device, plan.needs.own_reference_tokenizer) if config.reference_model else None
     if plan.reference == CACHED_LOGPS:
         batches = [rows for start in range(0, len(examples), config.batch_size)
                    for rows in sequences_of(collate(policy, examples[start : start + config.batch_size]))]
@@ -107,20 +107,20 @@ def build_reference(config: RunConfig, plan: RunPlan, policy: HFPolicy, examples
     return FrozenReference.copy_of(unwrap(policy.model), config.packing)
 
 
-def reference_model(config: RunConfig, policy: HFPolicy, dtype: torch.dtype | None, device: Any) -> torch.nn.Module:
+def reference_model(config: RunConfig, policy: HFPolicy, dtype: torch.dtype | None, device: Any, own_tokenizer: bool = False) -> torch.nn.Module:
     """`--reference-model`, loaded as the policy was (dtype, attention, 4 bits with --quantize), frozen; a model whose vocabulary is not
-    the policy's is a `PrefError`: its log-probs would score other tokens."""
+    the policy's is a `PrefError` (its log-probs would score other tokens), unless the objective encodes for it (`own_tokenizer`)."""
     name = config.reference_model
     try:
         model = load_model(name, dtype, "causal-lm", config.attn_implementation, config.quantize, device)
     except PrefError as exc:
         raise PrefError(f"--reference-model: {exc}") from None
     try:
-        theirs = load_tokenizer(name).get_vocab()
+        theirs = None if own_tokenizer else load_tokenizer(name).get_vocab()
     except PrefError:  # a folder of weights alone: its output rows are checked
         theirs = None
     ours, rows = policy.tokenizer.get_vocab(), model.get_output_embeddings().weight.shape[0]
-    if theirs not in (None, ours) or rows < len(policy.tokenizer):
+    if not own_tokenizer and (theirs not in (None, ours) or rows < len(policy.tokenizer)):
         differ = f"{len(theirs)} tokens against the policy's {len(ours)}" if theirs not in (None, ours) else f"{rows} output rows for {len(ours)} tokens"
         raise PrefError(f"--reference-model {name} has another vocabulary than the policy ({differ}): a reference scores the policy's "
                         "tokens, so it must use the same tokenizer; pass a model of the policy's family")

@@ -50,17 +50,18 @@ def generalized_jsd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
 
 
 def over_chunks(figures: Callable[..., torch.Tensor], student_hidden: torch.Tensor, student_head: OutputHead, teacher_hidden: torch.Tensor | None,
-                teacher_head: OutputHead | None, *per_row: torch.Tensor) -> torch.Tensor:
+                teacher_head: OutputHead | None, *per_row: torch.Tensor, trim: bool = True) -> torch.Tensor:
     """`figures(student_logits, teacher_logits, *per_row)` -> [F, n] over N positions given the two models' last hidden states
     [N, H_s] and [N, H_t] (and `per_row` tensors [N, ...], such as the sampled tokens): [F, N], grad to the student only.
     Without a teacher (`teacher_hidden` None), `figures(student_logits, *per_row)`.
 
-    The heads run on `LOGIT_CHUNK_ELEMENTS // V` rows at a time; with grad and several chunks each is recomputed in the
-    backward, so a step holds one chunk's logits, not [N, V]. Heads of different widths (a teacher with more padding rows, same tokenizer) are
-    compared on the rows both have. With no position, the [F, 0] result is still joined to the student's graph, so that
+    The heads run on `LOGIT_CHUNK_ELEMENTS // V` rows at a time (V the wider head's); with grad and several chunks each is recomputed
+    in the backward, so a step holds one chunk's logits, not [N, V]. Heads of different widths (a teacher with more padding rows, same
+    tokenizer) are compared on the rows both have, unless `trim` is False (another tokenizer's teacher: `figures` gets both whole). With no position, the [F, 0] result is still joined to the student's graph, so that
     backward (and DDP's) runs.
     """
-    chunk = max(1, LOGIT_CHUNK_ELEMENTS // max(student_head.module.weight.shape[0], 1))
+    widths = [head.module.weight.shape[0] for head in (student_head, teacher_head) if head is not None]
+    chunk = max(1, LOGIT_CHUNK_ELEMENTS // max(*widths, 1))
 
     def part(h_s: torch.Tensor, *rest: torch.Tensor) -> torch.Tensor:
         student = student_head.logits(h_s)
@@ -68,7 +69,7 @@ def over_chunks(figures: Callable[..., torch.Tensor], student_hidden: torch.Tens
             return figures(student, *rest)
         with torch.no_grad():
             teacher = teacher_head.logits(rest[0])
-        width = min(student.shape[-1], teacher.shape[-1])
+        width = min(student.shape[-1], teacher.shape[-1]) if trim else None
         return figures(student[:, :width], teacher[:, :width], *rest[1:])
 
     inputs = [student_hidden, *([] if teacher_hidden is None else [teacher_hidden]), *per_row]
