@@ -7,7 +7,7 @@ rewards (`rewards/margins`, ...) and a reward model's scores (`margin`, `mean_re
 `reward/*` and `samples/*` for online samples (`reward/NAME`: a reward function's `log_metric`),
 `time/*` for the step's time split, `curriculum/weight/NAME`, `validation/loss`, `eval/reward`,
 D2PO's `gold/labels_spent` and `eval/gold_reward`, and the distillation objectives' TRL names (`entropy`,
-`self_distillation/*`, `iw_opd/*`).
+`self_distillation/*`, `iw_opd/*`, `uld/*`).
 """
 
 from __future__ import annotations
@@ -118,8 +118,8 @@ SELF_DISTILLATION_SHARES = ("reprompt_sample_fraction", "success_sample_fraction
 
 
 def distillation_panel(runs: list[Run]) -> Panel:
-    """What the distillation objectives log (distill, sdft, sdpo): their loss terms, the policy's entropy, SDPO's re-prompted share,
-    IW-OPD's position weights."""
+    """What the distillation objectives log (distill, gold, sdft, sdpo): their loss terms, the policy's entropy, SDPO's re-prompted share,
+    IW-OPD's position weights, GOLD's ULD terms."""
     return Panel("distillation", "Distillation", (
         Plot("distillation and policy terms", (Line("self_distillation/distillation_loss", "self_distillation/distillation_loss"),
                                                Line("self_distillation/policy_loss", "self_distillation/policy_loss")), "loss"),
@@ -128,6 +128,8 @@ def distillation_panel(runs: list[Run]) -> Panel:
              ylim=UNIT),
         Plot("IW-OPD: position weights", (Line("iw_opd/mean_weight", "mean"), Line("iw_opd/min_weight", "min"),
                                           Line("iw_opd/max_weight", "max")), "weight"),
+        Plot("GOLD: ULD terms", (Line("uld/distillation_loss", "uld/distillation_loss"), Line("uld/crossentropy_loss", "uld/crossentropy_loss"),
+                                 Line("matched_loss", "matched_loss"), Line("unmatched_loss", "unmatched_loss")), "loss"),
     ))
 
 

@@ -344,6 +344,12 @@ def test_distillation_runs_get_their_terms_entropy_and_teacher_shares(tmp_path):
     assert [line.get_label() for line in plots["distillation and policy terms"].get_lines()] == [
         "sdpo: self_distillation/distillation_loss", "sdpo: self_distillation/policy_loss"]
     assert "distillation" not in figures_by_name([load_run(write_run(tmp_path / "plain", online_rows(3, 0)))])
+    gold = [{"step": s, "loss": 1.0, "uld/distillation_loss": 1.0 / s, "uld/aligned_groups": 4.0, "matched_loss": 0.2, "unmatched_loss": 0.9}
+            for s in (1, 2)]
+    [terms] = [p for title, p in axes_by_title(figures_by_name([load_run(write_run(tmp_path / "gold", gold, {"objective": "gold"}))])
+                                               ["distillation"]).items()]
+    assert [line.get_label() for line in terms.get_lines()] == ["uld/distillation_loss", "matched_loss", "unmatched_loss"]
+    assert list(terms.get_lines()[0].get_ydata()) == [1.0, 0.5]
     # an sdft run logged before 2026-12-02, under `distillation_loss`, plots under TRL's name
     old = load_run(write_run(tmp_path / "old-sdft", [{"step": s, "loss": 0.3, "distillation_loss": 0.3} for s in (1, 2)], {"objective": "sdft"}))
     [line] = axes_by_title(figures_by_name([old])["distillation"])["distillation and policy terms"].get_lines()
