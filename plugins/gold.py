@@ -249,7 +249,7 @@ class Gold(Distill):
             positions, tokens, group = (torch.tensor(x[side], dtype=torch.long, device=device)
                                         for x in (alignment.scalar, alignment.scalar_token, alignment.scalar_group))
             with torch.no_grad() if side else nullcontext():
-                picked = over_chunks(lambda logits, y: torch.log_softmax(logits / temperature, -1).gather(-1, y[:, None]).T,
+                picked = over_chunks(lambda logits, y, t=temperature: torch.log_softmax(logits / t, -1).gather(-1, y[:, None]).T,
                                      hidden[positions], head, None, None, tokens)[0]
             factors.append(torch.zeros(len(alignment.row), device=device).index_add(0, group, picked.clamp_min(math.log(EPSILON))))
         bases = [torch.tensor(x, dtype=torch.long, device=device) for x in alignment.base]

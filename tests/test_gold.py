@@ -15,8 +15,9 @@ from pref.plugins.gold import Gold, align_by_bytes, byte_spans, piece_bytes, pro
 from pref.policy import HFPolicy
 from pref.reference import FrozenReference
 
-PROMPTS = ["Name a fruit.", "What is your name?", "Name one random common English noun.", "Say something."]
-ANSWERS = ["apple", "I am Pref, a helpful assistant.", "table", "Crème brûlée 🙂 is sweet"]
+PROMPTS = ["Name a fruit.", "What is your name?", "Name one random common English noun.", "Say something.", "And then?"]
+# the last splits into more tokens for the student than for the teacher: groups of several student tokens
+ANSWERS = ["apple", "I am Pref, a helpful assistant.", "table", "Crème brûlée 🙂 is sweet", "you'll see, they'll say it'll rain"]
 
 
 @pytest.fixture(scope="module")
@@ -150,7 +151,7 @@ def test_uld_loss_and_gradients_are_trls(tiny_model_dir, teacher_dir, monkeypatc
     TRL's `ULDLoss` on the two models' full logits, for each merge strategy, positional ULD, the hybrid loss and the weights."""
     import pref.plugins.distill as distill
 
-    monkeypatch.setattr(distill, "LOGIT_CHUNK_ELEMENTS", 8192 * 3)  # 3 positions a chunk: several chunks, each recomputed
+    monkeypatch.setattr(distill, "LOGIT_CHUNK_ELEMENTS", 8192)  # 1 position a chunk: several chunks, each recomputed in the backward
     student, teacher, batch = student_teacher_batch(tiny_model_dir, teacher_dir)
     objective = objective_for(teacher_dir, **options)
     objective.setup(student)
