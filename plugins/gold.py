@@ -37,7 +37,7 @@ from pref.interfaces import Minibatch, Policy, Reference, ScoredBatch
 from pref.models import answer_end_id, load_tokenizer, prompt_token_ids
 from pref.plugins.distill import Distill, over_chunks
 from pref.plugins.grpo import completion_metrics
-from pref.sequences import Sequences
+from pref.sequences import OutputHead, Sequences
 
 EPSILON = 1e-8  # the floor of a merged token's probability, and of a probability whose log the hybrid loss takes (TRL's)
 MERGE_STRATEGIES = ("observed", "bayesian")
@@ -190,7 +190,8 @@ class Gold(Distill):
             raise PrefError("gold: give both uld_hybrid_matched_weight and uld_hybrid_unmatched_weight (0 or more), or neither "
                             "(weights from the vocabularies' overlap)")
         super().__init__(beta=beta, temperature=temperature, lmbda=lmbda, answer_column=answer_column, reference_model=reference_model)
-        self.needs = dataclasses.replace(self.needs, own_reference_tokenizer=uld is not False)
+        # dropout off, as TRL's GOLDConfig (disable_dropout True)
+        self.needs = dataclasses.replace(self.needs, own_reference_tokenizer=uld is not False, dropout=False)
         self.teacher_name, self.uld_option = reference_model, uld
         self.merge, self.extended, self.hybrid, self.hybrid_weights = uld_token_merge_strategy, use_extended_uld, uld_use_hybrid_loss, weights
         self.crossentropy_weight, self.distillation_weight = uld_crossentropy_weight, uld_distillation_weight
@@ -241,20 +242,9 @@ class Gold(Distill):
         teacher = reference.hidden_states(teacher_sequences).to(student.device)
         student_rows = [(ids, byte_spans(piece_bytes(self.student_tokenizer, ids)), start) for ids, start in ours]
         alignment = self.align(student_rows, theirs, student.shape[1], teacher.shape[1])
-        flat_student, flat_teacher = student.reshape(-1, student.shape[-1]), teacher.reshape(-1, teacher.shape[-1])
+        figures = self.aligned_losses(student.reshape(-1, student.shape[-1]), policy.output_head(), teacher.reshape(-1, teacher.shape[-1]),
+                                      reference.output_head(), alignment)
         device = student.device
-        factors = []  # each group's log of the probabilities its base distribution is multiplied by
-        for side, (hidden, head, temperature) in enumerate(((flat_student, policy.output_head(), self.student_temperature),
-                                                            (flat_teacher, reference.output_head(), self.teacher_temperature))):
-            positions, tokens, group = (torch.tensor(x[side], dtype=torch.long, device=device)
-                                        for x in (alignment.scalar, alignment.scalar_token, alignment.scalar_group))
-            with torch.no_grad() if side else nullcontext():
-                picked = over_chunks(lambda logits, y, t=temperature: torch.log_softmax(logits / t, -1).gather(-1, y[:, None]).T,
-                                     hidden[positions], head, None, None, tokens)[0]
-            factors.append(torch.zeros(len(alignment.row), device=device).index_add(0, group, picked.clamp_min(math.log(EPSILON))))
-        bases = [torch.tensor(x, dtype=torch.long, device=device) for x in alignment.base]
-        figures = over_chunks(self.group_losses, flat_student[bases[0]], policy.output_head(), flat_teacher[bases[1]], reference.output_head(),
-                              factors[0], factors[1], trim=False)
         rows = torch.tensor(alignment.row, dtype=torch.long, device=device)
         groups = torch.zeros(len(ours), device=device).index_add(0, rows, torch.ones_like(rows, dtype=torch.float))
         per_row = torch.zeros(len(figures), len(ours), device=device).index_add(1, rows, figures) / groups.clamp_min(1)
@@ -271,6 +261,21 @@ class Gold(Distill):
         crossentropy = self.crossentropy_weight * -logps.sum() / max(logps.numel(), 1)
         metrics["uld/crossentropy_loss"] = crossentropy.item()
         return crossentropy + distillation, metrics
+
+    def aligned_losses(self, student: torch.Tensor, student_head: OutputHead, teacher: torch.Tensor, teacher_head: OutputHead,
+                       alignment: Alignment) -> torch.Tensor:
+        """[F, G]: `group_losses` of every group of `alignment`, from the two models' last hidden states, flattened ([B x T, H])."""
+        factors = []  # each group's log of the probabilities its base distribution is multiplied by
+        for side, (hidden, head, temperature) in enumerate(((student, student_head, self.student_temperature),
+                                                            (teacher, teacher_head, self.teacher_temperature))):
+            positions, tokens, group = (torch.tensor(x[side], dtype=torch.long, device=student.device)
+                                        for x in (alignment.scalar, alignment.scalar_token, alignment.scalar_group))
+            with torch.no_grad() if side else nullcontext():
+                picked = over_chunks(lambda logits, y, t=temperature: torch.log_softmax(logits / t, -1).gather(-1, y[:, None]).T,
+                                     hidden[positions], head, None, None, tokens)[0]
+            factors.append(torch.zeros(len(alignment.row), device=student.device).index_add(0, group, picked.clamp_min(math.log(EPSILON))))
+        bases = [torch.tensor(x, dtype=torch.long, device=student.device) for x in alignment.base]
+        return over_chunks(self.group_losses, student[bases[0]], student_head, teacher[bases[1]], teacher_head, *factors, trim=False)
 
     def group_losses(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, student_factor: torch.Tensor,
                      teacher_factor: torch.Tensor) -> torch.Tensor:
