@@ -345,20 +345,25 @@ class Gold(Distill):
         position by position; a group that is empty on either side is left out."""
         alignment = Alignment(([], []), ([], []), ([], []), ([], []), [])
         bayesian = self.merge == "bayesian"
+
+        def grouped(answers: list[tuple[list[int], list[tuple[int, int]], int]]) -> tuple[list[list[int]], list[list[int]]]:
+            if self.extended:
+                return align_by_bytes(answers[0][1], answers[1][1])
+            shared = min(len(ids) for ids, _, _ in answers)
+            return [[i] for i in range(shared)], [[i] for i in range(shared)]
+
         for row, sides in enumerate(zip(ours, theirs)):
             answers = [(ids[: len(ids) - skip], spans[: len(ids) - skip], start)
                        for (ids, spans, start), skip in zip(sides, (self.skip_student_eos, self.skip_teacher_eos))]
             if min(len(ids) for ids, _, _ in answers) <= 0:
                 continue
-            groups = align_by_bytes(answers[0][1], answers[1][1]) if self.extended else \
-                tuple([[i] for i in range(min(len(ids) for ids, _, _ in answers))] for _ in answers)
+            groups = grouped(answers)
             if bayesian and min(start for _, _, start in answers) == 0:  # no position predicts an answer's first token: drop the first group
                 drop = [len(g[0]) if g else 0 for g in groups] if self.extended else [1, 1]
                 answers = [(ids[d:], spans[d:], start + d) for (ids, spans, start), d in zip(answers, drop)]
                 if min(len(ids) for ids, _, _ in answers) <= 0:
                     continue
-                groups = align_by_bytes(answers[0][1], answers[1][1]) if self.extended else \
-                    tuple([[i] for i in range(min(len(ids) for ids, _, _ in answers))] for _ in answers)
+                groups = grouped(answers)
             for pair in zip(*groups):
                 if not all(pair):
                     continue
