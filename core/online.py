@@ -285,17 +285,17 @@ def require_scored(rewards: torch.Tensor, completions: list[str], learner: str) 
                         "for each completion (grpo and rloo give unscored samples no advantage)")
 
 
-def require_columns(columns: tuple[str, ...], reader: str, records: list[Any], dataset: str | None) -> None:
+def require_columns(columns: tuple[str, ...], reader: str, records: list[Any], dataset: str | None, hint: str = "") -> None:
     """A `PrefError` when one of `records` (read from `--dataset` entry `dataset`; None: there is none) lacks one of the `columns`
-    that `reader` ("the reward NAME", as the user named it, or an objective's name) reads."""
+    that `reader` ("the reward NAME", as the user named it, or an objective's name) reads; `hint` ends its message."""
     wanted = ", ".join(map(repr, columns))
     if dataset is None:
-        raise PrefError(f"{reader} reads the column {wanted} of each prompt's row: pass --dataset with such rows")
+        raise PrefError(f"{reader} reads the column {wanted} of each prompt's row: pass --dataset with such rows{hint}")
     for number, record in enumerate(records, start=1):
         missing = [column for column in columns if column not in columns_of(record)]
         if missing:
             raise PrefError(f"{reader} reads the column {wanted} of each prompt's row, but record {number} of --dataset {dataset} "
-                            f"has no {', '.join(map(repr, missing))}; give rows of a prompt and {wanted}")
+                            f"has no {', '.join(map(repr, missing))}; give rows of a prompt and {wanted}{hint}")
 
 
 def answer_text(value: Any, column: str, where: str = "a row") -> str:

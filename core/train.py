@@ -471,9 +471,10 @@ def train_policy(config: RunConfig, registry: Registry) -> tuple[str, HFPolicy]:
         for entry, built in zip([*config.dataset, *config.validation_dataset], records):
             check_records(plan.needs, config.objective, built or [], entry)
     readers = [(plan.reward.columns, f"the reward {' + '.join(reward_names(config)) or type(plan.reward).__name__}")] if plan.reward else []
+    sample_always = ", or let every step sample (distill's and gold's -o lmbda=1)" if plan.needs.off_policy_answers else ""  # GKD's answers
     for columns, reader in [*readers, (plan.needs.columns, config.objective)]:  # a reward or a loss that reads more of each prompt's row
         for entry, built in (zip(config.dataset, records) if config.dataset else [(None, [])]) if columns else []:
-            require_columns(columns, reader, built or [], entry)
+            require_columns(columns, reader, built or [], entry, sample_always if reader == config.objective else "")
     for entry, built in zip(config.dataset, records) if plan.needs.off_policy_answers else []:  # GKD's answers, before the model loads
         require_answers(plan.needs.off_policy_answers, built or [], entry)
 

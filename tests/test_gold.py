@@ -213,7 +213,7 @@ def test_gold_trains_from_the_cli(tmp_path, tiny_model_dir, teacher_dir):
     (["-o", "uld_token_merge_strategy=last"], "uld_token_merge_strategy must be observed or bayesian"),
     (["-o", "uld_hybrid_matched_weight=0.5"], "give both uld_hybrid_matched_weight and uld_hybrid_unmatched_weight"),
     (["-o", "uld_student_temperature=0"], "must be above 0"),
-    ([], "has no 'completion'; give rows of a prompt and 'completion'"),
+    ([], "has no 'completion'; give rows of a prompt and 'completion', or let every step sample (distill's and gold's -o lmbda=1)"),
 ])
 def test_gold_mistakes_are_one_line_errors(tmp_path, tiny_model_dir, teacher_dir, options, message):
     prompts = tmp_path / "prompts.jsonl"
